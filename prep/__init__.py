@@ -1,0 +1,1 @@
+"""Dataset preparation stages: one module per stage, plus their thin click commands in prep.cli."""

@@ -1,0 +1,82 @@
+"""The `sdprep` root command: lazy subcommands, global flags, and the one error boundary.
+
+Subcommands are imported only when invoked, so `sdprep --help` starts fast and imports no torch.
+To add a command, add a line to COMMANDS: name -> ("module:attribute", one-line help).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from sdprep import __version__
+from sdprep.errors import SdprepError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "undo": ("sdprep.commands:undo_command", "Undo the last sdprep change to a dataset folder."),
+    "gc": (
+        "sdprep.commands:gc_command",
+        "Delete the undo journal (and the old files it keeps) of a dataset.",
+    ),
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported on first use; library errors become `Error: ...` + exit 1."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        target, _ = COMMANDS[name]
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SdprepError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+class AppState:
+    """Global flags, available to commands as `ctx.obj`."""
+
+    def __init__(self, verbose: int = 0, quiet: bool = False):
+        self.verbose = verbose
+        self.quiet = quiet
+
+
+@click.group(
+    cls=LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="Example: sdprep tag data/ && sdprep clean data/ --trigger mytoken && sdprep bucket data/ -o out/",
+)
+@click.version_option(__version__, "--version", prog_name="sdprep")
+@click.option("-v", "--verbose", count=True, help="More output (repeat for more).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars; only results and errors.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """Prepare datasets for and train Stable Diffusion XL models.
+
+    A staged pipeline over a dataset folder (scrape, rename, upscale, mask, tag, clean, bucket,
+    report) and a built-in SDXL trainer. Every change to a dataset can be undone with `sdprep undo`.
+    """
+    ctx.obj = AppState(verbose=verbose, quiet=quiet)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="sdprep")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,237 @@
+"""The dataset model: images, their caption files, their JSON sidecars, and kohya repeat-folder names.
+
+Conventions (kohya's and gallery-dl's, so existing folders work as they are):
+- caption: `<stem>.txt` beside the image (`001.png` -> `001.txt`), UTF-8, tags joined by ", ";
+- sidecar: `<name>.<ext>.json` beside the image (`001.png` -> `001.png.json`), the name gallery-dl's
+  metadata post-processor writes, so a scraped file's metadata is its starting sidecar. sdprep keeps
+  what it derives under the top-level key "sdprep"; every other key is preserved untouched;
+- masks: `<dataset>/masks/<stem>.png` (kohya's `conditioning_data_dir` layout);
+- sdprep's own state lives in the hidden `.sdprep/` folder and is never treated as data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdprep.errors import CaptionError, DatasetError
+
+BASE_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+CAPTION_EXT = ".txt"
+SIDECAR_SUFFIX = ".json"
+SDPREP_KEY = "sdprep"
+MASK_DIR = "masks"
+IGNORED_DIRS = {".sdprep", MASK_DIR, "__pycache__", ".git"}
+
+
+def image_extensions() -> tuple[str, ...]:
+    """Image extensions sdprep reads: the common ones plus AVIF/JXL when Pillow can decode them."""
+    exts = list(BASE_IMAGE_EXTS)
+    try:
+        from PIL import features
+
+        if features.check("avif"):
+            exts.append(".avif")
+    except Exception:  # noqa: BLE001 - an old Pillow without the feature check
+        pass
+    try:
+        import pillow_jxl  # noqa: F401
+
+        exts.append(".jxl")
+    except ImportError:
+        pass
+    return tuple(exts)
+
+
+_EXTS_CACHE: tuple[str, ...] | None = None
+
+
+def is_image(path: Path) -> bool:
+    global _EXTS_CACHE
+    if _EXTS_CACHE is None:
+        _EXTS_CACHE = image_extensions()
+    return path.suffix.lower() in _EXTS_CACHE
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of a dataset and the paths of its companions (which may not exist yet)."""
+
+    path: Path
+
+    @property
+    def caption_path(self) -> Path:
+        return self.path.with_suffix(CAPTION_EXT)
+
+    @property
+    def sidecar_path(self) -> Path:
+        return self.path.with_name(self.path.name + SIDECAR_SUFFIX)
+
+    def mask_path(self, mask_dir: str = MASK_DIR) -> Path:
+        return self.path.parent / mask_dir / (self.path.stem + ".png")
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def companions(self) -> list[Path]:
+        """The existing files that belong to this image and must move or be copied with it."""
+        paths = [self.caption_path, self.sidecar_path, self.mask_path()]
+        return [p for p in paths if p.exists()]
+
+
+def discover(root: Path | str, recursive: bool = False) -> list[Item]:
+    """List the images under `root`, sorted, skipping sdprep's own folders and hidden files."""
+    root = Path(root)
+    if not root.exists():
+        raise DatasetError(f"{root}: no such folder", "check the path")
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder", "pass the folder that holds the images")
+    return list(iter_items(root, recursive))
+
+
+def iter_items(root: Path, recursive: bool = False) -> Iterator[Item]:
+    """Stream the images under `root` in sorted order (memory grows with one folder, not the tree)."""
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError as exc:
+        raise DatasetError(f"{root}: cannot list folder ({exc.strerror})") from exc
+    subdirs = []
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                if entry.name not in IGNORED_DIRS:
+                    subdirs.append(Path(entry.path))
+                continue
+            if entry.is_file() and is_image(Path(entry.name)):
+                yield Item(Path(entry.path))
+        except OSError:  # a symlink loop or vanished entry is not an image
+            continue
+    if recursive:
+        for sub in subdirs:
+            yield from iter_items(sub, recursive=True)
+
+
+# -- captions --------------------------------------------------------------------------------
+
+
+def read_text_file(path: Path) -> str:
+    """Read a caption-like text file: UTF-8 (a BOM is dropped); anything else is a CaptionError."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CaptionError(path, f"cannot read ({exc.strerror})") from exc
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CaptionError(
+            path,
+            f"not UTF-8 text (byte {exc.start})",
+            "re-save the file as UTF-8; sdprep will not rewrite it",
+        ) from exc
+
+
+def read_caption(item: Item) -> str | None:
+    """The caption text without its trailing newline, or None when the image has no caption file."""
+    if not item.caption_path.exists():
+        return None
+    return read_text_file(item.caption_path).strip()
+
+
+_SPACES = re.compile(r"\s+")
+
+
+def split_tags(caption: str, separator: str = ",") -> list[str]:
+    """Split a caption into tags: separators and whitespace normalised, empty tags dropped."""
+    tags = (_SPACES.sub(" ", t).strip() for t in caption.split(separator))
+    return [t for t in tags if t]
+
+
+def join_tags(tags: list[str], separator: str = ", ") -> str:
+    return separator.join(tags)
+
+
+def format_caption(text: str) -> str:
+    """The bytes sdprep writes for a caption: one line ending with a newline (kohya's tagger does so)."""
+    return text.strip() + "\n"
+
+
+# -- sidecars --------------------------------------------------------------------------------
+
+
+def read_sidecar(item: Item) -> dict[str, Any]:
+    """The sidecar dict ({} when there is none). Invalid JSON is a CaptionError naming the file."""
+    path = item.sidecar_path
+    if not path.exists():
+        return {}
+    text = read_text_file(path)
+    try:
+        data = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise CaptionError(
+            path,
+            f"invalid JSON (line {exc.lineno}: {exc.msg})",
+            "fix or delete the sidecar; sdprep leaves it as it is",
+        ) from exc
+    if not isinstance(data, dict):
+        raise CaptionError(path, "sidecar is not a JSON object", "fix or delete the sidecar")
+    return data
+
+
+def dump_sidecar(data: dict[str, Any]) -> str:
+    """Serialise a sidecar deterministically (key order kept, UTF-8, trailing newline)."""
+    return json.dumps(data, ensure_ascii=False, indent=2) + "\n"
+
+
+def sdprep_meta(sidecar: dict[str, Any]) -> dict[str, Any]:
+    """The part of a sidecar that sdprep owns (created when missing)."""
+    meta = sidecar.get(SDPREP_KEY)
+    if not isinstance(meta, dict):
+        meta = {}
+        sidecar[SDPREP_KEY] = meta
+    return meta
+
+
+# -- kohya repeat folders --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RepeatFolder:
+    """A kohya DreamBooth folder name `<N>_<class tokens>`, e.g. `40_mytoken` or `10_high quality`."""
+
+    repeats: int
+    tokens: str
+
+    @property
+    def name(self) -> str:
+        return format_repeat_folder(self.repeats, self.tokens)
+
+
+def parse_repeat_folder(name: str) -> RepeatFolder | None:
+    """Parse `<N>_<tokens>` as kohya does (split on "_", integer first part); None when not of that form."""
+    parts = name.split("_")
+    if len(parts) < 2:
+        return None
+    try:
+        repeats = int(parts[0])
+    except ValueError:
+        return None
+    if repeats < 1 or not parts[0].isdigit():
+        return None
+    return RepeatFolder(repeats, "_".join(parts[1:]))
+
+
+def format_repeat_folder(repeats: int, tokens: str) -> str:
+    """The folder name kohya parses back to (repeats, tokens)."""
+    if repeats < 1:
+        raise DatasetError(f"repeat count must be at least 1, got {repeats}")
+    if not tokens or "/" in tokens or "\\" in tokens or tokens in (".", ".."):
+        raise DatasetError(f"invalid class tokens for a folder name: {tokens!r}")
+    return f"{repeats}_{tokens}"

@@ -1,0 +1,71 @@
+"""Typed errors. Library code raises these; only `sdprep.cli` turns them into `Error: ...` and exit 1."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from pathlib import Path
+
+
+class SdprepError(Exception):
+    """Base error: a message saying what went wrong and a hint saying how to fix it."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\nHint: {self.hint}"
+
+
+class ConfigError(SdprepError):
+    """A configuration value, key or file is wrong."""
+
+
+class DatasetError(SdprepError):
+    """A dataset folder or one of its files is unusable."""
+
+
+class ImageError(DatasetError):
+    """An image file cannot be read (corrupt, truncated, not an image, too large)."""
+
+    def __init__(self, path: Path | str, reason: str, hint: str | None = None):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}", hint)
+
+
+class CaptionError(DatasetError):
+    """A caption or sidecar file cannot be read."""
+
+    def __init__(self, path: Path | str, reason: str, hint: str | None = None):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}", hint)
+
+
+class ModelError(SdprepError):
+    """A model cannot be found, downloaded or loaded."""
+
+
+class JournalError(SdprepError):
+    """The undo journal is missing, damaged or has nothing to undo."""
+
+
+class TrainingError(SdprepError):
+    """Training stopped (NaN loss, failed save check, bad resume state...)."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
+    """Return 'did you mean "x"?' for the closest choice, or None when nothing is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f'did you mean "{close[0]}"?' if close else None
+
+
+def unknown_choice(kind: str, value: str, choices: Iterable[str]) -> ConfigError:
+    """Build the error for a value outside a known set, listing the valid choices."""
+    choices = sorted(choices)
+    hint = did_you_mean(value, choices)
+    listing = "valid: " + ", ".join(choices)
+    return ConfigError(f'unknown {kind} "{value}"', f"{hint} {listing}" if hint else listing)

@@ -1,0 +1,263 @@
+"""Safe file operations: atomic writes, and a per-dataset journal that makes every change undoable.
+
+Every destructive change sdprep makes to a dataset (a move, an overwrite, a deletion, a new file)
+goes through an `Operation`, which records it in `DATASET/.sdprep/journal/<id>/` *before* doing it
+and keeps the old bytes (a hard link to the old inode when possible, else a copy). `undo(root)`
+reverses the newest operation that has not been undone, newest change first. An operation that was
+interrupted (crash, SIGKILL) is still undoable: every entry is durable before its change happens,
+and undo tolerates changes that never took place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdprep.errors import JournalError
+
+STATE_DIR = ".sdprep"
+JOURNAL_DIR = "journal"
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    """Write `data` to `path` so readers see either the old file or the whole new one, never a part."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    """Atomically write UTF-8 text (no BOM, newlines kept as given)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def state_dir(root: Path | str) -> Path:
+    """The hidden folder where sdprep keeps its journal and caches for a dataset."""
+    return Path(root) / STATE_DIR
+
+
+@dataclass
+class Entry:
+    """One journalled change. `blob` is the saved old content, relative to the operation folder."""
+
+    action: str  # "move" | "write" | "create" | "delete" | "mkdir"
+    path: str  # relative to the dataset root
+    dest: str | None = None
+    blob: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in self.__dict__.items() if v is not None}, ensure_ascii=False)
+
+
+class Operation:
+    """A journalled group of changes to one dataset; use `Journal.begin(...)` as a context manager."""
+
+    def __init__(self, root: Path, folder: Path):
+        self.root = root
+        self.folder = folder
+        self.blobs = folder / "blobs"
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        self._log = open(folder / "entries.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self._n = 0
+        self.changes = 0
+
+    # -- recording ---------------------------------------------------------------------------
+    def _rel(self, path: Path | str) -> str:
+        p = Path(path).absolute()
+        try:
+            return p.relative_to(self.root).as_posix()
+        except ValueError:
+            raise JournalError(
+                f"{p} is outside the dataset {self.root}", "sdprep only changes files inside the dataset"
+            ) from None
+
+    def _record(self, entry: Entry) -> None:
+        self._log.write(entry.to_json() + "\n")
+        self._log.flush()
+        os.fsync(self._log.fileno())
+        self.changes += 1
+
+    def _keep(self, path: Path) -> str:
+        """Preserve the current content of `path` in the journal and return its blob name."""
+        self._n += 1
+        blob = f"{self._n:07d}"
+        target = self.blobs / blob
+        try:
+            os.link(path, target)  # the old inode survives the os.replace that follows
+        except OSError:
+            shutil.copy2(path, target)
+        return blob
+
+    # -- changes -----------------------------------------------------------------------------
+    def write_bytes(self, path: Path | str, data: bytes) -> None:
+        """Atomically write `path`, keeping its previous content (if any) for undo."""
+        path = Path(path).absolute()
+        if path.exists():
+            if path.is_file() and path.read_bytes() == data:
+                return
+            self._record(Entry("write", self._rel(path), blob=self._keep(path)))
+        else:
+            self._record(Entry("create", self._rel(path)))
+        atomic_write_bytes(path, data)
+
+    def write_text(self, path: Path | str, text: str) -> None:
+        self.write_bytes(path, text.encode("utf-8"))
+
+    def move(self, src: Path | str, dst: Path | str) -> None:
+        """Rename `src` to `dst`; refuses to overwrite an existing `dst`."""
+        src, dst = Path(src).absolute(), Path(dst).absolute()
+        if dst.exists() or dst.is_symlink():
+            raise JournalError(f"refusing to move {src} over existing {dst}", "remove or rename it first")
+        self._record(Entry("move", self._rel(src), dest=self._rel(dst)))
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(src, dst)
+
+    def delete(self, path: Path | str) -> None:
+        """Remove `path` from the dataset; its content stays in the journal until `gc`."""
+        path = Path(path).absolute()
+        self._n += 1
+        blob = f"{self._n:07d}"
+        self._record(Entry("delete", self._rel(path), blob=blob))
+        os.replace(path, self.blobs / blob)
+
+    def mkdir(self, path: Path | str) -> None:
+        path = Path(path).absolute()
+        if path.exists():
+            return
+        self._record(Entry("mkdir", self._rel(path)))
+        path.mkdir(parents=True)
+
+    def close(self, ok: bool) -> None:
+        self._log.close()
+        meta = json.loads((self.folder / "meta.json").read_text())
+        meta.update(finished=time.time(), complete=ok, changes=self.changes)
+        atomic_write_text(self.folder / "meta.json", json.dumps(meta, indent=1))
+        if self.changes == 0:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class Journal:
+    """The list of operations recorded for one dataset root."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root).absolute()
+        self.dir = state_dir(self.root) / JOURNAL_DIR
+
+    @contextlib.contextmanager
+    def begin(self, command: str, argv: list[str] | None = None) -> Iterator[Operation]:
+        """Start an operation; changes made through it are undoable as one step."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        n = len(list(self.dir.iterdir()))
+        folder = self.dir / f"{stamp}-{n:05d}-{command}"
+        folder.mkdir()
+        meta = {
+            "command": command,
+            "argv": argv if argv is not None else sys.argv[1:],
+            "started": time.time(),
+        }
+        atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1))
+        op = Operation(self.root, folder)
+        ok = False
+        try:
+            yield op
+            ok = True
+        finally:
+            op.close(ok)
+
+    def operations(self) -> list[Path]:
+        """Operation folders, oldest first, excluding those already undone."""
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.iterdir() if p.is_dir() and not (p / "undone").exists())
+
+    def describe(self, folder: Path) -> str:
+        meta = json.loads((folder / "meta.json").read_text())
+        status = "" if meta.get("complete", False) else " (interrupted)"
+        return f"{meta['command']} {' '.join(meta.get('argv', []))}".strip() + status
+
+
+def _entries(folder: Path) -> list[Entry]:
+    entries = []
+    log = folder / "entries.jsonl"
+    if not log.exists():
+        return entries
+    for line in log.read_text(encoding="utf-8").splitlines():
+        try:
+            entries.append(Entry(**json.loads(line)))
+        except (json.JSONDecodeError, TypeError):
+            continue  # a line cut short by a crash was never acted upon
+    return entries
+
+
+def undo(root: Path | str) -> tuple[str, int]:
+    """Reverse the newest operation on `root`; returns (its description, number of changes reversed)."""
+    journal = Journal(root)
+    ops = journal.operations()
+    if not ops:
+        raise JournalError(
+            f"nothing to undo in {journal.root}",
+            "sdprep records its changes only for commands run on this folder",
+        )
+    folder = ops[-1]
+    description = journal.describe(folder)
+    entries = _entries(folder)
+    base = journal.root
+    undone = 0
+    for entry in reversed(entries):
+        path = base / entry.path
+        blob = folder / "blobs" / entry.blob if entry.blob else None
+        if entry.action == "move":
+            dest = base / entry.dest
+            if dest.exists() and not path.exists():
+                os.rename(dest, path)
+                undone += 1
+        elif entry.action == "write":
+            if blob and blob.exists():
+                os.replace(blob, path)
+                undone += 1
+        elif entry.action == "create":
+            if path.exists():
+                path.unlink()
+                undone += 1
+        elif entry.action == "delete":
+            if blob and blob.exists() and not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(blob, path)
+                undone += 1
+        elif entry.action == "mkdir":
+            with contextlib.suppress(OSError):
+                path.rmdir()
+                undone += 1
+    (folder / "undone").write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
+    shutil.rmtree(folder / "blobs", ignore_errors=True)
+    return description, undone
+
+
+def gc(root: Path | str, keep: int = 0) -> int:
+    """Delete journalled operations (and the old content they keep), all but the newest `keep`."""
+    journal = Journal(root)
+    if not journal.dir.is_dir():
+        return 0
+    folders = sorted(p for p in journal.dir.iterdir() if p.is_dir())
+    doomed = folders[: max(0, len(folders) - keep)]
+    for folder in doomed:
+        shutil.rmtree(folder)
+    return len(doomed)

@@ -1,0 +1,129 @@
+"""The one image loader every stage uses: EXIF orientation, size limits, modes, typed errors."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from sdprep.errors import ImageError
+
+# The decompression-bomb guard: refuse images above this many pixels (about 16k x 16k) unless raised.
+DEFAULT_MAX_PIXELS = int(os.environ.get("SDPREP_MAX_PIXELS", 268_435_456))
+
+Mode = Literal["RGB", "RGBA", "L", "keep"]
+
+# We check sizes ourselves, before decoding; Pillow's own guard would raise an untyped error.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def _open(path: Path, max_pixels: int) -> Image.Image:
+    try:
+        im = Image.open(path)
+    except FileNotFoundError as exc:
+        raise ImageError(path, "file not found") from exc
+    except PermissionError as exc:
+        raise ImageError(path, "permission denied", "make the file readable (chmod +r)") from exc
+    except UnidentifiedImageError as exc:
+        size = path.stat().st_size if path.exists() else 0
+        reason = "empty file (0 bytes)" if size == 0 else "not an image, or an unsupported format"
+        raise ImageError(path, reason, "delete or replace the file") from exc
+    except OSError as exc:
+        raise ImageError(path, f"cannot open ({exc})") from exc
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        raise ImageError(path, f"invalid size {w}x{h}")
+    if w * h > max_pixels:
+        im.close()
+        raise ImageError(
+            path,
+            f"{w}x{h} is over the decompression limit of {max_pixels:,} pixels",
+            "resize it, or raise the limit with SDPREP_MAX_PIXELS if you trust the file",
+        )
+    return im
+
+
+def image_size(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) as displayed (EXIF rotation applied), read from the header only."""
+    path = Path(path)
+    with _open(path, max_pixels) as im:
+        w, h = im.size
+        try:
+            orientation = im.getexif().get(0x0112, 1)
+        except Exception:  # noqa: BLE001 - broken EXIF blocks are common; the pixels may be fine
+            orientation = 1
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit and 32-bit greyscale to 8-bit by scaling, not by clipping (Pillow's convert clips)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    return im
+
+
+def load_image(
+    path: Path | str,
+    mode: Mode = "RGB",
+    *,
+    background: tuple[int, int, int] = (255, 255, 255),
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Decode an image fully, EXIF orientation applied, first frame of animations.
+
+    mode "RGB" composites transparency onto `background`; "RGBA" keeps alpha (opaque images get
+    a full alpha); "L" is greyscale; "keep" returns the decoded mode (16-bit scaled to 8-bit).
+    Any failure is an ImageError naming the file.
+    """
+    path = Path(path)
+    im = _open(path, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            im.seek(0)
+            im.load()
+            im = ImageOps.exif_transpose(im) or im
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(
+            path, f"truncated or corrupt image data ({exc})", "re-download or delete the file"
+        ) from exc
+    im = _to_8bit(im)
+    if im.mode == "CMYK":
+        im = im.convert("RGB")
+    has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+    if mode == "keep":
+        return im
+    if mode == "L":
+        if has_alpha:
+            im = _flatten(im.convert("RGBA"), background)
+        return im.convert("L")
+    if mode == "RGBA":
+        return im.convert("RGBA")
+    # RGB
+    if has_alpha:
+        return _flatten(im.convert("RGBA"), background)
+    return im.convert("RGB")
+
+
+def _flatten(rgba: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    canvas = Image.new("RGBA", rgba.size, (*background, 255))
+    canvas.alpha_composite(rgba)
+    return canvas.convert("RGB")
+
+
+def has_transparency(im: Image.Image) -> bool:
+    """True when the image has an alpha channel with at least one pixel not fully opaque."""
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode not in ("RGBA", "LA", "PA"):
+        return False
+    return im.getchannel("A").getextrema()[0] < 255

@@ -1,0 +1,100 @@
+"""Progress reporting through an injected reporter, so a CLI shows a bar and a test can listen."""
+
+from __future__ import annotations
+
+import sys
+from typing import Protocol
+
+
+class Reporter(Protocol):
+    """What long-running library code calls; the CLI passes a rich bar, tests a recorder."""
+
+    def start(self, total: int | None, description: str) -> None: ...
+    def advance(self, n: int = 1) -> None: ...
+    def note(self, message: str) -> None: ...
+    def finish(self) -> None: ...
+
+
+class NullReporter:
+    """Reports nothing (library default)."""
+
+    def start(self, total: int | None, description: str) -> None:
+        pass
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class RecordingReporter(NullReporter):
+    """Keeps what was reported; for tests and for callers that print notes later."""
+
+    def __init__(self) -> None:
+        self.total: int | None = None
+        self.done = 0
+        self.notes: list[str] = []
+
+    def start(self, total: int | None, description: str) -> None:
+        self.total, self.done = total, 0
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+
+
+class RichReporter:
+    """A rich progress bar on stderr with counts, rate and ETA; notes are printed above it."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True, highlight=False)
+        self.quiet = quiet
+        self._progress = None
+        self._task = None
+
+    def start(self, total: int | None, description: str) -> None:
+        self.finish()
+        if self.quiet:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=not sys.stderr.isatty(),
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(description, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, n)
+
+    def note(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(message, markup=False)
+
+    def finish(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

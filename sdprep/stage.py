@@ -1,0 +1,76 @@
+"""The shape every prep stage shares: a result that counts changed / skipped / failed, and `map_items`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from sdprep.errors import SdprepError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class Failure:
+    path: Path
+    reason: str
+
+
+@dataclass
+class StageResult:
+    """What a stage did: counts, per-file failures with reasons, and short notes for the summary."""
+
+    stage: str
+    changed: int = 0
+    skipped: int = 0
+    failed: list[Failure] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    details: dict = field(default_factory=dict)
+
+    def fail(self, path: Path | str, reason: str) -> None:
+        self.failed.append(Failure(Path(path), reason))
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def summary(self) -> str:
+        """One line for the terminal: `tag: 12 changed, 3 skipped, 1 failed`."""
+        line = f"{self.stage}: {self.changed} changed, {self.skipped} skipped, {len(self.failed)} failed"
+        lines = [line, *self.notes]
+        lines += [f"  failed: {f.path}: {f.reason}" for f in self.failed]
+        return "\n".join(lines)
+
+
+def map_items(
+    fn: Callable[[T], R], items: Iterable[T], workers: int = 1
+) -> Iterator[tuple[T, R | SdprepError]]:
+    """Apply `fn` to each item, in order, serially or in a thread pool; SdprepErrors become values.
+
+    Per-file errors must never stop a run of 10,000 files, so a raised SdprepError is yielded in
+    place of the result. Other exceptions are bugs and propagate.
+    """
+
+    def call(item: T) -> R | SdprepError:
+        try:
+            return fn(item)
+        except SdprepError as exc:
+            return exc
+
+    if workers <= 1:
+        for item in items:
+            yield item, call(item)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        window: list = []
+        for item in items:
+            window.append((item, pool.submit(call, item)))
+            if len(window) >= workers * 4:
+                it, fut = window.pop(0)
+                yield it, fut.result()
+        for it, fut in window:
+            yield it, fut.result()

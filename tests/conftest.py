@@ -1,0 +1,51 @@
+"""Shared fixtures: sample data copies and tiny models built offline (no network, one torch thread)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_IMAGES = REPO / "sample_data" / "images"
+
+
+@pytest.fixture
+def sample_dataset(tmp_path: Path) -> Path:
+    """A private copy of sample_data/images (images + gallery-dl sidecars)."""
+    dest = tmp_path / "data"
+    shutil.copytree(SAMPLE_IMAGES, dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SDXL-architecture diffusers folder (random weights), built once per session."""
+    import torch
+
+    torch.set_num_threads(1)
+    from sdprep.train.tiny import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_wd14(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny WD14-shaped ONNX tagger folder (model.onnx + selected_tags.csv)."""
+    from sdprep.taggers.tiny import build_tiny_wd14
+
+    return build_tiny_wd14(tmp_path_factory.mktemp("tiny_wd14") / "wd14")
+
+
+@pytest.fixture
+def cli_runner():
+    from click.testing import CliRunner
+
+    return CliRunner()

@@ -1,0 +1,80 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from sdprep.cli import COMMANDS, cli
+from sdprep.errors import DatasetError
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_root_help_lists_every_command(cli_runner):
+    res = cli_runner.invoke(cli, ["--help"])
+    assert res.exit_code == 0
+    for name in COMMANDS:
+        assert f"  {name} " in res.output
+    assert cli_runner.invoke(cli, ["-h"]).output == res.output
+
+
+def test_every_command_has_help_with_an_example_and_is_documented(cli_runner):
+    readme = README.read_text()
+    for name in COMMANDS:
+        res = cli_runner.invoke(cli, [name, "--help"])
+        assert res.exit_code == 0, (name, res.output)
+        assert "Example" in res.output, name
+        assert f"sdprep {name}" in res.output, name
+        assert f"`sdprep {name}" in readme, f"README's command table lacks {name}"
+
+
+def test_version(cli_runner):
+    res = cli_runner.invoke(cli, ["--version"])
+    assert res.exit_code == 0 and res.output.startswith("sdprep, version ")
+
+
+def test_help_imports_no_torch():
+    code = (
+        "import sys\n"
+        "from sdprep.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'onnxruntime', 'cv2') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out
+
+
+def test_library_error_becomes_error_and_exit_1(cli_runner, monkeypatch):
+    @click.command("boom")
+    def boom():
+        """Fail. Example: sdprep boom"""
+        raise DatasetError("data/x.png: broken", "delete it")
+
+    import sdprep.cli as cli_module
+
+    monkeypatch.setitem(cli_module.COMMANDS, "boom", ("tests_boom:boom", "fails"))
+    monkeypatch.setitem(sys.modules, "tests_boom", type(sys)("tests_boom"))
+    sys.modules["tests_boom"].boom = boom
+    res = cli_runner.invoke(cli, ["boom"])
+    assert res.exit_code == 1
+    assert res.output == "Error: data/x.png: broken\nHint: delete it\n"
+
+
+def test_usage_error_exit_2(cli_runner, tmp_path):
+    assert cli_runner.invoke(cli, ["nosuchcommand"]).exit_code == 2
+    assert cli_runner.invoke(cli, ["undo", str(tmp_path / "missing")]).exit_code == 2
+
+
+def test_undo_command(cli_runner, tmp_path):
+    res = cli_runner.invoke(cli, ["undo", str(tmp_path)])
+    assert res.exit_code == 1 and "Error: nothing to undo" in res.output
+    from sdprep import fileops
+
+    (tmp_path / "a.txt").write_text("a\n")
+    with fileops.Journal(tmp_path).begin("demo", ["x"]) as op:
+        op.write_text(tmp_path / "a.txt", "b\n")
+    assert "demo x" in cli_runner.invoke(cli, ["undo", "--list", str(tmp_path)]).output
+    res = cli_runner.invoke(cli, ["undo", str(tmp_path)])
+    assert res.exit_code == 0 and res.output == "undone: demo x (1 changes reversed)\n"
+    assert (tmp_path / "a.txt").read_text() == "a\n"

@@ -1,0 +1,93 @@
+import json
+
+import pytest
+
+from sdprep.dataset import (
+    Item,
+    discover,
+    dump_sidecar,
+    format_repeat_folder,
+    parse_repeat_folder,
+    read_caption,
+    read_sidecar,
+    sdprep_meta,
+    split_tags,
+)
+from sdprep.errors import CaptionError, DatasetError
+
+
+def test_discovery_sorted_and_ignores_own_files(sample_dataset):
+    (sample_dataset / ".sdprep").mkdir()
+    (sample_dataset / ".sdprep" / "x.png").write_bytes(b"")
+    (sample_dataset / "masks").mkdir()
+    (sample_dataset / "masks" / "a_landscape.png").write_bytes(b"")
+    (sample_dataset / "notes.txt").write_text("hi")
+    (sample_dataset / "sub").mkdir()
+    (sample_dataset / "sub" / "Z.PNG").write_bytes(b"")
+    names = [i.name for i in discover(sample_dataset)]
+    assert names == sorted(names) and len(names) == 8 and names[0] == "a_landscape.jpg"
+    rec = [i.path.relative_to(sample_dataset).as_posix() for i in discover(sample_dataset, recursive=True)]
+    assert rec[-1] == "sub/Z.PNG" and len(rec) == 9
+
+
+def test_discover_missing_folder(tmp_path):
+    with pytest.raises(DatasetError, match="no such folder"):
+        discover(tmp_path / "nope")
+
+
+def test_sidecar_is_gallery_dl_name_and_round_trip_keeps_unknown_keys(sample_dataset):
+    item = Item(sample_dataset / "a_landscape.jpg")
+    assert item.sidecar_path.name == "a_landscape.jpg.json"
+    data = read_sidecar(item)
+    assert data["category"] == "danbooru"
+    data["user_key"] = {"nested": [1, 2]}
+    sdprep_meta(data)["monochrome"] = None
+    item.sidecar_path.write_text(dump_sidecar(data))
+    again = read_sidecar(item)
+    assert (
+        again["user_key"] == {"nested": [1, 2]} and again["tag_string_general"] == data["tag_string_general"]
+    )
+    assert again["sdprep"] == {"monochrome": None}
+    assert json.loads(item.sidecar_path.read_text()) == again
+
+
+def test_invalid_sidecar_and_caption_encodings(tmp_path):
+    img = tmp_path / "x.png"
+    img.write_bytes(b"")
+    item = Item(img)
+    item.sidecar_path.write_text("{not json")
+    with pytest.raises(CaptionError, match="x.png.json: invalid JSON"):
+        read_sidecar(item)
+    item.caption_path.write_bytes("caf\xe9, tag".encode("latin-1"))
+    with pytest.raises(CaptionError, match="x.txt: not UTF-8"):
+        read_caption(item)
+    item.caption_path.write_bytes("\ufeffone, two\n".encode())
+    assert read_caption(item) == "one, two"
+
+
+def test_split_tags_normalises():
+    assert split_tags(" a ,b,,  c  d ,\n") == ["a", "b", "c d"]
+    assert split_tags(", , ,") == []
+
+
+@pytest.mark.parametrize(
+    "name, repeats, tokens",
+    [("40_mytoken", 40, "mytoken"), ("10_high quality", 10, "high quality"), ("1_a_b_c", 1, "a_b_c")],
+)
+def test_repeat_folder_round_trip(name, repeats, tokens):
+    parsed = parse_repeat_folder(name)
+    assert (parsed.repeats, parsed.tokens) == (repeats, tokens)
+    assert format_repeat_folder(repeats, tokens) == name
+    assert parse_repeat_folder(format_repeat_folder(repeats, tokens)) == parsed
+
+
+@pytest.mark.parametrize("name", ["images", "mytoken_40", "x_y", "40", "0_zero", "-3_neg"])
+def test_non_repeat_folders(name):
+    assert parse_repeat_folder(name) is None
+
+
+def test_format_rejects_bad_tokens():
+    with pytest.raises(DatasetError):
+        format_repeat_folder(0, "x")
+    with pytest.raises(DatasetError):
+        format_repeat_folder(3, "a/b")

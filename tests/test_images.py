@@ -1,0 +1,89 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdprep.errors import ImageError
+from sdprep.images import has_transparency, image_size, load_image
+
+
+def test_zero_byte_file(tmp_path):
+    p = tmp_path / "empty.png"
+    p.write_bytes(b"")
+    with pytest.raises(ImageError, match="empty.png: empty file") as exc:
+        load_image(p)
+    assert exc.value.path == p
+
+
+def test_text_named_png(tmp_path):
+    p = tmp_path / "notes.png"
+    p.write_text("this is not an image")
+    with pytest.raises(ImageError, match="notes.png: not an image"):
+        load_image(p)
+
+
+def test_truncated_jpeg(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(
+        buf, "JPEG"
+    )
+    p = tmp_path / "cut.jpg"
+    p.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ImageError, match="cut.jpg: truncated or corrupt"):
+        load_image(p)
+
+
+def test_decompression_bomb_refused_before_decoding(tmp_path):
+    p = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(p)
+    assert p.stat().st_size < 1_000_000
+    with pytest.raises(ImageError, match="bomb.png: 20000x20000 is over the decompression limit"):
+        load_image(p)
+    with pytest.raises(ImageError, match="bomb.png"):
+        image_size(p)
+    assert load_image(p, max_pixels=400_000_000, mode="L").size == (20000, 20000)
+
+
+def test_exif_orientation_applied(tmp_path):
+    p = tmp_path / "rot.jpg"
+    im = Image.new("RGB", (60, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    im.save(p, exif=exif)
+    assert image_size(p) == (20, 60)
+    assert load_image(p).size == (20, 60)
+
+
+def test_sixteen_bit_png_scaled_not_clipped(tmp_path):
+    p = tmp_path / "deep.png"
+    arr = np.full((8, 8), 32768, dtype=np.uint16)
+    Image.fromarray(arr).save(p)
+    px = load_image(p, mode="L").getpixel((0, 0))
+    assert 127 <= px <= 129
+
+
+def test_cmyk_and_palette_alpha(tmp_path):
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(cmyk)
+    r, g, b = load_image(cmyk).getpixel((0, 0))
+    assert r > 200 and g < 60 and b < 60
+
+    pal = tmp_path / "pal.png"
+    im = Image.new("P", (4, 4), 0)
+    im.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    im.putpixel((0, 0), 1)
+    im.info["transparency"] = 0
+    im.save(pal, transparency=0)
+    assert has_transparency(Image.open(pal))
+    rgb = load_image(pal)  # transparent pixels composited on white
+    assert rgb.getpixel((1, 1)) == (255, 255, 255)
+    assert rgb.getpixel((0, 0)) == (255, 0, 0)
+    assert load_image(pal, mode="RGBA").getpixel((1, 1))[3] == 0
+
+
+def test_animated_gif_first_frame(tmp_path):
+    p = tmp_path / "anim.gif"
+    frames = [Image.new("RGB", (8, 8), c) for c in [(255, 0, 0), (0, 0, 255)]]
+    frames[0].save(p, save_all=True, append_images=frames[1:])
+    assert load_image(p).getpixel((0, 0))[0] > 200
