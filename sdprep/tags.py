@@ -1,0 +1,91 @@
+"""Pure functions over tag strings, shared by the tagger, `clean` and `captions`.
+
+Tags are compared by a normalised key (case-folded, underscores as spaces, parentheses unescaped,
+spaces collapsed), so `Blue_Eyes`, `blue eyes` and `blue  eyes` are the same tag everywhere.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+_SPACES = re.compile(r"\s+")
+
+
+def tag_key(tag: str) -> str:
+    """The comparison key of a tag."""
+    return _SPACES.sub(" ", unescape_parentheses(tag).replace("_", " ")).strip().casefold()
+
+
+def remove_underscore(tag: str) -> str:
+    """kohya's `--remove_underscore`: `_` -> space only for tags longer than 3 characters (`^_^` stays)."""
+    return tag.replace("_", " ") if len(tag) > 3 else tag
+
+
+def add_underscore(tag: str) -> str:
+    """Booru style: spaces -> `_`."""
+    return tag.strip().replace(" ", "_")
+
+
+_UNESCAPED_PAREN = re.compile(r"(?<!\\)([()])")
+
+
+def escape_parentheses(tag: str) -> str:
+    """`name (series)` -> `name \\(series\\)` for A1111-style prompts; already escaped ones stay."""
+    return _UNESCAPED_PAREN.sub(r"\\\1", tag)
+
+
+def unescape_parentheses(tag: str) -> str:
+    return tag.replace("\\(", "(").replace("\\)", ")")
+
+
+def dedupe(tags: Iterable[str]) -> list[str]:
+    """Drop repeated tags (by key), keeping the first occurrence and the order."""
+    seen: set[str] = set()
+    out = []
+    for tag in tags:
+        key = tag_key(tag)
+        if key not in seen:
+            seen.add(key)
+            out.append(tag)
+    return out
+
+
+@dataclass(frozen=True)
+class TagPattern:
+    """One way of naming tags: an exact tag, a glob (`*hair*`), or a regex (`re:^.*_eyes$`)."""
+
+    text: str
+
+    @property
+    def kind(self) -> str:
+        if self.text.startswith("re:"):
+            return "regex"
+        if any(c in self.text for c in "*?[") and not self.text.startswith("\\"):
+            return "glob"
+        return "exact"
+
+    def matches(self, tag: str) -> bool:
+        key = tag_key(tag)
+        if self.kind == "regex":
+            return re.search(self.text[3:], key) is not None or re.search(self.text[3:], tag) is not None
+        if self.kind == "glob":
+            return fnmatch.fnmatchcase(key, tag_key(self.text))
+        return key == tag_key(self.text)
+
+
+class TagMatcher:
+    """A set of patterns; `matches(tag)` is True when any pattern names the tag (whole-tag matching)."""
+
+    def __init__(self, patterns: Iterable[str]):
+        self.patterns = [TagPattern(p) for p in patterns if p.strip()]
+        self._exact = {tag_key(p.text) for p in self.patterns if p.kind == "exact"}
+        self._other = [p for p in self.patterns if p.kind != "exact"]
+
+    def matches(self, tag: str) -> bool:
+        return tag_key(tag) in self._exact or any(p.matches(tag) for p in self._other)
+
+    def __bool__(self) -> bool:
+        return bool(self.patterns)
