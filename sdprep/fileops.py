@@ -137,6 +137,31 @@ class Operation:
         self._record(Entry("delete", self._rel(path), blob=blob))
         os.replace(path, self.blobs / blob)
 
+    def place(self, src: Path | str, dst: Path | str, *, copy: bool = False) -> bool:
+        """Put the file `src` at `dst` as a hard link (or a copy across filesystems / when asked).
+
+        `src` is never changed. Returns False when `dst` already holds the same bytes (no work).
+        """
+        src, dst = Path(src), Path(dst).absolute()
+        if dst.exists():
+            try:
+                if os.path.samefile(src, dst):
+                    return False
+            except OSError:
+                pass
+            if dst.stat().st_size == src.stat().st_size and dst.read_bytes() == src.read_bytes():
+                return False
+        if not copy and not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            self._record(Entry("create", self._rel(dst)))
+            try:
+                os.link(src, dst)
+                return True
+            except OSError:
+                pass  # another filesystem, or links not supported: copy below
+        self.write_bytes(dst, src.read_bytes())
+        return True
+
     def mkdir(self, path: Path | str) -> None:
         path = Path(path).absolute()
         if path.exists():

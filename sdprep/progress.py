@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Protocol
 
 
@@ -81,7 +80,8 @@ class RichReporter:
             TextColumn("eta"),
             TimeRemainingColumn(),
             console=self.console,
-            transient=not sys.stderr.isatty(),
+            transient=False,
+            disable=not self.console.is_terminal,  # no bar in logs or pipes
         )
         self._progress.start()
         self._task = self._progress.add_task(description, total=total)

@@ -1,0 +1,138 @@
+"""`sdprep bucket`: thin command over sdprep.prep.bucket.run_bucket."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from sdprep.buckets import BucketSettings
+from sdprep.clitools import finish, reporter
+from sdprep.errors import ConfigError
+
+
+def _parse_tiers(values: tuple[str, ...]) -> dict[str, int]:
+    tiers = {}
+    for value in values:
+        name, sep, n = value.rpartition("=")
+        if not sep or not name.strip() or not n.strip().isdigit() or int(n) < 1:
+            raise ConfigError(
+                f'--tier "{value}" is not of the form FOLDER=REPEATS', "e.g. --tier 'high quality=40'"
+            )
+        tiers[name.strip()] = int(n)
+    return tiers
+
+
+def _parse_resolution(value: str) -> tuple[int, int]:
+    parts = [p for p in value.replace("x", ",").split(",") if p.strip()]
+    try:
+        nums = [int(p) for p in parts]
+    except ValueError:
+        raise ConfigError(
+            f'--resolution "{value}" is not W,H or a single size', "e.g. --resolution 1024"
+        ) from None
+    if len(nums) == 1:
+        nums *= 2
+    if len(nums) != 2 or min(nums) < 64:
+        raise ConfigError(
+            f'--resolution "{value}" is not W,H or a single size', "e.g. --resolution 1024,1024"
+        )
+    return nums[0], nums[1]
+
+
+@click.command("bucket")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder."
+)
+@click.option("--token", default="", help="Class token / trigger for the concept folder name (40_TOKEN).")
+@click.option("--repeats", type=click.IntRange(min=1), help="Fixed repeats for every concept.")
+@click.option(
+    "--target-steps", type=click.IntRange(min=1), help="Choose repeats so an epoch is about N steps."
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Batch size (for --target-steps and the TOML).",
+)
+@click.option(
+    "--tier",
+    "tiers",
+    multiple=True,
+    metavar="FOLDER=N",
+    help="Repeats for a quality-tier subfolder (repeatable).",
+)
+@click.option("--balance", is_flag=True, help="Give concepts of different sizes equal weight per epoch.")
+@click.option(
+    "--reg",
+    "reg",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Regularisation image folder (repeatable).",
+)
+@click.option(
+    "--reg-token", default="", help="Class tokens of the regularisation images (default: folder name)."
+)
+@click.option("--resolution", default="1024,1024", show_default=True, help="Max bucket area as W,H.")
+@click.option(
+    "--step",
+    type=click.IntRange(min=32),
+    default=64,
+    show_default=True,
+    help="Bucket step (multiple of 32 for SDXL).",
+)
+@click.option("--min-side", type=int, default=256, show_default=True, help="Smallest bucket side.")
+@click.option("--max-side", type=int, default=2048, show_default=True, help="Largest bucket side.")
+@click.option("--no-upscale", is_flag=True, help="Small images keep their size (kohya's bucket_no_upscale).")
+@click.option("--copy", is_flag=True, help="Copy files instead of hard-linking them.")
+@click.pass_context
+def command(
+    ctx,
+    directory,
+    out,
+    token,
+    repeats,
+    target_steps,
+    batch_size,
+    tiers,
+    balance,
+    reg,
+    reg_token,
+    resolution,
+    step,
+    min_side,
+    max_side,
+    no_upscale,
+    copy,
+) -> None:
+    """Build a training-ready folder (kohya layout, dataset TOML, metadata JSON) from DIRECTORY.
+
+    Images are hard-linked (never moved), captions and masks go with them, and a bucket preview
+    says where every image lands, how much is cropped, and which images are upscaled or dropped.
+
+    \b
+    Example:
+      sdprep bucket data/ -o train_set/ --token mytoken --repeats 40
+      sdprep bucket data/ -o train_set/ --token mytoken --tier "high quality=40" --tier "low quality=10"
+    """
+    from sdprep.prep.bucket import BucketOptions, run_bucket
+
+    if step % 32:
+        raise ConfigError(f"--step {step} is not a multiple of 32", "SDXL needs bucket steps of 32 or 64")
+    settings = BucketSettings(_parse_resolution(resolution), step, min_side, max_side, no_upscale)
+    opts = BucketOptions(
+        out=out,
+        token=token,
+        repeats=repeats,
+        target_steps=target_steps,
+        batch_size=batch_size,
+        tiers=_parse_tiers(tiers),
+        balance=balance,
+        reg=tuple(reg),
+        reg_token=reg_token,
+        settings=settings,
+        copy=copy,
+    )
+    finish(run_bucket(directory, opts, report=reporter(ctx)))

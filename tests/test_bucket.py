@@ -1,0 +1,167 @@
+"""sdprep bucket: layout, repeats, TOML/metadata interop checked by a loader written from kohya's documented format."""
+
+import json
+import os
+import tomllib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sdprep.buckets import BucketSettings, assign_bucket
+from sdprep.cli import cli
+from sdprep.prep.bucket import BucketOptions, balance_reg_repeats, compute_repeats, run_bucket
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+
+# kohya sd-scripts library/config_util.py accepts exactly these keys (kohya-formats.md, "Dataset TOML")
+KOHYA_GENERAL_DATASET_KEYS = {
+    "resolution", "batch_size", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
+    "bucket_no_upscale", "validation_split", "validation_seed",
+}
+KOHYA_SUBSET_KEYS = {
+    "image_dir", "num_repeats", "caption_extension", "class_tokens", "is_reg", "alpha_mask", "metadata_file",
+    "conditioning_data_dir", "shuffle_caption", "keep_tokens", "keep_tokens_separator", "caption_prefix",
+    "caption_suffix", "caption_separator", "secondary_separator", "enable_wildcard", "flip_aug", "color_aug",
+    "random_crop", "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate",
+    "token_warmup_min", "token_warmup_step", "face_crop_aug_range",
+}
+
+
+def kohya_load(train_data_dir: Path) -> list[dict]:
+    """A DreamBooth-folder reader written from kohya's documented rules, independent of sdprep's code."""
+    out = []
+    for sub in sorted(p for p in train_data_dir.iterdir() if p.is_dir()):
+        head, _, rest = sub.name.partition("_")
+        try:
+            repeats = int(head)
+        except ValueError:
+            continue  # kohya ignores folders without an integer prefix
+        for img in sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_EXTS):
+            cap = img.with_suffix(".txt")
+            out.append({"image": img, "repeats": repeats, "tokens": rest,
+                        "caption": cap.read_text(encoding="utf-8").strip() if cap.exists() else rest})
+    return out
+
+
+def test_bucket_builds_kohya_layout(sample_dataset, tmp_path):
+    masks = sample_dataset / "masks"
+    masks.mkdir()
+    w, h = Image.open(sample_dataset / "a_landscape.jpg").size
+    Image.new("L", (w, h), 128).save(masks / "a_landscape.png")
+    (sample_dataset / "b_portrait.txt").write_text("nazuna, 1girl, smile\n")
+    before = {p: p.read_bytes() for p in sample_dataset.rglob("*") if p.is_file()}
+
+    out = tmp_path / "out"
+    res = run_bucket(sample_dataset, BucketOptions(out=out, token="nazuna", repeats=40))
+    assert res.changed == 8 and not res.failed
+
+    loaded = kohya_load(out / "img")
+    assert len(loaded) == 8 and {r["repeats"] for r in loaded} == {40} and {r["tokens"] for r in loaded} == {"nazuna"}
+    caps = {r["image"].name: r["caption"] for r in loaded}
+    assert caps["b_portrait.png"] == "nazuna, 1girl, smile" and caps["c_square.webp"] == "nazuna"
+    # images are hard links of the originals; originals untouched
+    assert os.path.samefile(out / "img/40_nazuna/a_landscape.jpg", sample_dataset / "a_landscape.jpg")
+    assert {p: p.read_bytes() for p in sample_dataset.rglob("*") if p.is_file()} == before
+    # every image of a mask subset has a same-size mask (a white one where the user had none)
+    for r in loaded:
+        m = r["image"].parent / "masks" / (r["image"].stem + ".png")
+        assert Image.open(m).size == Image.open(r["image"]).size
+
+    cfg = tomllib.loads((out / "dataset.toml").read_text())
+    assert set(cfg) <= {"general", "datasets"}
+    assert cfg["general"]["caption_extension"] == ".txt"
+    for ds in cfg["datasets"]:
+        assert set(ds) - {"subsets"} <= KOHYA_GENERAL_DATASET_KEYS
+        for sub in ds["subsets"]:
+            assert set(sub) <= KOHYA_SUBSET_KEYS
+            assert Path(sub["image_dir"]).is_dir() and sub["num_repeats"] == 40
+            assert Path(sub["conditioning_data_dir"]).is_dir()
+
+    meta = json.loads((out / "metadata.json").read_text())
+    assert len(meta) == 8
+    for key, entry in meta.items():
+        assert Path(key).is_absolute() and Path(key).is_file() and Path(key).suffix  # never stem-only
+        assert set(entry) >= {"caption", "tags", "image_size"}
+        assert tuple(entry["image_size"]) == Image.open(key).size
+        assert tuple(entry["train_resolution"]) == assign_bucket(*Image.open(key).size).bucket
+
+    preview = json.loads((out / "buckets.json").read_text())
+    assert len(preview["images"]) == 8 and preview["dropped"] == []
+
+
+def test_rerun_does_nothing_and_undo_removes_build(sample_dataset, tmp_path, cli_runner):
+    out = tmp_path / "out"
+    args = ["bucket", str(sample_dataset), "-o", str(out), "--token", "tok", "--repeats", "3"]
+    first = cli_runner.invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    assert first.output.startswith("bucket: 8 changed, 0 skipped, 0 failed\n")
+    assert "3_tok: 8 images x 3 repeats = 24 samples/epoch" in first.output
+    second = cli_runner.invoke(cli, args)
+    assert second.output.startswith("bucket: 0 changed, 8 skipped, 0 failed\n")
+    assert cli_runner.invoke(cli, ["undo", str(out)]).exit_code == 0
+    assert not (out / "img" / "3_tok").exists() or not any((out / "img" / "3_tok").iterdir())
+    assert len(list(sample_dataset.glob("*.jpg"))) == 3  # originals still there
+
+
+def test_tiers_reg_and_balance(tmp_path):
+    data = tmp_path / "data"
+    for folder, n in (("high quality", 2), ("low quality", 4)):
+        (data / folder).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (512, 768), (i * 40, 0, 0)).save(data / folder / f"{i}.png")
+    reg = tmp_path / "reg" / "woman"
+    reg.mkdir(parents=True)
+    for i in range(5):
+        Image.new("RGB", (512, 512), (0, i * 40, 0)).save(reg / f"r{i}.png")
+    out = tmp_path / "out"
+    opts = BucketOptions(out=out, token="tok", tiers={"high quality": 40, "low quality": 10}, reg=(reg,))
+    res = run_bucket(data, opts)
+    assert not res.failed
+    names = sorted(p.name for p in (out / "img").iterdir())
+    assert names == ["10_tok low quality", "40_tok high quality"]
+    # reg repeats balance: 2*40 + 4*10 = 120 train samples over 5 reg images -> 24 repeats
+    assert [p.name for p in (out / "reg").iterdir()] == ["24_woman"]
+    cfg = tomllib.loads((out / "dataset.toml").read_text())
+    subs = [s for ds in cfg["datasets"] for s in ds["subsets"]]
+    assert [s.get("is_reg", False) for s in subs].count(True) == 1
+
+
+def test_repeat_maths():
+    assert compute_repeats([10, 40], repeats=5, target_steps=None, batch_size=1, balance=False) == [5, 5]
+    assert compute_repeats([10, 40], repeats=5, target_steps=None, batch_size=1, balance=True) == [20, 5]
+    assert compute_repeats([10], repeats=None, target_steps=400, batch_size=2, balance=False) == [80]
+    assert compute_repeats([10, 20], repeats=None, target_steps=100, batch_size=1, balance=False, fixed=[3, None]) == [3, 4]
+    assert balance_reg_repeats(120, [5]) == [24]
+
+
+def test_dropped_images_are_listed_never_silent(tmp_path):
+    data = tmp_path / "d"
+    data.mkdir()
+    Image.new("RGB", (40, 40)).save(data / "speck.png")
+    Image.new("RGB", (512, 512)).save(data / "ok.png")
+    (data / "broken.png").write_bytes(b"not an image")
+    opts = BucketOptions(out=tmp_path / "o", token="t", settings=BucketSettings(no_upscale=True))
+    res = run_bucket(data, opts)
+    reasons = {f.path.name: f.reason for f in res.failed}
+    assert set(reasons) == {"speck.png", "broken.png"}
+    assert "smaller than one bucket step" in reasons["speck.png"] and "not an image" in reasons["broken.png"]
+    assert res.changed == 1
+
+
+def test_mask_of_wrong_size_is_an_error_naming_the_file(sample_dataset, tmp_path):
+    (sample_dataset / "masks").mkdir()
+    Image.new("L", (10, 10), 255).save(sample_dataset / "masks" / "a_landscape.png")
+    from sdprep.errors import DatasetError
+
+    with pytest.raises(DatasetError, match=r"a_landscape.png: mask is 10x10 but its image a_landscape.jpg is 768x512"):
+        run_bucket(sample_dataset, BucketOptions(out=tmp_path / "o", token="t"))
+
+
+def test_cli_errors(sample_dataset, tmp_path, cli_runner):
+    res = cli_runner.invoke(cli, ["bucket", str(sample_dataset), "-o", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "no class token" in res.output and "--token" in res.output
+    res = cli_runner.invoke(cli, ["bucket", str(sample_dataset), "-o", str(sample_dataset / "o"), "--token", "t"])
+    assert res.exit_code == 1 and "inside the dataset" in res.output
+    res = cli_runner.invoke(cli, ["bucket", str(sample_dataset), "-o", str(tmp_path / "o"), "--token", "t", "--step", "48"])
+    assert res.exit_code == 1 and "not a multiple of 32" in res.output
