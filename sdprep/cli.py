@@ -15,6 +15,7 @@ from sdprep import __version__
 from sdprep.errors import SdprepError
 
 COMMANDS: dict[str, tuple[str, str]] = {
+    "rename": ("sdprep.prep.cli.rename:command", "Sequential image names; captions, sidecars, masks follow."),
     "bucket": ("sdprep.prep.cli.bucket:command", "Build a training-ready folder: repeat folders, dataset TOML, metadata, bucket preview."),
     "undo": ("sdprep.commands:undo_command", "Undo the last sdprep change to a dataset folder."),
     "gc": (

@@ -1,0 +1,50 @@
+"""`sdprep rename`: sequential names, lower-case extensions, companions follow, undoable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from sdprep.clitools import finish, reporter
+
+
+@click.command("rename")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--pattern",
+    default=None,
+    help="Name pattern over {n} (index), {token}, {stem} (old name), {folder}; default 001, 002...",
+)
+@click.option("--token", default=None, help="Value of {token} (default: the kohya folder's class tokens).")
+@click.option("--start", default=1, show_default=True, type=click.IntRange(min=0), help="First number.")
+@click.option("-r", "--recursive", is_flag=True, help="Rename in subfolders too (numbered per folder).")
+@click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
+@click.pass_context
+def command(
+    ctx: click.Context,
+    directory: Path,
+    pattern: str | None,
+    token: str | None,
+    start: int,
+    recursive: bool,
+    dry_run: bool,
+) -> None:
+    """Give the images of DIRECTORY sequential names; captions, sidecars and masks follow.
+
+    Extensions become lower case and .jpeg becomes .jpg. The rename is two-phase (no collision can
+    overwrite a file) and `sdprep undo DIRECTORY` restores the old names.
+
+    \b
+    Example:
+      sdprep rename data/ --dry-run
+      sdprep rename data/ --pattern "{token}_{n:04d}" --token nazuna
+    """
+    from sdprep.prep.rename import RenameOptions, run_rename
+
+    opts = RenameOptions(pattern=pattern, token=token, start=start, recursive=recursive, dry_run=dry_run)
+    result = run_rename(directory, opts, report=reporter(ctx))
+    if dry_run:
+        for src, dst in result.details["plan"]:
+            click.echo(f"{src.relative_to(directory)} -> {dst.relative_to(directory)}")
+    finish(result)

@@ -1,0 +1,217 @@
+"""Give images clean sequential names; captions, sidecars and masks move with their image.
+
+The rename is two-phase: every file first moves to a unique hidden temporary name in its own folder,
+then to its final name, so no name collision can overwrite a file (as `mv -i` loops in shell scripts
+do). Every move goes through the journal, so `sdprep undo DIR` restores the old names.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import string
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdprep.dataset import Item, iter_items, parse_repeat_folder
+from sdprep.errors import ConfigError, DatasetError
+from sdprep.fileops import Journal, Operation
+from sdprep.progress import NullReporter, Reporter
+from sdprep.stage import StageResult
+
+PATTERN_FIELDS = ("n", "token", "stem", "folder")
+EXTENSION_MAP = {".jpeg": ".jpg", ".jpe": ".jpg", ".jfif": ".jpg", ".tif": ".tiff"}
+MAX_NAME = 200
+TEMP_PREFIX = ".sdprep-rename-"
+
+
+@dataclass(frozen=True)
+class RenameOptions:
+    """pattern: a format string over n (1-based index), token, stem (old name), folder; None means
+    zero-padded numbers (`001`, wider when a folder holds 1,000 images or more)."""
+
+    pattern: str | None = None
+    token: str | None = None
+    start: int = 1
+    recursive: bool = False
+    dry_run: bool = False
+
+
+def normalise_extension(suffix: str) -> str:
+    """Lower-case an extension and map `.jpeg` (and its aliases) to `.jpg`."""
+    suffix = suffix.lower()
+    return EXTENSION_MAP.get(suffix, suffix)
+
+
+def companion_pairs(src: Path, dst: Path) -> list[tuple[Path, Path]]:
+    """(old, new) paths for an image moving from src to dst and each of its existing companions."""
+    old, new = Item(src), Item(dst)
+    pairs = [(src, dst)]
+    for path_of in (lambda i: i.caption_path, lambda i: i.sidecar_path, lambda i: i.mask_path()):
+        if path_of(old).exists() and path_of(old) != path_of(new):
+            pairs.append((path_of(old), path_of(new)))
+    return pairs
+
+
+def move_with_companions(op: Operation, src: Path, dst: Path) -> None:
+    """Move an image and its caption, sidecar and mask so they stay paired (journalled)."""
+    for old, new in companion_pairs(src, dst):
+        op.move(old, new)
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders `2.png` before `10.png`, so renamed folders keep their order."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def check_pattern(pattern: str) -> None:
+    """Reject a pattern with unknown fields or without `{n}` (every name must be unique)."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(pattern) if f is not None]
+    except ValueError as exc:
+        raise ConfigError(f"invalid --pattern {pattern!r}: {exc}", "example: {token}_{n:04d}") from exc
+    for name in fields:
+        base = re.split(r"[.\[]", name, maxsplit=1)[0]
+        if base not in PATTERN_FIELDS:
+            raise ConfigError(
+                f"--pattern {pattern!r} uses unknown field {{{name}}}",
+                "fields: " + ", ".join("{" + f + "}" for f in PATTERN_FIELDS),
+            )
+    if "n" not in [re.split(r"[.\[]", f, maxsplit=1)[0] for f in fields]:
+        raise ConfigError(
+            f"--pattern {pattern!r} has no {{n}}, so every image would get the same name",
+            "add a number, e.g. {token}_{n:04d}",
+        )
+
+
+def _render(pattern: str, **values: object) -> str:
+    try:
+        name = pattern.format(**values)
+    except (ValueError, KeyError, IndexError, AttributeError) as exc:
+        raise ConfigError(f"--pattern {pattern!r} cannot be filled in: {exc}", "example: {n:03d}") from exc
+    if not name or name.startswith(".") or "/" in name or "\\" in name or "\0" in name:
+        raise ConfigError(f"--pattern {pattern!r} gives the invalid file name {name!r}")
+    if len(name.encode("utf-8")) > MAX_NAME:
+        raise ConfigError(f"--pattern {pattern!r} gives a name over {MAX_NAME} bytes: {name[:40]}...")
+    return name
+
+
+def _folder_token(folder: Path, token: str | None) -> str:
+    if token is not None:
+        return token
+    repeat = parse_repeat_folder(folder.name)
+    return repeat.tokens if repeat else folder.name
+
+
+def plan_folder(folder: Path, items: list[Item], opts: RenameOptions) -> list[tuple[Path, Path]]:
+    """(old, new) image paths for one folder, numbered in natural name order."""
+    items = sorted(items, key=lambda i: natural_key(i.name))
+    width = max(3, len(str(opts.start + len(items) - 1)))
+    pattern = opts.pattern or f"{{n:0{width}d}}"
+    token = _folder_token(folder, opts.token)
+    plan, seen = [], {}
+    for index, item in enumerate(items, start=opts.start):
+        stem = _render(pattern, n=index, token=token, stem=item.path.stem, folder=folder.name)
+        new = folder / (stem + normalise_extension(item.path.suffix))
+        if new.name in seen:
+            raise ConfigError(
+                f"--pattern {pattern!r} gives {new.name} to both {seen[new.name]} and {item.name}",
+                "use {n} in the pattern so every name is unique",
+            )
+        seen[new.name] = item.name
+        plan.append((item.path, new))
+    return plan
+
+
+def _file_moves(plan: list[tuple[Path, Path]], result: StageResult) -> list[tuple[Path, Path]]:
+    """Every file move (images and companions) of a plan, each companion claimed once."""
+    moves: list[tuple[Path, Path]] = []
+    claimed: dict[Path, Path] = {}
+    for src, dst in plan:
+        for old, new in companion_pairs(src, dst):
+            if old in claimed:
+                result.notes.append(
+                    f"  note: {src.name} shares {old.name} with {claimed[old].name}; it stays with {claimed[old].name}"
+                )
+                continue
+            claimed[old] = src
+            moves.append((old, new))
+    return moves
+
+
+def _check_conflicts(moves: list[tuple[Path, Path]]) -> None:
+    """Refuse the whole rename before touching anything if a final name is taken by a file that stays."""
+    sources = {old for old, _ in moves}
+    targets: dict[Path, Path] = {}
+    conflicts = []
+    for old, new in moves:
+        if new in targets:
+            conflicts.append(f"{new} (from {targets[new].name} and {old.name})")
+        targets[new] = old
+        if new.exists() and new not in sources and not _same_file(old, new):
+            conflicts.append(f"{new} exists and is not part of the rename")
+    if conflicts:
+        raise DatasetError(
+            "rename would overwrite files: " + "; ".join(conflicts[:5]),
+            "move or delete those files (orphan captions or masks?), then run rename again",
+        )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def run_rename(root: Path | str, opts: RenameOptions, *, report: Reporter = NullReporter()) -> StageResult:
+    """Rename the images of `root` (each folder numbered from `opts.start`) with their companions."""
+    root = Path(root)
+    if opts.pattern is not None:
+        check_pattern(opts.pattern)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such folder", "check the path")
+    plan = []
+    for folder, items in _by_folder(iter_items(root, opts.recursive)).items():
+        plan += plan_folder(folder, items, opts)
+    result = StageResult("rename")
+    todo = [(src, dst) for src, dst in plan if src != dst]
+    result.skipped = len(plan) - len(todo)
+    result.details["plan"] = todo
+    if not todo:
+        result.notes.append("  nothing to do: every image already has its name")
+        return result
+    if opts.dry_run:
+        result.notes.append(f"  dry run: {len(todo)} images would be renamed; nothing was changed")
+        return result
+    moves = _file_moves(todo, result)
+    _check_conflicts(moves)
+    _apply(root, moves, report)
+    result.changed = len(todo)
+    return result
+
+
+def _by_folder(items: Iterable[Item]) -> dict[Path, list[Item]]:
+    folders: dict[Path, list[Item]] = {}
+    for item in items:
+        folders.setdefault(item.path.parent, []).append(item)
+    return folders
+
+
+def _apply(root: Path, moves: list[tuple[Path, Path]], report: Reporter) -> None:
+    """Phase 1: every file to a unique temporary name; phase 2: temporary names to final names."""
+    run_id = uuid.uuid4().hex[:8]
+    report.start(len(moves) * 2, "rename")
+    staged = []
+    with Journal(root).begin("rename") as op:
+        for k, (old, new) in enumerate(moves):
+            temp = old.parent / f"{TEMP_PREFIX}{run_id}-{k}{old.suffix}"
+            op.move(old, temp)
+            staged.append((temp, new))
+            report.advance()
+        for temp, new in staged:
+            op.move(temp, new)
+            report.advance()
+    report.finish()

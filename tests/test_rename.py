@@ -1,0 +1,124 @@
+import hashlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sdprep import fileops
+from sdprep.cli import cli
+from sdprep.errors import ConfigError, DatasetError
+from sdprep.prep.rename import RenameOptions, check_pattern, natural_key, normalise_extension, run_rename
+from sdprep.progress import RecordingReporter
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file outside .sdprep/ with a digest of its bytes (undo must restore it exactly)."""
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".sdprep" not in p.parts
+    }
+
+
+def add_mask(image: Path) -> Path:
+    mask = image.parent / "masks" / (image.stem + ".png")
+    mask.parent.mkdir(exist_ok=True)
+    with Image.open(image) as im:
+        Image.new("L", im.size, 255).save(mask)
+    return mask
+
+
+def test_pure_helpers():
+    assert normalise_extension(".JPEG") == ".jpg"
+    assert normalise_extension(".PNG") == ".png"
+    assert sorted(["10.png", "2.png", "1.png"], key=natural_key) == ["1.png", "2.png", "10.png"]
+    check_pattern("{token}_{n:04d}")
+    with pytest.raises(ConfigError, match=r"unknown field \{num\}"):
+        check_pattern("{num:03d}")
+    with pytest.raises(ConfigError, match=r"has no \{n\}"):
+        check_pattern("{token}")
+
+
+def test_rename_moves_companions_and_undo_restores(sample_dataset):
+    (sample_dataset / "a_landscape.txt").write_text("1girl, sky\n")
+    add_mask(sample_dataset / "b_portrait.png")
+    before = tree(sample_dataset)
+    rec = RecordingReporter()
+    result = run_rename(sample_dataset, RenameOptions(), report=rec)
+    assert result.changed == 8 and not result.failed
+    assert rec.done == rec.total > 0
+    names = sorted(p.name for p in sample_dataset.iterdir() if p.is_file())
+    assert names[:4] == ["001.jpg", "001.jpg.json", "001.txt", "002.png"]
+    assert (sample_dataset / "001.txt").read_text() == "1girl, sky\n"
+    assert (sample_dataset / "masks" / "002.png").exists()
+    assert not (sample_dataset / "masks" / "b_portrait.png").exists()
+    # the sidecar moved with its image: b_portrait's metadata is now 002.png.json
+    assert '"id": 1002' in (sample_dataset / "002.png.json").read_text()
+    again = run_rename(sample_dataset, RenameOptions())
+    assert again.changed == 0 and again.skipped == 8
+    fileops.undo(sample_dataset)
+    assert tree(sample_dataset) == before
+
+
+def test_pattern_token_and_jpeg_extension(tmp_path):
+    data = tmp_path / "10_nazuna"
+    data.mkdir()
+    for name in ["x.JPEG", "y.PNG", "z.jpeg"]:
+        Image.new("RGB", (8, 8)).save(data / name, "JPEG" if "jp" in name.lower() else "PNG")
+    (data / "x.txt").write_text("x\n")
+    result = run_rename(data, RenameOptions(pattern="{token}_{n:04d}"))
+    assert result.changed == 3
+    assert sorted(p.name for p in data.iterdir() if p.is_file()) == [
+        "nazuna_0001.jpg",
+        "nazuna_0001.txt",
+        "nazuna_0002.png",
+        "nazuna_0003.jpg",
+    ]
+
+
+def test_two_phase_swaps_names_without_overwriting(tmp_path):
+    # 1.png must become 001.png... and the existing names overlap the targets in a cycle
+    for i, colour in enumerate(["red", "green", "blue"], start=1):
+        Image.new("RGB", (4, 4), colour).save(tmp_path / f"{i:03d}.PNG")
+        (tmp_path / f"{i:03d}.txt").write_text(colour)
+    result = run_rename(tmp_path, RenameOptions(start=2))
+    assert result.changed == 3
+    assert (tmp_path / "002.txt").read_text() == "red"
+    assert (tmp_path / "004.txt").read_text() == "blue"
+    assert Image.open(tmp_path / "004.png").getpixel((0, 0)) == (0, 0, 255)
+    assert not list(tmp_path.glob(".sdprep-rename-*"))
+
+
+def test_conflict_with_an_orphan_caption_changes_nothing(tmp_path):
+    Image.new("RGB", (4, 4)).save(tmp_path / "b.png")
+    (tmp_path / "b.txt").write_text("mine")
+    (tmp_path / "001.txt").write_text("orphan")
+    before = tree(tmp_path)
+    with pytest.raises(DatasetError, match="001.txt exists and is not part of the rename"):
+        run_rename(tmp_path, RenameOptions())
+    assert tree(tmp_path) == before
+
+
+def test_dry_run_and_cli(sample_dataset, cli_runner):
+    before = tree(sample_dataset)
+    res = cli_runner.invoke(cli, ["rename", str(sample_dataset), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "a_landscape.jpg -> 001.jpg" in res.output
+    assert "h_wide.jpg -> 008.jpg" in res.output
+    assert "rename: 0 changed, 0 skipped, 0 failed" in res.output
+    assert tree(sample_dataset) == before
+    res = cli_runner.invoke(cli, ["-q", "rename", str(sample_dataset)])
+    assert res.exit_code == 0 and res.output.startswith("rename: 8 changed, 0 skipped, 0 failed")
+    res = cli_runner.invoke(cli, ["rename", str(sample_dataset), "--pattern", "{nope}"])
+    assert res.exit_code == 1
+    assert "Error: --pattern '{nope}' uses unknown field {nope}" in res.output
+
+
+def test_recursive_numbers_each_folder(tmp_path):
+    for sub in ["1_a", "2_b"]:
+        (tmp_path / sub).mkdir()
+        for name in ["q.png", "p.png"]:
+            Image.new("RGB", (4, 4)).save(tmp_path / sub / name)
+    result = run_rename(tmp_path, RenameOptions(recursive=True, pattern="{token}{n}"))
+    assert result.changed == 4
+    assert sorted(p.name for p in (tmp_path / "2_b").iterdir()) == ["b1.png", "b2.png"]
