@@ -77,15 +77,20 @@ def load_image(
     *,
     background: tuple[int, int, int] = (255, 255, 255),
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft: tuple[int, int] | None = None,
 ) -> Image.Image:
     """Decode an image fully, EXIF orientation applied, first frame of animations.
 
     mode "RGB" composites transparency onto `background`; "RGBA" keeps alpha (opaque images get
     a full alpha); "L" is greyscale; "keep" returns the decoded mode (16-bit scaled to 8-bit).
+    `draft=(w, h)` lets a JPEG decode at 1/2, 1/4 or 1/8 scale (DCT scaling, much faster), never
+    below that size (before EXIF rotation); other formats decode at full size.
     Any failure is an ImageError naming the file.
     """
     path = Path(path)
     im = _open(path, max_pixels)
+    if draft is not None and im.format == "JPEG":
+        im.draft(None, draft)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
