@@ -16,15 +16,42 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 
 # kohya sd-scripts library/config_util.py accepts exactly these keys (kohya-formats.md, "Dataset TOML")
 KOHYA_GENERAL_DATASET_KEYS = {
-    "resolution", "batch_size", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
-    "bucket_no_upscale", "validation_split", "validation_seed",
+    "resolution",
+    "batch_size",
+    "enable_bucket",
+    "min_bucket_reso",
+    "max_bucket_reso",
+    "bucket_reso_steps",
+    "bucket_no_upscale",
+    "validation_split",
+    "validation_seed",
 }
 KOHYA_SUBSET_KEYS = {
-    "image_dir", "num_repeats", "caption_extension", "class_tokens", "is_reg", "alpha_mask", "metadata_file",
-    "conditioning_data_dir", "shuffle_caption", "keep_tokens", "keep_tokens_separator", "caption_prefix",
-    "caption_suffix", "caption_separator", "secondary_separator", "enable_wildcard", "flip_aug", "color_aug",
-    "random_crop", "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate",
-    "token_warmup_min", "token_warmup_step", "face_crop_aug_range",
+    "image_dir",
+    "num_repeats",
+    "caption_extension",
+    "class_tokens",
+    "is_reg",
+    "alpha_mask",
+    "metadata_file",
+    "conditioning_data_dir",
+    "shuffle_caption",
+    "keep_tokens",
+    "keep_tokens_separator",
+    "caption_prefix",
+    "caption_suffix",
+    "caption_separator",
+    "secondary_separator",
+    "enable_wildcard",
+    "flip_aug",
+    "color_aug",
+    "random_crop",
+    "caption_dropout_rate",
+    "caption_dropout_every_n_epochs",
+    "caption_tag_dropout_rate",
+    "token_warmup_min",
+    "token_warmup_step",
+    "face_crop_aug_range",
 }
 
 
@@ -39,8 +66,14 @@ def kohya_load(train_data_dir: Path) -> list[dict]:
             continue  # kohya ignores folders without an integer prefix
         for img in sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_EXTS):
             cap = img.with_suffix(".txt")
-            out.append({"image": img, "repeats": repeats, "tokens": rest,
-                        "caption": cap.read_text(encoding="utf-8").strip() if cap.exists() else rest})
+            out.append(
+                {
+                    "image": img,
+                    "repeats": repeats,
+                    "tokens": rest,
+                    "caption": cap.read_text(encoding="utf-8").strip() if cap.exists() else rest,
+                }
+            )
     return out
 
 
@@ -57,7 +90,11 @@ def test_bucket_builds_kohya_layout(sample_dataset, tmp_path):
     assert res.changed == 8 and not res.failed
 
     loaded = kohya_load(out / "img")
-    assert len(loaded) == 8 and {r["repeats"] for r in loaded} == {40} and {r["tokens"] for r in loaded} == {"nazuna"}
+    assert (
+        len(loaded) == 8
+        and {r["repeats"] for r in loaded} == {40}
+        and {r["tokens"] for r in loaded} == {"nazuna"}
+    )
     caps = {r["image"].name: r["caption"] for r in loaded}
     assert caps["b_portrait.png"] == "nazuna, 1girl, smile" and caps["c_square.webp"] == "nazuna"
     # images are hard links of the originals; originals untouched
@@ -131,7 +168,9 @@ def test_repeat_maths():
     assert compute_repeats([10, 40], repeats=5, target_steps=None, batch_size=1, balance=False) == [5, 5]
     assert compute_repeats([10, 40], repeats=5, target_steps=None, batch_size=1, balance=True) == [20, 5]
     assert compute_repeats([10], repeats=None, target_steps=400, batch_size=2, balance=False) == [80]
-    assert compute_repeats([10, 20], repeats=None, target_steps=100, batch_size=1, balance=False, fixed=[3, None]) == [3, 4]
+    assert compute_repeats(
+        [10, 20], repeats=None, target_steps=100, batch_size=1, balance=False, fixed=[3, None]
+    ) == [3, 4]
     assert balance_reg_repeats(120, [5]) == [24]
 
 
@@ -154,14 +193,20 @@ def test_mask_of_wrong_size_is_an_error_naming_the_file(sample_dataset, tmp_path
     Image.new("L", (10, 10), 255).save(sample_dataset / "masks" / "a_landscape.png")
     from sdprep.errors import DatasetError
 
-    with pytest.raises(DatasetError, match=r"a_landscape.png: mask is 10x10 but its image a_landscape.jpg is 768x512"):
+    with pytest.raises(
+        DatasetError, match=r"a_landscape.png: mask is 10x10 but its image a_landscape.jpg is 768x512"
+    ):
         run_bucket(sample_dataset, BucketOptions(out=tmp_path / "o", token="t"))
 
 
 def test_cli_errors(sample_dataset, tmp_path, cli_runner):
     res = cli_runner.invoke(cli, ["bucket", str(sample_dataset), "-o", str(tmp_path / "o")])
     assert res.exit_code == 1 and "no class token" in res.output and "--token" in res.output
-    res = cli_runner.invoke(cli, ["bucket", str(sample_dataset), "-o", str(sample_dataset / "o"), "--token", "t"])
+    res = cli_runner.invoke(
+        cli, ["bucket", str(sample_dataset), "-o", str(sample_dataset / "o"), "--token", "t"]
+    )
     assert res.exit_code == 1 and "inside the dataset" in res.output
-    res = cli_runner.invoke(cli, ["bucket", str(sample_dataset), "-o", str(tmp_path / "o"), "--token", "t", "--step", "48"])
+    res = cli_runner.invoke(
+        cli, ["bucket", str(sample_dataset), "-o", str(tmp_path / "o"), "--token", "t", "--step", "48"]
+    )
     assert res.exit_code == 1 and "not a multiple of 32" in res.output

@@ -1,0 +1,46 @@
+"""`sdprep report`: thin command over sdprep.prep.report.run_report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from sdprep.clitools import reporter
+
+
+@click.command("report")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Report file (default DIR/report.html).",
+)
+@click.option("--format", "fmt", type=click.Choice(["html", "json"]), default="html", show_default=True)
+@click.option("--recursive/--no-recursive", default=True, show_default=True, help="Include subfolders.")
+@click.option("--tokenizer", help="Model folder or hub id whose CLIP tokenizer counts caption tokens.")
+@click.option(
+    "--max-thumbs",
+    type=click.IntRange(min=0),
+    default=5000,
+    show_default=True,
+    help="Thumbnails for at most N images.",
+)
+@click.pass_context
+def command(ctx, directory, out, fmt, recursive, tokenizer, max_thumbs) -> None:
+    """Write a self-contained HTML (or JSON) report of the dataset in DIRECTORY.
+
+    Contact sheet with captions and masks, tag frequencies, caption lengths, resolution and aspect
+    histograms, buckets, monochrome share, duplicates and images with problems.
+
+    \b
+    Example:
+      sdprep report data/ -o data_report.html
+      sdprep report data/ --format json -o report.json
+    """
+    from sdprep.prep.report import ReportOptions, run_report
+
+    opts = ReportOptions(out=out, format=fmt, recursive=recursive, tokenizer=tokenizer, max_thumbs=max_thumbs)
+    result = run_report(directory, opts, report=reporter(ctx))
+    click.echo("\n".join(result.notes))
