@@ -1,0 +1,60 @@
+"""`sdprep convert`: normalise image formats for training (originals kept in the journal)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from sdprep.clitools import finish, reporter
+
+
+@click.command("convert")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["png", "jpg", "webp"]),
+    default=None,
+    help="Re-encode every image to this format (default: keep PNG/JPEG/WebP, others become PNG).",
+)
+@click.option(
+    "--quality", default=95, show_default=True, type=click.IntRange(1, 100), help="JPEG/WebP quality."
+)
+@click.option("--flatten", "flatten", default=None, metavar="COLOR", help="Flatten transparency onto COLOR.")
+@click.option("--keep-alpha", is_flag=True, help="Keep transparency (an error with --format jpg).")
+@click.option("-r", "--recursive", is_flag=True, help="Convert images in subfolders too.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="Encoding threads.")
+@click.pass_context
+def command(
+    ctx: click.Context,
+    directory: Path,
+    fmt: str | None,
+    quality: int,
+    flatten: str | None,
+    keep_alpha: bool,
+    recursive: bool,
+    workers: int,
+) -> None:
+    """Normalise the images of DIRECTORY: format, first frame, EXIF rotation, transparency.
+
+    Only images that need it are re-encoded (animated images keep their first frame, rotations
+    stored in EXIF are baked into the pixels). When the extension changes the sidecar follows;
+    the originals stay in the journal until `sdprep gc` (`sdprep undo` brings them back).
+
+    \b
+    Example:
+      sdprep convert data/ --format png
+      sdprep convert data/ --format jpg --quality 92 --flatten white
+    """
+    from sdprep.prep.convert import ConvertOptions, parse_color, run_convert
+
+    opts = ConvertOptions(
+        format=fmt,
+        quality=quality,
+        flatten=parse_color(flatten) if flatten else None,
+        keep_alpha=keep_alpha,
+        recursive=recursive,
+        workers=workers,
+    )
+    finish(run_convert(directory, opts, report=reporter(ctx)))

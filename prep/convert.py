@@ -1,0 +1,202 @@
+"""Normalise image files for training: format, first frame, EXIF orientation baked in, alpha.
+
+An image is re-encoded only when something needs it (another format was asked for, an animation, a
+rotation stored in EXIF, a mode trainers handle badly, transparency to flatten), so a second run does
+nothing. The original stays in the journal until `sdprep gc`; when the extension changes, the sidecar
+follows the new name (caption and mask are keyed by the stem, which does not change).
+"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageColor
+
+from sdprep.dataset import Item, iter_items
+from sdprep.errors import ConfigError, ImageError, unknown_choice
+from sdprep.fileops import Journal, Operation
+from sdprep.images import load_image
+from sdprep.prep.rename import companion_pairs
+from sdprep.progress import NullReporter, Reporter
+from sdprep.stage import StageResult, map_items
+
+# format name -> (Pillow format, extension)
+FORMATS = {"png": ("PNG", ".png"), "jpg": ("JPEG", ".jpg"), "webp": ("WEBP", ".webp")}
+KEPT_FORMATS = {"PNG", "JPEG", "WEBP"}  # without --format these stay as they are; others become PNG
+ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+GREY_MODES = {"L", "LA", "1", "I", "I;16", "I;16B", "I;16L", "F"}
+PLAIN_MODES = {"RGB", "RGBA", "L", "LA", "P"}
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """format: png | jpg | webp, or None to keep PNG/JPEG/WebP and turn other formats into PNG.
+    flatten: a colour to composite transparency onto; by default alpha is kept where the format
+    can hold it (JPEG flattens onto white)."""
+
+    format: str | None = None
+    quality: int = 95
+    flatten: tuple[int, int, int] | None = None
+    keep_alpha: bool = False
+    recursive: bool = False
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.format is not None and self.format not in FORMATS:
+            raise unknown_choice("format", self.format, FORMATS)
+        if not 1 <= self.quality <= 100:
+            raise ConfigError(f"--quality must be 1-100, got {self.quality}")
+        if self.keep_alpha and self.flatten is not None:
+            raise ConfigError("--keep-alpha and --flatten contradict each other", "choose one")
+        if self.keep_alpha and self.format == "jpg":
+            raise ConfigError(
+                "JPEG cannot keep an alpha channel", "use --format png or webp, or --flatten COLOR"
+            )
+
+
+def parse_color(text: str) -> tuple[int, int, int]:
+    """A colour name, `#rrggbb` or `r,g,b` as an RGB tuple."""
+    try:
+        if "," in text:
+            parts = tuple(int(p) for p in text.split(","))
+            if len(parts) != 3 or not all(0 <= p <= 255 for p in parts):
+                raise ValueError
+            return parts  # type: ignore[return-value]
+        return ImageColor.getrgb(text)[:3]
+    except ValueError:
+        raise ConfigError(f"unknown colour {text!r}", "use a name (white), #rrggbb or r,g,b") from None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What converting one image means: where it goes, in which format, and why."""
+
+    src: Path
+    dst: Path
+    pil_format: str
+    reasons: tuple[str, ...]
+    alpha: bool  # keep an alpha channel
+    grey: bool
+    icc: bytes | None
+
+
+def plan_image(path: Path, opts: ConvertOptions) -> Plan | None:
+    """Inspect the header and decide; None when the file is already as asked."""
+    try:
+        with Image.open(path) as im:
+            fmt, mode, frames = im.format, im.mode, getattr(im, "n_frames", 1)
+            orientation = _orientation(im)
+            transparent = mode in ALPHA_MODES or (mode == "P" and "transparency" in im.info)
+            icc = im.info.get("icc_profile")
+    except OSError as exc:
+        raise ImageError(path, f"cannot read ({exc})", "delete or replace the file") from exc
+    target = FORMATS[opts.format][0] if opts.format else (fmt if fmt in KEPT_FORMATS else "PNG")
+    keep_alpha = transparent and opts.flatten is None and target != "JPEG"
+    reasons = []
+    if fmt != target:
+        reasons.append("format")
+    if frames > 1:
+        reasons.append("animated")
+    if orientation not in (1, None):
+        reasons.append("orientation")
+    if mode not in PLAIN_MODES:
+        reasons.append("mode")
+    if transparent and not keep_alpha:
+        reasons.append("alpha")
+    if not reasons:
+        return None
+    ext = {v[0]: v[1] for v in FORMATS.values()}[target]
+    dst = path if fmt == target else path.with_suffix(ext)
+    grey = mode in GREY_MODES and target != "WEBP"
+    return Plan(path, dst, target, tuple(reasons), keep_alpha, grey, icc)
+
+
+def _orientation(im: Image.Image) -> int | None:
+    try:
+        return im.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: nothing to bake in
+        return None
+
+
+def encode(plan: Plan, opts: ConvertOptions) -> bytes:
+    """Decode through the one safe loader (first frame, EXIF applied) and encode as planned."""
+    background = opts.flatten or (255, 255, 255)
+    if plan.alpha:
+        im = load_image(plan.src, "RGBA")
+        if plan.grey and plan.pil_format == "PNG":
+            im = im.convert("LA")
+    else:
+        im = load_image(plan.src, "L" if plan.grey else "RGB", background=background)
+    buf = io.BytesIO()
+    extra = {"icc_profile": plan.icc} if plan.icc else {}
+    if plan.pil_format == "JPEG":
+        im.save(buf, "JPEG", quality=opts.quality, subsampling=0 if opts.quality >= 90 else 2, **extra)
+    elif plan.pil_format == "WEBP":
+        im.save(buf, "WEBP", quality=opts.quality, lossless=opts.quality == 100, method=4, **extra)
+    else:
+        im.save(buf, "PNG", compress_level=6, **extra)
+    return buf.getvalue()
+
+
+def _check_free(plan: Plan) -> None:
+    """A new name must not be taken (`a.gif` -> `a.png` beside an existing `a.png`)."""
+    if plan.dst == plan.src:
+        return
+    for _, new in companion_pairs(plan.src, plan.dst):
+        if new.exists():
+            raise ImageError(
+                plan.src,
+                f"cannot convert to {plan.dst.suffix[1:]}: {new.name} already exists",
+                "rename one of them first (sdprep rename), then convert again",
+            )
+
+
+def _work(item: Item, opts: ConvertOptions) -> tuple[Plan, bytes] | None:
+    plan = plan_image(item.path, opts)
+    if plan is None:
+        return None
+    _check_free(plan)
+    return plan, encode(plan, opts)
+
+
+def apply_plan(op: Operation, plan: Plan, data: bytes) -> None:
+    """Write the new file; when the name changes, move the sidecar and keep the original in the journal."""
+    _check_free(plan)  # again: another image of this run may have taken the name meanwhile
+    op.write_bytes(plan.dst, data)
+    if plan.dst != plan.src:
+        for old, new in companion_pairs(plan.src, plan.dst)[1:]:
+            op.move(old, new)
+        op.delete(plan.src)
+
+
+def run_convert(root: Path | str, opts: ConvertOptions, *, report: Reporter = NullReporter()) -> StageResult:
+    """Re-encode the images of `root` that need it; originals stay in the journal until `sdprep gc`."""
+    root = Path(root)
+    items = list(iter_items(root, opts.recursive))
+    result = StageResult("convert")
+    reasons: Counter[str] = Counter()
+    report.start(len(items), "convert")
+    with Journal(root).begin("convert") as op:
+        for item, out in map_items(lambda i: _work(i, opts), items, opts.workers):
+            report.advance()
+            if isinstance(out, Exception):
+                result.fail(item.path, getattr(out, "reason", str(out)))
+            elif out is None:
+                result.skipped += 1
+            else:
+                plan, data = out
+                try:
+                    apply_plan(op, plan, data)
+                except ImageError as exc:
+                    result.fail(item.path, exc.reason)
+                    continue
+                reasons.update(plan.reasons)
+                result.changed += 1
+    report.finish()
+    if reasons:
+        result.notes.append("  re-encoded for: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
+        result.notes.append("  originals are kept in the journal: `sdprep undo` restores, `sdprep gc` frees")
+    return result
