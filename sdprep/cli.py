@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rename": ("sdprep.prep.cli.rename:command", "Sequential image names; captions, sidecars, masks follow."),
     "bucket": ("sdprep.prep.cli.bucket:command", "Build a training-ready folder: repeat folders, dataset TOML, metadata, bucket preview."),
     "report": ("sdprep.prep.cli.report:command", "Write a self-contained HTML (or JSON) report of a dataset."),
+    "run": ("sdprep.commands:run_command", "Run the chain of stages (and training) described by a project file."),
+    "init": ("sdprep.commands:init_command", "Write a commented starting project file."),
     "undo": ("sdprep.commands:undo_command", "Undo the last sdprep change to a dataset folder."),
     "gc": (
         "sdprep.commands:gc_command",

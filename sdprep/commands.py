@@ -43,3 +43,52 @@ def gc_command(directory: Path, keep: int) -> None:
     """
     removed = fileops.gc(directory, keep=keep)
     click.echo(f"removed {removed} journalled operations")
+
+
+@click.command("run")
+@click.argument("project_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--only", multiple=True, help="Run only these stages (repeatable), e.g. --only tag --only clean."
+)
+@click.option("--no-train", is_flag=True, help="Run the prep stages but not the [train] section.")
+@click.pass_context
+def run_command(ctx: click.Context, project_file: Path, only: tuple[str, ...], no_train: bool) -> None:
+    """Run the chain of stages (and training) described by a project file.
+
+    Each stage skips work already done with the same options, so re-running after a change
+    redoes only what it affects. Exits 1 if any file failed in any stage.
+
+    \b
+    Example:
+      sdprep init myproject/ && sdprep run myproject/project.toml
+      sdprep run sample_data/project.toml --only tag --only clean
+    """
+    from sdprep.clitools import reporter
+    from sdprep.project import load_project, run_project
+
+    project = load_project(project_file)
+    results = run_project(
+        project, echo=click.echo, reporter=lambda: reporter(ctx), only=list(only), train=not no_train
+    )
+    failed = sum(len(r.failed) for r in results)
+    click.echo(f"run: {len(results)} steps, {sum(r.changed for r in results)} changed, {failed} failed")
+    if failed:
+        raise click.exceptions.Exit(1)
+
+
+@click.command("init")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", default="project.toml", show_default=True, help="File name of the project file.")
+@click.option("--dataset", default="data", show_default=True, help="Dataset folder, relative to DIRECTORY.")
+@click.option("--force", is_flag=True, help="Overwrite an existing project file.")
+def init_command(directory: Path, name: str, dataset: str, force: bool) -> None:
+    """Write a commented starting project file into DIRECTORY.
+
+    \b
+    Example:
+      sdprep init myproject/ && $EDITOR myproject/project.toml && sdprep run myproject/project.toml
+    """
+    from sdprep.project import write_init
+
+    path = write_init(directory, name=name, dataset=dataset, force=force)
+    click.echo(f"wrote {path}: edit it, then run `sdprep run {path}`")

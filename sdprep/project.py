@@ -1,0 +1,258 @@
+"""Project files: one TOML describing a whole chain, run by `sdprep run`, written by `sdprep init`.
+
+    [project]
+    dataset = "data"              # the working dataset folder (relative to the project file)
+    source = "raw"                # optional: copied into `dataset` on the first run (originals untouched)
+
+    [stages.rename]               # stages run in the order written; each table holds the stage's
+    pattern = "{n:03d}"           # options, exactly the fields of its options dataclass
+
+    [stages.tag]
+    ...
+    [train]                       # optional: kohya/sdprep training keys (or config = "train.toml")
+
+Each stage is `sdprep.prep.<name>.run_<name>(dataset, <Name>Options(...))`. Stages skip work already
+done with the same options, so re-running after changing one option redoes only what it affects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import shutil
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdprep.config import from_dict, load_toml
+from sdprep.errors import ConfigError, did_you_mean
+from sdprep.fileops import atomic_write_text, state_dir
+from sdprep.progress import NullReporter, Reporter
+from sdprep.stage import StageResult
+
+STAGES = ("scrape", "convert", "rename", "dedup", "upscale", "mask", "tag", "clean", "bucket", "report")
+PROJECT_KEYS = ("dataset", "source", "demo_models")
+
+
+@dataclass(frozen=True)
+class Project:
+    path: Path
+    dataset: Path
+    source: Path | None = None
+    demo_models: Path | None = None
+    stages: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    train: dict[str, Any] | None = None
+
+    @property
+    def base(self) -> Path:
+        return self.path.parent
+
+
+def _resolve(base: Path, value: str | Path) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def load_project(path: Path | str) -> Project:
+    """Read and check a project file (unknown sections, keys and stage names are errors)."""
+    path = Path(path).absolute()
+    doc = load_toml(path)
+    for key in doc:
+        if key not in ("project", "stages", "train"):
+            hint = did_you_mean(key, ["project", "stages", "train"])
+            raise ConfigError(
+                f"{path}: unknown section [{key}]", hint or "sections: [project], [stages.NAME], [train]"
+            )
+    proj = doc.get("project", {})
+    for key in proj:
+        if key not in PROJECT_KEYS:
+            raise ConfigError(
+                f'{path}: unknown key "project.{key}"',
+                did_you_mean(key, PROJECT_KEYS) or f"keys: {', '.join(PROJECT_KEYS)}",
+            )
+    if "dataset" not in proj:
+        raise ConfigError(f'{path}: [project] needs dataset = "FOLDER"', "the folder the stages work on")
+    base = path.parent
+    stages = []
+    for name, table in doc.get("stages", {}).items():
+        if name not in STAGES:
+            hint = did_you_mean(name, STAGES)
+            raise ConfigError(
+                f"{path}: unknown stage [stages.{name}]", hint or f"stages: {', '.join(STAGES)}"
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [stages.{name}] must be a table")
+        stages.append((name, table))
+    return Project(
+        path=path,
+        dataset=_resolve(base, proj["dataset"]),
+        source=_resolve(base, proj["source"]) if proj.get("source") else None,
+        demo_models=_resolve(base, proj["demo_models"]) if proj.get("demo_models") else None,
+        stages=stages,
+        train=doc.get("train"),
+    )
+
+
+def _path_fields(cls: type) -> set[str]:
+    """Names of the dataclass fields that hold paths (resolved relative to the project file)."""
+    hints = typing.get_type_hints(cls)
+    out = set()
+    for f in dataclasses.fields(cls):
+        text = str(hints[f.name])
+        if "Path" in text:
+            out.add(f.name)
+    return out
+
+
+def stage_options(name: str, table: dict[str, Any], base: Path) -> tuple[Callable, Any]:
+    """(run function, options instance) for a stage table; paths are relative to `base`."""
+    module = importlib.import_module(f"sdprep.prep.{name}")
+    run = getattr(module, f"run_{name}")
+    cls = getattr(module, f"{name.capitalize()}Options")
+    table = dict(table)
+    for key in _path_fields(cls) & set(table):
+        value = table[key]
+        if isinstance(value, list):
+            table[key] = [str(_resolve(base, v)) for v in value]
+        elif isinstance(value, str) and value:
+            table[key] = str(_resolve(base, value))
+    return run, from_dict(cls, table, where=f"stages.{name}")
+
+
+def import_source(project: Project) -> int:
+    """Copy the source folder into the dataset on the first run; later runs leave the dataset alone."""
+    if project.source is None:
+        return 0
+    if not project.source.is_dir():
+        raise ConfigError(
+            f"{project.source}: source folder not found", "fix [project] source in the project file"
+        )
+    marker = state_dir(project.dataset) / "imported.json"
+    if marker.exists():
+        return 0
+    project.dataset.mkdir(parents=True, exist_ok=True)
+    copied = 0
+    for src in sorted(project.source.rglob("*")):
+        if src.is_file() and not any(part.startswith(".") for part in src.relative_to(project.source).parts):
+            dst = project.dataset / src.relative_to(project.source)
+            if not dst.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dst)
+                copied += 1
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, json.dumps({"source": str(project.source), "files": copied}) + "\n")
+    return copied
+
+
+def build_demo_models(folder: Path) -> None:
+    """The tiny demo models (random weights) the sample project refers to."""
+    from sdprep.taggers.tiny import build_tiny_wd14
+
+    if not (folder / "wd14-demo" / "model.onnx").exists():
+        build_tiny_wd14(folder / "wd14-demo")
+    from sdprep.train.tiny import build_tiny_sdxl
+
+    build_tiny_sdxl(folder / "sdxl-demo")
+
+
+def run_project(
+    project: Project,
+    *,
+    echo: Callable[[str], None] = print,
+    reporter: Callable[[], Reporter] = NullReporter,
+    only: list[str] | None = None,
+    train: bool = True,
+) -> list[StageResult]:
+    """Run the project's stages in order (then training), printing each stage's summary."""
+    if project.demo_models:
+        echo(f"demo models (tiny, random weights: for the demo only): {project.demo_models}")
+        build_demo_models(project.demo_models)
+    copied = import_source(project)
+    if copied:
+        echo(f"import: {copied} files copied from {project.source} into {project.dataset}")
+    if not project.dataset.is_dir():
+        raise ConfigError(
+            f"{project.dataset}: dataset folder not found", "set [project] source, or create the folder"
+        )
+    selected = [(n, t) for n, t in project.stages if not only or n in only]
+    prepared = [
+        (name, *stage_options(name, table, project.base)) for name, table in selected
+    ]  # check all first
+    results = []
+    for _name, run, opts in prepared:
+        result = run(project.dataset, opts, report=reporter())
+        results.append(result)
+        echo(result.summary())
+    if train and project.train is not None and (not only or "train" in only):
+        from sdprep.train.api import train_from_project  # heavy imports only when training
+
+        results.append(train_from_project(project, echo=echo, reporter=reporter))
+    return results
+
+
+INIT_TEMPLATE = """# sdprep project file. Run it with:  sdprep run {name}
+# Every stage skips work already done with the same options: re-run after changing anything.
+# Undo the last change a stage made to the dataset with:  sdprep undo {dataset}
+
+[project]
+dataset = "{dataset}"          # the folder the stages work on (your images, captions, sidecars)
+# source = "raw_images"        # optional: copied into `dataset` on the first run; originals untouched
+
+# Stages run in the order written here. Remove the ones you do not need.
+# [stages.scrape]
+# urls = ["https://danbooru.donmai.us/posts?tags=your_character"]
+# limit = 200
+
+[stages.rename]
+pattern = "{{n:03d}}"            # 001.png, 002.jpg, ...; captions, sidecars and masks follow
+
+[stages.upscale]
+min_side = 768                 # bring small images up (Lanczos; model = "4x.safetensors" for ESRGAN)
+
+# [stages.mask]
+# method = "face"              # alpha | face | clipseg | color | import | full
+
+[stages.tag]
+# model = "SmilingWolf/wd-swinv2-tagger-v3"
+general_threshold = 0.35
+character_threshold = 0.85
+
+[stages.clean]
+trigger = ["mytoken"]          # always first
+remove = []                    # tags characteristic of the subject: the trigger absorbs them
+monochrome = true
+
+[stages.bucket]
+out = "train_set"              # kohya layout: train_set/img/<N>_<token>/, dataset.toml, metadata.json
+token = "mytoken"
+repeats = 10
+
+[stages.report]
+out = "report.html"
+
+# [train]                      # kohya training keys (or config = "train.toml")
+# pretrained_model_name_or_path = "stabilityai/stable-diffusion-xl-base-1.0"
+# network_module = "networks.lora"
+# network_dim = 16
+# network_alpha = 16
+# learning_rate = 1e-4
+# max_train_steps = 1500
+# output_dir = "output"
+# output_name = "mytoken"
+"""
+
+
+def write_init(
+    folder: Path | str, name: str = "project.toml", dataset: str = "data", force: bool = False
+) -> Path:
+    """Write a commented starting project file into `folder`; refuses to overwrite unless `force`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    if path.exists() and not force:
+        raise ConfigError(f"{path} already exists", "pass --force to overwrite it, or choose another --name")
+    atomic_write_text(path, INIT_TEMPLATE.format(name=path, dataset=dataset))
+    return path
