@@ -1,0 +1,725 @@
+"""The trainer's configuration: one flat schema whose names ARE kohya sd-scripts' argument names.
+
+A kohya training TOML (`--config_file`), kohya-style flags (`--learning_rate=5e-6 --no_half_vae`)
+and sdprep's own TOML all map onto `TrainConfig` by name. Layering: defaults < file < flags <
+`--set key=value`. Keys kohya has but sdprep does not need are accepted with a note (see
+`sdprep.train.kohya_args`); unknown keys are errors with a "did you mean".
+
+    cfg, notes = load_train_config(Path("config.toml"), flags=["--train_batch_size=4"])
+    method = detect_method(cfg)  # "lora" | "ti" | "finetune"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from sdprep.config import coerce, from_dict, load_toml
+from sdprep.errors import ConfigError, did_you_mean, unknown_choice
+from sdprep.train.kohya_args import (
+    ACCEPTED_IGNORED,
+    ALIASES,
+    DATASET_SECTIONS,
+    LIST_FLAGS,
+    UNSUPPORTED,
+    parse_kv_args,
+    parse_resolution,
+    split_kv_args,
+    strip_launcher,
+)
+
+Method = Literal["lora", "ti", "finetune"]
+METHODS: tuple[str, ...] = ("lora", "ti", "finetune")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every training setting. Defaults are kohya's SDXL scripts' unless the comment says otherwise."""
+
+    # -- model ---------------------------------------------------------------------------------
+    pretrained_model_name_or_path: str | None = None  # diffusers folder, single .safetensors or hub id
+    vae: str | None = None  # separate VAE (file, folder or hub id)
+    method: Method | None = None  # sdprep: force lora / ti / finetune (default: from the keys, as kohya)
+    v_parameterization: bool = False  # the model predicts v (v-pred SDXL finetunes)
+    no_half_vae: bool = False  # keep the VAE in fp32 under mixed precision
+    # -- data ----------------------------------------------------------------------------------
+    train_data_dir: Path | None = None  # folder of <repeats>_<class tokens> subfolders
+    reg_data_dir: Path | None = None  # regularisation images, same layout
+    dataset_config: Path | None = None  # kohya dataset TOML ([general], [[datasets]], [[datasets.subsets]])
+    in_json: Path | None = None  # kohya fine-tune metadata JSON (with train_data_dir)
+    dataset_repeats: int = 1  # repeats for an in_json dataset
+    conditioning_data_dir: Path | None = None  # mask images for masked_loss (same stems as the images)
+    resolution: tuple[int, int] = (1024, 1024)  # (width, height); accepts 1024, "1024,1536", [w, h]
+    enable_bucket: bool = True  # sdprep default True (kohya: False): aspect-ratio buckets
+    min_bucket_reso: int = 256  # smallest bucket side
+    max_bucket_reso: int = 2048  # sdprep default 2048 (kohya: 1024, which gives SDXL only 1024-sided buckets)
+    bucket_reso_steps: int = 64  # bucket side step; SDXL needs a multiple of 32
+    bucket_no_upscale: bool = False  # never enlarge small images; buckets follow their size
+    caption_extension: str = ".txt"  # sdprep default ".txt" (kohya: ".caption")
+    caption_separator: str = ","  # tag separator in captions
+    secondary_separator: str | None = None  # joins tags that shuffle/drop as one, replaced by the separator
+    enable_wildcard: bool = False  # "{a|b|c}" in captions picks one at random
+    shuffle_caption: bool = False  # shuffle tags each step
+    keep_tokens: int = 0  # leading tags that are never shuffled or dropped
+    keep_tokens_separator: str = ""  # tags before this separator are kept in place
+    caption_prefix: str | None = None  # text added before every caption
+    caption_suffix: str | None = None  # text added after every caption
+    caption_dropout_rate: float = 0.0  # probability of training a sample with an empty caption
+    caption_dropout_every_n_epochs: int = 0  # drop all captions every N epochs (0: never)
+    caption_tag_dropout_rate: float = 0.0  # probability of dropping each tag
+    flip_aug: bool = False  # random horizontal flips
+    color_aug: bool = False  # weak hue/gamma augmentation (not with cached latents)
+    random_crop: bool = False  # random instead of centre crop into the bucket (not with cached latents)
+    alpha_mask: bool = False  # use each image's alpha channel as its loss mask
+    max_data_loader_n_workers: int = 8  # data loader processes
+    cache_dir: Path | None = None  # sdprep: where disk caches go (None: next to each image, as kohya)
+    # -- caching -------------------------------------------------------------------------------
+    cache_latents: bool = False  # encode every image once and keep the latents in memory
+    cache_latents_to_disk: bool = False  # ...and on disk (implies cache_latents)
+    cache_text_encoder_outputs: bool = False  # encode captions once (frozen encoders, fixed captions)
+    cache_text_encoder_outputs_to_disk: bool = False  # ...and on disk (implies cache_text_encoder_outputs)
+    # -- text conditioning ---------------------------------------------------------------------
+    max_token_length: int | None = None  # None/75, 150 or 225 tokens (chunks of 75, as kohya)
+    clip_skip: int | None = None  # None/1: SDXL's penultimate layer; n>=2: n-1 layers further back
+    # -- schedule ------------------------------------------------------------------------------
+    max_train_steps: int = 1600  # optimizer steps (max_train_epochs overrides it, as kohya)
+    max_train_epochs: int | None = None  # epochs (alias: epoch)
+    train_batch_size: int = 1  # samples per step per process
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    seed: int | None = None  # random seed (None: a random one, recorded in the outputs)
+    # -- optimizer -----------------------------------------------------------------------------
+    optimizer_type: str = "AdamW"  # AdamW, AdamW8bit, Adafactor, Prodigy, Lion, SGDNesterov, any torch.optim name or module.Class
+    optimizer_args: tuple[str, ...] = ()  # "name=value" items (a list, or one "a=1 b=2" / "a=1,b=2" string)
+    learning_rate: float = 2e-6  # base learning rate
+    unet_lr: float | None = None  # LoRA: U-Net learning rate (None: learning_rate)
+    text_encoder_lr: float | None = None  # LoRA: text-encoder learning rate (None: learning_rate)
+    learning_rate_te1: float | None = None  # fine-tune: text encoder 1 learning rate (None: learning_rate)
+    learning_rate_te2: float | None = None  # fine-tune: text encoder 2 learning rate (None: learning_rate)
+    max_grad_norm: float = 1.0  # gradient clipping norm (0: off)
+    lr_scheduler: str = "constant"  # linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, adafactor...
+    lr_scheduler_args: tuple[str, ...] = ()  # extra "name=value" scheduler arguments
+    lr_warmup_steps: int | float = 0  # warmup steps (a value below 1 is a fraction of the total, as kohya)
+    lr_scheduler_num_cycles: int = 1  # cosine_with_restarts cycles
+    lr_scheduler_power: float = 1.0  # polynomial power
+    # -- precision and memory ------------------------------------------------------------------
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast dtype
+    full_bf16: bool = False  # bf16 weights and gradients (needs mixed_precision bf16)
+    full_fp16: bool = False  # fp16 weights and gradients (needs mixed_precision fp16)
+    save_precision: Literal["float", "fp16", "bf16"] | None = (
+        None  # dtype of saved weights (None: float for LoRA/TI)
+    )
+    gradient_checkpointing: bool = False  # recompute activations to save memory
+    # -- loss ----------------------------------------------------------------------------------
+    loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = "l2"  # per-element loss
+    huber_c: float = 0.1  # huber / smooth_l1 threshold parameter
+    huber_schedule: Literal["constant", "exponential", "snr"] = "snr"  # how huber_c varies with the timestep
+    huber_scale: float = 1.0  # multiplier of the constant / exponential huber threshold
+    min_snr_gamma: float | None = None  # min-SNR weighting gamma (5 is usual)
+    debiased_estimation_loss: bool = False  # weight the loss by 1/sqrt(SNR)
+    noise_offset: float | None = None  # noise offset strength (about 0.03-0.1)
+    noise_offset_random_strength: bool = False  # draw the offset strength in [0, noise_offset]
+    adaptive_noise_scale: float | None = None  # add |mean latent| * this to noise_offset (needs noise_offset)
+    noise_offset_type: Literal["original", "multires"] | None = (
+        None  # GUI key: which of the two noise tweaks applies
+    )
+    multires_noise_iterations: int | None = None  # pyramid ("multires") noise levels (6-10 usual)
+    multires_noise_discount: float = 0.3  # weight decay per pyramid level
+    ip_noise_gamma: float | None = None  # input perturbation noise strength (about 0.1)
+    ip_noise_gamma_random_strength: bool = False  # draw it in [0, ip_noise_gamma]
+    min_timestep: int | None = None  # smallest training timestep (default 0)
+    max_timestep: int | None = None  # largest training timestep, exclusive (default 1000)
+    prior_loss_weight: float = 1.0  # loss weight of regularisation images
+    masked_loss: bool = False  # weight the loss by mask images (conditioning_data_dir) or alpha
+    unmasked_weight: float = 0.0  # sdprep: loss weight under black mask pixels (OneTrainer-style clamp)
+    masked_loss_normalize: bool = False  # sdprep: divide by the mask's area instead of a plain mean
+    # -- LoRA (network) ------------------------------------------------------------------------
+    network_module: str | None = None  # "networks.lora" selects LoRA training
+    network_dim: int = 4  # LoRA rank (kohya's default when unset)
+    network_alpha: float = 1.0  # LoRA alpha: effective scale alpha / rank
+    network_dropout: float | None = None  # dropout on the LoRA down projection output
+    network_args: tuple[str, ...] = ()  # "name=value" items: conv_dim, conv_alpha
+    conv_dim: int | None = None  # sdprep: rank of LoRA on 3x3 convs (also network_args conv_dim)
+    conv_alpha: float | None = None  # sdprep: alpha of conv LoRA (also network_args conv_alpha)
+    network_train_unet_only: bool = True  # sdprep default True (as the seeds): no text-encoder LoRA
+    network_weights: Path | None = None  # LoRA file to continue training from
+    # -- textual inversion ---------------------------------------------------------------------
+    token_string: str | None = None  # the new token; selects textual-inversion training
+    init_word: str | None = None  # word(s) whose embedding initialises the token
+    num_vectors_per_token: int = 1  # vectors the token expands to
+    weights: Path | None = None  # embedding file to continue training from
+    use_object_template: bool = False  # ignore captions; use "a photo of a {}" style templates
+    use_style_template: bool = False  # ignore captions; use "a painting in the style of {}" templates
+    # -- fine-tune -----------------------------------------------------------------------------
+    train_text_encoder: bool = False  # fine-tune: also train both text encoders
+    ema: bool = False  # sdprep: keep an exponential moving average of the trained weights
+    ema_decay: float = 0.9999  # sdprep: EMA decay per optimizer step
+    # -- output --------------------------------------------------------------------------------
+    output_dir: Path | None = None  # where weights, states and samples go
+    output_name: str | None = None  # file stem (None: "last" / "epoch-NNNNNN", as kohya)
+    save_model_as: Literal["safetensors", "diffusers", "diffusers_safetensors", "ckpt", "pt"] | None = (
+        None  # format
+    )
+    save_diffusers_copy: bool = False  # sdprep: also write a diffusers-format copy
+    save_every_n_epochs: int | None = None  # save every N epochs
+    save_every_n_steps: int | None = None  # save every N steps
+    save_last_n_epochs: int | None = None  # keep only the last N epoch saves
+    save_last_n_steps: int | None = None  # keep step saves only this many steps back
+    save_state: bool = False  # also save optimizer/scheduler/RNG state with each save
+    save_state_on_train_end: bool = False  # save the state once at the end
+    resume: str | None = None  # state folder to resume from, or "latest"
+    no_metadata: bool = False  # write no ss_* metadata
+    training_comment: str | None = None  # ss_training_comment metadata
+    metadata_title: str | None = None  # modelspec.title (None: output_name)
+    metadata_author: str | None = None  # modelspec.author
+    metadata_description: str | None = None  # modelspec.description
+    metadata_license: str | None = None  # modelspec.license
+    metadata_tags: str | None = None  # modelspec.tags, comma-separated
+    # -- logging -------------------------------------------------------------------------------
+    logging_dir: Path | None = None  # TensorBoard logs go under this folder
+    log_with: Literal["tensorboard", "wandb", "all"] | None = None  # logger (sdprep writes TensorBoard)
+    log_prefix: str | None = None  # prefix of the run's log folder name
+    # -- samples -------------------------------------------------------------------------------
+    sample_prompts: Path | None = None  # kohya prompt file (--n --w --h --d --l --s --ss)
+    sample_sampler: str = "ddim"  # default sampler for samples
+    sample_every_n_steps: int | None = None  # sample every N steps
+    sample_every_n_epochs: int | None = None  # sample every N epochs (overrides steps, as kohya)
+    sample_at_first: bool = False  # sample before training
+    sample_dir: Path | None = None  # where samples go (None: output_dir/sample)
+
+    @property
+    def token_chunks(self) -> int:
+        """Number of 75-token chunks per caption (1, 2 or 3)."""
+        return 1 if self.max_token_length in (None, 75) else self.max_token_length // 75
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+_LIST_FIELDS = {"optimizer_args", "network_args", "lr_scheduler_args"}
+
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "piecewise_constant",
+    "adafactor",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+    "inverse_sqrt",
+)
+OPTIMIZERS = (
+    "AdamW",
+    "AdamW8bit",
+    "PagedAdamW",
+    "PagedAdamW8bit",
+    "PagedAdamW32bit",
+    "Lion",
+    "Lion8bit",
+    "PagedLion8bit",
+    "SGDNesterov",
+    "SGDNesterov8bit",
+    "Adafactor",
+    "Prodigy",
+    "DAdaptation",
+    "DAdaptAdam",
+    "DAdaptAdaGrad",
+    "DAdaptAdan",
+    "DAdaptAdanIP",
+    "DAdaptLion",
+    "DAdaptSGD",
+    # plain torch.optim classes
+    "Adam",
+    "SGD",
+    "RMSprop",
+    "Adagrad",
+    "Adadelta",
+    "Adamax",
+    "NAdam",
+    "RAdam",
+)
+NETWORK_MODULES = ("networks.lora",)
+NETWORK_ARGS = ("conv_dim", "conv_alpha")
+
+
+def known_keys() -> list[str]:
+    """Every key a config may contain (fields, aliases, accepted and unsupported kohya keys)."""
+    return [*FIELDS, *ALIASES, *ACCEPTED_IGNORED, *UNSUPPORTED, "resume_from", "use_8bit_adam"]
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def flatten_tables(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """kohya's flattening: top-level tables are merged into one flat dict (one level only)."""
+    out: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for key, value in data.items():
+        if key in DATASET_SECTIONS:
+            raise ConfigError(
+                f'{source}: "[[{key}]]" belongs in a dataset TOML, not in the training config',
+                "move the [general] / [[datasets]] tables to their own file and set dataset_config to it",
+            )
+        if not isinstance(value, dict):
+            items, where = {key: value}, "top level"
+        else:
+            items, where = value, f"[{key}]"
+        for name, item in items.items():
+            if isinstance(item, dict):
+                raise ConfigError(
+                    f'{source}: "{key}.{name}" is nested two tables deep',
+                    "a training config is flat: write key = value at the top level or in one [section]",
+                )
+            if name in out and out[name] != item:
+                raise ConfigError(
+                    f'{source}: "{name}" is set twice ({origin[name]} and {where}) with different values'
+                )
+            out[name], origin[name] = item, where
+    return out
+
+
+def parse_kohya_flags(argv: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """kohya-style flags -> raw `{key: value}` (values are strings, True, or lists for nargs="*").
+
+    Accepts `--key=value`, `--key value`, bare booleans (`--gradient_checkpointing`) and several
+    values after a list flag (`--optimizer_args a=1 b=2`). A leading `accelerate launch ...
+    sdxl_train_network.py` is skipped, so a whole kohya command line can be pasted.
+    """
+    argv = strip_launcher(list(argv))
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        i += 1
+        if not tok.startswith("--") or tok == "--":
+            raise ConfigError(
+                f'unexpected argument "{tok}" in the kohya flags', "every value must follow a --name flag"
+            )
+        name, eq, value = tok[2:].partition("=")
+        name = name.replace("-", "_")
+        if name == "config":  # argparse abbreviation of --config_file that kohya users rely on
+            name = "config_file"
+        target = ALIASES.get(name, name)
+        following: list[str] = []
+        while i < len(argv) and not argv[i].startswith("--"):
+            following.append(argv[i])
+            i += 1
+        if eq:
+            values = [value, *following]
+        else:
+            values = following
+        if target in LIST_FLAGS:
+            out[name] = values
+            continue
+        not_a_field = target in ACCEPTED_IGNORED or target in UNSUPPORTED or target == "use_8bit_adam"
+        is_bool = _HINTS.get(target) is bool or not_a_field
+        if len(values) > 1:
+            raise ConfigError(f"--{name} takes one value, got {len(values)}: {' '.join(values)}")
+        if not values:
+            if not is_bool:
+                raise ConfigError(f"--{name} needs a value", f"write --{name}=VALUE")
+            out[name] = True
+        else:
+            out[name] = values[0]
+    return out
+
+
+def _apply_aliases(raw: dict[str, Any], source: str, notes: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        target = ALIASES.get(key, key)
+        if target in out and out[target] != value:
+            raise ConfigError(f'{source}: "{key}" and "{target}" are both set, to different values')
+        out[target] = value
+    if "use_8bit_adam" in out and coerce(out.pop("use_8bit_adam"), bool, "use_8bit_adam"):
+        if out.get("optimizer_type") not in (None, "", "AdamW8bit"):
+            raise ConfigError(f"{source}: use_8bit_adam and optimizer_type are both set")
+        out["optimizer_type"] = "AdamW8bit"
+        notes.append('use_8bit_adam: read as optimizer_type = "AdamW8bit"')
+    return out
+
+
+def _check_keys(raw: dict[str, Any], source: str, notes: list[str]) -> dict[str, Any]:
+    """Drop accepted-but-unused keys (with a note); reject unknown and unsupported-but-on keys."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in FIELDS or key == "resume_from":
+            out[key] = value
+        elif key == "LoRA_type" and str(value).strip().lower() not in ("standard", ""):
+            raise ConfigError(
+                f'{source}: LoRA_type = "{value}" is not supported',
+                "sdprep trains Standard LoRA (networks.lora)",
+            )
+        elif key in ACCEPTED_IGNORED:
+            notes.append(f'"{key}" accepted but not used: {ACCEPTED_IGNORED[key]}')
+        elif key in UNSUPPORTED:
+            off, hint = UNSUPPORTED[key]
+            if value in off or (isinstance(value, str) and value.strip().lower() in ("false", "", "none")):
+                notes.append(f'"{key}" accepted (off); sdprep does not implement it')
+            else:
+                raise ConfigError(f'{source}: "{key} = {value!r}" is not supported by sdprep', hint)
+        else:
+            hint = did_you_mean(key, known_keys())
+            raise ConfigError(
+                f'unknown key "{key}" in {source}', hint or "see `sdprep train --help` for the valid keys"
+            )
+    return out
+
+
+def _normalise(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """Values kohya users write in several forms -> the one form TrainConfig holds."""
+    data = dict(data)
+    if "resolution" in data:
+        data["resolution"] = parse_resolution(data["resolution"])
+    for key in _LIST_FIELDS:
+        if key in data:
+            data[key] = split_kv_args(data[key], key)
+    for key in ("learning_rate", "unet_lr", "text_encoder_lr"):
+        value = data.get(key)
+        if isinstance(value, (list, tuple)) and len(value) == 1:
+            data[key] = value[0]
+    if isinstance(data.get("noise_offset_type"), str):
+        data["noise_offset_type"] = data["noise_offset_type"].lower()
+    if data.get("save_precision") in ("fp32", "float32", "no"):
+        data["save_precision"] = "float"
+    if data.get("optimizer_type") in (None, ""):
+        data.pop("optimizer_type", None)
+    name = data.get("output_name")
+    if isinstance(name, str):
+        for ext in (".safetensors", ".ckpt", ".pt", ".bin"):
+            if name.lower().endswith(ext):
+                data["output_name"] = name[: -len(ext)]
+                notes.append(f'output_name "{name}": the extension is dropped (sdprep adds it)')
+    for key in ("sample_every_n_steps", "sample_every_n_epochs"):
+        value = data.get(key)
+        if value is not None and coerce(value, int, key) <= 0:
+            data[key] = None
+            notes.append(f"{key} = {value}: sampling by {key.split('_n_')[1]} is off (as kohya)")
+    return data
+
+
+def _resume_from(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """`resume_from` is not a kohya key (kohya silently ignores it): map it to what it must mean."""
+    if "resume_from" not in data:
+        return data
+    data = dict(data)
+    value = str(data.pop("resume_from"))
+    path = Path(value).expanduser()
+    if path.suffix.lower() in (".safetensors", ".pt", ".bin"):
+        method = data.get("method") or _method_from_keys(data)
+        target = {"ti": "weights", "lora": "network_weights"}.get(method or "")
+        if target is None:
+            raise ConfigError(
+                f'resume_from = "{value}" is a weights file, but a full fine-tune cannot continue from one',
+                "use pretrained_model_name_or_path for a checkpoint, or resume = STATE_DIR",
+            )
+        data.setdefault(target, value)
+        notes.append(
+            f'resume_from is not a kohya key (kohya ignores it): read as {target} = "{value}" '
+            "(the weights continue training; use resume = STATE_DIR to also restore the step count)"
+        )
+    else:
+        data.setdefault("resume", value)
+        notes.append(f'resume_from is not a kohya key (kohya ignores it): read as resume = "{value}"')
+    return data
+
+
+def _method_from_keys(data: dict[str, Any]) -> str | None:
+    if data.get("network_module"):
+        return "lora"
+    if data.get("token_string"):
+        return "ti"
+    return None
+
+
+def _build(data: dict[str, Any]) -> TrainConfig:
+    try:
+        return from_dict(TrainConfig, data)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # pragma: no cover - from_dict wraps these
+        raise ConfigError(str(exc)) from exc
+
+
+def load_train_config(
+    path: Path | str | None,
+    *,
+    overrides: dict[str, Any] | None = None,
+    flags: list[str] | tuple[str, ...] | None = None,
+) -> tuple[TrainConfig, list[str]]:
+    """Read a training config: defaults < TOML file < kohya-style flags < `--set` overrides.
+
+    Returns the validated config and notes for the user (keys accepted but unused, values
+    normalised); raises ConfigError for unknown keys, bad values and contradictions.
+    """
+    notes: list[str] = []
+    raw_flags = parse_kohya_flags(flags or [])
+    flag_file = raw_flags.pop("config_file", None)
+    if flag_file is not None:
+        flag_path = Path(flag_file if str(flag_file).endswith(".toml") else f"{flag_file}.toml")
+        if path is not None and Path(path).resolve() != flag_path.resolve():
+            raise ConfigError(f"two config files given: {path} and --config_file {flag_file}")
+        path = flag_path
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if path is not None:
+        path = Path(path)
+        layers.append((str(path), flatten_tables(load_toml(path), str(path))))
+    layers.append(("the command-line flags", raw_flags))
+    if overrides:
+        layers.append(("--set", flatten_tables(overrides, "--set")))
+    merged: dict[str, Any] = {}
+    for source, raw in layers:
+        raw = _apply_aliases(raw, source, notes)
+        merged.update(_check_keys(raw, source, notes))
+    merged = _resume_from(_normalise(merged, notes), notes)
+    cfg = _build(merged)
+    cfg, more = validate(cfg)
+    return cfg, notes + more
+
+
+# -- method and validation -------------------------------------------------------------------
+
+
+def detect_method(cfg: TrainConfig, override: str | None = None) -> Method:
+    """Which of kohya's three scripts this config is for: network_module -> lora, token_string ->
+    ti, neither -> finetune. `override` (or `cfg.method`) wins."""
+    chosen = override or cfg.method
+    if chosen is not None:
+        if chosen not in METHODS:
+            raise unknown_choice("method", chosen, METHODS)
+        return chosen  # type: ignore[return-value]
+    if cfg.network_module and cfg.token_string:
+        raise ConfigError(
+            "both network_module (LoRA) and token_string (textual inversion) are set",
+            "remove one, or choose with --method lora|ti",
+        )
+    if cfg.network_module:
+        return "lora"
+    if cfg.token_string:
+        return "ti"
+    return "finetune"
+
+
+def _err(message: str, hint: str | None = None) -> ConfigError:
+    return ConfigError(message, hint)
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    if cfg.learning_rate <= 0:
+        raise _err(
+            f"learning_rate must be > 0, got {cfg.learning_rate}", "typical: 1e-4 LoRA, 5e-6 fine-tune"
+        )
+    for key in ("unet_lr", "text_encoder_lr", "learning_rate_te1", "learning_rate_te2"):
+        value = getattr(cfg, key)
+        if value is not None and value < 0:
+            raise _err(f"{key} must be >= 0 (0 freezes that part), got {value}")
+    positive = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "dataset_repeats")
+    for key in positive:
+        if getattr(cfg, key) < 1:
+            raise _err(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    optional_positive = (
+        "max_train_epochs",
+        "save_every_n_epochs",
+        "save_every_n_steps",
+        "save_last_n_epochs",
+        "save_last_n_steps",
+        "multires_noise_iterations",
+    )
+    for key in optional_positive:
+        value = getattr(cfg, key)
+        if value is not None and value < 1:
+            raise _err(f"{key} must be at least 1 (or unset), got {value}")
+    for key in ("caption_dropout_rate", "caption_tag_dropout_rate", "unmasked_weight", "network_dropout"):
+        value = getattr(cfg, key)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise _err(f"{key} must be between 0 and 1, got {value}")
+    if cfg.max_grad_norm < 0:
+        raise _err(f"max_grad_norm must be >= 0 (0 turns clipping off), got {cfg.max_grad_norm}")
+    if cfg.lr_warmup_steps < 0:
+        raise _err(f"lr_warmup_steps must be >= 0, got {cfg.lr_warmup_steps}")
+    if cfg.huber_c <= 0 or (cfg.huber_schedule == "exponential" and cfg.huber_c > 1):
+        raise _err(f"huber_c must be in (0, 1], got {cfg.huber_c}")
+    if cfg.min_snr_gamma is not None and cfg.min_snr_gamma <= 0:
+        raise _err(f"min_snr_gamma must be > 0 (or unset), got {cfg.min_snr_gamma}", "5 is the usual value")
+    if not 0.0 < cfg.ema_decay < 1.0:
+        raise _err(f"ema_decay must be between 0 and 1, got {cfg.ema_decay}")
+    lo = 0 if cfg.min_timestep is None else cfg.min_timestep
+    hi = 1000 if cfg.max_timestep is None else cfg.max_timestep
+    if not 0 <= lo < hi <= 1000:
+        raise _err(
+            f"timesteps must satisfy 0 <= min_timestep < max_timestep <= 1000, got {lo} and {hi}",
+            "max_timestep is exclusive; the defaults are 0 and 1000",
+        )
+
+
+def _check_sizes(cfg: TrainConfig, notes: list[str]) -> None:
+    w, h = cfg.resolution
+    if w % 8 or h % 8 or min(w, h) < 64:
+        raise _err(
+            f"resolution {w},{h}: both sides must be multiples of 8 and at least 64", 'e.g. "1024,1024"'
+        )
+    if (w % 32 or h % 32) and not cfg.enable_bucket:
+        notes.append(f"resolution {w},{h} is not a multiple of 32; SDXL works best with multiples of 32")
+    if cfg.bucket_reso_steps % 32:
+        raise _err(
+            f"bucket_reso_steps = {cfg.bucket_reso_steps}: SDXL needs a multiple of 32",
+            "use 32 or 64 (the U-Net halves the latent twice)",
+        )
+    if cfg.enable_bucket:
+        if cfg.min_bucket_reso % 8 or cfg.max_bucket_reso % 8:
+            raise _err("min_bucket_reso and max_bucket_reso must be multiples of 8")
+        if cfg.min_bucket_reso > cfg.max_bucket_reso:
+            raise _err(
+                f"min_bucket_reso {cfg.min_bucket_reso} is larger than max_bucket_reso {cfg.max_bucket_reso}"
+            )
+        if max(w, h) > cfg.max_bucket_reso:
+            raise _err(
+                f"max_bucket_reso {cfg.max_bucket_reso} is smaller than the resolution {w},{h}",
+                f"set max_bucket_reso to at least {max(w, h)}",
+            )
+    if cfg.max_token_length not in (None, 75, 150, 225):
+        raise _err(f"max_token_length must be 75, 150 or 225, got {cfg.max_token_length}")
+    if cfg.clip_skip is not None:
+        if cfg.clip_skip < 1:
+            raise _err(f"clip_skip must be at least 1, got {cfg.clip_skip}")
+        if cfg.clip_skip >= 2:
+            notes.append(
+                f"clip_skip = {cfg.clip_skip}: kohya's SDXL scripts ignore clip_skip; sdprep uses the layer "
+                f"{cfg.clip_skip - 1} below SDXL's usual penultimate one (as diffusers clip_skip={cfg.clip_skip - 1})"
+            )
+
+
+def _check_choices(cfg: TrainConfig) -> None:
+    from sdprep.train.prompts import SAMPLERS
+
+    if cfg.lr_scheduler not in LR_SCHEDULERS:
+        raise unknown_choice("lr_scheduler", cfg.lr_scheduler, LR_SCHEDULERS)
+    opt = cfg.optimizer_type
+    if "." not in opt and opt.lower() not in {o.lower() for o in OPTIMIZERS}:
+        err = unknown_choice("optimizer_type", opt, OPTIMIZERS)
+        raise ConfigError(err.message, f"{err.hint} (or a module.Class path such as torch.optim.SGD)")
+    if cfg.sample_sampler.lower() not in SAMPLERS:
+        raise unknown_choice("sample_sampler", cfg.sample_sampler, SAMPLERS)
+    if cfg.network_module is not None and cfg.network_module not in NETWORK_MODULES:
+        raise ConfigError(
+            f'network_module "{cfg.network_module}" is not supported',
+            'sdprep trains standard LoRA: network_module = "networks.lora"',
+        )
+    for name in parse_kv_args(cfg.network_args):
+        if name not in NETWORK_ARGS:
+            hint = did_you_mean(name, NETWORK_ARGS)
+            raise ConfigError(
+                f'network_args "{name}" is not supported',
+                (hint + " " if hint else "") + "supported: " + ", ".join(NETWORK_ARGS),
+            )
+
+
+def _check_combinations(cfg: TrainConfig, method: str, notes: list[str]) -> TrainConfig:
+    changes: dict[str, Any] = {}
+    if cfg.full_bf16 and cfg.mixed_precision != "bf16":
+        raise _err('full_bf16 needs mixed_precision = "bf16"')
+    if cfg.full_fp16 and cfg.mixed_precision != "fp16":
+        raise _err('full_fp16 needs mixed_precision = "fp16"')
+    if cfg.full_bf16 and cfg.full_fp16:
+        raise _err("full_bf16 and full_fp16 are both set; choose one")
+    if cfg.adaptive_noise_scale is not None and cfg.noise_offset is None:
+        raise _err("adaptive_noise_scale needs noise_offset", "set noise_offset (e.g. 0.0357) or remove it")
+    if cfg.cache_latents_to_disk and not cfg.cache_latents:
+        changes["cache_latents"] = True
+    if cfg.cache_text_encoder_outputs_to_disk and not cfg.cache_text_encoder_outputs:
+        changes["cache_text_encoder_outputs"] = True
+    caching = cfg.cache_latents or cfg.cache_latents_to_disk
+    if caching and (cfg.color_aug or cfg.random_crop):
+        raise _err(
+            "cached latents cannot use color_aug or random_crop (the cache holds one version per image)",
+            "turn off cache_latents, or the augmentation (flip_aug works with caching)",
+        )
+    if cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
+        if (
+            method == "ti"
+            or (method == "lora" and not cfg.network_train_unet_only)
+            or (method == "finetune" and cfg.train_text_encoder)
+        ):
+            raise _err(
+                "cache_text_encoder_outputs needs frozen text encoders, but this run trains them",
+                "turn off cache_text_encoder_outputs, or train the U-Net only",
+            )
+        moving = [
+            k
+            for k in (
+                "shuffle_caption",
+                "caption_dropout_rate",
+                "caption_tag_dropout_rate",
+                "caption_dropout_every_n_epochs",
+            )
+            if getattr(cfg, k)
+        ]
+        if moving or cfg.enable_wildcard:
+            raise _err(
+                f"cache_text_encoder_outputs needs fixed captions, but {', '.join(moving) or 'enable_wildcard'} changes them",
+                "turn off cache_text_encoder_outputs or the caption augmentation",
+            )
+    if method == "ti":
+        if not cfg.token_string:
+            raise _err("textual inversion needs token_string", 'e.g. token_string = "mytoken"')
+        if cfg.num_vectors_per_token < 1:
+            raise _err(f"num_vectors_per_token must be at least 1, got {cfg.num_vectors_per_token}")
+    if method == "lora":
+        if cfg.network_dim < 1 or cfg.network_alpha <= 0:
+            raise _err(
+                f"network_dim must be >= 1 and network_alpha > 0, got {cfg.network_dim} and {cfg.network_alpha}"
+            )
+        net = parse_kv_args(cfg.network_args)
+        for key in NETWORK_ARGS:
+            if key in net:
+                value = coerce(net[key], int if key == "conv_dim" else float, f"network_args {key}")
+                if getattr(cfg, key) is not None and getattr(cfg, key) != value:
+                    raise _err(f"{key} is set twice (network_args and {key}) with different values")
+                changes[key] = value
+    if cfg.noise_offset_type == "original" and cfg.multires_noise_iterations:
+        notes.append('noise_offset_type = "original": multires noise is off (as the kohya GUI)')
+        changes["multires_noise_iterations"] = None
+    if cfg.noise_offset_type == "multires" and cfg.noise_offset:
+        notes.append('noise_offset_type = "multires": noise_offset is off (as the kohya GUI)')
+        changes["noise_offset"] = None
+        changes["adaptive_noise_scale"] = None
+    if cfg.save_model_as in ("ckpt", "pt"):
+        notes.append(
+            f'save_model_as = "{cfg.save_model_as}": sdprep writes safetensors instead (no pickle files)'
+        )
+        changes["save_model_as"] = "safetensors"
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def validate(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
+    """Check values and combinations; returns the config with implied settings applied and notes."""
+    notes: list[str] = []
+    method = detect_method(cfg)
+    _check_ranges(cfg)
+    _check_sizes(cfg, notes)
+    _check_choices(cfg)
+    cfg = _check_combinations(cfg, method, notes)
+    return cfg, notes
+
+
+# -- helpers for the trainer -----------------------------------------------------------------
+
+
+def optimizer_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """optimizer_args as typed keyword arguments (`betas=0.9,0.99` -> (0.9, 0.99))."""
+    return parse_kv_args(cfg.optimizer_args)
+
+
+def lr_scheduler_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """lr_scheduler_args as typed keyword arguments."""
+    return parse_kv_args(cfg.lr_scheduler_args)
+
+
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    """lr_warmup_steps in steps: a value below 1 is a fraction of the total (kohya's int_or_float)."""
+    w = cfg.lr_warmup_steps
+    return int(w * total_steps) if isinstance(w, float) and w < 1 else int(w)

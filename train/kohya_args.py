@@ -1,0 +1,189 @@
+"""kohya sd-scripts argument tables and string helpers used by `sdprep.train.config`.
+
+kohya's training scripts take a flat TOML (`--config_file`) or argparse flags. sdprep accepts both
+unchanged. This module lists the kohya (and bmaltais GUI) keys that sdprep reads under another
+name, accepts without using (with the reason printed), or knows but does not implement (an error
+unless the value is the harmless default), plus the parsing of kohya's `k=v` argument lists.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from typing import Any
+
+from sdprep.errors import ConfigError
+
+# Another name for a TrainConfig field (kohya renames, GUI names, historical typos).
+ALIASES: dict[str, str] = {
+    "epoch": "max_train_epochs",  # bmaltais GUI name
+    "caption_extention": "caption_extension",  # kohya keeps this misspelling for compatibility
+}
+
+# Keys kohya (or its GUI) accepts that change nothing in sdprep's result: accepted with a note.
+ACCEPTED_IGNORED: dict[str, str] = {
+    "xformers": "sdprep always uses PyTorch scaled-dot-product attention (SDPA)",
+    "sdpa": "sdprep always uses PyTorch scaled-dot-product attention (SDPA)",
+    "mem_eff_attn": "sdprep always uses PyTorch scaled-dot-product attention (SDPA)",
+    "diffusers_xformers": "sdprep always uses PyTorch scaled-dot-product attention (SDPA)",
+    "lowram": "model placement is automatic",
+    "lowvram": "model placement is automatic (bmaltais GUI key)",
+    "highvram": "model placement is automatic",
+    "dynamo_backend": "torch.compile is not used",
+    "torch_compile": "torch.compile is not used",
+    "persistent_data_loader_workers": "sdprep manages its data loader workers itself",
+    "max_resolution": "bmaltais GUI key; sdprep uses `resolution`",
+    "LoRA_type": "bmaltais GUI key; only Standard LoRA (networks.lora) is trained",
+    "sample_batch_size": "samples are generated one prompt at a time",
+    "vae_batch_size": "latents are cached in batches sdprep chooses",
+    "cache_info": "sdprep caches image sizes itself",
+    "use_safetensors": "sdprep always writes safetensors",
+    "tokenizer_cache_dir": "tokenizers are loaded from the model folder or checkpoint",
+    "disable_mmap_load_safetensors": "safetensors loading is handled by diffusers",
+    "ddp_timeout": "data-parallel settings come from accelerate",
+    "ddp_gradient_as_bucket_view": "data-parallel settings come from accelerate",
+    "ddp_static_graph": "data-parallel settings come from accelerate",
+    "huggingface_repo_id": "sdprep does not upload; upload the output yourself",
+    "huggingface_repo_type": "sdprep does not upload; upload the output yourself",
+    "huggingface_path_in_repo": "sdprep does not upload; upload the output yourself",
+    "huggingface_token": "sdprep does not upload; upload the output yourself",
+    "huggingface_repo_visibility": "sdprep does not upload; upload the output yourself",
+    "save_state_to_huggingface": "sdprep does not upload; upload the output yourself",
+    "async_upload": "sdprep does not upload; upload the output yourself",
+    "log_config": "the resolved config is always written next to the outputs",
+    "log_tracker_name": "sdprep logs to TensorBoard under logging_dir",
+    "log_tracker_config": "sdprep logs to TensorBoard under logging_dir",
+    "wandb_run_name": "sdprep logs to TensorBoard under logging_dir",
+    "wandb_api_key": "sdprep logs to TensorBoard under logging_dir",
+    "console_log_level": "sdprep's verbosity comes from -q / -v",
+    "console_log_file": "sdprep's verbosity comes from -q / -v",
+    "console_log_simple": "sdprep's verbosity comes from -q / -v",
+    "output_config": "use `sdprep train --print-config` style output instead",
+    "num_cpu_threads_per_process": "an accelerate launcher option",
+}
+
+# Keys kohya implements that sdprep does not: accepted only at the value that turns them off.
+# key -> (values that mean "off", hint)
+UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "v2": ((False,), "sdprep trains SDXL only"),
+    "fp8_base": ((False,), "fp8 base weights are not supported; use mixed_precision bf16"),
+    "fused_backward_pass": ((False,), "not supported; use gradient_checkpointing and bf16"),
+    "fused_optimizer_groups": ((None, 0), "not supported"),
+    "block_lr": ((None, "", []), "per-block learning rates are not supported"),
+    "zero_terminal_snr": ((False,), "not supported"),
+    "scale_v_pred_loss_like_noise_pred": ((False,), "not supported"),
+    "v_pred_like_loss": ((None, 0, 0.0), "not supported"),
+    "weighted_captions": ((False,), "prompt weighting in captions is not supported"),
+    "face_crop_aug_range": ((None, ""), "face-crop augmentation is not supported"),
+    "token_warmup_min": ((1,), "token warmup is not supported"),
+    "token_warmup_step": ((0, 0.0), "token warmup is not supported"),
+    "debug_dataset": ((False,), "use `sdprep report` to inspect a dataset"),
+    "dataset_class": ((None, ""), "custom dataset classes are not supported"),
+    "dim_from_weights": ((False,), "set network_dim to the rank of network_weights"),
+    "scale_weight_norms": ((None, 0, 0.0), "max-norm regularisation is not supported"),
+    "base_weights": ((None, "", []), "merging base LoRA weights is not supported"),
+    "base_weights_multiplier": ((None, []), "merging base LoRA weights is not supported"),
+    "network_train_text_encoder_only": ((False,), "not supported; train U-Net and text encoders"),
+    "save_n_epoch_ratio": ((None, 0), "use save_every_n_epochs"),
+    "save_last_n_epochs_state": ((None,), "use save_last_n_epochs"),
+    "save_last_n_steps_state": ((None,), "use save_last_n_steps"),
+    "resume_from_huggingface": ((False,), "resume from a local state folder"),
+    "lr_scheduler_type": ((None, ""), "custom scheduler classes are not supported; use lr_scheduler"),
+    "validation_split": ((None, 0, 0.0), "validation loss is not supported"),
+    "validation_seed": ((None,), "validation loss is not supported"),
+    "use_lion_optimizer": ((False,), 'use optimizer_type = "Lion" (needs lion-pytorch)'),
+}
+
+# kohya flags whose argparse type is nargs="*" (several values after one flag).
+LIST_FLAGS = {"optimizer_args", "network_args", "lr_scheduler_args"}
+
+# Sections a dataset TOML has: a clear error if they appear in a training config.
+DATASET_SECTIONS = {"datasets", "subsets"}
+
+_KV_SPLIT = re.compile(r"[,\s]+(?=[A-Za-z_][\w.]*\s*=)")
+
+
+def split_kv_args(value: Any, key: str) -> list[str]:
+    """kohya's `k=v` argument list from a list, or one string "a=1 b=2" / "a=1,b=2".
+
+    A comma only separates items when the next item has its own `=`, so `betas=0.9,0.99`
+    stays one item (kohya parses its value as the tuple (0.9, 0.99)).
+    """
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else list(value)
+    out: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigError(f'{key}: expected "name=value" strings, got {item!r}')
+        for part in _KV_SPLIT.split(item.strip()):
+            part = part.strip().strip(",").strip()
+            if not part:
+                continue
+            if "=" not in part:
+                raise ConfigError(
+                    f'{key}: "{part}" is not of the form name=value',
+                    f'write e.g. {key} = ["weight_decay=0.01", "betas=0.9,0.99"]',
+                )
+            name, val = part.split("=", 1)
+            out.append(f"{name.strip()}={val.strip()}")
+    return out
+
+
+def parse_kv_args(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`["weight_decay=0.01", "betas=0.9,0.99", "relative_step=False"]` -> typed kwargs.
+
+    Values are Python literals as in kohya (`ast.literal_eval`); a value that is not a literal
+    stays a string (kohya would crash on it).
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        name, _, raw = item.partition("=")
+        try:
+            out[name.strip()] = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            lowered = raw.strip().lower()
+            out[name.strip()] = {"true": True, "false": False, "none": None}.get(lowered, raw.strip())
+    return out
+
+
+def parse_resolution(value: Any, key: str = "resolution") -> tuple[int, int] | None:
+    """kohya's resolution: 1024, "1024", "1024,1536", "1024x1536" or [1024, 1536] -> (w, h)."""
+    if value is None:
+        return None
+    parts: list[Any]
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size, got {value!r}")
+    if isinstance(value, (int, float)):
+        parts = [value, value]
+    elif isinstance(value, str):
+        parts = [p for p in re.split(r"[,x\s]+", value.strip().lower()) if p]
+        if len(parts) == 1:
+            parts = parts * 2
+    elif isinstance(value, (list, tuple)):
+        parts = list(value)
+        if len(parts) == 1:
+            parts = parts * 2
+    else:
+        raise ConfigError(f'{key}: expected a size like 1024 or "1024,1536", got {value!r}')
+    if len(parts) != 2:
+        raise ConfigError(
+            f"{key}: expected one size or width,height, got {value!r}", 'write e.g. "1024,1536"'
+        )
+    try:
+        nums = [float(p) for p in parts]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected numbers, got {value!r}", 'write e.g. "1024,1536"') from None
+    if any(not n.is_integer() or n <= 0 for n in nums):
+        raise ConfigError(f"{key}: sizes must be positive whole numbers, got {value!r}")
+    return int(nums[0]), int(nums[1])
+
+
+def strip_launcher(argv: list[str]) -> list[str]:
+    """Drop `accelerate launch ... sdxl_train.py` (anything up to the first *.py) from a command."""
+    if not argv or argv[0].startswith("-"):
+        return list(argv)
+    for i, tok in enumerate(argv):
+        if tok.endswith(".py") and not tok.startswith("--"):
+            return argv[i + 1 :]
+    return list(argv)
