@@ -15,6 +15,7 @@ from sdprep import __version__
 from sdprep.errors import SdprepError
 
 COMMANDS: dict[str, tuple[str, str]] = {
+    "dedup": ("sdprep.prep.cli.dedup:command", "Move perceptual duplicates aside, keeping the best copy."),
     "convert": ("sdprep.prep.cli.convert:command", "Normalise image formats, EXIF rotation and alpha."),
     "rename": ("sdprep.prep.cli.rename:command", "Sequential image names; captions, sidecars, masks follow."),
     "bucket": ("sdprep.prep.cli.bucket:command", "Build a training-ready folder: repeat folders, dataset TOML, metadata, bucket preview."),

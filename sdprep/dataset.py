@@ -26,7 +26,9 @@ CAPTION_EXT = ".txt"
 SIDECAR_SUFFIX = ".json"
 SDPREP_KEY = "sdprep"
 MASK_DIR = "masks"
-IGNORED_DIRS = {".sdprep", MASK_DIR, "__pycache__", ".git"}
+DUPLICATES_DIR = "duplicates"  # where `sdprep dedup` moves the copies it does not keep
+REJECTED_DIR = "rejected"  # where `sdprep scrape` puts downloads that fail its checks
+IGNORED_DIRS = {".sdprep", MASK_DIR, DUPLICATES_DIR, REJECTED_DIR, "__pycache__", ".git"}
 
 
 def image_extensions() -> tuple[str, ...]:

@@ -1,0 +1,48 @@
+"""`sdprep dedup`: move perceptual duplicates aside, keeping the best copy (undoable)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from sdprep.clitools import finish, reporter
+
+
+@click.command("dedup")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--threshold",
+    default=6,
+    show_default=True,
+    type=click.IntRange(0, 32),
+    help="Largest pHash Hamming distance (of 64 bits) counted as a duplicate; 0 = near-identical only.",
+)
+@click.option("--dry-run", is_flag=True, help="List the groups and change nothing.")
+@click.option("-r", "--recursive", is_flag=True, help="Include subfolders (duplicates across folders too).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="Hashing threads.")
+@click.pass_context
+def command(
+    ctx: click.Context, directory: Path, threshold: int, dry_run: bool, recursive: bool, workers: int
+) -> None:
+    """Find duplicate and near-duplicate images in DIRECTORY by perceptual hash.
+
+    In each group the largest image is kept (then the sharpest); the others move to
+    DIRECTORY/duplicates/ with their captions, sidecars and masks. `sdprep undo` puts them back.
+
+    \b
+    Example:
+      sdprep dedup data/ --dry-run
+      sdprep dedup data/ --threshold 4
+    """
+    from sdprep.prep.dedup import DedupOptions, run_dedup
+
+    opts = DedupOptions(threshold=threshold, dry_run=dry_run, recursive=recursive, workers=workers)
+    result = run_dedup(directory, opts, report=reporter(ctx))
+    for keep, dups in result.details["groups"]:
+        click.echo(f"keep {keep.relative_to(directory)}")
+        for path, dist in dups:
+            click.echo(
+                f"  {'duplicate' if dry_run else 'moved'} {path.relative_to(directory)} (distance {dist})"
+            )
+    finish(result)
