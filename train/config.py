@@ -315,8 +315,9 @@ def parse_kohya_flags(argv: list[str] | tuple[str, ...]) -> dict[str, Any]:
         if target in LIST_FLAGS:
             out[name] = values
             continue
-        not_a_field = target in ACCEPTED_IGNORED or target in UNSUPPORTED or target == "use_8bit_adam"
-        is_bool = _HINTS.get(target) is bool or not_a_field
+        # A bare flag that is not a field (ignored, unsupported or unknown) reads as True; the key
+        # check later notes or rejects it with a suggestion.
+        is_bool = _HINTS.get(target) is bool or target not in FIELDS
         if len(values) > 1:
             raise ConfigError(f"--{name} takes one value, got {len(values)}: {' '.join(values)}")
         if not values:

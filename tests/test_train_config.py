@@ -1,0 +1,590 @@
+"""TrainConfig: kohya TOMLs and flags from the user seeds load as written; errors name the fix."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+from sdprep.errors import ConfigError
+from sdprep.train.config import (
+    FIELDS,
+    TrainConfig,
+    detect_method,
+    known_keys,
+    load_train_config,
+    optimizer_kwargs,
+    parse_kohya_flags,
+    warmup_steps,
+)
+from sdprep.train.kohya_args import ACCEPTED_IGNORED, parse_kv_args, split_kv_args
+
+MODEL = {"pretrained_model_name_or_path": "/models/tiny"}
+
+# Seed 000: textual inversion config, as written in the user's README.
+SEED_000_TI = """\
+bucket_no_upscale = true
+bucket_reso_steps = 64
+cache_latents = true
+caption_extension = ".txt"
+clip_skip = 1
+dynamo_backend = "no"
+enable_bucket = true
+epoch = 5
+gradient_accumulation_steps = 1
+gradient_checkpointing = true
+huber_c = 0.1
+huber_schedule = "snr"
+init_word = "woman"
+learning_rate = 1e-4
+logging_dir = "kohya_ss/dataset/logs"
+loss_type = "l2"
+lr_scheduler = "constant_with_warmup"
+lr_warmup_steps = 500
+max_bucket_reso = 1536
+max_data_loader_n_workers = 0
+max_timestep = 1000
+max_token_length = 75
+max_train_steps = 5200
+mem_eff_attn = true
+min_bucket_reso = 256
+mixed_precision = "bf16"
+multires_noise_discount = 0.3
+no_half_vae = true
+noise_offset_type = "Original"
+num_vectors_per_token = 1
+optimizer_type = "AdamW"
+output_dir = "/home/user/kohya_ss/dataset/outputs"
+output_name = "yourtoken_final.safetensors"
+pretrained_model_name_or_path = "stabilityai/stable-diffusion-xl-base-1.0"
+prior_loss_weight = 0
+resolution = "1024,1536"
+sample_prompts = "/home/user/kohya_ss/dataset/logs/prompt.txt"
+sample_dir = "/home/user/kohya_ss/dataset/outputs/samples"
+sample_sampler = "k_dpm_2"
+sample_every_n_steps = 1000
+sample_batch_size = 1
+save_every_n_epochs = 1
+save_model_as = "safetensors"
+save_precision = "bf16"
+sdpa = true
+token_string = "yourtoken"
+train_batch_size = 1
+train_data_dir = "kohya_ss/dataset/images"
+"""
+
+# Seed 000: the "resume" variant (with the non-kohya key resume_from).
+SEED_000_TI_RESUME = """\
+bucket_no_upscale = true
+bucket_reso_steps = 64
+cache_latents = true
+caption_extension = ".txt"
+clip_skip = 1
+dynamo_backend = "no"
+enable_bucket = true
+epoch = 2
+gradient_accumulation_steps = 1
+gradient_checkpointing = true
+huber_c = 0.1
+huber_schedule = "snr"
+learning_rate = 1e-5
+logging_dir = "kohya_ss/dataset/logs"
+loss_type = "l2"
+lr_scheduler = "constant_with_warmup"
+lr_warmup_steps = 500
+max_bucket_reso = 1536
+max_data_loader_n_workers = 0
+max_timestep = 1000
+max_token_length = 75
+max_train_steps = 3200
+mem_eff_attn = true
+min_bucket_reso = 256
+mixed_precision = "bf16"
+multires_noise_discount = 0.3
+no_half_vae = true
+noise_offset_type = "Original"
+num_vectors_per_token = 1
+optimizer_type = "AdamW"
+output_dir = "/home/user/kohya_ss/dataset/outputs"
+output_name = "yourtoken_final_refined"
+resume_from = "/home/user/kohya_ss/dataset/outputs/yourtoken_final-000002.safetensors"
+pretrained_model_name_or_path = "stabilityai/stable-diffusion-xl-base-1.0"
+prior_loss_weight = 0
+resolution = "1024,1536"
+sample_prompts = "/home/user/kohya_ss/dataset/logs/prompt.txt"
+sample_dir = "kohya_ss/dataset/outputs/samples"
+sample_sampler = "k_dpm_2"
+sample_every_n_steps = 500
+sample_batch_size = 1
+save_every_n_steps = 500
+save_model_as = "safetensors"
+save_precision = "bf16"
+sdpa = true
+token_string = "yourtoken"
+train_batch_size = 1
+train_data_dir = "kohya_ss/dataset/images"
+"""
+
+# Seed 003: LoRA config.toml (bmaltais GUI keys included), comments kept.
+SEED_003_LORA = """\
+pretrained_model_name_or_path = "data/waiNSFW_v14.safetensors"
+train_data_dir = "data/images"
+# reg_data_dir = "/home/lumi/code/kohya_ss/data/reg"
+output_dir = "data/output"
+logging_dir = "data/logs"
+output_name = "nazuna"
+
+# in comfyui set: lora_strength = 0.80
+LoRA_type = "Standard"
+
+# [Option 1] better results, manual learning rate
+optimizer_type = "AdamW" # or AdamW8bit
+lr_scheduler = "constant" # or cosine
+# optimizer_args = ["betas=0.9,0.99", "weight_decay=0.01"]
+learning_rate = 3e-5 # [3e-6; 8e-5]
+
+max_train_steps = 4000
+# max_train_epochs = 50
+network_alpha = 32 # try [1, 4, 16]
+network_dim = 32
+max_token_length = 225
+
+mixed_precision = "fp16"
+save_precision = "fp16"
+
+resolution = "1024,1024"
+max_resolution = "1024,1024"
+caption_extension = ".txt"
+
+save_every_n_epochs = 1
+train_batch_size = 2
+gradient_accumulation_steps = 1
+
+cache_latents = true
+cache_latents_to_disk = true
+cache_text_encoder_outputs = true
+cache_text_encoder_outputs_to_disk = true
+
+lowvram = true
+gradient_checkpointing = true
+network_train_unet_only = true
+
+xformers = true
+flip_aug = true
+
+enable_bucket = true
+min_bucket_reso = 704
+max_bucket_reso = 2048
+bucket_reso_steps = 64
+
+network_module = "networks.lora"
+"""
+
+# Seed 001: the two kohya command lines (full fine-tune and LoRA), as pasted by the user.
+SEED_001_FINETUNE = (
+    "accelerate launch  --mixed_precision bf16 --num_cpu_threads_per_process 4 sdxl_train.py "
+    "--pretrained_model_name_or_path=/mnt/g/ComfyUI/models/checkpoints/sd_xl_base_1.0.safetensors "
+    "--output_dir=/mnt/g/zhuoyueai/model --logging_dir=/mnt/g/zhuoyueai/log --dataset_config=zhuoyueaiXL.toml "
+    "--learning_rate=5e-6 --min_bucket_reso=256 --max_bucket_reso=4096 --save_model_as=safetensors "
+    "--output_name=zhuoyueaiXL --lr_scheduler=constant_with_warmup --lr_warmup_steps=0 --train_batch_size=4 "
+    "--gradient_checkpointing --max_train_steps=10000000 --save_every_n_epochs=1 --save_state "
+    "--mixed_precision=bf16 --save_precision=bf16 --no_half_vae --cache_text_encoder_outputs_to_disk "
+    "--cache_latents_to_disk --optimizer_type=Adafactor "
+    '--optimizer_args="scale_parameter=False","relative_step=False","warmup_init=False" '
+    "--max_data_loader_n_workers=0 --xformers --bucket_reso_steps=32 --min_snr_gamma=5 --noise_offset=0.0357 "
+    "--adaptive_noise_scale=0.00357 --max_token_length=225 --bucket_no_upscale --sample_sampler=euler_a "
+    "--sample_prompts=/mnt/g/loraimages/zhuoyueai/model/sample/prompt.txt --sample_every_n_steps=5000 --full_bf16"
+)
+SEED_001_LORA = (
+    "accelerate launch  --mixed_precision bf16 --num_cpu_threads_per_process 4 sdxl_train_network.py "
+    "--pretrained_model_name_or_path=/mnt/g/ComfyUI/models/checkpoints/sd_xl_base_1.0.safetensors "
+    "--output_dir=/mnt/g/loraimages/zhuoyueai/model --logging_dir=/mnt/g/loraimages/zhuoyueai/log "
+    "--dataset_config=yuzhaiaiXL_lora.toml --learning_rate=1e-6 --min_bucket_reso=256 --max_bucket_reso=4096 "
+    "--save_model_as=safetensors --output_name=yuzhaiaiXL_lora_upscale --lr_scheduler=constant_with_warmup "
+    "--lr_warmup_steps=0 --train_batch_size=3 --max_train_steps=10000000 --save_every_n_epochs=1 "
+    "--gradient_checkpointing --cache_latents_to_disk --mixed_precision=bf16 --save_precision=bf16 --no_half_vae "
+    "--optimizer_type=Adafactor --bucket_no_upscale --sample_sampler=euler_a "
+    "--sample_prompts=/mnt/g/loraimages/zhuoyueai/model/sample/prompt.txt --sample_every_n_steps=400 "
+    "--masked_loss --network_module=networks.lora"
+)
+
+# Every key kohya-formats.md lists for the training TOML (reference/kohya-formats.md).
+DOCUMENTED_KEYS = """
+pretrained_model_name_or_path train_data_dir reg_data_dir dataset_config output_dir output_name logging_dir
+resolution enable_bucket min_bucket_reso max_bucket_reso bucket_reso_steps bucket_no_upscale caption_extension
+shuffle_caption keep_tokens max_token_length clip_skip flip_aug cache_latents cache_latents_to_disk
+cache_text_encoder_outputs cache_text_encoder_outputs_to_disk train_batch_size gradient_accumulation_steps
+gradient_checkpointing mixed_precision full_bf16 save_precision no_half_vae learning_rate unet_lr text_encoder_lr
+optimizer_type optimizer_args lr_scheduler lr_warmup_steps max_train_steps max_train_epochs epoch seed
+min_snr_gamma noise_offset noise_offset_type multires_noise_iterations multires_noise_discount loss_type huber_c
+huber_schedule min_timestep max_timestep prior_loss_weight masked_loss alpha_mask network_module network_dim
+network_alpha network_args network_train_unet_only network_weights token_string init_word num_vectors_per_token
+weights save_every_n_epochs save_every_n_steps save_state resume save_model_as sample_prompts sample_sampler
+sample_every_n_steps sample_every_n_epochs sample_at_first log_with sdpa xformers mem_eff_attn lowram
+dynamo_backend max_data_loader_n_workers
+""".split()  # noqa: SIM905
+
+
+def write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def load(tmp_path: Path, text: str, **set_values) -> tuple[TrainConfig, list[str]]:
+    return load_train_config(write(tmp_path, text), overrides={**MODEL, **set_values})
+
+
+# -- the seeds -------------------------------------------------------------------------------
+
+
+def test_seed_000_textual_inversion_config_loads(tmp_path):
+    cfg, notes = load(tmp_path, SEED_000_TI)
+    assert detect_method(cfg) == "ti"
+    assert cfg.pretrained_model_name_or_path == "/models/tiny"
+    assert cfg.resolution == (1024, 1536)
+    assert cfg.max_train_epochs == 5  # "epoch" is the GUI name of max_train_epochs
+    assert cfg.max_train_steps == 5200
+    assert cfg.token_string == "yourtoken" and cfg.init_word == "woman"
+    assert cfg.output_name == "yourtoken_final"
+    assert cfg.sample_sampler == "k_dpm_2" and cfg.noise_offset_type == "original"
+    assert cfg.prior_loss_weight == 0.0 and cfg.max_token_length == 75
+    assert cfg.train_data_dir == Path("kohya_ss/dataset/images")
+    assert (
+        '"mem_eff_attn" accepted but not used: sdprep always uses PyTorch scaled-dot-product attention (SDPA)'
+        in notes
+    )
+    assert any(n.startswith('"sdpa" accepted') for n in notes)
+    assert any(n.startswith('"dynamo_backend" accepted') for n in notes)
+    assert any(n.startswith('"sample_batch_size" accepted') for n in notes)
+    assert 'output_name "yourtoken_final.safetensors": the extension is dropped (sdprep adds it)' in notes
+
+
+def test_seed_000_resume_from_becomes_the_starting_embedding(tmp_path):
+    cfg, notes = load(tmp_path, SEED_000_TI_RESUME)
+    assert detect_method(cfg) == "ti"
+    assert cfg.weights == Path("/home/user/kohya_ss/dataset/outputs/yourtoken_final-000002.safetensors")
+    assert cfg.resume is None
+    assert any(
+        n.startswith("resume_from is not a kohya key (kohya ignores it): read as weights") for n in notes
+    )
+
+
+def test_resume_from_a_folder_is_resume(tmp_path):
+    cfg, notes = load(tmp_path, 'resume_from = "out/last-state"\n')
+    assert cfg.resume == "out/last-state"
+    assert notes == ['resume_from is not a kohya key (kohya ignores it): read as resume = "out/last-state"']
+
+
+def test_seed_003_lora_config_loads_through_its_train_script_flags(tmp_path):
+    path = write(tmp_path, SEED_003_LORA)
+    # train.sh: sdxl_train_network.py --config "$SCRIPT_DIR/config.toml" --save_state --network_weights "$latest_ckpt"
+    argv = shlex.split(f'python sd-scripts/sdxl_train_network.py --config "{path}" --save_state')
+    cfg, notes = load_train_config(None, flags=argv, overrides=MODEL)
+    assert detect_method(cfg) == "lora"
+    assert (cfg.network_dim, cfg.network_alpha, cfg.network_train_unet_only) == (32, 32.0, True)
+    assert cfg.save_state is True
+    assert cfg.resolution == (1024, 1024) and cfg.max_token_length == 225
+    assert cfg.cache_text_encoder_outputs and cfg.cache_latents_to_disk and cfg.flip_aug
+    assert cfg.mixed_precision == "fp16" and cfg.save_precision == "fp16"
+    for key in ("LoRA_type", "max_resolution", "lowvram", "xformers"):
+        assert any(n.startswith(f'"{key}" accepted but not used') for n in notes), key
+
+    cfg2, _ = load_train_config(
+        path, flags=["--network_weights", "data/output/nazuna.safetensors"], overrides=MODEL
+    )
+    assert cfg2.network_weights == Path("data/output/nazuna.safetensors")
+
+
+def test_seed_001_finetune_command_line_loads():
+    cfg, notes = load_train_config(None, flags=shlex.split(SEED_001_FINETUNE), overrides=MODEL)
+    assert detect_method(cfg) == "finetune"
+    assert cfg.optimizer_type == "Adafactor"
+    assert cfg.optimizer_args == ("scale_parameter=False", "relative_step=False", "warmup_init=False")
+    assert optimizer_kwargs(cfg) == {"scale_parameter": False, "relative_step": False, "warmup_init": False}
+    assert cfg.learning_rate == 5e-6 and cfg.train_batch_size == 4
+    assert cfg.gradient_checkpointing and cfg.no_half_vae and cfg.save_state and cfg.full_bf16
+    assert cfg.cache_text_encoder_outputs and cfg.cache_latents  # implied by the *_to_disk flags, as kohya
+    assert (cfg.noise_offset, cfg.adaptive_noise_scale, cfg.min_snr_gamma) == (0.0357, 0.00357, 5.0)
+    assert cfg.max_token_length == 225 and cfg.bucket_reso_steps == 32 and cfg.max_bucket_reso == 4096
+    assert cfg.dataset_config == Path("zhuoyueaiXL.toml")
+    assert notes == [
+        '"xformers" accepted but not used: sdprep always uses PyTorch scaled-dot-product attention (SDPA)'
+    ]
+
+
+def test_seed_001_lora_command_line_loads():
+    cfg, notes = load_train_config(None, flags=shlex.split(SEED_001_LORA), overrides=MODEL)
+    assert detect_method(cfg) == "lora"
+    assert cfg.masked_loss and cfg.network_module == "networks.lora" and cfg.train_batch_size == 3
+    assert cfg.learning_rate == 1e-6 and cfg.sample_every_n_steps == 400
+    assert notes == []
+
+
+def test_every_documented_kohya_key_is_implemented_or_accepted():
+    known = set(known_keys())
+    missing = [k for k in DOCUMENTED_KEYS if k not in known]
+    assert missing == []
+    for key in ("xformers", "sdpa", "mem_eff_attn", "lowram", "lowvram", "dynamo_backend", "LoRA_type"):
+        assert key in ACCEPTED_IGNORED and key not in FIELDS
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+def test_typo_in_file_fails_with_suggestion(tmp_path):
+    path = write(tmp_path, "learning_rat = 1e-4\n")
+    with pytest.raises(ConfigError) as exc:
+        load_train_config(path)
+    assert exc.value.message == f'unknown key "learning_rat" in {path}'
+    assert exc.value.hint == 'did you mean "learning_rate"?'
+
+
+def test_typo_in_flags_fails_with_suggestion():
+    with pytest.raises(ConfigError) as exc:
+        load_train_config(None, flags=["--gradient_checkpoint"])
+    assert exc.value.message == 'unknown key "gradient_checkpoint" in the command-line flags'
+    assert exc.value.hint == 'did you mean "gradient_checkpointing"?'
+
+
+def test_typo_in_set_fails_with_suggestion():
+    with pytest.raises(ConfigError) as exc:
+        load_train_config(None, overrides={"netwrok_dim": 8})
+    assert 'did you mean "network_dim"?' in str(exc.value)
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"train_batch_size: expected an integer, got 'four'"):
+        load(tmp_path, 'train_batch_size = "four"\n')
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("learning_rate = 0\n", "learning_rate must be > 0, got 0.0"),
+        ("bucket_reso_steps = 48\n", "bucket_reso_steps = 48: SDXL needs a multiple of 32"),
+        (
+            'resolution = "1020,1024"\n',
+            "resolution 1020,1024: both sides must be multiples of 8 and at least 64",
+        ),
+        ("max_token_length = 100\n", "max_token_length must be 75, 150 or 225, got 100"),
+        ('sample_sampler = "eulr_a"\n', 'unknown sample_sampler "eulr_a"'),
+        ('lr_scheduler = "cosine_restarts"\n', 'unknown lr_scheduler "cosine_restarts"'),
+        ('optimizer_type = "AdamW9bit"\n', 'unknown optimizer_type "AdamW9bit"'),
+        ("full_bf16 = true\n", 'full_bf16 needs mixed_precision = "bf16"'),
+        ("adaptive_noise_scale = 0.01\n", "adaptive_noise_scale needs noise_offset"),
+        ('network_module = "lycoris.kohya"\n', 'network_module "lycoris.kohya" is not supported'),
+        (
+            'network_module = "networks.lora"\nnetwork_args = ["rank_dropout=0.1"]\n',
+            'network_args "rank_dropout" is not supported',
+        ),
+        ("v2 = true\n", '"v2 = True" is not supported by sdprep'),
+        ('LoRA_type = "LyCORIS/LoCon"\n', 'LoRA_type = "LyCORIS/LoCon" is not supported'),
+        (
+            "max_bucket_reso = 1024\nresolution = 1536\n",
+            "max_bucket_reso 1024 is smaller than the resolution 1536,1536",
+        ),
+        (
+            "min_timestep = 500\nmax_timestep = 400\n",
+            "timesteps must satisfy 0 <= min_timestep < max_timestep <= 1000",
+        ),
+        ("cache_latents = true\nrandom_crop = true\n", "cached latents cannot use color_aug or random_crop"),
+        (
+            'token_string = "tok"\ncache_text_encoder_outputs = true\n',
+            "cache_text_encoder_outputs needs frozen text encoders",
+        ),
+        (
+            "cache_text_encoder_outputs = true\nshuffle_caption = true\n",
+            "cache_text_encoder_outputs needs fixed captions",
+        ),
+        (
+            'network_module = "networks.lora"\ntoken_string = "tok"\n',
+            "both network_module (LoRA) and token_string",
+        ),
+        ("[[datasets]]\nresolution = 1024\n", '"[[datasets]]" belongs in a dataset TOML'),
+        ("[a]\n[a.b]\nc = 1\n", '"a.b" is nested two tables deep'),
+    ],
+)
+def test_bad_values_fail_with_clear_messages(tmp_path, text, message):
+    with pytest.raises(ConfigError) as exc:
+        load(tmp_path, text)
+    assert message in exc.value.message
+
+
+def test_unknown_choice_lists_valid_values(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        load(tmp_path, 'sample_sampler = "eulr_a"\n')
+    assert exc.value.hint.startswith('did you mean "euler_a"? valid: ddim, dpm_2, dpm_2_a')
+
+
+def test_unsupported_key_at_its_off_value_is_accepted(tmp_path):
+    cfg, notes = load(tmp_path, "v2 = false\nfused_backward_pass = false\n")
+    assert notes == [
+        '"v2" accepted (off); sdprep does not implement it',
+        '"fused_backward_pass" accepted (off); sdprep does not implement it',
+    ]
+
+
+# -- forms users write -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("1024", (1024, 1024)),
+        ('"1024,1536"', (1024, 1536)),
+        ("[832, 1216]", (832, 1216)),
+        ('"896x1152"', (896, 1152)),
+    ],
+)
+def test_resolution_forms(tmp_path, value, expected):
+    cfg, _ = load(tmp_path, f"resolution = {value}\n")
+    assert cfg.resolution == expected
+
+
+def test_resolution_from_flag_and_set():
+    cfg, _ = load_train_config(None, flags=["--resolution", "768,1024"])
+    assert cfg.resolution == (768, 1024)
+    cfg, _ = load_train_config(None, overrides={"resolution": 1024})
+    assert cfg.resolution == (1024, 1024)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        '["scale_parameter=False", "relative_step=False", "warmup_init=False"]',
+        '"scale_parameter=False relative_step=False warmup_init=False"',
+        '"scale_parameter=False,relative_step=False,warmup_init=False"',
+        '"scale_parameter=False, relative_step=False, warmup_init=False"',
+    ],
+)
+def test_optimizer_args_as_list_or_one_string(tmp_path, value):
+    cfg, _ = load(tmp_path, f'optimizer_type = "Adafactor"\noptimizer_args = {value}\n')
+    assert cfg.optimizer_args == ("scale_parameter=False", "relative_step=False", "warmup_init=False")
+
+
+def test_optimizer_args_comma_inside_a_value_stays_together(tmp_path):
+    cfg, _ = load(tmp_path, 'optimizer_args = "betas=0.9,0.99 weight_decay=0.01"\n')
+    assert cfg.optimizer_args == ("betas=0.9,0.99", "weight_decay=0.01")
+    assert optimizer_kwargs(cfg) == {"betas": (0.9, 0.99), "weight_decay": 0.01}
+    cfg, _ = load(tmp_path, 'optimizer_args = ["betas=0.9,0.99", "weight_decay=0.01"]\n')
+    assert optimizer_kwargs(cfg) == {"betas": (0.9, 0.99), "weight_decay": 0.01}
+
+
+def test_optimizer_args_item_without_equals_fails(tmp_path):
+    with pytest.raises(ConfigError, match='optimizer_args: "relative_step" is not of the form name=value'):
+        load(tmp_path, 'optimizer_args = ["relative_step"]\n')
+
+
+def test_parse_kv_args_types():
+    assert parse_kv_args(["d_coef=1", "decouple=True", "eps=1e-8", "mode=fast", "x=None"]) == {
+        "d_coef": 1,
+        "decouple": True,
+        "eps": 1e-8,
+        "mode": "fast",
+        "x": None,
+    }
+    assert split_kv_args("a=1, b=(1,2) c=x", "k") == ["a=1", "b=(1,2)", "c=x"]
+
+
+def test_parse_kohya_flags_forms():
+    flags = parse_kohya_flags(
+        [
+            "--learning_rate=5e-6",
+            "--train_batch_size",
+            "4",
+            "--gradient_checkpointing",
+            "--optimizer_args",
+            "a=1",
+            "b=2",
+            "--no_half_vae",
+            "--xformers",
+            "--cache_latents=false",
+        ]
+    )
+    assert flags == {
+        "learning_rate": "5e-6",
+        "train_batch_size": "4",
+        "gradient_checkpointing": True,
+        "optimizer_args": ["a=1", "b=2"],
+        "no_half_vae": True,
+        "xformers": True,
+        "cache_latents": "false",
+    }
+
+
+def test_flag_errors():
+    with pytest.raises(ConfigError, match="--learning_rate needs a value"):
+        parse_kohya_flags(["--learning_rate", "--seed=1"])
+    with pytest.raises(ConfigError, match="--seed takes one value, got 3: 1 2 stray"):
+        parse_kohya_flags(["--seed=1", "2", "stray"])
+    with pytest.raises(ConfigError, match='unexpected argument "stray"'):
+        parse_kohya_flags(["stray", "--seed=1"])
+
+
+def test_layering_defaults_file_flags_set(tmp_path):
+    path = write(tmp_path, "learning_rate = 1e-4\ntrain_batch_size = 2\nseed = 1\n")
+    cfg, _ = load_train_config(path, flags=["--train_batch_size=4", "--seed=2"], overrides={"seed": 3})
+    assert (cfg.learning_rate, cfg.train_batch_size, cfg.seed) == (1e-4, 4, 3)
+    assert cfg.max_train_steps == 1600  # kohya default
+
+
+def test_one_level_of_tables_is_flattened(tmp_path):
+    cfg, _ = load(tmp_path, '[model]\nnetwork_module = "networks.lora"\n[training]\nlearning_rate = 1e-4\n')
+    assert detect_method(cfg) == "lora" and cfg.learning_rate == 1e-4
+
+
+def test_method_detection_and_override(tmp_path):
+    assert detect_method(TrainConfig()) == "finetune"
+    assert detect_method(TrainConfig(network_module="networks.lora")) == "lora"
+    assert detect_method(TrainConfig(token_string="tok")) == "ti"
+    assert detect_method(TrainConfig(network_module="networks.lora"), override="finetune") == "finetune"
+    cfg, _ = load(tmp_path, 'network_module = "networks.lora"\ntoken_string = "tok"\nmethod = "ti"\n')
+    assert detect_method(cfg) == "ti"
+    with pytest.raises(ConfigError, match='unknown method "lorra"'):
+        detect_method(TrainConfig(), override="lorra")
+
+
+def test_network_args_conv_dim_fill_the_fields(tmp_path):
+    cfg, _ = load(tmp_path, 'network_module = "networks.lora"\nnetwork_args = "conv_dim=4 conv_alpha=2"\n')
+    assert (cfg.conv_dim, cfg.conv_alpha) == (4, 2.0)
+
+
+def test_noise_offset_type_picks_one(tmp_path):
+    cfg, notes = load(
+        tmp_path, 'noise_offset_type = "Original"\nnoise_offset = 0.05\nmultires_noise_iterations = 6\n'
+    )
+    assert cfg.noise_offset == 0.05 and cfg.multires_noise_iterations is None
+    assert notes == ['noise_offset_type = "original": multires noise is off (as the kohya GUI)']
+
+
+def test_use_8bit_adam_and_epoch_aliases(tmp_path):
+    cfg, notes = load(tmp_path, 'use_8bit_adam = true\nepoch = 3\ncaption_extention = ".cap"\n')
+    assert cfg.optimizer_type == "AdamW8bit" and cfg.max_train_epochs == 3 and cfg.caption_extension == ".cap"
+    assert notes == ['use_8bit_adam: read as optimizer_type = "AdamW8bit"']
+
+
+def test_sampling_off_values_and_clip_skip_note(tmp_path):
+    cfg, notes = load(tmp_path, "sample_every_n_steps = 0\nclip_skip = 2\n")
+    assert cfg.sample_every_n_steps is None
+    assert notes[0] == "sample_every_n_steps = 0: sampling by steps is off (as kohya)"
+    assert notes[1].startswith("clip_skip = 2: kohya's SDXL scripts ignore clip_skip")
+
+
+def test_warmup_steps_fraction_or_count(tmp_path):
+    cfg, _ = load(tmp_path, "lr_warmup_steps = 0.1\n")
+    assert warmup_steps(cfg, 1000) == 100
+    cfg, _ = load(tmp_path, "lr_warmup_steps = 50\n")
+    assert warmup_steps(cfg, 1000) == 50
+
+
+def test_config_file_flag_appends_toml_like_kohya(tmp_path):
+    write(tmp_path, "learning_rate = 3e-4\n", "run.toml")
+    cfg, _ = load_train_config(None, flags=["--config_file", str(tmp_path / "run")])
+    assert cfg.learning_rate == 3e-4
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_train_config(tmp_path / "nope.toml")
