@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("sdprep.prep.cli.convert:command", "Normalise image formats, EXIF rotation and alpha."),
     "rename": ("sdprep.prep.cli.rename:command", "Sequential image names; captions, sidecars, masks follow."),
     "bucket": ("sdprep.prep.cli.bucket:command", "Build a training-ready folder: repeat folders, dataset TOML, metadata, bucket preview."),
+    "tag": ("sdprep.prep.cli.tag:command", "WD14 tags (and optional VLM captions) into captions; scores kept for re-tuning."),
     "report": ("sdprep.prep.cli.report:command", "Write a self-contained HTML (or JSON) report of a dataset."),
     "run": ("sdprep.commands:run_command", "Run the chain of stages (and training) described by a project file."),
     "init": ("sdprep.commands:init_command", "Write a commented starting project file."),

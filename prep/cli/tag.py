@@ -1,0 +1,194 @@
+"""`sdprep tag`: WD14 tags (and optional VLM captions) for every image; captions from stored scores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from sdprep.clitools import finish, reporter
+
+DEVICES = ("auto", "cpu", "cuda", "rocm", "directml", "coreml")  # taggers.wd14.DEVICES, kept import-free
+
+
+def _tag_list(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Repeatable, comma-separated tag options -> one tuple."""
+    return tuple(t.strip() for value in values for t in value.split(",") if t.strip())
+
+
+@click.command("tag")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-r", "--recursive", is_flag=True, help="Tag images in subfolders too.")
+@click.option(
+    "--model",
+    "--model-dir",
+    "model",
+    default="SmilingWolf/wd-swinv2-tagger-v3",
+    show_default=True,
+    metavar="REPO_OR_DIR",
+    help="WD14 model: a SmilingWolf hub id (v2 or v3) or a folder with model.onnx + selected_tags.csv.",
+)
+@click.option(
+    "--general-threshold",
+    default=0.35,
+    show_default=True,
+    type=float,
+    help="General tags at or above this score (>1 disables them).",
+)
+@click.option(
+    "--character-threshold",
+    default=0.85,
+    show_default=True,
+    type=float,
+    help="Character tags at or above this score (>1 disables them).",
+)
+@click.option(
+    "--mcut", is_flag=True, help="Automatic per-image thresholds (MCut, as imgutils) instead of fixed ones."
+)
+@click.option(
+    "--remove-underscore/--keep-underscore",
+    default=True,
+    show_default=True,
+    help="long_hair -> long hair (tags over 3 characters, so ^_^ stays).",
+)
+@click.option(
+    "--rating",
+    type=click.Choice(["first", "last", "none"]),
+    default="none",
+    show_default=True,
+    help="Add the most likely rating tag.",
+)
+@click.option("--character-first", is_flag=True, help="Character tags before general tags.")
+@click.option("--escape-parentheses", is_flag=True, help="Write name \\(series\\) for A1111-style prompts.")
+@click.option(
+    "--undesired",
+    multiple=True,
+    metavar="TAGS",
+    help="Comma-separated tags never to write (globs and re: allowed).",
+)
+@click.option(
+    "--always-first",
+    multiple=True,
+    metavar="TAGS",
+    help="Comma-separated tags moved to the front when present.",
+)
+@click.option("--separator", default=", ", show_default=True, help="Between tags.")
+@click.option(
+    "--merge",
+    type=click.Choice(["replace", "append", "keep"]),
+    default="replace",
+    show_default=True,
+    help="With an existing caption: replace it, append new tags (deduped), or keep it.",
+)
+@click.option(
+    "--batch-size", default=4, show_default=True, type=click.IntRange(min=1), help="Images per model call."
+)
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1), help="Decoding threads.")
+@click.option(
+    "--device",
+    type=click.Choice(DEVICES),
+    default="auto",
+    show_default=True,
+    help="onnxruntime provider for WD14.",
+)
+@click.option(
+    "--score-floor",
+    default=0.05,
+    show_default=True,
+    type=float,
+    help="Keep raw scores at or above this in the sidecar.",
+)
+@click.option(
+    "--shard",
+    default=None,
+    metavar="K/N",
+    help="Only the K-th of N disjoint parts (split work across machines).",
+)
+@click.option("--force", is_flag=True, help="Run the models again even on images already tagged.")
+@click.option(
+    "--captioner",
+    default=None,
+    metavar="hf:REPO|openai:URL",
+    help="Also write a natural-language caption with a VLM.",
+)
+@click.option(
+    "--prompt",
+    default=None,
+    metavar="TEMPLATE",
+    help="VLM prompt; {tags} (the WD14 tags) and {trigger} are filled in.",
+)
+@click.option(
+    "--caption-template",
+    default=None,
+    metavar="TEMPLATE",
+    help="Caption file from {trigger}, {tags}, {caption}; default {tags}, or '{trigger}, {tags}. {caption}' with --captioner.",
+)
+@click.option("--trigger", default="", help="Value of {trigger} in templates.")
+@click.option(
+    "--boilerplate",
+    multiple=True,
+    metavar="PHRASE",
+    help="Extra phrase to strip from the start of VLM captions (repeatable; re: for a regex).",
+)
+@click.option("--max-new-tokens", default=None, type=click.IntRange(min=1), help="VLM answer length limit.")
+@click.option(
+    "--caption-option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Other captioner option, e.g. concurrency=8, load_in_4bit=true.",
+)
+@click.pass_context
+def command(ctx: click.Context, directory: Path, **kw) -> None:
+    """Tag the images of DIRECTORY with a WD14 model and write `<stem>.txt` captions.
+
+    The raw scores of every tag above --score-floor are kept in each image's sidecar, so running
+    again with other thresholds or rules rewrites the captions without running the model, and a
+    run with the same options does nothing. With --captioner a VLM also writes a sentence caption,
+    combined with the tags by --caption-template. `sdprep undo DIRECTORY` restores the old captions.
+
+    \b
+    Example:
+      sdprep tag data/
+      sdprep tag data/ --general-threshold 0.5 --rating first --undesired "simple background"
+      sdprep tag data/ -r --model SmilingWolf/wd-eva02-large-tagger-v3 --batch-size 16 --shard 1/2
+      sdprep tag data/ --captioner openai:http://127.0.0.1:11434/v1#llava --trigger mytoken
+    """
+    from sdprep.config import parse_overrides
+    from sdprep.prep.tag import TagOptions, parse_shard, run_tag
+    from sdprep.taggers.captions_text import DEFAULT_BOILERPLATE
+    from sdprep.taggers.rules import CaptionRules
+
+    rules = CaptionRules(
+        general_threshold=kw["general_threshold"],
+        character_threshold=kw["character_threshold"],
+        mcut=kw["mcut"],
+        rating=kw["rating"],
+        character_first=kw["character_first"],
+        remove_underscore=kw["remove_underscore"],
+        escape_parentheses=kw["escape_parentheses"],
+        undesired=_tag_list(kw["undesired"]),
+        always_first=_tag_list(kw["always_first"]),
+        separator=kw["separator"],
+    )
+    captioner_options = parse_overrides(list(kw["caption_option"]))
+    if kw["max_new_tokens"] is not None:
+        captioner_options["max_new_tokens"] = kw["max_new_tokens"]
+    opts = TagOptions(
+        model=kw["model"],
+        rules=rules,
+        merge=kw["merge"],
+        recursive=kw["recursive"],
+        shard=parse_shard(kw["shard"]) if kw["shard"] else None,
+        batch_size=kw["batch_size"],
+        workers=kw["workers"],
+        force=kw["force"],
+        floor=kw["score_floor"],
+        device=kw["device"],
+        captioner=kw["captioner"],
+        captioner_options=captioner_options,
+        prompt=kw["prompt"],
+        caption_template=kw["caption_template"],
+        trigger=kw["trigger"],
+        boilerplate=(*DEFAULT_BOILERPLATE, *kw["boilerplate"]) if kw["boilerplate"] else None,
+    )
+    finish(run_tag(directory, opts, report=reporter(ctx)))

@@ -1,0 +1,394 @@
+"""`sdprep tag`: WD14 scores (and optional VLM captions) into sidecars, captions derived from them.
+
+Per image the stage keeps, under the sidecar's "sdprep" key:
+- "wd14": the raw scores of every tag above a floor, with the model id (taggers/wd14.py);
+- "caption": a VLM's raw answer with the captioner and prompt that made it (taggers/captions_text.py);
+- "tag": the settings that produced the caption file, the text written and the caption it replaced.
+
+The caption file is a pure function of those records and the options (taggers/rules.py), so a
+second run with other thresholds rewrites captions without running any model, and a run with the
+same options does nothing. Decoding and preprocessing run in worker threads (`map_items`) ahead of
+inference, a bounded window at a time; results are written per batch, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from sdprep.dataset import Item, discover, dump_sidecar, read_caption, read_sidecar, sdprep_meta
+from sdprep.errors import ConfigError, SdprepError, unknown_choice
+from sdprep.fileops import Journal, Operation
+from sdprep.progress import NullReporter, Reporter
+from sdprep.stage import StageResult, map_items
+from sdprep.taggers.rules import MERGE_POLICIES, CaptionRules, caption_from_scores, merge_caption
+from sdprep.taggers.wd14 import DEFAULT_FLOOR, DEFAULT_MODEL, DEFAULT_SIZE, matches_record, model_id_for
+
+TAGS_ONLY_TEMPLATE = "{tags}"
+
+
+@dataclass(frozen=True)
+class TagOptions:
+    """Options of `run_tag`. `caption_template` None means `{tags}`, or the VLM default with a captioner."""
+
+    model: str = DEFAULT_MODEL
+    rules: CaptionRules = field(default_factory=CaptionRules)
+    merge: str = "replace"
+    recursive: bool = False
+    shard: tuple[int, int] | None = None  # (K, N), 1-based
+    batch_size: int = 4
+    workers: int = 2
+    force: bool = False
+    floor: float = DEFAULT_FLOOR
+    device: str = "auto"
+    captioner: str | None = None
+    captioner_options: dict[str, Any] = field(default_factory=dict)
+    prompt: str | None = None
+    caption_template: str | None = None
+    trigger: str = ""
+    boilerplate: tuple[str, ...] | None = None  # None = captions_text.DEFAULT_BOILERPLATE
+
+    def __post_init__(self) -> None:
+        if self.merge not in MERGE_POLICIES:
+            raise unknown_choice("merge policy", self.merge, MERGE_POLICIES)
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+        if not 0 < self.floor < 1:
+            raise ConfigError(f"score floor must be between 0 and 1, got {self.floor}")
+        for name in ("general_threshold", "character_threshold"):
+            value = getattr(self.rules, name)
+            if value < self.floor and not self.rules.mcut:
+                raise ConfigError(
+                    f"{name.replace('_', '-')} {value} is below the stored score floor {self.floor}",
+                    "scores under the floor are not kept; lower --score-floor (and use --force) too",
+                )
+        if self.shard is not None:
+            k, n = self.shard
+            if not 1 <= k <= n:
+                raise ConfigError(f"shard {k}/{n} is out of range", "write --shard K/N with 1 <= K <= N")
+
+    @property
+    def template(self) -> str:
+        if self.caption_template is not None:
+            return self.caption_template
+        if self.captioner:
+            from sdprep.taggers.captions_text import DEFAULT_CAPTION_TEMPLATE
+
+            return DEFAULT_CAPTION_TEMPLATE
+        return TAGS_ONLY_TEMPLATE
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`K/N` -> (K, N), 1-based."""
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ConfigError(
+            f'shard "{text}" is not K/N', "for example --shard 1/4 (the first of 4 parts)"
+        ) from None
+    if not 1 <= k <= n:
+        raise ConfigError(f"shard {text} is out of range", "write --shard K/N with 1 <= K <= N")
+    return k, n
+
+
+def in_shard(item: Item, root: Path, shard: tuple[int, int] | None) -> bool:
+    """Stable assignment by the image's path relative to the dataset (same on every machine)."""
+    if shard is None:
+        return True
+    k, n = shard
+    rel = item.path.relative_to(root).as_posix()
+    return zlib.crc32(rel.encode("utf-8")) % n == k - 1
+
+
+@dataclass
+class Prepared:
+    """One image, read by a worker thread: its sidecar, caption, and pixels when a model must run."""
+
+    item: Item
+    sidecar: dict
+    caption: str | None = None
+    pixels: np.ndarray | None = None  # WD14 input (uint8 HWC, BGR)
+    image: Image.Image | None = None  # for the captioner
+    need_wd14: bool = False
+    need_vlm: bool = False
+    skip: bool = False
+
+
+class _Tagging:
+    """The state of one `run_tag` call: options, lazily built models, the journal operation."""
+
+    def __init__(self, root: Path, opts: TagOptions, report: Reporter, tagger: Any, captioner: Any):
+        self.root, self.opts, self.report = root, opts, report
+        self.rules = opts.rules
+        self.model_id = tagger.model_id if tagger is not None else model_id_for(opts.model)
+        self.tagger = tagger
+        self.captioner = captioner
+        self.template = opts.template
+        self._check_templates()
+        if self.captioner is None and opts.captioner:
+            from sdprep.taggers.registry import load_captioner
+
+            self.captioner = load_captioner(opts.captioner, **opts.captioner_options)
+        self.settings = self._settings()
+        self.result = StageResult("tag")
+        self.counts = {"inferred": 0, "captioned": 0, "captions_written": 0}
+        self.op: Operation | None = None
+
+    # -- options -----------------------------------------------------------------------------
+    def _check_templates(self) -> None:
+        from sdprep.taggers.captions_text import DEFAULT_PROMPT, check_caption_template, check_prompt
+
+        check_caption_template(self.template)
+        self.prompt = self.opts.prompt or DEFAULT_PROMPT
+        check_prompt(self.prompt)
+        if self.opts.prompt and not self.opts.captioner and self.captioner is None:
+            raise ConfigError("--prompt needs --captioner", "add --captioner hf:REPO or openai:URL")
+
+    def _settings(self) -> dict[str, Any]:
+        """Everything that shapes the caption file; a change re-derives captions from stored records."""
+        from sdprep.taggers.captions_text import DEFAULT_BOILERPLATE
+
+        self.boilerplate = self.opts.boilerplate if self.opts.boilerplate is not None else DEFAULT_BOILERPLATE
+        settings: dict[str, Any] = {
+            "model": self.model_id,
+            "rules": self.rules.to_dict(),
+            "merge": self.opts.merge,
+            "template": self.template,
+        }
+        if "{trigger}" in self.template:
+            settings["trigger"] = self.opts.trigger
+        if "{caption}" in self.template:
+            settings["boilerplate"] = list(self.boilerplate)
+        if self.captioner is not None:
+            settings["captioner"] = self.captioner.name
+            settings["prompt"] = self.prompt
+        return settings
+
+    # -- worker side (threads) ---------------------------------------------------------------
+    def prepare(self, item: Item) -> Prepared:
+        """Read what an image needs; decode and preprocess it only when a model must run."""
+        from sdprep.taggers.captions_text import caption_matches
+
+        sidecar = read_sidecar(item)
+        meta = sidecar.get("sdprep") if isinstance(sidecar.get("sdprep"), dict) else {}
+        force = self.opts.force
+        p = Prepared(item, sidecar)
+        p.need_wd14 = force or not matches_record(meta.get("wd14"), self.model_id, self.opts.floor)
+        if self.captioner is not None:
+            settings = getattr(self.captioner, "settings", None)
+            done = caption_matches(meta.get("caption"), self.captioner.name, self.prompt, settings)
+            p.need_vlm = force or not done
+        previous = meta.get("tag")
+        if (
+            not (p.need_wd14 or p.need_vlm)
+            and isinstance(previous, dict)
+            and previous.get("settings") == self.settings
+            and item.caption_path.exists()
+        ):
+            p.skip = True
+            return p
+        p.caption = read_caption(item)
+        if p.need_wd14 or p.need_vlm:
+            from sdprep.images import load_image
+            from sdprep.taggers.wd14 import preprocess
+
+            image = load_image(item.path, "RGB", background=(255, 255, 255))
+            if p.need_wd14:
+                size = self.tagger.size if self.tagger is not None and self.tagger.session else DEFAULT_SIZE
+                p.pixels = preprocess(image, size)
+            if p.need_vlm:
+                p.image = image
+        return p
+
+    # -- main thread -------------------------------------------------------------------------
+    def run(self, items: list[Item]) -> StageResult:
+        opts = self.opts
+        workers = max(opts.workers, -(-2 * opts.batch_size // 4))  # map_items keeps 4 per worker ahead
+        self.report.start(len(items), "tag")
+        batch: list[Prepared] = []
+        try:
+            with Journal(self.root).begin("tag") as op:
+                self.op = op
+                for item, got in map_items(self.prepare, items, workers):
+                    if isinstance(got, SdprepError):
+                        self._fail(item, got)
+                    elif got.skip:
+                        self.result.skipped += 1
+                        self.report.advance()
+                    elif got.need_wd14 or got.need_vlm:
+                        batch.append(got)
+                        if len(batch) >= opts.batch_size:
+                            self._run_batch(batch)
+                            batch = []
+                    else:
+                        self._finish(got)
+                if batch:
+                    self._run_batch(batch)
+        finally:
+            self.report.finish()
+        self._summarise()
+        return self.result
+
+    def _fail(self, item: Item, exc: SdprepError) -> None:
+        reason = getattr(exc, "reason", None) or exc.message
+        where = getattr(exc, "path", item.path)
+        if where != item.path:
+            reason = f"{Path(where).name}: {reason}"
+        self.result.fail(item.path, reason)
+        self.report.advance()
+
+    def _load_tagger(self) -> None:
+        if self.tagger is None:
+            from sdprep.taggers.wd14 import WD14Tagger
+
+            self.tagger = WD14Tagger(self.opts.model, device=self.opts.device, floor=self.opts.floor)
+        if self.tagger.session is None:
+            self.tagger.load()
+            line = f"wd14: {self.tagger.model_id} on {self.tagger.provider}"
+            self.result.notes.append(line)
+            self.report.note(line)
+            for warning in self.tagger.warnings:
+                self.result.notes.append(warning)
+                self.report.note(warning)
+
+    def _run_batch(self, batch: list[Prepared]) -> None:
+        records: dict[int, dict] = {}
+        todo = [p for p in batch if p.need_wd14]
+        if todo:
+            from sdprep.taggers.wd14 import preprocess, to_batch
+
+            self._load_tagger()
+            size = self.tagger.size
+            pixels = [
+                p.pixels if p.pixels.shape[0] == size else _resize_for(p, size, preprocess) for p in todo
+            ]
+            probs = self.tagger.infer(to_batch(pixels))
+            for p, row in zip(todo, probs):
+                records[id(p)] = self.tagger.record(row)
+                p.pixels = None
+            self.counts["inferred"] += len(todo)
+        texts = self._caption_batch([p for p in batch if p.need_vlm], records)
+        for p in batch:
+            outcome = texts.get(id(p))
+            if isinstance(outcome, SdprepError):
+                if id(p) in records:  # keep the scores: the next run only needs the captioner
+                    sdprep_meta(p.sidecar)["wd14"] = records[id(p)]
+                    self._write(p.item.sidecar_path, dump_sidecar(p.sidecar))
+                self._fail(p.item, outcome)
+                continue
+            self._finish(p, records.get(id(p)), outcome)
+
+    def _caption_batch(self, todo: list[Prepared], records: dict[int, dict]) -> dict[int, Any]:
+        """VLM answers (or errors) by Prepared id; a failed batch is retried image by image."""
+        if not todo:
+            return {}
+        from sdprep.taggers.captions_text import render_prompt
+
+        plain = dataclasses.replace(self.rules, escape_parentheses=False)
+        prompts = []
+        for p in todo:
+            record = records.get(id(p)) or sdprep_meta(p.sidecar).get("wd14")
+            tags = caption_from_scores(record, plain) if record else ""
+            prompts.append(render_prompt(self.prompt, tags=tags, trigger=self.opts.trigger))
+        out: dict[int, Any] = {}
+        try:
+            texts = self.captioner.caption([p.image for p in todo], prompts)
+            out = {id(p): t for p, t in zip(todo, texts)}
+        except SdprepError as exc:
+            if len(todo) == 1:
+                return {id(todo[0]): exc}
+            for p, prompt in zip(todo, prompts):
+                try:
+                    out[id(p)] = self.captioner.caption([p.image], [prompt])[0]
+                except SdprepError as one:
+                    out[id(p)] = one
+        for p in todo:
+            p.image = None
+        self.counts["captioned"] += sum(isinstance(v, str) for v in out.values())
+        return out
+
+    def _finish(self, p: Prepared, record: dict | None = None, vlm_text: str | None = None) -> None:
+        """Store new records, derive the caption file, write what changed (caption first)."""
+        from sdprep.taggers.captions_text import caption_record, clean_caption, combine_caption
+
+        before = dump_sidecar(p.sidecar) if p.item.sidecar_path.exists() else None
+        meta = sdprep_meta(p.sidecar)
+        if record is not None:
+            meta["wd14"] = record
+        if vlm_text is not None:
+            settings = getattr(self.captioner, "settings", None)
+            meta["caption"] = caption_record(vlm_text, self.captioner.name, self.prompt, settings)
+        tags = caption_from_scores(meta["wd14"], self.rules)
+        vlm = meta.get("caption", {}).get("text", "") if "{caption}" in self.template else ""
+        text = combine_caption(
+            self.template, trigger=self.opts.trigger, tags=tags, caption=clean_caption(vlm, self.boilerplate)
+        )
+        previous = meta.get("tag") if isinstance(meta.get("tag"), dict) else {}
+        base = previous.get("base") if previous.get("written") == p.caption else p.caption
+        new = merge_caption(base, text, self.opts.merge, self.rules.separator)
+        meta["tag"] = {"settings": self.settings, "written": new}
+        if base is not None:
+            meta["tag"]["base"] = base
+        changed = False
+        if new != p.caption or not p.item.caption_path.exists():
+            self._write(p.item.caption_path, new.strip() + "\n")
+            self.counts["captions_written"] += 1
+            changed = True
+        after = dump_sidecar(p.sidecar)
+        if after != before:
+            self._write(p.item.sidecar_path, after)
+            changed = True
+        if changed:
+            self.result.changed += 1
+        else:
+            self.result.skipped += 1
+        self.report.advance()
+
+    def _write(self, path: Path, text: str) -> None:
+        assert self.op is not None
+        self.op.write_text(path, text)
+
+    def _summarise(self) -> None:
+        c = self.counts
+        self.result.details.update(c)
+        self.result.notes.append(
+            f"  {c['inferred']} images through WD14, {c['captioned']} through the captioner, "
+            f"{c['captions_written']} caption files written"
+        )
+
+
+def _resize_for(p: Prepared, size: int, preprocess: Any) -> np.ndarray:
+    """A model whose input is not 448: redo the preprocessing at its size (rare; the first batch only)."""
+    from sdprep.images import load_image
+
+    return preprocess(load_image(p.item.path, "RGB", background=(255, 255, 255)), size)
+
+
+def run_tag(
+    root: Path | str,
+    opts: TagOptions | None = None,
+    *,
+    report: Reporter | None = None,
+    tagger: Any = None,
+    captioner: Any = None,
+) -> StageResult:
+    """Tag (and optionally caption) every image under `root`; see the module docstring.
+
+    `tagger` / `captioner` inject ready objects (tests, embedding); by default they are built from
+    `opts.model` / `opts.captioner` on first need, so a run that needs no model never loads one.
+    """
+    root = Path(root).absolute()
+    opts = opts or TagOptions()
+    report = report or NullReporter()
+    items = [it for it in discover(root, opts.recursive) if in_shard(it, root, opts.shard)]
+    if not items:
+        result = StageResult("tag")
+        result.notes.append(f"no images found in {root}" + ("" if opts.recursive else " (try --recursive)"))
+        return result
+    return _Tagging(root, opts, report, tagger, captioner).run(items)
