@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rename": ("sdprep.prep.cli.rename:command", "Sequential image names; captions, sidecars, masks follow."),
     "bucket": ("sdprep.prep.cli.bucket:command", "Build a training-ready folder: repeat folders, dataset TOML, metadata, bucket preview."),
     "tag": ("sdprep.prep.cli.tag:command", "WD14 tags (and optional VLM captions) into captions; scores kept for re-tuning."),
+    "clean": ("sdprep.prep.cli.clean:command", "Rebuild captions from rules: trigger, remove, prune, sort, monochrome, tokens."),
+    "captions": ("sdprep.prep.cli.captions:command", "Batch-edit caption folders: replace, remove, prepend, append, dedupe, sort, stats, find."),
     "report": ("sdprep.prep.cli.report:command", "Write a self-contained HTML (or JSON) report of a dataset."),
     "run": ("sdprep.commands:run_command", "Run the chain of stages (and training) described by a project file."),
     "init": ("sdprep.commands:init_command", "Write a commented starting project file."),

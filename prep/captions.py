@@ -1,0 +1,471 @@
+"""Batch rewriting of caption folders of any origin (`sdprep captions ...`), and the caption writer.
+
+Which files are captions: every `<stem>.txt` beside an image, and `.txt` files without an image
+("orphans", e.g. captions whose images were moved) unless their name is one of the usual
+non-caption texts (README, LICENSE, notes, requirements, prompts...) or they hold more than one
+non-empty line (a caption is one line; kohya reads only the first). Skipped texts are counted in
+the summary. `--no-orphans` restricts to captions of images.
+
+Edits are tag-aware: the caption is split on commas, spacing normalised, and tags compared by
+`tag_key`; `remove "blue eyes"` removes that tag, not the words inside `light blue eyes`. A file is
+rewritten only when its tag list changes (a file that only lacks the space after commas is left
+as it is); rewritten files are `tag, tag, tag` plus a newline.
+
+Undo: every folder given on the command line is its own dataset root with its own journal, so a
+run over `a/ b/` is undone with `sdprep undo a/` and `sdprep undo b/` (the summary prints both).
+A folder given twice, or inside another one given with --recursive, is an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdprep import fileops
+from sdprep.dataset import (
+    CAPTION_EXT,
+    IGNORED_DIRS,
+    Item,
+    dump_sidecar,
+    format_caption,
+    is_image,
+    join_tags,
+    read_sidecar,
+    read_text_file,
+    split_tags,
+)
+from sdprep.errors import ConfigError, DatasetError, SdprepError
+from sdprep.progress import NullReporter, Reporter
+from sdprep.stage import StageResult
+from sdprep.tags import TagMatcher, dedupe, tag_key
+
+NOT_CAPTIONS = {
+    "readme",
+    "license",
+    "licence",
+    "copying",
+    "changelog",
+    "notes",
+    "todo",
+    "requirements",
+    "prompt",
+    "prompts",
+    "sample_prompts",
+    "robots",
+}
+
+DiffSink = Callable[[str], None]
+
+
+# -- diffs and journalled writes -----------------------------------------------------------------
+
+
+def caption_diff(rel: str, old: str | None, new: str | None) -> str:
+    """A unified diff of one text file (`old`/`new` None = absent), as `diff -u` / git print it."""
+
+    def lines(text: str | None) -> list[str]:
+        if not text:
+            return []
+        out = text.splitlines(keepends=True)
+        if not out[-1].endswith("\n"):
+            out[-1] += "\n\\ No newline at end of file\n"
+        return out
+
+    a = "/dev/null" if old is None else f"a/{rel}"
+    b = "/dev/null" if new is None else f"b/{rel}"
+    return "".join(difflib.unified_diff(lines(old), lines(new), a, b))
+
+
+class CaptionWriter:
+    """Writes captions and sidecars of one dataset root through its journal, or only diffs them.
+
+    The journal operation starts at the first real change, so a run that changes nothing leaves
+    no trace. Use as a context manager.
+    """
+
+    def __init__(self, root: Path, command: str, *, dry_run: bool = False, on_diff: DiffSink | None = None):
+        self.root = Path(root)
+        self.command = command
+        self.dry_run = dry_run
+        self.on_diff = on_diff
+        self.captions = 0
+        self.sidecars = 0
+        self._stack = contextlib.ExitStack()
+        self._op: fileops.Operation | None = None
+
+    def __enter__(self) -> CaptionWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.__exit__(*exc)
+
+    def _operation(self) -> fileops.Operation:
+        if self._op is None:
+            self._op = self._stack.enter_context(fileops.Journal(self.root).begin(self.command))
+        return self._op
+
+    def _rel(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return path.as_posix()
+
+    def write_caption(self, path: Path, old: str | None, tags: list[str]) -> bool:
+        """Write `tags` as the caption at `path` unless the file already says exactly that."""
+        new = format_caption(join_tags(tags)) if tags else ""
+        if old == new:
+            return False
+        self.captions += 1
+        if self.on_diff is not None:
+            self.on_diff(caption_diff(self._rel(path), old, new))
+        if not self.dry_run:
+            self._operation().write_text(path, new)
+        return True
+
+    def write_sidecar(self, path: Path, data: dict, old_text: str | None) -> bool:
+        new = dump_sidecar(data)
+        if old_text == new:
+            return False
+        self.sidecars += 1
+        if not self.dry_run:
+            self._operation().write_text(path, new)
+        return True
+
+
+def read_existing(path: Path) -> str | None:
+    """A text file's content (None when missing); non-UTF-8 is a CaptionError and the file stays."""
+    try:
+        return read_text_file(path)
+    except SdprepError:
+        if not path.exists():
+            return None
+        raise
+
+
+def read_sidecar_text(item: Item) -> tuple[dict, str | None]:
+    """(sidecar dict, its current text) so a writer can skip unchanged sidecars."""
+    data = read_sidecar(item)
+    return data, (read_text_file(item.sidecar_path) if item.sidecar_path.exists() else None)
+
+
+# -- which files are captions --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CaptionFile:
+    """A caption file (which may not exist yet) and its image (None for an orphan caption)."""
+
+    path: Path
+    image: Path | None
+
+    @property
+    def shown(self) -> Path:
+        return self.image or self.path
+
+
+def _folder_captions(folder: Path, orphans: bool) -> tuple[list[CaptionFile], list[Path], int]:
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        raise DatasetError(f"{folder}: cannot list folder ({exc.strerror})") from exc
+    images: dict[str, Path] = {}
+    texts: list[Path] = []
+    subdirs: list[Path] = []
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_dir(follow_symlinks=False):
+                if entry.name not in IGNORED_DIRS:
+                    subdirs.append(Path(entry.path))
+            elif entry.is_file():
+                path = Path(entry.path)
+                if is_image(path):
+                    images.setdefault(path.stem, path)
+                elif path.suffix.lower() == CAPTION_EXT:
+                    texts.append(path)
+    files = [CaptionFile(p.with_suffix(CAPTION_EXT), p) for p in images.values()]
+    skipped = 0
+    if orphans:
+        for text in texts:
+            if text.stem in images:
+                continue
+            if text.stem.casefold() in NOT_CAPTIONS:
+                skipped += 1
+            else:
+                files.append(CaptionFile(text, None))
+    files.sort(key=lambda f: f.path.name)
+    return files, subdirs, skipped
+
+
+def iter_caption_files(root: Path, recursive: bool, orphans: bool, skipped: Counter) -> Iterator[CaptionFile]:
+    """Stream the caption files under `root`, folder by folder (memory grows with one folder)."""
+    files, subdirs, n = _folder_captions(root, orphans)
+    skipped["not a caption (by name)"] += n
+    yield from files
+    if recursive:
+        for sub in subdirs:
+            yield from iter_caption_files(sub, True, orphans, skipped)
+
+
+def check_roots(roots: Iterable[Path], recursive: bool) -> list[Path]:
+    """The dataset folders of a multi-folder run: existing, distinct and (recursive) not nested."""
+    out: list[Path] = []
+    for root in roots:
+        root = Path(root)
+        if not root.is_dir():
+            raise DatasetError(f"{root}: no such folder", "check the path")
+        resolved = root.resolve()
+        for other in out:
+            o = other.resolve()
+            if o == resolved:
+                raise ConfigError(f"{root} is given twice")
+            if recursive and (o in resolved.parents or resolved in o.parents):
+                inner, outer = (root, other) if o in resolved.parents else (other, root)
+                raise ConfigError(f"{inner} is inside {outer} and --recursive is on", f"pass only {outer}")
+        out.append(root)
+    return out
+
+
+@dataclass(frozen=True)
+class CaptionsOptions:
+    recursive: bool = False
+    dry_run: bool = False
+    orphans: bool = True
+
+
+def _read_tags(cf: CaptionFile) -> tuple[str | None, list[str] | None]:
+    """(raw text, tags) of a caption; (None, None) when missing; CaptionError when undecodable.
+
+    A multi-line orphan text is not a caption: (text, None).
+    """
+    text = read_existing(cf.path)
+    if text is None:
+        return None, None
+    if cf.image is None and sum(1 for line in text.splitlines() if line.strip()) > 1:
+        return text, None
+    return text, split_tags(text)
+
+
+# -- edits ---------------------------------------------------------------------------------------
+
+Edit = Callable[[list[str], str, CaptionFile], list[str]]
+
+
+def make_edit(
+    action: str,
+    args: tuple[str, ...] = (),
+    *,
+    mode: str = "tag",
+    keep_first: int = 0,
+    by: str = "alphabetical",
+) -> Edit:
+    """The function an edit applies to one caption: (tags, raw text, file) -> new tags."""
+    if action == "replace":
+        old, new = args
+        if mode == "regex":
+            try:
+                pattern = re.compile(old)
+            except re.error as exc:
+                raise ConfigError(f'invalid regular expression "{old}": {exc}') from None
+            return lambda tags, text, cf: split_tags(pattern.sub(new, ", ".join(tags)))
+        if mode == "substring":
+            return lambda tags, text, cf: split_tags(", ".join(tags).replace(old, new))
+        key, new_tags = tag_key(old), split_tags(new)
+        return lambda tags, text, cf: dedupe(
+            [n for t in tags for n in (new_tags if tag_key(t) == key else [t])]
+        )
+    if action == "remove":
+        matcher = TagMatcher(args)
+        return lambda tags, text, cf: [t for t in tags if not matcher.matches(t)]
+    if action in ("prepend", "append"):
+        added = dedupe(t for a in args for t in split_tags(a))
+        keys = {tag_key(t) for t in added}
+
+        def place(tags: list[str], text: str, cf: CaptionFile) -> list[str]:
+            rest = [t for t in tags if tag_key(t) not in keys]
+            return [*added, *rest] if action == "prepend" else [*rest, *added]
+
+        return place
+    if action == "dedupe":
+        return lambda tags, text, cf: dedupe(tags)
+    if action == "sort":
+        return _sort_edit(keep_first, by)
+    raise ConfigError(f'unknown caption action "{action}"')
+
+
+def _sort_edit(keep_first: int, by: str) -> Edit:
+    from sdprep.prep.rules import TagInfo, sidecar_info, sort_tags
+
+    def sort(tags: list[str], text: str, cf: CaptionFile) -> list[str]:
+        info = TagInfo()
+        if by in ("score", "category") and cf.image is not None:
+            info = sidecar_info(read_sidecar(Item(cf.image)))
+        return tags[:keep_first] + sort_tags(tags[keep_first:], by, info)
+
+    return sort
+
+
+def run_edit(
+    roots: Iterable[Path],
+    edit: Edit,
+    opts: CaptionsOptions,
+    *,
+    command: str = "captions",
+    report: Reporter = NullReporter(),
+    on_diff: DiffSink | None = None,
+) -> StageResult:
+    """Apply `edit` to every caption file under each root; each root journalled on its own."""
+    result = StageResult("captions" + (" (dry run)" if opts.dry_run else ""))
+    skipped: Counter = Counter()
+    changed_roots: list[Path] = []
+    report.start(None, command)
+    for root in check_roots(roots, opts.recursive):
+        with CaptionWriter(root, command, dry_run=opts.dry_run, on_diff=on_diff) as writer:
+            for cf in iter_caption_files(root, opts.recursive, opts.orphans, skipped):
+                report.advance()
+                try:
+                    text, tags = _read_tags(cf)
+                    if tags is None:
+                        skipped["no caption file" if text is None else "not a caption (several lines)"] += 1
+                        continue
+                    new = edit(tags, text, cf)
+                except SdprepError as exc:
+                    result.fail(cf.path, getattr(exc, "reason", exc.message))
+                    continue
+                if new == tags or not writer.write_caption(cf.path, text, new):
+                    result.skipped += 1
+                else:
+                    result.changed += 1
+        if writer.captions and not opts.dry_run:
+            changed_roots.append(root)
+    report.finish()
+    _skip_notes(result, skipped)
+    if changed_roots:
+        result.notes.append("undo: " + " && ".join(f"sdprep undo {r}" for r in changed_roots))
+    return result
+
+
+def _skip_notes(result: StageResult, skipped: Counter) -> None:
+    for reason, n in sorted(skipped.items()):
+        if n:
+            result.notes.append(f"  skipped {n}: {reason}")
+
+
+# -- stats and find ------------------------------------------------------------------------------
+
+
+@dataclass
+class CaptionStats:
+    """Counts over a caption folder: files, tags, images without captions, tag frequencies."""
+
+    captions: int = 0
+    images: int = 0
+    uncaptioned: int = 0
+    orphans: int = 0
+    empty: int = 0
+    tags: Counter = field(default_factory=Counter)
+    spelling: dict[str, str] = field(default_factory=dict)  # key -> first spelling seen
+    tag_total: int = 0
+
+    def lines(self, top: int) -> list[str]:
+        mean = self.tag_total / self.captions if self.captions else 0.0
+        lines = [
+            f"captions: {self.captions} ({self.orphans} without an image, {self.empty} empty), "
+            f"{mean:.1f} tags each, {len(self.tags)} distinct tags",
+            f"images: {self.images}, {self.uncaptioned} without a caption",
+        ]
+        if self.tags and top:
+            lines.append(f"top {min(top, len(self.tags))} tags:")
+            for key, n in self.tags.most_common(top):
+                pct = 100 * n / self.captions
+                lines.append(f"  {n:7d}  {pct:5.1f}%  {self.spelling[key]}")
+        return lines
+
+
+def run_stats(
+    roots: Iterable[Path],
+    opts: CaptionsOptions,
+    *,
+    top: int = 30,
+    count_tokens: Callable[[str], int] | None = None,
+    report: Reporter = NullReporter(),
+) -> StageResult:
+    """Tag frequencies, images without captions, and (with a tokenizer) CLIP token lengths."""
+    from sdprep.prep.tokens import TokenAudit
+
+    result = StageResult("captions stats")
+    stats, audit, skipped = CaptionStats(), TokenAudit(), Counter()
+    report.start(None, "stats")
+    for root in check_roots(roots, opts.recursive):
+        for cf in iter_caption_files(root, opts.recursive, opts.orphans, skipped):
+            report.advance()
+            stats.images += cf.image is not None
+            try:
+                text, tags = _read_tags(cf)
+            except SdprepError as exc:
+                result.fail(cf.path, getattr(exc, "reason", exc.message))
+                continue
+            if text is None:
+                stats.uncaptioned += 1
+                continue
+            if tags is None:
+                skipped["not a caption (several lines)"] += 1
+                continue
+            stats.captions += 1
+            stats.orphans += cf.image is None
+            stats.empty += not tags
+            stats.tag_total += len(tags)
+            for tag in dedupe(tags):
+                key = tag_key(tag)
+                stats.tags[key] += 1
+                stats.spelling.setdefault(key, tag)
+            if count_tokens is not None:
+                audit.add(cf.path, count_tokens(", ".join(tags)))
+    report.finish()
+    result.skipped = stats.uncaptioned
+    result.notes += stats.lines(top)
+    if count_tokens is not None:
+        result.notes += audit.lines()
+        result.details["tokens"] = audit.as_dict()
+    _skip_notes(result, skipped)
+    result.details["stats"] = stats
+    return result
+
+
+def run_find(
+    roots: Iterable[Path],
+    patterns: Iterable[str],
+    opts: CaptionsOptions,
+    *,
+    on_match: Callable[[CaptionFile], None] | None = None,
+) -> StageResult:
+    """The images (or orphan captions) having a tag named by any pattern (exact, glob or `re:`)."""
+    matcher = TagMatcher(patterns)
+    if not matcher:
+        raise ConfigError("find needs a tag", 'e.g. sdprep captions find "blue eyes" data/')
+    result = StageResult("captions find")
+    searched, skipped = 0, Counter()
+    for root in check_roots(roots, opts.recursive):
+        for cf in iter_caption_files(root, opts.recursive, opts.orphans, skipped):
+            try:
+                _, tags = _read_tags(cf)
+            except SdprepError as exc:
+                result.fail(cf.path, getattr(exc, "reason", exc.message))
+                continue
+            if tags is None:
+                continue
+            searched += 1
+            if any(matcher.matches(t) for t in tags):
+                result.changed += 1
+                if on_match is not None:
+                    on_match(cf)
+    result.skipped = searched - result.changed
+    result.notes.append(f"found in {result.changed} of {searched} captions")
+    return result

@@ -1,0 +1,278 @@
+"""`sdprep clean`: rebuild captions from rules (trigger, remove, replace, prune, sort, monochrome, tokens).
+
+Where an image's tags come from (`source = "auto"`):
+1. its caption file, when there is one: the caption is the source of truth for WHICH tags the image
+   has (it may be hand-edited or come from another tool);
+2. otherwise its sidecar: stored WD14 scores (`sdprep tag`) above the general / character
+   thresholds, else booru tags (sdprep's scrape record or gallery-dl's Danbooru keys);
+3. otherwise nothing: the caption is the trigger (and label) alone, as the seed's tag.py wrote.
+Stored WD14 scores and booru categories are used whatever the source: for `sort = "score"` /
+`"category"` and to choose which tags `--max-tokens` trims first.
+
+The greyscale / monochrome label is measured once per image and kept in the sidecar
+(`sdprep.monochrome`), so a second run decodes no image. Every caption and sidecar change goes
+through the dataset's journal (`sdprep undo DIR` restores the previous captions byte for byte);
+`dry_run` prints a unified diff instead. A second run with the same rules changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdprep.dataset import Item, iter_items, sdprep_meta, split_tags
+from sdprep.errors import ConfigError, DatasetError, SdprepError
+from sdprep.prep import monochrome
+from sdprep.prep.captions import CaptionWriter, DiffSink, read_existing, read_sidecar_text
+from sdprep.prep.rules import (
+    CleanRules,
+    Placement,
+    RuleSet,
+    TagInfo,
+    body_tags,
+    clean_tags,
+    core_tags,
+    placement_for,
+    sidecar_info,
+    sidecar_tags,
+)
+from sdprep.progress import NullReporter, Reporter
+from sdprep.stage import StageResult, map_items
+from sdprep.tags import tag_key
+
+
+@dataclass(frozen=True)
+class CleanOptions:
+    """The rules plus how to run them."""
+
+    rules: CleanRules = field(default_factory=CleanRules)
+    recursive: bool = False
+    dry_run: bool = False
+    workers: int = 0  # 0 = up to 4 threads (image decoding for the monochrome test)
+
+
+@dataclass
+class Plan:
+    """What cleaning one image would write (computed in a worker, written by the main thread)."""
+
+    item: Item
+    old_caption: str | None
+    tags: list[str]
+    source: str
+    label: str | None = None
+    measured: str | None = None  # "reduced" / "full" when the image was decoded this run
+    sidecar: dict | None = None
+    sidecar_text: str | None = None
+    trimmed: list[str] = field(default_factory=list)
+    tokens: int | None = None
+
+
+def _folder(root: Path, item: Item) -> str:
+    return item.path.parent.name if item.path.parent != root else root.resolve().name
+
+
+def _image_tags(item: Item, caption: str | None, sidecar: dict, rules: CleanRules) -> tuple[list[str], str]:
+    """(tags, where they came from) following the documented precedence."""
+    if caption is not None and rules.source in ("auto", "caption"):
+        return split_tags(caption), "caption"
+    if rules.source != "caption":
+        found = sidecar_tags(sidecar, rules, rules.source)
+        if found is not None:
+            return found
+        if rules.source in ("wd14", "booru"):
+            what = "WD14 scores" if rules.source == "wd14" else "booru tags"
+            raise DatasetError(
+                f"{item.sidecar_path}: no {what}", "run `sdprep tag` first, or use --source auto"
+            )
+    return [], "none"
+
+
+def _concept(rs: RuleSet, root: Path, item: Item, place: Placement) -> str:
+    if rs.rules.prune_scope == "folder":
+        rel = item.path.parent.relative_to(root).as_posix()
+        return rel if rel != "." else root.resolve().name
+    return ", ".join(place.trigger)
+
+
+def count_core(root: Path, rs: RuleSet, recursive: bool) -> tuple[dict[str, list], dict[str, int]]:
+    """First pass of core-tag pruning: per concept, the tags in at least `prune_core`% of images."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    images: Counter = Counter()
+    for item in iter_items(root, recursive):
+        try:
+            caption = read_existing(item.caption_path)
+            tags, _ = _image_tags(item, caption, _sidecar_or_empty(item, caption, rs.rules), rs.rules)
+        except SdprepError:
+            continue  # reported by the second pass
+        place = placement_for(rs, _folder(root, item), None)
+        concept = _concept(rs, root, item, place)
+        images[concept] += 1
+        counts[concept].update({tag_key(t) for t in body_tags(tags, rs, place)})
+    pruned = {
+        concept: core_tags(counts[concept], n, rs.rules.prune_core, rs.protected)
+        for concept, n in images.items()
+    }
+    return pruned, dict(images)
+
+
+def _sidecar_or_empty(item: Item, caption: str | None, rules: CleanRules) -> dict:
+    if caption is not None and rules.source in ("auto", "caption"):
+        return {}  # the caption decides the tags; the sidecar is not needed to count them
+    return read_sidecar_text(item)[0]
+
+
+def plan_item(
+    item: Item,
+    root: Path,
+    rs: RuleSet,
+    pruned: dict[str, frozenset[str]],
+    count_tokens: Callable[[str], int] | None,
+) -> Plan:
+    """Everything clean would do to one image (reads files, decodes the image if needed; writes nothing)."""
+    rules = rs.rules
+    caption = read_existing(item.caption_path)
+    sidecar, sidecar_text = read_sidecar_text(item)
+    tags, source = _image_tags(item, caption, sidecar, rules)
+    plan = Plan(item, caption, [], source)
+    if rules.monochrome.enabled:
+        meta = sdprep_meta(sidecar)
+        previous = meta.get("monochrome")
+        plan.label, record = monochrome.detect(item.path, previous, rules.monochrome)
+        if record != previous:
+            plan.measured = record["measured"]
+            meta["monochrome"] = record
+            plan.sidecar, plan.sidecar_text = sidecar, sidecar_text
+    place = placement_for(rs, _folder(root, item), plan.label)
+    info = sidecar_info(sidecar) if sidecar else TagInfo()
+    drop = pruned.get(_concept(rs, root, item, place), frozenset())
+    cleaned = clean_tags(tags, rs, place, info, pruned=drop, count_tokens=count_tokens)
+    plan.tags, plan.trimmed, plan.tokens = cleaned.tags, cleaned.trimmed, cleaned.tokens
+    return plan
+
+
+def _workers(n: int) -> int:
+    return n if n > 0 else min(4, os.cpu_count() or 1)
+
+
+def run_clean(
+    root: Path | str,
+    opts: CleanOptions,
+    *,
+    report: Reporter = NullReporter(),
+    on_diff: DiffSink | None = None,
+) -> StageResult:
+    """Rebuild the captions of every image under `root` from the rules; returns what changed."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such folder", "check the path")
+    rules = opts.rules
+    if rules.prune_core is not None and not (rules.trigger or rules.trigger_from_folder):
+        raise ConfigError(
+            "--prune-core needs a trigger token to absorb the pruned tags",
+            "add --trigger TOKEN (or trigger_from_folder = true in the rules file)",
+        )
+    rs = RuleSet(rules)
+    count_tokens = None
+    if rules.wants_tokenizer:
+        from sdprep.prep.tokens import load_tokenizer
+
+        count_tokens = load_tokenizer(rules.tokenizer)
+    result = StageResult("clean" + (" (dry run)" if opts.dry_run else ""))
+    pruned: dict[str, frozenset[str]] = {}
+    if rules.prune_core is not None:
+        report.start(None, "counting tags")
+        found, images = count_core(root, rs, opts.recursive)
+        report.finish()
+        pruned = {c: frozenset(k for k, _ in tags) for c, tags in found.items()}
+        _prune_notes(result, found, images, rules.prune_core)
+    total = sum(1 for _ in iter_items(root, opts.recursive))
+    report.start(total, "clean")
+    stats = _Tally()
+    with CaptionWriter(root, "clean", dry_run=opts.dry_run, on_diff=on_diff) as writer:
+        plans = map_items(
+            lambda it: plan_item(it, root, rs, pruned, count_tokens),
+            iter_items(root, opts.recursive),
+            _workers(opts.workers),
+        )
+        for item, plan in plans:
+            report.advance()
+            if isinstance(plan, SdprepError):
+                result.fail(item.path, getattr(plan, "reason", plan.message))
+                continue
+            changed = writer.write_caption(item.caption_path, plan.old_caption, plan.tags)
+            if plan.sidecar is not None:
+                writer.write_sidecar(item.sidecar_path, plan.sidecar, plan.sidecar_text)
+            result.changed += changed
+            result.skipped += not changed
+            stats.add(plan)
+    report.finish()
+    stats.notes(result, writer)
+    if writer.captions + writer.sidecars and not opts.dry_run:
+        result.notes.append(f"undo: sdprep undo {root}")
+    return result
+
+
+def _prune_notes(result: StageResult, found: dict[str, list], images: dict[str, int], pct: float) -> None:
+    result.details["pruned"] = {c: [(k, round(f, 4)) for k, f in tags] for c, tags in found.items()}
+    for concept, tags in sorted(found.items()):
+        listing = ", ".join(f"{k} ({f * 100:.0f}%)" for k, f in tags) or "none"
+        result.notes.append(
+            f'core tags pruned for "{concept}" ({images[concept]} images, >= {pct:g}%): {listing}'
+        )
+
+
+@dataclass
+class _Tally:
+    """Counters for the summary lines."""
+
+    sources: Counter = field(default_factory=Counter)
+    labels: Counter = field(default_factory=Counter)
+    measured: Counter = field(default_factory=Counter)
+    trimmed: int = 0
+    audit: object = None
+
+    def add(self, plan: Plan) -> None:
+        self.sources[plan.source] += 1
+        self.labels[plan.label or monochrome.COLOUR] += 1
+        if plan.measured:
+            self.measured[plan.measured] += 1
+        self.trimmed += bool(plan.trimmed)
+        if plan.tokens is not None:
+            if self.audit is None:
+                from sdprep.prep.tokens import TokenAudit
+
+                self.audit = TokenAudit()
+            self.audit.add(plan.item.caption_path, plan.tokens)
+
+    def notes(self, result: StageResult, writer: CaptionWriter) -> None:
+        if self.sources:
+            names = {
+                "caption": "caption files",
+                "wd14": "WD14 scores",
+                "booru": "booru tags",
+                "none": "no tags",
+            }
+            result.notes.append(
+                "tags from: " + ", ".join(f"{n} {names[s]}" for s, n in sorted(self.sources.items()))
+            )
+        if sum(self.labels.values()) and (
+            self.labels["greyscale"] + self.labels["monochrome"] or self.measured
+        ):
+            order = ("greyscale", "monochrome", monochrome.COLOUR)
+            line = "monochrome: " + ", ".join(f"{self.labels[k]} {k}" for k in order)
+            if self.measured:
+                line += (
+                    f" ({sum(self.measured.values())} measured, {self.measured['full']} at full resolution)"
+                )
+            result.notes.append(line)
+        if self.audit is not None:
+            result.notes += self.audit.lines()
+            result.details["tokens"] = self.audit.as_dict()
+        if self.trimmed:
+            result.notes.append(f"trimmed tags to fit max_tokens in {self.trimmed} captions")
+        if writer.sidecars:
+            verb = "would update" if writer.dry_run else "updated"
+            result.notes.append(f"{verb} {writer.sidecars} sidecars")
