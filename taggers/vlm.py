@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,14 @@ def quantization_config(dtype: Any, device: str) -> Any:
     )
 
 
+def _dtype_keyword() -> str:
+    """`from_pretrained` takes `dtype` since transformers 4.56 and `torch_dtype` before."""
+    import transformers
+
+    major, minor = (int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
 class HFCaptioner:
     """Natural-language captions from a transformers image-text-to-text model."""
 
@@ -139,6 +148,7 @@ class HFCaptioner:
         self.processor: Any = None
         self.device = "cpu"
         self.dtype: Any = None
+        self._chat_form = ""  # which message form the chat template accepts (see build_text)
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -164,7 +174,7 @@ class HFCaptioner:
         kwargs: dict[str, Any] = {"trust_remote_code": o.trust_remote_code, "revision": o.revision}
         if not self.local and hub_offline():
             kwargs["local_files_only"] = True
-        model_kwargs: dict[str, Any] = {"dtype": self.dtype}
+        model_kwargs: dict[str, Any] = {_dtype_keyword(): self.dtype}
         if o.load_in_4bit:
             model_kwargs["quantization_config"] = quantization_config(self.dtype, self.device)
             model_kwargs["device_map"] = {"": self.device}
@@ -215,24 +225,83 @@ class HFCaptioner:
         )
 
     def build_text(self, prompt: str) -> str:
-        """The model input text for one image: the chat template when there is one, else the raw prompt."""
+        """The model input text for one image: the chat template when there is one, else the raw prompt.
+
+        Templates differ: most take content parts (`{"type": "image"}` + text), some (JoyCaption,
+        older LLaVA ports) take a plain string and insert the image token themselves or not at all.
+        The first form that renders cleanly with an image marker is used from then on.
+        """
         processor = self.processor
+        image_token = getattr(processor, "image_token", None)
         has_template = getattr(processor, "chat_template", None) or getattr(
             getattr(processor, "tokenizer", None), "chat_template", None
         )
-        if has_template:
-            messages: list[dict[str, Any]] = []
-            if self.options.system_prompt:
-                messages.append(
-                    {"role": "system", "content": [{"type": "text", "text": self.options.system_prompt}]}
+        if not has_template:
+            # Florence-2 prompts are task tokens ("<MORE_DETAILED_CAPTION>"); its processor adds the image
+            if (
+                image_token
+                and image_token not in prompt
+                and not type(processor).__name__.startswith("Florence")
+            ):
+                return f"{image_token}\n{prompt}"
+            return prompt
+        if self._chat_form:
+            text = self._render_chat(prompt, self._chat_form, image_token)
+            if text is not None:
+                return text
+        fallback = None
+        for form in ("parts", "string", "string+token"):
+            text = self._render_chat(prompt, form, image_token)
+            if text is None:
+                continue
+            if self._marks_image(text, prompt):
+                self._chat_form = form
+                return text
+            fallback = fallback or (form, text)
+        if fallback:  # no known image marker seen (e.g. Gemma's <start_of_image>): trust the parts form
+            self._chat_form = fallback[0]
+            return fallback[1]
+        raise ModelError(
+            f"{self.name}: the chat template does not accept an image with a text prompt",
+            "the model may need trust_remote_code=True or a newer transformers",
+        )
+
+    def _marks_image(self, text: str, prompt: str) -> bool:
+        """True when the rendered text holds one more image marker than the user's prompt."""
+        markers = {getattr(self.processor, n, None) for n in ("image_token", "boi_token")} - {None, ""}
+        return any(text.count(m) > prompt.count(m) for m in markers)
+
+    def _render_chat(self, prompt: str, form: str, image_token: str | None) -> str | None:
+        system = self.options.system_prompt
+        if form == "parts":
+            user: Any = [{"type": "image"}, {"type": "text", "text": prompt}]
+            sys_content: Any = [{"type": "text", "text": system}]
+        else:
+            user = f"{image_token}\n{prompt}" if form == "string+token" and image_token else prompt
+            sys_content = system
+        messages = ([{"role": "system", "content": sys_content}] if system else []) + [
+            {"role": "user", "content": user}
+        ]
+        try:
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # jinja errors of templates written for the other content form
+            log.debug("%s: chat template form %s failed: %s", self.name, form, exc)
+            return None
+        if not isinstance(text, str) or "'type':" in text:  # a list of parts printed as a string
+            return None
+        return text
+
+    def _process(self, images: list[Image.Image], texts: list[str]) -> Any:
+        """Processor inputs; some processors (Idefics, Mllama) want one list of images per prompt."""
+        try:
+            return self.processor(images=images, text=texts, return_tensors="pt", padding=True)
+        except (ValueError, TypeError) as exc:
+            try:
+                return self.processor(
+                    images=[[im] for im in images], text=texts, return_tensors="pt", padding=True
                 )
-            content = [{"type": "image"}, {"type": "text", "text": prompt}]
-            messages.append({"role": "user", "content": content})
-            return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        image_token = getattr(processor, "image_token", None)
-        if image_token and image_token not in prompt:
-            return f"{image_token}\n{prompt}"
-        return prompt
+            except (ValueError, TypeError):
+                raise ModelError(f"{self.name}: the processor rejected the batch ({exc})") from exc
 
     def caption(self, images: list[Image.Image], prompts: list[str]) -> list[str]:
         """One caption per image (batched generation); only the newly generated tokens are decoded."""
@@ -244,10 +313,7 @@ class HFCaptioner:
         torch = self._torch
         texts = [self.build_text(p) for p in prompts]
         rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
-        inputs = self.processor(images=rgb, text=texts, return_tensors="pt", padding=True)
-        inputs = (
-            inputs.to(self.device, dtype=self.dtype) if self.dtype is not None else inputs.to(self.device)
-        )
+        inputs = self._process(rgb, texts).to(self.device, dtype=self.dtype)
         o = self.options
         generate: dict[str, Any] = {"max_new_tokens": o.max_new_tokens, "do_sample": o.temperature > 0}
         if o.temperature > 0:

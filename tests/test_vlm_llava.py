@@ -187,6 +187,33 @@ def test_without_chat_template_the_image_token_is_prefixed(tiny_llava):
     assert len(out) == 1 and len(out[0].split()) <= 3
 
 
+# JoyCaption-style (Llama 3): string content, the template inserts the image token itself
+STRING_TEMPLATE_WITH_IMAGE = (
+    "{% for m in messages %}{{ m['role'] | upper }}: {% if m['role'] == 'user' %}<image> {% endif %}"
+    "{{ m['content'] | trim }} {% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+# older ports: string content, the caller must put the image token in the text
+STRING_TEMPLATE_PLAIN = (
+    "{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        (STRING_TEMPLATE_WITH_IMAGE, "SYSTEM: a cat USER: <image> describe the image ASSISTANT:"),
+        (STRING_TEMPLATE_PLAIN, "SYSTEM: a cat USER: <image>\ndescribe the image ASSISTANT:"),
+    ],
+)
+def test_string_content_chat_templates(tiny_llava, template, expected):
+    cap = load_captioner("hf:" + str(tiny_llava), max_new_tokens=3, system_prompt="a cat")
+    cap.load()
+    cap.processor.chat_template = template
+    assert cap.build_text("describe the image") == expected
+    assert len(cap.caption(images(), PROMPTS)) == 2
+
+
 def test_sampling_runs_and_bad_sizes_are_errors(tiny_llava):
     cap = load_captioner("hf:" + str(tiny_llava), max_new_tokens=4, temperature=0.8, top_p=0.9)
     torch.manual_seed(1)
@@ -269,3 +296,9 @@ def test_creating_captioners_imports_no_torch():
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
+
+
+def test_bfloat16_on_cpu(tiny_llava):
+    cap = load_captioner("hf:" + str(tiny_llava), max_new_tokens=3, dtype="bfloat16", device="cpu")
+    out = cap.caption(images(), PROMPTS)
+    assert cap.model.dtype == torch.bfloat16 and len(out) == 2
