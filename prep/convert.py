@@ -130,14 +130,21 @@ def encode(plan: Plan, opts: ConvertOptions) -> bytes:
             im = im.convert("LA")
     else:
         im = load_image(plan.src, "L" if plan.grey else "RGB", background=background)
+    return save_bytes(im, plan.pil_format, opts.quality, plan.icc)
+
+
+def save_bytes(im: Image.Image, pil_format: str, quality: int = 95, icc: bytes | None = None) -> bytes:
+    """Encode for training data: JPEG 4:4:4 at quality >= 90, WebP lossless at 100, PNG level 6."""
     buf = io.BytesIO()
-    extra = {"icc_profile": plan.icc} if plan.icc else {}
-    if plan.pil_format == "JPEG":
-        im.save(buf, "JPEG", quality=opts.quality, subsampling=0 if opts.quality >= 90 else 2, **extra)
-    elif plan.pil_format == "WEBP":
-        im.save(buf, "WEBP", quality=opts.quality, lossless=opts.quality == 100, method=4, **extra)
-    else:
+    extra = {"icc_profile": icc} if icc else {}
+    if pil_format == "JPEG":
+        im.save(buf, "JPEG", quality=quality, subsampling=0 if quality >= 90 else 2, **extra)
+    elif pil_format == "WEBP":
+        im.save(buf, "WEBP", quality=quality, lossless=quality == 100, method=4, **extra)
+    elif pil_format == "PNG":
         im.save(buf, "PNG", compress_level=6, **extra)
+    else:
+        im.save(buf, pil_format, **extra)
     return buf.getvalue()
 
 

@@ -1,0 +1,205 @@
+"""Bring small images up to a training size (SDXL: 1024x1024 of area), never down.
+
+Lanczos by default; `--model FILE` runs an AI upscaler from a local weights file (see
+upscale_models: spandrel when it imports, else sdprep's ESRGAN / Real-ESRGAN loader), tiled, on the
+GPU when there is one, then Lanczos to the exact target size. Masks are resized with the image
+(nearest for hard masks, bilinear for soft ones) and the new size is recorded in the sidecar. Each
+image is rewritten in its own format through the journal (`sdprep undo` restores the originals).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from sdprep.dataset import Item, dump_sidecar, iter_items, read_sidecar, sdprep_meta
+from sdprep.errors import ConfigError, ImageError, ModelError
+from sdprep.fileops import Journal
+from sdprep.images import image_size, load_image
+from sdprep.prep.convert import GREY_MODES, save_bytes
+from sdprep.progress import NullReporter, Reporter
+from sdprep.stage import StageResult, map_items
+
+DEFAULT_MIN_AREA = 1024 * 1024
+WRITABLE = {"PNG", "JPEG", "WEBP", "BMP", "TIFF"}
+MODEL_PASS_MIN_FACTOR = 1.5  # below this remaining factor, finish with Lanczos instead of another pass
+
+
+@dataclass(frozen=True)
+class UpscaleOptions:
+    """min_area: pixels an image must have (default 1024x1024); min_side, when given, replaces it
+    with a shortest-side rule. model: a local upscaler weights file (None = Lanczos)."""
+
+    min_area: int = DEFAULT_MIN_AREA
+    min_side: int | None = None
+    model: Path | None = None
+    tile: int = 256
+    overlap: int = 16
+    device: str = "auto"
+    quality: int = 95
+    recursive: bool = False
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.min_area < 1 or (self.min_side is not None and self.min_side < 1):
+            raise ConfigError("--min-area and --min-side must be positive")
+        if self.tile < 0 or self.overlap < 0:
+            raise ConfigError("--tile and --tile-overlap cannot be negative")
+
+
+def parse_pixels(text: str) -> int:
+    """`1048576` or `1024x1024` as a pixel count."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[x*]\s*(\d+))?\s*", str(text))
+    if not m:
+        raise ConfigError(f"invalid pixel count {text!r}", "use a number (1048576) or WxH (1024x1024)")
+    return int(m[1]) * int(m[2] or 1)
+
+
+def target_size(width: int, height: int, opts: UpscaleOptions) -> tuple[int, int] | None:
+    """The size to upscale to (aspect ratio kept), or None when the image is already large enough."""
+    if opts.min_side is not None:
+        if min(width, height) >= opts.min_side:
+            return None
+        factor = opts.min_side / min(width, height)
+    else:
+        if width * height >= opts.min_area:
+            return None
+        factor = math.sqrt(opts.min_area / (width * height))
+    return math.ceil(width * factor - 1e-9), math.ceil(height * factor - 1e-9)
+
+
+def resize_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Hard (0/255) masks stay hard (nearest); soft masks are resized smoothly (bilinear)."""
+    colours = mask.getcolors(256) or []
+    hard = all(value in (0, 255) for _, value in colours)
+    return mask.resize(size, Image.NEAREST if hard else Image.BILINEAR)
+
+
+def upscale_image(im: Image.Image, size: tuple[int, int], upscaler=None) -> Image.Image:
+    """Resize `im` to `size`: Lanczos, or model passes then Lanczos to the exact size."""
+    if upscaler is None:
+        return im.resize(size, Image.LANCZOS)
+    alpha = im.getchannel("A") if im.mode == "RGBA" else None
+    rgb = np.asarray(im.convert("RGB"))
+    while True:
+        rgb = upscaler.upscale(rgb)
+        factor = min(size[0] / rgb.shape[1], size[1] / rgb.shape[0])
+        if upscaler.scale <= 1 or factor < MODEL_PASS_MIN_FACTOR:
+            break
+    out = Image.fromarray(rgb)
+    if out.size != size:
+        out = out.resize(size, Image.LANCZOS)
+    if im.mode == "L":
+        out = out.convert("L")
+    if alpha is not None:
+        out.putalpha(alpha.resize(size, Image.LANCZOS))
+    return out
+
+
+@dataclass
+class Prepared:
+    """Everything to write for one image, computed before anything is written."""
+
+    item: Item
+    image: bytes
+    mask: bytes | None
+    sidecar: str
+    note: str | None = None
+
+
+def _png(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def prepare(item: Item, opts: UpscaleOptions, upscaler: Callable[[], object | None], method: str):
+    """Upscale one image (and its mask) in memory; None when it is already large enough."""
+    w, h = image_size(item.path)
+    size = target_size(w, h, opts)
+    if size is None:
+        return None
+    sidecar = read_sidecar(item)  # a broken sidecar fails this file before anything is written
+    with Image.open(item.path) as probe:
+        fmt, mode, icc = probe.format, probe.mode, probe.info.get("icc_profile")
+        transparent = mode in ("RGBA", "LA", "PA") or "transparency" in probe.info
+    if fmt not in WRITABLE:
+        raise ImageError(item.path, f"sdprep does not write {fmt} files", "run `sdprep convert` first")
+    load_mode = "RGBA" if transparent and fmt != "JPEG" else ("L" if mode in GREY_MODES else "RGB")
+    out = upscale_image(load_image(item.path, load_mode), size, upscaler())
+    data = save_bytes(out, fmt, opts.quality, icc)
+    mask_data, note = None, None
+    if item.mask_path().exists():
+        mask = load_image(item.mask_path(), "L")
+        if mask.size != (w, h):
+            note = (
+                f"  note: {item.mask_path().name} was {mask.width}x{mask.height}, not {w}x{h}; resized anyway"
+            )
+        mask_data = _png(resize_mask(mask, size))
+    meta = sdprep_meta(sidecar)
+    meta["upscale"] = {"from": [w, h], "to": list(size), "method": method}
+    meta["size"] = list(size)
+    return Prepared(item, data, mask_data, dump_sidecar(sidecar), note)
+
+
+class _LazyUpscaler:
+    """Loads the model on the first image that needs it, so a run with nothing to do stays fast."""
+
+    def __init__(self, opts: UpscaleOptions) -> None:
+        self.opts = opts
+        self.loaded = None
+        self.method = "lanczos"
+        if opts.model is not None:
+            path = Path(opts.model)
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "missing"
+            self.method = f"model {path.name} sha256:{digest}"
+
+    def __call__(self):
+        if self.opts.model is None:
+            return None
+        if self.loaded is None:
+            from sdprep.prep.upscale_models import load_upscaler
+
+            o = self.opts
+            self.loaded = load_upscaler(o.model, device=o.device, tile=o.tile, overlap=o.overlap)
+        return self.loaded
+
+
+def run_upscale(root: Path | str, opts: UpscaleOptions, *, report: Reporter = NullReporter()) -> StageResult:
+    """Upscale every image of `root` below the target size; masks and sidecars follow."""
+    root = Path(root)
+    items = list(iter_items(root, opts.recursive))
+    lazy = _LazyUpscaler(opts)
+    result = StageResult("upscale")
+    workers = 1 if opts.model is not None else opts.workers  # one model, one stream of tiles
+    report.start(len(items), "upscale")
+    with Journal(root).begin("upscale") as op:
+        for item, out in map_items(lambda i: prepare(i, opts, lazy, lazy.method), items, workers):
+            report.advance()
+            if isinstance(out, ModelError):  # the model, not this file, is the problem: stop
+                report.finish()
+                raise out
+            if isinstance(out, Exception):
+                result.fail(item.path, getattr(out, "reason", str(out)))
+            elif out is None:
+                result.skipped += 1
+            else:
+                op.write_bytes(item.path, out.image)
+                if out.mask is not None:
+                    op.write_bytes(item.mask_path(), out.mask)
+                op.write_text(item.sidecar_path, out.sidecar)
+                if out.note:
+                    result.notes.append(out.note)
+                result.changed += 1
+    report.finish()
+    if lazy.loaded is not None:
+        result.notes.append(f"  model: {lazy.loaded.name} on {lazy.loaded.device}")
+    return result
