@@ -175,14 +175,14 @@ def strip_boilerplate(text: str, filters: tuple[str, ...] | list[str] = DEFAULT_
     "The image shows a girl with blue hair." -> "A girl with blue hair."
     """
     patterns = [_filter_pattern(f) for f in filters if f.strip()]
-    text = text.strip()
+    text = _LEADING_SEPARATOR.sub("", text)
     changed = True
     while changed and text:
         changed = False
         for pattern in patterns:
             match = pattern.match(text)
             if match and match.end() > 0:
-                text = text[match.end() :]
+                text = _LEADING_SEPARATOR.sub("", text[match.end() :])
                 changed = True
     return text[:1].upper() + text[1:]
 

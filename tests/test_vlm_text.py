@@ -99,6 +99,7 @@ def test_unknown_placeholders_are_named():
         ("The imagery is bold.", "The imagery is bold."),  # whole words only
         ("A girl. The image shows a cat.", "A girl. The image shows a cat."),  # only at the start
         ("The image shows", ""),
+        (", a cat", "A cat"),
     ],
 )
 def test_strip_boilerplate(raw, expected):
