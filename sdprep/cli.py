@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("sdprep.prep.cli.convert:command", "Normalise image formats, EXIF rotation and alpha."),
     "rename": ("sdprep.prep.cli.rename:command", "Sequential image names; captions, sidecars, masks follow."),
     "bucket": ("sdprep.prep.cli.bucket:command", "Build a training-ready folder: repeat folders, dataset TOML, metadata, bucket preview."),
+    "mask": ("sdprep.prep.cli.mask:command", "Masks for masked-loss training: generate, import, check."),
     "tag": ("sdprep.prep.cli.tag:command", "WD14 tags (and optional VLM captions) into captions; scores kept for re-tuning."),
     "clean": ("sdprep.prep.cli.clean:command", "Rebuild captions from rules: trigger, remove, prune, sort, monochrome, tokens."),
     "captions": ("sdprep.prep.cli.captions:command", "Batch-edit caption folders: replace, remove, prepend, append, dedupe, sort, stats, find."),

@@ -5,7 +5,8 @@ Conventions (kohya's and gallery-dl's, so existing folders work as they are):
 - sidecar: `<name>.<ext>.json` beside the image (`001.png` -> `001.png.json`), the name gallery-dl's
   metadata post-processor writes, so a scraped file's metadata is its starting sidecar. sdprep keeps
   what it derives under the top-level key "sdprep"; every other key is preserved untouched;
-- masks: `<dataset>/masks/<stem>.png` (kohya's `conditioning_data_dir` layout);
+- masks: `<dataset>/masks/<stem>.png` (kohya's `conditioning_data_dir` layout); folders named
+  `masks` or `masks_<name>` are never read as images;
 - sdprep's own state lives in the hidden `.sdprep/` folder and is never treated as data.
 """
 
@@ -29,6 +30,7 @@ MASK_DIR = "masks"
 DUPLICATES_DIR = "duplicates"  # where `sdprep dedup` moves the copies it does not keep
 REJECTED_DIR = "rejected"  # where `sdprep scrape` puts downloads that fail its checks
 IGNORED_DIRS = {".sdprep", MASK_DIR, DUPLICATES_DIR, REJECTED_DIR, "__pycache__", ".git"}
+MASK_DIR_PREFIX = MASK_DIR + "_"  # other mask folders (`sdprep mask --out masks_face`) are skipped too
 
 
 def image_extensions() -> tuple[str, ...]:
@@ -109,7 +111,7 @@ def iter_items(root: Path, recursive: bool = False) -> Iterator[Item]:
             continue
         try:
             if entry.is_dir(follow_symlinks=False):
-                if entry.name not in IGNORED_DIRS:
+                if entry.name not in IGNORED_DIRS and not entry.name.startswith(MASK_DIR_PREFIX):
                     subdirs.append(Path(entry.path))
                 continue
             if entry.is_file() and is_image(Path(entry.name)):

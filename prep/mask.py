@@ -1,0 +1,274 @@
+"""The mask stage: one greyscale mask PNG per image for masked-loss training.
+
+Masks follow kohya's `conditioning_data_dir` layout: `<image folder>/masks/<stem>.png`, the same
+pixel size as the image as displayed (EXIF rotation applied), white = full loss, black = none,
+grey = partial. Each mask is written through the journal (`sdprep undo` removes it), and the image's
+sidecar records how it was made under `sdprep.mask`:
+`{"path": "masks/a.png", "method": "face", "options": {...}, "coverage": 0.23, "image_sha1": ...}`.
+A rerun with the same method and options on an unchanged image skips it; `force` redoes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from sdprep.dataset import MASK_DIR, MASK_DIR_PREFIX, Item, discover, dump_sidecar, read_sidecar, sdprep_meta
+from sdprep.errors import ConfigError, ImageError, SdprepError, unknown_choice
+from sdprep.fileops import Journal
+from sdprep.images import image_size, load_image
+from sdprep.prep.masks.base import MaskMethod, MaskNotFound, MethodSettings, create_method, read_mask_image
+from sdprep.prep.masks.postprocess import COMBINE_MODES, PostOptions, coverage, postprocess, to_uint8
+from sdprep.progress import NullReporter, Reporter
+from sdprep.stage import StageResult, map_items
+
+FALLBACKS = ("full",)
+META_KEY = "mask"
+
+
+@dataclass(frozen=True)
+class MaskOptions:
+    """What `sdprep mask` does: the method, its settings, the shared post-processing, where to write."""
+
+    method: str
+    settings: MethodSettings = field(default_factory=MethodSettings)
+    post: PostOptions = field(default_factory=PostOptions)
+    out: str = MASK_DIR  # folder beside the images; "masks" or "masks_<name>"
+    fallback: str | None = None  # "full": an all-white mask where the method finds nothing
+    force: bool = False
+    recursive: bool = False
+    workers: int = 1
+
+
+def check_out_dir(out: str) -> str:
+    """The mask folder name: `masks` or `masks_<name>`, a plain folder name that other stages skip."""
+    ok = out == MASK_DIR or (out.startswith(MASK_DIR_PREFIX) and len(out) > len(MASK_DIR_PREFIX))
+    if not ok or "/" in out or "\\" in out or out in (".", ".."):
+        raise ConfigError(
+            f'--out "{out}": a mask folder is named "masks" or "masks_<name>" (e.g. masks_face)',
+            "other stages skip folders with those names, so masks are never taken for training images",
+        )
+    return out
+
+
+def validate(opts: MaskOptions) -> None:
+    """Reject impossible options before touching any file."""
+    check_out_dir(opts.out)
+    post = opts.post
+    if opts.fallback is not None and opts.fallback not in FALLBACKS:
+        raise unknown_choice("fallback", opts.fallback, FALLBACKS)
+    if post.combine is not None and post.combine not in COMBINE_MODES:
+        raise unknown_choice("combine mode", post.combine, COMBINE_MODES)
+    for name, value in (("threshold", post.threshold), ("floor", post.floor)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"--{name} must be between 0 and 1, got {value}")
+    for name, value in (("grow", post.grow), ("shrink", post.shrink), ("feather", post.feather)):
+        if value < 0:
+            raise ConfigError(f"--{name} must be 0 or more, got {value}")
+    if opts.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {opts.workers}")
+
+
+def file_sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def encode_png(mask: np.ndarray) -> bytes:
+    """An 8-bit greyscale PNG of a float mask."""
+    buf = io.BytesIO()
+    Image.fromarray(to_uint8(mask), "L").save(buf, "PNG")
+    return buf.getvalue()
+
+
+@dataclass
+class Job:
+    """One image to mask: its sidecar (read while planning) and the record that will describe it."""
+
+    item: Item
+    sidecar: dict[str, Any]
+    record: dict[str, Any]
+    mask_path: Path
+    existing: bool  # a mask file is already there (combine reads it)
+
+
+@dataclass
+class Made:
+    png: bytes
+    coverage: float
+    fallback: bool
+
+
+def wanted_record(item: Item, method: MaskMethod, opts: MaskOptions) -> dict[str, Any]:
+    """The sidecar record a fresh mask of `item` gets (without its coverage)."""
+    options = {**method.options(), **opts.post.record()}
+    if opts.fallback:
+        options["fallback"] = opts.fallback
+    record: dict[str, Any] = {
+        "path": f"{opts.out}/{item.path.stem}.png",
+        "method": method.name,
+        "options": options,
+        "image_sha1": file_sha1(item.path),
+    }
+    inputs = method.inputs(item)
+    if inputs:
+        record["inputs"] = inputs
+    return record
+
+
+def _same(old: Any, new: dict[str, Any]) -> bool:
+    if not isinstance(old, dict):
+        return False
+    keys = ("path", "method", "options", "image_sha1", "inputs")
+    return all(old.get(k) == new.get(k) for k in keys)
+
+
+def plan(items: list[Item], method: MaskMethod, opts: MaskOptions, result: StageResult) -> list[Job]:
+    """Decide per image: skip (done with these options), fail (a conflict), or a Job."""
+    jobs = []
+    for item in items:
+        mask_path = item.mask_path(opts.out)
+        try:
+            sidecar = read_sidecar(item)
+            record = wanted_record(item, method, opts)
+        except (SdprepError, OSError) as exc:
+            result.fail(item.path, getattr(exc, "reason", None) or str(exc))
+            continue
+        old = sdprep_meta(sidecar).get(META_KEY)
+        exists = mask_path.is_file()
+        if exists and not opts.force and _same(old, record) and _mask_fits(mask_path, item):
+            result.skipped += 1
+            continue
+        ours = isinstance(old, dict) and old.get("path") == record["path"]
+        if exists and not (ours or opts.force or opts.post.combine):
+            result.fail(
+                item.path,
+                f"{opts.out}/{mask_path.name} exists and was not made by sdprep mask; pass --force to "
+                "replace it, --combine union|intersection to merge with it, or import it with --method import",
+            )
+            continue
+        jobs.append(Job(item, sidecar, record, mask_path, exists))
+    return jobs
+
+
+def _mask_fits(mask_path: Path, item: Item) -> bool:
+    try:
+        return image_size(mask_path) == image_size(item.path)
+    except ImageError:
+        return False
+
+
+def stem_clashes(items: list[Item]) -> dict[Path, str]:
+    """Images whose masks would share one file (a.jpg and a.png -> masks/a.png): path -> reason."""
+    groups: dict[tuple[Path, str], list[Item]] = defaultdict(list)
+    for item in items:
+        groups[(item.path.parent, item.path.stem)].append(item)
+    clashes = {}
+    for (_, stem), group in groups.items():
+        if len(group) > 1:
+            names = " and ".join(i.name for i in group)
+            for item in group:
+                clashes[item.path] = f'{names} share the stem "{stem}", so they would share one mask'
+    return clashes
+
+
+def make_mask(job: Job, method: MaskMethod, opts: MaskOptions) -> Made:
+    """Compute one mask (runs in worker threads: no writes here)."""
+    image = load_image(job.item.path, mode=method.image_mode)  # type: ignore[arg-type]
+    w, h = image.size
+    try:
+        raw = method.make(image, job.item)
+    except MaskNotFound:
+        if opts.fallback != "full":
+            raise
+        full = np.ones((h, w), dtype=np.float32)
+        return Made(encode_png(full), 1.0, True)
+    if raw.shape != (h, w):
+        raise ImageError(
+            job.item.path, f"{method.name} made a {raw.shape[1]}x{raw.shape[0]} mask for a {w}x{h} image"
+        )
+    existing = None
+    if opts.post.combine and job.existing:
+        existing = read_mask_image(job.mask_path)
+        if existing.shape != (h, w):
+            raise ImageError(
+                job.item.path,
+                f"cannot combine: {job.mask_path.name} is {existing.shape[1]}x{existing.shape[0]}, the image {w}x{h}",
+                "remove the old mask or run without --combine",
+            )
+    mask = postprocess(raw, opts.post, existing)
+    if float(mask.max(initial=0.0)) < 0.5 / 255:
+        if opts.fallback == "full":
+            return Made(encode_png(np.ones((h, w), dtype=np.float32)), 1.0, True)
+        raise MaskNotFound(
+            job.item.path,
+            f"the {method.name} mask is empty (all black): this image would teach nothing",
+            "loosen the options (--tolerance, --threshold, --prompt...), or use --fallback full",
+        )
+    return Made(encode_png(mask), coverage(to_uint8(mask).astype(np.float32) / 255.0), False)
+
+
+def run_mask(root: Path | str, opts: MaskOptions, *, report: Reporter = NullReporter()) -> StageResult:
+    """Write a mask for every image of the dataset at `root` (see the module docstring)."""
+    root = Path(root)
+    validate(opts)
+    method = create_method(opts.method, opts.settings)
+    result = StageResult("mask")
+    items = discover(root, opts.recursive)
+    clashes = stem_clashes(items)
+    for path, reason in clashes.items():
+        result.fail(path, reason + "; rename one of them (sdprep rename)")
+    items = [i for i in items if i.path not in clashes]
+    jobs = plan(items, method, opts, result)
+    if not jobs:
+        return _finish(result, root, {}, [], method)
+    method.load()
+    workers = opts.workers if method.thread_safe else 1
+    coverages: dict[Path, float] = {}
+    fallbacks: list[str] = []
+    report.start(len(jobs), f"mask ({method.name})")
+    with Journal(root).begin("mask") as op:
+        for job, made in map_items(lambda j: make_mask(j, method, opts), jobs, workers):
+            report.advance()
+            if isinstance(made, SdprepError):
+                result.fail(job.item.path, getattr(made, "reason", None) or str(made))
+                continue
+            op.mkdir(job.mask_path.parent)
+            op.write_bytes(job.mask_path, made.png)
+            record = {**job.record, "coverage": round(made.coverage, 4)}
+            if made.fallback:
+                record["fallback_used"] = opts.fallback
+                fallbacks.append(job.item.name)
+            sdprep_meta(job.sidecar)[META_KEY] = record
+            op.write_text(job.item.sidecar_path, dump_sidecar(job.sidecar))
+            coverages[job.item.path] = made.coverage
+            result.changed += 1
+    report.finish()
+    return _finish(result, root, coverages, fallbacks, method)
+
+
+def _finish(
+    result: StageResult, root: Path, coverages: dict[Path, float], fallbacks: list[str], method: MaskMethod
+) -> StageResult:
+    if coverages:
+        values = list(coverages.values())
+        low = min(coverages, key=coverages.__getitem__)
+        result.notes.append(
+            f"coverage: mean {np.mean(values):.2f} over {len(values)} new masks "
+            f"(lowest {low.relative_to(root).as_posix()} {coverages[low]:.2f})"
+        )
+    if fallbacks:
+        result.notes.append(f"fallback (full mask) for {len(fallbacks)}: {', '.join(sorted(fallbacks))}")
+    result.notes.extend(sorted(method.notes))
+    result.details["coverage"] = {str(p): c for p, c in coverages.items()}
+    return result

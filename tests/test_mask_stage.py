@@ -1,0 +1,256 @@
+"""The mask stage end to end on sample_data copies: files, sidecars, idempotency, undo, check, CLI."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdprep import fileops
+from sdprep.cli import cli
+from sdprep.dataset import Item, discover
+from sdprep.errors import ConfigError
+from sdprep.images import image_size
+from sdprep.prep.mask import MaskOptions, run_mask
+from sdprep.prep.mask_check import check_masks
+from sdprep.prep.masks import MethodSettings
+from sdprep.prep.masks.postprocess import PostOptions
+
+ASTRONAUT = Path(__file__).resolve().parent / "assets" / "astronaut_256.jpg"
+
+
+def mask_of(path: Path, out: str = "masks") -> np.ndarray:
+    return np.asarray(Image.open(path.parent / out / (path.stem + ".png")))
+
+
+def meta(path: Path) -> dict:
+    return json.loads(Item(path).sidecar_path.read_text())["sdprep"]["mask"]
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".sdprep" not in p.parts
+    }
+
+
+def test_alpha_masks_sidecars_and_failures(sample_dataset):
+    res = run_mask(sample_dataset, MaskOptions("alpha"))
+    assert (res.changed, res.skipped, len(res.failed)) == (1, 0, 7)
+    assert {f.reason for f in res.failed} == {"no transparency (no alpha channel, or every pixel is opaque)"}
+    image = sample_dataset / "f_transparent.png"
+    mask = mask_of(image)
+    assert mask.dtype == np.uint8 and mask.shape == (512, 512)
+    assert Image.open(sample_dataset / "masks" / "f_transparent.png").mode == "L"
+    assert np.array_equal(mask, np.asarray(Image.open(image).getchannel("A")))
+    record = meta(image)
+    assert record["path"] == "masks/f_transparent.png" and record["method"] == "alpha"
+    assert record["options"] == {} and record["coverage"] == pytest.approx(mask.mean() / 255, abs=1e-4)
+    # gallery-dl's own keys are preserved
+    assert json.loads(Item(image).sidecar_path.read_text())["tag_string_artist"] == "artist_two"
+    assert res.notes[0].startswith("coverage: mean 0.29 over 1 new masks")
+
+
+def test_fallback_full_masks_every_image_at_its_size(sample_dataset):
+    res = run_mask(sample_dataset, MaskOptions("alpha", fallback="full"))
+    assert (res.changed, len(res.failed)) == (8, 0)
+    for item in discover(sample_dataset):
+        w, h = image_size(item.path)
+        assert mask_of(item.path).shape == (h, w)
+    assert mask_of(sample_dataset / "h_wide.jpg").min() == 255
+    assert meta(sample_dataset / "h_wide.jpg")["fallback_used"] == "full"
+    assert "fallback_used" not in meta(sample_dataset / "f_transparent.png")
+    assert any(n.startswith("fallback (full mask) for 7: a_landscape.jpg, ") for n in res.notes)
+
+
+def test_rerun_skips_force_redoes_and_option_change_redoes(sample_dataset):
+    opts = MaskOptions("full")
+    assert run_mask(sample_dataset, opts).changed == 8
+    journal = fileops.Journal(sample_dataset)
+    before = snapshot(sample_dataset)
+    again = run_mask(sample_dataset, opts)
+    assert (again.changed, again.skipped) == (0, 8)
+    assert snapshot(sample_dataset) == before and len(journal.operations()) == 1
+    assert run_mask(sample_dataset, MaskOptions("full", force=True)).changed == 8
+    changed = run_mask(sample_dataset, MaskOptions("full", post=PostOptions(floor=0.5)))
+    assert changed.changed == 8 and meta(sample_dataset / "g_tiny.png")["options"] == {"floor": 0.5}
+    # a changed image is redone; a deleted mask is rewritten
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(sample_dataset / "g_tiny.png")
+    (sample_dataset / "masks" / "a_landscape.png").unlink()
+    res = run_mask(sample_dataset, MaskOptions("full", post=PostOptions(floor=0.5)))
+    assert (res.changed, res.skipped) == (2, 6)
+    assert mask_of(sample_dataset / "g_tiny.png").shape == (48, 64)
+
+
+def test_undo_removes_generated_masks_and_restores_sidecars(sample_dataset):
+    before = snapshot(sample_dataset)
+    run_mask(sample_dataset, MaskOptions("color", settings=MethodSettings(tolerance=40)))
+    assert (sample_dataset / "masks").is_dir()
+    fileops.undo(sample_dataset)
+    assert snapshot(sample_dataset) == before
+    assert not (sample_dataset / "masks").exists()
+
+
+def test_existing_foreign_mask_is_kept_unless_forced_or_combined(sample_dataset):
+    image = sample_dataset / "b_portrait.png"
+    (sample_dataset / "masks").mkdir()
+    painted = np.zeros((768, 512), dtype=np.uint8)
+    painted[:100] = 255
+    Image.fromarray(painted, "L").save(sample_dataset / "masks" / "b_portrait.png")
+    res = run_mask(sample_dataset, MaskOptions("full"))
+    assert res.changed == 7
+    assert [f.reason for f in res.failed] == [
+        "masks/b_portrait.png exists and was not made by sdprep mask; pass --force to replace it, "
+        "--combine union|intersection to merge with it, or import it with --method import"
+    ]
+    assert np.array_equal(mask_of(image), painted)
+    color = MethodSettings(tolerance=30)
+    res = run_mask(sample_dataset, MaskOptions("color", settings=color, post=PostOptions(combine="union")))
+    merged = mask_of(image)
+    assert merged[:100].min() == 255 and merged[230, 256] == 255 and merged[760, 5] == 0
+    inter = run_mask(
+        sample_dataset, MaskOptions("color", settings=color, post=PostOptions(combine="intersection"))
+    )
+    assert inter.changed == 8 and mask_of(image)[230, 256] == 255 and mask_of(image)[50, 5] == 0
+
+
+def test_face_stage_with_workers_and_out_dir(sample_dataset):
+    shutil.copy(ASTRONAUT, sample_dataset / "astronaut.jpg")
+    opts = MaskOptions("face", out="masks_face", fallback="full", workers=2, post=PostOptions(feather=6))
+    res = run_mask(sample_dataset, opts)
+    assert (res.changed, len(res.failed)) == (9, 0)
+    face = mask_of(sample_dataset / "astronaut.jpg", "masks_face")
+    assert face[57, 113] == 255 and face[5, 5] == 0
+    assert np.any((face > 0) & (face < 255))  # feathered edges
+    assert 0.05 < face.mean() / 255 < 0.3
+    assert not (sample_dataset / "masks").exists()
+    assert "masks_face" not in {p.parent.name for p in (i.path for i in discover(sample_dataset, True))}
+    serial = run_mask(sample_dataset, MaskOptions("face", out="masks_face", fallback="full", force=True))
+    assert serial.changed == 9
+    hard = mask_of(sample_dataset / "astronaut.jpg", "masks_face")
+    assert set(np.unique(hard).tolist()) == {0, 255}  # no feather this time
+    assert abs(int(hard.astype(int).sum()) - int(face.astype(int).sum())) < 0.05 * hard.astype(int).sum()
+    with pytest.raises(ConfigError, match='--out "faces": a mask folder is named "masks" or "masks_<name>"'):
+        run_mask(sample_dataset, MaskOptions("face", out="faces"))
+
+
+def test_exif_rotated_image_gets_the_displayed_size(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    im = Image.new("RGB", (40, 20), (200, 10, 10))
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees when displayed
+    im.save(root / "r.jpg", exif=exif)
+    run_mask(root, MaskOptions("full"))
+    assert mask_of(root / "r.jpg").shape == (40, 20)
+
+
+def test_stem_clash_and_empty_mask_fail_per_file(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    Image.new("RGB", (8, 8), "white").save(root / "a.png")
+    Image.new("RGB", (8, 8), "white").save(root / "a.jpg")
+    Image.new("RGB", (8, 8), "white").save(root / "plain.png")
+    res = run_mask(root, MaskOptions("color"))
+    reasons = {f.path.name: f.reason for f in res.failed}
+    assert reasons["a.jpg"] == (
+        'a.jpg and a.png share the stem "a", so they would share one mask; rename one of them (sdprep rename)'
+    )
+    assert reasons["plain.png"] == "the color mask is empty (all black): this image would teach nothing"
+    assert res.changed == 0 and not (root / "masks").exists()
+
+
+def test_invalid_options():
+    for opts, message in [
+        (MaskOptions("full", post=PostOptions(threshold=2)), "--threshold must be between 0 and 1"),
+        (MaskOptions("full", post=PostOptions(grow=-1)), "--grow must be 0 or more"),
+        (MaskOptions("full", fallback="half"), 'unknown fallback "half"'),
+        (MaskOptions("clipseg"), "--method clipseg needs at least one --prompt"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            run_mask(".", opts)
+
+
+def test_import_stage_notes_resized_masks(sample_dataset, tmp_path):
+    painted = tmp_path / "painted"
+    painted.mkdir()
+    Image.new("L", (256, 384), 255).save(painted / "b_portrait.png")  # half size of 512x768
+    Image.new("L", (300, 300), 255).save(painted / "a_landscape.jpg")  # wrong shape
+    res = run_mask(sample_dataset, MaskOptions("import", settings=MethodSettings(source=painted)))
+    assert res.changed == 1
+    reasons = {f.path.name: f.reason for f in res.failed}
+    assert reasons["a_landscape.jpg"].startswith("mask a_landscape.jpg is 300x300 but the image is 768x512")
+    assert reasons["c_square.webp"].startswith("no mask named c_square.* in ")
+    assert "b_portrait.png: b_portrait.png resized 256x384 -> 512x768" in res.notes
+    assert mask_of(sample_dataset / "b_portrait.png").shape == (768, 512)
+    assert meta(sample_dataset / "b_portrait.png")["inputs"]["source"] == "b_portrait.png"
+    # repainting the source mask redoes it; an unchanged one is skipped
+    again = run_mask(sample_dataset, MaskOptions("import", settings=MethodSettings(source=painted)))
+    assert (again.changed, again.skipped) == (0, 1)
+    Image.new("L", (512, 768), 128).save(painted / "b_portrait.png")
+    again = run_mask(sample_dataset, MaskOptions("import", settings=MethodSettings(source=painted)))
+    assert again.changed == 1 and mask_of(sample_dataset / "b_portrait.png").max() == 128
+
+
+# -- check -----------------------------------------------------------------------------------
+
+
+def test_check_good_masks_and_preview(sample_dataset, cli_runner):
+    run_mask(sample_dataset, MaskOptions("alpha", fallback="full"))
+    res = cli_runner.invoke(cli, ["mask", "--check", str(sample_dataset)])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0] == "mask check: 8 images, 8 usable masks, 0 problems"
+    assert lines[1] == "coverage: mean 0.911 (fraction of each image that is learned)"
+    assert lines[2].startswith("lowest: f_transparent.png 0.290, a_landscape.jpg 1.000, ")
+    preview = sample_dataset / ".sdprep" / "mask_preview.png"
+    assert lines[3] == f"preview: {preview}"
+    sheet = Image.open(preview)
+    assert sheet.format == "PNG" and sheet.size == (3 * 206 + 6, 3 * 236 + 6)
+
+
+def test_check_finds_wrong_size_empty_and_missing(sample_dataset, cli_runner, tmp_path):
+    run_mask(sample_dataset, MaskOptions("full"))
+    Image.new("L", (10, 10), 255).save(sample_dataset / "masks" / "a_landscape.png")
+    Image.new("L", (512, 768), 0).save(sample_dataset / "masks" / "b_portrait.png")
+    (sample_dataset / "masks" / "c_square.png").unlink()
+    out = tmp_path / "sheet.png"
+    res = cli_runner.invoke(cli, ["mask", "--check", str(sample_dataset), "--preview", str(out)])
+    assert res.exit_code == 1
+    assert "mask check: 8 images, 5 usable masks, 3 problems" in res.output
+    assert (
+        "  problem: a_landscape.jpg: mask masks/a_landscape.png is 10x10 but the image is 768x512"
+        in res.output
+    )
+    assert (
+        "  problem: b_portrait.png: mask masks/b_portrait.png is empty (all black): the image would teach nothing"
+        in res.output
+    )
+    assert "  problem: c_square.webp: no mask (expected masks/c_square.png)" in res.output
+    assert out.is_file()
+    report = check_masks(sample_dataset, preview=False)
+    assert report.preview is None and len(report.problems) == 3
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def test_cli_generate_skip_and_usage_errors(sample_dataset, cli_runner):
+    res = cli_runner.invoke(cli, ["mask", str(sample_dataset), "--method", "full", "--floor", "0.1"])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith("mask: 8 changed, 0 skipped, 0 failed\ncoverage: mean 1.00 over 8 new masks")
+    res = cli_runner.invoke(cli, ["mask", str(sample_dataset), "--method", "full", "--floor", "0.1"])
+    assert res.output.startswith("mask: 0 changed, 8 skipped, 0 failed")
+    res = cli_runner.invoke(cli, ["mask", str(sample_dataset)])
+    assert (
+        res.exit_code == 2
+        and "give --method (alpha, face, clipseg, color, import, full) or --check" in res.output
+    )
+    res = cli_runner.invoke(cli, ["mask", str(sample_dataset), "--method", "alpha"])
+    assert res.exit_code == 1 and "failed: " in res.output
+    res = cli_runner.invoke(cli, ["mask", str(sample_dataset), "--method", "clipseg"])
+    assert res.exit_code == 1
+    assert res.output.startswith("Error: --method clipseg needs at least one --prompt\nHint: ")
