@@ -68,7 +68,7 @@ def fit_to_bucket(
     out = arr[top : top + bh, left : left + bw]
     if out.shape[0] != bh or out.shape[1] != bw:  # pragma: no cover - Assignment guarantees cover
         raise ValueError(f"internal error: crop {out.shape[:2]} is not the bucket {a.bucket}")
-    return np.ascontiguousarray(out)
+    return np.require(out, requirements=["C", "W"])
 
 
 def kohya_crop_ltrb(bucket: tuple[int, int], original: tuple[int, int]) -> tuple[float, float, float, float]:
