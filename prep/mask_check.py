@@ -27,6 +27,10 @@ from sdprep.stage import Failure
 PREVIEW_NAME = "mask_preview.png"
 CELL = 200  # thumbnail box of the preview sheet, px
 LABEL = 30  # label strip under each thumbnail, px
+HEADER = 22  # legend strip at the top of the sheet, px
+LEGEND = (
+    "masks overlaid: dark red = ignored (no loss), unchanged = learned; problems first, then lowest coverage"
+)
 PREVIEW_MAX = 48
 
 
@@ -174,12 +178,15 @@ def write_preview(result: CheckReport, path: Path, limit: int = PREVIEW_MAX) -> 
     cols = min(8, max(1, math.ceil(math.sqrt(len(ordered)))))
     rows = math.ceil(len(ordered) / cols)
     pad = 6
-    sheet = Image.new("RGB", (cols * (CELL + pad) + pad, rows * (CELL + LABEL + pad) + pad), (24, 24, 24))
+    width = cols * (CELL + pad) + pad
+    sheet = Image.new("RGB", (width, HEADER + rows * (CELL + LABEL + pad) + pad), (24, 24, 24))
     draw = ImageDraw.Draw(sheet)
     font = _font(12)
+    legend = LEGEND if draw.textlength(LEGEND, font=font) <= width - 2 * pad else LEGEND.split(";")[0]
+    draw.text((pad, 5), legend, fill=(235, 235, 235), font=font)
     for i, entry in enumerate(ordered):
         x = pad + (i % cols) * (CELL + pad)
-        y = pad + (i // cols) * (CELL + LABEL + pad)
+        y = HEADER + pad + (i // cols) * (CELL + LABEL + pad)
         thumb = _thumb(entry)
         sheet.paste(thumb, (x + (CELL - thumb.width) // 2, y + (CELL - thumb.height) // 2))
         name = entry.item.name if len(entry.item.name) <= 30 else entry.item.name[:27] + "..."

@@ -29,7 +29,9 @@ def make(name, path, **settings):
 
 
 def test_registry_has_every_method_and_rejects_duplicates():
-    assert set(MASK_METHODS) == {"alpha", "face", "clipseg", "color", "import", "full"}
+    from sdprep.prep.cli.mask import METHODS
+
+    assert set(MASK_METHODS) == {"alpha", "face", "clipseg", "color", "import", "full"} == set(METHODS)
 
     class Other(MaskMethod):
         name = "alpha"

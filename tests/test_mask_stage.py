@@ -209,7 +209,7 @@ def test_check_good_masks_and_preview(sample_dataset, cli_runner):
     preview = sample_dataset / ".sdprep" / "mask_preview.png"
     assert lines[3] == f"preview: {preview}"
     sheet = Image.open(preview)
-    assert sheet.format == "PNG" and sheet.size == (3 * 206 + 6, 3 * 236 + 6)
+    assert sheet.format == "PNG" and sheet.size == (3 * 206 + 6, 22 + 3 * 236 + 6)
 
 
 def test_check_finds_wrong_size_empty_and_missing(sample_dataset, cli_runner, tmp_path):
