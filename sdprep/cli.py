@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("sdprep.prep.cli.report:command", "Write a self-contained HTML (or JSON) report of a dataset."),
     "run": ("sdprep.commands:run_command", "Run the chain of stages (and training) described by a project file."),
     "init": ("sdprep.commands:init_command", "Write a commented starting project file."),
+    "train": ("sdprep.train.cli:command", "Train an SDXL LoRA (kohya-compatible config); verified saves, resume, preflight."),
     "undo": ("sdprep.commands:undo_command", "Undo the last sdprep change to a dataset folder."),
     "gc": (
         "sdprep.commands:gc_command",

@@ -1,0 +1,823 @@
+"""The training loop: accelerate, noise, SDXL conditioning, masked loss, periodic save/sample/log.
+
+`train(cfg)` is the composition root: it loads the model, builds the method (LoRA, TI, fine-tune),
+the dataset and its caches, the optimizer and scheduler, then steps. Progress goes to injected
+`TrainCallbacks` (the CLI shows a bar, tests record). Periodic work is decided by the small pure
+predicates `should_save`, `should_sample`, `should_log`. A NaN/inf loss stops the run with a
+TrainingError naming the step; files saved before it stay valid (every save was verified).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdprep.errors import ConfigError, TrainingError
+
+# Settings whose change between a run and its resume is harmless (not part of the config hash).
+RESUME_NEUTRAL = {
+    "max_train_steps",
+    "max_train_epochs",
+    "resume",
+    "output_dir",
+    "logging_dir",
+    "log_prefix",
+    "log_with",
+    "sample_prompts",
+    "sample_sampler",
+    "sample_every_n_steps",
+    "sample_every_n_epochs",
+    "sample_at_first",
+    "sample_dir",
+    "save_every_n_epochs",
+    "save_every_n_steps",
+    "save_last_n_epochs",
+    "save_last_n_steps",
+    "save_state",
+    "save_state_on_train_end",
+    "max_data_loader_n_workers",
+    "training_comment",
+    "metadata_title",
+    "metadata_author",
+    "metadata_description",
+    "metadata_license",
+    "metadata_tags",
+    "save_diffusers_copy",
+    "no_metadata",
+    "pretrained_model_name_or_path",
+    "cache_dir",
+}
+
+
+# -- callbacks -----------------------------------------------------------------------------
+
+
+class TrainCallbacks:
+    """What the loop reports. Subclass and override; every method is optional."""
+
+    def note(self, message: str) -> None:
+        """A line of information (start banner, notes about the config, save reports)."""
+
+    def start(self, total_steps: int, first_step: int, steps_per_epoch: int) -> None:
+        """Training begins (after model, data and caches are ready)."""
+
+    def step(self, step: int, epoch: int, loss: float, lr: float) -> None:
+        """An optimizer step finished (`step` counts from 1)."""
+
+    def saved(self, verification: Any) -> None:
+        """A weights file was written AND verified."""
+
+    def sampled(self, paths: list[Path]) -> None:
+        """Sample images were written."""
+
+    def end(self, result: TrainResult) -> None:
+        """Training finished (after the final save)."""
+
+
+class RecordingCallbacks(TrainCallbacks):
+    """Keeps everything reported (for tests and for callers that print later)."""
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+        self.losses: list[tuple[int, float]] = []
+        self.lrs: list[float] = []
+        self.saves: list[Any] = []
+        self.samples: list[Path] = []
+        self.started: tuple[int, int, int] | None = None
+        self.result: TrainResult | None = None
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+
+    def start(self, total_steps: int, first_step: int, steps_per_epoch: int) -> None:
+        self.started = (total_steps, first_step, steps_per_epoch)
+
+    def step(self, step: int, epoch: int, loss: float, lr: float) -> None:
+        self.losses.append((step, loss))
+        self.lrs.append(lr)
+
+    def saved(self, verification: Any) -> None:
+        self.saves.append(verification)
+
+    def sampled(self, paths: list[Path]) -> None:
+        self.samples += paths
+
+    def end(self, result: TrainResult) -> None:
+        self.result = result
+
+
+@dataclass
+class TrainResult:
+    method: str
+    output: Path | None
+    saved: list[Path] = field(default_factory=list)
+    states: list[Path] = field(default_factory=list)
+    samples: list[Path] = field(default_factory=list)
+    steps: int = 0
+    epochs: int = 0
+    first_step: int = 0
+    last_loss: float | None = None
+    log_dir: Path | None = None
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        lines = [
+            f"trained {self.method}: steps {self.first_step} -> {self.steps}, {self.epochs} epochs, "
+            f"last loss {self.last_loss:.4f} ({self.seconds:.0f} s)"
+            if self.last_loss is not None
+            else f"trained {self.method}: {self.steps} steps"
+        ]
+        if self.output:
+            lines.append(f"output: {self.output}")
+        if self.states:
+            lines.append(f"state: {self.states[-1]}")
+        if self.log_dir:
+            lines.append(f"TensorBoard: tensorboard --logdir {self.log_dir.parent}")
+        return "\n".join(lines)
+
+
+# -- predicates ----------------------------------------------------------------------------
+
+
+def should_save(cfg: Any, *, step: int | None = None, epoch: int | None = None, total: int) -> bool:
+    """Save after optimizer step `step` (or at the end of epoch `epoch`, 1-based) but not at the very end
+    (the final `<name>` file covers that)."""
+    if step is not None:
+        n = cfg.save_every_n_steps
+        return bool(n) and step % n == 0 and step < total
+    n = cfg.save_every_n_epochs
+    return bool(n) and epoch is not None and epoch % n == 0 and epoch < total
+
+
+def should_sample(cfg: Any, *, step: int | None = None, epoch: int | None = None) -> bool:
+    """kohya's rule: sample_every_n_epochs wins over sample_every_n_steps; step 0 only with sample_at_first."""
+    if not cfg.sample_prompts:
+        return False
+    if step == 0 and epoch is None:
+        return bool(cfg.sample_at_first)
+    if cfg.sample_every_n_epochs:
+        return epoch is not None and epoch % cfg.sample_every_n_epochs == 0
+    if cfg.sample_every_n_steps and step is not None and epoch is None:
+        return step % cfg.sample_every_n_steps == 0
+    return False
+
+
+def should_log(step: int, every: int = 1) -> bool:
+    return step % max(1, every) == 0
+
+
+def schedule(num_batches: int, cfg: Any, num_processes: int = 1) -> tuple[int, int, int]:
+    """(steps per epoch, total optimizer steps, epochs) as kohya computes them."""
+    per_process = math.ceil(num_batches / num_processes)
+    steps_per_epoch = max(1, math.ceil(per_process / cfg.gradient_accumulation_steps))
+    if cfg.max_train_epochs:
+        total = cfg.max_train_epochs * steps_per_epoch
+    else:
+        total = cfg.max_train_steps
+    epochs = math.ceil(total / steps_per_epoch)
+    return steps_per_epoch, total, epochs
+
+
+def config_hash(cfg_dict: dict) -> str:
+    """A hash of the settings that shape the training trajectory (for resume checks)."""
+    relevant = {k: v for k, v in sorted(cfg_dict.items()) if k not in RESUME_NEUTRAL}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def changed_settings(old: dict, new: dict) -> list[str]:
+    keys = sorted((set(old) | set(new)) - RESUME_NEUTRAL)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def check_finite(loss: float, step: int) -> None:
+    if not math.isfinite(loss):
+        raise TrainingError(
+            f"the loss became {loss} at step {step}: training stopped",
+            "lower learning_rate, use mixed_precision bf16 instead of fp16, set no_half_vae, or check the "
+            "data; the files saved before this step were verified and are kept",
+        )
+
+
+def timed(fn: Any) -> tuple[Any, float]:
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+def _dtype(name: str) -> Any:
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(name, torch.float32)
+
+
+def make_accelerator(mixed_precision: str, notes: list[str]) -> Any:
+    """An Accelerator for this process (CPU when no GPU); resets accelerate's process-wide singleton."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    cpu = not torch.cuda.is_available()
+    if cpu and mixed_precision == "fp16":
+        notes.append("mixed_precision fp16 needs a GPU: training in float32 on this CPU")
+        mixed_precision = "no"
+    AcceleratorState._reset_state()
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+
+
+@dataclass
+class Position:
+    """Where the run is: optimizer steps done, current epoch (0-based), steps done in that epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0
+
+
+class Trainer:
+    """One training run, from a config to verified files. Use `train(cfg, ...)` unless you need parts."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        *,
+        method: str | None = None,
+        callbacks: TrainCallbacks | None = None,
+        resume: str | Path | None = None,
+        model: Any = None,
+        model_config: str | Path | None = None,
+        sample_max_area: int | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.cb = callbacks or TrainCallbacks()
+        self.method_name = method or cfg.method or _detect(cfg)
+        self.resume_arg = resume if resume is not None else cfg.resume
+        self.model_arg = model
+        self.model_config = model_config
+        self.sample_max_area = sample_max_area
+        self.notes: list[str] = []
+        self.pos = Position()
+        self.result = TrainResult(method=self.method_name, output=None)
+        self._rng_to_restore: dict | None = None
+
+    # -- setup -----------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Load everything and check the settings; raises before any training step is taken."""
+        import torch
+
+        cfg = self.cfg
+        if cfg.output_dir is None:
+            raise ConfigError("output_dir is not set", "set output_dir = the folder for the trained files")
+        self.output_dir = Path(cfg.output_dir).expanduser()
+        self.name = cfg.output_name or "last"
+        self.seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())
+        if cfg.seed is None:
+            self.notes.append(f"seed is not set: using {self.seed} (recorded in the outputs)")
+        _seed_everything(self.seed)
+        self.accelerator = make_accelerator(cfg.mixed_precision, self.notes)
+        self.device = self.accelerator.device
+        self.weight_dtype = _dtype(self.accelerator.mixed_precision)
+        self.vae_dtype = torch.float32 if cfg.no_half_vae else self.weight_dtype
+        self._load_model()
+        self._build_data()
+        self._build_optimizer()
+        self._prepare()
+        if self.resume_arg:
+            self._resume()
+        self._open_outputs()
+
+    def _load_model(self) -> None:
+        from sdprep.train.methods import make_method
+        from sdprep.train.models import SDXLModel, load_sdxl
+
+        cfg = self.cfg
+        if isinstance(self.model_arg, SDXLModel):
+            self.model = self.model_arg
+        else:
+            source = self.model_arg or cfg.pretrained_model_name_or_path
+            if not source:
+                raise ConfigError(
+                    "pretrained_model_name_or_path is not set",
+                    "set it to a diffusers SDXL folder, a .safetensors checkpoint or a hub id",
+                )
+            self.model = load_sdxl(source, vae=cfg.vae, model_config=self.model_config)
+        self.method = make_method(self.method_name, cfg)
+        self.method.setup(self.model, self.weight_dtype)
+        self.model.vae.to(self.device, dtype=self.vae_dtype)
+        for module in (self.model.unet, self.model.text_encoder, self.model.text_encoder_2):
+            module.to(self.device)
+        self.method.load_initial_weights()
+        self.notes += self.method.notes
+        if cfg.gradient_checkpointing:
+            self.model.unet.enable_gradient_checkpointing()  # also saves memory when only TEs train
+            if self.method.trains_text_encoders:
+                for te in self.model.text_encoders:
+                    te.gradient_checkpointing_enable()
+
+    def _build_data(self) -> None:
+        from sdprep.train.data import build_dataset
+
+        cfg = self.cfg
+        self.dataset = build_dataset(cfg, report=self.cb_reporter(), seed=self.seed)
+        if cfg.masked_loss and not self.dataset.has_masks:
+            raise ConfigError(
+                "masked_loss is on but no training image has a mask",
+                "give mask images (conditioning_data_dir in the dataset TOML, or masks/<stem>.png beside "
+                "the images) or set alpha_mask = true for images with transparency; or turn masked_loss off",
+            )
+        self._cache()
+
+    def cb_reporter(self) -> Any:
+        getter = getattr(self.cb, "reporter", None)
+        if getter is not None:
+            return getter()
+        from sdprep.progress import NullReporter
+
+        return NullReporter()
+
+    def _cache(self) -> None:
+        cfg = self.cfg
+        if cfg.cache_latents or cfg.cache_latents_to_disk:
+            from sdprep.train.cache import cache_latents
+
+            stats = cache_latents(
+                self.dataset, self.model.vae, self.device, self.vae_dtype, self.cb_reporter()
+            )
+            self.notes.append(stats.summary())
+        if cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
+            if self.method.trains_text_encoders:
+                raise ConfigError(
+                    "cache_text_encoder_outputs cannot be used while text encoders train",
+                    "turn it off, or set network_train_unet_only = true",
+                )
+            if not self.dataset.captions_fixed:
+                raise ConfigError(
+                    "cache_text_encoder_outputs needs fixed captions, but shuffle_caption / caption dropout "
+                    "/ wildcards change them every step",
+                    "turn those off or turn cache_text_encoder_outputs off",
+                )
+            from sdprep.train.cache import cache_text_encoder_outputs, text_encoder_fingerprint
+
+            encoder_id = None
+            if cfg.cache_text_encoder_outputs_to_disk:
+                encoder_id = text_encoder_fingerprint(self.model.tokenizers, self.model.text_encoders)
+            stats = cache_text_encoder_outputs(
+                self.dataset, self._encode_fixed, self.cb_reporter(), encoder_id=encoder_id
+            )
+            self.notes.append(stats.summary())
+
+    def _encode_fixed(self, captions: list[str]) -> tuple[Any, Any]:
+        import torch
+
+        from sdprep.train.text import encode_prompts
+
+        with torch.no_grad():
+            return encode_prompts(
+                captions,
+                self.model.tokenizers,
+                self.model.text_encoders,
+                self.cfg.max_token_length,
+                self.cfg.clip_skip,
+            )
+
+    def _build_optimizer(self) -> None:
+        from sdprep.train.kohya_args import parse_kv_args
+        from sdprep.train.optim import build_optimizer, build_scheduler, warmup_steps
+
+        cfg = self.cfg
+        self.num_processes = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        batches = self.dataset.steps_per_epoch(num_shards=self.num_processes)
+        self.steps_per_epoch, self.total_steps, self.num_epochs = schedule(batches, cfg)
+        self.batches_per_epoch = batches
+        self.optimizer, self.optimizer_desc = build_optimizer(
+            cfg.optimizer_type,
+            self.method.param_groups(),
+            cfg.learning_rate,
+            parse_kv_args(cfg.optimizer_args),
+        )
+        warmup = warmup_steps(cfg.lr_warmup_steps, self.total_steps)
+        if warmup and (cfg.lr_scheduler or "constant") == "constant":
+            self.notes.append(
+                "lr_warmup_steps is ignored by lr_scheduler constant (use constant_with_warmup)"
+            )
+        self.lr_scheduler = build_scheduler(
+            cfg.lr_scheduler,
+            self.optimizer,
+            warmup_steps=warmup,
+            total_steps=self.total_steps,
+            num_cycles=cfg.lr_scheduler_num_cycles,
+            power=cfg.lr_scheduler_power,
+            args=parse_kv_args(cfg.lr_scheduler_args),
+        )
+
+    def _prepare(self) -> None:
+        from diffusers import DDPMScheduler
+
+        from sdprep.train.step import StepContext
+
+        modules = self.method.train_modules()
+        prepared = self.accelerator.prepare(*modules, self.optimizer)
+        self.train_modules, self.optimizer = list(prepared[:-1]), prepared[-1]
+        unet = self.model.unet
+        for original, wrapped in zip(modules, self.train_modules):
+            if original is self.model.unet:
+                unet = wrapped
+        config = dict(self.model.scheduler_config)
+        self.noise_scheduler = DDPMScheduler.from_config(config, clip_sample=False)
+        prediction = (
+            "v_prediction" if self.cfg.v_parameterization else config.get("prediction_type", "epsilon")
+        )
+        self.ctx = StepContext(
+            cfg=self.cfg,
+            model=self.model,
+            unet=unet,
+            noise_scheduler=self.noise_scheduler,
+            device=self.device,
+            weight_dtype=self.weight_dtype,
+            vae_dtype=self.vae_dtype,
+            train_text=self.method.trains_text_encoders,
+            prediction_type=prediction,
+        )
+        self.params = self.method.trainable_parameters()
+
+    def _config_dict(self) -> dict:
+        from sdprep.config import to_dict
+
+        return to_dict(self.cfg)
+
+    def _resume(self) -> None:
+        from sdprep.train.save import load_state, resolve_resume
+
+        folder = resolve_resume(self.resume_arg, self.output_dir, self.name)
+        state, rng = load_state(folder, self.method, self.optimizer, self.lr_scheduler)
+        if state.method != self.method_name:
+            raise TrainingError(
+                f"{folder} holds a {state.method} run, but this run trains {self.method_name}",
+                "resume with the same method, or start a new run",
+            )
+        if state.step >= self.total_steps:
+            raise TrainingError(
+                f"{folder.name} is at step {state.step}, and this run ends at step {self.total_steps}: "
+                "nothing left to train",
+                "raise max_train_steps (or max_train_epochs) to continue training",
+            )
+        changed = changed_settings(state.config, self._config_dict())
+        if changed:
+            self.notes.append("resuming with changed settings: " + "; ".join(changed[:8]))
+        if state.dataset_batches and state.dataset_batches != self.batches_per_epoch:
+            self.notes.append(
+                f"the dataset changed since the state was saved ({state.dataset_batches} -> "
+                f"{self.batches_per_epoch} batches per epoch): the resumed order differs"
+            )
+        self.pos = Position(state.step, state.epoch, state.epoch_step)
+        if self.pos.epoch_step >= self.steps_per_epoch:
+            self.pos = Position(state.step, state.epoch + 1, 0)
+        _sync_scheduler_lr(self.lr_scheduler, self.optimizer)
+        self._rng_to_restore = rng
+        self.result.first_step = state.step
+        self.notes.append(f"resumed from {folder} at step {state.step} (epoch {state.epoch + 1})")
+
+    def _open_outputs(self) -> None:
+        from sdprep.train.logs import open_log
+        from sdprep.train.sample import read_prompts
+
+        cfg = self.cfg
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.log, notes = open_log(cfg.logging_dir, cfg.log_with, cfg.log_prefix)
+        self.notes += notes
+        self.result.log_dir = self.log.folder
+        self.prompts = (
+            read_prompts(Path(cfg.sample_prompts), cfg.sample_sampler) if cfg.sample_prompts else []
+        )
+        self.sample_dir = Path(cfg.sample_dir).expanduser() if cfg.sample_dir else self.output_dir / "sample"
+
+    # -- banner ----------------------------------------------------------------------------
+
+    def banner(self) -> list[str]:
+        """What the run is about to do, printed before the first step."""
+        cfg = self.cfg
+        m = self.method
+        lines = [
+            f"method: {m.title} ({self.method_name})",
+            f"model: {self.model.source}" + (" (tiny demo model)" if self.model.is_tiny else ""),
+            f"trainable parameters: {m.count_trainable():,}",
+            f"device: {self.device}, mixed precision: {self.accelerator.mixed_precision}, "
+            f"processes: {self.num_processes}",
+        ]
+        lines += str(self.dataset.summary()).splitlines()
+        lines.append(
+            f"optimizer: {self.optimizer_desc}, lr {cfg.learning_rate:g}, scheduler {cfg.lr_scheduler}"
+        )
+        lines.append(
+            f"steps: {self.total_steps} ({self.num_epochs} epochs x {self.steps_per_epoch} steps, batch "
+            f"{cfg.train_batch_size} x accumulation {cfg.gradient_accumulation_steps})"
+        )
+        lines.append(f"output: {self.output_dir / (self.name + m.output_suffix())}")
+        return lines + [f"note: {n}" for n in self.notes]
+
+    # -- training --------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        """Train to the end and return what was written. Call after `setup()`."""
+        started = time.perf_counter()
+        try:
+            self._loop()
+            self._finish()
+        finally:
+            self.log.close()
+        self.result.seconds = time.perf_counter() - started
+        self.cb.end(self.result)
+        return self.result
+
+    def _loop(self) -> None:
+        from sdprep.train.save import set_rng_state
+
+        self.cb.start(self.total_steps, self.pos.step, self.steps_per_epoch)
+        if self.pos.step == 0 and should_sample(self.cfg, step=0):
+            self._sample(step=0, epoch=None)
+        if self._rng_to_restore is not None:
+            set_rng_state(self._rng_to_restore["global"])
+        for module in self.train_modules:
+            module.train()
+        accum = self.cfg.gradient_accumulation_steps
+        for epoch in range(self.pos.epoch, self.num_epochs):
+            skip = self.pos.epoch_step * accum if epoch == self.pos.epoch else 0
+            self.pos.epoch, self.pos.epoch_step = epoch, skip // accum
+            batches = self.dataset.batches(
+                epoch, skip=skip, num_shards=self.num_processes, shard=self.rank, prefetch=self._prefetch()
+            )
+            for group in _groups(batches, accum):
+                loss = self._step(group)
+                self._after_step(loss)
+                if self.pos.step >= self.total_steps:
+                    break
+            if self.pos.epoch_step < self.steps_per_epoch:
+                break  # max_train_steps reached mid-epoch
+            self.pos.epoch, self.pos.epoch_step = epoch + 1, 0
+            self._after_epoch(epoch + 1)
+            if self.pos.step >= self.total_steps:
+                break
+
+    def _prefetch(self) -> int:
+        workers = self.cfg.max_data_loader_n_workers
+        cached = all(r.latents is not None or r.latents_file is not None for r in self.dataset.records)
+        return 0 if cached else min(max(workers, 0), 4)
+
+    def _step(self, group: list[dict]) -> float:
+        import contextlib
+
+        from sdprep.train.step import batch_loss
+
+        total = 0.0
+        for i, batch in enumerate(group):
+            last = i == len(group) - 1
+            sync = contextlib.ExitStack()
+            if not last and self.num_processes > 1:
+                for module in self.train_modules:
+                    sync.enter_context(self.accelerator.no_sync(module))
+            with sync:
+                with self.accelerator.autocast():
+                    loss = batch_loss(self.ctx, batch)
+                value = float(loss.detach())
+                check_finite(value, self.pos.step + 1)
+                self.accelerator.backward(loss / len(group))
+            total += value
+        if self.cfg.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / len(group)
+
+    def _after_step(self, loss: float) -> None:
+        self.pos.step += 1
+        self.pos.epoch_step += 1
+        step = self.pos.step
+        lrs = self.lr_scheduler.get_last_lr()
+        self.result.last_loss = loss
+        if self.accelerator.is_main_process:
+            values = {"loss/current": loss, "lr/unet" if len(lrs) else "lr": lrs[0]}
+            for i, lr in enumerate(lrs[1:], 1):
+                values[f"lr/group{i}"] = lr
+            self.log.scalars(step, values)
+        self.cb.step(step, self.pos.epoch + 1, loss, lrs[0])
+        if should_save(self.cfg, step=step, total=self.total_steps):
+            self._save(step=step)
+        if should_sample(self.cfg, step=step):
+            self._sample(step=step, epoch=None)
+
+    def _after_epoch(self, epoch: int) -> None:
+        if self.accelerator.is_main_process:
+            self.log.scalars(self.pos.step, {"epoch": epoch})
+        if should_save(self.cfg, epoch=epoch, total=self.num_epochs):
+            self._save(epoch=epoch)
+        if should_sample(self.cfg, epoch=epoch):
+            self._sample(step=self.pos.step, epoch=epoch)
+
+    # -- outputs ---------------------------------------------------------------------------
+
+    def _run_facts(self, label: str | None) -> dict[str, Any]:
+        cfg = self.cfg
+        if not hasattr(self, "_session"):
+            self._session = (int(time.time()), f"{self.seed:x}{int(time.time()):x}")
+        return {
+            "started": self._session[0],
+            "session_id": self._session[1],
+            "name": self.name,
+            "label": label,
+            "seed": self.seed,
+            "steps": self.pos.step,
+            "epoch": self.pos.epoch,
+            "num_epochs": self.num_epochs,
+            "batches_per_epoch": self.batches_per_epoch,
+            "total_steps": self.total_steps,
+            "total_batch_size": cfg.train_batch_size * cfg.gradient_accumulation_steps * self.num_processes,
+            "optimizer": self.optimizer_desc,
+            "model_name": Path(self.model.source).name,
+            "vae_name": Path(cfg.vae).name if cfg.vae else None,
+        }
+
+    def _save(self, *, step: int | None = None, epoch: int | None = None, final: bool = False) -> None:
+        """Write, verify and report the weights (and the state when asked); main process only."""
+        from sdprep.train.save import save_dtype, save_weights, weights_name
+
+        cfg = self.cfg
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            suffix = self.method.output_suffix()
+            fname = weights_name(
+                self.name, suffix=suffix, **({} if final else {"step": step, "epoch": epoch})
+            )
+            path = self.output_dir / fname
+            label = None if final else (f"epoch {epoch}" if epoch is not None else f"step {step}")
+            meta = self._metadata(label)
+            report = save_weights(
+                self.method, path, meta, save_dtype(cfg.save_precision), trained=self.pos.step > 0
+            )
+            self.result.saved.append(path)
+            if final:
+                self.result.output = path
+                self.result.saved += self.method.extra_outputs(path)
+            self.cb.saved(report)
+            if cfg.save_state or (final and cfg.save_state_on_train_end):
+                self._save_state(step=step, epoch=epoch, final=final)
+            self._prune(step=step, epoch=epoch)
+        self.accelerator.wait_for_everyone()
+
+    def _metadata(self, label: str | None) -> dict[str, str]:
+        from sdprep.train.save import kohya_metadata, modelspec
+
+        facts = self._run_facts(label)
+        if self.cfg.no_metadata:
+            return modelspec(self.cfg, self.method, facts)
+        return kohya_metadata(facts, self.method, self.dataset, self.cfg)
+
+    def _save_state(self, *, step: int | None, epoch: int | None, final: bool) -> None:
+        from sdprep.train.save import TrainState, save_state, state_dir_name
+
+        kw = {} if final else {"step": step, "epoch": epoch}
+        folder = self.output_dir / state_dir_name(self.name, **kw)
+        cfg_dict = self._config_dict()
+        state = TrainState(
+            step=self.pos.step,
+            epoch=self.pos.epoch,
+            epoch_step=self.pos.epoch_step,
+            method=self.method_name,
+            config=cfg_dict,
+            config_hash=config_hash(cfg_dict),
+            dataset_batches=self.batches_per_epoch,
+        )
+        save_state(folder, state, self.method, self.optimizer, self.lr_scheduler)
+        self.result.states.append(folder)
+        self.cb.note(f"saved training state {folder.name} (step {self.pos.step})")
+
+    def _prune(self, *, step: int | None, epoch: int | None) -> None:
+        """kohya's save_last_n_epochs / save_last_n_steps: remove older periodic saves (and their states)."""
+        import shutil
+
+        from sdprep.train.save import state_dir_name, weights_name
+
+        cfg = self.cfg
+        old: list[dict] = []
+        if epoch is not None and cfg.save_last_n_epochs and cfg.save_every_n_epochs:
+            gone = epoch - cfg.save_last_n_epochs * cfg.save_every_n_epochs
+            if gone > 0:
+                old.append({"epoch": gone})
+        if step is not None and cfg.save_last_n_steps and cfg.save_every_n_steps:
+            gone = (step - cfg.save_last_n_steps - 1) // cfg.save_every_n_steps * cfg.save_every_n_steps
+            if gone > 0:
+                old.append({"step": gone})
+        for kw in old:
+            (self.output_dir / weights_name(self.name, suffix=self.method.output_suffix(), **kw)).unlink(
+                missing_ok=True
+            )
+            shutil.rmtree(self.output_dir / state_dir_name(self.name, **kw), ignore_errors=True)
+
+    def _sample(self, *, step: int, epoch: int | None) -> None:
+        from sdprep.train.sample import generate_samples
+
+        if not self.prompts:
+            return
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            unet = self.accelerator.unwrap_model(self.ctx.unet)
+            paths = generate_samples(
+                self.model,
+                unet,
+                self.prompts,
+                self.sample_dir,
+                name=self.name,
+                step=step,
+                epoch=epoch,
+                base_seed=self.seed,
+                autocast=self.accelerator.autocast(),
+                log=self.log,
+                max_area=self.sample_max_area,
+            )
+            self.result.samples += paths
+            self.cb.sampled(paths)
+        self.accelerator.wait_for_everyone()
+        for module in self.train_modules:
+            module.train()
+
+    def _finish(self) -> None:
+        self.result.steps = self.pos.step
+        self.result.epochs = self.pos.epoch
+        self._save(final=True)
+
+
+def _groups(batches: Any, size: int) -> Any:
+    """Consecutive groups of `size` batches (the last may be shorter): one optimizer step each."""
+    group: list[dict] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _sync_scheduler_lr(lr_scheduler: Any, optimizer: Any) -> None:
+    """After a resume, set each group's lr from THIS run's schedule at the restored step (the saved
+    optimizer holds the lr of the old schedule, which differs when max_train_steps changed)."""
+    lambdas = getattr(lr_scheduler, "lr_lambdas", None)
+    if not lambdas:
+        return
+    lrs = [base * fn(lr_scheduler.last_epoch) for fn, base in zip(lambdas, lr_scheduler.base_lrs)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    lr_scheduler._last_lr = lrs
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _detect(cfg: Any) -> str:
+    from sdprep.train.config import detect_method
+
+    return detect_method(cfg)
+
+
+def train(
+    cfg: Any,
+    *,
+    method: str | None = None,
+    callbacks: TrainCallbacks | None = None,
+    resume: str | Path | None = None,
+    model: Any = None,
+    model_config: str | Path | None = None,
+    sample_max_area: int | None = None,
+) -> TrainResult:
+    """Train `cfg` to the end: set up, print the banner through `callbacks.note`, step, save, verify."""
+    cb = callbacks or TrainCallbacks()
+    trainer = Trainer(
+        cfg,
+        method=method,
+        callbacks=cb,
+        resume=resume,
+        model=model,
+        model_config=model_config,
+        sample_max_area=sample_max_area,
+    )
+    trainer.setup()
+    for line in trainer.banner():
+        cb.note(line)
+    return trainer.run()

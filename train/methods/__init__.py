@@ -1,0 +1,36 @@
+"""Training methods by name; each lives in its own module and is imported only when used."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from sdprep.errors import unknown_choice
+
+# name -> "module:class"; textual inversion and fine-tune register here the same way.
+METHODS: dict[str, str] = {
+    "lora": "sdprep.train.methods.lora:LoraMethod",
+    "ti": "sdprep.train.methods.ti:TextualInversionMethod",
+    "finetune": "sdprep.train.methods.finetune:FinetuneMethod",
+}
+
+
+def method_class(name: str) -> type:
+    """The TrainMethod subclass for `name` ("lora", "ti", "finetune")."""
+    if name not in METHODS:
+        raise unknown_choice("training method", name, METHODS)
+    module, attr = METHODS[name].split(":")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        from sdprep.errors import ConfigError
+
+        raise ConfigError(f'training method "{name}" is not available in this version of sdprep') from exc
+    return getattr(mod, attr)
+
+
+def make_method(name: str, cfg: Any) -> Any:
+    """Instantiate the method `name` for config `cfg`."""
+    return method_class(name)(cfg)

@@ -1,0 +1,107 @@
+"""The contract every training method (LoRA, textual inversion, fine-tune) fulfils for the loop.
+
+A method decides which parameters train, how they are saved in the format other tools load, how a
+saved file is checked, and how its trainable state is captured for resume. The loop never looks
+inside: it asks the method for parameter groups, a forward-ready model, and files.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+
+@dataclass
+class Verification:
+    """What a reloaded output file was checked for; `problems` empty means it passed."""
+
+    path: Path
+    tensors: int = 0
+    bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        state = "ok" if self.ok else "FAILED: " + "; ".join(self.problems[:5])
+        return f"{self.path.name}: {self.tensors} tensors, {self.bytes / 1e6:.1f} MB, {state}"
+
+
+class TrainMethod(ABC):
+    """One way of training SDXL. Subclasses set `name`, `architecture` and implement the hooks."""
+
+    name: ClassVar[str]
+    architecture: ClassVar[str]  # modelspec.architecture, e.g. "stable-diffusion-xl-v1-base/lora"
+    title: ClassVar[str]  # for the start banner
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.model: Any = None
+        self.notes: list[str] = []
+
+    # -- setup -----------------------------------------------------------------------------
+
+    @abstractmethod
+    def setup(self, model: Any, weight_dtype: Any) -> None:
+        """Freeze what does not train, add/unfreeze what does; frozen parts cast to `weight_dtype`."""
+
+    @abstractmethod
+    def param_groups(self) -> list[dict]:
+        """Optimizer parameter groups with their learning rates (`{"params": [...], "lr": x}`)."""
+
+    @property
+    def trains_text_encoders(self) -> bool:
+        """True when any text-encoder weight trains (then text-encoder outputs cannot be cached)."""
+        return False
+
+    @property
+    def trains_unet(self) -> bool:
+        return True
+
+    def train_modules(self) -> list[Any]:
+        """Modules to put in train mode (dropout on) during steps; the rest stay in eval mode."""
+        return [self.model.unet]
+
+    def trainable_parameters(self) -> list[Any]:
+        return [p for group in self.param_groups() for p in group["params"]]
+
+    def count_trainable(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    # -- state for resume ------------------------------------------------------------------
+
+    @abstractmethod
+    def trainable_state(self) -> dict[str, Any]:
+        """Every trainable tensor under a stable name, full precision (for `save_state`)."""
+
+    @abstractmethod
+    def load_trainable_state(self, state: dict[str, Any]) -> None:
+        """Put back what `trainable_state` returned (names and shapes must match)."""
+
+    # -- outputs ---------------------------------------------------------------------------
+
+    @abstractmethod
+    def export_tensors(self, dtype: Any) -> dict[str, Any]:
+        """The user-facing file's tensors (e.g. kohya LoRA names), cast to the save precision."""
+
+    @abstractmethod
+    def verify_tensors(self, tensors: dict[str, Any], trained: bool) -> list[str]:
+        """Problems found in reloaded tensors (expected keys, shapes, finite, trained); [] if fine."""
+
+    def output_suffix(self) -> str:
+        return ".safetensors"
+
+    def extra_outputs(self, final_path: Path) -> list[Path]:
+        """Optional extra copies (e.g. a diffusers-format LoRA) written after the main file."""
+        return []
+
+    def metadata(self) -> dict[str, str]:
+        """Method-specific `ss_*` metadata (network dim/alpha, token string...)."""
+        return {}
+
+    def load_initial_weights(self) -> None:  # noqa: B027 - optional hook
+        """Start from existing weights when the config says so (network_weights, weights)."""

@@ -1,0 +1,409 @@
+"""LoRA on the SDXL U-Net (and optionally the text encoders) with PEFT, saved in kohya's format.
+
+Targets are kohya's defaults: every Linear and 1x1 conv inside the U-Net's transformer blocks
+(attn1/attn2 q,k,v,out, ff.net.0.proj, ff.net.2, proj_in, proj_out); with `network_args`
+`conv_dim`/`conv_alpha` also the ResNet/down/upsample blocks (3x3 convs at conv_dim). The file
+uses the ORIGINAL (SGM) module names and the TRUE alpha, so ComfyUI, A1111/Forge, kohya and
+diffusers' `load_lora_weights` apply exactly the strength that was trained.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from sdprep.errors import ConfigError
+from sdprep.train.methods.base import TrainMethod
+
+UNET_BLOCKS = ("Transformer2DModel",)
+UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+TE_BLOCKS = ("CLIPAttention", "CLIPMLP")
+KNOWN_NETWORK_ARGS = {"conv_dim", "conv_alpha"}
+IGNORED_NETWORK_ARGS = {"rank_dropout", "module_dropout", "dropout"}
+PREFIXES = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"}
+
+
+def parse_network_args(args: list[str] | tuple[str, ...] | str | None) -> tuple[dict[str, str], list[str]]:
+    """kohya's `network_args` ("conv_dim=4", ...) as a dict, plus notes for ignored ones."""
+    if isinstance(args, str):
+        args = [args]
+    out: dict[str, str] = {}
+    notes = []
+    for item in args or []:
+        for part in str(item).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "=" not in part:
+                raise ConfigError(f'network_args: "{part}" is not of the form key=value', "e.g. conv_dim=4")
+            key, value = (s.strip() for s in part.split("=", 1))
+            if key == "algo":
+                raise ConfigError(
+                    f"network_args: algo={value} is a LyCORIS option",
+                    "sdprep trains plain LoRA (networks.lora); remove algo=",
+                )
+            if key in KNOWN_NETWORK_ARGS:
+                out[key] = value
+            else:
+                notes.append(f"network_args: {key}={value} is accepted but not used by sdprep")
+    return out, notes
+
+
+def _is_target_layer(module: Any, conv_ok: bool) -> str | None:
+    """ "linear" for Linear / 1x1 conv, "conv" for larger convs (when enabled), else None."""
+    import torch
+
+    if isinstance(module, torch.nn.Linear):
+        return "linear"
+    if isinstance(module, torch.nn.Conv2d):
+        if module.kernel_size == (1, 1):
+            return "linear"
+        return "conv" if conv_ok else None
+    return None
+
+
+def target_modules(
+    root: Any, block_classes: tuple[str, ...], conv_blocks: tuple[str, ...] = ()
+) -> dict[str, str]:
+    """Module name -> "linear" / "conv" for every layer kohya's LoRA would adapt under `root`."""
+    found: dict[str, str] = {}
+    for name, module in root.named_modules():
+        cls = module.__class__.__name__
+        if cls not in block_classes and cls not in conv_blocks:
+            continue
+        for child_name, child in module.named_modules():
+            kind = _is_target_layer(child, cls in conv_blocks)
+            full = f"{name}.{child_name}" if child_name else name
+            if kind and full not in found:
+                found[full] = kind
+    return found
+
+
+def kohya_name(component: str, module_name: str) -> str:
+    """`lora_unet_input_blocks_4_1_proj_in` etc. for a diffusers/transformers module name."""
+    from sdprep.train.sgm import kohya_lora_name
+
+    return kohya_lora_name(component, module_name)
+
+
+class LoraMethod(TrainMethod):
+    name = "lora"
+    architecture = "stable-diffusion-xl-v1-base/lora"
+    title = "LoRA"
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        args, notes = parse_network_args(cfg.network_args)
+        self.notes += notes
+        self.rank = int(cfg.network_dim or 4)
+        self.alpha = float(cfg.network_alpha if cfg.network_alpha is not None else 1.0)
+        self.conv_rank = int(args["conv_dim"]) if "conv_dim" in args else None
+        self.conv_alpha = float(args.get("conv_alpha", 1.0)) if self.conv_rank else None
+        self.train_unet = not getattr(cfg, "network_train_text_encoder_only", False)
+        self.train_te = not cfg.network_train_unet_only
+        if not self.train_unet and not self.train_te:
+            raise ConfigError(
+                "network_train_unet_only and network_train_text_encoder_only are both set: nothing trains"
+            )
+        # component -> {module name: kind}; filled in setup()
+        self.targets: dict[str, dict[str, str]] = {}
+
+    # -- setup -----------------------------------------------------------------------------
+
+    def _components(self) -> dict[str, Any]:
+        comps = {}
+        if self.train_unet:
+            comps["unet"] = self.model.unet
+        if self.train_te:
+            comps["te1"] = self.model.text_encoder
+            comps["te2"] = self.model.text_encoder_2
+        return comps
+
+    def _lora_config(self, targets: dict[str, str]):
+        from peft import LoraConfig
+
+        dropout = float(getattr(self.cfg, "network_dropout", None) or 0.0)
+        kw: dict[str, Any] = {}
+        convs = [n for n, k in targets.items() if k == "conv"]
+        if convs:
+            # exact-name patterns: PEFT matches rank_pattern keys as regexes against module names
+            kw["rank_pattern"] = {f"^{_re_escape(n)}$": self.conv_rank for n in convs}
+            kw["alpha_pattern"] = {f"^{_re_escape(n)}$": self.conv_alpha for n in convs}
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=dropout,
+            init_lora_weights=True,
+            target_modules=sorted(targets),
+            **kw,
+        )
+
+    def setup(self, model: Any, weight_dtype: Any) -> None:
+        import torch
+
+        self.model = model
+        for module in (model.unet, model.vae, model.text_encoder, model.text_encoder_2):
+            module.requires_grad_(False)
+            module.to(dtype=weight_dtype)
+        for comp, module in self._components().items():
+            if comp == "unet":
+                targets = target_modules(module, UNET_BLOCKS, UNET_CONV_BLOCKS if self.conv_rank else ())
+            else:
+                targets = target_modules(module, TE_BLOCKS)
+            if not targets:
+                raise ConfigError(f"no LoRA target layers found in the {comp} (is this an SDXL model?)")
+            self.targets[comp] = targets
+            module.add_adapter(self._lora_config(targets))
+            for param in module.parameters():
+                if param.requires_grad:
+                    param.data = param.data.to(torch.float32)  # fp32 master weights
+
+    def _lora_params(self, comp: str) -> list[Any]:
+        module = self._components()[comp]
+        return [p for n, p in module.named_parameters() if p.requires_grad and "lora_" in n]
+
+    def param_groups(self) -> list[dict]:
+        cfg = self.cfg
+        base_lr = cfg.learning_rate
+        groups = []
+        if self.train_unet:
+            lr = cfg.unet_lr if cfg.unet_lr is not None else base_lr
+            groups.append({"params": self._lora_params("unet"), "lr": lr, "name": "unet"})
+        if self.train_te:
+            te_lrs = _te_lrs(cfg.text_encoder_lr, base_lr)
+            groups.append({"params": self._lora_params("te1"), "lr": te_lrs[0], "name": "te1"})
+            groups.append({"params": self._lora_params("te2"), "lr": te_lrs[1], "name": "te2"})
+        return groups
+
+    @property
+    def trains_text_encoders(self) -> bool:
+        return self.train_te
+
+    @property
+    def trains_unet(self) -> bool:
+        return self.train_unet
+
+    def train_modules(self) -> list[Any]:
+        return list(self._components().values())
+
+    # -- state for resume ------------------------------------------------------------------
+
+    def trainable_state(self) -> dict[str, Any]:
+        out = {}
+        for comp, module in self._components().items():
+            for name, param in module.named_parameters():
+                if param.requires_grad:
+                    out[f"{comp}/{name}"] = param.detach().clone()
+        return out
+
+    def load_trainable_state(self, state: dict[str, Any]) -> None:
+        import torch
+
+        mine = {}
+        for comp, module in self._components().items():
+            for name, param in module.named_parameters():
+                if param.requires_grad:
+                    mine[f"{comp}/{name}"] = param
+        missing = sorted(set(mine) - set(state))
+        extra = sorted(set(state) - set(mine))
+        if missing or extra:
+            from sdprep.errors import TrainingError
+
+            raise TrainingError(
+                f"the saved training state does not match this LoRA setup ({len(missing)} missing, "
+                f"{len(extra)} unexpected tensors, e.g. {(missing or extra)[0]})",
+                "resume with the same network_dim, network_args and network_train_unet_only as the run that saved it",
+            )
+        with torch.no_grad():
+            for key, param in mine.items():
+                if state[key].shape != param.shape:
+                    from sdprep.errors import TrainingError
+
+                    raise TrainingError(
+                        f"training state {key}: shape {tuple(state[key].shape)} != {tuple(param.shape)}",
+                        "resume with the same network_dim / conv_dim as the run that saved it",
+                    )
+                param.copy_(state[key])
+
+    # -- outputs ---------------------------------------------------------------------------
+
+    def _modules(self):
+        """(component, module name, kohya name, peft LoraLayer) for every adapted layer."""
+        for comp, module in self._components().items():
+            for name, layer in module.named_modules():
+                if name in self.targets.get(comp, {}):
+                    yield comp, name, kohya_name(comp, name), layer
+
+    def module_alpha(self, comp: str, name: str) -> float:
+        return self.conv_alpha if self.targets[comp][name] == "conv" else self.alpha
+
+    def export_tensors(self, dtype: Any) -> dict[str, Any]:
+        import torch
+
+        out: dict[str, Any] = {}
+        for comp, name, kname, layer in self._modules():
+            down = layer.lora_A["default"].weight.detach()
+            up = layer.lora_B["default"].weight.detach()
+            out[f"{kname}.lora_down.weight"] = down.to(dtype).contiguous().cpu()
+            out[f"{kname}.lora_up.weight"] = up.to(dtype).contiguous().cpu()
+            out[f"{kname}.alpha"] = torch.tensor(self.module_alpha(comp, name), dtype=dtype)
+        return out
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+        for _comp, _name, kname, layer in self._modules():
+            shapes[f"{kname}.lora_down.weight"] = tuple(layer.lora_A["default"].weight.shape)
+            shapes[f"{kname}.lora_up.weight"] = tuple(layer.lora_B["default"].weight.shape)
+            shapes[f"{kname}.alpha"] = ()
+        return shapes
+
+    def verify_tensors(self, tensors: dict[str, Any], trained: bool) -> list[str]:
+        return verify_lora_tensors(tensors, self.expected_shapes(), self._alphas(), trained)
+
+    def _alphas(self) -> dict[str, float]:
+        return {kname: self.module_alpha(comp, name) for comp, name, kname, _ in self._modules()}
+
+    def metadata(self) -> dict[str, str]:
+        meta = {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(self.rank),
+            "ss_network_alpha": _num(self.alpha),
+            "ss_network_dropout": str(getattr(self.cfg, "network_dropout", None)),
+            "ss_network_train_unet_only": str(not self.train_te),
+            "ss_network_train_text_encoder_only": str(not self.train_unet),
+        }
+        if self.conv_rank:
+            meta["ss_network_args"] = (
+                f'{{"conv_dim": "{self.conv_rank}", "conv_alpha": "{_num(self.conv_alpha)}"}}'
+            )
+        return meta
+
+    def extra_outputs(self, final_path: Path) -> list[Path]:
+        if not getattr(self.cfg, "save_diffusers_lora", False):
+            return []
+        return [save_diffusers_copy(self, final_path)]
+
+    def load_initial_weights(self) -> None:
+        path = getattr(self.cfg, "network_weights", None)
+        if path:
+            self.notes.append(load_kohya_lora(self, Path(path)))
+
+
+def _re_escape(name: str) -> str:
+    import re
+
+    return re.escape(name)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def _te_lrs(value: Any, base: float) -> tuple[float, float]:
+    if value is None:
+        return base, base
+    if isinstance(value, (list, tuple)):
+        if len(value) == 1:
+            return float(value[0]), float(value[0])
+        return float(value[0]), float(value[1])
+    return float(value), float(value)
+
+
+def verify_lora_tensors(
+    tensors: dict[str, Any], shapes: dict[str, tuple[int, ...]], alphas: dict[str, float], trained: bool
+) -> list[str]:
+    """Problems in a reloaded kohya LoRA: missing/extra keys, shapes, non-finite, untrained, alpha."""
+    import torch
+
+    problems = []
+    if not tensors:
+        return ["the file has no tensors"]
+    missing = sorted(set(shapes) - set(tensors))
+    extra = sorted(set(tensors) - set(shapes))
+    if missing:
+        problems.append(f"{len(missing)} expected tensors missing (e.g. {missing[0]})")
+    if extra:
+        problems.append(f"{len(extra)} unexpected tensors (e.g. {extra[0]})")
+    ups_zero = ups = 0
+    for key, shape in shapes.items():
+        t = tensors.get(key)
+        if t is None:
+            continue
+        if key.endswith(".alpha"):
+            if t.numel() != 1 or not math.isclose(float(t), alphas[key[: -len(".alpha")]], rel_tol=1e-3):
+                problems.append(f"{key} is {t.tolist()}, expected alpha {alphas[key[: -len('.alpha')]]}")
+            continue
+        if tuple(t.shape) != shape and not (len(shape) == 2 and tuple(t.shape) == (*shape, 1, 1)):
+            problems.append(f"{key} has shape {tuple(t.shape)}, expected {shape}")
+        if not torch.isfinite(t.float()).all():
+            problems.append(f"{key} has NaN or infinite values")
+        if key.endswith(".lora_up.weight"):
+            ups += 1
+            ups_zero += int(not bool(t.float().abs().sum() > 0))
+    if trained and ups and ups_zero == ups:
+        problems.append("every lora_up weight is zero: the LoRA has not learned anything")
+    return problems
+
+
+def load_kohya_lora(method: LoraMethod, path: Path) -> str:
+    """Load a kohya-format LoRA file into the PEFT adapters (for `network_weights`); returns a note.
+
+    When the file's alpha differs from the configured one, the up weights are rescaled so the
+    network computes exactly what the file computes.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from sdprep.errors import ModelError
+
+    if not path.is_file():
+        raise ModelError(f"network_weights {path}: no such file")
+    try:
+        sd = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise ModelError(f"network_weights {path}: not a readable safetensors file ({exc})") from exc
+    ours = {kname: (comp, name, layer) for comp, name, kname, layer in method._modules()}
+    theirs = {k.rsplit(".", 2)[0] for k in sd if k.endswith(".lora_down.weight")}
+    unknown = sorted(theirs - set(ours))
+    if unknown:
+        raise ConfigError(
+            f"network_weights {path.name}: {len(unknown)} LoRA modules are not trained by this config "
+            f"(e.g. {unknown[0]})",
+            "match the file: set network_train_unet_only = false for text-encoder LoRAs, "
+            "conv_dim in network_args for conv LoRAs",
+        )
+    with torch.no_grad():
+        for kname in sorted(theirs):
+            comp, name, layer = ours[kname]
+            down, up = sd[f"{kname}.lora_down.weight"], sd[f"{kname}.lora_up.weight"]
+            a_param, b_param = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            if down.shape[0] != a_param.shape[0]:
+                raise ConfigError(
+                    f"network_weights {path.name}: rank {down.shape[0]} but network_dim is {a_param.shape[0]}",
+                    f"set network_dim = {down.shape[0]} (and network_alpha to the file's alpha)",
+                )
+            rank = down.shape[0]
+            file_alpha = float(sd.get(f"{kname}.alpha", torch.tensor(float(rank))))
+            ratio = (file_alpha / rank) / (method.module_alpha(comp, name) / rank)
+            a_param.copy_(down.reshape(a_param.shape).to(a_param.dtype))
+            b_param.copy_((up.reshape(b_param.shape) * ratio).to(b_param.dtype))
+    return f"network_weights: started from {path.name} ({len(theirs)} of {len(ours)} modules)"
+
+
+def save_diffusers_copy(method: LoraMethod, final_path: Path) -> Path:
+    """Write a diffusers-format copy (`<name>_diffusers/pytorch_lora_weights.safetensors`)."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    comps = method._components()
+    out_dir = final_path.with_name(final_path.stem + "_diffusers")
+    kwargs: dict[str, Any] = {}
+    if "unet" in comps:
+        kwargs["unet_lora_layers"] = get_peft_model_state_dict(comps["unet"])
+        kwargs["unet_lora_adapter_metadata"] = comps["unet"].peft_config["default"].to_dict()
+    if "te1" in comps:
+        kwargs["text_encoder_lora_layers"] = get_peft_model_state_dict(comps["te1"])
+        kwargs["text_encoder_2_lora_layers"] = get_peft_model_state_dict(comps["te2"])
+    StableDiffusionXLPipeline.save_lora_weights(out_dir, safe_serialization=True, **kwargs)
+    return out_dir / "pytorch_lora_weights.safetensors"

@@ -1,0 +1,203 @@
+"""Loading an SDXL model for training: a diffusers folder, a single-file checkpoint or a hub id.
+
+Everything loads offline when the files are local. Weights are read with safetensors or
+`torch.load(weights_only=True)` only (diffusers does the latter for `.ckpt`/`.bin`). Tokenizers are
+checked after loading, because transformers 5 silently returns a 2-3 token tokenizer for a folder
+without vocabulary files, which would train every caption as "end of text".
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdprep.errors import ModelError
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
+MIN_VOCAB = 256  # a byte-level BPE has at least 256 symbols; broken loads give 2-3
+HUB_SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+@dataclass
+class SDXLModel:
+    """The SDXL components the trainer works with, plus where they came from."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    text_encoder_2: Any
+    tokenizer: Any
+    tokenizer_2: Any
+    scheduler_config: dict
+    source: str
+    is_tiny: bool = False
+
+    @property
+    def tokenizers(self) -> list:
+        return [self.tokenizer, self.tokenizer_2]
+
+    @property
+    def text_encoders(self) -> list:
+        return [self.text_encoder, self.text_encoder_2]
+
+    def pipeline(self, scheduler: Any = None, unet: Any = None):
+        """A StableDiffusionXLPipeline sharing these modules (no copies), e.g. for samples."""
+        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            text_encoder_2=self.text_encoder_2,
+            tokenizer=self.tokenizer,
+            tokenizer_2=self.tokenizer_2,
+            unet=unet if unet is not None else self.unet,
+            scheduler=scheduler or EulerDiscreteScheduler.from_config(self.scheduler_config),
+        )
+
+
+def quiet_libraries() -> None:
+    """Silence diffusers/transformers loading bars and info logs (sdprep shows its own progress)."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.disable_progress_bar()
+    dlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+
+
+def check_tokenizer(tokenizer: Any, name: str, source: str) -> None:
+    """Fail when a tokenizer is missing its vocabulary (transformers 5 returns a near-empty one)."""
+    size = len(tokenizer)
+    if size < MIN_VOCAB:
+        raise ModelError(
+            f"{source}: {name} has only {size} tokens: its vocabulary files are missing",
+            f"the {name}/ folder needs vocab.json and merges.txt (or tokenizer.json); copy them from "
+            f"{HUB_SDXL} or pass --model_config DIR with a complete diffusers SDXL folder",
+        )
+
+
+def _check_sdxl(pipe: Any, source: str) -> None:
+    unet_cfg = pipe.unet.config
+    if getattr(pipe, "text_encoder_2", None) is None or unet_cfg.get("addition_embed_type") != "text_time":
+        raise ModelError(
+            f"{source} is not an SDXL model (no second text encoder / size conditioning)",
+            "sdprep trains SDXL and SDXL fine-tunes (Pony, Illustrious, ...); SD 1.x/2.x are not supported",
+        )
+
+
+def _wrap_load(source: str, exc: Exception, single_file: bool) -> ModelError:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if single_file:
+        return ModelError(
+            f"cannot load the single-file checkpoint {source}: {text}",
+            "diffusers needs the SDXL config (model_index.json, */config.json, tokenizers) to build a "
+            "single file; offline, pass --model_config DIR pointing at a local diffusers SDXL folder "
+            f"(e.g. a copy of {HUB_SDXL} without its weights)",
+        )
+    return ModelError(
+        f"cannot load the model {source}: {text}",
+        "pass a local diffusers folder or .safetensors file; a hub id needs the network "
+        "(or a copy in the Hugging Face cache)",
+    )
+
+
+def _load_pipeline(source: str, model_config: Path | None) -> tuple[Any, bool]:
+    """Load a StableDiffusionXLPipeline from any supported source; returns (pipe, is_single_file)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    path = Path(os.path.expanduser(source))
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise ModelError(
+                f"{path} is not a diffusers model folder (no model_index.json)",
+                "pass the folder that holds unet/, vae/, text_encoder/... or a .safetensors checkpoint",
+            )
+        try:
+            return StableDiffusionXLPipeline.from_pretrained(path, local_files_only=True), False
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise _wrap_load(str(path), exc, False) from exc
+    if path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise ModelError(
+                f"{path}: not a model file", "pass a .safetensors checkpoint or a diffusers folder"
+            )
+        kwargs: dict[str, Any] = {"local_files_only": True}
+        if model_config is not None:
+            if not (Path(model_config) / "model_index.json").exists():
+                raise ModelError(
+                    f"--model_config {model_config} is not a diffusers SDXL folder (no model_index.json)"
+                )
+            kwargs["config"] = str(model_config)
+        try:
+            return StableDiffusionXLPipeline.from_single_file(str(path), **kwargs), True
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+            raise _wrap_load(str(path), exc, True) from exc
+    looks_local = source.startswith((".", "/", "~")) or path.suffix.lower() in SINGLE_FILE_SUFFIXES
+    if looks_local or source.count("/") != 1:
+        raise ModelError(f"{source}: no such file or folder", "check pretrained_model_name_or_path")
+    try:
+        return StableDiffusionXLPipeline.from_pretrained(source), False
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise _wrap_load(source, exc, False) from exc
+
+
+def load_vae(vae: str | Path, reference: Any, base: str):
+    """Load a separate VAE (diffusers folder or single file), configured like `reference` when needed."""
+    from diffusers import AutoencoderKL
+
+    path = Path(os.path.expanduser(str(vae)))
+    try:
+        if path.is_dir():
+            sub = "vae" if (path / "vae" / "config.json").exists() else None
+            return AutoencoderKL.from_pretrained(path, subfolder=sub, local_files_only=True)
+        if not path.is_file():
+            raise ModelError(f"vae {path}: no such file or folder", "check the `vae` setting")
+        with tempfile.TemporaryDirectory(prefix="sdprep-vae-") as tmp:
+            reference.save_config(tmp)
+            return AutoencoderKL.from_single_file(str(path), config=tmp, local_files_only=True)
+    except ModelError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+        raise ModelError(
+            f"cannot load the VAE {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}",
+            f"pass an SDXL VAE (diffusers folder or .safetensors) matching the model {base}",
+        ) from exc
+
+
+def load_sdxl(
+    source: str | Path,
+    *,
+    vae: str | Path | None = None,
+    model_config: str | Path | None = None,
+) -> SDXLModel:
+    """Load an SDXL model (diffusers folder, single file or hub id) with an optional separate VAE.
+
+    All modules come back in float32; the trainer casts the frozen parts for mixed precision.
+    """
+    from sdprep.train.tiny import is_tiny_model
+
+    quiet_libraries()
+    source = str(source)
+    model_config = Path(os.path.expanduser(str(model_config))) if model_config else None
+    pipe, _single = _load_pipeline(source, model_config)
+    _check_sdxl(pipe, source)
+    check_tokenizer(pipe.tokenizer, "tokenizer", source)
+    check_tokenizer(pipe.tokenizer_2, "tokenizer_2", source)
+    vae_module = pipe.vae
+    if vae:
+        vae_module = load_vae(vae, pipe.vae, source)
+    return SDXLModel(
+        unet=pipe.unet,
+        vae=vae_module,
+        text_encoder=pipe.text_encoder,
+        text_encoder_2=pipe.text_encoder_2,
+        tokenizer=pipe.tokenizer,
+        tokenizer_2=pipe.tokenizer_2,
+        scheduler_config=dict(pipe.scheduler.config),
+        source=source,
+        is_tiny=Path(source).is_dir() and is_tiny_model(source),
+    )

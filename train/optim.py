@@ -1,0 +1,139 @@
+"""Optimizers and learning-rate schedulers by kohya's names.
+
+`optimizer_type`: AdamW, AdamW8bit (bitsandbytes), Adafactor (transformers), Prodigy (prodigyopt),
+Lion (lion-pytorch), SGDNesterov, or any `torch.optim` class by name (case-insensitive), or a
+dotted path `package.module.Class`. `optimizer_args` are kohya's `k=v` strings.
+`lr_scheduler`: diffusers' schedulers (constant, constant_with_warmup, linear, cosine,
+cosine_with_restarts, polynomial, piecewise_constant) plus `adafactor` (Adafactor's own lr).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from sdprep.errors import ConfigError, unknown_choice
+
+SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "piecewise_constant",
+    "adafactor",
+)
+
+
+def _optional(module: str, package: str, optimizer: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(
+            f"optimizer_type {optimizer} needs the `{package}` package, which is not installed",
+            f"pip install {package}  (or choose optimizer_type = AdamW)",
+        ) from exc
+
+
+def _torch_optimizer(name: str) -> Any:
+    import torch
+
+    by_lower = {
+        n.lower(): getattr(torch.optim, n)
+        for n in dir(torch.optim)
+        if isinstance(getattr(torch.optim, n), type)
+        and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)
+    }
+    if name.lower() in by_lower:
+        return by_lower[name.lower()]
+    if "." in name:
+        module, _, attr = name.rpartition(".")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f'optimizer_type "{name}": cannot import it ({exc})') from exc
+    known = ["AdamW", "AdamW8bit", "Adafactor", "Prodigy", "Lion", "SGDNesterov", *by_lower]
+    raise unknown_choice("optimizer_type", name, known)
+
+
+def build_optimizer(name: str | None, groups: list[dict], lr: float, args: dict[str, Any]) -> tuple[Any, str]:
+    """The optimizer for `groups` and a one-line description (name and arguments)."""
+    import torch
+
+    name = (name or "AdamW").strip()
+    key = name.lower()
+    kwargs = dict(args)
+    groups = [{k: v for k, v in g.items() if k != "name"} for g in groups]
+    if key == "adamw":
+        cls = torch.optim.AdamW
+    elif key in ("adamw8bit", "pagedadamw8bit"):
+        bnb = _optional("bitsandbytes", "bitsandbytes", name)
+        cls = bnb.optim.AdamW8bit if key == "adamw8bit" else bnb.optim.PagedAdamW8bit
+    elif key == "adafactor":
+        from transformers.optimization import Adafactor
+
+        cls = Adafactor
+        kwargs.setdefault("scale_parameter", False)
+        kwargs.setdefault("relative_step", False)
+        kwargs.setdefault("warmup_init", False)
+        if kwargs["relative_step"]:
+            lr = None  # Adafactor computes its own learning rate
+            for g in groups:
+                g.pop("lr", None)
+    elif key == "prodigy":
+        cls = _optional("prodigyopt", "prodigyopt", name).Prodigy
+    elif key == "lion":
+        cls = _optional("lion_pytorch", "lion-pytorch", name).Lion
+    elif key == "sgdnesterov":
+        cls = torch.optim.SGD
+        kwargs.setdefault("nesterov", True)
+        kwargs.setdefault("momentum", 0.9)
+    else:
+        cls = _torch_optimizer(name)
+    try:
+        optimizer = cls(groups, lr=lr, **kwargs) if lr is not None else cls(groups, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(
+            f"optimizer_args do not fit {cls.__name__}: {exc}", "check the names in optimizer_args"
+        ) from exc
+    described = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+    return optimizer, f"{cls.__name__}({described})" if described else cls.__name__
+
+
+def build_scheduler(
+    name: str | None,
+    optimizer: Any,
+    *,
+    warmup_steps: int,
+    total_steps: int,
+    num_cycles: int | None = None,
+    power: float | None = None,
+    args: dict[str, Any] | None = None,
+) -> Any:
+    """A learning-rate scheduler stepped once per optimizer step."""
+    name = (name or "constant").strip().lower()
+    if name not in SCHEDULERS:
+        raise unknown_choice("lr_scheduler", name, SCHEDULERS)
+    if name == "adafactor":
+        from transformers.optimization import AdafactorSchedule
+
+        return AdafactorSchedule(optimizer, initial_lr=(args or {}).get("initial_lr", 0.0))
+    from diffusers.optimization import get_scheduler
+
+    kwargs: dict[str, Any] = {"num_warmup_steps": warmup_steps, "num_training_steps": total_steps}
+    if name == "cosine_with_restarts" and num_cycles:
+        kwargs["num_cycles"] = num_cycles
+    if name == "polynomial" and power:
+        kwargs["power"] = power
+    kwargs.update(args or {})
+    return get_scheduler(name, optimizer, **kwargs)
+
+
+def warmup_steps(value: float | int | None, total_steps: int) -> int:
+    """kohya's lr_warmup_steps: a count, or a float < 1 meaning a fraction of all steps."""
+    if not value:
+        return 0
+    if isinstance(value, float) and value < 1:
+        return int(value * total_steps)
+    return int(value)

@@ -1,0 +1,436 @@
+"""Saving what training produces, so that a run can never end with a missing, empty or NaN file.
+
+- Weights: written to a temporary file beside the target, reloaded and verified (expected keys,
+  shapes, finite, non-empty, trained), and only then moved into place with `os.replace`. A failed
+  check raises TrainingError and leaves the previous good file untouched.
+- Training state (for `--resume`): a folder with the trainable tensors (safetensors), optimizer and
+  scheduler state (torch.save, read back with `weights_only=True`), RNG states and a `state.json`
+  written last; the folder is built under a temporary name and renamed, so a partial state is never
+  picked up by `--resume latest`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdprep.errors import TrainingError
+from sdprep.train.methods.base import Verification
+
+STATE_FILE = "state.json"
+STATE_SUFFIX = "-state"
+STATE_FORMAT = 1
+HASH_LIMIT = 1 << 30  # hash the tensors for `sshs_model_hash` only below 1 GB (LoRA, TI)
+
+SAVE_DTYPES = {None: "float32", "float": "float32", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def save_dtype(precision: str | None) -> Any:
+    """torch dtype for kohya's `save_precision` (float / fp16 / bf16; None = float32)."""
+    import torch
+
+    key = precision.lower() if isinstance(precision, str) else precision
+    if key not in SAVE_DTYPES:
+        from sdprep.errors import unknown_choice
+
+        raise unknown_choice("save_precision", str(precision), [k for k in SAVE_DTYPES if k])
+    return getattr(torch, SAVE_DTYPES[key])
+
+
+def clean_output_name(name: str | None) -> str:
+    """kohya's `output_name`, without a trailing `.safetensors` some configs include; "last" if unset."""
+    name = (name or "last").strip()
+    for suffix in (".safetensors", ".ckpt", ".pt"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+    return name or "last"
+
+
+def weights_name(
+    name: str, *, epoch: int | None = None, step: int | None = None, suffix=".safetensors"
+) -> str:
+    """`<name>.safetensors`, `<name>-000003.safetensors` (epoch) or `<name>-step00000500.safetensors`."""
+    if epoch is not None:
+        return f"{name}-{epoch:06d}{suffix}"
+    if step is not None:
+        return f"{name}-step{step:08d}{suffix}"
+    return f"{name}{suffix}"
+
+
+def state_dir_name(name: str, *, epoch: int | None = None, step: int | None = None) -> str:
+    return weights_name(name, epoch=epoch, step=step, suffix="") + STATE_SUFFIX
+
+
+# -- weights -------------------------------------------------------------------------------
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def verify_file(path: Path, method: Any, trained: bool) -> Verification:
+    """Reload a saved safetensors file from disk and check it with the method's rules."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    report = Verification(path)
+    try:
+        report.bytes = path.stat().st_size
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            handle.metadata()
+    except Exception as exc:  # a truncated or corrupt file: safetensors raises its own types
+        report.problems.append(f"cannot be read back ({exc})")
+        return report
+    report.tensors = len(tensors)
+    if report.bytes == 0:
+        report.problems.append("the file is empty")
+    report.problems += method.verify_tensors(tensors, trained)
+    return report
+
+
+def save_weights(
+    method: Any, path: Path, metadata: dict[str, str], dtype: Any, trained: bool
+) -> Verification:
+    """Write the method's output file atomically, verified BEFORE it replaces anything."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = method.export_tensors(dtype)
+    if not tensors:
+        raise TrainingError(f"nothing to save for {path.name}: the method produced no tensors")
+    metadata = {k: str(v) for k, v in metadata.items()}
+    if metadata and sum(t.numel() * t.element_size() for t in tensors.values()) < HASH_LIMIT:
+        metadata["sshs_model_hash"] = tensor_hash(tensors)
+    tmp = _tmp_path(path)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        report = verify_file(tmp, method, trained)
+        report.path = path
+        if not report.ok:
+            raise TrainingError(
+                f"the saved file {path.name} failed its check: " + "; ".join(report.problems[:5]),
+                "the previous saved file (if any) was kept; see the messages above for the cause",
+            )
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return report
+
+
+# -- training state ------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Where a run is: `step` optimizer steps done, in `epoch` (0-based), `epoch_step` steps into it."""
+
+    step: int
+    epoch: int
+    epoch_step: int
+    method: str
+    config: dict
+    config_hash: str
+    dataset_batches: int
+    path: Path | None = None
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states as tensors/lists (loadable with weights_only=True)."""
+    import numpy as np
+    import torch
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype("int64")),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_dir(final: Path, write: Any) -> None:
+    """Build a folder under a temporary name with `write(tmp)`, then rename it into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_state(
+    folder: Path,
+    state: TrainState,
+    method: Any,
+    optimizer: Any,
+    lr_scheduler: Any,
+    extra_rng: dict[str, Any] | None = None,
+) -> Path:
+    """Write everything needed to continue the run exactly: tensors, optimizer, scheduler, RNG, counters."""
+    import torch
+    from safetensors.torch import save_file
+
+    def write(tmp: Path) -> None:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in method.trainable_state().items()}
+        save_file(tensors, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save({"global": rng_state(), **(extra_rng or {})}, tmp / "rng.pt")
+        info = {
+            "format": STATE_FORMAT,
+            "step": state.step,
+            "epoch": state.epoch,
+            "epoch_step": state.epoch_step,
+            "method": state.method,
+            "config_hash": state.config_hash,
+            "dataset_batches": state.dataset_batches,
+            "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "config": state.config,
+        }
+        (tmp / STATE_FILE).write_text(json.dumps(info, indent=1, default=str))  # written last
+
+    _atomic_dir(folder, write)
+    return folder
+
+
+def read_state_info(folder: Path) -> TrainState:
+    """Read a state folder's `state.json`; a folder without one is not a (complete) sdprep state."""
+    info_path = folder / STATE_FILE
+    if not info_path.is_file():
+        hint = "pass a folder written by sdprep with save_state = true, or --resume latest"
+        if (folder / "train_state.json").exists() or any(folder.glob("random_states_*.pkl")):
+            hint = (
+                "this is a kohya/accelerate state folder; sdprep does not unpickle those. Start from "
+                "the weights instead: network_weights = <the LoRA file>"
+            )
+        raise TrainingError(f"{folder} is not a complete sdprep training state (no {STATE_FILE})", hint)
+    try:
+        info = json.loads(info_path.read_text())
+        return TrainState(
+            step=int(info["step"]),
+            epoch=int(info["epoch"]),
+            epoch_step=int(info["epoch_step"]),
+            method=str(info["method"]),
+            config=dict(info.get("config", {})),
+            config_hash=str(info.get("config_hash", "")),
+            dataset_batches=int(info.get("dataset_batches", 0)),
+            path=folder,
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TrainingError(f"{info_path} is damaged ({exc})", "resume from another state folder") from exc
+
+
+def load_state(folder: Path, method: Any, optimizer: Any, lr_scheduler: Any) -> tuple[TrainState, dict]:
+    """Restore tensors, optimizer and scheduler from a state folder; returns (state, rng states)."""
+    import torch
+    from safetensors.torch import load_file
+
+    state = read_state_info(folder)
+    try:
+        method.load_trainable_state(load_file(str(folder / "trainable.safetensors")))
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
+        lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        rng = torch.load(folder / "rng.pt", weights_only=True)
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        raise TrainingError(
+            f"cannot restore the training state in {folder}: {exc}",
+            "resume with the same method and optimizer settings, or start again from the weights",
+        ) from exc
+    return state, rng
+
+
+def find_states(output_dir: Path) -> list[TrainState]:
+    """Complete state folders under `output_dir`, oldest step first."""
+    found = []
+    if not output_dir.is_dir():
+        return found
+    for folder in output_dir.iterdir():
+        if folder.is_dir() and folder.name.endswith(STATE_SUFFIX) and not folder.name.startswith("."):
+            try:
+                found.append(read_state_info(folder))
+            except TrainingError:
+                continue
+    return sorted(found, key=lambda s: (s.step, s.path.stat().st_mtime if s.path else 0))
+
+
+def resolve_resume(resume: str | Path, output_dir: Path, name: str) -> Path:
+    """`latest` -> the newest complete state for `name` in output_dir; a path must be a state folder."""
+    if str(resume) == "latest":
+        states = find_states(output_dir)
+        mine = [s for s in states if s.path and s.path.name.startswith(name)]
+        pick = (mine or states)[-1:] if (mine or states) else []
+        if not pick:
+            raise TrainingError(
+                f"--resume latest: no saved training state in {output_dir}",
+                "a run saves its state when save_state = true (every save, and at the end)",
+            )
+        return pick[0].path  # type: ignore[return-value]
+    folder = Path(resume).expanduser()
+    if not folder.is_dir():
+        raise TrainingError(f"--resume {folder}: no such folder", "pass a *-state folder or `latest`")
+    read_state_info(folder)
+    return folder
+
+
+# -- metadata ------------------------------------------------------------------------------
+
+SDXL_BASE_VERSION = "sdxl_base_v1-0"
+
+
+def _s(value: Any) -> str:
+    return "None" if value is None else str(value)
+
+
+def kohya_metadata(run: dict[str, Any], method: Any, dataset: Any, cfg: Any) -> dict[str, str]:
+    """kohya's `ss_*` training metadata and the `modelspec.*` keys ComfyUI/A1111/Forge read.
+
+    `run` holds the run facts: started (unix time), seed, steps, epoch, num_epochs,
+    batches_per_epoch, total_steps, optimizer (description), session_id, model_name, vae_name.
+    """
+    res = cfg.resolution
+    meta: dict[str, str] = {
+        "ss_session_id": _s(run.get("session_id")),
+        "ss_training_started_at": _s(run.get("started")),
+        "ss_training_finished_at": _s(time.time()),
+        "ss_output_name": _s(run.get("name")),
+        "ss_learning_rate": _s(cfg.learning_rate),
+        "ss_unet_lr": _s(cfg.unet_lr),
+        "ss_text_encoder_lr": _s(cfg.text_encoder_lr),
+        "ss_num_train_images": _s(sum(1 for r in dataset.records if not r.is_reg)),
+        "ss_num_reg_images": _s(sum(1 for r in dataset.records if r.is_reg)),
+        "ss_num_batches_per_epoch": _s(run.get("batches_per_epoch")),
+        "ss_num_epochs": _s(run.get("num_epochs")),
+        "ss_steps": _s(run.get("steps")),
+        "ss_epoch": _s(run.get("epoch")),
+        "ss_max_train_steps": _s(run.get("total_steps")),
+        "ss_gradient_checkpointing": _s(cfg.gradient_checkpointing),
+        "ss_gradient_accumulation_steps": _s(cfg.gradient_accumulation_steps),
+        "ss_lr_warmup_steps": _s(cfg.lr_warmup_steps),
+        "ss_lr_scheduler": _s(cfg.lr_scheduler),
+        "ss_optimizer": _s(run.get("optimizer")),
+        "ss_max_grad_norm": _s(cfg.max_grad_norm),
+        "ss_mixed_precision": _s(cfg.mixed_precision),
+        "ss_full_fp16": _s(cfg.full_fp16),
+        "ss_full_bf16": _s(cfg.full_bf16),
+        "ss_v2": "False",
+        "ss_base_model_version": SDXL_BASE_VERSION,
+        "ss_sd_model_name": _s(run.get("model_name")),
+        "ss_vae_name": _s(run.get("vae_name")),
+        "ss_clip_skip": _s(cfg.clip_skip),
+        "ss_max_token_length": _s(cfg.max_token_length),
+        "ss_cache_latents": _s(cfg.cache_latents or cfg.cache_latents_to_disk),
+        "ss_seed": _s(run.get("seed")),
+        "ss_noise_offset": _s(cfg.noise_offset),
+        "ss_adaptive_noise_scale": _s(cfg.adaptive_noise_scale),
+        "ss_multires_noise_iterations": _s(cfg.multires_noise_iterations),
+        "ss_multires_noise_discount": _s(cfg.multires_noise_discount),
+        "ss_ip_noise_gamma": _s(cfg.ip_noise_gamma),
+        "ss_min_snr_gamma": _s(cfg.min_snr_gamma),
+        "ss_debiased_estimation": _s(cfg.debiased_estimation_loss),
+        "ss_loss_type": _s(cfg.loss_type),
+        "ss_huber_schedule": _s(cfg.huber_schedule),
+        "ss_huber_c": _s(cfg.huber_c),
+        "ss_prior_loss_weight": _s(cfg.prior_loss_weight),
+        "ss_masked_loss": _s(cfg.masked_loss),
+        "ss_caption_dropout_rate": _s(cfg.caption_dropout_rate),
+        "ss_caption_dropout_every_n_epochs": _s(cfg.caption_dropout_every_n_epochs),
+        "ss_caption_tag_dropout_rate": _s(cfg.caption_tag_dropout_rate),
+        "ss_batch_size_per_device": _s(cfg.train_batch_size),
+        "ss_total_batch_size": _s(run.get("total_batch_size")),
+        "ss_resolution": f"({res[0]}, {res[1]})",
+        "ss_enable_bucket": _s(cfg.enable_bucket),
+        "ss_min_bucket_reso": _s(cfg.min_bucket_reso),
+        "ss_max_bucket_reso": _s(cfg.max_bucket_reso),
+        "ss_bucket_no_upscale": _s(cfg.bucket_no_upscale),
+        "ss_keep_tokens": _s(cfg.keep_tokens),
+        "ss_shuffle_caption": _s(cfg.shuffle_caption),
+        "ss_flip_aug": _s(cfg.flip_aug),
+        "ss_random_crop": _s(cfg.random_crop),
+        "ss_color_aug": _s(cfg.color_aug),
+        "ss_dataset_dirs": json.dumps(dataset.dataset_dirs()),
+        "ss_tag_frequency": json.dumps(dataset.tag_frequency()),
+        "ss_training_comment": _s(cfg.training_comment),
+        "ss_sdprep_version": _sdprep_version(),
+    }
+    meta.update(method.metadata())
+    meta.update(modelspec(cfg, method, run))
+    return meta
+
+
+def modelspec(cfg: Any, method: Any, run: dict[str, Any]) -> dict[str, str]:
+    """Stability AI's model spec keys (what ComfyUI/A1111/Forge show and sort by)."""
+    res = cfg.resolution
+    spec = {
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": method.architecture,
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": cfg.metadata_title
+        or f"{run.get('name')}" + (f" {run['label']}" if run.get("label") else ""),
+        "modelspec.resolution": f"{res[0]}x{res[1]}",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.prediction_type": "v" if cfg.v_parameterization else "epsilon",
+    }
+    for key in ("author", "description", "license", "tags"):
+        value = getattr(cfg, f"metadata_{key}", None)
+        if value:
+            spec[f"modelspec.{key}"] = str(value)
+    if cfg.clip_skip:
+        spec["modelspec.encoder_layer"] = str(cfg.clip_skip)
+    return spec
+
+
+def tensor_hash(tensors: dict[str, Any]) -> str:
+    """kohya's `sshs_model_hash`: sha256 of the safetensors data after the header (what A1111 shows)."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    blob = save(tensors)
+    n = int.from_bytes(blob[:8], "little")
+    return hashlib.sha256(blob[8 + n :]).hexdigest()
+
+
+def _sdprep_version() -> str:
+    from sdprep import __version__
+
+    return __version__
