@@ -15,6 +15,7 @@ from sdprep import __version__
 from sdprep.errors import SdprepError
 
 COMMANDS: dict[str, tuple[str, str]] = {
+    "scrape": ("sdprep.prep.cli.scrape:command", "Download images with gallery-dl, tagged from booru metadata."),
     "upscale": ("sdprep.prep.cli.upscale:command", "Upscale small images to the training size (Lanczos or a model)."),
     "dedup": ("sdprep.prep.cli.dedup:command", "Move perceptual duplicates aside, keeping the best copy."),
     "convert": ("sdprep.prep.cli.convert:command", "Normalise image formats, EXIF rotation and alpha."),
