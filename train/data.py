@@ -118,23 +118,28 @@ class TrainDataset:
         """Batches per epoch for each process (optimizer steps before gradient accumulation)."""
         return len(self.plan(0, num_shards=num_shards))
 
+    def by_subset(self) -> list[list[ImageRecord]]:
+        """The records of each subset (index-aligned with `subsets`)."""
+        out: list[list[ImageRecord]] = [[] for _ in self.subsets]
+        for r in self.records:
+            out[r.subset].append(r)
+        return out
+
     def tag_frequency(self) -> dict[str, dict[str, int]]:
         """kohya's `ss_tag_frequency`: per subset folder name, tag -> count (raw captions, no repeats)."""
         out: dict[str, dict[str, int]] = {}
-        for i, spec in enumerate(self.subsets):
-            freq = tag_frequency([r.caption for r in self.records if r.subset == i])
+        for spec, recs in zip(self.subsets, self.by_subset()):
             merged = out.setdefault(spec.name, {})
-            for tag, n in freq.items():
+            for tag, n in tag_frequency([r.caption for r in recs]).items():
                 merged[tag] = merged.get(tag, 0) + n
         return out
 
     def dataset_dirs(self) -> dict[str, dict[str, int]]:
         """kohya's `ss_dataset_dirs`: per subset folder name, repeats and image count."""
-        out: dict[str, dict[str, int]] = {}
-        for i, spec in enumerate(self.subsets):
-            count = sum(1 for r in self.records if r.subset == i)
-            out[spec.name] = {"n_repeats": spec.num_repeats, "img_count": count}
-        return out
+        return {
+            spec.name: {"n_repeats": spec.num_repeats, "img_count": len(recs)}
+            for spec, recs in zip(self.subsets, self.by_subset())
+        }
 
     # -- captions and samples ------------------------------------------------------------------------
 

@@ -58,6 +58,7 @@ class _Found:
     alpha: bool = False
     size: tuple[int, int] | None = None
     assignment: Assignment | None = None
+    train_resolution: tuple[int, int] | None = None  # from a metadata JSON entry
 
 
 @dataclass
@@ -119,12 +120,12 @@ def _metadata_caption(md: Any, sep: str) -> str:
     if not isinstance(md, dict):
         raise ValueError("entry is not a JSON object")
     caption, tags = md.get("caption"), md.get("tags")
+    if any(v is not None and not isinstance(v, str) for v in (caption, tags)):
+        raise ValueError("caption/tags are not strings")
     if caption is None:
         caption, tags = tags, None
     if tags:
         caption = f"{caption}{sep}{tags}"
-    if caption is not None and not isinstance(caption, str):
-        raise ValueError("caption/tags are not strings")
     return caption or ""
 
 
@@ -171,7 +172,9 @@ def _ft_images(spec: SubsetSpec, findings: Findings) -> list[_Found]:
             continue
         stem_only += is_stem
         seen.add(image.resolve())
-        found.append(_Found(image, caption))
+        res = md.get("train_resolution")
+        res = tuple(res) if isinstance(res, list) and len(res) == 2 else None
+        found.append(_Found(image, caption, train_resolution=res))
     if stem_only:
         findings.note(
             f"note: {path.name}: {stem_only} keys are stem-only (kohya's current trainer rejects them); "
@@ -243,6 +246,12 @@ def _size_and_bucket(found: list[_Found], spec: DatasetSpec, findings: Findings)
             continue
         f.size, f.assignment = size, a
         usable.append(f)
+    differ = [f for f in usable if f.train_resolution and tuple(f.train_resolution) != f.assignment.bucket]
+    if differ:
+        findings.note(
+            f"note: {len(differ)} metadata entries give a train_resolution other than the bucket this config "
+            f"computes (first: {differ[0].path.name}); sdprep buckets from the image and these settings"
+        )
     return usable
 
 
@@ -336,13 +345,16 @@ class Scan:
     mask_stats: _MaskStats
 
 
-def _scan_dataset(d: int, dspec: DatasetSpec, scan: Scan, masked_loss: bool, seen: set[Path]) -> None:
+def _scan_dataset(d: int, dspec: DatasetSpec, scan: Scan, masked_loss: bool) -> None:
     findings, subsets = scan.findings, scan.subsets
+    seen: set[Path] = set()
     rows: list[tuple[_Found, int]] = []
     for sspec in dspec.subsets:
         key = (sspec.metadata_file or sspec.image_dir).resolve()
         if key in seen:
-            findings.note(f"note: {sspec.origin}: same folder as an earlier subset: ignored (kohya's rule)")
+            findings.note(
+                f"note: {sspec.origin}: same folder as an earlier subset of this dataset: ignored (kohya's rule)"
+            )
             continue
         seen.add(key)
         found = _ft_images(sspec, findings) if sspec.is_finetune else _db_images(sspec, findings)
@@ -373,10 +385,9 @@ def scan_sources(datasets: list[DatasetSpec], cfg: Any, findings: Findings, repo
     """Read every subset of `datasets` into usable image records (see the module docstring)."""
     masked_loss = bool(cfg_value(cfg, "masked_loss", False))
     scan = Scan(datasets, [], [], findings, _MaskStats())
-    seen: set[Path] = set()
     report.start(len(datasets), "reading images")
     for d, dspec in enumerate(datasets):
-        _scan_dataset(d, dspec, scan, masked_loss, seen)
+        _scan_dataset(d, dspec, scan, masked_loss)
         report.advance()
     report.finish()
     _mask_notes(scan.mask_stats, masked_loss, scan.records, findings)

@@ -97,16 +97,16 @@ def summarize(ds: TrainDataset) -> DataSummary:
     for r in recs:
         images[r.assignment.bucket] += 1
         samples[r.assignment.bucket] += r.num_repeats
+    by_subset = ds.by_subset()
     rows = []
     for i, spec in enumerate(ds.subsets):
-        mine = [r for r in recs if r.subset == i]
+        mine = by_subset[i]
         eff = (min(r.num_repeats for r in mine), max(r.num_repeats for r in mine)) if mine else (0, 0)
         folder = str(spec.image_dir) if spec.image_dir is not None else str(spec.metadata_file)
         kind = "fine-tune" if spec.is_finetune else "dreambooth"
         masked = sum(1 for r in mine if r.has_mask)
-        rows.append(
-            SubsetRow(spec.origin, folder, spec.num_repeats, eff, len(mine), spec.is_reg, kind, masked)
-        )
+        row = SubsetRow(spec.origin, folder, spec.num_repeats, eff, len(mine), spec.is_reg, kind, masked)
+        rows.append(row)
     covs = [r.coverage for r in recs if r.coverage is not None]
     upscaled = sorted(
         ((r.path, r.assignment.scale) for r in recs if r.assignment.upscaled), key=lambda t: -t[1]
