@@ -481,3 +481,59 @@ def test_sample_rng_depends_only_on_its_keys():
     assert np.array_equal(a, sample_rng(7, 1, 2, 3).random(4))
     assert not np.array_equal(a, sample_rng(7, 1, 2, 4).random(4))
     assert sample_rng(-1, 0).random() == sample_rng(2**64 - 1, 0).random()
+
+
+def test_seed_001_dataset_tomls_are_accepted_as_written(tmp_path: Path):
+    """Seed 001's fine-tune and masked-LoRA dataset TOMLs, with only the /mnt/g prefix moved."""
+    mnt = tmp_path / "mnt" / "g"
+    final = mnt / "grabber" / "zhuoyue" / "final"
+    config = mnt / "loraimages" / "zhuoyueai" / "config"
+    config.mkdir(parents=True)
+    for i, name in enumerate(["1010_BMT", "1010_SCS", "1200_yuai", "1200_zhuoyue"], 1):
+        img = _img(final / name / "p.png", (1024, 1024))
+        meta = config / f"{name}{i}.json"
+        meta.write_text(json.dumps({str(img): {"caption": "zhuoyue", "tags": "1boy"}}))
+    finetune = (
+        "[general]\nshuffle_caption = false\nenable_bucket = true\n\n[[datasets]]\nresolution = 1024\n"
+        '[[datasets.subsets]]\nimage_dir = "/mnt/g/grabber/zhuoyue/final/1010_BMT"\n'
+        'metadata_file = "/mnt/g/loraimages/zhuoyueai/config/1010_BMT1.json"\nnum_repeats = 10\n\n'
+        '[[datasets.subsets]]\nimage_dir = "/mnt/g/grabber/zhuoyue/final/1010_SCS"\n'
+        'metadata_file = "/mnt/g/loraimages/zhuoyueai/config/1010_SCS2.json"\nnum_repeats = 10\n\n'
+        '[[datasets.subsets]]\nimage_dir = "/mnt/g/grabber/zhuoyue/final/1200_yuai"\n'
+        'metadata_file = "/mnt/g/loraimages/zhuoyueai/config/1200_yuai3.json"\nnum_repeats = 200\n\n'
+        '[[datasets.subsets]]\nimage_dir = "/mnt/g/grabber/zhuoyue/final/1200_zhuoyue"\n'
+        'metadata_file = "/mnt/g/loraimages/zhuoyueai/config/1200_zhuoyue4.json"\nnum_repeats = 200\n'
+    )
+    toml = _toml(tmp_path / "ft.toml", finetune.replace("/mnt/g", str(mnt)))
+    ds = build_dataset(TrainConfig(dataset_config=toml, seed=1))
+    assert [r.num_repeats for r in ds.records] == [10, 10, 200, 200]
+    assert {r.caption for r in ds.records} == {"zhuoyue,1boy"}
+    assert ds.datasets[0].resolution == (1024, 1024) and ds.datasets[0].enable_bucket
+
+    cond = final / "1200_zhuoyue" / "conditioning"
+    cond.mkdir()
+    Image.new("L", (1024, 1024), 255).save(cond / "p.png")
+    masked = (
+        "[general]\nshuffle_caption = false\nenable_bucket = true\n\n[[datasets]]\nresolution = 1024\n\n"
+        "[[datasets.subsets]]\n"
+        'image_dir = "/mnt/g/grabber/zhuoyue/final/1200_zhuoyue"\n'
+        "caption_extension = '.txt'\n"
+        'conditioning_data_dir = "/mnt/g/grabber/zhuoyue/final/1200_zhuoyue/conditioning"\n'
+        "num_repeats = 100\n"
+    )
+    toml = _toml(tmp_path / "mask.toml", masked.replace("/mnt/g", str(mnt)))
+    ds = build_dataset(TrainConfig(dataset_config=toml, masked_loss=True, seed=1))
+    (rec,) = ds.records
+    assert rec.mask_path == cond / "p.png" and rec.num_repeats == 100
+    assert str(ds.summary()).count("masks: 1 of 1 images have masks, mean coverage 100.0%") == 1
+
+
+def test_conditioning_data_dir_in_the_training_config_is_used_not_ignored(tmp_path: Path):
+    """kohya silently ignores a mask folder given beside train_data_dir; sdprep uses it."""
+    concept = tmp_path / "t" / "2_tok"
+    _rect_image(concept, tmp_path / "cond")
+    ds = build_dataset(
+        _cfg(train_data_dir=tmp_path / "t", conditioning_data_dir=tmp_path / "cond", masked_loss=True)
+    )
+    assert ds.records[0].mask_path == tmp_path / "cond" / "rect.png"
+    assert next(ds.batches(0))["mask"].shape == (1, 1, 384, 640)

@@ -151,9 +151,9 @@ class SubsetSpec:
     @property
     def name(self) -> str:
         """The folder name kohya records in `ss_dataset_dirs` / `ss_tag_frequency`."""
-        if self.image_dir is not None:
-            return self.image_dir.name
-        return self.metadata_file.name if self.metadata_file else self.origin
+        if self.metadata_file is not None:
+            return self.metadata_file.name
+        return self.image_dir.name if self.image_dir is not None else self.origin
 
 
 @dataclass(frozen=True)
