@@ -4,7 +4,8 @@ Masks follow kohya's `conditioning_data_dir` layout: `<image folder>/masks/<stem
 pixel size as the image as displayed (EXIF rotation applied), white = full loss, black = none,
 grey = partial. Each mask is written through the journal (`sdprep undo` removes it), and the image's
 sidecar records how it was made under `sdprep.mask`:
-`{"path": "masks/a.png", "method": "face", "options": {...}, "coverage": 0.23, "image_sha1": ...}`.
+`{"path": "masks/a.png", "method": "face", "options": {...}, "coverage": 0.23, "image_sha1": ...}`
+(masks written to another folder, `--out masks_face`, are recorded under the key "masks_face").
 A rerun with the same method and options on an unchanged image skips it; `force` redoes it.
 """
 
@@ -31,6 +32,11 @@ from sdprep.stage import StageResult, map_items
 
 FALLBACKS = ("full",)
 META_KEY = "mask"
+
+
+def meta_key(out: str) -> str:
+    """The sidecar key of a mask folder's record: "mask" for masks/, the folder name for masks_<name>/."""
+    return META_KEY if out == MASK_DIR else out
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,7 @@ class Job:
     record: dict[str, Any]
     mask_path: Path
     existing: bool  # a mask file is already there (combine reads it)
+    relink: bool = False  # the mask is up to date; only the record's path changes (a renamed image)
 
 
 @dataclass
@@ -126,15 +133,25 @@ def wanted_record(item: Item, method: MaskMethod, opts: MaskOptions) -> dict[str
     return record
 
 
+def _folder(record: dict[str, Any]) -> str:
+    return str(record.get("path", "")).rpartition("/")[0]
+
+
 def _same(old: Any, new: dict[str, Any]) -> bool:
-    if not isinstance(old, dict):
+    """Same method, options and inputs; the path may differ in its file name (the image was renamed)."""
+    if not isinstance(old, dict) or _folder(old) != _folder(new):
         return False
-    keys = ("path", "method", "options", "image_sha1", "inputs")
+    keys = ("method", "options", "image_sha1", "inputs")
     return all(old.get(k) == new.get(k) for k in keys)
 
 
 def plan(items: list[Item], method: MaskMethod, opts: MaskOptions, result: StageResult) -> list[Job]:
-    """Decide per image: skip (done with these options), fail (a conflict), or a Job."""
+    """Decide per image: skip (done with these options), fail (a conflict), or a Job.
+
+    The record lives in the image's own sidecar, which moves with the image, so a record for the same
+    mask folder means the mask there is ours even when a rename changed its file name; such a record
+    only gets its path updated (a Job with `relink`).
+    """
     jobs = []
     for item in items:
         mask_path = item.mask_path(opts.out)
@@ -144,12 +161,15 @@ def plan(items: list[Item], method: MaskMethod, opts: MaskOptions, result: Stage
         except (SdprepError, OSError) as exc:
             result.fail(item.path, getattr(exc, "reason", None) or str(exc))
             continue
-        old = sdprep_meta(sidecar).get(META_KEY)
+        old = sdprep_meta(sidecar).get(meta_key(opts.out))
         exists = mask_path.is_file()
         if exists and not opts.force and _same(old, record) and _mask_fits(mask_path, item):
-            result.skipped += 1
+            if old["path"] == record["path"]:
+                result.skipped += 1
+            else:
+                jobs.append(Job(item, sidecar, {**old, "path": record["path"]}, mask_path, True, relink=True))
             continue
-        ours = isinstance(old, dict) and old.get("path") == record["path"]
+        ours = isinstance(old, dict) and _folder(old) == _folder(record)
         if exists and not (ours or opts.force or opts.post.combine):
             result.fail(
                 item.path,
@@ -230,14 +250,24 @@ def run_mask(root: Path | str, opts: MaskOptions, *, report: Reporter = NullRepo
         result.fail(path, reason + "; rename one of them (sdprep rename)")
     items = [i for i in items if i.path not in clashes]
     jobs = plan(items, method, opts, result)
-    if not jobs:
+    relinks = [j for j in jobs if j.relink]
+    jobs = [j for j in jobs if not j.relink]
+    if not jobs and not relinks:
         return _finish(result, root, {}, [], method)
-    method.load()
-    workers = opts.workers if method.thread_safe else 1
+    if jobs:
+        method.load()
+    key = meta_key(opts.out)
     coverages: dict[Path, float] = {}
     fallbacks: list[str] = []
-    report.start(len(jobs), f"mask ({method.name})")
     with Journal(root).begin("mask") as op:
+        for job in relinks:
+            sdprep_meta(job.sidecar)[key] = job.record
+            op.write_text(job.item.sidecar_path, dump_sidecar(job.sidecar))
+        if relinks:
+            result.skipped += len(relinks)
+            result.notes.append(f"updated the mask path of {len(relinks)} renamed images")
+        report.start(len(jobs), f"mask ({method.name})")
+        workers = opts.workers if method.thread_safe else 1
         for job, made in map_items(lambda j: make_mask(j, method, opts), jobs, workers):
             report.advance()
             if isinstance(made, SdprepError):
@@ -249,11 +279,11 @@ def run_mask(root: Path | str, opts: MaskOptions, *, report: Reporter = NullRepo
             if made.fallback:
                 record["fallback_used"] = opts.fallback
                 fallbacks.append(job.item.name)
-            sdprep_meta(job.sidecar)[META_KEY] = record
+            sdprep_meta(job.sidecar)[key] = record
             op.write_text(job.item.sidecar_path, dump_sidecar(job.sidecar))
             coverages[job.item.path] = made.coverage
             result.changed += 1
-    report.finish()
+        report.finish()
     return _finish(result, root, coverages, fallbacks, method)
 
 

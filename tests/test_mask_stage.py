@@ -254,3 +254,30 @@ def test_cli_generate_skip_and_usage_errors(sample_dataset, cli_runner):
     res = cli_runner.invoke(cli, ["mask", str(sample_dataset), "--method", "clipseg"])
     assert res.exit_code == 1
     assert res.output.startswith("Error: --method clipseg needs at least one --prompt\nHint: ")
+
+
+def test_two_mask_folders_keep_separate_records(sample_dataset):
+    run_mask(sample_dataset, MaskOptions("full"))
+    run_mask(sample_dataset, MaskOptions("alpha", out="masks_alpha", fallback="full"))
+    sidecar = json.loads((sample_dataset / "f_transparent.png.json").read_text())["sdprep"]
+    assert sidecar["mask"]["path"] == "masks/f_transparent.png" and sidecar["mask"]["method"] == "full"
+    assert sidecar["masks_alpha"]["path"] == "masks_alpha/f_transparent.png"
+    assert run_mask(sample_dataset, MaskOptions("full")).skipped == 8
+    assert run_mask(sample_dataset, MaskOptions("alpha", out="masks_alpha", fallback="full")).skipped == 8
+
+
+def test_renamed_images_keep_their_masks(sample_dataset):
+    from sdprep.prep.rename import RenameOptions, run_rename
+
+    run_mask(sample_dataset, MaskOptions("alpha", fallback="full"))
+    alpha = mask_of(sample_dataset / "f_transparent.png")
+    assert run_rename(sample_dataset, RenameOptions()).ok
+    renamed = sorted(p.name for p in (sample_dataset / "masks").iterdir())
+    assert renamed == [f"{i:03d}.png" for i in range(1, 9)]
+    res = run_mask(sample_dataset, MaskOptions("alpha", fallback="full"))
+    assert (res.changed, res.skipped, len(res.failed)) == (0, 8, 0)
+    assert "updated the mask path of 8 renamed images" in res.notes
+    assert meta(sample_dataset / "006.png")["path"] == "masks/006.png"
+    assert np.array_equal(mask_of(sample_dataset / "006.png"), alpha)
+    again = run_mask(sample_dataset, MaskOptions("alpha", fallback="full"))
+    assert (again.skipped, again.notes) == (8, [])

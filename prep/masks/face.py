@@ -20,7 +20,9 @@ from sdprep.errors import ConfigError, ModelError
 from sdprep.prep.masks.base import MaskMethod, MaskNotFound, register
 
 DEFAULT_CASCADE = "haarcascade_frontalface_default.xml"
-DETECT_MAX_SIDE = 1024  # detection runs on a copy no larger than this; boxes are scaled back
+# Detection runs on a copy no larger than this (boxes are scaled back): 2-3x faster than at 1024 px,
+# and faces under about 4% of the long side (24 px here) are too small to be worth a mask anyway.
+DETECT_MAX_SIDE = 640
 SCALE_FACTOR = 1.1
 MIN_NEIGHBORS = 5
 MIN_FACE = 24
