@@ -66,8 +66,8 @@ DiffSink = Callable[[str], None]
 # -- diffs and journalled writes -----------------------------------------------------------------
 
 
-def caption_diff(rel: str, old: str | None, new: str | None) -> str:
-    """A unified diff of one text file (`old`/`new` None = absent), as `diff -u` / git print it."""
+def caption_diff(name: str, old: str | None, new: str | None) -> str:
+    """A unified diff of one text file (`old`/`new` None = absent), as `diff -uN` prints it."""
 
     def lines(text: str | None) -> list[str]:
         if not text:
@@ -77,8 +77,8 @@ def caption_diff(rel: str, old: str | None, new: str | None) -> str:
             out[-1] += "\n\\ No newline at end of file\n"
         return out
 
-    a = "/dev/null" if old is None else f"a/{rel}"
-    b = "/dev/null" if new is None else f"b/{rel}"
+    a = "/dev/null" if old is None else name
+    b = "/dev/null" if new is None else name
     return "".join(difflib.unified_diff(lines(old), lines(new), a, b))
 
 
@@ -110,12 +110,6 @@ class CaptionWriter:
             self._op = self._stack.enter_context(fileops.Journal(self.root).begin(self.command))
         return self._op
 
-    def _rel(self, path: Path) -> str:
-        try:
-            return path.relative_to(self.root).as_posix()
-        except ValueError:
-            return path.as_posix()
-
     def write_caption(self, path: Path, old: str | None, tags: list[str]) -> bool:
         """Write `tags` as the caption at `path` unless the file already says exactly that."""
         new = format_caption(join_tags(tags)) if tags else ""
@@ -123,7 +117,7 @@ class CaptionWriter:
             return False
         self.captions += 1
         if self.on_diff is not None:
-            self.on_diff(caption_diff(self._rel(path), old, new))
+            self.on_diff(caption_diff(path.as_posix(), old, new))
         if not self.dry_run:
             self._operation().write_text(path, new)
         return True

@@ -84,9 +84,7 @@ def _image_tags(item: Item, caption: str | None, sidecar: dict, rules: CleanRule
             return found
         if rules.source in ("wd14", "booru"):
             what = "WD14 scores" if rules.source == "wd14" else "booru tags"
-            raise DatasetError(
-                f"{item.sidecar_path}: no {what}", "run `sdprep tag` first, or use --source auto"
-            )
+            raise DatasetError(f"no {what} in the sidecar", "run `sdprep tag` first, or use --source auto")
     return [], "none"
 
 
@@ -200,7 +198,7 @@ def run_clean(
         for item, plan in plans:
             report.advance()
             if isinstance(plan, SdprepError):
-                result.fail(item.path, getattr(plan, "reason", plan.message))
+                result.fail(getattr(plan, "path", item.path), getattr(plan, "reason", plan.message))
                 continue
             changed = writer.write_caption(item.caption_path, plan.old_caption, plan.tags)
             if plan.sidecar is not None:

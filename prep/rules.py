@@ -3,13 +3,13 @@
 A caption is rebuilt in this order (each step is a function below, usable on its own):
 
     trigger tokens, folder prefix tags, the first N tags kept as they are, the other tags
-    (replaced, removed, deduplicated, core tags pruned, sorted), folder suffix tags, the
-    greyscale / monochrome label
+    (replaced, removed, deduplicated, core tags pruned, sorted), folder suffix tags, and the
+    greyscale / monochrome label when the caption does not have it yet (as the seed did)
 
 Tags are compared by `sdprep.tags.tag_key` everywhere (case, `_` vs space, escaped parentheses
 and spacing do not matter), and removal is always of whole tags: removing `braid` never touches
-`braided hair` (the seed's regex did). Placed tags (trigger, prefix, suffix, label) are taken out
-of the body before being put back in their place, so applying the rules twice changes nothing.
+`braided hair` (the seed's regex did). Placed tags (trigger, prefix, suffix) are taken out of the
+body before being put back in their place, so applying the rules twice changes nothing.
 """
 
 from __future__ import annotations
@@ -281,8 +281,8 @@ class Placement:
     label: str | None = None
 
     def keys(self) -> set[str]:
-        tags = [*self.trigger, *self.prefix, *self.suffix, *([self.label] if self.label else [])]
-        return {tag_key(t) for t in tags}
+        """Keys of the tags that move to their place (the label is only added when missing)."""
+        return {tag_key(t) for t in (*self.trigger, *self.prefix, *self.suffix)}
 
 
 def placement_for(rs: RuleSet, folder: str, label: str | None) -> Placement:
@@ -326,6 +326,9 @@ def clean_tags(
     """Apply every rule to one image's tags (pure: no I/O). `pruned` holds core-tag keys to drop."""
     info = info or TagInfo()
     rules = rs.rules
+    tags = list(tags)
+    if place.label and tags and tag_key(tags[-1]) == tag_key(place.label):
+        tags.pop()  # the label this function appended last time: it goes back after the suffix
     body = body_tags(tags, rs, place)
     fixed, rest = body[: rules.keep_first], body[rules.keep_first :]
     if pruned:
@@ -334,14 +337,21 @@ def clean_tags(
     fixed = [format_tag(t, rules.underscores, rules.escape_parentheses) for t in fixed]
     rest = [format_tag(t, rules.underscores, rules.escape_parentheses) for t in rest]
     head = [*place.trigger, *place.prefix, *fixed]
-    tail = [*place.suffix, *([place.label] if place.label else [])]
-    result = Cleaned(dedupe([*head, *rest, *tail]))
+    tail = list(place.suffix)
+    if place.label and tag_key(place.label) not in {tag_key(t) for t in (*head, *rest, *tail)}:
+        tail.append(place.label)
+    result = Cleaned(_join(head, rest, tail, rules.dedupe))
     if count_tokens is None:
         return result
     result.tokens = count_tokens(", ".join(result.tags))
     if rules.max_tokens is None or result.tokens <= rules.max_tokens:
         return result
     return _trim(head, rest, tail, rs, place, info, count_tokens)
+
+
+def _join(head: list[str], rest: list[str], tail: list[str], unique: bool) -> list[str]:
+    tags = [*head, *rest, *tail]
+    return dedupe(tags) if unique else tags
 
 
 def _trim(head, rest, tail, rs: RuleSet, place: Placement, info: TagInfo, count_tokens) -> Cleaned:
@@ -356,13 +366,13 @@ def _trim(head, rest, tail, rs: RuleSet, place: Placement, info: TagInfo, count_
         key=lambda i: (info.scores.get(tag_key(rest[i]), 1.0), -i),
     )
     dropped: set[int] = set()
-    tags = dedupe([*head, *rest, *tail])
+    tags = _join(head, rest, tail, rs.rules.dedupe)
     tokens = count_tokens(", ".join(tags))
     for i in order:
         if tokens <= budget:
             break
         dropped.add(i)
-        tags = dedupe([*head, *(t for j, t in enumerate(rest) if j not in dropped), *tail])
+        tags = _join(head, [t for j, t in enumerate(rest) if j not in dropped], tail, rs.rules.dedupe)
         tokens = count_tokens(", ".join(tags))
     return Cleaned(tags, [rest[i] for i in sorted(dropped)], tokens)
 

@@ -24,7 +24,7 @@ MIN_VOCAB = 512
 _VOCAB_FILES = ("vocab.json", "tokenizer.json")
 _HINT = (
     "pass --tokenizer with a local folder: an SDXL diffusers model (its tokenizer/ subfolder is used) "
-    "or a folder holding vocab.json and merges.txt"
+    "or a folder holding vocab.json and merges.txt (or tokenizer.json)"
 )
 
 
@@ -95,6 +95,8 @@ def load_tokenizer(spec: str | Path | None = None) -> TokenCounter:
             continue
         if len(tok) >= MIN_VOCAB:
             return TokenCounter(tok, spec if not sub else f"{spec}/{sub}")
+        # transformers 5 answers a missing repo with a 2-3 token tokenizer instead of an error
+        errors.append(ValueError(f"only {len(tok)} tokens loaded: no vocabulary files"))
     where = "offline (HF_HUB_OFFLINE=1) and not in the local Hugging Face cache" if offline else "not found"
     detail = f" ({errors[-1]})" if errors and not offline else ""
     raise ModelError(f'cannot load the CLIP tokenizer "{spec}": {where}{detail}', _HINT)

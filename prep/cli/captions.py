@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import finish, reporter
+from sdprep.clitools import finish, reporter, verbosity
 
 
 def _common(edit: bool = True):
@@ -53,7 +53,7 @@ def _edit(ctx: click.Context, action: str, dirs, args=(), *, dry_run, recursive,
         opts,
         command=f"captions-{action}",
         report=reporter(ctx),
-        on_diff=lambda d: click.echo(d, nl=False),
+        on_diff=(lambda d: click.echo(d, nl=False)) if dry_run or verbosity(ctx) > 0 else None,
     )
     finish(result)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import finish, reporter
+from sdprep.clitools import finish, reporter, verbosity
 
 SORTS = ("as-tagged", "score", "alphabetical", "category")
 
@@ -110,7 +110,11 @@ def _patterns(values: tuple[str, ...]) -> tuple[str, ...] | None:
     help="Where tags come from.  [default: auto]",
 )
 @click.option("--workers", type=int, default=0, help="Threads for image decoding (0 = auto).")
-@click.option("--dry-run", is_flag=True, help="Print a unified diff of what would change; write nothing.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print a unified diff of what would change; write nothing (-v: diff a real run).",
+)
 @click.pass_context
 def command(
     ctx: click.Context,
@@ -168,5 +172,7 @@ def command(
     }
     rules = combine(base, overrides)
     options = CleanOptions(rules=rules, recursive=recursive, dry_run=dry_run, workers=workers)
-    result = run_clean(directory, options, report=reporter(ctx), on_diff=lambda d: click.echo(d, nl=False))
+    show = dry_run or verbosity(ctx) > 0
+    on_diff = (lambda d: click.echo(d, nl=False)) if show else None
+    result = run_clean(directory, options, report=reporter(ctx), on_diff=on_diff)
     finish(result)
