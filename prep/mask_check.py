@@ -128,11 +128,31 @@ def check_masks(
         result.entries.append(check_entry(item, out))
         report.advance()
     report.finish()
+    orphans = orphan_masks(root, items, out)
+    if orphans:
+        shown = ", ".join(result._rel(p) for p in orphans[:5]) + (", ..." if len(orphans) > 5 else "")
+        result.notes.append(
+            f"{len(orphans)} masks have no image (harmless; delete them if unwanted): {shown}"
+        )
     if preview and result.entries:
         path = default_preview(root) if preview is True else Path(preview)
         write_preview(result, path)
         result.preview = path
     return result
+
+
+def orphan_masks(root: Path, items: list[Item], out: str) -> list[Path]:
+    """Mask files whose image is gone (kohya ignores them, but they are usually a mistake)."""
+    folders = {root} | {i.path.parent for i in items}
+    stems = {(i.path.parent, i.path.stem) for i in items}
+    orphans = []
+    for folder in sorted(folders):
+        mask_dir = folder / out
+        if mask_dir.is_dir():
+            orphans += [
+                p for p in sorted(mask_dir.glob("*.png")) if (folder, p.stem) not in stems and p.is_file()
+            ]
+    return orphans
 
 
 def overlay(image: Image.Image, mask: np.ndarray | None) -> Image.Image:

@@ -231,8 +231,10 @@ def test_check_finds_wrong_size_empty_and_missing(sample_dataset, cli_runner, tm
     )
     assert "  problem: c_square.webp: no mask (expected masks/c_square.png)" in res.output
     assert out.is_file()
+    Image.new("L", (4, 4), 255).save(sample_dataset / "masks" / "gone.png")
     report = check_masks(sample_dataset, preview=False)
     assert report.preview is None and len(report.problems) == 3
+    assert report.notes == ["1 masks have no image (harmless; delete them if unwanted): masks/gone.png"]
 
 
 # -- command line ----------------------------------------------------------------------------
