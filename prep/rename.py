@@ -25,6 +25,7 @@ PATTERN_FIELDS = ("n", "token", "stem", "folder")
 EXTENSION_MAP = {".jpeg": ".jpg", ".jpe": ".jpg", ".jfif": ".jpg", ".tif": ".tiff"}
 MAX_NAME = 200
 TEMP_PREFIX = ".sdprep-rename-"
+BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -204,14 +205,14 @@ def _apply(root: Path, moves: list[tuple[Path, Path]], report: Reporter) -> None
     """Phase 1: every file to a unique temporary name; phase 2: temporary names to final names."""
     run_id = uuid.uuid4().hex[:8]
     report.start(len(moves) * 2, "rename")
-    staged = []
+    temps = [old.parent / f"{TEMP_PREFIX}{run_id}-{k}{old.suffix}" for k, (old, _) in enumerate(moves)]
+    phases = [
+        [(old, t) for (old, _), t in zip(moves, temps)],
+        [(t, new) for (_, new), t in zip(moves, temps)],
+    ]
     with Journal(root).begin("rename") as op:
-        for k, (old, new) in enumerate(moves):
-            temp = old.parent / f"{TEMP_PREFIX}{run_id}-{k}{old.suffix}"
-            op.move(old, temp)
-            staged.append((temp, new))
-            report.advance()
-        for temp, new in staged:
-            op.move(temp, new)
-            report.advance()
+        for phase in phases:  # every file to its temporary name, then every file to its final name
+            for start in range(0, len(phase), BATCH):  # one journal sync per batch of moves
+                op.move_many(phase[start : start + BATCH])
+                report.advance(len(phase[start : start + BATCH]))
     report.finish()

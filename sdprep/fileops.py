@@ -129,6 +129,26 @@ class Operation:
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.rename(src, dst)
 
+    def move_many(self, pairs: list[tuple[Path | str, Path | str]]) -> None:
+        """Rename many files with one journal sync (every entry is durable before the first rename).
+
+        Refuses before changing anything when a destination exists or is named twice.
+        """
+        pairs = [(Path(s).absolute(), Path(d).absolute()) for s, d in pairs]
+        seen: set[Path] = set()
+        for src, dst in pairs:
+            if dst.exists() or dst.is_symlink() or dst in seen:
+                raise JournalError(f"refusing to move {src} over existing {dst}", "remove or rename it first")
+            seen.add(dst)
+        entries = [Entry("move", self._rel(src), dest=self._rel(dst)) for src, dst in pairs]
+        self._log.write("".join(e.to_json() + "\n" for e in entries))
+        self._log.flush()
+        os.fsync(self._log.fileno())
+        self.changes += len(entries)
+        for src, dst in pairs:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(src, dst)
+
     def delete(self, path: Path | str) -> None:
         """Remove `path` from the dataset; its content stays in the journal until `gc`."""
         path = Path(path).absolute()

@@ -1,4 +1,5 @@
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -6,7 +7,7 @@ from PIL import Image
 
 from sdprep import fileops
 from sdprep.cli import cli
-from sdprep.errors import ConfigError, DatasetError
+from sdprep.errors import ConfigError, DatasetError, JournalError
 from sdprep.prep.rename import RenameOptions, check_pattern, natural_key, normalise_extension, run_rename
 from sdprep.progress import RecordingReporter
 
@@ -122,3 +123,35 @@ def test_recursive_numbers_each_folder(tmp_path):
     result = run_rename(tmp_path, RenameOptions(recursive=True, pattern="{token}{n}"))
     assert result.changed == 4
     assert sorted(p.name for p in (tmp_path / "2_b").iterdir()) == ["b1.png", "b2.png"]
+
+
+def test_move_many_refuses_before_changing_anything(tmp_path):
+    for name in ["a", "b", "c"]:
+        (tmp_path / name).write_text(name)
+    with fileops.Journal(tmp_path).begin("t") as op:
+        with pytest.raises(JournalError, match="over existing"):
+            op.move_many([(tmp_path / "a", tmp_path / "x"), (tmp_path / "b", tmp_path / "c")])
+        with pytest.raises(JournalError, match="over existing"):
+            op.move_many([(tmp_path / "a", tmp_path / "x"), (tmp_path / "b", tmp_path / "x")])
+        assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["a", "b", "c"]
+
+
+def test_rename_interrupted_in_phase_two_is_undoable(sample_dataset, monkeypatch):
+    before = tree(sample_dataset)
+    real_rename, calls = os.rename, []
+
+    def flaky(src, dst):
+        calls.append(src)
+        if len(calls) == 20:  # phase 1 moved all 16 files (8 images, 8 sidecars); die in phase 2
+            raise OSError("disk went away")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", flaky)
+    with pytest.raises(OSError, match="disk went away"):
+        run_rename(sample_dataset, RenameOptions())
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert "(interrupted)" in fileops.Journal(sample_dataset).describe(
+        fileops.Journal(sample_dataset).operations()[-1]
+    )
+    fileops.undo(sample_dataset)
+    assert tree(sample_dataset) == before
