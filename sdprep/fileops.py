@@ -236,7 +236,9 @@ class Journal:
     def describe(self, folder: Path) -> str:
         meta = json.loads((folder / "meta.json").read_text())
         status = "" if meta.get("complete", False) else " (interrupted)"
-        return f"{meta['command']} {' '.join(meta.get('argv', []))}".strip() + status
+        argv = meta.get("argv", [])
+        parts = argv if argv[:1] == [meta["command"]] else [meta["command"], *argv]  # argv may start with it
+        return " ".join(parts) + status
 
 
 def _entries(folder: Path) -> list[Entry]:
