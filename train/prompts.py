@@ -31,7 +31,11 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "k_dpm_2": ("KDPM2DiscreteScheduler", {}),
     "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
     "k_dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
+    # diffusers refuses final_sigmas_type "zero" (its default) with the first-order dpmsolver
+    "dpmsolver": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"},
+    ),
     "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
 }
@@ -77,7 +81,7 @@ def _size(value: int) -> int:
 def parse_prompt_line(line: str, *, lineno: int = 0, defaults: SamplePrompt | None = None) -> SamplePrompt:
     """Parse one kohya prompt line (options are split at " --", as kohya does)."""
     base = defaults or SamplePrompt(prompt="")
-    parts = line.strip().split(" --")
+    parts = (" " + line.strip()).split(" --")  # the leading space lets a line start with an option
     values: dict[str, Any] = {"prompt": parts[0].strip(), "line": lineno}
     where = f"prompt line {lineno}" if lineno else "prompt"
     for part in parts[1:]:
@@ -222,6 +226,6 @@ def make_scheduler(name: str, base_scheduler_config: Any):
 
     cls_name, extra = SAMPLERS[check_sampler(name)]
     cls = getattr(diffusers, cls_name)
-    config = dict(base_scheduler_config)
-    config.update(extra)
-    return cls.from_config(config)
+    # extras go as keyword arguments: diffusers ignores some keys of a config dict made by
+    # another scheduler class (final_sigmas_type stayed "zero" when passed in the dict)
+    return cls.from_config(dict(base_scheduler_config), **extra)
