@@ -16,7 +16,6 @@ from sdprep.train.config import (
     load_train_config,
     optimizer_kwargs,
     parse_kohya_flags,
-    warmup_steps,
 )
 from sdprep.train.kohya_args import ACCEPTED_IGNORED, parse_kv_args, split_kv_args
 
@@ -379,6 +378,10 @@ def test_wrong_type_names_the_key(tmp_path):
             'network_module = "networks.lora"\nnetwork_args = ["rank_dropout=0.1"]\n',
             'network_args "rank_dropout" is not supported',
         ),
+        (
+            'network_module = "networks.lora"\nnetwork_args = ["algo=locon"]\n',
+            "network_args: algo=locon is a LyCORIS option",
+        ),
         ("v2 = true\n", '"v2 = True" is not supported by sdprep'),
         ('LoRA_type = "LyCORIS/LoCon"\n', 'LoRA_type = "LyCORIS/LoCon" is not supported'),
         (
@@ -574,9 +577,9 @@ def test_sampling_off_values_and_clip_skip_note(tmp_path):
 
 def test_warmup_steps_fraction_or_count(tmp_path):
     cfg, _ = load(tmp_path, "lr_warmup_steps = 0.1\n")
-    assert warmup_steps(cfg, 1000) == 100
-    cfg, _ = load(tmp_path, "lr_warmup_steps = 50\n")
-    assert warmup_steps(cfg, 1000) == 50
+    assert cfg.lr_warmup_steps == 0.1 and isinstance(cfg.lr_warmup_steps, float)
+    cfg, _ = load_train_config(None, flags=["--lr_warmup_steps=50"])
+    assert cfg.lr_warmup_steps == 50 and isinstance(cfg.lr_warmup_steps, int)
 
 
 def test_config_file_flag_appends_toml_like_kohya(tmp_path):

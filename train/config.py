@@ -610,7 +610,12 @@ def _check_choices(cfg: TrainConfig) -> None:
             f'network_module "{cfg.network_module}" is not supported',
             'sdprep trains standard LoRA: network_module = "networks.lora"',
         )
-    for name in parse_kv_args(cfg.network_args):
+    for name, value in parse_kv_args(cfg.network_args).items():
+        if name in ("algo", "preset"):
+            raise ConfigError(
+                f"network_args: {name}={value} is a LyCORIS option",
+                'sdprep trains plain LoRA (network_module = "networks.lora"); remove it',
+            )
         if name not in NETWORK_ARGS:
             hint = did_you_mean(name, NETWORK_ARGS)
             raise ConfigError(
@@ -713,14 +718,3 @@ def validate(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
 def optimizer_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     """optimizer_args as typed keyword arguments (`betas=0.9,0.99` -> (0.9, 0.99))."""
     return parse_kv_args(cfg.optimizer_args)
-
-
-def lr_scheduler_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    """lr_scheduler_args as typed keyword arguments."""
-    return parse_kv_args(cfg.lr_scheduler_args)
-
-
-def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
-    """lr_warmup_steps in steps: a value below 1 is a fraction of the total (kohya's int_or_float)."""
-    w = cfg.lr_warmup_steps
-    return int(w * total_steps) if isinstance(w, float) and w < 1 else int(w)
