@@ -22,9 +22,13 @@ from sdprep.errors import ConfigError, did_you_mean, unknown_choice
 from sdprep.train.kohya_args import (
     ACCEPTED_IGNORED,
     ALIASES,
-    DATASET_SECTIONS,
     LIST_FLAGS,
+    LR_SCHEDULERS,
+    NETWORK_ARGS,
+    NETWORK_MODULES,
+    OPTIMIZERS,
     UNSUPPORTED,
+    flatten_tables,
     parse_kv_args,
     parse_resolution,
     split_kv_args,
@@ -199,52 +203,6 @@ FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Tr
 _HINTS = typing.get_type_hints(TrainConfig)
 _LIST_FIELDS = {"optimizer_args", "network_args", "lr_scheduler_args"}
 
-LR_SCHEDULERS = (
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "constant",
-    "constant_with_warmup",
-    "piecewise_constant",
-    "adafactor",
-    "cosine_with_min_lr",
-    "warmup_stable_decay",
-    "inverse_sqrt",
-)
-OPTIMIZERS = (
-    "AdamW",
-    "AdamW8bit",
-    "PagedAdamW",
-    "PagedAdamW8bit",
-    "PagedAdamW32bit",
-    "Lion",
-    "Lion8bit",
-    "PagedLion8bit",
-    "SGDNesterov",
-    "SGDNesterov8bit",
-    "Adafactor",
-    "Prodigy",
-    "DAdaptation",
-    "DAdaptAdam",
-    "DAdaptAdaGrad",
-    "DAdaptAdan",
-    "DAdaptAdanIP",
-    "DAdaptLion",
-    "DAdaptSGD",
-    # plain torch.optim classes
-    "Adam",
-    "SGD",
-    "RMSprop",
-    "Adagrad",
-    "Adadelta",
-    "Adamax",
-    "NAdam",
-    "RAdam",
-)
-NETWORK_MODULES = ("networks.lora",)
-NETWORK_ARGS = ("conv_dim", "conv_alpha")
-
 
 def known_keys() -> list[str]:
     """Every key a config may contain (fields, aliases, accepted and unsupported kohya keys)."""
@@ -252,34 +210,6 @@ def known_keys() -> list[str]:
 
 
 # -- reading ---------------------------------------------------------------------------------
-
-
-def flatten_tables(data: dict[str, Any], source: str) -> dict[str, Any]:
-    """kohya's flattening: top-level tables are merged into one flat dict (one level only)."""
-    out: dict[str, Any] = {}
-    origin: dict[str, str] = {}
-    for key, value in data.items():
-        if key in DATASET_SECTIONS:
-            raise ConfigError(
-                f'{source}: "[[{key}]]" belongs in a dataset TOML, not in the training config',
-                "move the [general] / [[datasets]] tables to their own file and set dataset_config to it",
-            )
-        if not isinstance(value, dict):
-            items, where = {key: value}, "top level"
-        else:
-            items, where = value, f"[{key}]"
-        for name, item in items.items():
-            if isinstance(item, dict):
-                raise ConfigError(
-                    f'{source}: "{key}.{name}" is nested two tables deep',
-                    "a training config is flat: write key = value at the top level or in one [section]",
-                )
-            if name in out and out[name] != item:
-                raise ConfigError(
-                    f'{source}: "{name}" is set twice ({origin[name]} and {where}) with different values'
-                )
-            out[name], origin[name] = item, where
-    return out
 
 
 def parse_kohya_flags(argv: list[str] | tuple[str, ...]) -> dict[str, Any]:

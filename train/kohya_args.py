@@ -100,6 +100,53 @@ LIST_FLAGS = {"optimizer_args", "network_args", "lr_scheduler_args"}
 # Sections a dataset TOML has: a clear error if they appear in a training config.
 DATASET_SECTIONS = {"datasets", "subsets"}
 
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "piecewise_constant",
+    "adafactor",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+    "inverse_sqrt",
+)
+OPTIMIZERS = (
+    "AdamW",
+    "AdamW8bit",
+    "PagedAdamW",
+    "PagedAdamW8bit",
+    "PagedAdamW32bit",
+    "Lion",
+    "Lion8bit",
+    "PagedLion8bit",
+    "SGDNesterov",
+    "SGDNesterov8bit",
+    "Adafactor",
+    "Prodigy",
+    "DAdaptation",
+    "DAdaptAdam",
+    "DAdaptAdaGrad",
+    "DAdaptAdan",
+    "DAdaptAdanIP",
+    "DAdaptLion",
+    "DAdaptSGD",
+    # plain torch.optim classes
+    "Adam",
+    "SGD",
+    "RMSprop",
+    "Adagrad",
+    "Adadelta",
+    "Adamax",
+    "NAdam",
+    "RAdam",
+)
+NETWORK_MODULES = ("networks.lora",)
+NETWORK_ARGS = ("conv_dim", "conv_alpha")
+
+
 _KV_SPLIT = re.compile(r"[,\s]+(?=[A-Za-z_][\w.]*\s*=)")
 
 
@@ -187,3 +234,31 @@ def strip_launcher(argv: list[str]) -> list[str]:
         if tok.endswith(".py") and not tok.startswith("--"):
             return argv[i + 1 :]
     return list(argv)
+
+
+def flatten_tables(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """kohya's flattening: top-level tables are merged into one flat dict (one level only)."""
+    out: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for key, value in data.items():
+        if key in DATASET_SECTIONS:
+            raise ConfigError(
+                f'{source}: "[[{key}]]" belongs in a dataset TOML, not in the training config',
+                "move the [general] / [[datasets]] tables to their own file and set dataset_config to it",
+            )
+        if not isinstance(value, dict):
+            items, where = {key: value}, "top level"
+        else:
+            items, where = value, f"[{key}]"
+        for name, item in items.items():
+            if isinstance(item, dict):
+                raise ConfigError(
+                    f'{source}: "{key}.{name}" is nested two tables deep',
+                    "a training config is flat: write key = value at the top level or in one [section]",
+                )
+            if name in out and out[name] != item:
+                raise ConfigError(
+                    f'{source}: "{name}" is set twice ({origin[name]} and {where}) with different values'
+                )
+            out[name], origin[name] = item, where
+    return out
