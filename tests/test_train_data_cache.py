@@ -180,3 +180,12 @@ def test_text_encoder_outputs_need_fixed_captions(data: Path):
     assert err.value.message == (
         "text-encoder outputs cannot be cached: caption_dropout_rate, shuffle_caption changes captions between epochs"
     )
+
+
+def test_disk_cache_split_across_processes(data: Path, vae):
+    cfg = _cfg(data, cache_latents_to_disk=True)
+    a = cache_latents(build_dataset(cfg), vae, num_shards=2, shard=0)
+    b = cache_latents(build_dataset(cfg), vae, num_shards=2, shard=1)
+    assert (a.encoded, a.skipped) == (2, 2) and (b.encoded, b.reused) == (2, 2)
+    after_barrier = cache_latents(build_dataset(cfg), vae, num_shards=2, shard=0)
+    assert (after_barrier.encoded, after_barrier.reused) == (0, 4)
