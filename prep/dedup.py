@@ -20,7 +20,7 @@ from sdprep.dataset import DUPLICATES_DIR, Item, dump_sidecar, iter_items, read_
 from sdprep.errors import ConfigError
 from sdprep.fileops import Journal, Operation
 from sdprep.images import load_image
-from sdprep.prep.rename import companion_pairs, natural_key
+from sdprep.prep.rename import companion_pairs, mask_dirs, natural_key
 from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import StageResult, map_items
 
@@ -152,8 +152,8 @@ def _free_destination(root: Path, src: Path) -> Path:
     """Where a duplicate goes: DIR/duplicates/<relative path>, numbered when taken."""
     rel = src.relative_to(root)
     dest = root / DUPLICATES_DIR / rel
-    n = 1
-    while any(new.exists() for _, new in companion_pairs(src, dest)):
+    n, masks = 1, mask_dirs(src.parent)
+    while any(new.exists() for _, new in companion_pairs(src, dest, masks)):
         dest = dest.with_name(f"{src.stem}-{n}{src.suffix}")
         n += 1
     return dest
@@ -183,7 +183,7 @@ def _move_duplicate(op: Operation, root: Path, dup: Fingerprint, keep: Fingerpri
     sdprep_meta(sidecar)["duplicate_of"] = keep.item.path.relative_to(root).as_posix()
     op.write_text(dup.item.sidecar_path, dump_sidecar(sidecar))
     dest = _free_destination(root, dup.item.path)
-    for old, new in companion_pairs(dup.item.path, dest):
+    for old, new in companion_pairs(dup.item.path, dest, mask_dirs(dup.item.path.parent)):
         op.move(old, new)
 
 

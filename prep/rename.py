@@ -15,9 +15,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdprep.dataset import Item, iter_items, parse_repeat_folder
+from sdprep.dataset import MASK_DIR, Item, iter_items, parse_repeat_folder
 from sdprep.errors import ConfigError, DatasetError
-from sdprep.fileops import Journal, Operation
+from sdprep.fileops import Journal
 from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import StageResult
 
@@ -46,20 +46,22 @@ def normalise_extension(suffix: str) -> str:
     return EXTENSION_MAP.get(suffix, suffix)
 
 
-def companion_pairs(src: Path, dst: Path) -> list[tuple[Path, Path]]:
-    """(old, new) paths for an image moving from src to dst and each of its existing companions."""
+def mask_dirs(folder: Path) -> tuple[str, ...]:
+    """The mask folders beside the images of `folder`: `masks` and any `masks_<name>`."""
+    try:
+        names = {e.name for e in os.scandir(folder) if e.is_dir() and e.name.startswith(MASK_DIR)}
+    except OSError:
+        names = set()
+    return tuple(sorted(n for n in names | {MASK_DIR} if n == MASK_DIR or n.startswith(MASK_DIR + "_")))
+
+
+def companion_pairs(src: Path, dst: Path, masks: tuple[str, ...] = (MASK_DIR,)) -> list[tuple[Path, Path]]:
+    """(old, new) paths for an image moving from src to dst and each of its existing companions:
+    caption, sidecar, and its mask in each of the mask folders named in `masks`."""
     old, new = Item(src), Item(dst)
-    pairs = [(src, dst)]
-    for path_of in (lambda i: i.caption_path, lambda i: i.sidecar_path, lambda i: i.mask_path()):
-        if path_of(old).exists() and path_of(old) != path_of(new):
-            pairs.append((path_of(old), path_of(new)))
-    return pairs
-
-
-def move_with_companions(op: Operation, src: Path, dst: Path) -> None:
-    """Move an image and its caption, sidecar and mask so they stay paired (journalled)."""
-    for old, new in companion_pairs(src, dst):
-        op.move(old, new)
+    candidates = [(old.caption_path, new.caption_path), (old.sidecar_path, new.sidecar_path)]
+    candidates += [(old.mask_path(d), new.mask_path(d)) for d in masks]
+    return [(src, dst)] + [(a, b) for a, b in candidates if a != b and a.exists()]
 
 
 def natural_key(name: str) -> list:
@@ -130,8 +132,11 @@ def _file_moves(plan: list[tuple[Path, Path]], result: StageResult) -> list[tupl
     """Every file move (images and companions) of a plan, each companion claimed once."""
     moves: list[tuple[Path, Path]] = []
     claimed: dict[Path, Path] = {}
+    masks: dict[Path, tuple[str, ...]] = {}
     for src, dst in plan:
-        for old, new in companion_pairs(src, dst):
+        if src.parent not in masks:
+            masks[src.parent] = mask_dirs(src.parent)
+        for old, new in companion_pairs(src, dst, masks[src.parent]):
             if old in claimed:
                 result.notes.append(
                     f"  note: {src.name} shares {old.name} with {claimed[old].name}; it stays with {claimed[old].name}"

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sdprep.dataset import REJECTED_DIR, Item, dump_sidecar, is_image, sdprep_meta
-from sdprep.errors import ConfigError, DatasetError, ImageError
+from sdprep.errors import ConfigError, DatasetError, ImageError, SdprepError
 from sdprep.fileops import Journal, Operation, state_dir
 from sdprep.images import image_size
 from sdprep.progress import NullReporter, Reporter
@@ -314,7 +314,7 @@ class Intake:
             meta = json.loads(side_src.read_text(encoding="utf-8")) if side_src.is_file() else {}
             booru = booru_metadata(meta)
             self._place(path, meta, booru, self.verdict(path, booru))
-        except (OSError, json.JSONDecodeError, DatasetError) as exc:
+        except (OSError, json.JSONDecodeError, SdprepError) as exc:  # never raise into gallery-dl
             self.result.fail(self.root, f"{self.url}: {path.name}: {exc}")
         finally:
             for p in (path, side_src):

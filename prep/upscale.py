@@ -25,6 +25,7 @@ from sdprep.errors import ConfigError, ImageError, ModelError
 from sdprep.fileops import Journal
 from sdprep.images import image_size, load_image
 from sdprep.prep.convert import GREY_MODES, save_bytes
+from sdprep.prep.rename import mask_dirs
 from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import StageResult, map_items
 
@@ -110,9 +111,9 @@ class Prepared:
 
     item: Item
     image: bytes
-    mask: bytes | None
+    masks: list[tuple[Path, bytes]]
     sidecar: str
-    note: str | None = None
+    notes: list[str]
 
 
 def _png(im: Image.Image) -> bytes:
@@ -136,18 +137,18 @@ def prepare(item: Item, opts: UpscaleOptions, upscaler: Callable[[], object | No
     load_mode = "RGBA" if transparent and fmt != "JPEG" else ("L" if mode in GREY_MODES else "RGB")
     out = upscale_image(load_image(item.path, load_mode), size, upscaler())
     data = save_bytes(out, fmt, opts.quality, icc)
-    mask_data, note = None, None
-    if item.mask_path().exists():
-        mask = load_image(item.mask_path(), "L")
-        if mask.size != (w, h):
-            note = (
-                f"  note: {item.mask_path().name} was {mask.width}x{mask.height}, not {w}x{h}; resized anyway"
-            )
-        mask_data = _png(resize_mask(mask, size))
+    masks, notes = [], []
+    for folder in mask_dirs(item.path.parent):  # masks/ and any masks_<name>/ keep the image's size
+        path = item.mask_path(folder)
+        if path.exists():
+            mask = load_image(path, "L")
+            if mask.size != (w, h):
+                notes.append(f"  note: {folder}/{path.name} was {mask.width}x{mask.height}, not {w}x{h}")
+            masks.append((path, _png(resize_mask(mask, size))))
     meta = sdprep_meta(sidecar)
     meta["upscale"] = {"from": [w, h], "to": list(size), "method": method}
     meta["size"] = list(size)
-    return Prepared(item, data, mask_data, dump_sidecar(sidecar), note)
+    return Prepared(item, data, masks, dump_sidecar(sidecar), notes)
 
 
 class _LazyUpscaler:
@@ -193,11 +194,10 @@ def run_upscale(root: Path | str, opts: UpscaleOptions, *, report: Reporter = Nu
                 result.skipped += 1
             else:
                 op.write_bytes(item.path, out.image)
-                if out.mask is not None:
-                    op.write_bytes(item.mask_path(), out.mask)
+                for path, mask in out.masks:
+                    op.write_bytes(path, mask)
                 op.write_text(item.sidecar_path, out.sidecar)
-                if out.note:
-                    result.notes.append(out.note)
+                result.notes += out.notes
                 result.changed += 1
     report.finish()
     if lazy.loaded is not None:

@@ -75,6 +75,8 @@ def test_animation_exif_rotation_and_modes(tmp_path):
     frames = [Image.new("RGB", (16, 16), c) for c in ("red", "blue")]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
     rotated_jpeg(tmp_path / "rot.jpg")
+    (tmp_path / "masks").mkdir()
+    Image.new("L", (20, 40), 255).save(tmp_path / "masks" / "rot.png")  # masks match the displayed size
     Image.new("CMYK", (8, 8), (0, 255, 0, 0)).save(tmp_path / "cmyk.jpg")
     Image.new("RGB", (8, 8), "green").save(tmp_path / "plain.jpg")
     result = run_convert(tmp_path, ConvertOptions())
@@ -84,6 +86,7 @@ def test_animation_exif_rotation_and_modes(tmp_path):
         assert getattr(im, "n_frames", 1) == 1 and im.convert("RGB").getpixel((0, 0)) == (255, 0, 0)
     with Image.open(tmp_path / "rot.jpg") as im:
         assert im.size == (20, 40) and im.getexif().get(0x0112) is None
+        assert Image.open(tmp_path / "masks" / "rot.png").size == im.size  # still paired
         r, g, b = im.getpixel((10, 2))  # the red band is now at the top
         assert r > 200 and g < 60
     with Image.open(tmp_path / "cmyk.jpg") as im:

@@ -33,6 +33,8 @@ def with_copies(sample_dataset: Path) -> Path:
     (sample_dataset / "a_small.txt").write_text("small copy\n")
     (sample_dataset / "masks").mkdir()
     Image.new("L", (384, 256), 255).save(sample_dataset / "masks" / "a_small.png")
+    (sample_dataset / "masks_face").mkdir()
+    Image.new("L", (384, 256), 128).save(sample_dataset / "masks_face" / "a_small.png")
     return sample_dataset
 
 
@@ -74,6 +76,8 @@ def test_keeps_largest_then_sharpest_moves_companions_undo(with_copies, monkeypa
         "b_copy.jpg.json",
     ]
     assert (dup_dir / "masks" / "a_small.png").exists()
+    assert (dup_dir / "masks_face" / "a_small.png").exists()
+    assert not (root / "masks_face" / "a_small.png").exists()
     side = json.loads((dup_dir / "b_blurred.png.json").read_text())
     assert side["sdprep"]["duplicate_of"] == "b_portrait.png"
     kept = json.loads((root / "a_landscape.jpg.json").read_text())

@@ -21,8 +21,8 @@ def tree(root: Path) -> dict[str, str]:
     }
 
 
-def add_mask(image: Path) -> Path:
-    mask = image.parent / "masks" / (image.stem + ".png")
+def add_mask(image: Path, folder: str = "masks") -> Path:
+    mask = image.parent / folder / (image.stem + ".png")
     mask.parent.mkdir(exist_ok=True)
     with Image.open(image) as im:
         Image.new("L", im.size, 255).save(mask)
@@ -43,6 +43,7 @@ def test_pure_helpers():
 def test_rename_moves_companions_and_undo_restores(sample_dataset):
     (sample_dataset / "a_landscape.txt").write_text("1girl, sky\n")
     add_mask(sample_dataset / "b_portrait.png")
+    add_mask(sample_dataset / "b_portrait.png", "masks_face")  # `sdprep mask --out masks_face`
     before = tree(sample_dataset)
     rec = RecordingReporter()
     result = run_rename(sample_dataset, RenameOptions(), report=rec)
@@ -53,6 +54,7 @@ def test_rename_moves_companions_and_undo_restores(sample_dataset):
     assert (sample_dataset / "001.txt").read_text() == "1girl, sky\n"
     assert (sample_dataset / "masks" / "002.png").exists()
     assert not (sample_dataset / "masks" / "b_portrait.png").exists()
+    assert sorted(p.name for p in (sample_dataset / "masks_face").iterdir()) == ["002.png"]
     # the sidecar moved with its image: b_portrait's metadata is now 002.png.json
     assert '"id": 1002' in (sample_dataset / "002.png.json").read_text()
     again = run_rename(sample_dataset, RenameOptions())

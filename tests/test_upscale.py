@@ -207,13 +207,17 @@ def test_lanczos_on_sample_data_masks_sidecars_undo(sample_dataset):
     m = Image.new("L", (200, 150), 0)
     m.paste(255, (50, 40, 150, 110))
     m.save(mask)
+    (sample_dataset / "masks_face").mkdir()
+    Image.linear_gradient("L").resize((200, 150)).save(sample_dataset / "masks_face" / "g_tiny.png")
     before = tree(sample_dataset)
     result = run_upscale(sample_dataset, UpscaleOptions(min_side=400))
     # below 400 px on the short side: g_tiny (150) and h_wide (400 is enough: skipped)
     assert (result.changed, result.skipped, result.failed) == (1, 7, [])
     with Image.open(sample_dataset / "g_tiny.png") as im, Image.open(mask) as mk:
         assert im.size == mk.size == (534, 400)
-        assert sorted(v for _, v in mk.getcolors()) == [0, 255]
+        assert sorted(v for _, v in mk.getcolors()) == [0, 255]  # a hard mask stays hard
+    with Image.open(sample_dataset / "masks_face" / "g_tiny.png") as soft:
+        assert soft.size == (534, 400) and len(soft.getcolors()) > 2
     side = json.loads((sample_dataset / "g_tiny.png.json").read_text())
     assert side["sdprep"]["upscale"] == {"from": [200, 150], "to": [534, 400], "method": "lanczos"}
     assert side["sdprep"]["size"] == [534, 400] and side["id"] == 1007
