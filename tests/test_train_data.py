@@ -259,6 +259,7 @@ def test_every_image_is_used_or_listed_with_a_reason(tmp_path: Path, sample_data
     _img(concept / "speck.png", (40, 40))
     (concept / "bad_caption.png").write_bytes((concept / "c_square.webp").read_bytes())
     (concept / "bad_caption.txt").write_bytes(b"\xff\xfe bad")
+    (concept / "c_square.txt").write_text("\n")
     ds = build_dataset(_cfg(train_data_dir=tmp_path / "t", bucket_no_upscale=True))
     used = {r.path for r in ds.records}
     dropped = dict(ds.findings.dropped)
@@ -267,6 +268,7 @@ def test_every_image_is_used_or_listed_with_a_reason(tmp_path: Path, sample_data
     assert dropped[concept / "speck.png"] == "40x40 is smaller than one bucket step (64 px) on a side"
     assert dropped[concept / "broken.png"] == "not an image, or an unsupported format"
     assert dropped[concept / "bad_caption.png"].startswith("caption unreadable: not UTF-8 text")
+    assert f"note: {concept}: 1 caption files are empty: those images train uncaptioned" in ds.findings.notes
     text = str(ds.summary())
     assert f"dropped: 3 images not used:\n  {concept / 'bad_caption.png'}: caption unreadable" in text
 

@@ -81,7 +81,6 @@ class TrainDataset:
         findings: Findings,
         seed: int,
         caption_transform: CaptionTransform | None = None,
-        extra: dict | None = None,
     ) -> None:
         self.cfg = cfg
         self.datasets = datasets
@@ -91,7 +90,6 @@ class TrainDataset:
         self.seed = seed
         self.caption_transform = caption_transform
         self.prior_loss_weight = float(cfg_value(cfg, "prior_loss_weight", 1.0))
-        self.extra = extra or {}
         self._summary: DataSummary | None = None
 
     # -- facts -----------------------------------------------------------------------------------

@@ -89,18 +89,23 @@ def _db_images(spec: SubsetSpec, findings: Findings) -> list[_Found]:
     """A DreamBooth subset: the folder's images, caption file or class tokens."""
     if spec.image_dir is None or not spec.image_dir.is_dir():
         raise ConfigError(f"{spec.origin}: image_dir {spec.image_dir}: no such folder", "check the path")
-    found, missing = [], 0
+    found, missing, empty = [], 0, 0
     for item in discover(spec.image_dir):
         cap_path = item.path.with_suffix(spec.caption_extension)
         try:
             if cap_path.is_file():
                 caption = _read_caption_file(cap_path, spec.captions.enable_wildcard)
+                empty += not caption
             else:
                 caption, missing = spec.class_tokens or "", missing + 1
         except CaptionError as exc:
             findings.drop(item.path, f"caption unreadable: {exc.reason}")
             continue
         found.append(_Found(item.path, caption))
+    if empty:
+        findings.note(
+            f"note: {spec.image_dir}: {empty} caption files are empty: those images train uncaptioned"
+        )
     if missing:
         what = f'the class tokens "{spec.class_tokens}"' if spec.class_tokens else "an empty caption"
         findings.note(
