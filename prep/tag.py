@@ -31,6 +31,7 @@ from sdprep.taggers.rules import MERGE_POLICIES, CaptionRules, caption_from_scor
 from sdprep.taggers.wd14 import DEFAULT_FLOOR, DEFAULT_MODEL, DEFAULT_SIZE, matches_record, model_id_for
 
 TAGS_ONLY_TEMPLATE = "{tags}"
+FLUSH_EVERY = 256  # queued file writes journalled with one sync
 
 
 @dataclass(frozen=True)
@@ -72,16 +73,6 @@ class TagOptions:
             k, n = self.shard
             if not 1 <= k <= n:
                 raise ConfigError(f"shard {k}/{n} is out of range", "write --shard K/N with 1 <= K <= N")
-
-    @property
-    def template(self) -> str:
-        if self.caption_template is not None:
-            return self.caption_template
-        if self.captioner:
-            from sdprep.taggers.captions_text import DEFAULT_CAPTION_TEMPLATE
-
-            return DEFAULT_CAPTION_TEMPLATE
-        return TAGS_ONLY_TEMPLATE
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -129,25 +120,33 @@ class _Tagging:
         self.model_id = tagger.model_id if tagger is not None else model_id_for(opts.model)
         self.tagger = tagger
         self.captioner = captioner
-        self.template = opts.template
-        self._check_templates()
         if self.captioner is None and opts.captioner:
             from sdprep.taggers.registry import load_captioner
 
             self.captioner = load_captioner(opts.captioner, **opts.captioner_options)
+        self.template = self._template()
+        self._check_templates()
         self.settings = self._settings()
         self.result = StageResult("tag")
         self.counts = {"inferred": 0, "captioned": 0, "captions_written": 0}
         self.op: Operation | None = None
+        self.pending: list[tuple[Path, bytes]] = []
 
     # -- options -----------------------------------------------------------------------------
+    def _template(self) -> str:
+        from sdprep.taggers.captions_text import DEFAULT_CAPTION_TEMPLATE
+
+        if self.opts.caption_template is not None:
+            return self.opts.caption_template
+        return DEFAULT_CAPTION_TEMPLATE if self.captioner is not None else TAGS_ONLY_TEMPLATE
+
     def _check_templates(self) -> None:
         from sdprep.taggers.captions_text import DEFAULT_PROMPT, check_caption_template, check_prompt
 
         check_caption_template(self.template)
         self.prompt = self.opts.prompt or DEFAULT_PROMPT
         check_prompt(self.prompt)
-        if self.opts.prompt and not self.opts.captioner and self.captioner is None:
+        if self.opts.prompt and self.captioner is None:
             raise ConfigError("--prompt needs --captioner", "add --captioner hf:REPO or openai:URL")
 
     def _settings(self) -> dict[str, Any]:
@@ -215,21 +214,27 @@ class _Tagging:
         try:
             with Journal(self.root).begin("tag") as op:
                 self.op = op
-                for item, got in map_items(self.prepare, items, workers):
-                    if isinstance(got, SdprepError):
-                        self._fail(item, got)
-                    elif got.skip:
-                        self.result.skipped += 1
-                        self.report.advance()
-                    elif got.need_wd14 or got.need_vlm:
-                        batch.append(got)
-                        if len(batch) >= opts.batch_size:
-                            self._run_batch(batch)
-                            batch = []
-                    else:
-                        self._finish(got)
-                if batch:
-                    self._run_batch(batch)
+                try:
+                    for item, got in map_items(self.prepare, items, workers):
+                        if isinstance(got, SdprepError):
+                            self._fail(item, got)
+                        elif got.skip:
+                            self.result.skipped += 1
+                            self.report.advance()
+                        elif got.need_wd14 or got.need_vlm:
+                            batch.append(got)
+                            if len(batch) >= opts.batch_size:
+                                self._run_batch(batch)
+                                self._flush()
+                                batch = []
+                        else:
+                            self._finish(got)
+                            if len(self.pending) >= FLUSH_EVERY:
+                                self._flush()
+                    if batch:
+                        self._run_batch(batch)
+                finally:
+                    self._flush()  # what is finished is kept, even on Ctrl-C
         finally:
             self.report.finish()
         self._summarise()
@@ -317,8 +322,8 @@ class _Tagging:
         """Store new records, derive the caption file, write what changed (caption first)."""
         from sdprep.taggers.captions_text import caption_record, clean_caption, combine_caption
 
-        before = dump_sidecar(p.sidecar) if p.item.sidecar_path.exists() else None
         meta = sdprep_meta(p.sidecar)
+        old = {key: meta.get(key) for key in ("wd14", "caption", "tag")}
         if record is not None:
             meta["wd14"] = record
         if vlm_text is not None:
@@ -326,10 +331,9 @@ class _Tagging:
             meta["caption"] = caption_record(vlm_text, self.captioner.name, self.prompt, settings)
         tags = caption_from_scores(meta["wd14"], self.rules)
         vlm = meta.get("caption", {}).get("text", "") if "{caption}" in self.template else ""
-        text = combine_caption(
-            self.template, trigger=self.opts.trigger, tags=tags, caption=clean_caption(vlm, self.boilerplate)
-        )
-        previous = meta.get("tag") if isinstance(meta.get("tag"), dict) else {}
+        vlm = clean_caption(vlm, self.boilerplate) if vlm else ""
+        text = combine_caption(self.template, trigger=self.opts.trigger, tags=tags, caption=vlm)
+        previous = old["tag"] if isinstance(old["tag"], dict) else {}
         base = previous.get("base") if previous.get("written") == p.caption else p.caption
         new = merge_caption(base, text, self.opts.merge, self.rules.separator)
         meta["tag"] = {"settings": self.settings, "written": new}
@@ -337,12 +341,11 @@ class _Tagging:
             meta["tag"]["base"] = base
         changed = False
         if new != p.caption or not p.item.caption_path.exists():
-            self._write(p.item.caption_path, new.strip() + "\n")
+            self._write(p.item.caption_path, new.strip() + "\n")  # first: the sidecar marks it done
             self.counts["captions_written"] += 1
             changed = True
-        after = dump_sidecar(p.sidecar)
-        if after != before:
-            self._write(p.item.sidecar_path, after)
+        if not p.item.sidecar_path.exists() or any(meta.get(k) != v for k, v in old.items()):
+            self._write(p.item.sidecar_path, dump_sidecar(p.sidecar))
             changed = True
         if changed:
             self.result.changed += 1
@@ -351,8 +354,13 @@ class _Tagging:
         self.report.advance()
 
     def _write(self, path: Path, text: str) -> None:
-        assert self.op is not None
-        self.op.write_text(path, text)
+        """Queue a file write; `_flush` journals and writes the queue with one sync."""
+        self.pending.append((path, text.encode("utf-8")))
+
+    def _flush(self) -> None:
+        if self.pending and self.op is not None:
+            self.op.write_many(self.pending)
+        self.pending = []
 
     def _summarise(self) -> None:
         c = self.counts

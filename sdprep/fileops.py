@@ -27,15 +27,20 @@ STATE_DIR = ".sdprep"
 JOURNAL_DIR = "journal"
 
 
-def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    """Write `data` to `path` so readers see either the old file or the whole new one, never a part."""
+def atomic_write_bytes(path: Path | str, data: bytes, *, sync: bool = True) -> None:
+    """Write `data` to `path` so readers see either the old file or the whole new one, never a part.
+
+    `sync=False` skips the fsync: still atomic for readers and safe against a killed process, but
+    after a power loss the file may be empty (callers keep the old content elsewhere, as the journal).
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -119,6 +124,34 @@ class Operation:
 
     def write_text(self, path: Path | str, text: str) -> None:
         self.write_bytes(path, text.encode("utf-8"))
+
+    def write_many(self, files: list[tuple[Path | str, bytes]]) -> int:
+        """Write many small files, in order, with one journal sync instead of two syncs per file.
+
+        Every entry (and the old content) is in the journal before the first write; the writes are
+        atomic but not fsynced one by one, so after a power loss a new file may be empty while the
+        journal still restores the old one. Files that already hold `data` are left alone. Returns
+        the number of files written.
+        """
+        todo = []
+        for path, data in files:
+            path = Path(path).absolute()
+            if path.exists():
+                if path.is_file() and path.read_bytes() == data:
+                    continue
+                entry = Entry("write", self._rel(path), blob=self._keep(path))
+            else:
+                entry = Entry("create", self._rel(path))
+            todo.append((path, data, entry))
+        if not todo:
+            return 0
+        self._log.write("".join(e.to_json() + "\n" for _, _, e in todo))
+        self._log.flush()
+        os.fsync(self._log.fileno())
+        self.changes += len(todo)
+        for path, data, _ in todo:
+            atomic_write_bytes(path, data, sync=False)
+        return len(todo)
 
     def move(self, src: Path | str, dst: Path | str) -> None:
         """Rename `src` to `dst`; refuses to overwrite an existing `dst`."""
