@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 setup: $(VENV)/.installed  ## create .venv and install sdprep with all extras
 
 demo: setup  ## run the whole pipeline on sample_data, offline, with a tiny demo model
-	$(PY) -m sdprep.demo
+	$(SDPREP) run sample_data/project.toml
 
 test: setup  ## run the test suite (offline, one torch thread)
 	$(VENV)/bin/pytest

@@ -139,10 +139,10 @@ def build() -> list[Path]:
         )
     )
 
-    base = _gradient(600, 600, (230, 230, 230), (40, 40, 40))
+    base = _gradient(600, 600, (230, 230, 230), (60, 60, 60))
     _figure(base, 0.5, 0.4, 1.1, (90, 90, 90), (200, 200, 200))
-    grey = np.asarray(base.convert("L"), dtype=np.float64) / 255.0
-    sepia = np.stack([grey * 255, grey * 205 + 20, grey * 150 + 20], axis=-1)  # one hue, varying value
+    grey = np.asarray(base.convert("L"), dtype=np.float64)[..., None] / 255.0
+    sepia = grey * np.array([255.0, 204.0, 153.0])  # one hue (and saturation), varying value: monochrome
     im = Image.fromarray(np.clip(sepia, 0, 255).astype(np.uint8), "RGB")
     specs.append(
         (

@@ -35,6 +35,7 @@ from sdprep.stage import StageResult
 
 STAGES = ("scrape", "convert", "rename", "dedup", "upscale", "mask", "tag", "clean", "bucket", "report")
 PROJECT_KEYS = ("dataset", "source", "demo_models")
+MAYBE_PATH_KEYS = {"model", "tokenizer", "cascade"}  # a hub id, or a local path relative to the project
 
 
 @dataclass(frozen=True)
@@ -96,14 +97,26 @@ def load_project(path: Path | str) -> Project:
     )
 
 
-def _path_fields(cls: type) -> set[str]:
-    """Names of the dataclass fields that hold paths (resolved relative to the project file)."""
+def _resolve_paths(cls: type, table: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Resolve every path-typed value of `table` (nested tables too) relative to `base`."""
     hints = typing.get_type_hints(cls)
-    out = set()
-    for f in dataclasses.fields(cls):
-        text = str(hints[f.name])
-        if "Path" in text:
-            out.add(f.name)
+    out = dict(table)
+    for key, value in table.items():
+        tp = hints.get(key)
+        if tp is None:
+            continue  # unknown keys are reported by from_dict
+        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            out[key] = _resolve_paths(tp, value, base)
+        elif inner and isinstance(value, dict):
+            out[key] = _resolve_paths(inner[0], value, base)
+        elif key in MAYBE_PATH_KEYS and isinstance(value, str) and (base / value).exists():
+            out[key] = str(_resolve(base, value))  # a local folder rather than a hub id
+        elif "Path" in str(tp):
+            if isinstance(value, list):
+                out[key] = [str(_resolve(base, v)) for v in value]
+            elif isinstance(value, str) and value:
+                out[key] = str(_resolve(base, value))
     return out
 
 
@@ -112,14 +125,7 @@ def stage_options(name: str, table: dict[str, Any], base: Path) -> tuple[Callabl
     module = importlib.import_module(f"sdprep.prep.{name}")
     run = getattr(module, f"run_{name}")
     cls = getattr(module, f"{name.capitalize()}Options")
-    table = dict(table)
-    for key in _path_fields(cls) & set(table):
-        value = table[key]
-        if isinstance(value, list):
-            table[key] = [str(_resolve(base, v)) for v in value]
-        elif isinstance(value, str) and value:
-            table[key] = str(_resolve(base, value))
-    return run, from_dict(cls, table, where=f"stages.{name}")
+    return run, from_dict(cls, _resolve_paths(cls, table, base), where=f"stages.{name}")
 
 
 def import_source(project: Project) -> int:
@@ -216,14 +222,19 @@ min_side = 768                 # bring small images up (Lanczos; model = "4x.saf
 # method = "face"              # alpha | face | clipseg | color | import | full
 
 [stages.tag]
-# model = "SmilingWolf/wd-swinv2-tagger-v3"
+# model = "SmilingWolf/wd-swinv2-tagger-v3"   # or a local folder with model.onnx + selected_tags.csv
+merge = "replace"              # replace | append | keep (existing captions)
+[stages.tag.rules]
 general_threshold = 0.35
 character_threshold = 0.85
 
 [stages.clean]
+[stages.clean.rules]
 trigger = ["mytoken"]          # always first
 remove = []                    # tags characteristic of the subject: the trigger absorbs them
-monochrome = true
+underscores = "space"          # keep | space | underscore
+[stages.clean.rules.monochrome]
+enabled = true                 # append greyscale / monochrome (the HSV test)
 
 [stages.bucket]
 out = "train_set"              # kohya layout: train_set/img/<N>_<token>/, dataset.toml, metadata.json

@@ -198,6 +198,12 @@ def build_tiny_sdxl_components(seed: int = 0, tokenizer_dir: Path | None = None)
 
 def build_tiny_sdxl(out_dir: Path | str, seed: int = 0) -> Path:
     """Save a tiny SDXL-architecture diffusers pipeline folder (about 14 MB) and return its path."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()  # no torchvision fallback notices for a demo build
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
     from diffusers import StableDiffusionXLPipeline
 
     out_dir = Path(out_dir)

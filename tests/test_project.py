@@ -1,0 +1,75 @@
+"""Project files: strict loading, the init template, and the demo chain re-run doing no work."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sdprep.cli import cli
+from sdprep.errors import ConfigError
+from sdprep.project import load_project, run_project, stage_options, write_init
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_init_template_is_valid_for_every_stage(tmp_path, cli_runner):
+    res = cli_runner.invoke(cli, ["init", str(tmp_path)])
+    assert res.exit_code == 0 and "project.toml" in res.output
+    project = load_project(tmp_path / "project.toml")
+    assert [n for n, _ in project.stages] == ["rename", "upscale", "tag", "clean", "bucket", "report"]
+    for name, table in project.stages:
+        stage_options(name, table, project.base)  # raises on any key the stage does not know
+    again = cli_runner.invoke(cli, ["init", str(tmp_path)])
+    assert again.exit_code == 1 and "already exists" in again.output
+
+
+def test_unknown_stage_and_keys_are_errors(tmp_path):
+    p = tmp_path / "p.toml"
+    p.write_text('[project]\ndataset = "d"\n[stages.clen]\n')
+    with pytest.raises(ConfigError, match=r"unknown stage \[stages.clen\]") as exc:
+        load_project(p)
+    assert 'did you mean "clean"?' in str(exc.value)
+    p.write_text('[project]\ndataset = "d"\n[stages.rename]\npatern = "{n}"\n')
+    project = load_project(p)
+    with pytest.raises(ConfigError, match='unknown key "stages.rename.patern"'):
+        stage_options("rename", project.stages[0][1], project.base)
+    p.write_text('[project]\ndatset = "d"\n')
+    with pytest.raises(ConfigError, match='did you mean "dataset"'):
+        load_project(p)
+
+
+def test_demo_project_runs_and_rerun_does_no_work(tmp_path):
+    """The README demo chain (without training) on a copy: second run changes nothing."""
+    shutil.copytree(REPO / "sample_data" / "images", tmp_path / "sample_data" / "images")
+    shutil.copy(REPO / "sample_data" / "project.toml", tmp_path / "sample_data" / "project.toml")
+    project = load_project(tmp_path / "sample_data" / "project.toml")
+    assert project.dataset == tmp_path / "demo_output" / "data"
+    lines: list[str] = []
+    first = run_project(project, echo=lines.append, train=False)
+    assert [r.stage for r in first] == ["rename", "upscale", "mask", "clean", "tag", "bucket", "report"]
+    assert all(not r.failed for r in first), [r.summary() for r in first]
+    data = project.dataset
+    assert sorted(p.name for p in data.glob("*.txt"))[:2] == ["nazuna_001.txt", "nazuna_002.txt"]
+    captions = {p.name: p.read_text() for p in data.glob("*.txt")}
+    assert all(c.startswith("nazuna, ") for c in captions.values())
+    assert not any("pink hair" in c for c in captions.values())
+    assert any("greyscale" in c for c in captions.values()) and any(
+        "monochrome" in c for c in captions.values()
+    )
+    assert (tmp_path / "demo_output" / "train_set" / "img" / "2_nazuna").is_dir()
+    assert (tmp_path / "demo_output" / "report.html").is_file()
+    second = run_project(
+        load_project(tmp_path / "sample_data" / "project.toml"), echo=lines.append, train=False
+    )
+    assert [(r.stage, r.changed) for r in second if r.stage != "report"] == [
+        (s, 0) for s in ("rename", "upscale", "mask", "clean", "tag", "bucket")
+    ]
+    assert {p.name: p.read_text() for p in data.glob("*.txt")} == captions
+    assert not (tmp_path / "sample_data" / "images" / "nazuna_001.txt").exists()  # source untouched
+
+
+def test_write_init_refuses_overwrite(tmp_path):
+    write_init(tmp_path)
+    with pytest.raises(ConfigError, match="already exists"):
+        write_init(tmp_path)
+    assert write_init(tmp_path, force=True).exists()
