@@ -3,8 +3,9 @@
 `caption_tags(record, rules)` reads a score record (taggers/wd14.py's sidecar record: `scores` in
 vocabulary order, `categories`, `rating`, `mcut`) and returns the caption's tags. It reproduces
 kohya's tag_images_by_wd14_tagger.py (thresholds compared with `>=` in float32, vocabulary order,
-rating by argmax, `--remove_underscore`'s >3-character rule, undesired tags matched after that
-replacement) without its defects, plus imgutils' MCut thresholds.
+rating by argmax, `--remove_underscore`'s >3-character rule, then tag replacements, then undesired
+tags) without its defects (a passing character tag crashes its current script; its replacement
+option does nothing), plus imgutils' MCut thresholds.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class CaptionRules:
     escape_parentheses: bool = False  # `name \(series\)` for A1111 prompts
     undesired: tuple[str, ...] = ()
     always_first: tuple[str, ...] = ()
+    replace: tuple[tuple[str, str], ...] = ()  # (tag, replacement), matched by tag key
     separator: str = ", "
 
     def __post_init__(self) -> None:
@@ -53,6 +55,7 @@ class CaptionRules:
         d = asdict(self)
         d["undesired"] = list(self.undesired)
         d["always_first"] = list(self.always_first)
+        d["replace"] = [list(pair) for pair in self.replace]
         return d
 
 
@@ -109,6 +112,10 @@ def caption_tags(record: dict, rules: CaptionRules) -> list[str]:
         ordered = [rating, *ordered] if rules.rating == "first" else [*ordered, rating]
     if rules.remove_underscore:
         ordered = [remove_underscore(t) for t in ordered]
+    if rules.replace:
+        table = {tag_key(src): dst.strip() for src, dst in rules.replace}
+        ordered = [table.get(tag_key(t), t) for t in ordered]
+        ordered = [t for t in ordered if t]
     undesired = TagMatcher(rules.undesired)
     if undesired:
         ordered = [t for t in ordered if not undesired.matches(t)]

@@ -69,7 +69,9 @@ def test_character_tags_pass_and_can_go_first():
 
 
 def test_rating_first_last_none_is_the_argmax():
-    rec = make_record({"solo": 0.9}, rating={"general": 0.1, "sensitive": 0.7, "questionable": 0.7, "explicit": 0})
+    rec = make_record(
+        {"solo": 0.9}, rating={"general": 0.1, "sensitive": 0.7, "questionable": 0.7, "explicit": 0}
+    )
     assert rating_tag(rec) == "sensitive"  # first of equal maxima, as numpy's argmax
     assert caption_tags(rec, CaptionRules(rating="first")) == ["sensitive", "solo"]
     assert caption_tags(rec, CaptionRules(rating="last")) == ["solo", "sensitive"]
@@ -97,7 +99,9 @@ def test_always_first_moves_present_tags_in_the_given_order_and_adds_none():
 
 
 def test_escape_parentheses_and_separator():
-    rules = CaptionRules(character_threshold=0.5, general_threshold=0.9, escape_parentheses=True, separator="; ")
+    rules = CaptionRules(
+        character_threshold=0.5, general_threshold=0.9, escape_parentheses=True, separator="; "
+    )
     assert caption_from_scores(RECORD, rules) == r"1girl; hatsune miku; nazuna \(yofukashi no uta\)"
 
 
@@ -158,3 +162,23 @@ def test_merge_policies():
     assert merge_caption("  ", "new", "append") == "new"
     with pytest.raises(ConfigError, match='unknown merge policy "merge"'):
         merge_caption("a", "b", "merge")
+
+
+def test_replacements_work_after_underscore_removal_unlike_kohyas():
+    rules = CaptionRules(
+        character_threshold=0.5,
+        replace=(("hatsune_miku", "mytoken"), ("long hair", "very long hair"), ("smile", "")),
+    )
+    assert caption_tags(RECORD, rules) == [
+        "1girl",
+        "very long hair",
+        "^_^",
+        "blue eyes",
+        "mytoken",
+        "nazuna (yofukashi no uta)",
+    ]
+    # undesired and always-first see the replaced names
+    rules = CaptionRules(
+        replace=(("hatsune_miku", "mytoken"),), always_first=("mytoken",), undesired=("1girl",)
+    )
+    assert caption_tags(RECORD, rules)[:2] == ["mytoken", "long hair"]

@@ -91,6 +91,10 @@ def test_second_run_does_nothing_and_records_no_operation(sample_dataset, model)
     assert (result.changed, result.skipped, result.details["inferred"]) == (0, 8, 0)
     assert {p: p.read_bytes() for p in sample_dataset.iterdir() if p.is_file()} == snapshot
     assert sorted(journal.iterdir()) == ops
+    # a caption edited by hand (or by `sdprep clean`) after tagging is not redone by the same options
+    (sample_dataset / "a_landscape.txt").write_text("edited\n")
+    assert run_tag(sample_dataset, TagOptions(model=str(model))).skipped == 8
+    assert (sample_dataset / "a_landscape.txt").read_text() == "edited\n"
 
 
 def test_new_thresholds_recaption_without_the_model(sample_dataset, model):
@@ -325,3 +329,65 @@ def test_write_many_journals_first_and_undoes(tmp_path):
     assert (tmp_path / "a.txt").read_text() == "new a\n" and (tmp_path / "b.txt").read_text() == "b\n"
     fileops.undo(tmp_path)
     assert (tmp_path / "a.txt").read_text() == "old a\n" and not (tmp_path / "b.txt").exists()
+
+
+@pytest.fixture
+def chat_server():
+    """A loopback OpenAI-compatible server answering with the prompt's length; records requests."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    requests: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            requests.append(body)
+            text = body["messages"][-1]["content"][1]["text"]
+            answer = {
+                "choices": [
+                    {"message": {"role": "assistant", "content": f"In this image, {len(text)} chars."}}
+                ]
+            }
+            data = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", requests
+    server.shutdown()
+
+
+def test_cli_with_an_openai_compatible_captioner(sample_dataset, model, cli_runner, chat_server):
+    url, requests = chat_server
+    args = ["-q", "tag", str(sample_dataset), "--model", str(model), "--captioner", f"openai:{url}#llava"]
+    args += ["--prompt", "Tags: {tags}", "--caption-template", "{caption} {tags}", "--max-new-tokens", "40"]
+    args += ["--caption-option", "concurrency=2", "--batch-size", "8"]
+    res = cli_runner.invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert len(requests) == 8 and requests[0]["model"] == "llava" and requests[0]["max_tokens"] == 40
+    m = meta(sample_dataset / "a_landscape.jpg")
+    tags = caption_from_scores(m["wd14"], CaptionRules())
+    assert m["caption"]["model"] == f"openai:{url}#llava"
+    assert (sample_dataset / "a_landscape.txt").read_text() == f"{len('Tags: ' + tags)} chars. {tags}\n"
+    assert cli_runner.invoke(cli, args).output.startswith("tag: 0 changed, 8 skipped")
+    assert len(requests) == 8
+
+
+def test_cli_replace_option_parsing_and_device_list():
+    import click
+
+    from sdprep.prep.cli.tag import DEVICES, _replacements
+
+    assert DEVICES == wd14.DEVICES
+    assert _replacements(("a,b", "c d,e;f\\,g,h")) == (("a", "b"), ("c d", "e"), ("f,g", "h"))
+    with pytest.raises(click.BadParameter):
+        _replacements(("a,b,c",))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import click
@@ -9,6 +10,21 @@ import click
 from sdprep.clitools import finish, reporter
 
 DEVICES = ("auto", "cpu", "cuda", "rocm", "directml", "coreml")  # taggers.wd14.DEVICES, kept import-free
+
+
+def _replacements(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """`"SRC,DST"` pairs (kohya's --tag_replacement: `;` between pairs, `\\,` / `\\;` escape)."""
+    pairs = []
+    for value in values:
+        for pair in re.split(r"(?<!\\);", value):
+            parts = re.split(r"(?<!\\),", pair)
+            if not pair.strip():
+                continue
+            if len(parts) != 2:
+                raise click.BadParameter(f'"{pair}" is not SOURCE,TARGET', param_hint="--replace")
+            src, dst = (x.replace("\\,", ",").replace("\\;", ";").strip() for x in parts)
+            pairs.append((src, dst))
+    return tuple(pairs)
 
 
 def _tag_list(values: tuple[str, ...]) -> tuple[str, ...]:
@@ -71,6 +87,12 @@ def _tag_list(values: tuple[str, ...]) -> tuple[str, ...]:
     multiple=True,
     metavar="TAGS",
     help="Comma-separated tags moved to the front when present.",
+)
+@click.option(
+    "--replace",
+    multiple=True,
+    metavar="SRC,DST",
+    help="Replace a tag (after underscore removal), e.g. 'hatsune miku,mytoken'; ';' between pairs.",
 )
 @click.option("--separator", default=", ", show_default=True, help="Between tags.")
 @click.option(
@@ -168,6 +190,7 @@ def command(ctx: click.Context, directory: Path, **kw) -> None:
         escape_parentheses=kw["escape_parentheses"],
         undesired=_tag_list(kw["undesired"]),
         always_first=_tag_list(kw["always_first"]),
+        replace=_replacements(kw["replace"]),
         separator=kw["separator"],
     )
     captioner_options = parse_overrides(list(kw["caption_option"]))
