@@ -266,6 +266,7 @@ class Trainer:
         self.pos = Position()
         self.result = TrainResult(method=self.method_name, output=None)
         self._rng_to_restore: dict | None = None
+        self.limit_images: int | None = None  # preflight: train on a spread of this many images
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -327,6 +328,9 @@ class Trainer:
 
         cfg = self.cfg
         self.dataset = build_dataset(cfg, report=self.cb_reporter(), seed=self.seed)
+        if self.limit_images:
+            self.dataset.summary()  # the banner shows the whole dataset
+            self.dataset.records = spread(self.dataset.records, self.limit_images)
         if cfg.masked_loss and not self.dataset.has_masks:
             raise ConfigError(
                 "masked_loss is on but no training image has a mask",
@@ -390,7 +394,7 @@ class Trainer:
 
     def _build_optimizer(self) -> None:
         from sdprep.train.kohya_args import parse_kv_args
-        from sdprep.train.optim import build_optimizer, build_scheduler, warmup_steps
+        from sdprep.train.optim import build_optimizer, build_scheduler, relative_adafactor, warmup_steps
 
         cfg = self.cfg
         self.num_processes = self.accelerator.num_processes
@@ -405,18 +409,26 @@ class Trainer:
             parse_kv_args(cfg.optimizer_args),
         )
         warmup = warmup_steps(cfg.lr_warmup_steps, self.total_steps)
-        if warmup and (cfg.lr_scheduler or "constant") == "constant":
+        scheduler, sched_args = cfg.lr_scheduler, parse_kv_args(cfg.lr_scheduler_args)
+        if relative_adafactor(self.optimizer):
+            scheduler, sched_args = "adafactor", {"initial_lr": cfg.learning_rate}
+            self.notes.append(
+                "Adafactor with relative_step (kohya's default): it sets its own learning rate, "
+                f"learning_rate {cfg.learning_rate:g} is only its initial value and lr_scheduler is "
+                "ignored; for a fixed lr use optimizer_args relative_step=False scale_parameter=False"
+            )
+        elif warmup and (scheduler or "constant") == "constant":
             self.notes.append(
                 "lr_warmup_steps is ignored by lr_scheduler constant (use constant_with_warmup)"
             )
         self.lr_scheduler = build_scheduler(
-            cfg.lr_scheduler,
+            scheduler,
             self.optimizer,
             warmup_steps=warmup,
             total_steps=self.total_steps,
             num_cycles=cfg.lr_scheduler_num_cycles,
             power=cfg.lr_scheduler_power,
-            args=parse_kv_args(cfg.lr_scheduler_args),
+            args=sched_args,
         )
 
     def _prepare(self) -> None:
@@ -755,6 +767,20 @@ class Trainer:
         self._save(final=True)
 
 
+def spread(records: list, limit: int) -> list:
+    """Up to `limit` records taken round-robin over buckets (masked images first), in dataset order."""
+    by_bucket: dict[Any, list] = {}
+    for rec in sorted(records, key=lambda r: not r.has_mask):
+        by_bucket.setdefault(rec.assignment.bucket, []).append(rec)
+    picked: list = []
+    while len(picked) < limit and any(by_bucket.values()):
+        for queue in by_bucket.values():
+            if queue and len(picked) < limit:
+                picked.append(queue.pop(0))
+    keep = {id(r) for r in picked}
+    return [r for r in records if id(r) in keep]
+
+
 def _groups(batches: Any, size: int) -> Any:
     """Consecutive groups of `size` batches (the last may be shorter): one optimizer step each."""
     group: list[dict] = []
@@ -771,7 +797,7 @@ def _sync_scheduler_lr(lr_scheduler: Any, optimizer: Any) -> None:
     """After a resume, set each group's lr from THIS run's schedule at the restored step (the saved
     optimizer holds the lr of the old schedule, which differs when max_train_steps changed)."""
     lambdas = getattr(lr_scheduler, "lr_lambdas", None)
-    if not lambdas:
+    if not lambdas or type(lr_scheduler).__name__ == "AdafactorSchedule":
         return
     lrs = [base * fn(lr_scheduler.last_epoch) for fn, base in zip(lambdas, lr_scheduler.base_lrs)]
     for group, lr in zip(optimizer.param_groups, lrs):

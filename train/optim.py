@@ -74,11 +74,11 @@ def build_optimizer(name: str | None, groups: list[dict], lr: float, args: dict[
         from transformers.optimization import Adafactor
 
         cls = Adafactor
-        kwargs.setdefault("scale_parameter", False)
-        kwargs.setdefault("relative_step", False)
-        kwargs.setdefault("warmup_init", False)
+        kwargs.setdefault("relative_step", True)  # kohya's default (transformers' too)
+        if kwargs.get("warmup_init") and not kwargs["relative_step"]:
+            kwargs["relative_step"] = True  # as kohya: warmup_init needs relative_step
         if kwargs["relative_step"]:
-            lr = None  # Adafactor computes its own learning rate
+            lr = None  # Adafactor computes its own learning rate; see relative_adafactor()
             for g in groups:
                 g.pop("lr", None)
     elif key == "prodigy":
@@ -99,6 +99,11 @@ def build_optimizer(name: str | None, groups: list[dict], lr: float, args: dict[
         ) from exc
     described = ", ".join(f"{k}={v}" for k, v in kwargs.items())
     return optimizer, f"{cls.__name__}({described})" if described else cls.__name__
+
+
+def relative_adafactor(optimizer: Any) -> bool:
+    """True for Adafactor with relative_step: its lr is its own and the schedule is kohya's `adafactor`."""
+    return type(optimizer).__name__ == "Adafactor" and bool(optimizer.defaults.get("relative_step"))
 
 
 def build_scheduler(

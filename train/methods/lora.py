@@ -20,33 +20,25 @@ UNET_BLOCKS = ("Transformer2DModel",)
 UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TE_BLOCKS = ("CLIPAttention", "CLIPMLP")
 KNOWN_NETWORK_ARGS = {"conv_dim", "conv_alpha"}
-IGNORED_NETWORK_ARGS = {"rank_dropout", "module_dropout", "dropout"}
-PREFIXES = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"}
 
 
 def parse_network_args(args: list[str] | tuple[str, ...] | str | None) -> tuple[dict[str, str], list[str]]:
     """kohya's `network_args` ("conv_dim=4", ...) as a dict, plus notes for ignored ones."""
-    if isinstance(args, str):
-        args = [args]
+    from sdprep.train.kohya_args import split_kv_args
+
     out: dict[str, str] = {}
     notes = []
-    for item in args or []:
-        for part in str(item).split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if "=" not in part:
-                raise ConfigError(f'network_args: "{part}" is not of the form key=value', "e.g. conv_dim=4")
-            key, value = (s.strip() for s in part.split("=", 1))
-            if key == "algo":
-                raise ConfigError(
-                    f"network_args: algo={value} is a LyCORIS option",
-                    "sdprep trains plain LoRA (networks.lora); remove algo=",
-                )
-            if key in KNOWN_NETWORK_ARGS:
-                out[key] = value
-            else:
-                notes.append(f"network_args: {key}={value} is accepted but not used by sdprep")
+    for item in split_kv_args(args, "network_args"):
+        key, value = (s.strip() for s in item.split("=", 1))
+        if key == "algo":
+            raise ConfigError(
+                f"network_args: algo={value} is a LyCORIS option",
+                "sdprep trains plain LoRA (networks.lora); remove algo=",
+            )
+        if key in KNOWN_NETWORK_ARGS:
+            out[key] = value
+        else:
+            notes.append(f"network_args: {key}={value} is accepted but not used by sdprep")
     return out, notes
 
 
@@ -80,11 +72,11 @@ def target_modules(
     return found
 
 
-def kohya_name(component: str, module_name: str) -> str:
+def kohya_name(component: str, module_name: str, layout: Any = None) -> str:
     """`lora_unet_input_blocks_4_1_proj_in` etc. for a diffusers/transformers module name."""
-    from sdprep.train.sgm import kohya_lora_name
+    from sdprep.train.sgm import LORA_PREFIXES, SDXL_LAYOUT, kohya_lora_name
 
-    return kohya_lora_name(component, module_name)
+    return kohya_lora_name(module_name, LORA_PREFIXES[component], layout or SDXL_LAYOUT)
 
 
 class LoraMethod(TrainMethod):
@@ -98,14 +90,12 @@ class LoraMethod(TrainMethod):
         self.notes += notes
         self.rank = int(cfg.network_dim or 4)
         self.alpha = float(cfg.network_alpha if cfg.network_alpha is not None else 1.0)
-        self.conv_rank = int(args["conv_dim"]) if "conv_dim" in args else None
-        self.conv_alpha = float(args.get("conv_alpha", 1.0)) if self.conv_rank else None
-        self.train_unet = not getattr(cfg, "network_train_text_encoder_only", False)
+        conv_dim = cfg.conv_dim if cfg.conv_dim is not None else args.get("conv_dim")
+        conv_alpha = cfg.conv_alpha if cfg.conv_alpha is not None else args.get("conv_alpha", 1.0)
+        self.conv_rank = int(conv_dim) if conv_dim else None
+        self.conv_alpha = float(conv_alpha) if self.conv_rank else None
+        self.train_unet = True  # network_train_text_encoder_only is rejected by the config
         self.train_te = not cfg.network_train_unet_only
-        if not self.train_unet and not self.train_te:
-            raise ConfigError(
-                "network_train_unet_only and network_train_text_encoder_only are both set: nothing trains"
-            )
         # component -> {module name: kind}; filled in setup()
         self.targets: dict[str, dict[str, str]] = {}
 
@@ -230,10 +220,13 @@ class LoraMethod(TrainMethod):
 
     def _modules(self):
         """(component, module name, kohya name, peft LoraLayer) for every adapted layer."""
+        from sdprep.train.sgm import UnetLayout
+
+        layout = UnetLayout.from_config(self.model.unet.config)
         for comp, module in self._components().items():
             for name, layer in module.named_modules():
                 if name in self.targets.get(comp, {}):
-                    yield comp, name, kohya_name(comp, name), layer
+                    yield comp, name, kohya_name(comp, name, layout), layer
 
     def module_alpha(self, comp: str, name: str) -> float:
         return self.conv_alpha if self.targets[comp][name] == "conv" else self.alpha

@@ -1,0 +1,211 @@
+"""`sdprep train` through the CLI: seed configs as written, kohya flags, typos, notes, preflight."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from train_support import make_dataset
+
+from sdprep.cli import cli
+
+torch.set_num_threads(1)
+
+# Seed 003's config.toml, verbatim (a bmaltais-GUI user's LoRA config).
+SEED_003 = """\
+pretrained_model_name_or_path = "data/waiNSFW_v14.safetensors"
+train_data_dir = "data/images"
+# reg_data_dir = "/home/lumi/code/kohya_ss/data/reg"
+output_dir = "data/output"
+logging_dir = "data/logs"
+output_name = "nazuna"
+
+# in comfyui set: lora_strength = 0.80
+LoRA_type = "Standard"
+
+# [Option 1] better results, manual learning rate
+optimizer_type = "AdamW" # or AdamW8bit
+lr_scheduler = "constant" # or cosine
+# optimizer_args = ["betas=0.9,0.99", "weight_decay=0.01"]
+learning_rate = 3e-5 # [3e-6; 8e-5]
+
+max_train_steps = 4000
+# max_train_epochs = 50
+network_alpha = 32 # try [1, 4, 16]
+network_dim = 32
+max_token_length = 225
+
+mixed_precision = "fp16"
+save_precision = "fp16"
+
+resolution = "1024,1024"
+max_resolution = "1024,1024"
+caption_extension = ".txt"
+
+save_every_n_epochs = 1
+train_batch_size = 2
+gradient_accumulation_steps = 1
+
+cache_latents = true
+cache_latents_to_disk = true
+cache_text_encoder_outputs = true
+cache_text_encoder_outputs_to_disk = true
+
+lowvram = true
+gradient_checkpointing = true
+network_train_unet_only = true
+
+xformers = true
+flip_aug = true
+
+enable_bucket = true
+min_bucket_reso = 704
+max_bucket_reso = 2048
+bucket_reso_steps = 64
+
+network_module = "networks.lora"
+"""
+
+# Seed 001's LoRA command line, verbatim, and its dataset TOML for LoRA with image masking.
+SEED_001_LORA = (
+    "accelerate launch  --mixed_precision bf16 --num_cpu_threads_per_process 4 sdxl_train_network.py "
+    "--pretrained_model_name_or_path=/mnt/g/ComfyUI/models/checkpoints/sd_xl_base_1.0.safetensors "
+    "--output_dir=/mnt/g/loraimages/zhuoyueai/model --logging_dir=/mnt/g/loraimages/zhuoyueai/log "
+    "--dataset_config=yuzhaiaiXL_lora.toml --learning_rate=1e-6 --min_bucket_reso=256 --max_bucket_reso=4096 "
+    "--save_model_as=safetensors --output_name=yuzhaiaiXL_lora_upscale --lr_scheduler=constant_with_warmup "
+    "--lr_warmup_steps=0 --train_batch_size=3 --max_train_steps=10000000 --save_every_n_epochs=1 "
+    "--gradient_checkpointing --cache_latents_to_disk --mixed_precision=bf16 --save_precision=bf16 "
+    "--no_half_vae --optimizer_type=Adafactor --bucket_no_upscale --sample_sampler=euler_a "
+    "--sample_prompts=/mnt/g/loraimages/zhuoyueai/model/sample/prompt.txt --sample_every_n_steps=400 "
+    "--masked_loss --network_module=networks.lora"
+)
+SEED_001_DATASET = """\
+[general]
+shuffle_caption = false
+enable_bucket = true
+
+[[datasets]]
+resolution = 1024
+
+[[datasets.subsets]]
+image_dir = "{image_dir}"
+caption_extension = '.txt'
+conditioning_data_dir = "{mask_dir}"
+num_repeats = 100
+"""
+
+
+def test_help_has_an_example(cli_runner) -> None:
+    result = cli_runner.invoke(cli, ["train", "--help"])
+    assert result.exit_code == 0
+    assert "Example:" in result.output and "sdprep train --config train.toml" in result.output
+
+
+def test_a_typo_fails_with_a_suggestion(cli_runner, tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('network_module = "networks.lora"\nlearning_rat = 1e-4\n')
+    result = cli_runner.invoke(cli, ["train", "--config", str(config)])
+    assert result.exit_code == 1
+    assert 'Error: unknown key "learning_rat"' in result.output
+    assert 'did you mean "learning_rate"?' in result.output
+    config.write_text('network_module = "networks.lora"\n')
+    result = cli_runner.invoke(cli, ["train", "--config", str(config), "--train_bach_size=2"])
+    assert result.exit_code == 1
+    assert 'did you mean "train_batch_size"?' in result.output
+    result = cli_runner.invoke(cli, ["train", "--config", str(config), "--set", "network_dimm=8"])
+    assert result.exit_code == 1 and 'did you mean "network_dim"?' in result.output
+
+
+def test_seed_003_config_as_written(cli_runner, tiny_sdxl: Path, tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "data" / "images", repeats=1, token="nazuna")
+    config = tmp_path / "config.toml"
+    config.write_text(SEED_003)
+    args = [
+        "train",
+        "--config",
+        str(config),
+        "--model",
+        str(tiny_sdxl),
+        "--steps",
+        "2",
+        "--resolution",
+        "128",
+    ]
+    args += ["--set", f"train_data_dir={str(data)!r}", "--set", f"output_dir={str(tmp_path / 'output')!r}"]
+    args += ["--set", f"logging_dir={str(tmp_path / 'logs')!r}", "--set", "min_bucket_reso=64"]
+    result = cli_runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "output" / "nazuna.safetensors"
+    assert f"output: {out}" in result.output
+    assert '"xformers" accepted but not used' in result.output
+    assert '"LoRA_type" accepted but not used' in result.output
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+        assert f.get_tensor("lora_unet_middle_block_1_proj_in.lora_up.weight").dtype == torch.float16
+    assert meta["ss_network_dim"] == "32" and meta["ss_network_alpha"] == "32"
+
+
+def test_seed_001_command_line_with_masks(cli_runner, tiny_sdxl: Path, tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "img", images=["c_square.webp", "b_portrait.png"], repeats=1)
+    image_dir = data / "1_mytoken"
+    masks = image_dir / "masks"
+    masks.mkdir(exist_ok=True)
+    from train_support import make_mask
+
+    from sdprep.images import image_size
+
+    for name in ("c_square", "b_portrait"):
+        make_mask(image_size(image_dir / f"{name}.png"), "left").save(masks / f"{name}.png")
+    dataset = tmp_path / "yuzhaiaiXL_lora.toml"
+    dataset.write_text(SEED_001_DATASET.format(image_dir=image_dir, mask_dir=masks))
+    prompts = tmp_path / "prompt.txt"
+    prompts.write_text("zhuoyue, a portrait --n ugly --w 64 --h 64 --d 1 --l 7 --s 2\n")
+    args = ["train", "--model", str(tiny_sdxl), "--steps", "2", "--output-dir", str(tmp_path / "model")]
+    args += [
+        "--dataset-config",
+        str(dataset),
+        "--sample-prompts",
+        str(prompts),
+        "--logging-dir",
+        str(tmp_path / "log"),
+    ]
+    args += ["--"] + shlex.split(SEED_001_LORA)
+    result = cli_runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "masks: 2 of 2 images" in result.output
+    assert "Adafactor with relative_step" in result.output
+    assert (tmp_path / "model" / "yuzhaiaiXL_lora_upscale.safetensors").is_file()
+
+
+def test_kohya_flags_directly_and_preflight(cli_runner, tiny_sdxl: Path, tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "data", images=["c_square.webp", "h_wide.jpg"], repeats=1)
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'pretrained_model_name_or_path = "{tiny_sdxl}"\ntrain_data_dir = "{data}"\n'
+        f'output_dir = "{tmp_path / "out"}"\nnetwork_module = "networks.lora"\nresolution = 1024\n'
+        "cache_latents = true\nsave_state = true\n"
+    )
+    args = [
+        "train",
+        "--config",
+        str(config),
+        "--learning_rate=5e-6",
+        "--max_train_steps",
+        "2",
+        "--train_batch_size=2",
+    ]
+    result = cli_runner.invoke(cli, args + ["--preflight"])
+    assert result.exit_code == 0, result.output
+    for check in (
+        "ok   model:",
+        "ok   setup:",
+        "ok   training: 2 steps",
+        "ok   saving:",
+        "ok   reload:",
+        "ok   resume: continued from step 2 to 3",
+    ):
+        assert check in result.output
+    assert "preflight passed" in result.output
+    assert not (tmp_path / "out").exists()  # preflight writes nothing of the user's

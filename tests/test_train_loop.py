@@ -1,0 +1,186 @@
+"""The training loop on the tiny model: learning, masks, NaN stops, predicates, samples and TensorBoard."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from train_support import lora_cfg, make_dataset
+
+from sdprep.errors import ConfigError, TrainingError
+from sdprep.train.loop import (
+    RecordingCallbacks,
+    Trainer,
+    schedule,
+    should_sample,
+    should_save,
+    train,
+)
+
+torch.set_num_threads(1)
+
+
+def _fixed_loss(trainer: Trainer, batch: dict) -> float:
+    from sdprep.train.step import batch_loss
+
+    for module in trainer.train_modules:
+        module.eval()
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(123)  # the same noise and timesteps before and after training
+        return sum(float(batch_loss(trainer.ctx, batch)) for _ in range(4)) / 4
+
+
+def test_loss_on_a_fixed_batch_decreases(tiny_sdxl: Path, tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "data", images=["c_square.webp"], repeats=1, side=64)
+    cfg = lora_cfg(tiny_sdxl, data, tmp_path / "out", learning_rate=3e-2, max_train_steps=12, network_dim=8)
+    trainer = Trainer(cfg, callbacks=RecordingCallbacks())
+    trainer.setup()
+    batch = next(trainer.dataset.batches(0))
+    before = _fixed_loss(trainer, batch)
+    trainer.run()
+    after = _fixed_loss(trainer, batch)
+    assert after < before * 0.92, (before, after)
+
+
+def test_masks_are_used_and_black_pixels_get_no_gradient(tiny_sdxl: Path, tmp_path: Path) -> None:
+    from sdprep.train.step import batch_loss
+
+    data = make_dataset(
+        tmp_path / "data", images=["c_square.webp"], repeats=1, masks={"c_square.webp": "left"}
+    )
+    cfg = lora_cfg(tiny_sdxl, data, tmp_path / "out", masked_loss=True, cache_latents=False)
+    cb = RecordingCallbacks()
+    trainer = Trainer(cfg, callbacks=cb)
+    trainer.setup()
+    assert any(line.startswith("masks: 1 of 1 images") for line in trainer.banner()), trainer.banner()
+    batch = next(trainer.dataset.batches(0))
+    assert batch["mask"] is not None and batch["mask"].shape[-2:] == batch["pixels"].shape[-2:]
+
+    outputs = {}
+    unet = trainer.ctx.unet
+
+    class Spy(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            out = unet(*args, **kwargs)
+            out.sample.retain_grad()
+            outputs["pred"] = out.sample
+            return out
+
+    trainer.ctx.unet = Spy()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        batch_loss(trainer.ctx, batch).backward()
+    grad = outputs["pred"].grad[0]
+    half = grad.shape[-1] // 2
+    assert grad[..., half:].abs().max() == 0  # right half black: no gradient at all
+    assert grad[..., :half].abs().min() > 0
+
+    unmasked = dataclasses.replace(trainer.ctx, cfg=dataclasses.replace(cfg, masked_loss=False))
+    unmasked.unet = Spy()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        batch_loss(unmasked, batch).backward()
+    assert outputs["pred"].grad[0][..., half:].abs().max() > 0
+
+
+def test_masked_loss_without_any_mask_is_an_error(tiny_sdxl: Path, tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "data", images=["c_square.webp"], repeats=1)
+    cfg = lora_cfg(tiny_sdxl, data, tmp_path / "out", masked_loss=True)
+    with pytest.raises(ConfigError, match="masked_loss is on but no training image has a mask"):
+        Trainer(cfg).setup()
+
+
+class Corrupt(RecordingCallbacks):
+    """Puts a NaN into the trained weights after optimizer step `at`."""
+
+    def __init__(self, trainer_box: list, at: int) -> None:
+        super().__init__()
+        self.box, self.at = trainer_box, at
+
+    def step(self, step: int, epoch: int, loss: float, lr: float) -> None:
+        super().step(step, epoch, loss, lr)
+        if step == self.at:
+            with torch.no_grad():
+                self.box[0].method.trainable_parameters()[0].fill_(float("nan"))
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_file(tiny_sdxl: Path, tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "data", images=["c_square.webp"], repeats=1)
+    out = tmp_path / "out"
+    cfg = lora_cfg(tiny_sdxl, data, out, max_train_steps=6, save_every_n_steps=2)
+    box: list = []
+    trainer = Trainer(cfg, callbacks=Corrupt(box, at=3))
+    box.append(trainer)
+    trainer.setup()
+    with pytest.raises(TrainingError, match="the loss became nan at step 4: training stopped") as err:
+        trainer.run()
+    assert "files saved before this step were verified and are kept" in str(err.value)
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["tiny-step00000002.safetensors"]
+
+
+def test_a_save_that_fails_its_check_stops_the_run(tiny_sdxl: Path, tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "data", images=["c_square.webp"], repeats=1)
+    out = tmp_path / "out"
+    cfg = lora_cfg(tiny_sdxl, data, out, max_train_steps=6, save_every_n_steps=1)
+    box: list = []
+    trainer = Trainer(cfg, callbacks=Corrupt(box, at=2))
+    box.append(trainer)
+    trainer.setup()
+    with pytest.raises(TrainingError, match="tiny-step00000002.safetensors failed its check"):
+        trainer.run()
+    assert sorted(p.name for p in out.iterdir()) == ["tiny-step00000001.safetensors"]
+
+
+def test_samples_and_tensorboard_events(tiny_sdxl: Path, tmp_path: Path) -> None:
+    from sdprep.train.logs import read_image_tags, read_scalars
+
+    data = make_dataset(tmp_path / "data", images=["c_square.webp", "e_sepia.jpg"], repeats=1)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# comment\nmytoken, 1girl --n lowres --w 64 --h 64 --d 5 --l 5 --s 2 --ss euler_a\n")
+    cfg = lora_cfg(
+        tiny_sdxl,
+        data,
+        tmp_path / "out",
+        max_train_steps=3,
+        logging_dir=str(tmp_path / "logs"),
+        log_prefix="run_",
+        sample_prompts=str(prompts),
+        sample_every_n_steps=2,
+        sample_at_first=True,
+        mixed_precision="bf16",
+        lr_scheduler="linear",
+    )
+    cb = RecordingCallbacks()
+    result = train(cfg, callbacks=cb)
+    names = sorted(p.name for p in (tmp_path / "out" / "sample").iterdir())
+    assert len(names) == 2
+    assert names[0].startswith("tiny_000000_00_") and names[0].endswith("_5.png")
+    assert names[1].startswith("tiny_000002_00_")
+    assert result.log_dir is not None and result.log_dir.name.startswith("run_")
+    scalars = read_scalars(result.log_dir)
+    assert [s for s, _ in scalars["loss/current"]] == [1, 2, 3]
+    assert [v for _, v in scalars["loss/current"]] == pytest.approx([loss for _, loss in cb.losses])
+    lrs = [v for _, v in scalars["lr/unet"]]
+    assert lrs[0] > lrs[1] > lrs[2] >= 0  # linear decay
+    assert set(read_image_tags(result.log_dir)) == {"sample/00"}
+
+
+def test_predicates_and_schedule() -> None:
+    from sdprep.train.config import TrainConfig
+
+    cfg = TrainConfig(
+        save_every_n_steps=5, save_every_n_epochs=2, sample_prompts=Path("p.txt"), sample_every_n_steps=3
+    )
+    assert [s for s in range(1, 16) if should_save(cfg, step=s, total=15)] == [5, 10]  # 15 is the final save
+    assert [e for e in range(1, 7) if should_save(cfg, epoch=e, total=6)] == [2, 4]
+    assert [s for s in range(0, 10) if should_sample(cfg, step=s)] == [3, 6, 9]
+    assert should_sample(dataclasses.replace(cfg, sample_at_first=True), step=0)
+    by_epoch = dataclasses.replace(cfg, sample_every_n_epochs=2)
+    assert not should_sample(by_epoch, step=6)  # epochs win over steps, as kohya
+    assert should_sample(by_epoch, step=6, epoch=2) and not should_sample(by_epoch, step=6, epoch=3)
+    assert not should_sample(dataclasses.replace(cfg, sample_prompts=None), step=3)
+    # 10 batches, accumulation 4 -> 3 steps per epoch (kohya rounds up)
+    assert schedule(10, TrainConfig(gradient_accumulation_steps=4, max_train_steps=7)) == (3, 7, 3)
+    assert schedule(10, TrainConfig(max_train_epochs=2)) == (10, 20, 2)

@@ -1,0 +1,110 @@
+"""save_state / --resume: a resumed run continues the step count and ends with the same weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_support import lora_cfg, make_dataset
+
+from sdprep.errors import TrainingError
+from sdprep.train.loop import RecordingCallbacks, train
+
+torch.set_num_threads(1)
+
+# Everything random in play: flips, caption shuffling, LoRA dropout, noise offset, accumulation, warmup.
+RANDOM = dict(
+    train_batch_size=2,
+    gradient_accumulation_steps=2,
+    flip_aug=True,
+    shuffle_caption=True,
+    network_dropout=0.1,
+    noise_offset=0.05,
+    lr_scheduler="cosine",
+    lr_warmup_steps=1,
+    cache_latents=False,
+    max_train_steps=5,
+)
+
+
+class Interrupt(RecordingCallbacks):
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+
+    def step(self, step: int, epoch: int, loss: float, lr: float) -> None:
+        super().step(step, epoch, loss, lr)
+        if step == self.at:
+            raise KeyboardInterrupt
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory):
+    """An uninterrupted 5-step run, and the same run interrupted after step 4 (mid-epoch) and resumed."""
+    root = tmp_path_factory.mktemp("resume")
+    # 2 images x 4 repeats = 8 samples: 4 batches of 2, accumulation 2 -> 2 steps per epoch,
+    # so the state saved at step 3 is in the middle of epoch 2
+    data = make_dataset(root / "data", images=["a_landscape.jpg", "h_wide.jpg"], repeats=4)
+    full = RecordingCallbacks()
+    train(lora_cfg(tiny_sdxl, data, root / "full", **RANDOM), callbacks=full)
+    cfg = lora_cfg(tiny_sdxl, data, root / "cut", save_every_n_steps=3, save_state=True, **RANDOM)
+    first = Interrupt(at=4)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, callbacks=first)
+    resumed = RecordingCallbacks()
+    result = train(cfg, callbacks=resumed, resume="latest")
+    return root, full, first, resumed, result
+
+
+def test_resumed_run_equals_uninterrupted_run(runs) -> None:
+    root, full, first, resumed, result = runs
+    a = load_file(str(root / "full" / "tiny.safetensors"))
+    b = load_file(str(root / "cut" / "tiny.safetensors"))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+    assert [loss for _, loss in full.losses] == [loss for _, loss in first.losses[:3] + resumed.losses]
+
+
+def test_resume_continues_the_step_count(runs) -> None:
+    root, full, first, resumed, result = runs
+    assert resumed.started == (5, 3, 2)
+    assert [s for s, _ in resumed.losses] == [4, 5]
+    assert result.first_step == 3 and result.steps == 5
+    assert any("resumed from" in n and "tiny-step00000003-state at step 3" in n for n in resumed.notes)
+    info = json.loads((root / "cut" / "tiny-state" / "state.json").read_text())
+    assert info["step"] == 5 and info["method"] == "lora"
+
+
+def test_latest_skips_incomplete_states_and_explains_missing_ones(runs, tmp_path: Path) -> None:
+    from sdprep.train.save import read_state_info, resolve_resume
+
+    root = runs[0]
+    out = tmp_path / "out"
+    shutil.copytree(root / "cut", out)
+    # a crashed save: a temp folder, and a folder without state.json, both newer
+    (out / ".tiny-step00000009-state.tmp-1").mkdir()
+    (out / "tiny-step00000008-state").mkdir()
+    assert resolve_resume("latest", out, "tiny").name == "tiny-state"
+    with pytest.raises(TrainingError, match="not a complete sdprep training state"):
+        read_state_info(out / "tiny-step00000008-state")
+    kohya = tmp_path / "kohya-state"
+    kohya.mkdir()
+    (kohya / "train_state.json").write_text("{}")
+    with pytest.raises(TrainingError) as err:
+        resolve_resume(kohya, out, "tiny")
+    assert "kohya/accelerate state folder" in str(err.value)
+    with pytest.raises(TrainingError, match="no saved training state"):
+        resolve_resume("latest", tmp_path / "empty", "tiny")
+
+
+def test_resume_past_the_end_is_an_error(runs, tiny_sdxl: Path) -> None:
+    root = runs[0]
+    cfg = lora_cfg(tiny_sdxl, root / "data", root / "cut", save_state=True, **RANDOM)
+    with pytest.raises(
+        TrainingError, match="is at step 5, and this run ends at step 5: nothing left to train"
+    ):
+        train(cfg, resume="latest")

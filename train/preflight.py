@@ -1,0 +1,263 @@
+"""`sdprep train --preflight`: the user's config, for a few steps, on a tiny SDXL-shaped model.
+
+Everything except the model is the user's: data sources, captions, buckets, masks, caching,
+optimizer, loss, samples, saving, reloading and resuming. Config and data mistakes show up in
+about a minute on a CPU instead of after hours on a GPU. The model is a tiny random model with
+SDXL's layout (cached under ~/.cache/sdprep), so nothing it writes is a usable result: outputs go
+to a temporary folder, and images are scaled down so the run stays short.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdprep.errors import SdprepError
+from sdprep.train.loop import TrainCallbacks, Trainer
+
+PREFLIGHT_AREA = 128 * 128  # max training area on the tiny model
+SAMPLE_AREA = 64 * 64
+MAX_IMAGES = 12  # images trained on (spread over the buckets); all are checked
+
+
+@dataclass
+class PreflightReport:
+    checks: list[tuple[str, bool, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(ok for _, ok, _ in self.checks)
+
+    def add(self, name: str, ok: bool, detail: str) -> None:
+        self.checks.append((name, ok, detail))
+
+    def summary(self) -> str:
+        lines = [f"{'ok  ' if ok else 'FAIL'} {name}: {detail}" for name, ok, detail in self.checks]
+        verdict = "preflight passed" if self.ok else "preflight FAILED"
+        lines.append(f"{verdict} in {self.seconds:.0f} s (tiny model; the real run uses your model)")
+        return "\n".join(lines)
+
+
+def tiny_model_dir() -> Path:
+    """Where the tiny model is kept: $SDPREP_CACHE or ~/.cache/sdprep, else a temporary folder."""
+    from sdprep.train.tiny import build_tiny_sdxl
+
+    base = Path(os.environ.get("SDPREP_CACHE") or Path.home() / ".cache" / "sdprep")
+    try:
+        return build_tiny_sdxl(base / "tiny-sdxl")
+    except OSError:
+        return build_tiny_sdxl(Path(tempfile.mkdtemp(prefix="sdprep-tiny-")) / "tiny-sdxl")
+
+
+def scaled_settings(cfg: Any, area: int = PREFLIGHT_AREA) -> dict[str, Any]:
+    """Resolution and bucket limits scaled down to `area`, keeping the aspect and bucket structure."""
+    w, h = cfg.resolution
+    factor = min(1.0, math.sqrt(area / (w * h)))
+    step = 32
+
+    def scale(x: int) -> int:
+        return max(step, int(x * factor) // step * step)
+
+    return {
+        "resolution": (scale(w), scale(h)),
+        "min_bucket_reso": scale(cfg.min_bucket_reso),
+        "max_bucket_reso": max(scale(cfg.max_bucket_reso), scale(max(w, h))),
+        "bucket_reso_steps": step,
+    }
+
+
+def _model_check(cfg: Any) -> tuple[bool, str]:
+    source = cfg.pretrained_model_name_or_path
+    if not source:
+        return False, "pretrained_model_name_or_path is not set"
+    path = Path(os.path.expanduser(str(source)))
+    if path.exists():
+        kind = "diffusers folder" if path.is_dir() else "single-file checkpoint"
+        if path.is_dir() and not (path / "model_index.json").exists():
+            return False, f"{path} has no model_index.json (not a diffusers folder)"
+        return True, f"{kind} {path} exists (not loaded: preflight trains the tiny model)"
+    if str(source).startswith((".", "/", "~")) or path.suffix:
+        return False, f"{path}: no such file or folder"
+    return True, f"hub id {source} (not checked: preflight trains the tiny model)"
+
+
+def _preflight_cfg(cfg: Any, work: Path, steps: int) -> Any:
+    return dataclasses.replace(
+        cfg,
+        **scaled_settings(cfg),
+        pretrained_model_name_or_path=None,
+        vae=None,
+        output_dir=work / "out",
+        logging_dir=work / "logs" if cfg.logging_dir else None,
+        sample_dir=work / "sample",
+        cache_dir=work / "cache",
+        max_train_steps=steps,
+        max_train_epochs=None,
+        save_every_n_steps=1,
+        save_every_n_epochs=None,
+        save_last_n_steps=None,
+        save_last_n_epochs=None,
+        save_state=True,
+        sample_every_n_steps=steps if cfg.sample_prompts else None,
+        sample_every_n_epochs=None,
+        sample_at_first=False,
+        resume=None,
+        network_weights=None,  # weights for the real model do not fit the tiny one
+        weights=None,
+    )
+
+
+class _Quiet(TrainCallbacks):
+    """Forwards notes to the user's callbacks only when verbose; counts what happened."""
+
+    def __init__(self, outer: TrainCallbacks, verbose: bool) -> None:
+        self.outer, self.verbose = outer, verbose
+        self.losses: list[float] = []
+        self.saves: list[Any] = []
+        self.samples: list[Path] = []
+
+    def reporter(self) -> Any:
+        getter = getattr(self.outer, "reporter", None)
+        return getter() if getter else None
+
+    def note(self, message: str) -> None:
+        if self.verbose or message.startswith("warning"):
+            self.outer.note(message)
+
+    def step(self, step: int, epoch: int, loss: float, lr: float) -> None:
+        self.losses.append(loss)
+
+    def saved(self, verification: Any) -> None:
+        self.saves.append(verification)
+
+    def sampled(self, paths: list[Path]) -> None:
+        self.samples += paths
+
+
+def run_preflight(
+    cfg: Any,
+    *,
+    method: str | None = None,
+    callbacks: TrainCallbacks | None = None,
+    verbose: bool = False,
+    steps: int = 2,
+    work_dir: Path | None = None,
+) -> PreflightReport:
+    """Check `cfg` end to end on the tiny model; returns what passed and what failed."""
+    started = time.perf_counter()
+    report = PreflightReport()
+    outer = callbacks or TrainCallbacks()
+    ok, detail = _model_check(cfg)
+    report.add("model", ok, detail)
+    own_dir = work_dir is None
+    work = Path(work_dir or tempfile.mkdtemp(prefix="sdprep-preflight-"))
+    try:
+        _run(cfg, method, outer, verbose, steps, work, report)
+    finally:
+        if own_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _run(
+    cfg: Any, method: str | None, outer: TrainCallbacks, verbose: bool, steps: int, work: Path, report
+) -> None:
+    from sdprep.train.data import build_dataset
+    from sdprep.train.models import load_sdxl
+
+    def read_data():
+        dataset = build_dataset(cfg, report=getattr(outer, "reporter", lambda: None)())
+        for line in str(dataset.summary()).splitlines():
+            outer.note(line)
+        return dataset
+
+    if not _stage(
+        report, "data", read_data, lambda d: f"{len(d)} images usable at your settings (see above)"
+    ):
+        return
+    outer.note("preflight: training a tiny SDXL-shaped model on a sample of your images...")
+    model_dir = tiny_model_dir()
+    small = _preflight_cfg(cfg, work, steps)
+    quiet = _Quiet(outer, verbose)
+    trainer = Trainer(
+        small, method=method, callbacks=quiet, model=load_sdxl(model_dir), sample_max_area=SAMPLE_AREA
+    )
+    trainer.limit_images = MAX_IMAGES
+    if not _stage(report, "setup", lambda: trainer.setup(), lambda _: _setup_detail(trainer, small)):
+        return
+    if verbose:
+        for line in trainer.banner():
+            outer.note(line)
+    if cfg.network_weights or cfg.weights:
+        report.add("weights", True, "network_weights / weights not loaded (they belong to your model)")
+    trainer.prompts = trainer.prompts[:1]
+    if not _stage(report, "training", trainer.run, lambda r: f"{r.steps} steps, last loss {r.last_loss:.4f}"):
+        return
+    report.add("saving", True, "; ".join(v.summary() for v in quiet.saves))
+    if cfg.sample_prompts:
+        report.add("samples", bool(quiet.samples), f"{len(quiet.samples)} image(s) from {cfg.sample_prompts}")
+    out = trainer.result.output
+    _stage(report, "reload", lambda: reload_check(trainer, out), lambda d: d)
+    resumed = Trainer(
+        dataclasses.replace(small, max_train_steps=steps + 1, sample_every_n_steps=None),
+        method=method,
+        callbacks=_Quiet(outer, verbose),
+        model=load_sdxl(model_dir),
+        resume="latest",
+    )
+    resumed.limit_images = MAX_IMAGES
+
+    def resume_run():
+        resumed.setup()
+        return resumed.run()
+
+    _stage(
+        report,
+        "resume",
+        resume_run,
+        lambda r: f"continued from step {r.first_step} to {r.steps} (state restored, step count kept)",
+    )
+
+
+def _stage(report: PreflightReport, name: str, fn: Any, describe: Any) -> bool:
+    try:
+        value = fn()
+    except SdprepError as exc:
+        report.add(name, False, str(exc))
+        return False
+    report.add(name, True, describe(value))
+    return True
+
+
+def _setup_detail(trainer: Trainer, small: Any) -> str:
+    w, h = small.resolution
+    return (
+        f"{trainer.method.title} on {len(trainer.dataset)} images at {w}x{h} max area "
+        f"(your buckets scaled down), {trainer.optimizer_desc}, caches built"
+    )
+
+
+def reload_check(trainer: Trainer, path: Path | None) -> str:
+    """Load the written file the way users' tools do (diffusers for LoRA) into a fresh pipeline."""
+    if path is None:
+        raise SdprepError("no final file was written")
+    if trainer.method_name != "lora":
+        return f"{path.name} reloaded and verified"
+    from sdprep.train.models import load_sdxl
+
+    fresh = load_sdxl(trainer.model.source if trainer.model.source else path)
+    pipe = fresh.pipeline()
+    try:
+        pipe.load_lora_weights(str(path))
+    except Exception as exc:  # diffusers raises assorted errors for unloadable files
+        raise SdprepError(f"diffusers cannot load {path.name}: {exc}") from exc
+    return f"{path.name} loads in diffusers (load_lora_weights)"
