@@ -184,3 +184,20 @@ def test_predicates_and_schedule() -> None:
     # 10 batches, accumulation 4 -> 3 steps per epoch (kohya rounds up)
     assert schedule(10, TrainConfig(gradient_accumulation_steps=4, max_train_steps=7)) == (3, 7, 3)
     assert schedule(10, TrainConfig(max_train_epochs=2)) == (10, 20, 2)
+
+
+def test_save_last_n_removes_older_periodic_saves(tmp_path: Path) -> None:
+    from sdprep.train.config import TrainConfig
+    from sdprep.train.save import remove_saves, stale_saves
+
+    cfg = TrainConfig(
+        save_every_n_steps=10, save_last_n_steps=25, save_every_n_epochs=1, save_last_n_epochs=2
+    )
+    assert stale_saves(cfg, step=30, epoch=None) == []  # 30 - 26 = 4 -> 0: nothing yet
+    assert stale_saves(cfg, step=40, epoch=None) == [{"step": 10}]
+    assert stale_saves(cfg, step=None, epoch=5) == [{"epoch": 3}]
+    (tmp_path / "x-step00000010.safetensors").write_bytes(b"1")
+    (tmp_path / "x-step00000010-state").mkdir()
+    (tmp_path / "x-step00000020.safetensors").write_bytes(b"1")
+    remove_saves(tmp_path, "x", ".safetensors", [{"step": 10}])
+    assert [p.name for p in tmp_path.iterdir()] == ["x-step00000020.safetensors"]

@@ -9,137 +9,27 @@ TrainingError naming the step; files saved before it stay valid (every save was 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sdprep.errors import ConfigError, TrainingError
+from sdprep.train.callbacks import RecordingCallbacks, TrainCallbacks, TrainResult
+from sdprep.train.save import changed_settings, config_hash
 
-# Settings whose change between a run and its resume is harmless (not part of the config hash).
-RESUME_NEUTRAL = {
-    "max_train_steps",
-    "max_train_epochs",
-    "resume",
-    "output_dir",
-    "logging_dir",
-    "log_prefix",
-    "log_with",
-    "sample_prompts",
-    "sample_sampler",
-    "sample_every_n_steps",
-    "sample_every_n_epochs",
-    "sample_at_first",
-    "sample_dir",
-    "save_every_n_epochs",
-    "save_every_n_steps",
-    "save_last_n_epochs",
-    "save_last_n_steps",
-    "save_state",
-    "save_state_on_train_end",
-    "max_data_loader_n_workers",
-    "training_comment",
-    "metadata_title",
-    "metadata_author",
-    "metadata_description",
-    "metadata_license",
-    "metadata_tags",
-    "save_diffusers_copy",
-    "no_metadata",
-    "pretrained_model_name_or_path",
-    "cache_dir",
-}
-
-
-# -- callbacks -----------------------------------------------------------------------------
-
-
-class TrainCallbacks:
-    """What the loop reports. Subclass and override; every method is optional."""
-
-    def note(self, message: str) -> None:
-        """A line of information (start banner, notes about the config, save reports)."""
-
-    def start(self, total_steps: int, first_step: int, steps_per_epoch: int) -> None:
-        """Training begins (after model, data and caches are ready)."""
-
-    def step(self, step: int, epoch: int, loss: float, lr: float) -> None:
-        """An optimizer step finished (`step` counts from 1)."""
-
-    def saved(self, verification: Any) -> None:
-        """A weights file was written AND verified."""
-
-    def sampled(self, paths: list[Path]) -> None:
-        """Sample images were written."""
-
-    def end(self, result: TrainResult) -> None:
-        """Training finished (after the final save)."""
-
-
-class RecordingCallbacks(TrainCallbacks):
-    """Keeps everything reported (for tests and for callers that print later)."""
-
-    def __init__(self) -> None:
-        self.notes: list[str] = []
-        self.losses: list[tuple[int, float]] = []
-        self.lrs: list[float] = []
-        self.saves: list[Any] = []
-        self.samples: list[Path] = []
-        self.started: tuple[int, int, int] | None = None
-        self.result: TrainResult | None = None
-
-    def note(self, message: str) -> None:
-        self.notes.append(message)
-
-    def start(self, total_steps: int, first_step: int, steps_per_epoch: int) -> None:
-        self.started = (total_steps, first_step, steps_per_epoch)
-
-    def step(self, step: int, epoch: int, loss: float, lr: float) -> None:
-        self.losses.append((step, loss))
-        self.lrs.append(lr)
-
-    def saved(self, verification: Any) -> None:
-        self.saves.append(verification)
-
-    def sampled(self, paths: list[Path]) -> None:
-        self.samples += paths
-
-    def end(self, result: TrainResult) -> None:
-        self.result = result
-
-
-@dataclass
-class TrainResult:
-    method: str
-    output: Path | None
-    saved: list[Path] = field(default_factory=list)
-    states: list[Path] = field(default_factory=list)
-    samples: list[Path] = field(default_factory=list)
-    steps: int = 0
-    epochs: int = 0
-    first_step: int = 0
-    last_loss: float | None = None
-    log_dir: Path | None = None
-    seconds: float = 0.0
-
-    def summary(self) -> str:
-        lines = [
-            f"trained {self.method}: steps {self.first_step} -> {self.steps}, {self.epochs} epochs, "
-            f"last loss {self.last_loss:.4f} ({self.seconds:.0f} s)"
-            if self.last_loss is not None
-            else f"trained {self.method}: {self.steps} steps"
-        ]
-        if self.output:
-            lines.append(f"output: {self.output}")
-        if self.states:
-            lines.append(f"state: {self.states[-1]}")
-        if self.log_dir:
-            lines.append(f"TensorBoard: tensorboard --logdir {self.log_dir.parent}")
-        return "\n".join(lines)
-
+__all__ = [
+    "RecordingCallbacks",
+    "TrainCallbacks",
+    "TrainResult",
+    "Trainer",
+    "schedule",
+    "should_log",
+    "should_sample",
+    "should_save",
+    "train",
+]
 
 # -- predicates ----------------------------------------------------------------------------
 
@@ -183,17 +73,6 @@ def schedule(num_batches: int, cfg: Any, num_processes: int = 1) -> tuple[int, i
     return steps_per_epoch, total, epochs
 
 
-def config_hash(cfg_dict: dict) -> str:
-    """A hash of the settings that shape the training trajectory (for resume checks)."""
-    relevant = {k: v for k, v in sorted(cfg_dict.items()) if k not in RESUME_NEUTRAL}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def changed_settings(old: dict, new: dict) -> list[str]:
-    keys = sorted((set(old) | set(new)) - RESUME_NEUTRAL)
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-
-
 def check_finite(loss: float, step: int) -> None:
     if not math.isfinite(loss):
         raise TrainingError(
@@ -201,12 +80,6 @@ def check_finite(loss: float, step: int) -> None:
             "lower learning_rate, use mixed_precision bf16 instead of fp16, set no_half_vae, or check the "
             "data; the files saved before this step were verified and are kept",
         )
-
-
-def timed(fn: Any) -> tuple[Any, float]:
-    t = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -266,7 +139,7 @@ class Trainer:
         self.pos = Position()
         self.result = TrainResult(method=self.method_name, output=None)
         self._rng_to_restore: dict | None = None
-        self.limit_images: int | None = None  # preflight: train on a spread of this many images
+        self.record_filter: Any = None  # preflight: train on a subset of the images
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -328,9 +201,9 @@ class Trainer:
 
         cfg = self.cfg
         self.dataset = build_dataset(cfg, report=self.cb_reporter(), seed=self.seed)
-        if self.limit_images:
+        if self.record_filter is not None:
             self.dataset.summary()  # the banner shows the whole dataset
-            self.dataset.records = spread(self.dataset.records, self.limit_images)
+            self.dataset.records = self.record_filter(self.dataset.records)
         if cfg.masked_loss and not self.dataset.has_masks:
             raise ConfigError(
                 "masked_loss is on but no training image has a mask",
@@ -713,26 +586,10 @@ class Trainer:
         self.cb.note(f"saved training state {folder.name} (step {self.pos.step})")
 
     def _prune(self, *, step: int | None, epoch: int | None) -> None:
-        """kohya's save_last_n_epochs / save_last_n_steps: remove older periodic saves (and their states)."""
-        import shutil
+        from sdprep.train.save import remove_saves, stale_saves
 
-        from sdprep.train.save import state_dir_name, weights_name
-
-        cfg = self.cfg
-        old: list[dict] = []
-        if epoch is not None and cfg.save_last_n_epochs and cfg.save_every_n_epochs:
-            gone = epoch - cfg.save_last_n_epochs * cfg.save_every_n_epochs
-            if gone > 0:
-                old.append({"epoch": gone})
-        if step is not None and cfg.save_last_n_steps and cfg.save_every_n_steps:
-            gone = (step - cfg.save_last_n_steps - 1) // cfg.save_every_n_steps * cfg.save_every_n_steps
-            if gone > 0:
-                old.append({"step": gone})
-        for kw in old:
-            (self.output_dir / weights_name(self.name, suffix=self.method.output_suffix(), **kw)).unlink(
-                missing_ok=True
-            )
-            shutil.rmtree(self.output_dir / state_dir_name(self.name, **kw), ignore_errors=True)
+        old = stale_saves(self.cfg, step=step, epoch=epoch)
+        remove_saves(self.output_dir, self.name, self.method.output_suffix(), old)
 
     def _sample(self, *, step: int, epoch: int | None) -> None:
         from sdprep.train.sample import generate_samples
@@ -765,20 +622,6 @@ class Trainer:
         self.result.steps = self.pos.step
         self.result.epochs = self.pos.epoch
         self._save(final=True)
-
-
-def spread(records: list, limit: int) -> list:
-    """Up to `limit` records taken round-robin over buckets (masked images first), in dataset order."""
-    by_bucket: dict[Any, list] = {}
-    for rec in sorted(records, key=lambda r: not r.has_mask):
-        by_bucket.setdefault(rec.assignment.bucket, []).append(rec)
-    picked: list = []
-    while len(picked) < limit and any(by_bucket.values()):
-        for queue in by_bucket.values():
-            if queue and len(picked) < limit:
-                picked.append(queue.pop(0))
-    keep = {id(r) for r in picked}
-    return [r for r in records if id(r) in keep]
 
 
 def _groups(batches: Any, size: int) -> Any:

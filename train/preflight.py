@@ -191,7 +191,7 @@ def _run(
     trainer = Trainer(
         small, method=method, callbacks=quiet, model=load_sdxl(model_dir), sample_max_area=SAMPLE_AREA
     )
-    trainer.limit_images = MAX_IMAGES
+    trainer.record_filter = lambda records: spread(records, MAX_IMAGES)
     if not _stage(report, "setup", lambda: trainer.setup(), lambda _: _setup_detail(trainer, small)):
         return
     if verbose:
@@ -214,7 +214,7 @@ def _run(
         model=load_sdxl(model_dir),
         resume="latest",
     )
-    resumed.limit_images = MAX_IMAGES
+    resumed.record_filter = lambda records: spread(records, MAX_IMAGES)
 
     def resume_run():
         resumed.setup()
@@ -226,6 +226,20 @@ def _run(
         resume_run,
         lambda r: f"continued from step {r.first_step} to {r.steps} (state restored, step count kept)",
     )
+
+
+def spread(records: list, limit: int) -> list:
+    """Up to `limit` records taken round-robin over buckets (masked images first), in dataset order."""
+    by_bucket: dict[Any, list] = {}
+    for rec in sorted(records, key=lambda r: not r.has_mask):
+        by_bucket.setdefault(rec.assignment.bucket, []).append(rec)
+    picked: list = []
+    while len(picked) < limit and any(by_bucket.values()):
+        for queue in by_bucket.values():
+            if queue and len(picked) < limit:
+                picked.append(queue.pop(0))
+    keep = {id(r) for r in picked}
+    return [r for r in records if id(r) in keep]
 
 
 def _stage(report: PreflightReport, name: str, fn: Any, describe: Any) -> bool:

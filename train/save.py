@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -126,6 +127,51 @@ def save_weights(
 
 
 # -- training state ------------------------------------------------------------------------
+
+# Settings whose change between a run and its resume is harmless (not part of the config hash).
+RESUME_NEUTRAL = {
+    "max_train_steps",
+    "max_train_epochs",
+    "resume",
+    "output_dir",
+    "logging_dir",
+    "log_prefix",
+    "log_with",
+    "sample_prompts",
+    "sample_sampler",
+    "sample_every_n_steps",
+    "sample_every_n_epochs",
+    "sample_at_first",
+    "sample_dir",
+    "save_every_n_epochs",
+    "save_every_n_steps",
+    "save_last_n_epochs",
+    "save_last_n_steps",
+    "save_state",
+    "save_state_on_train_end",
+    "max_data_loader_n_workers",
+    "training_comment",
+    "metadata_title",
+    "metadata_author",
+    "metadata_description",
+    "metadata_license",
+    "metadata_tags",
+    "save_diffusers_copy",
+    "no_metadata",
+    "pretrained_model_name_or_path",
+    "cache_dir",
+}
+
+
+def config_hash(cfg_dict: dict) -> str:
+    """A hash of the settings that shape the training trajectory (for resume checks)."""
+    relevant = {k: v for k, v in sorted(cfg_dict.items()) if k not in RESUME_NEUTRAL}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def changed_settings(old: dict, new: dict) -> list[str]:
+    keys = sorted((set(old) | set(new)) - RESUME_NEUTRAL)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
 @dataclass
@@ -291,6 +337,28 @@ def find_states(output_dir: Path) -> list[TrainState]:
             except TrainingError:
                 continue
     return sorted(found, key=lambda s: (s.step, s.path.stat().st_mtime if s.path else 0))
+
+
+def stale_saves(cfg: Any, *, step: int | None, epoch: int | None) -> list[dict[str, int]]:
+    """Periodic saves that kohya's save_last_n_epochs / save_last_n_steps say to remove now."""
+    old: list[dict[str, int]] = []
+    if epoch is not None and cfg.save_last_n_epochs and cfg.save_every_n_epochs:
+        gone = epoch - cfg.save_last_n_epochs * cfg.save_every_n_epochs
+        if gone > 0:
+            old.append({"epoch": gone})
+    if step is not None and cfg.save_last_n_steps and cfg.save_every_n_steps:
+        gone = step - cfg.save_last_n_steps - 1
+        gone -= gone % cfg.save_every_n_steps
+        if gone > 0:
+            old.append({"step": gone})
+    return old
+
+
+def remove_saves(output_dir: Path, name: str, suffix: str, which: list[dict[str, int]]) -> None:
+    """Delete the weights and state folders of the given periodic saves (missing ones are fine)."""
+    for kw in which:
+        (output_dir / weights_name(name, suffix=suffix, **kw)).unlink(missing_ok=True)
+        shutil.rmtree(output_dir / state_dir_name(name, **kw), ignore_errors=True)
 
 
 def resolve_resume(resume: str | Path, output_dir: Path, name: str) -> Path:
