@@ -293,7 +293,8 @@ def _spandrel_model(sd: dict[str, Any]) -> tuple[Any, int, str] | None:
         return None
     if not isinstance(desc, spandrel.ImageModelDescriptor):
         raise ModelError("the model is not an image-to-image model")
-    return desc.model.eval(), int(desc.scale), f"spandrel:{desc.architecture.name}"
+    desc.eval()  # the descriptor itself is called: it pads tiles to the sizes the architecture needs
+    return desc, int(desc.scale), f"spandrel:{desc.architecture.name}"
 
 
 def load_upscaler(path: Path | str, device: str = "auto", tile: int = 256, overlap: int = 16) -> Upscaler:
