@@ -16,7 +16,7 @@ R = TypeVar("R")
 
 @dataclass
 class Failure:
-    path: Path
+    path: Path | str  # a str for things that are not files (URLs)
     reason: str
 
 
@@ -32,7 +32,8 @@ class StageResult:
     details: dict = field(default_factory=dict)
 
     def fail(self, path: Path | str, reason: str) -> None:
-        self.failed.append(Failure(Path(path), reason))
+        keep = isinstance(path, str) and "://" in path  # a URL is not a path: Path() would mangle it
+        self.failed.append(Failure(path if keep else Path(path), reason))
 
     @property
     def ok(self) -> bool:
