@@ -48,7 +48,7 @@ class BucketOptions:
     token: str = ""
     repeats: int | None = None  # fixed repeats for every concept
     target_steps: int | None = None  # steps per epoch wanted (at batch_size); repeats derived
-    batch_size: int = 1
+    batch_size: int | None = None  # written to the dataset TOML only when set (it overrides train_batch_size)
     tiers: dict[str, int] = field(default_factory=dict)  # subfolder name -> repeats (quality tiers)
     balance: bool = False  # concepts of different sizes contribute equally per epoch
     reg: tuple[Path, ...] = ()
@@ -204,7 +204,7 @@ def run_bucket(root: Path | str, opts: BucketOptions, *, report: Reporter = Null
         sizes,
         repeats=opts.repeats,
         target_steps=opts.target_steps,
-        batch_size=opts.batch_size,
+        batch_size=opts.batch_size or 1,
         balance=opts.balance,
         fixed=[c.fixed_repeats for c in concepts],
     )
@@ -329,13 +329,14 @@ def _write_dataset_toml(
     general = {"caption_extension": ".txt", "shuffle_caption": False, "keep_tokens": 1 if opts.token else 0}
     dataset_common = {
         "resolution": list(s.resolution),
-        "batch_size": opts.batch_size,
         "enable_bucket": True,
         "min_bucket_reso": s.min_side,
         "max_bucket_reso": s.max_side,
         "bucket_reso_steps": s.step,
         "bucket_no_upscale": s.no_upscale,
     }
+    if opts.batch_size:
+        dataset_common["batch_size"] = opts.batch_size
     # kohya cannot mix mask (conditioning_data_dir) subsets with plain ones in one dataset
     all_concepts = [c for c in concepts + reg if id(c) in used]
     groups = [

@@ -289,11 +289,14 @@ def run_report(root: Path | str, opts: ReportOptions, *, report: Reporter = Null
         summary = summarise(rows, tag_counts, opts)
         if opts.format == "json":
             doc = {"dataset": str(root), "summary": summary, "images": [_row_json(r) for r in rows]}
-            atomic_write_text(out, json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+            text = json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
+            changed = not out.exists() or out.read_text(encoding="utf-8") != text
+            if changed:
+                atomic_write_text(out, text)
         else:
             gallery.seek(0)
-            _write_html(out, root, summary, rows, gallery, opts)
-    result.changed = 1
+            changed = _write_html(out, root, summary, rows, gallery, opts)
+    result.changed, result.skipped = (1, 0) if changed else (0, 1)
     result.details = {"summary": summary, "out": str(out)}
     result.notes.append(
         f"report: {out} ({summary['images']} images, {summary['problems']} with problems, "
@@ -310,7 +313,7 @@ def _row_json(r: ImageRow) -> dict:
 
 def _write_html(
     out: Path, root: Path, summary: dict, rows: list[ImageRow], gallery, opts: ReportOptions
-) -> None:
+) -> bool:
     tmp = out.with_name(f".{out.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         title = html.escape(f"sdprep report: {root}")
@@ -360,4 +363,8 @@ def _write_html(
         if len(rows) > opts.max_thumbs:
             f.write(f"<p>Thumbnails shown for the first {opts.max_thumbs} images only.</p>")
         f.write("</body></html>\n")
+    if out.exists() and out.read_bytes() == tmp.read_bytes():
+        tmp.unlink()  # same report as last time: leave the file (and its mtime) alone
+        return False
     tmp.replace(out)
+    return True

@@ -195,7 +195,9 @@ def run_project(
     if train and project.train is not None and (not only or "train" in only):
         from sdprep.train.api import train_from_project  # heavy imports only when training
 
-        results.append(train_from_project(project, echo=echo, reporter=reporter))
+        result = train_from_project(project, echo=echo, reporter=reporter)
+        results.append(result)
+        echo(result.summary())
     return results
 
 

@@ -46,6 +46,7 @@ def test_demo_project_runs_and_rerun_does_no_work(tmp_path):
     assert project.dataset == tmp_path / "demo_output" / "data"
     lines: list[str] = []
     first = run_project(project, echo=lines.append, train=False)
+    assert project.train is not None  # the demo trains too; see test_demo_training_runs_once
     assert [r.stage for r in first] == ["rename", "upscale", "mask", "clean", "tag", "bucket", "report"]
     assert all(not r.failed for r in first), [r.summary() for r in first]
     data = project.dataset
@@ -61,8 +62,8 @@ def test_demo_project_runs_and_rerun_does_no_work(tmp_path):
     second = run_project(
         load_project(tmp_path / "sample_data" / "project.toml"), echo=lines.append, train=False
     )
-    assert [(r.stage, r.changed) for r in second if r.stage != "report"] == [
-        (s, 0) for s in ("rename", "upscale", "mask", "clean", "tag", "bucket")
+    assert [(r.stage, r.changed) for r in second] == [
+        (s, 0) for s in ("rename", "upscale", "mask", "clean", "tag", "bucket", "report")
     ]
     assert {p.name: p.read_text() for p in data.glob("*.txt")} == captions
     assert not (tmp_path / "sample_data" / "images" / "nazuna_001.txt").exists()  # source untouched
@@ -73,3 +74,45 @@ def test_write_init_refuses_overwrite(tmp_path):
     with pytest.raises(ConfigError, match="already exists"):
         write_init(tmp_path)
     assert write_init(tmp_path, force=True).exists()
+
+
+def test_demo_training_runs_once_then_is_up_to_date(tmp_path):
+    """`sdprep run` with [train]: a verified LoRA the first time, a skip with nothing changed."""
+    shutil.copytree(REPO / "sample_data" / "images", tmp_path / "sample_data" / "images")
+    text = (
+        (REPO / "sample_data" / "project.toml")
+        .read_text()
+        .replace("max_train_steps = 6", "max_train_steps = 2")
+    )
+    (tmp_path / "sample_data" / "project.toml").write_text(text)
+    project = load_project(tmp_path / "sample_data" / "project.toml")
+    lines: list[str] = []
+    results = run_project(project, echo=lines.append, only=["mask", "bucket", "train"])
+    train = results[-1]
+    assert train.stage == "train" and train.changed == 1 and not train.failed
+    lora = tmp_path / "demo_output" / "lora" / "nazuna_demo.safetensors"
+    assert lora.is_file()
+    assert any("masks: 8 of 8 images have masks" in line for line in lines)  # mask use is visible
+    again = run_project(
+        load_project(tmp_path / "sample_data" / "project.toml"), echo=lines.append, only=["train"]
+    )
+    assert again[-1].skipped == 1 and "up to date" in again[-1].summary()
+
+
+def test_train_table_paths_and_bucket_default(tmp_path):
+    from sdprep.train.api import project_train_table
+
+    p = tmp_path / "p.toml"
+    p.write_text(
+        '[project]\ndataset = "d"\n[stages.bucket]\nout = "ts"\n[train]\noutput_dir = "o"\nmax_train_steps = 3\n'
+    )
+    config, table = project_train_table(load_project(p))
+    assert config is None
+    assert table == {
+        "output_dir": str(tmp_path / "o"),
+        "max_train_steps": 3,
+        "dataset_config": str(tmp_path / "ts" / "dataset.toml"),
+    }
+    p.write_text('[project]\ndataset = "d"\n[train]\nmax_train_steps = 3\n')
+    with pytest.raises(ConfigError, match="no train_data_dir or dataset_config"):
+        project_train_table(load_project(p))
