@@ -86,8 +86,11 @@ class CaptionWriter:
     """Writes captions and sidecars of one dataset root through its journal, or only diffs them.
 
     The journal operation starts at the first real change, so a run that changes nothing leaves
-    no trace. Use as a context manager.
+    no trace. Writes are batched (`Operation.write_many`: one journal sync per batch, each file
+    replaced atomically). Use as a context manager.
     """
+
+    BATCH = 512
 
     def __init__(self, root: Path, command: str, *, dry_run: bool = False, on_diff: DiffSink | None = None):
         self.root = Path(root)
@@ -98,12 +101,29 @@ class CaptionWriter:
         self.sidecars = 0
         self._stack = contextlib.ExitStack()
         self._op: fileops.Operation | None = None
+        self._pending: list[tuple[Path, bytes]] = []
 
     def __enter__(self) -> CaptionWriter:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stack.__exit__(*exc)
+        try:
+            self.flush()
+        finally:
+            self._stack.__exit__(*exc)
+
+    def _write(self, path: Path, text: str) -> None:
+        if self.dry_run:
+            return
+        self._pending.append((path, text.encode("utf-8")))
+        if len(self._pending) >= self.BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the pending files (through the journal)."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self._operation().write_many(pending)
 
     def _operation(self) -> fileops.Operation:
         if self._op is None:
@@ -118,8 +138,7 @@ class CaptionWriter:
         self.captions += 1
         if self.on_diff is not None:
             self.on_diff(caption_diff(path.as_posix(), old, new))
-        if not self.dry_run:
-            self._operation().write_text(path, new)
+        self._write(path, new)
         return True
 
     def write_sidecar(self, path: Path, data: dict, old_text: str | None) -> bool:
@@ -127,8 +146,7 @@ class CaptionWriter:
         if old_text == new:
             return False
         self.sidecars += 1
-        if not self.dry_run:
-            self._operation().write_text(path, new)
+        self._write(path, new)
         return True
 
 

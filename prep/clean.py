@@ -51,7 +51,7 @@ class CleanOptions:
     rules: CleanRules = field(default_factory=CleanRules)
     recursive: bool = False
     dry_run: bool = False
-    workers: int = 0  # 0 = up to 4 threads (image decoding for the monochrome test)
+    workers: int = 0  # 0 = auto: up to 4 threads when images are decoded (monochrome test), else 1
 
 
 @dataclass
@@ -151,8 +151,11 @@ def plan_item(
     return plan
 
 
-def _workers(n: int) -> int:
-    return n if n > 0 else min(4, os.cpu_count() or 1)
+def _workers(n: int, decode: bool) -> int:
+    """Threads pay off for image decoding only; caption files alone are faster in one thread."""
+    if n > 0:
+        return n
+    return min(4, os.cpu_count() or 1) if decode else 1
 
 
 def run_clean(
@@ -193,7 +196,7 @@ def run_clean(
         plans = map_items(
             lambda it: plan_item(it, root, rs, pruned, count_tokens),
             iter_items(root, opts.recursive),
-            _workers(opts.workers),
+            _workers(opts.workers, rules.monochrome.enabled),
         )
         for item, plan in plans:
             report.advance()

@@ -101,7 +101,7 @@ def test_seed_captions_golden(cli_runner, sample_dataset: Path):
         "b_portrait.txt": "nazuna, solo, looking at viewer, simple background, white background, shirt, upper body\n",
         "c_square.txt": "nazuna, solo, red theme, smile, open mouth\n",
         "d_greyscale.txt": "nazuna, solo, long hair, simple background, greyscale\n",
-        "e_sepia.txt": "nazuna, solo, brown theme, portrait\n",
+        "e_sepia.txt": "nazuna, solo, brown theme, portrait, monochrome\n",
         "f_transparent.txt": "nazuna, solo, no background, transparent background\n",
         "g_tiny.txt": "nazuna, solo, chibi\n",
         "h_wide.txt": "nazuna, solo, night, night sky, star (sky), outdoors\n",
@@ -146,7 +146,7 @@ def test_captions_from_sidecars_golden_idempotent_and_undo(cli_runner, sample_da
     assert res.output.splitlines() == [
         "clean: 8 changed, 0 skipped, 0 failed",
         "tags from: 8 booru tags",
-        "monochrome: 1 greyscale, 0 monochrome, 7 colour (8 measured, 0 at full resolution)",
+        "monochrome: 1 greyscale, 1 monochrome, 6 colour (8 measured, 0 at full resolution)",
         "updated 8 sidecars",
         f"undo: sdprep undo {sample_dataset}",
     ]
