@@ -86,6 +86,21 @@ def model_tensors(
     )
 
 
+def prediction_markers(
+    scheduler_config: Mapping[str, Any], v_parameterization: bool = False
+) -> dict[str, Any]:
+    """ComfyUI's markers for a v-prediction (`v_pred`) and zero-terminal-SNR (`ztsnr`) model: empty
+    tensors whose presence makes loaders sample the checkpoint the way it was trained."""
+    import torch
+
+    out = {}
+    if v_parameterization or scheduler_config.get("prediction_type") == "v_prediction":
+        out["v_pred"] = torch.tensor([])
+        if scheduler_config.get("rescale_betas_zero_snr"):
+            out["ztsnr"] = torch.tensor([])
+    return out
+
+
 def cast_weight_files(folder: Path, dtype: Any) -> None:
     """Cast every floating tensor in the `*.safetensors` files under `folder` to `dtype`, file by file
     (metadata kept)."""

@@ -145,7 +145,7 @@ class FinetuneMethod(TrainMethod):
     # -- outputs ---------------------------------------------------------------------------
 
     def _export_state(self, dtype: Any = None) -> dict[str, Any]:
-        from sdprep.train.checkpoint import model_tensors
+        from sdprep.train.checkpoint import model_tensors, prediction_markers
         from sdprep.train.save import save_dtype
 
         if dtype is None:
@@ -155,7 +155,9 @@ class FinetuneMethod(TrainMethod):
             for name, t in self.ema.averaged().items():
                 key, _, pname = name.partition("/")
                 replace.setdefault(key, {})[pname] = t
-        return model_tensors(self.model, dtype, replace)
+        tensors = model_tensors(self.model, dtype, replace)
+        tensors.update(prediction_markers(self.model.scheduler_config, self.cfg.v_parameterization))
+        return tensors
 
     def _initial_sums(self) -> dict[str, tuple]:
         """Digests of the trained tensors as they would be saved (file names, save dtype)."""
