@@ -18,7 +18,7 @@ from PIL import Image, ImageColor
 from sdprep.dataset import Item, iter_items
 from sdprep.errors import ConfigError, ImageError, unknown_choice
 from sdprep.fileops import Journal, Operation
-from sdprep.images import load_image
+from sdprep.images import load_image, open_image
 from sdprep.prep.rename import companion_pairs
 from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import StageResult, map_items
@@ -86,7 +86,7 @@ class Plan:
 def plan_image(path: Path, opts: ConvertOptions) -> Plan | None:
     """Inspect the header and decide; None when the file is already as asked."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:  # links out of the dataset, bombs, unreadable files refused
             fmt, mode, frames = im.format, im.mode, getattr(im, "n_frames", 1)
             orientation = _orientation(im)
             transparent = mode in ALPHA_MODES or (mode == "P" and "transparency" in im.info)

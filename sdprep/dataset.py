@@ -12,9 +12,11 @@ Conventions (kohya's and gallery-dl's, so existing folders work as they are):
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,13 +116,51 @@ def iter_items(root: Path, recursive: bool = False) -> Iterator[Item]:
                 if entry.name not in IGNORED_DIRS and not entry.name.startswith(MASK_DIR_PREFIX):
                     subdirs.append(Path(entry.path))
                 continue
-            if entry.is_file() and is_image(Path(entry.name)):
-                yield Item(Path(entry.path))
-        except OSError:  # a symlink loop or vanished entry is not an image
+            if not is_image(Path(entry.name)) or (entry.is_symlink() and os.path.isdir(entry.path)):
+                continue
+        except OSError:  # vanished meanwhile
             continue
+        # Symlinks (even looping or dangling ones) and special files are listed too, so the stage
+        # reports them: the readers refuse what `unsafe_reason` names.
+        yield Item(Path(entry.path))
     if recursive:
         for sub in subdirs:
             yield from iter_items(sub, recursive=True)
+
+
+# -- which files sdprep reads -----------------------------------------------------------------
+
+FOLLOW_SYMLINKS_ENV = "SDPREP_FOLLOW_SYMLINKS"
+UNSAFE_HINT = "copy the file into the dataset, or set SDPREP_FOLLOW_SYMLINKS=1 if you trust every link in it"
+
+
+def unsafe_reason(path: Path | str) -> str | None:
+    """Why sdprep refuses to read `path`, or None when it may (missing files are the caller's job).
+
+    A dataset may come from anywhere, so sdprep follows a symlink only when its target lies in the
+    link's own folder or below it: a link to `~/.ssh/id_rsa` named `001.txt` must not end up in a
+    caption, a report or a training run. Loops, dangling links and special files (a FIFO would
+    block the reader forever) are refused too. SDPREP_FOLLOW_SYMLINKS=1 lifts the folder rule.
+    """
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return "symlink loop (the link points back at itself)"
+            return f"broken symlink (to {os.readlink(path)})"
+        real = os.path.realpath(path)
+        folder = os.path.realpath(path.parent)
+        if os.environ.get(FOLLOW_SYMLINKS_ENV) != "1" and os.path.commonpath([real, folder]) != folder:
+            return f"symlink to {real}, outside the dataset: sdprep does not follow links out of it"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (a folder, FIFO or device)"
+    return None
 
 
 # -- captions --------------------------------------------------------------------------------
@@ -128,6 +168,9 @@ def iter_items(root: Path, recursive: bool = False) -> Iterator[Item]:
 
 def read_text_file(path: Path) -> str:
     """Read a caption-like text file: UTF-8 (a BOM is dropped); anything else is a CaptionError."""
+    problem = unsafe_reason(path)
+    if problem:
+        raise CaptionError(path, problem, UNSAFE_HINT)
     try:
         raw = path.read_bytes()
     except OSError as exc:

@@ -10,6 +10,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from sdprep.dataset import UNSAFE_HINT, unsafe_reason
 from sdprep.errors import ImageError
 
 # The decompression-bomb guard: refuse images above this many pixels (about 16k x 16k) unless raised.
@@ -22,6 +23,9 @@ Image.MAX_IMAGE_PIXELS = None
 
 
 def _open(path: Path, max_pixels: int) -> Image.Image:
+    problem = unsafe_reason(path)
+    if problem:
+        raise ImageError(path, problem, UNSAFE_HINT)
     try:
         im = Image.open(path)
     except FileNotFoundError as exc:
@@ -45,6 +49,11 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
             "resize it, or raise the limit with SDPREP_MAX_PIXELS if you trust the file",
         )
     return im
+
+
+def open_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open (header only, nothing decoded) with every check of `load_image`: links, size limit, errors."""
+    return _open(Path(path), max_pixels)
 
 
 def image_size(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
