@@ -201,3 +201,43 @@ def test_save_last_n_removes_older_periodic_saves(tmp_path: Path) -> None:
     (tmp_path / "x-step00000020.safetensors").write_bytes(b"1")
     remove_saves(tmp_path, "x", ".safetensors", [{"step": 10}])
     assert [p.name for p in tmp_path.iterdir()] == ["x-step00000020.safetensors"]
+
+
+def test_single_file_checkpoint_loads_offline_with_model_config(tiny_sdxl: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+    from train_support import unet_inputs
+
+    from sdprep.errors import ModelError
+    from sdprep.train.models import load_sdxl
+    from sdprep.train.sgm import pipeline_to_sgm
+
+    ref = load_sdxl(tiny_sdxl)
+    single = tmp_path / "model.safetensors"
+    sd = pipeline_to_sgm(ref.unet, ref.text_encoder, ref.text_encoder_2, ref.vae)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(single))
+    model = load_sdxl(single, model_config=tiny_sdxl)
+    sample, t, enc, added = unet_inputs()
+    with torch.no_grad():
+        want = ref.unet(sample, t, enc, added_cond_kwargs=added).sample
+        got = model.unet(sample, t, enc, added_cond_kwargs=added).sample
+    assert (want - got).abs().max() < 1e-6
+    with pytest.raises(ModelError) as err:
+        load_sdxl(single)  # offline, no config: diffusers would fetch the hub's SDXL config
+    assert "cannot load the single-file checkpoint" in str(err.value)
+    assert "--model_config DIR" in str(err.value)
+
+
+def test_a_folder_without_tokenizer_vocabulary_is_refused(tiny_sdxl: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from sdprep.errors import ModelError
+    from sdprep.train.models import load_sdxl
+
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_sdxl, broken)
+    for f in (broken / "tokenizer_2").iterdir():
+        f.unlink()
+    with pytest.raises(
+        ModelError, match="tokenizer_2 has only [0-9] tokens: its vocabulary files are missing"
+    ):
+        load_sdxl(broken)

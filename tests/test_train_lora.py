@@ -34,6 +34,7 @@ def trained(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory):
         learning_rate=5e-3,
         max_train_steps=3,
         cache_latents=False,
+        save_diffusers_copy=True,
     )
     trainer = Trainer(cfg, callbacks=RecordingCallbacks())
     trainer.setup()
@@ -132,6 +133,22 @@ def test_diffusers_load_lora_weights_reproduces_trained_model(trained, tiny_sdxl
     assert (want_unet - got_unet).abs().max() < 1e-5
     assert (want_te1 - got_te1).abs().max() < 1e-5
     assert (want_te2 - got_te2).abs().max() < 1e-5
+
+
+def test_diffusers_format_copy_loads_with_the_true_alpha(trained, tiny_sdxl: Path) -> None:
+    from sdprep.train.models import load_sdxl
+
+    copy = trained.result.output.with_name("tiny_diffusers") / "pytorch_lora_weights.safetensors"
+    assert copy in trained.result.saved
+    model = trained.model
+    model.unet.eval()
+    sample, t, enc, added = unet_inputs(2)
+    pipe = load_sdxl(tiny_sdxl).pipeline()
+    pipe.load_lora_weights(str(copy.parent))
+    with torch.no_grad():
+        want = model.unet(sample, t, enc, added_cond_kwargs=added).sample
+        got = pipe.unet(sample, t, enc, added_cond_kwargs=added).sample
+    assert (want - got).abs().max() < 1e-5
 
 
 def test_network_weights_continue_from_a_file_with_another_alpha(

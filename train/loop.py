@@ -275,6 +275,8 @@ class Trainer:
         batches = self.dataset.steps_per_epoch(num_shards=self.num_processes)
         self.steps_per_epoch, self.total_steps, self.num_epochs = schedule(batches, cfg)
         self.batches_per_epoch = batches
+        self.group_names = [g.get("name", f"group{i}") for i, g in enumerate(self.method.param_groups())]
+        self.epoch_losses: list[float] = []
         self.optimizer, self.optimizer_desc = build_optimizer(
             cfg.optimizer_type,
             self.method.param_groups(),
@@ -396,7 +398,8 @@ class Trainer:
             f"model: {self.model.source}" + (" (tiny demo model)" if self.model.is_tiny else ""),
             f"trainable parameters: {m.count_trainable():,}",
             f"device: {self.device}, mixed precision: {self.accelerator.mixed_precision}, "
-            f"processes: {self.num_processes}",
+            f"processes: {self.num_processes}, attention: PyTorch SDPA, gradient checkpointing: "
+            f"{'on' if cfg.gradient_checkpointing else 'off'}",
         ]
         lines += str(self.dataset.summary()).splitlines()
         lines.append(
@@ -431,6 +434,8 @@ class Trainer:
             self._sample(step=0, epoch=None)
         if self._rng_to_restore is not None:
             set_rng_state(self._rng_to_restore["global"])
+        elif self.num_processes > 1:
+            _seed_everything(self.seed + self.rank)  # different noise on every process
         for module in self.train_modules:
             module.train()
         accum = self.cfg.gradient_accumulation_steps
@@ -489,10 +494,10 @@ class Trainer:
         step = self.pos.step
         lrs = self.lr_scheduler.get_last_lr()
         self.result.last_loss = loss
+        self.epoch_losses.append(loss)
         if self.accelerator.is_main_process:
-            values = {"loss/current": loss, "lr/unet" if len(lrs) else "lr": lrs[0]}
-            for i, lr in enumerate(lrs[1:], 1):
-                values[f"lr/group{i}"] = lr
+            values = {"loss/current": loss, "loss/average": sum(self.epoch_losses) / len(self.epoch_losses)}
+            values.update({f"lr/{name}": lr for name, lr in zip(self.group_names, lrs)})
             self.log.scalars(step, values)
         self.cb.step(step, self.pos.epoch + 1, loss, lrs[0])
         if should_save(self.cfg, step=step, total=self.total_steps):
@@ -501,8 +506,9 @@ class Trainer:
             self._sample(step=step, epoch=None)
 
     def _after_epoch(self, epoch: int) -> None:
-        if self.accelerator.is_main_process:
-            self.log.scalars(self.pos.step, {"epoch": epoch})
+        if self.accelerator.is_main_process and self.epoch_losses:
+            self.log.scalars(epoch, {"loss/epoch": sum(self.epoch_losses) / len(self.epoch_losses)})
+        self.epoch_losses = []
         if should_save(self.cfg, epoch=epoch, total=self.num_epochs):
             self._save(epoch=epoch)
         if should_sample(self.cfg, epoch=epoch):

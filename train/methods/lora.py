@@ -96,6 +96,10 @@ class LoraMethod(TrainMethod):
         self.conv_alpha = float(conv_alpha) if self.conv_rank else None
         self.train_unet = True  # network_train_text_encoder_only is rejected by the config
         self.train_te = not cfg.network_train_unet_only
+        if cfg.save_model_as not in (None, "safetensors"):
+            self.notes.append(
+                f"save_model_as = {cfg.save_model_as}: LoRA files are always written as safetensors"
+            )
         # component -> {module name: kind}; filled in setup()
         self.targets: dict[str, dict[str, str]] = {}
 
@@ -145,9 +149,10 @@ class LoraMethod(TrainMethod):
                 raise ConfigError(f"no LoRA target layers found in the {comp} (is this an SDXL model?)")
             self.targets[comp] = targets
             module.add_adapter(self._lora_config(targets))
+            full = self.cfg.full_bf16 or self.cfg.full_fp16  # kohya: LoRA weights in the half type too
             for param in module.parameters():
                 if param.requires_grad:
-                    param.data = param.data.to(torch.float32)  # fp32 master weights
+                    param.data = param.data.to(weight_dtype if full else torch.float32)
 
     def _lora_params(self, comp: str) -> list[Any]:
         module = self._components()[comp]
@@ -273,7 +278,7 @@ class LoraMethod(TrainMethod):
         return meta
 
     def extra_outputs(self, final_path: Path) -> list[Path]:
-        if not getattr(self.cfg, "save_diffusers_lora", False):
+        if not self.cfg.save_diffusers_copy:
             return []
         return [save_diffusers_copy(self, final_path)]
 
@@ -398,5 +403,7 @@ def save_diffusers_copy(method: LoraMethod, final_path: Path) -> Path:
     if "te1" in comps:
         kwargs["text_encoder_lora_layers"] = get_peft_model_state_dict(comps["te1"])
         kwargs["text_encoder_2_lora_layers"] = get_peft_model_state_dict(comps["te2"])
+        kwargs["text_encoder_lora_adapter_metadata"] = comps["te1"].peft_config["default"].to_dict()
+        kwargs["text_encoder_2_lora_adapter_metadata"] = comps["te2"].peft_config["default"].to_dict()
     StableDiffusionXLPipeline.save_lora_weights(out_dir, safe_serialization=True, **kwargs)
     return out_dir / "pytorch_lora_weights.safetensors"
