@@ -16,8 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
-from sdprep.dataset import DUPLICATES_DIR, Item, dump_sidecar, iter_items, read_sidecar, sdprep_meta
-from sdprep.errors import ConfigError
+from sdprep.dataset import (
+    DUPLICATES_DIR,
+    UNSAFE_HINT,
+    Item,
+    dump_sidecar,
+    iter_items,
+    read_sidecar,
+    sdprep_meta,
+    unsafe_reason,
+)
+from sdprep.errors import ConfigError, ImageError
 from sdprep.fileops import Journal, Operation
 from sdprep.images import load_image
 from sdprep.prep.rename import companion_pairs, mask_dirs, natural_key
@@ -76,6 +85,10 @@ def fingerprint(item: Item) -> Fingerprint:
     """Hash one image, or read the hash cached in its sidecar when the file has not changed."""
     import imagehash
 
+    # before the cache: a looping link cannot be stat-ed, a link out of the dataset is refused
+    problem = unsafe_reason(item.path)
+    if problem:
+        raise ImageError(item.path, problem, UNSAFE_HINT)
     sidecar = read_sidecar(item)
     cached = sdprep_meta(dict(sidecar)).get("dedup")
     key = _file_key(item.path)

@@ -76,6 +76,7 @@ class Operation:
 
     def __init__(self, root: Path, folder: Path):
         self.root = root
+        self._real_root = os.path.realpath(root)
         self.folder = folder
         self.blobs = folder / "blobs"
         self.blobs.mkdir(parents=True, exist_ok=True)
@@ -87,11 +88,18 @@ class Operation:
     def _rel(self, path: Path | str) -> str:
         p = Path(path).absolute()
         try:
-            return p.relative_to(self.root).as_posix()
+            rel = p.relative_to(self.root).as_posix()
         except ValueError:
             raise JournalError(
                 f"{p} is outside the dataset {self.root}", "sdprep only changes files inside the dataset"
             ) from None
+        real_parent = os.path.realpath(p.parent)
+        if os.path.commonpath([real_parent, self._real_root]) != self._real_root:
+            raise JournalError(
+                f"{p} is inside a symlinked folder that leads out of the dataset (to {real_parent})",
+                "sdprep only changes files inside the dataset: replace the link by a real folder",
+            )
+        return rel
 
     def _record(self, entry: Entry) -> None:
         self._log.write(entry.to_json() + "\n")
@@ -107,14 +115,14 @@ class Operation:
         try:
             os.link(path, target)  # the old inode survives the os.replace that follows
         except OSError:
-            shutil.copy2(path, target)
+            shutil.copy2(path, target, follow_symlinks=False)
         return blob
 
     # -- changes -----------------------------------------------------------------------------
     def write_bytes(self, path: Path | str, data: bytes) -> None:
         """Atomically write `path`, keeping its previous content (if any) for undo."""
         path = Path(path).absolute()
-        if path.exists():
+        if os.path.lexists(path):
             if path.is_file() and path.read_bytes() == data:
                 return
             self._record(Entry("write", self._rel(path), blob=self._keep(path)))
@@ -136,7 +144,7 @@ class Operation:
         todo = []
         for path, data in files:
             path = Path(path).absolute()
-            if path.exists():
+            if os.path.lexists(path):
                 if path.is_file() and path.read_bytes() == data:
                     continue
                 entry = Entry("write", self._rel(path), blob=self._keep(path))
@@ -304,21 +312,22 @@ def undo(root: Path | str) -> tuple[str, int]:
     for entry in reversed(entries):
         path = base / entry.path
         blob = folder / "blobs" / entry.blob if entry.blob else None
+        # lexists, not exists: a symlink (even a dangling or looping one) is a file to move back
         if entry.action == "move":
             dest = base / entry.dest
-            if dest.exists() and not path.exists():
+            if os.path.lexists(dest) and not os.path.lexists(path):
                 os.rename(dest, path)
                 undone += 1
         elif entry.action == "write":
-            if blob and blob.exists():
+            if blob and os.path.lexists(blob):
                 os.replace(blob, path)
                 undone += 1
         elif entry.action == "create":
-            if path.exists():
+            if os.path.lexists(path):
                 path.unlink()
                 undone += 1
         elif entry.action == "delete":
-            if blob and blob.exists() and not path.exists():
+            if blob and os.path.lexists(blob) and not os.path.lexists(path):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(blob, path)
                 undone += 1
