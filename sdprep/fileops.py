@@ -128,6 +128,7 @@ class Operation:
             self._record(Entry("write", self._rel(path), blob=self._keep(path)))
         else:
             self._record(Entry("create", self._rel(path)))
+            path.parent.mkdir(parents=True, exist_ok=True)  # as move() and place() do
         atomic_write_bytes(path, data)
 
     def write_text(self, path: Path | str, text: str) -> None:
@@ -158,6 +159,7 @@ class Operation:
         os.fsync(self._log.fileno())
         self.changes += len(todo)
         for path, data, _ in todo:
+            path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(path, data, sync=False)
         return len(todo)
 
