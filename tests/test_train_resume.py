@@ -99,6 +99,8 @@ def test_latest_skips_incomplete_states_and_explains_missing_ones(runs, tmp_path
     assert "kohya/accelerate state folder" in str(err.value)
     with pytest.raises(TrainingError, match="no saved training state"):
         resolve_resume("latest", tmp_path / "empty", "tiny")
+    with pytest.raises(TrainingError, match="states found for: tiny"):
+        resolve_resume("latest", out, "another_lora")  # never another run's state
 
 
 def test_resume_past_the_end_is_an_error(runs, tiny_sdxl: Path) -> None:

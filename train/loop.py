@@ -274,6 +274,11 @@ class Trainer:
         self.rank = self.accelerator.process_index
         batches = self.dataset.steps_per_epoch(num_shards=self.num_processes)
         self.steps_per_epoch, self.total_steps, self.num_epochs = schedule(batches, cfg)
+        if self.total_steps <= 0:
+            raise ConfigError(
+                f"nothing to train: max_train_steps is {cfg.max_train_steps}",
+                "set max_train_steps (or max_train_epochs) to 1 or more",
+            )
         self.batches_per_epoch = batches
         self.group_names = [g.get("name", f"group{i}") for i, g in enumerate(self.method.param_groups())]
         self.epoch_losses: list[float] = []
@@ -451,6 +456,11 @@ class Trainer:
                 if self.pos.step >= self.total_steps:
                     break
             if self.pos.epoch_step < self.steps_per_epoch:
+                if self.pos.step < self.total_steps:
+                    raise TrainingError(
+                        f"epoch {epoch + 1} gave only {self.pos.epoch_step} of {self.steps_per_epoch} steps",
+                        "the dataset changed while training; the files saved so far were verified",
+                    )
                 break  # max_train_steps reached mid-epoch
             self.pos.epoch, self.pos.epoch_step = epoch + 1, 0
             self._after_epoch(epoch + 1)

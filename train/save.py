@@ -111,7 +111,13 @@ def save_weights(
         metadata["sshs_model_hash"] = tensor_hash(tensors)
     tmp = _tmp_path(path)
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except OSError as exc:
+            raise TrainingError(
+                f"cannot write {path.name}: {exc}",
+                "free disk space or fix permissions; earlier files are kept",
+            ) from exc
         report = verify_file(tmp, method, trained)
         report.path = path
         if not report.ok:
@@ -275,7 +281,13 @@ def save_state(
         }
         (tmp / STATE_FILE).write_text(json.dumps(info, indent=1, default=str))  # written last
 
-    _atomic_dir(folder, write)
+    try:
+        _atomic_dir(folder, write)
+    except OSError as exc:
+        raise TrainingError(
+            f"cannot write the training state {folder.name}: {exc}",
+            "free disk space or fix permissions; earlier states are kept",
+        ) from exc
     return folder
 
 
@@ -361,18 +373,28 @@ def remove_saves(output_dir: Path, name: str, suffix: str, which: list[dict[str,
         shutil.rmtree(output_dir / state_dir_name(name, **kw), ignore_errors=True)
 
 
+def _state_owner(folder_name: str) -> str:
+    """The output_name a state folder belongs to: `x-000003-state`, `x-step00000500-state`, `x-state` -> x."""
+    import re
+
+    stem = folder_name[: -len(STATE_SUFFIX)]
+    return re.sub(r"-(\d{6}|step\d{8})$", "", stem)
+
+
 def resolve_resume(resume: str | Path, output_dir: Path, name: str) -> Path:
     """`latest` -> the newest complete state for `name` in output_dir; a path must be a state folder."""
     if str(resume) == "latest":
         states = find_states(output_dir)
-        mine = [s for s in states if s.path and s.path.name.startswith(name)]
-        pick = (mine or states)[-1:] if (mine or states) else []
-        if not pick:
+        mine = [s for s in states if s.path and _state_owner(s.path.name) == name]
+        if not mine:
+            others = sorted({_state_owner(s.path.name) for s in states if s.path})
             raise TrainingError(
-                f"--resume latest: no saved training state in {output_dir}",
-                "a run saves its state when save_state = true (every save, and at the end)",
+                f"--resume latest: no saved training state for output_name {name!r} in {output_dir}",
+                f"states found for: {', '.join(others)}; set output_name or pass --resume DIR"
+                if others
+                else "a run saves its state when save_state = true (every save, and at the end)",
             )
-        return pick[0].path  # type: ignore[return-value]
+        return mine[-1].path  # type: ignore[return-value]
     folder = Path(resume).expanduser()
     if not folder.is_dir():
         raise TrainingError(f"--resume {folder}: no such folder", "pass a *-state folder or `latest`")
