@@ -37,13 +37,13 @@ def make_dataset(root: Path, n: int) -> None:
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
-    png = root / ".seed.png"
-    Image.new("RGB", (8, 8)).save(png)
     rng = random.Random(0)
     for i in range(n):
         folder = root / f"{10 + i // PER_FOLDER}_concept{i // PER_FOLDER}"
+        png = folder / ".seed.png"  # one per folder: ext4 allows 65,000 links to a file
         if i % PER_FOLDER == 0:
             folder.mkdir()
+            Image.new("RGB", (8, 8)).save(png)
         os.link(png, folder / f"{i:06d}.png")
         tags = ["1girl", "solo", *rng.sample(VOCAB, rng.randint(13, 38))]
         (folder / f"{i:06d}.txt").write_text(", ".join(tags) + "\n")

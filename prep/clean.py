@@ -138,9 +138,9 @@ def plan_item(
     if rules.monochrome.enabled:
         meta = sdprep_meta(sidecar)
         previous = meta.get("monochrome")
-        plan.label, record = monochrome.detect(item.path, previous, rules.monochrome)
+        plan.label, record, measured = monochrome.detect(item.path, previous, rules.monochrome)
+        plan.measured = record["measured"] if measured else None
         if record != previous:
-            plan.measured = record["measured"]
             meta["monochrome"] = record
             plan.sidecar, plan.sidecar_text = sidecar, sidecar_text
     place = placement_for(rs, _folder(root, item), plan.label)

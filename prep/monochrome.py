@@ -156,13 +156,16 @@ def make_record(stats: HsvStats, settings: MonochromeSettings, path: Path) -> di
     }
 
 
-def detect(path: Path, previous: Any, settings: MonochromeSettings) -> tuple[str | None, dict[str, Any]]:
-    """(label, sidecar record) for an image, reusing `previous` statistics when still valid."""
+def detect(
+    path: Path, previous: Any, settings: MonochromeSettings
+) -> tuple[str | None, dict[str, Any], bool]:
+    """(label, sidecar record, measured now?) for an image, reusing `previous` statistics when valid."""
     stats = stats_from_record(previous, path)
-    if stats is None or needs_full_resolution(stats, settings):
+    measured = stats is None or needs_full_resolution(stats, settings)
+    if measured:
         stats = measure(path, settings)
     record = make_record(stats, settings, path)
-    return classify(stats.saturation, stats.hue_std, settings), record
+    return classify(stats.saturation, stats.hue_std, settings), record, measured
 
 
 # -- synthetic images for tests and benchmarks ---------------------------------------------------

@@ -388,3 +388,52 @@ def test_clean_imports_no_torch_or_transformers(sample_dataset: Path):
 
 def test_missing_folder_is_a_usage_error(cli_runner, tmp_path: Path):
     assert cli_runner.invoke(cli, ["clean", str(tmp_path / "nope")]).exit_code == 2
+
+
+def test_prune_scope_folder(tmp_path: Path):
+    root = tmp_path / "img"
+    make_tiers(root)
+    (root / "10_low quality" / "0.txt").write_text("1girl, smile, sky\n")
+    (root / "20_high quality" / "0.txt").write_text("1girl, night\n")
+    rules = CleanRules(trigger=("tok",), prune_core=100, prune_scope="folder", monochrome=_off())
+    result = run_clean(root, CleanOptions(rules, recursive=True))
+    assert result.details["pruned"] == {
+        "10_low quality": [("1girl", 1.0), ("smile", 1.0)],
+        "20_high quality": [("1girl", 1.0)],
+    }
+    assert (root / "10_low quality" / "0.txt").read_text() == "tok, sky\n"
+    assert (root / "20_high quality" / "1.txt").read_text() == "tok, smile\n"
+
+
+def test_underscores_and_escaped_parentheses(cli_runner, sample_dataset: Path):
+    args = [
+        "clean",
+        str(sample_dataset),
+        "--trigger",
+        "my_token",
+        "--no-monochrome",
+        "--underscores",
+        "underscore",
+    ]
+    res = cli_runner.invoke(cli, [*args, "--escape-parentheses", "--keep-first", "1"])
+    assert res.exit_code == 0, res.output
+    assert (sample_dataset / "g_tiny.txt").read_text() == (
+        "my_token, nazuna_\\(yofukashi_no_uta\\), 1girl, solo, pink_hair, chibi\n"
+    )
+    # back to spaces: kohya's rule, the escapes are kept (and not doubled)
+    cli_runner.invoke(cli, [*args[:-1], "space", "--escape-parentheses"])
+    assert (sample_dataset / "g_tiny.txt").read_text() == (
+        "my_token, nazuna \\(yofukashi no uta\\), 1girl, solo, pink hair, chibi\n"
+    )
+
+
+def test_new_thresholds_relabel_from_stored_statistics(cli_runner, sample_dataset: Path):
+    args = ["clean", str(sample_dataset), "--trigger", "nazuna"]
+    assert cli_runner.invoke(cli, args).exit_code == 0
+    res = cli_runner.invoke(cli, [*args, "--hue-threshold", "0.001"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert "monochrome: 1 greyscale, 0 monochrome, 7 colour" in lines  # no image decoded again
+    assert "updated 8 sidecars" in lines  # the records now name the new thresholds
+    record = json.loads((sample_dataset / "e_sepia.jpg.json").read_text())["sdprep"]["monochrome"]
+    assert record["label"] == "colour" and record["thresholds"] == {"saturation": 0.001, "hue": 0.001}

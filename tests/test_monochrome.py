@@ -129,8 +129,9 @@ def test_needs_full_resolution_band():
 def test_detect_reuses_the_sidecar_record_until_the_file_changes(tmp_path: Path):
     path = tmp_path / "g.png"
     Image.fromarray(mono.synthetic_image("grey", seed=0, size=(300, 300))).save(path)
-    label_, record = mono.detect(path, None, DEFAULT)
+    label_, record, measured = mono.detect(path, None, DEFAULT)
     assert label_ == "greyscale" and record["label"] == "greyscale" and record["version"] == mono.VERSION
+    assert measured and not mono.detect(path, record, DEFAULT)[2]
     assert set(record) >= {"label", "saturation", "hue_std", "version"}
     # a stored record is trusted (no decoding): prove it by storing different statistics
     forged = dict(record, saturation=0.5, hue_std=0.01)
