@@ -9,6 +9,7 @@ TrainingError naming the step; files saved before it stay valid (every save was 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -200,7 +201,10 @@ class Trainer:
         from sdprep.train.data import build_dataset
 
         cfg = self.cfg
-        self.dataset = build_dataset(cfg, report=self.cb_reporter(), seed=self.seed)
+        self.dataset = build_dataset(
+            cfg, report=self.cb_reporter(), seed=self.seed, caption_transform=self.method.caption_transform()
+        )
+        self.method.check_dataset(self.dataset)
         if self.record_filter is not None:
             self.dataset.summary()  # the banner shows the whole dataset
             self.dataset.records = self.record_filter(self.dataset.records)
@@ -415,7 +419,8 @@ class Trainer:
             f"{cfg.train_batch_size} x accumulation {cfg.gradient_accumulation_steps})"
         )
         lines.append(f"output: {self.output_dir / (self.name + m.output_suffix())}")
-        return lines + [f"note: {n}" for n in self.notes]
+        notes = self.notes + [n for n in self.method.notes if n not in self.notes]  # later method notes too
+        return lines + [f"note: {n}" for n in notes]
 
     # -- training --------------------------------------------------------------------------
 
@@ -496,6 +501,7 @@ class Trainer:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.method.after_step()
         return total / len(group)
 
     def _after_step(self, loss: float) -> None:
@@ -615,10 +621,18 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             unet = self.accelerator.unwrap_model(self.ctx.unet)
+            prompts = [
+                dataclasses.replace(
+                    p,
+                    prompt=self.method.expand_prompt(p.prompt),
+                    negative_prompt=self.method.expand_prompt(p.negative_prompt),
+                )
+                for p in self.prompts
+            ]
             paths = generate_samples(
                 self.model,
                 unet,
-                self.prompts,
+                prompts,
                 self.sample_dir,
                 name=self.name,
                 step=step,

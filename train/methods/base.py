@@ -8,6 +8,7 @@ inside: it asks the method for parameter groups, a forward-ready model, and file
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -105,3 +106,19 @@ class TrainMethod(ABC):
 
     def load_initial_weights(self) -> None:  # noqa: B027 - optional hook
         """Start from existing weights when the config says so (network_weights, weights)."""
+
+    # -- optional hooks the loop calls -----------------------------------------------------
+
+    def caption_transform(self) -> Callable[[str, Any], str] | None:
+        """A function (caption, rng) -> caption applied after kohya's caption processing, or None."""
+        return None
+
+    def check_dataset(self, dataset: Any) -> None:  # noqa: B027 - optional hook
+        """Refuse a dataset this method cannot learn from (raise ConfigError), before any caching."""
+
+    def after_step(self) -> None:  # noqa: B027 - optional hook
+        """Called after every optimizer step (e.g. to update an EMA copy)."""
+
+    def expand_prompt(self, prompt: str) -> str:
+        """A sample prompt as the trained text encoders must see it (e.g. multi-vector tokens)."""
+        return prompt
