@@ -179,6 +179,7 @@ def run_rename(root: Path | str, opts: RenameOptions, *, report: Reporter = Null
         check_pattern(opts.pattern)
     if not root.is_dir():
         raise DatasetError(f"{root}: no such folder", "check the path")
+    _refuse_leftovers(root)
     plan = []
     for folder, items in _by_folder(iter_items(root, opts.recursive)).items():
         plan += plan_folder(folder, items, opts)
@@ -197,6 +198,16 @@ def run_rename(root: Path | str, opts: RenameOptions, *, report: Reporter = Null
     _apply(root, moves, report)
     result.changed = len(todo)
     return result
+
+
+def _refuse_leftovers(root: Path) -> None:
+    """A killed rename leaves files under hidden temporary names: renaming again would hide them for good."""
+    left = [p for p in root.rglob(TEMP_PREFIX + "*") if ".sdprep" not in p.relative_to(root).parts]
+    if left:
+        raise DatasetError(
+            f"{root}: an interrupted rename left {len(left)} files under temporary names ({left[0].name}...)",
+            f"run `sdprep undo {root}` to put every file back under its old name, then rename again",
+        )
 
 
 def _by_folder(items: Iterable[Item]) -> dict[Path, list[Item]]:

@@ -189,6 +189,7 @@ class _Tagging:
             and isinstance(previous, dict)
             and previous.get("settings") == self.settings
             and item.caption_path.exists()
+            and not _caption_pending(previous, item)
         ):
             p.skip = True
             return p
@@ -319,7 +320,7 @@ class _Tagging:
         return out
 
     def _finish(self, p: Prepared, record: dict | None = None, vlm_text: str | None = None) -> None:
-        """Store new records, derive the caption file, write what changed (caption first)."""
+        """Store new records, derive the caption file, write what changed (sidecar first)."""
         from sdprep.taggers.captions_text import caption_record, clean_caption, combine_caption
 
         meta = sdprep_meta(p.sidecar)
@@ -340,12 +341,15 @@ class _Tagging:
         if base is not None:
             meta["tag"]["base"] = base
         changed = False
-        if new != p.caption or not p.item.caption_path.exists():
-            self._write(p.item.caption_path, new.strip() + "\n")  # first: the sidecar marks it done
-            self.counts["captions_written"] += 1
-            changed = True
+        # The sidecar first: it records the caption being replaced ("base"). Killed between the two
+        # writes, a re-run finds the old caption and that record and writes the caption; the other
+        # order would record the new caption as the base and lose the old one.
         if not p.item.sidecar_path.exists() or any(meta.get(k) != v for k, v in old.items()):
             self._write(p.item.sidecar_path, dump_sidecar(p.sidecar))
+            changed = True
+        if new != p.caption or not p.item.caption_path.exists():
+            self._write(p.item.caption_path, new.strip() + "\n")
+            self.counts["captions_written"] += 1
             changed = True
         if changed:
             self.result.changed += 1
@@ -369,6 +373,13 @@ class _Tagging:
             f"  {c['inferred']} images through WD14, {c['captioned']} through the captioner, "
             f"{c['captions_written']} caption files written"
         )
+
+
+def _caption_pending(previous: dict, item: Item) -> bool:
+    """True when a run stopped between writing the sidecar and the caption: the caption file still
+    holds the text the recorded caption replaces (a hand edit would differ from both)."""
+    base = previous.get("base")
+    return base is not None and base != previous.get("written") and read_caption(item) == base
 
 
 def _resize_for(p: Prepared, size: int, preprocess: Any) -> np.ndarray:

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -22,8 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdprep.errors import JournalError
+from sdprep.faults import pause_point
 
 STATE_DIR = ".sdprep"
+_UMASK = os.umask(0o022)  # read once, at import (one thread): os.umask can only be read by setting it
+os.umask(_UMASK)
 JOURNAL_DIR = "journal"
 
 
@@ -37,6 +41,7 @@ def atomic_write_bytes(path: Path | str, data: bytes, *, sync: bool = True) -> N
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _mode_for(path))
             f.write(data)
             f.flush()
             if sync:
@@ -46,6 +51,14 @@ def atomic_write_bytes(path: Path | str, data: bytes, *, sync: bool = True) -> N
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _mode_for(path: Path) -> int:
+    """mkstemp makes 0600 files: keep the replaced file's mode, or give a new file the umask's."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_UMASK
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
@@ -129,6 +142,7 @@ class Operation:
         else:
             self._record(Entry("create", self._rel(path)))
             path.parent.mkdir(parents=True, exist_ok=True)  # as move() and place() do
+        pause_point("change")
         atomic_write_bytes(path, data)
 
     def write_text(self, path: Path | str, text: str) -> None:
@@ -160,6 +174,7 @@ class Operation:
         self.changes += len(todo)
         for path, data, _ in todo:
             path.parent.mkdir(parents=True, exist_ok=True)
+            pause_point("change")
             atomic_write_bytes(path, data, sync=False)
         return len(todo)
 
@@ -170,6 +185,7 @@ class Operation:
             raise JournalError(f"refusing to move {src} over existing {dst}", "remove or rename it first")
         self._record(Entry("move", self._rel(src), dest=self._rel(dst)))
         dst.parent.mkdir(parents=True, exist_ok=True)
+        pause_point("change")
         os.rename(src, dst)
 
     def move_many(self, pairs: list[tuple[Path | str, Path | str]]) -> None:
@@ -190,6 +206,7 @@ class Operation:
         self.changes += len(entries)
         for src, dst in pairs:
             dst.parent.mkdir(parents=True, exist_ok=True)
+            pause_point("change")
             os.rename(src, dst)
 
     def delete(self, path: Path | str) -> None:
@@ -198,6 +215,7 @@ class Operation:
         self._n += 1
         blob = f"{self._n:07d}"
         self._record(Entry("delete", self._rel(path), blob=blob))
+        pause_point("change")
         os.replace(path, self.blobs / blob)
 
     def place(self, src: Path | str, dst: Path | str, *, copy: bool = False) -> bool:
