@@ -1,0 +1,134 @@
+"""What a training run writes: verified weights, training states, pruning of old saves, samples.
+
+A mixin of `sdprep.train.loop.Trainer` (it uses the trainer's config, method, position, optimizer
+and accelerator); kept apart so the loop module reads as the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+from sdprep.train.save import config_hash
+
+
+class TrainerOutputs:
+    """Saving, state and sampling for `Trainer`; every file is verified before it is reported."""
+
+    def _run_facts(self, label: str | None) -> dict[str, Any]:
+        cfg = self.cfg
+        if not hasattr(self, "_session"):
+            self._session = (int(time.time()), f"{self.seed:x}{int(time.time()):x}")
+        return {
+            "started": self._session[0],
+            "session_id": self._session[1],
+            "name": self.name,
+            "label": label,
+            "seed": self.seed,
+            "steps": self.pos.step,
+            "epoch": self.pos.epoch,
+            "num_epochs": self.num_epochs,
+            "batches_per_epoch": self.batches_per_epoch,
+            "total_steps": self.total_steps,
+            "total_batch_size": cfg.train_batch_size * cfg.gradient_accumulation_steps * self.num_processes,
+            "optimizer": self.optimizer_desc,
+            "model_name": Path(self.model.source).name,
+            "vae_name": Path(cfg.vae).name if cfg.vae else None,
+        }
+
+    def _save(self, *, step: int | None = None, epoch: int | None = None, final: bool = False) -> None:
+        """Write, verify and report the weights (and the state when asked); main process only."""
+        from sdprep.train.save import save_dtype, save_weights, weights_name
+
+        cfg = self.cfg
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            suffix = self.method.output_suffix()
+            fname = weights_name(
+                self.name, suffix=suffix, **({} if final else {"step": step, "epoch": epoch})
+            )
+            path = self.output_dir / fname
+            label = None if final else (f"epoch {epoch}" if epoch is not None else f"step {step}")
+            meta = self._metadata(label)
+            report = save_weights(
+                self.method, path, meta, save_dtype(cfg.save_precision), trained=self.pos.step > 0
+            )
+            self.result.saved.append(path)
+            if final:
+                self.result.output = path
+                self.result.saved += self.method.extra_outputs(path)
+            self.cb.saved(report)
+            if cfg.save_state or (final and cfg.save_state_on_train_end):
+                self._save_state(step=step, epoch=epoch, final=final)
+            self._prune(step=step, epoch=epoch)
+        self.accelerator.wait_for_everyone()
+
+    def _metadata(self, label: str | None) -> dict[str, str]:
+        from sdprep.train.save import kohya_metadata, modelspec
+
+        facts = self._run_facts(label)
+        if self.cfg.no_metadata:
+            return modelspec(self.cfg, self.method, facts)
+        return kohya_metadata(facts, self.method, self.dataset, self.cfg)
+
+    def _save_state(self, *, step: int | None, epoch: int | None, final: bool) -> None:
+        from sdprep.train.save import TrainState, save_state, state_dir_name
+
+        kw = {} if final else {"step": step, "epoch": epoch}
+        folder = self.output_dir / state_dir_name(self.name, **kw)
+        cfg_dict = self._config_dict()
+        state = TrainState(
+            step=self.pos.step,
+            epoch=self.pos.epoch,
+            epoch_step=self.pos.epoch_step,
+            method=self.method_name,
+            config=cfg_dict,
+            config_hash=config_hash(cfg_dict),
+            dataset_batches=self.batches_per_epoch,
+        )
+        save_state(folder, state, self.method, self.optimizer, self.lr_scheduler)
+        self.result.states.append(folder)
+        self.cb.note(f"saved training state {folder.name} (step {self.pos.step})")
+
+    def _prune(self, *, step: int | None, epoch: int | None) -> None:
+        from sdprep.train.save import remove_saves, stale_saves
+
+        old = stale_saves(self.cfg, step=step, epoch=epoch)
+        remove_saves(self.output_dir, self.name, self.method.output_suffix(), old)
+
+    def _sample(self, *, step: int, epoch: int | None) -> None:
+        from sdprep.train.sample import generate_samples
+
+        if not self.prompts:
+            return
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            unet = self.accelerator.unwrap_model(self.ctx.unet)
+            prompts = [
+                dataclasses.replace(
+                    p,
+                    prompt=self.method.expand_prompt(p.prompt),
+                    negative_prompt=self.method.expand_prompt(p.negative_prompt),
+                )
+                for p in self.prompts
+            ]
+            paths = generate_samples(
+                self.model,
+                unet,
+                prompts,
+                self.sample_dir,
+                name=self.name,
+                step=step,
+                epoch=epoch,
+                base_seed=self.seed,
+                autocast=self.accelerator.autocast(),
+                log=self.log,
+                max_area=self.sample_max_area,
+            )
+            self.result.samples += paths
+            self.cb.sampled(paths)
+        self.accelerator.wait_for_everyone()
+        for module in self.train_modules:
+            module.train()
