@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class SDXLModel:
     scheduler_config: dict
     source: str
     is_tiny: bool = False
+    notes: list[str] = field(default_factory=list)  # what loading found (v-prediction markers...)
 
     @property
     def tokenizers(self) -> list:
@@ -105,7 +106,58 @@ def _wrap_load(source: str, exc: Exception, single_file: bool) -> ModelError:
     )
 
 
-def _load_pipeline(source: str, model_config: Path | None) -> tuple[Any, bool]:
+class MissingVaeError(ModelError):
+    """A single-file checkpoint without VAE weights (fixable with a separate `vae`)."""
+
+
+def _missing_component(source: str, exc: Exception) -> ModelError:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "AutoencoderKL" in text:
+        return MissingVaeError(
+            f"{source} has no VAE weights (first_stage_model.*)",
+            "set vae = <an SDXL VAE .safetensors, e.g. sdxl_vae.safetensors> (or --set vae=...)",
+        )
+    return ModelError(
+        f"{source} is not a complete SDXL checkpoint: {text}",
+        "an SDXL single file holds the U-Net, both text encoders and the VAE; pass a full checkpoint",
+    )
+
+
+def check_complete(pipe: Any, source: str) -> None:
+    """Fail when a component was built with weights missing from the file (left on the meta device)."""
+    for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        module = getattr(pipe, name, None)
+        if module is None:
+            continue
+        missing = [n for n, p in [*module.named_parameters(), *module.named_buffers()] if p.is_meta]
+        if missing:
+            raise ModelError(
+                f"{source}: {name} is missing {len(missing)} weights (e.g. {missing[0]})",
+                "the checkpoint is incomplete or not an SDXL model; pass a complete SDXL checkpoint",
+            )
+
+
+def file_markers(path: Path) -> dict[str, bool]:
+    """ComfyUI-style markers in a single file: `v_pred` (v-prediction), `ztsnr` (zero terminal SNR)."""
+    if path.suffix.lower() not in (".safetensors", ".sft"):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        keys = set(handle.keys())
+    return {"v_pred": "v_pred" in keys, "ztsnr": "ztsnr" in keys}
+
+
+def _reference_vae(model_config: Path | None, exc: MissingVaeError) -> Any:
+    """An AutoencoderKL with the model's VAE config (to read a separate VAE file against)."""
+    from diffusers import AutoencoderKL
+
+    if model_config is None or not (model_config / "vae" / "config.json").exists():
+        raise exc
+    return AutoencoderKL.from_config(AutoencoderKL.load_config(model_config / "vae"))
+
+
+def _load_pipeline(source: str, model_config: Path | None, vae: Any = None) -> tuple[Any, bool]:
     """Load a StableDiffusionXLPipeline from any supported source; returns (pipe, is_single_file)."""
     from diffusers import StableDiffusionXLPipeline
 
@@ -132,8 +184,14 @@ def _load_pipeline(source: str, model_config: Path | None) -> tuple[Any, bool]:
                     f"--model_config {model_config} is not a diffusers SDXL folder (no model_index.json)"
                 )
             kwargs["config"] = str(model_config)
+        if vae is not None:
+            kwargs["vae"] = vae
+        from diffusers.loaders.single_file_utils import SingleFileComponentError
+
         try:
             return StableDiffusionXLPipeline.from_single_file(str(path), **kwargs), True
+        except SingleFileComponentError as exc:
+            raise _missing_component(str(path), exc) from exc
         except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
             raise _wrap_load(str(path), exc, True) from exc
     looks_local = source.startswith((".", "/", "~")) or path.suffix.lower() in SINGLE_FILE_SUFFIXES
@@ -183,13 +241,27 @@ def load_sdxl(
     quiet_libraries()
     source = str(source)
     model_config = Path(os.path.expanduser(str(model_config))) if model_config else None
-    pipe, _single = _load_pipeline(source, model_config)
+    try:
+        pipe, single = _load_pipeline(source, model_config)
+        vae_module = load_vae(vae, pipe.vae, source) if vae else pipe.vae
+    except MissingVaeError as exc:
+        if not vae:
+            raise
+        vae_module = load_vae(vae, _reference_vae(model_config, exc), source)
+        pipe, single = _load_pipeline(source, model_config, vae=vae_module)
     _check_sdxl(pipe, source)
+    check_complete(pipe, source)
     check_tokenizer(pipe.tokenizer, "tokenizer", source)
     check_tokenizer(pipe.tokenizer_2, "tokenizer_2", source)
-    vae_module = pipe.vae
-    if vae:
-        vae_module = load_vae(vae, pipe.vae, source)
+    scheduler_config = dict(pipe.scheduler.config)
+    notes = []
+    markers = file_markers(Path(os.path.expanduser(source))) if single else {}
+    if markers.get("v_pred"):
+        scheduler_config["prediction_type"] = "v_prediction"
+        notes.append(f"{Path(source).name} is marked v-prediction (v_pred key): training predicts v")
+        if markers.get("ztsnr"):
+            scheduler_config["rescale_betas_zero_snr"] = True
+            notes.append("it is also marked zero terminal SNR (ztsnr key): the noise schedule is rescaled")
     return SDXLModel(
         unet=pipe.unet,
         vae=vae_module,
@@ -197,7 +269,8 @@ def load_sdxl(
         text_encoder_2=pipe.text_encoder_2,
         tokenizer=pipe.tokenizer,
         tokenizer_2=pipe.tokenizer_2,
-        scheduler_config=dict(pipe.scheduler.config),
+        scheduler_config=scheduler_config,
         source=source,
         is_tiny=Path(source).is_dir() and is_tiny_model(source),
+        notes=notes,
     )
