@@ -81,7 +81,7 @@ class TrainResult:
 
     def summary(self) -> str:
         lines = [
-            f"trained {self.method}: steps {self.first_step} -> {self.steps}, {self.epochs} epochs, "
+            f"trained {self.method}: steps {self.first_step} -> {self.steps} ({self.epochs} full epochs), "
             f"last loss {self.last_loss:.4f} ({self.seconds:.0f} s)"
             if self.last_loss is not None
             else f"trained {self.method}: {self.steps} steps"

@@ -195,7 +195,7 @@ class Trainer(TrainerOutputs):
             self.model.unet.enable_gradient_checkpointing()  # also saves memory when only TEs train
             if self.method.trains_text_encoders:
                 for te in self.model.text_encoders:
-                    te.gradient_checkpointing_enable()
+                    _checkpoint_text_encoder(te)
 
     def _build_data(self) -> None:
         from sdprep.train.data import build_dataset
@@ -534,6 +534,15 @@ class Trainer(TrainerOutputs):
         self.result.steps = self.pos.step
         self.result.epochs = self.pos.epoch
         self._save(final=True)
+
+
+def _checkpoint_text_encoder(te: Any) -> None:
+    """Activation checkpointing for a transformers text encoder (non-reentrant: LoRA grads flow)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(te, "activation_checkpointing_enable"):  # transformers 5
+        te.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        te.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _groups(batches: Any, size: int) -> Any:

@@ -125,7 +125,7 @@ def batch_loss(ctx: StepContext, batch: dict) -> Any:
             noise, cfg.ip_noise_gamma, random_strength=cfg.ip_noise_gamma_random_strength
         )
     noisy = ctx.noise_scheduler.add_noise(latents, input_noise, timesteps)
-    time_ids = batch["time_ids"].to(ctx.device, dtype=ctx.weight_dtype)
+    time_ids = batch["time_ids"].to(ctx.device, dtype=torch.float32)  # sizes like 1023 are not exact in bf16
     pred = ctx.unet(
         noisy.to(ctx.weight_dtype),
         timesteps,
