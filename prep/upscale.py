@@ -48,6 +48,7 @@ class UpscaleOptions:
     quality: int = 95
     recursive: bool = False
     workers: int = 1
+    trust_pickle: bool = False  # unpickle a .pth that holds more than tensors (can run code)
 
     def __post_init__(self) -> None:
         if self.min_area < 1 or (self.min_side is not None and self.min_side < 1):
@@ -170,7 +171,9 @@ class _LazyUpscaler:
             from sdprep.prep.upscale_models import load_upscaler
 
             o = self.opts
-            self.loaded = load_upscaler(o.model, device=o.device, tile=o.tile, overlap=o.overlap)
+            self.loaded = load_upscaler(
+                o.model, device=o.device, tile=o.tile, overlap=o.overlap, trust_pickle=o.trust_pickle
+            )
         return self.loaded
 
 

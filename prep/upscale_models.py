@@ -42,8 +42,12 @@ def _torch():
 # -- reading weights ---------------------------------------------------------------------------
 
 
-def read_state_dict(path: Path | str) -> dict[str, Any]:
-    """Tensors of a weights file, unwrapped from `params_ema` / `state_dict`-style containers."""
+def read_state_dict(path: Path | str, *, trust_pickle: bool = False) -> dict[str, Any]:
+    """Tensors of a weights file, unwrapped from `params_ema` / `state_dict`-style containers.
+
+    `trust_pickle` unpickles a .pth/.ckpt in full (it can run code from the file): only for files
+    from a source the user trusts, when no safetensors or plain state-dict version exists.
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: no such model file", "pass the path of a .safetensors or .pth file")
@@ -57,14 +61,15 @@ def read_state_dict(path: Path | str) -> dict[str, Any]:
             raise ModelError(f"{path}: not a readable safetensors file ({exc})") from exc
     else:
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            obj = torch.load(str(path), map_location="cpu", weights_only=not trust_pickle)
         except pickle.UnpicklingError as exc:
             raise ModelError(
                 f"{path}: the file holds pickled Python objects, not only weights; sdprep refuses to "
                 "unpickle it because that can run code from the file",
-                "use a .safetensors version of the model, or a .pth that stores a plain state dict",
+                "use a .safetensors version of the model, or a .pth that stores a plain state dict; "
+                "if you trust where the file came from, pass --trust-pickle",
             ) from exc
-        except (RuntimeError, EOFError, OSError) as exc:
+        except (RuntimeError, EOFError, OSError, ImportError, AttributeError) as exc:  # the last two: trusted
             raise ModelError(f"{path}: cannot read model weights ({exc})") from exc
     for _ in range(3):
         if isinstance(obj, dict):
@@ -297,10 +302,12 @@ def _spandrel_model(sd: dict[str, Any]) -> tuple[Any, int, str] | None:
     return desc, int(desc.scale), f"spandrel:{desc.architecture.name}"
 
 
-def load_upscaler(path: Path | str, device: str = "auto", tile: int = 256, overlap: int = 16) -> Upscaler:
+def load_upscaler(
+    path: Path | str, device: str = "auto", tile: int = 256, overlap: int = 16, *, trust_pickle: bool = False
+) -> Upscaler:
     """Load an upscaler from a local weights file (spandrel first when it is importable)."""
     path = Path(path)
-    sd = read_state_dict(path)
+    sd = read_state_dict(path, trust_pickle=trust_pickle)
     loaded = _spandrel_model(sd) or build_model(sd)
     model, scale, arch = loaded
     dev = pick_device(device)

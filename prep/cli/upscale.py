@@ -41,6 +41,11 @@ from sdprep.clitools import finish, reporter
 @click.option(
     "--quality", default=95, show_default=True, type=click.IntRange(1, 100), help="JPEG/WebP quality."
 )
+@click.option(
+    "--trust-pickle",
+    is_flag=True,
+    help="Load a .pth/.ckpt that holds pickled objects (this can run code from the file; trusted files only).",
+)
 @click.option("-r", "--recursive", is_flag=True, help="Upscale images in subfolders too.")
 @click.option(
     "--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="Threads (Lanczos only)."
@@ -56,6 +61,7 @@ def command(
     tile_overlap: int,
     device: str,
     quality: int,
+    trust_pickle: bool,
     recursive: bool,
     workers: int,
 ) -> None:
@@ -84,5 +90,6 @@ def command(
         quality=quality,
         recursive=recursive,
         workers=workers,
+        trust_pickle=trust_pickle,
     )
     finish(run_upscale(directory, opts, report=reporter(ctx)))
