@@ -225,6 +225,10 @@ def test_single_file_checkpoint_loads_offline_with_model_config(tiny_sdxl: Path,
         load_sdxl(single)  # offline, no config: diffusers would fetch the hub's SDXL config
     assert "cannot load the single-file checkpoint" in str(err.value)
     assert "--model_config DIR" in str(err.value)
+    from sdprep.train.config import load_train_config
+
+    cfg, _ = load_train_config(None, overrides={"model_config": str(tiny_sdxl)})  # also a config key
+    assert cfg.model_config == tiny_sdxl
 
 
 def test_a_folder_without_tokenizer_vocabulary_is_refused(tiny_sdxl: Path, tmp_path: Path) -> None:

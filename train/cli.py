@@ -12,6 +12,7 @@ from sdprep.train.loop import TrainCallbacks, TrainResult
 # plain option -> TrainConfig key (kohya name)
 PLAIN = {
     "model": "pretrained_model_name_or_path",
+    "model_config": "model_config",
     "data": "train_data_dir",
     "dataset_config": "dataset_config",
     "output_dir": "output_dir",
@@ -173,7 +174,6 @@ def command(
     method: str | None,
     resume: str | None,
     preflight: bool,
-    model_config: Path | None,
     **plain: Any,
 ) -> None:
     """Train an SDXL LoRA (or textual inversion / fine-tune) from a kohya-compatible config.
@@ -205,7 +205,7 @@ def command(
     from sdprep.train.loop import train
 
     try:
-        result = train(cfg, method=chosen, callbacks=callbacks, resume=resume, model_config=model_config)
+        result = train(cfg, method=chosen, callbacks=callbacks, resume=resume)
     finally:
         callbacks.stop()
     click.echo(result.summary())

@@ -96,7 +96,7 @@ def _wrap_load(source: str, exc: Exception, single_file: bool) -> ModelError:
         return ModelError(
             f"cannot load the single-file checkpoint {source}: {text}",
             "diffusers needs the SDXL config (model_index.json, */config.json, tokenizers) to build a "
-            "single file; offline, pass --model_config DIR pointing at a local diffusers SDXL folder "
+            "single file; offline, pass --model_config DIR (or model_config = DIR in the config) pointing at a local diffusers SDXL folder "
             f"(e.g. a copy of {HUB_SDXL} without its weights)",
         )
     return ModelError(

@@ -95,6 +95,7 @@ def _preflight_cfg(cfg: Any, work: Path, steps: int) -> Any:
         **scaled_settings(cfg),
         pretrained_model_name_or_path=None,
         vae=None,
+        model_config=None,
         output_dir=work / "out",
         logging_dir=work / "logs" if cfg.logging_dir else None,
         sample_dir=work / "sample",
