@@ -209,3 +209,41 @@ def test_kohya_flags_directly_and_preflight(cli_runner, tiny_sdxl: Path, tmp_pat
         assert check in result.output
     assert "preflight passed" in result.output
     assert not (tmp_path / "out").exists()  # preflight writes nothing of the user's
+
+
+def test_preflight_checks_the_real_model_without_loading_it(tiny_sdxl: Path, tmp_path: Path) -> None:
+    import dataclasses
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from sdprep.train.config import TrainConfig
+    from sdprep.train.preflight import _model_check
+
+    def check(source) -> tuple[bool, str]:
+        return _model_check(dataclasses.replace(TrainConfig(), pretrained_model_name_or_path=str(source)))
+
+    assert check(tiny_sdxl)[0]
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_sdxl, broken)
+    for f in (broken / "tokenizer").iterdir():
+        f.unlink()
+    ok, detail = check(broken)
+    assert not ok and "the tokenizer would be empty" in detail
+    sd15 = tmp_path / "sd15.safetensors"
+    save_file(
+        {"cond_stage_model.transformer.x": torch.zeros(1), "model.diffusion_model.y": torch.zeros(1)},
+        str(sd15),
+    )
+    assert check(sd15) == (False, f"{sd15} is an SD 1.x/2.x checkpoint, not SDXL")
+    xl = tmp_path / "xl.safetensors"
+    save_file(
+        {"conditioner.embedders.1.model.x": torch.zeros(1), "model.diffusion_model.y": torch.zeros(1)},
+        str(xl),
+    )
+    assert check(xl)[0]
+    assert check(tmp_path / "missing.safetensors") == (
+        False,
+        f"{tmp_path / 'missing.safetensors'}: no such file or folder",
+    )
+    assert check("stabilityai/stable-diffusion-xl-base-1.0")[0]

@@ -75,18 +75,61 @@ def scaled_settings(cfg: Any, area: int = PREFLIGHT_AREA) -> dict[str, Any]:
 
 
 def _model_check(cfg: Any) -> tuple[bool, str]:
+    """Check the real model without loading it: the path, SDXL-ness and tokenizer files."""
     source = cfg.pretrained_model_name_or_path
     if not source:
         return False, "pretrained_model_name_or_path is not set"
     path = Path(os.path.expanduser(str(source)))
-    if path.exists():
-        kind = "diffusers folder" if path.is_dir() else "single-file checkpoint"
-        if path.is_dir() and not (path / "model_index.json").exists():
-            return False, f"{path} has no model_index.json (not a diffusers folder)"
-        return True, f"{kind} {path} exists (not loaded: preflight trains the tiny model)"
-    if str(source).startswith((".", "/", "~")) or path.suffix:
+    if path.is_dir():
+        return _folder_check(path)
+    if path.is_file():
+        return _single_file_check(path, cfg.model_config)
+    from sdprep.train.models import SINGLE_FILE_SUFFIXES
+
+    if str(source).startswith((".", "/", "~")) or path.suffix.lower() in SINGLE_FILE_SUFFIXES:
         return False, f"{path}: no such file or folder"
-    return True, f"hub id {source} (not checked: preflight trains the tiny model)"
+    if str(source).count("/") != 1:
+        return False, f"{source}: no such file or folder, and not a hub id (owner/name)"
+    return True, f"hub id {source} (not downloaded: preflight trains the tiny model)"
+
+
+def _folder_check(path: Path) -> tuple[bool, str]:
+    import json
+
+    index = path / "model_index.json"
+    if not index.exists():
+        return False, f"{path} has no model_index.json (not a diffusers folder)"
+    try:
+        kind = json.loads(index.read_text()).get("_class_name", "")
+    except ValueError:
+        return False, f"{index} is not valid JSON"
+    if "XL" not in kind:
+        return False, f"{path} is a {kind or 'non-SDXL'} model, not SDXL"
+    for sub in ("tokenizer", "tokenizer_2"):
+        folder = path / sub
+        if not ((folder / "vocab.json").exists() or (folder / "tokenizer.json").exists()):
+            return False, f"{folder} has no vocab.json / tokenizer.json: the tokenizer would be empty"
+    return True, f"diffusers SDXL folder {path} (not loaded: preflight trains the tiny model)"
+
+
+def _single_file_check(path: Path, model_config: Any) -> tuple[bool, str]:
+    if path.suffix.lower() not in (".safetensors", ".sft"):
+        return True, f"checkpoint {path} exists (not a .safetensors file: contents not checked)"
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        return False, f"{path} cannot be read as safetensors ({exc})"
+    if any(k.startswith("cond_stage_model.") for k in keys):
+        return False, f"{path} is an SD 1.x/2.x checkpoint, not SDXL"
+    if not any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return False, f"{path} is not an SDXL checkpoint (no second text encoder)"
+    detail = f"SDXL single file {path} ({len(keys)} tensors; not loaded: preflight trains the tiny model)"
+    if model_config is None and os.environ.get("HF_HUB_OFFLINE"):
+        detail += "; offline it also needs model_config = a local diffusers SDXL folder"
+    return True, detail
 
 
 def _preflight_cfg(cfg: Any, work: Path, steps: int) -> Any:
