@@ -82,7 +82,19 @@ def test_masks_are_used_and_black_pixels_get_no_gradient(tiny_sdxl: Path, tmp_pa
     with torch.random.fork_rng():
         torch.manual_seed(0)
         batch_loss(unmasked, batch).backward()
-    assert outputs["pred"].grad[0][..., half:].abs().max() > 0
+    full = outputs["pred"].grad[0]
+    assert full[..., half:].abs().max() > 0
+    assert torch.allclose(grad[..., :half], full[..., :half])  # white: the plain loss
+
+    # grey (128/255) halves the gradient: same noise, same timestep, mask replaced
+    grey = dict(batch, mask=batch["mask"].clone())
+    grey["mask"][..., grey["mask"].shape[-1] // 2 :] = 128 / 255
+    trainer.ctx.unet = Spy()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        batch_loss(trainer.ctx, grey).backward()
+    halved = outputs["pred"].grad[0]
+    assert torch.allclose(halved[..., half:], full[..., half:] * 128 / 255, rtol=1e-4, atol=1e-9)
 
 
 def test_masked_loss_without_any_mask_is_an_error(tiny_sdxl: Path, tmp_path: Path) -> None:
