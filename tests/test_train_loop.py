@@ -257,3 +257,50 @@ def test_a_folder_without_tokenizer_vocabulary_is_refused(tiny_sdxl: Path, tmp_p
         ModelError, match="tokenizer_2 has only [0-9] tokens: its vocabulary files are missing"
     ):
         load_sdxl(broken)
+
+
+def test_optimizers_by_kohya_name() -> None:
+    import importlib.util
+
+    from sdprep.train.kohya_args import parse_kv_args, split_kv_args
+    from sdprep.train.optim import build_optimizer, build_scheduler, relative_adafactor
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    groups = lambda: [{"params": params, "lr": 1e-3, "name": "unet"}]  # noqa: E731
+    opt, desc = build_optimizer("adamw", groups(), 1e-3, {"weight_decay": 0.01})
+    assert type(opt).__name__ == "AdamW" and desc == "AdamW(weight_decay=0.01)"
+    assert type(build_optimizer("RMSprop", groups(), 1e-3, {})[0]).__name__ == "RMSprop"  # any torch.optim
+    with pytest.raises(ConfigError, match='did you mean "AdamW"'):
+        build_optimizer("AdamWW", groups(), 1e-3, {})
+    # seed 001's fixed-lr Adafactor, written as one string the way its command line passes it
+    args = parse_kv_args(
+        split_kv_args("scale_parameter=False,relative_step=False,warmup_init=False", "optimizer_args")
+    )
+    fixed, _ = build_optimizer("Adafactor", groups(), 5e-6, args)
+    assert not relative_adafactor(fixed) and fixed.param_groups[0]["lr"] == 1e-3
+    auto, _ = build_optimizer("Adafactor", groups(), 5e-6, {})  # kohya's default: relative_step
+    assert relative_adafactor(auto)
+    assert (
+        type(
+            build_scheduler("adafactor", auto, warmup_steps=0, total_steps=10, args={"initial_lr": 5e-6})
+        ).__name__
+        == "AdafactorSchedule"
+    )
+    for name, package in (("AdamW8bit", "bitsandbytes"), ("Prodigy", "prodigyopt")):
+        if importlib.util.find_spec(package) is None:
+            with pytest.raises(ConfigError, match=f"needs the `{package}` package"):
+                build_optimizer(name, groups(), 1e-3, {})
+    sched = build_scheduler("cosine", opt, warmup_steps=2, total_steps=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0 and lrs[2] == pytest.approx(1e-3) and lrs[-1] < lrs[3]
+    for name in ("cosine_with_min_lr", "warmup_stable_decay", "inverse_sqrt"):
+        build_scheduler(name, opt, warmup_steps=1, total_steps=10)
+    build_scheduler("piecewise_constant", opt, warmup_steps=0, total_steps=10, args={"step_rules": "1:5,0.1"})
+    with pytest.raises(ConfigError, match="piecewise_constant needs step_rules"):
+        build_scheduler("piecewise_constant", opt, warmup_steps=0, total_steps=10)
+    with pytest.raises(ConfigError, match="unknown lr_scheduler"):
+        build_scheduler("cosine_restart", opt, warmup_steps=0, total_steps=10)

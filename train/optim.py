@@ -4,7 +4,8 @@
 Lion (lion-pytorch), SGDNesterov, or any `torch.optim` class by name (case-insensitive), or a
 dotted path `package.module.Class`. `optimizer_args` are kohya's `k=v` strings.
 `lr_scheduler`: diffusers' schedulers (constant, constant_with_warmup, linear, cosine,
-cosine_with_restarts, polynomial, piecewise_constant) plus `adafactor` (Adafactor's own lr).
+cosine_with_restarts, polynomial, piecewise_constant), transformers' cosine_with_min_lr,
+warmup_stable_decay and inverse_sqrt, plus `adafactor` (Adafactor's own lr).
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ SCHEDULERS = (
     "polynomial",
     "piecewise_constant",
     "adafactor",
+    # transformers' schedulers (kohya passes unknown names to transformers too)
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+    "inverse_sqrt",
 )
+TRANSFORMERS_SCHEDULERS = ("cosine_with_min_lr", "warmup_stable_decay", "inverse_sqrt")
 
 
 def _optional(module: str, package: str, optimizer: str) -> Any:
@@ -124,6 +130,29 @@ def build_scheduler(
         from transformers.optimization import AdafactorSchedule
 
         return AdafactorSchedule(optimizer, initial_lr=(args or {}).get("initial_lr", 0.0))
+    if name in TRANSFORMERS_SCHEDULERS:
+        from transformers.optimization import get_scheduler as hf_scheduler
+
+        extra = dict(args or {})
+        if name == "cosine_with_min_lr" and not {"min_lr", "min_lr_rate"} & set(extra):
+            extra["min_lr_rate"] = 0.1
+        if name == "warmup_stable_decay":
+            extra.setdefault("num_decay_steps", max(1, total_steps // 10))
+        try:
+            return hf_scheduler(
+                name,
+                optimizer,
+                num_warmup_steps=warmup_steps,
+                num_training_steps=total_steps,
+                scheduler_specific_kwargs=extra,
+            )
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"lr_scheduler {name}: {exc}", "check lr_scheduler_args") from exc
+    if name == "piecewise_constant" and not (args or {}).get("step_rules"):
+        raise ConfigError(
+            "lr_scheduler piecewise_constant needs step_rules",
+            'e.g. lr_scheduler_args = ["step_rules=1:100,0.1:200,0.01"] (multiplier:until_step,...,final)',
+        )
     from diffusers.optimization import get_scheduler
 
     kwargs: dict[str, Any] = {"num_warmup_steps": warmup_steps, "num_training_steps": total_steps}
@@ -132,7 +161,10 @@ def build_scheduler(
     if name == "polynomial" and power:
         kwargs["power"] = power
     kwargs.update(args or {})
-    return get_scheduler(name, optimizer, **kwargs)
+    try:
+        return get_scheduler(name, optimizer, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"lr_scheduler {name}: {exc}", "check lr_scheduler_args") from exc
 
 
 def warmup_steps(value: float | int | None, total_steps: int) -> int:
