@@ -1,8 +1,10 @@
 """Optimizers and learning-rate schedulers by kohya's names.
 
-`optimizer_type`: AdamW, AdamW8bit (bitsandbytes), Adafactor (transformers), Prodigy (prodigyopt),
-Lion (lion-pytorch), SGDNesterov, or any `torch.optim` class by name (case-insensitive), or a
-dotted path `package.module.Class`. `optimizer_args` are kohya's `k=v` strings.
+`optimizer_type`: AdamW, Adafactor (transformers), SGDNesterov, the bitsandbytes family (AdamW8bit,
+PagedAdamW(8bit/32bit), Lion8bit, PagedLion8bit, SGDNesterov8bit), Prodigy (prodigyopt), Lion
+(lion-pytorch), DAdaptation/DAdapt* (dadaptation), any `torch.optim` class by name
+(case-insensitive), or a dotted path `package.module.Class`. Optional packages are imported only
+when chosen, with a clear error when missing. `optimizer_args` are kohya's `k=v` strings.
 `lr_scheduler`: diffusers' schedulers (constant, constant_with_warmup, linear, cosine,
 cosine_with_restarts, polynomial, piecewise_constant), transformers' cosine_with_min_lr,
 warmup_stable_decay and inverse_sqrt, plus `adafactor` (Adafactor's own lr).
@@ -32,6 +34,28 @@ SCHEDULERS = (
 TRANSFORMERS_SCHEDULERS = ("cosine_with_min_lr", "warmup_stable_decay", "inverse_sqrt")
 
 
+# kohya optimizer_type (lower case) -> (module, pip package, class, default kwargs)
+_NESTEROV = {"nesterov": True, "momentum": 0.9}
+OPTIONAL: dict[str, tuple[str, str, str, dict[str, Any]]] = {
+    "adamw8bit": ("bitsandbytes.optim", "bitsandbytes", "AdamW8bit", {}),
+    "pagedadamw8bit": ("bitsandbytes.optim", "bitsandbytes", "PagedAdamW8bit", {}),
+    "pagedadamw": ("bitsandbytes.optim", "bitsandbytes", "PagedAdamW", {}),
+    "pagedadamw32bit": ("bitsandbytes.optim", "bitsandbytes", "PagedAdamW32bit", {}),
+    "lion8bit": ("bitsandbytes.optim", "bitsandbytes", "Lion8bit", {}),
+    "pagedlion8bit": ("bitsandbytes.optim", "bitsandbytes", "PagedLion8bit", {}),
+    "sgdnesterov8bit": ("bitsandbytes.optim", "bitsandbytes", "SGD8bit", _NESTEROV),
+    "prodigy": ("prodigyopt", "prodigyopt", "Prodigy", {}),
+    "lion": ("lion_pytorch", "lion-pytorch", "Lion", {}),
+    "dadaptation": ("dadaptation", "dadaptation", "DAdaptAdam", {}),
+    "dadaptadam": ("dadaptation", "dadaptation", "DAdaptAdam", {}),
+    "dadaptadagrad": ("dadaptation", "dadaptation", "DAdaptAdaGrad", {}),
+    "dadaptadan": ("dadaptation", "dadaptation", "DAdaptAdan", {}),
+    "dadaptadanip": ("dadaptation.experimental", "dadaptation", "DAdaptAdanIP", {}),
+    "dadaptlion": ("dadaptation", "dadaptation", "DAdaptLion", {}),
+    "dadaptsgd": ("dadaptation", "dadaptation", "DAdaptSGD", {}),
+}
+
+
 def _optional(module: str, package: str, optimizer: str) -> Any:
     try:
         return importlib.import_module(module)
@@ -59,7 +83,7 @@ def _torch_optimizer(name: str) -> Any:
             return getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as exc:
             raise ConfigError(f'optimizer_type "{name}": cannot import it ({exc})') from exc
-    known = ["AdamW", "AdamW8bit", "Adafactor", "Prodigy", "Lion", "SGDNesterov", *by_lower]
+    known = ["AdamW", "Adafactor", "SGDNesterov", *(k for k in OPTIONAL), *by_lower]
     raise unknown_choice("optimizer_type", name, known)
 
 
@@ -73,9 +97,11 @@ def build_optimizer(name: str | None, groups: list[dict], lr: float, args: dict[
     groups = [{k: v for k, v in g.items() if k != "name"} for g in groups]
     if key == "adamw":
         cls = torch.optim.AdamW
-    elif key in ("adamw8bit", "pagedadamw8bit"):
-        bnb = _optional("bitsandbytes", "bitsandbytes", name)
-        cls = bnb.optim.AdamW8bit if key == "adamw8bit" else bnb.optim.PagedAdamW8bit
+    elif key in OPTIONAL:
+        module, package, attr, defaults = OPTIONAL[key]
+        cls = getattr(_optional(module, package, name), attr)
+        for k, v in defaults.items():
+            kwargs.setdefault(k, v)
     elif key == "adafactor":
         from transformers.optimization import Adafactor
 
@@ -87,10 +113,6 @@ def build_optimizer(name: str | None, groups: list[dict], lr: float, args: dict[
             lr = None  # Adafactor computes its own learning rate; see relative_adafactor()
             for g in groups:
                 g.pop("lr", None)
-    elif key == "prodigy":
-        cls = _optional("prodigyopt", "prodigyopt", name).Prodigy
-    elif key == "lion":
-        cls = _optional("lion_pytorch", "lion-pytorch", name).Lion
     elif key == "sgdnesterov":
         cls = torch.optim.SGD
         kwargs.setdefault("nesterov", True)
