@@ -215,10 +215,17 @@ def test_untrained_checkpoint_is_refused(tiny_sdxl: Path, data: Path, tmp_path: 
     method = FinetuneMethod(ft_cfg(tiny_sdxl, data, tmp_path / "out"))
     method.setup(load_sdxl(tiny_sdxl), torch.float32)
     path = tmp_path / "out" / "model.safetensors"
-    with pytest.raises(TrainingError, match="every trained tensor equals its starting value"):
+    with pytest.raises(TrainingError, match="every trained weight equals its starting value"):
         save_weights(method, path, {}, torch.float32, trained=True)
     assert not path.exists()
     tensors = method.export_tensors(torch.float32)
+    assert method.verify_tensors(tensors, trained=False) == []
+    tensors["model.diffusion_model.input_blocks.0.0.bias"] = (
+        tensors["model.diffusion_model.input_blocks.0.0.bias"] + 1
+    )
+    assert method.verify_tensors(tensors, trained=False) == [
+        "1 tensors in the file differ from the trained weights (e.g. model.diffusion_model.input_blocks.0.0.bias)"
+    ]
     del tensors["model.diffusion_model.out.2.bias"]
     tensors["first_stage_model.decoder.conv_in.bias"] = torch.full_like(
         tensors["first_stage_model.decoder.conv_in.bias"], float("inf")

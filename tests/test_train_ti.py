@@ -132,11 +132,9 @@ def test_an_untrained_or_empty_save_is_refused(tiny_sdxl: Path, tmp_path: Path) 
     assert not path.exists()
     assert method.verify_tensors({}, trained=True) == ["the file has no tensors (an empty embedding)"]
     vectors = method.export_tensors(torch.float32)
-    half = {"clip_l": vectors["clip_l"].clone(), "clip_g": vectors["clip_g"].clone()}
-    half["clip_l"][1] += 0.1
-    assert method.verify_tensors(half, trained=True) == [
-        "clip_l: vector(s) [0] still equal their initial value: the embedding has not trained",
-        "clip_g: every vector still equal their initial value: the embedding has not trained",
+    wrong = {"clip_l": torch.zeros(2, 32), "clip_g": vectors["clip_g"]}
+    assert method.verify_tensors(wrong, trained=False) == [
+        "clip_l in the file differs from the trained vectors"
     ]
     bad = {"clip_l": torch.full((2, 32), float("nan")), "clip_g": torch.ones(3, 64)}
     assert method.verify_tensors(bad, trained=False) == [
@@ -144,8 +142,20 @@ def test_an_untrained_or_empty_save_is_refused(tiny_sdxl: Path, tmp_path: Path) 
         "clip_g has shape (3, 64), expected (2, 64)",
     ]
     with torch.no_grad():
+        method.layers[0].vectors[1] += 0.1  # only the second clip_l vector moved
+    assert method.verify_tensors(method.export_tensors(torch.float32), trained=True) == [
+        "clip_l: vector(s) [0] still equal their initial value: the embedding has not trained",
+        "clip_g: every vector still equal their initial value: the embedding has not trained",
+    ]
+    with torch.no_grad():
+        for layer in method.layers:
+            layer.vectors += 1e-7  # trained a little, early in a warmup: a bf16 file mostly rounds to init
+    small = method.export_tensors(torch.bfloat16)
+    assert (small["clip_g"] != method.initial["clip_g"].to(torch.bfloat16)).float().mean() < 0.05
+    assert method.verify_tensors(small, trained=True) == []
+    with torch.no_grad():
         method.model.unet.conv_in.bias[0] += 1.0  # a frozen weight changes: caught at the next save
-    problems = method.verify_tensors(vectors, trained=False)
+    problems = method.verify_tensors(small, trained=False)
     assert problems == ["weights outside the new token rows changed during training"]
 
 

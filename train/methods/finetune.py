@@ -83,7 +83,7 @@ class FinetuneMethod(TrainMethod):
                     "register; use ema_decay <= 0.999 or train without full_bf16"
                 )
         allreduce_gradients([p for key, m in self.trained().items() if key != "unet" for p in m.parameters()])
-        self._initial = self._initial_sums()
+        self._initial = {k: tensor_digest(t) for k, t in self._saved_weights().items()}
         self._vae_print = fingerprint({"vae": model.vae}, set())
 
     def param_groups(self) -> list[dict]:
@@ -144,12 +144,21 @@ class FinetuneMethod(TrainMethod):
 
     # -- outputs ---------------------------------------------------------------------------
 
-    def _export_state(self, dtype: Any = None) -> dict[str, Any]:
-        from sdprep.train.checkpoint import model_tensors, prediction_markers
-        from sdprep.train.save import save_dtype
+    def _saved_weights(self) -> dict[str, Any]:
+        """The trained weights as they are saved: the EMA average when enabled, else the parameters
+        (names `<component>/<parameter>`, no copies)."""
+        if self.ema is not None:
+            return dict(self.ema.averaged())
+        return {
+            f"{key}/{name}": p.detach()
+            for key, module in self.trained().items()
+            for name, p in module.named_parameters()
+            if p.requires_grad
+        }
 
-        if dtype is None:
-            dtype = save_dtype(self.cfg.save_precision)
+    def export_tensors(self, dtype: Any) -> dict[str, Any]:
+        from sdprep.train.checkpoint import model_tensors, prediction_markers
+
         replace: dict[str, dict[str, Any]] = {}
         if self.ema is not None:
             for name, t in self.ema.averaged().items():
@@ -157,42 +166,46 @@ class FinetuneMethod(TrainMethod):
                 replace.setdefault(key, {})[pname] = t
         tensors = model_tensors(self.model, dtype, replace)
         tensors.update(prediction_markers(self.model.scheduler_config, self.cfg.v_parameterization))
-        return tensors
-
-    def _initial_sums(self) -> dict[str, tuple]:
-        """Digests of the trained tensors as they would be saved (file names, save dtype)."""
-        from sdprep.train.checkpoint import component_to_sgm
-        from sdprep.train.save import save_dtype
-
-        dtype = save_dtype(self.cfg.save_precision)
-        out = {}
-        with torch.no_grad():
-            for key, module in self.trained().items():
-                for name, t in component_to_sgm(key, module.state_dict(), self.model.unet.config).items():
-                    if t.is_floating_point():
-                        out[name] = tensor_digest(t.to(dtype))
-        return out
-
-    def _sums(self, tensors: dict[str, Any]) -> dict[str, tuple]:
-        return {k: tensor_digest(t) for k, t in tensors.items() if k in self._initial}
-
-    def export_tensors(self, dtype: Any) -> dict[str, Any]:
-        tensors = self._export_state(dtype)
         self._expected = {k: tuple(t.shape) for k, t in tensors.items()}
         return tensors
+
+    def _unfaithful(self, tensors: dict[str, Any], weights: dict[str, Any]) -> list[str]:
+        """File names whose tensor is not the trained weight in the file's dtype (U-Net and text
+        encoder 1, whose names map one-to-one)."""
+        from sdprep.train.sgm import TE1_PREFIX, UNET_PREFIX, UnetLayout, unet_key_to_sgm, with_text_model
+
+        layout = UnetLayout.from_config(self.model.unet.config)
+        wrong = []
+        for name, t in weights.items():
+            key, _, pname = name.partition("/")
+            if key == "unet":
+                fname = UNET_PREFIX + unet_key_to_sgm(pname, layout)
+            elif key == "te1":
+                fname = TE1_PREFIX + with_text_model(pname)
+            else:
+                continue
+            saved = tensors.get(fname)
+            if saved is None or tensor_digest(saved) != tensor_digest(t.to(saved.dtype)):
+                wrong.append(fname)
+        return wrong
 
     def verify_tensors(self, tensors: dict[str, Any], trained: bool) -> list[str]:
         from sdprep.train.checkpoint import verify_checkpoint
 
         problems = verify_checkpoint(tensors, self._expected)
-        if trained and not problems:
-            now = self._sums(tensors)
-            same = [k for k, v in now.items() if k in self._initial and v == self._initial[k]]
-            if now and len(same) == len(now):
+        weights = self._saved_weights()
+        if not problems:
+            wrong = self._unfaithful(tensors, weights)
+            if wrong:
                 problems.append(
-                    "every trained tensor equals its starting value: the model has not learned anything"
-                    + (" (the EMA average has not moved: lower ema_decay)" if self.ema is not None else "")
+                    f"{len(wrong)} tensors in the file differ from the trained weights (e.g. {wrong[0]})"
                 )
+        # in memory and full precision: early in a warmup a bf16 file may still round to the start values
+        if trained and all(tensor_digest(t) == self._initial[k] for k, t in weights.items()):
+            problems.append(
+                "every trained weight equals its starting value: the model has not learned anything"
+                + (" (the EMA average has not moved: lower ema_decay)" if self.ema is not None else "")
+            )
         if fingerprint({"vae": self.model.vae}, set()) != self._vae_print:
             problems.append("the VAE changed during training (it must stay frozen)")
         return problems

@@ -311,11 +311,16 @@ class TextualInversionMethod(TrainMethod):
                 continue
             if not torch.isfinite(t.float()).all():
                 problems.append(f"{key} has NaN or infinite values")
-            elif trained:
-                init = self.initial[key].to(t.dtype)
-                same = [i for i in range(t.shape[0]) if torch.equal(t[i], init[i])]
+                continue
+            if not torch.equal(t, layer.vectors.detach().to(t.dtype).cpu()):
+                problems.append(f"{key} in the file differs from the trained vectors")
+            if trained:
+                # in full precision: early in a warmup a bf16 file may still round to the start values
+                init = self.initial[key]
+                now = layer.vectors.detach().float().cpu()
+                same = [i for i in range(now.shape[0]) if torch.equal(now[i], init[i])]
                 if same:
-                    which = "every vector" if len(same) == t.shape[0] else f"vector(s) {same}"
+                    which = "every vector" if len(same) == now.shape[0] else f"vector(s) {same}"
                     problems.append(
                         f"{key}: {which} still equal their initial value: the embedding has not trained"
                     )
