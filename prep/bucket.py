@@ -20,6 +20,7 @@ import io
 import json
 import math
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,8 @@ from sdprep.fileops import Journal, Operation
 from sdprep.images import image_size
 from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import StageResult
+
+WRITE_BATCH = 256  # images whose files are journalled with one sync
 
 
 @dataclass(frozen=True)
@@ -241,17 +244,12 @@ def run_bucket(root: Path | str, opts: BucketOptions, *, report: Reporter = Null
                 result.fail(item.path, f"dropped: {assignment.dropped}")
                 continue
             mask = item.mask_path()
-            placed.append(
-                _Placed(
-                    item,
-                    concept,
-                    size,
-                    assignment,
-                    base / item.name,
-                    caption,
-                    mask if mask.exists() else None,
-                )
+            p = _Placed(
+                item, concept, size, assignment, base / item.name, caption, mask if mask.exists() else None
             )
+            if p.mask is not None:
+                _check_mask_size(p)  # before anything is written: no half-built OUT
+            placed.append(p)
     report.finish()
 
     with Journal(out).begin("bucket", [str(root), "-o", str(out)]) as op:
@@ -264,31 +262,37 @@ def run_bucket(root: Path | str, opts: BucketOptions, *, report: Reporter = Null
 
 
 def _write_files(op: Operation, placed: list[_Placed], opts: BucketOptions, result: StageResult) -> None:
+    """Links, captions and masks, a batch at a time (one journal sync per batch, not per file)."""
     masked_concepts = {id(p.concept) for p in placed if p.mask is not None}
-    for p in placed:
-        changed = op.place(p.item.path, p.dest, copy=opts.copy)
-        text = p.caption if p.caption is not None else p.concept.token
-        cap = p.dest.with_suffix(".txt")
-        before = cap.read_bytes() if cap.exists() else None
-        op.write_text(cap, format_caption(text))
-        changed |= before != cap.read_bytes()
-        if id(p.concept) in masked_concepts:
-            mask_dest = p.dest.parent / "masks" / (p.dest.stem + ".png")
-            if p.mask is not None:
-                _check_mask_size(p)
-                changed |= op.place(p.mask, mask_dest, copy=opts.copy)
-            else:
+    for start in range(0, len(placed), WRITE_BATCH):
+        batch = placed[start : start + WRITE_BATCH]
+        changed = op.place_many([(p.item.path, p.dest) for p in batch], copy=opts.copy)
+        writes: list[tuple[Path, bytes]] = []
+        masks: list[tuple[int, Path, Path]] = []
+        for k, p in enumerate(batch):
+            text = p.caption if p.caption is not None else p.concept.token
+            cap = p.dest.with_suffix(".txt")
+            data = format_caption(text).encode("utf-8")
+            if not cap.is_file() or cap.read_bytes() != data:
+                writes.append((cap, data))
+                changed[k] = True
+            if id(p.concept) in masked_concepts:
+                mask_dest = p.dest.parent / "masks" / (p.dest.stem + ".png")
+                if p.mask is not None:
+                    masks.append((k, p.mask, mask_dest))
+                    continue
                 # kohya's mask subsets need a mask for every image: white = full loss, as unmasked
                 buf = io.BytesIO()
                 Image.new("L", p.size, 255).save(buf, "PNG")
-                before = mask_dest.read_bytes() if mask_dest.exists() else None
-                op.write_bytes(mask_dest, buf.getvalue())
-                changed |= before != buf.getvalue()
+                if not mask_dest.is_file() or mask_dest.read_bytes() != buf.getvalue():
+                    writes.append((mask_dest, buf.getvalue()))
+                    changed[k] = True
                 result.notes.append(f"  note: {p.item.path.name} has no mask; wrote a full-loss (white) mask")
-        if changed:
-            result.changed += 1
-        else:
-            result.skipped += 1
+        for (k, _, _), moved in zip(masks, op.place_many([(m, d) for _, m, d in masks], copy=opts.copy)):
+            changed[k] |= moved
+        op.write_many(writes)
+        result.changed += sum(changed)
+        result.skipped += len(changed) - sum(changed)
 
 
 def _check_mask_size(p: _Placed) -> None:
@@ -394,6 +398,13 @@ def _write_preview(op: Operation, out: Path, placed: list[_Placed], result: Stag
     op.write_text(out / "buckets.json", json.dumps(doc, indent=1) + "\n")
 
 
+def _first(names: Iterable[str], n: int = 20) -> str:
+    """At most n names, then how many more (buckets.json lists every image)."""
+    names = list(names)
+    more = f", ... and {len(names) - n} more (see buckets.json)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
 def bucket_table(placed_buckets: list[tuple[int, int]]) -> list[str]:
     counts = Counter(placed_buckets)
     return [f"  {w:>5}x{h:<5} {n:>6}" for (w, h), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
@@ -413,13 +424,13 @@ def _summarise(
     if up:
         lines.append(
             f"upscaled by the bucketer ({len(up)}): "
-            + ", ".join(f"{p.item.path.name} x{p.assignment.scale:.2f}" for p in up)
+            + _first(f"{p.item.path.name} x{p.assignment.scale:.2f}" for p in up)
         )
     heavy = [p for p in placed if p.assignment.cropped_fraction > 0.1]
     if heavy:
         lines.append(
-            "cropped over 10%: "
-            + ", ".join(f"{p.item.path.name} {p.assignment.cropped_fraction:.0%}" for p in heavy)
+            f"cropped over 10% ({len(heavy)}): "
+            + _first(f"{p.item.path.name} {p.assignment.cropped_fraction:.0%}" for p in heavy)
         )
     result.notes[:0] = lines
     result.details["preview"] = preview_rows(placed)

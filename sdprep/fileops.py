@@ -115,10 +115,14 @@ class Operation:
         return rel
 
     def _record(self, entry: Entry) -> None:
-        self._log.write(entry.to_json() + "\n")
+        self._record_many([entry])
+
+    def _record_many(self, entries: list[Entry]) -> None:
+        """Append entries to the journal and make them durable (one fsync) before any change."""
+        self._log.write("".join(e.to_json() + "\n" for e in entries))
         self._log.flush()
         os.fsync(self._log.fileno())
-        self.changes += 1
+        self.changes += len(entries)
 
     def _keep(self, path: Path) -> str:
         """Preserve the current content of `path` in the journal and return its blob name."""
@@ -168,10 +172,7 @@ class Operation:
             todo.append((path, data, entry))
         if not todo:
             return 0
-        self._log.write("".join(e.to_json() + "\n" for _, _, e in todo))
-        self._log.flush()
-        os.fsync(self._log.fileno())
-        self.changes += len(todo)
+        self._record_many([e for _, _, e in todo])
         for path, data, _ in todo:
             path.parent.mkdir(parents=True, exist_ok=True)
             pause_point("change")
@@ -199,11 +200,7 @@ class Operation:
             if dst.exists() or dst.is_symlink() or dst in seen:
                 raise JournalError(f"refusing to move {src} over existing {dst}", "remove or rename it first")
             seen.add(dst)
-        entries = [Entry("move", self._rel(src), dest=self._rel(dst)) for src, dst in pairs]
-        self._log.write("".join(e.to_json() + "\n" for e in entries))
-        self._log.flush()
-        os.fsync(self._log.fileno())
-        self.changes += len(entries)
+        self._record_many([Entry("move", self._rel(src), dest=self._rel(dst)) for src, dst in pairs])
         for src, dst in pairs:
             dst.parent.mkdir(parents=True, exist_ok=True)
             pause_point("change")
@@ -242,6 +239,31 @@ class Operation:
                 pass  # another filesystem, or links not supported: copy below
         self.write_bytes(dst, src.read_bytes())
         return True
+
+    def place_many(self, pairs: list[tuple[Path | str, Path | str]], *, copy: bool = False) -> list[bool]:
+        """`place` for many files; new hard links cost one journal sync in all, not one each.
+
+        Returns, per pair, whether `dst` changed.
+        """
+        changed: list[bool] = []
+        fresh: list[tuple[Path, Path]] = []
+        for src, dst in pairs:
+            dst = Path(dst).absolute()
+            if copy or os.path.lexists(dst):
+                changed.append(self.place(src, dst, copy=copy))  # re-runs: usually no work
+            else:
+                fresh.append((Path(src), dst))
+                changed.append(True)
+        if fresh:
+            self._record_many([Entry("create", self._rel(dst)) for _, dst in fresh])
+        for src, dst in fresh:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            pause_point("change")
+            try:
+                os.link(src, dst)
+            except OSError:  # another filesystem, or links not supported
+                atomic_write_bytes(dst, src.read_bytes(), sync=False)
+        return changed
 
     def mkdir(self, path: Path | str) -> None:
         path = Path(path).absolute()

@@ -294,3 +294,30 @@ def can_drop_read_permission() -> bool:
         except OSError:
             return False
         return done.returncode != 0
+
+
+# -- a plain dataset of many small images (load tests and benchmarks/bench_load.py) --------------
+
+VOCABULARY = [f"tag{i:03d}" for i in range(200)] + ["1girl", "solo", "smile", "long hair", "outdoors"]
+
+
+def small_dataset(root: Path, n: int, side: int = 64) -> Path:
+    """`n` distinct side x side PNGs named img_000001.png... with a 6-15 tag caption each."""
+    root.mkdir(parents=True, exist_ok=True)
+    base = Image.new("RGB", (side, side))
+    for i in range(n):
+        im = base.copy()
+        colour = ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256)
+        im.paste(colour, (0, 0, side, side // 2 + i % (side // 2)))
+        name = f"img_{i:06d}"
+        im.save(root / f"{name}.png", compress_level=1)
+        tags = ["1girl", "solo"] + [VOCABULARY[(i * 7 + k * 13) % 200] for k in range(4 + i % 10)]
+        if i % 3 == 0:
+            tags.append("smile")
+        (root / f"{name}.txt").write_text(", ".join(tags) + "\n", encoding="utf-8")
+    return root
+
+
+def open_fds() -> int:
+    """Open file descriptors of this process (Linux)."""
+    return len(os.listdir("/proc/self/fd"))
