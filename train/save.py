@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sdprep.errors import TrainingError
+from sdprep.faults import pause_point
 from sdprep.train.methods.base import Verification
 
 STATE_FILE = "state.json"
@@ -234,8 +235,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def _atomic_dir(final: Path, write: Any) -> None:
     """Build a folder under a temporary name with `write(tmp)`, then rename it into place."""
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed run: never complete
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         write(tmp)
@@ -266,6 +268,7 @@ def save_state(
         tensors = {k: v.detach().contiguous().cpu() for k, v in method.trainable_state().items()}
         save_file(tensors, str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        pause_point("save")  # crash tests stop here: a state half written
         torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save({"global": rng_state(), **(extra_rng or {})}, tmp / "rng.pt")
         info = {
