@@ -27,9 +27,13 @@ def _fixed_loss(trainer: Trainer, batch: dict) -> float:
 
     for module in trainer.train_modules:
         module.eval()
-    with torch.no_grad(), torch.random.fork_rng():
-        torch.manual_seed(123)  # the same noise and timesteps before and after training
-        return sum(float(batch_loss(trainer.ctx, batch)) for _ in range(4)) / 4
+    saved = trainer.ctx.generator.get_state()
+    trainer.ctx.generator.manual_seed(123)  # the same noise and timesteps before and after training
+    try:
+        with torch.no_grad():
+            return sum(float(batch_loss(trainer.ctx, batch)) for _ in range(4)) / 4
+    finally:
+        trainer.ctx.generator.set_state(saved)
 
 
 def test_loss_on_a_fixed_batch_decreases(tiny_sdxl: Path, tmp_path: Path) -> None:
@@ -69,8 +73,9 @@ def test_masks_are_used_and_black_pixels_get_no_gradient(tiny_sdxl: Path, tmp_pa
             return out
 
     trainer.ctx.unet = Spy()
-    with torch.random.fork_rng():
+    with torch.random.fork_rng():  # the VAE samples latents from the global RNG
         torch.manual_seed(0)
+        trainer.ctx.generator.manual_seed(0)
         batch_loss(trainer.ctx, batch).backward()
     grad = outputs["pred"].grad[0]
     half = grad.shape[-1] // 2
@@ -79,8 +84,9 @@ def test_masks_are_used_and_black_pixels_get_no_gradient(tiny_sdxl: Path, tmp_pa
 
     unmasked = dataclasses.replace(trainer.ctx, cfg=dataclasses.replace(cfg, masked_loss=False))
     unmasked.unet = Spy()
-    with torch.random.fork_rng():
+    with torch.random.fork_rng():  # the VAE samples latents from the global RNG
         torch.manual_seed(0)
+        unmasked.generator.manual_seed(0)
         batch_loss(unmasked, batch).backward()
     full = outputs["pred"].grad[0]
     assert full[..., half:].abs().max() > 0
@@ -90,8 +96,9 @@ def test_masks_are_used_and_black_pixels_get_no_gradient(tiny_sdxl: Path, tmp_pa
     grey = dict(batch, mask=batch["mask"].clone())
     grey["mask"][..., grey["mask"].shape[-1] // 2 :] = 128 / 255
     trainer.ctx.unet = Spy()
-    with torch.random.fork_rng():
+    with torch.random.fork_rng():  # the VAE samples latents from the global RNG
         torch.manual_seed(0)
+        trainer.ctx.generator.manual_seed(0)
         batch_loss(trainer.ctx, grey).backward()
     halved = outputs["pred"].grad[0]
     assert torch.allclose(halved[..., half:], full[..., half:] * 128 / 255, rtol=1e-4, atol=1e-9)

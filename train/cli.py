@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +188,8 @@ def command(
     from sdprep.clitools import verbosity
     from sdprep.train.config import detect_method, load_train_config
 
-    quiet = bool(ctx.obj is not None and getattr(ctx.obj, "quiet", False))
+    main_process = os.environ.get("RANK", "0") == "0"  # torchrun / accelerate launch: one process talks
+    quiet = not main_process or bool(ctx.obj is not None and getattr(ctx.obj, "quiet", False))
     flags = [a for a in ctx.args if a != "--"]
     cfg, notes = load_train_config(config_path, overrides=_overrides(plain, sets) or None, flags=flags)
     chosen = detect_method(cfg, method)
@@ -208,4 +210,5 @@ def command(
         result = train(cfg, method=chosen, callbacks=callbacks, resume=resume)
     finally:
         callbacks.stop()
-    click.echo(result.summary())
+    if main_process:
+        click.echo(result.summary())

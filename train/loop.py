@@ -158,9 +158,12 @@ class Trainer(TrainerOutputs):
             self.notes.append(f"seed is not set: using {self.seed} (recorded in the outputs)")
         _seed_everything(self.seed)
         self.accelerator = make_accelerator(cfg.mixed_precision, self.notes)
+        if not self.accelerator.is_main_process:
+            self.cb = TrainCallbacks()  # one process reports
         self.device = self.accelerator.device
         self.weight_dtype = _dtype(self.accelerator.mixed_precision)
         self.vae_dtype = torch.float32 if cfg.no_half_vae else self.weight_dtype
+        self.noise_generator = torch.Generator().manual_seed(self.seed)
         self._load_model()
         self._build_data()
         self._build_optimizer()
@@ -320,13 +323,16 @@ class Trainer(TrainerOutputs):
 
         from sdprep.train.step import StepContext
 
+        # Only a trained U-Net goes through accelerate (DDP when distributed). Text encoders run
+        # unwrapped (their code reads attributes a DDP wrapper hides); methods that train them
+        # average those gradients across processes themselves (methods.base.allreduce_gradients).
         modules = self.method.train_modules()
-        prepared = self.accelerator.prepare(*modules, self.optimizer)
-        self.train_modules, self.optimizer = list(prepared[:-1]), prepared[-1]
-        unet = self.model.unet
-        for original, wrapped in zip(modules, self.train_modules):
-            if original is self.model.unet:
-                unet = wrapped
+        wrap_unet = self.method.trains_unet and any(m is self.model.unet for m in modules)
+        if wrap_unet:
+            unet, self.optimizer = self.accelerator.prepare(self.model.unet, self.optimizer)
+        else:
+            unet, self.optimizer = self.model.unet, self.accelerator.prepare(self.optimizer)
+        self.train_modules = [unet if m is self.model.unet else m for m in modules]
         config = dict(self.model.scheduler_config)
         self.noise_scheduler = DDPMScheduler.from_config(config, clip_sample=False)
         prediction = (
@@ -342,6 +348,9 @@ class Trainer(TrainerOutputs):
             vae_dtype=self.vae_dtype,
             train_text=self.method.trains_text_encoders,
             prediction_type=prediction,
+            generator=self.noise_generator,
+            rank=self.rank,
+            world=self.num_processes,
         )
         self.params = self.method.trainable_parameters()
 
@@ -383,13 +392,16 @@ class Trainer(TrainerOutputs):
         self.notes.append(f"resumed from {folder} at step {state.step} (epoch {state.epoch + 1})")
 
     def _open_outputs(self) -> None:
-        from sdprep.train.logs import open_log
+        from sdprep.train.logs import NullLog, open_log
         from sdprep.train.sample import read_prompts
 
         cfg = self.cfg
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.log, notes = open_log(cfg.logging_dir, cfg.log_with, cfg.log_prefix)
-        self.notes += notes
+        if self.accelerator.is_main_process:  # one TensorBoard writer per run
+            self.log, notes = open_log(cfg.logging_dir, cfg.log_with, cfg.log_prefix)
+            self.notes += notes
+        else:
+            self.log = NullLog()
         self.result.log_dir = self.log.folder
         self.prompts = (
             read_prompts(Path(cfg.sample_prompts), cfg.sample_sampler) if cfg.sample_prompts else []
@@ -443,7 +455,11 @@ class Trainer(TrainerOutputs):
         if self.pos.step == 0 and should_sample(self.cfg, step=0):
             self._sample(step=0, epoch=None)
         if self._rng_to_restore is not None:
-            set_rng_state(self._rng_to_restore["global"])
+            ranks = self._rng_to_restore.get("ranks") or []
+            same_layout = len(ranks) == self.num_processes
+            set_rng_state(ranks[self.rank] if same_layout else self._rng_to_restore["global"])
+            if "noise" in self._rng_to_restore:
+                self.noise_generator.set_state(self._rng_to_restore["noise"])
         elif self.num_processes > 1:
             _seed_everything(self.seed + self.rank)  # different noise on every process
         for module in self.train_modules:
@@ -609,5 +625,5 @@ def train(
     )
     trainer.setup()
     for line in trainer.banner():
-        cb.note(line)
+        trainer.cb.note(line)
     return trainer.run()

@@ -44,6 +44,8 @@ class TrainerOutputs:
 
         cfg = self.cfg
         self.accelerator.wait_for_everyone()
+        want_state = cfg.save_state or (final and cfg.save_state_on_train_end)
+        rngs = self._gather_rng() if want_state else None  # a collective: every process calls it
         if self.accelerator.is_main_process:
             suffix = self.method.output_suffix()
             fname = weights_name(
@@ -60,8 +62,8 @@ class TrainerOutputs:
                 self.result.output = path
                 self.result.saved += self.method.extra_outputs(path)
             self.cb.saved(report)
-            if cfg.save_state or (final and cfg.save_state_on_train_end):
-                self._save_state(step=step, epoch=epoch, final=final)
+            if want_state:
+                self._save_state(step=step, epoch=epoch, final=final, rngs=rngs)
             self._prune(step=step, epoch=epoch)
         self.accelerator.wait_for_everyone()
 
@@ -73,7 +75,17 @@ class TrainerOutputs:
             return modelspec(self.cfg, self.method, facts)
         return kohya_metadata(facts, self.method, self.dataset, self.cfg)
 
-    def _save_state(self, *, step: int | None, epoch: int | None, final: bool) -> None:
+    def _gather_rng(self) -> list[dict]:
+        """Every process's global RNG state, in rank order (dropout streams differ per process)."""
+        from sdprep.train.save import rng_state
+
+        if self.num_processes == 1:
+            return [rng_state()]
+        from accelerate.utils import gather_object
+
+        return gather_object([rng_state()])
+
+    def _save_state(self, *, step: int | None, epoch: int | None, final: bool, rngs: list[dict]) -> None:
         from sdprep.train.save import TrainState, save_state, state_dir_name
 
         kw = {} if final else {"step": step, "epoch": epoch}
@@ -88,7 +100,8 @@ class TrainerOutputs:
             config_hash=config_hash(cfg_dict),
             dataset_batches=self.batches_per_epoch,
         )
-        save_state(folder, state, self.method, self.optimizer, self.lr_scheduler)
+        extra = {"noise": self.noise_generator.get_state(), "ranks": rngs}
+        save_state(folder, state, self.method, self.optimizer, self.lr_scheduler, extra_rng=extra)
         self.result.states.append(folder)
         self.cb.note(f"saved training state {folder.name} (step {self.pos.step})")
 

@@ -24,6 +24,9 @@ class StepContext:
     vae_dtype: Any
     train_text: bool  # text encoders get gradients (LoRA-TE, TI, fine-tune with TE)
     prediction_type: str = "epsilon"
+    generator: Any = None  # the run's noise generator (CPU), same state on every process
+    rank: int = 0  # this process, of `world` data-parallel processes
+    world: int = 1
 
     @property
     def timestep_range(self) -> tuple[int, int]:
@@ -84,46 +87,61 @@ def text_conditioning(ctx: StepContext, batch: dict) -> tuple[Any, Any]:
     return embeds.to(ctx.weight_dtype), pooled.to(ctx.weight_dtype)
 
 
-def make_noise(ctx: StepContext, latents: Any) -> Any:
-    """Gaussian noise with kohya's optional noise offset (+adaptive) or multires (pyramid) noise."""
+def draw_noise(ctx: StepContext, latents: Any) -> tuple[Any, Any, Any]:
+    """(noise, input noise, timesteps) for this process's part of the step's GLOBAL batch.
+
+    Everything is drawn from the run's noise generator for the whole global batch (all processes
+    draw the same numbers) and sliced, so N processes with batch b train exactly like one process
+    with batch N*b, and a resumed run continues the same sequence. Noise offset (+adaptive),
+    multires noise and input perturbation (ip_noise_gamma) are kohya's, applied globally too.
+    """
     import torch
 
     from sdprep.train import loss as L
 
-    cfg = ctx.cfg
-    noise = torch.randn_like(latents)
+    cfg, g = ctx.cfg, ctx.generator
+    b = latents.shape[0]
+    n = max(b, cfg.train_batch_size) * ctx.world  # a fixed draw size keeps processes in step
+    part = slice(ctx.rank * b, ctx.rank * b + b)
+    lo, hi = ctx.timestep_range
+    noise = torch.randn((n, *latents.shape[1:]), generator=g).to(latents.device)
+    timesteps = torch.randint(lo, hi, (n,), generator=g)[part].to(latents.device)
     kind = cfg.noise_offset_type
     if cfg.noise_offset and kind in (None, "original"):
+        placed = None
+        if cfg.adaptive_noise_scale is not None:
+            placed = latents.new_zeros((n, *latents.shape[1:]))
+            placed[part] = latents  # only this process's slice is used
         noise = L.noise_offset(
             noise,
             cfg.noise_offset,
-            latents=latents,
+            latents=placed,
             adaptive_scale=cfg.adaptive_noise_scale,
             random_strength=cfg.noise_offset_random_strength,
+            generator=g,
         )
     if cfg.multires_noise_iterations and kind in (None, "multires"):
-        noise = L.multires_noise(noise, cfg.multires_noise_iterations, cfg.multires_noise_discount)
-    return noise
+        noise = L.multires_noise(
+            noise, cfg.multires_noise_iterations, cfg.multires_noise_discount, generator=g
+        )
+    input_noise = noise
+    if cfg.ip_noise_gamma:
+        input_noise = L.input_perturbation(
+            noise, cfg.ip_noise_gamma, random_strength=cfg.ip_noise_gamma_random_strength, generator=g
+        )
+    return noise[part], input_noise[part], timesteps.long()
 
 
 def batch_loss(ctx: StepContext, batch: dict) -> Any:
     """The training loss of one batch (a scalar tensor with grad)."""
     import torch
 
-    from sdprep.train.loss import input_perturbation, training_loss
+    from sdprep.train.loss import training_loss
 
     cfg = ctx.cfg
     latents = latents_of(ctx, batch)
     embeds, pooled = text_conditioning(ctx, batch)
-    noise = make_noise(ctx, latents)
-    lo, hi = ctx.timestep_range
-    bsz = latents.shape[0]
-    timesteps = torch.randint(lo, hi, (bsz,), device=latents.device).long()
-    input_noise = noise
-    if cfg.ip_noise_gamma:
-        input_noise = input_perturbation(
-            noise, cfg.ip_noise_gamma, random_strength=cfg.ip_noise_gamma_random_strength
-        )
+    noise, input_noise, timesteps = draw_noise(ctx, latents)
     noisy = ctx.noise_scheduler.add_noise(latents, input_noise, timesteps)
     time_ids = batch["time_ids"].to(ctx.device, dtype=torch.float32)  # sizes like 1023 are not exact in bf16
     pred = ctx.unet(

@@ -32,6 +32,26 @@ class Verification:
         return f"{self.path.name}: {self.tensors} tensors, {self.bytes / 1e6:.1f} MB, {state}"
 
 
+def allreduce_gradients(params: list[Any]) -> None:
+    """Average these parameters' gradients across processes after each backward pass.
+
+    The loop runs text encoders unwrapped (no DistributedDataParallel), so a method that trains
+    text-encoder weights registers them here; a no-op in a single process.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+
+    def hook(param: Any) -> None:
+        if param.grad is not None:
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+            param.grad.div_(dist.get_world_size())
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(hook)
+
+
 class TrainMethod(ABC):
     """One way of training SDXL. Subclasses set `name`, `architecture` and implement the hooks."""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sdprep.errors import ConfigError
-from sdprep.train.methods.base import TrainMethod
+from sdprep.train.methods.base import TrainMethod, allreduce_gradients
 
 UNET_BLOCKS = ("Transformer2DModel",)
 UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
@@ -153,6 +153,8 @@ class LoraMethod(TrainMethod):
             for param in module.parameters():
                 if param.requires_grad:
                     param.data = param.data.to(weight_dtype if full else torch.float32)
+            if comp != "unet":
+                allreduce_gradients(self._lora_params(comp))  # text encoders are not DDP-wrapped
 
     def _lora_params(self, comp: str) -> list[Any]:
         module = self._components()[comp]
