@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from sdprep.dataset import Item, discover, dump_sidecar, read_caption, read_sidecar, sdprep_meta
-from sdprep.errors import ConfigError, SdprepError, unknown_choice
+from sdprep.errors import ConfigError, ModelError, SdprepError, unknown_choice
 from sdprep.fileops import Journal, Operation
 from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import StageResult, map_items
@@ -32,6 +32,7 @@ from sdprep.taggers.wd14 import DEFAULT_FLOOR, DEFAULT_MODEL, DEFAULT_SIZE, matc
 
 TAGS_ONLY_TEMPLATE = "{tags}"
 FLUSH_EVERY = 256  # queued file writes journalled with one sync
+MAX_CAPTION_FAILURES = 8  # in a row: the captioner is down, stop
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ class _Tagging:
         self.counts = {"inferred": 0, "captioned": 0, "captions_written": 0}
         self.op: Operation | None = None
         self.pending: list[tuple[Path, bytes]] = []
+        self._streak = 0  # captioner failures in a row
 
     # -- options -----------------------------------------------------------------------------
     def _template(self) -> str:
@@ -289,6 +291,7 @@ class _Tagging:
                 self._fail(p.item, outcome)
                 continue
             self._finish(p, records.get(id(p)), outcome)
+        self._check_streak()
 
     def _caption_batch(self, todo: list[Prepared], records: dict[int, dict]) -> dict[int, Any]:
         """VLM answers (or errors) by Prepared id; a failed batch is retried image by image."""
@@ -307,20 +310,35 @@ class _Tagging:
             texts = self.captioner.caption([p.image for p in todo], prompts)
             out = {id(p): t for p, t in zip(todo, texts)}
         except SdprepError as exc:
-            if len(todo) == 1:
-                return {id(todo[0]): exc}
+            partial = getattr(exc, "partial", None) or []  # answers that arrived before the failure
+            out = {id(p): t for p, t in zip(todo, partial) if isinstance(t, str)}
             for p, prompt in zip(todo, prompts):
-                try:
+                if id(p) in out:
+                    continue
+                if len(todo) == 1:
+                    out[id(p)] = exc
+                    continue
+                try:  # one by one, so one bad image (or a flaky server) fails only itself
                     out[id(p)] = self.captioner.caption([p.image], [prompt])[0]
                 except SdprepError as one:
                     out[id(p)] = one
         for p in todo:
             p.image = None
+            self._streak = self._streak + 1 if isinstance(out[id(p)], SdprepError) else 0
         self.counts["captioned"] += sum(isinstance(v, str) for v in out.values())
         return out
 
+    def _check_streak(self) -> None:
+        """Stop when the captioner keeps failing (a server that is down), instead of retrying 10,000 times."""
+        if self._streak >= MAX_CAPTION_FAILURES:
+            last = self.result.failed[-1].reason if self.result.failed else "?"
+            raise ModelError(
+                f"captioner {self.captioner.name} failed {self._streak} images in a row (last: {last})",
+                "check that the server or model works; finished images are kept, run again to resume",
+            )
+
     def _finish(self, p: Prepared, record: dict | None = None, vlm_text: str | None = None) -> None:
-        """Store new records, derive the caption file, write what changed (sidecar first)."""
+        """Store new records, derive the caption file, queue what changed (caption before sidecar)."""
         from sdprep.taggers.captions_text import caption_record, clean_caption, combine_caption
 
         meta = sdprep_meta(p.sidecar)

@@ -391,3 +391,22 @@ def test_cli_replace_option_parsing_and_device_list():
     assert _replacements(("a,b", "c d,e;f\\,g,h")) == (("a", "b"), ("c d", "e"), ("f,g", "h"))
     with pytest.raises(click.BadParameter):
         _replacements(("a,b,c",))
+
+
+def test_a_captioner_that_keeps_failing_stops_the_run_but_keeps_the_scores(sample_dataset, model):
+    fake = FakeCaptioner()
+
+    def always_fail(images, prompts):
+        fake.calls.append(list(prompts))
+        raise ModelError("server error 500")
+
+    fake.caption = always_fail
+    with pytest.raises(
+        ModelError, match=r"captioner fake:echo failed 8 images in a row \(last: server error 500\)"
+    ):
+        run_tag(sample_dataset, TagOptions(model=str(model), batch_size=4), captioner=fake)
+    assert len(fake.calls) == 2 * (1 + 4)  # two batches, each retried image by image
+    for item in discover(sample_dataset):
+        assert "wd14" in meta(item.path) and "caption" not in meta(item.path)
+    # the scores are kept: the next run (without the captioner) needs no inference
+    assert run_tag(sample_dataset, TagOptions(model=str(model))).details["inferred"] == 0
