@@ -303,12 +303,14 @@ VOCABULARY = [f"tag{i:03d}" for i in range(200)] + ["1girl", "solo", "smile", "l
 
 def small_dataset(root: Path, n: int, side: int = 64) -> Path:
     """`n` distinct side x side PNGs named img_000001.png... with a 6-15 tag caption each."""
+    import numpy as np
+
     root.mkdir(parents=True, exist_ok=True)
-    base = Image.new("RGB", (side, side))
+    rng = np.random.default_rng(0)
     for i in range(n):
-        im = base.copy()
-        colour = ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256)
-        im.paste(colour, (0, 0, side, side // 2 + i % (side // 2)))
+        # a smooth random pattern: distinct perceptual hashes (no accidental duplicate groups)
+        pattern = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+        im = Image.fromarray(pattern).resize((side, side), Image.BICUBIC)
         name = f"img_{i:06d}"
         im.save(root / f"{name}.png", compress_level=1)
         tags = ["1girl", "solo"] + [VOCABULARY[(i * 7 + k * 13) % 200] for k in range(4 + i % 10)]

@@ -203,11 +203,10 @@ CASES: dict[str, Case] = {
         lines="any",
         exit_code=0,  # writing the report succeeded: unreadable files are its findings (listed)
     ),
-    # the data check lists what it can tell from headers and captions; pixels are decoded at setup,
-    # which stops at the first truncated image
+    # headers and captions are checked first, then every image is decoded (all named at once)
     "train-preflight": Case(
         preflight_args,
-        [*HEADER_BAD, "a_landscape.jpg", "leak.png", "trunc_jpg.jpg"],
+        [*HEADER_BAD, "a_landscape.jpg", "leak.png", "trunc_jpg.jpg", "trunc_png.png"],
         False,
         lines="any",
         quiet=False,

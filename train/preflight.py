@@ -218,15 +218,20 @@ def _run(
     from sdprep.train.data import build_dataset
     from sdprep.train.models import load_sdxl
 
+    built: dict[str, Any] = {}
+
     def read_data():
         dataset = build_dataset(cfg, report=getattr(outer, "reporter", lambda: None)())
         for line in str(dataset.summary()).splitlines():
             outer.note(line)
+        built["dataset"] = dataset
         return dataset
 
     if not _stage(
         report, "data", read_data, lambda d: f"{len(d)} images usable at your settings (see above)"
     ):
+        return
+    if not _stage(report, "images", lambda: decode_check(built["dataset"]), lambda n: n):
         return
     outer.note("preflight: training a tiny SDXL-shaped model on a sample of your images...")
     model_dir = tiny_model_dir()
@@ -270,6 +275,34 @@ def _run(
         resume_run,
         lambda r: f"continued from step {r.first_step} to {r.steps} (state restored, step count kept)",
     )
+
+
+def decode_check(dataset: Any, listed: int = 50) -> str:
+    """Decode every image and mask of the dataset (JPEGs at reduced scale), so that every truncated
+    or corrupt file is named now, all at once, not one per run when training reaches it."""
+    from sdprep.errors import DatasetError
+    from sdprep.images import load_image
+    from sdprep.stage import map_items
+
+    def decode(rec: Any) -> None:
+        load_image(rec.path, "RGB", draft=(64, 64))
+        if rec.mask_path is not None:
+            load_image(rec.mask_path, "L")
+
+    bad = [
+        f"{rec.path}: {getattr(out, 'reason', out)}"
+        for rec, out in map_items(decode, dataset.records, workers=2)
+        if isinstance(out, SdprepError)
+    ]
+    if bad:
+        more = f"\n  ... and {len(bad) - listed} more" if len(bad) > listed else ""
+        raise DatasetError(
+            f"{len(bad)} of {len(dataset.records)} images cannot be decoded:\n  "
+            + "\n  ".join(bad[:listed])
+            + more,
+            "re-download, convert or delete them (`sdprep report` lists every problem)",
+        )
+    return f"all {len(dataset.records)} images (and their masks) decode"
 
 
 def spread(records: list, limit: int) -> list:
