@@ -21,8 +21,7 @@ import torch
 
 from sdprep.errors import ConfigError, TrainingError
 from sdprep.train.checkpoint import fingerprint, tensor_digest
-from sdprep.train.methods.base import TrainMethod
-from sdprep.train.methods.ti import allreduce_gradients
+from sdprep.train.methods.base import TrainMethod, allreduce_gradients
 
 COMPONENTS = ("unet", "te1", "te2")
 

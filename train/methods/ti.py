@@ -24,7 +24,7 @@ import torch
 
 from sdprep.errors import ConfigError, ModelError, TrainingError
 from sdprep.train.checkpoint import fingerprint
-from sdprep.train.methods.base import TrainMethod
+from sdprep.train.methods.base import TrainMethod, allreduce_gradients
 
 KEYS = ("clip_l", "clip_g")  # file keys for text encoder 1 (CLIP-L) and 2 (OpenCLIP bigG)
 
@@ -106,26 +106,6 @@ def _init_vectors(
             'use a word describing the concept, e.g. init_word = "woman"',
         )
     return torch.stack([weight[ids[i % len(ids)]].float() for i in range(n)])
-
-
-def allreduce_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Average these parameters' gradients across processes after each backward pass.
-
-    The loop runs the text encoders unwrapped, so DistributedDataParallel does not sync them; the
-    mean of identical values is itself, so this is also safe when something else already synced.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return
-
-    def hook(param: torch.Tensor) -> None:
-        if param.grad is not None:
-            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
-            param.grad.div_(dist.get_world_size())
-
-    for p in params:
-        p.register_post_accumulate_grad_hook(hook)
 
 
 class TextualInversionMethod(TrainMethod):
