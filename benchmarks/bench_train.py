@@ -6,7 +6,8 @@ data (square sample images at 256x256 (SDPREP_BENCH_SIDE), batch 4, LoRA rank 8 
 1. overhead: `sdprep train` with cached latents and text-encoder outputs, per-step time (median of
    the steady-state steps, measured through the trainer's own step callbacks), against a BARE loop
    that only does noise + U-Net forward + backward + optimizer step on the same LoRA U-Net and the
-   same cached batch (both without gradient clipping). Target: overhead <= 10%.
+   same cached batch (both without gradient clipping), one bare step after each sdprep step so
+   machine load hits both alike. Target: overhead <= 10%.
 2. diffusers example: a loop written the way diffusers' `train_text_to_image_lora_sdxl.py` does it
    (images decoded, resized and cropped, VAE-encoded and captions text-encoded EVERY step), against
    `sdprep train` (latents and text-encoder outputs cached once): time per epoch (steady state, and
@@ -95,53 +96,63 @@ class StepClock:
         self.callbacks = _CB()
 
 
-def bare_steps(trainer, batch, steps: int) -> list[float]:
-    """Noise + U-Net forward + backward + optimizer step only, on the trainer's LoRA U-Net."""
-    import torch
+class BareLoop:
+    """Noise + U-Net forward + backward + optimizer step only, on the trainer's LoRA U-Net and one batch."""
 
-    unet = trainer.model.unet
-    params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    sched = trainer.noise_scheduler
-    latents = batch["latents"] * trainer.model.vae.config.scaling_factor
-    embeds, pooled = batch["prompt_embeds"], batch["pooled_prompt_embeds"]
-    time_ids = batch["time_ids"].float()
-    unet.train()
-    times = []
-    for _ in range(steps):
+    def __init__(self, trainer, batch) -> None:
+        import torch
+
+        self.unet = trainer.model.unet
+        self.opt = torch.optim.AdamW([p for p in self.unet.parameters() if p.requires_grad], lr=1e-4)
+        self.sched = trainer.noise_scheduler
+        self.latents = batch["latents"] * trainer.model.vae.config.scaling_factor
+        self.cond = {"text_embeds": batch["pooled_prompt_embeds"], "time_ids": batch["time_ids"].float()}
+        self.embeds = batch["prompt_embeds"]
+
+    def step(self) -> float:
+        import torch
+
         t0 = time.perf_counter()
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, 1000, (latents.shape[0],))
-        noisy = sched.add_noise(latents, noise, timesteps)
-        pred = unet(
-            noisy, timesteps, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}
-        ).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-    return times
+        noise = torch.randn_like(self.latents)
+        timesteps = torch.randint(0, 1000, (self.latents.shape[0],))
+        noisy = self.sched.add_noise(self.latents, noise, timesteps)
+        pred = self.unet(noisy, timesteps, self.embeds, added_cond_kwargs=self.cond).sample
+        torch.nn.functional.mse_loss(pred.float(), noise.float()).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
 
 
 def child_overhead(model: Path, data: Path, out: Path, steps: int) -> dict:
+    """sdprep's steps and bare steps INTERLEAVED (one bare step after each sdprep step, timed apart),
+    so load from other processes on the machine hits both alike."""
     from sdprep.train.config import load_train_config
-    from sdprep.train.loop import Trainer
+    from sdprep.train.loop import TrainCallbacks, Trainer
 
     over = {"cache_latents": True, "cache_text_encoder_outputs": True, "max_train_steps": steps}
     cfg, _ = load_train_config(None, overrides=settings(model, data, out, **over))
-    clock = StepClock()
-    trainer = Trainer(cfg, callbacks=clock.callbacks)
+    sdprep: list[float] = []
+    bare: list[float] = []
+
+    class Interleave(TrainCallbacks):
+        resumed = 0.0
+
+        def start(self, total_steps, first_step, steps_per_epoch):
+            self.resumed = time.perf_counter()
+
+        def step(self, step, epoch, loss, lr):
+            sdprep.append(time.perf_counter() - self.resumed)
+            bare.append(loop.step())
+            self.resumed = time.perf_counter()
+
+    trainer = Trainer(cfg, callbacks=Interleave())
     trainer.setup()
-    batch = next(trainer.dataset.batches(0))
-    bare_a = bare_steps(trainer, batch, steps)
+    loop = BareLoop(trainer, next(trainer.dataset.batches(0)))
     trainer.run()
-    bare_b = bare_steps(trainer, batch, steps)
-    sdprep = [b - a for a, b in zip(clock.times, clock.times[1:])]
     warm = max(2, steps // 5)
     return {
         "sdprep_step": statistics.median(sdprep[warm:]),
-        "bare_step": statistics.median(bare_a[warm:] + bare_b[warm:]),
+        "bare_step": statistics.median(bare[warm:]),
         "steps": steps,
     }
 
