@@ -7,6 +7,7 @@ spaces collapsed), so `Blue_Eyes`, `blue eyes` and `blue  eyes` are the same tag
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 _SPACES = re.compile(r"\s+")
 
 
+@functools.lru_cache(maxsize=1 << 16)  # datasets repeat a small vocabulary millions of times
 def tag_key(tag: str) -> str:
     """The comparison key of a tag."""
     return _SPACES.sub(" ", unescape_parentheses(tag).replace("_", " ")).strip().casefold()
