@@ -64,18 +64,53 @@ def test_upscale_refuses_a_pickle_unless_trusted(tmp_path: Path, cli_runner) -> 
         assert im.size == (96, 64)
 
 
+def test_training_refuses_a_pickled_checkpoint_unless_trusted(tiny_sdxl: Path, tmp_path: Path) -> None:
+    from sdprep.errors import ModelError
+    from sdprep.train.models import load_sdxl
+    from sdprep.train.sgm import pipeline_to_sgm
+
+    ref = load_sdxl(tiny_sdxl)
+    weights = pipeline_to_sgm(ref.unet, ref.text_encoder, ref.text_encoder_2, ref.vae)
+    marker = tmp_path / "code-ran"
+    ckpt = tmp_path / "model.ckpt"  # as old checkpoints are: state_dict plus pickled trainer objects
+    torch.save(
+        {"state_dict": {k: v.contiguous() for k, v in weights.items()}, "callbacks": Payload(marker)}, ckpt
+    )
+
+    with pytest.raises(ModelError) as err:
+        load_sdxl(ckpt, model_config=tiny_sdxl)
+    assert "holds pickled Python objects, not only weights" in str(err.value)
+    assert "trust_pickle = true" in str(err.value)
+    assert not marker.exists()
+
+    from train_support import lora_cfg
+
+    cfg = lora_cfg(
+        tiny_sdxl, tmp_path, tmp_path / "out", trust_pickle=True
+    )  # the config key the trainer passes on
+    assert cfg.trust_pickle is True and lora_cfg(tiny_sdxl, tmp_path, tmp_path / "out").trust_pickle is False
+    model = load_sdxl(ckpt, model_config=tiny_sdxl, trust_pickle=True)
+    assert marker.exists()
+    for name, param in ref.unet.named_parameters():
+        assert torch.equal(dict(model.unet.named_parameters())[name], param), name
+
+
 UNSAFE = re.compile(r"pickle\.loads?\(|weights_only\s*=\s*False|allow_pickle\s*=\s*True|torch\.load\(")
 
 
 @pytest.mark.parametrize("folder", ["sdprep", "prep", "train", "taggers"])
 def test_no_unguarded_unpickling_in_the_source(folder: str) -> None:
-    """Every torch.load passes weights_only (True, or `not trust_pickle`); nothing else unpickles."""
+    """Every torch.load passes weights_only=True, or unpickles only behind trust_pickle (marked
+    `# trusted by the user`); nothing else unpickles."""
     offenders = []
     for path in sorted((REPO / folder).rglob("*.py")):
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not UNSAFE.search(line):
                 continue
-            guarded = "weights_only=True" in line or "weights_only=not trust_pickle" in line
+            guarded = any(
+                mark in line
+                for mark in ("weights_only=True", "weights_only=not trust_pickle", "# trusted by the user")
+            )
             if not guarded:
                 offenders.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
     assert not offenders, "\n".join(offenders)

@@ -186,7 +186,12 @@ class Trainer(TrainerOutputs):
                     "pretrained_model_name_or_path is not set",
                     "set it to a diffusers SDXL folder, a .safetensors checkpoint or a hub id",
                 )
-            self.model = load_sdxl(source, vae=cfg.vae, model_config=self.model_config or cfg.model_config)
+            self.model = load_sdxl(
+                source,
+                vae=cfg.vae,
+                model_config=self.model_config or cfg.model_config,
+                trust_pickle=cfg.trust_pickle,
+            )
         self.method = make_method(self.method_name, cfg)
         self.method.setup(self.model, self.weight_dtype)
         self.model.vae.to(self.device, dtype=self.vae_dtype)

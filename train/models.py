@@ -90,7 +90,53 @@ def _check_sdxl(pipe: Any, source: str) -> None:
         )
 
 
+PICKLE_HINT = (
+    "use a .safetensors version of the model; if you trust where the file came from, set "
+    "trust_pickle = true (or --set trust_pickle=true)"
+)
+
+
+def _refused_pickle(source: str, exc: BaseException) -> ModelError | None:
+    """The clear error for a checkpoint `torch.load(weights_only=True)` refused, else None."""
+    import pickle
+
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, pickle.UnpicklingError):
+            return ModelError(
+                f"{source}: the file holds pickled Python objects, not only weights; sdprep refuses to "
+                "unpickle it because that can run code from the file",
+                PICKLE_HINT,
+            )
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def _unpickled_copy(path: Path, folder: str) -> Path:
+    """trust_pickle: load a pickled checkpoint in full and write its tensors as a .safetensors file."""
+    import torch
+    from safetensors.torch import save_file
+
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=False)  # trusted by the user
+    except Exception as exc:  # noqa: BLE001 - unpickling raises anything the file's code raises
+        raise ModelError(f"{path}: cannot read the checkpoint ({exc})") from exc
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    tensors = (
+        {k: v.contiguous() for k, v in obj.items() if torch.is_tensor(v)} if isinstance(obj, dict) else {}
+    )
+    if not tensors:
+        raise ModelError(f"{path}: no tensors found in the checkpoint")
+    copy = Path(folder) / (path.stem + ".safetensors")
+    save_file(tensors, str(copy))
+    return copy
+
+
 def _wrap_load(source: str, exc: Exception, single_file: bool) -> ModelError:
+    refused = _refused_pickle(source, exc)
+    if refused is not None:
+        return refused
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if single_file:
         return ModelError(
@@ -157,7 +203,9 @@ def _reference_vae(model_config: Path | None, exc: MissingVaeError) -> Any:
     return AutoencoderKL.from_config(AutoencoderKL.load_config(model_config / "vae"))
 
 
-def _load_pipeline(source: str, model_config: Path | None, vae: Any = None) -> tuple[Any, bool]:
+def _load_pipeline(
+    source: str, model_config: Path | None, vae: Any = None, trust_pickle: bool = False
+) -> tuple[Any, bool]:
     """Load a StableDiffusionXLPipeline from any supported source; returns (pipe, is_single_file)."""
     from diffusers import StableDiffusionXLPipeline
 
@@ -189,6 +237,10 @@ def _load_pipeline(source: str, model_config: Path | None, vae: Any = None) -> t
         from diffusers.loaders.single_file_utils import SingleFileComponentError
 
         try:
+            if trust_pickle and path.suffix.lower() not in (".safetensors", ".sft"):
+                with tempfile.TemporaryDirectory(prefix="sdprep-ckpt-") as tmp:
+                    copy = _unpickled_copy(path, tmp)
+                    return StableDiffusionXLPipeline.from_single_file(str(copy), **kwargs), True
             return StableDiffusionXLPipeline.from_single_file(str(path), **kwargs), True
         except SingleFileComponentError as exc:
             raise _missing_component(str(path), exc) from exc
@@ -220,6 +272,9 @@ def load_vae(vae: str | Path, reference: Any, base: str):
     except ModelError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+        refused = _refused_pickle(f"vae {path}", exc)
+        if refused is not None:
+            raise refused from exc
         raise ModelError(
             f"cannot load the VAE {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}",
             f"pass an SDXL VAE (diffusers folder or .safetensors) matching the model {base}",
@@ -231,10 +286,12 @@ def load_sdxl(
     *,
     vae: str | Path | None = None,
     model_config: str | Path | None = None,
+    trust_pickle: bool = False,
 ) -> SDXLModel:
     """Load an SDXL model (diffusers folder, single file or hub id) with an optional separate VAE.
 
     All modules come back in float32; the trainer casts the frozen parts for mixed precision.
+    A .ckpt/.pt/.bin that needs full unpickling is refused unless `trust_pickle` (it can run code).
     """
     from sdprep.train.tiny import is_tiny_model
 
@@ -242,13 +299,13 @@ def load_sdxl(
     source = str(source)
     model_config = Path(os.path.expanduser(str(model_config))) if model_config else None
     try:
-        pipe, single = _load_pipeline(source, model_config)
+        pipe, single = _load_pipeline(source, model_config, trust_pickle=trust_pickle)
         vae_module = load_vae(vae, pipe.vae, source) if vae else pipe.vae
     except MissingVaeError as exc:
         if not vae:
             raise
         vae_module = load_vae(vae, _reference_vae(model_config, exc), source)
-        pipe, single = _load_pipeline(source, model_config, vae=vae_module)
+        pipe, single = _load_pipeline(source, model_config, vae=vae_module, trust_pickle=trust_pickle)
     _check_sdxl(pipe, source)
     check_complete(pipe, source)
     check_tokenizer(pipe.tokenizer, "tokenizer", source)
