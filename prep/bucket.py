@@ -248,7 +248,11 @@ def run_bucket(root: Path | str, opts: BucketOptions, *, report: Reporter = Null
                 item, concept, size, assignment, base / item.name, caption, mask if mask.exists() else None
             )
             if p.mask is not None:
-                _check_mask_size(p)  # before anything is written: no half-built OUT
+                try:
+                    _check_mask_size(p)  # a bad mask drops its image, listed; never trained unmasked
+                except SdprepError as exc:
+                    result.fail(item.path, exc.message)
+                    continue
             placed.append(p)
     report.finish()
 

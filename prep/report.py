@@ -298,6 +298,9 @@ def run_report(root: Path | str, opts: ReportOptions, *, report: Reporter = Null
         f"report: {out} ({summary['images']} images, {summary['problems']} with problems, "
         f"{len(summary['duplicates'])} duplicate groups)"
     )
+    for r in rows:  # unreadable files are failures: the report still lists them, the exit code says so
+        for e in r.errors:
+            result.fail(Path(r.path).parent / e.split(": ", 1)[0], e.split(": ", 1)[-1])
     unreadable = [f"  unreadable: {Path(r.path).parent / e}" for r in rows for e in r.errors]
     result.notes += unreadable[:MAX_LISTED]
     if len(unreadable) > MAX_LISTED:

@@ -2,10 +2,9 @@
 
 import json
 import os
-import tomllib
 from pathlib import Path
 
-import pytest
+import tomllib
 from PIL import Image
 
 from sdprep.buckets import BucketSettings, assign_bucket
@@ -188,15 +187,17 @@ def test_dropped_images_are_listed_never_silent(tmp_path):
     assert res.changed == 1
 
 
-def test_mask_of_wrong_size_is_an_error_naming_the_file(sample_dataset, tmp_path):
+def test_mask_of_wrong_size_drops_its_image_with_the_reason(sample_dataset, tmp_path):
     (sample_dataset / "masks").mkdir()
     Image.new("L", (10, 10), 255).save(sample_dataset / "masks" / "a_landscape.png")
-    from sdprep.errors import DatasetError
-
-    with pytest.raises(
-        DatasetError, match=r"a_landscape.png: mask is 10x10 but its image a_landscape.jpg is 768x512"
-    ):
-        run_bucket(sample_dataset, BucketOptions(out=tmp_path / "o", token="t"))
+    res = run_bucket(sample_dataset, BucketOptions(out=tmp_path / "o", token="t"))
+    assert [(f.path.name, f.reason) for f in res.failed] == [
+        (
+            "a_landscape.jpg",
+            f"{sample_dataset / 'masks' / 'a_landscape.png'}: mask is 10x10 but its image a_landscape.jpg is 768x512",
+        )
+    ]
+    assert res.changed == 7 and not (tmp_path / "o" / "img" / "1_t" / "a_landscape.jpg").exists()
 
 
 def test_cli_errors(sample_dataset, tmp_path, cli_runner):

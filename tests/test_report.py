@@ -24,7 +24,8 @@ def test_html_is_well_formed_and_lists_every_image(sample_dataset, cli_runner):
     shutil.copy(sample_dataset / "h_wide.jpg", sample_dataset / "h_wide_copy.jpg")
     (sample_dataset / "broken.png").write_bytes(b"")
     res = cli_runner.invoke(cli, ["report", str(sample_dataset)])
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 1, res.output  # the report is written, and the empty file is a failure
+    assert "broken.png" in res.output
     text = (sample_dataset / "report.html").read_text()
     root = _parse_html(text)
     names = {el.text for el in root.iter("b")}

@@ -44,3 +44,5 @@ def command(ctx, directory, out, fmt, recursive, tokenizer, max_thumbs) -> None:
     opts = ReportOptions(out=out, format=fmt, recursive=recursive, tokenizer=tokenizer, max_thumbs=max_thumbs)
     result = run_report(directory, opts, report=reporter(ctx))
     click.echo("\n".join(result.notes))
+    if result.failed:
+        raise click.exceptions.Exit(1)  # the report is written; unreadable files are named above
