@@ -7,80 +7,14 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from seed_configs import SEED_000_TI, SEED_001_LORA, SEED_003_LORA
 from train_support import make_dataset
 
 from sdprep.cli import cli
 
 torch.set_num_threads(1)
 
-# Seed 003's config.toml, verbatim (a bmaltais-GUI user's LoRA config).
-SEED_003 = """\
-pretrained_model_name_or_path = "data/waiNSFW_v14.safetensors"
-train_data_dir = "data/images"
-# reg_data_dir = "/home/lumi/code/kohya_ss/data/reg"
-output_dir = "data/output"
-logging_dir = "data/logs"
-output_name = "nazuna"
-
-# in comfyui set: lora_strength = 0.80
-LoRA_type = "Standard"
-
-# [Option 1] better results, manual learning rate
-optimizer_type = "AdamW" # or AdamW8bit
-lr_scheduler = "constant" # or cosine
-# optimizer_args = ["betas=0.9,0.99", "weight_decay=0.01"]
-learning_rate = 3e-5 # [3e-6; 8e-5]
-
-max_train_steps = 4000
-# max_train_epochs = 50
-network_alpha = 32 # try [1, 4, 16]
-network_dim = 32
-max_token_length = 225
-
-mixed_precision = "fp16"
-save_precision = "fp16"
-
-resolution = "1024,1024"
-max_resolution = "1024,1024"
-caption_extension = ".txt"
-
-save_every_n_epochs = 1
-train_batch_size = 2
-gradient_accumulation_steps = 1
-
-cache_latents = true
-cache_latents_to_disk = true
-cache_text_encoder_outputs = true
-cache_text_encoder_outputs_to_disk = true
-
-lowvram = true
-gradient_checkpointing = true
-network_train_unet_only = true
-
-xformers = true
-flip_aug = true
-
-enable_bucket = true
-min_bucket_reso = 704
-max_bucket_reso = 2048
-bucket_reso_steps = 64
-
-network_module = "networks.lora"
-"""
-
 # Seed 001's LoRA command line, verbatim, and its dataset TOML for LoRA with image masking.
-SEED_001_LORA = (
-    "accelerate launch  --mixed_precision bf16 --num_cpu_threads_per_process 4 sdxl_train_network.py "
-    "--pretrained_model_name_or_path=/mnt/g/ComfyUI/models/checkpoints/sd_xl_base_1.0.safetensors "
-    "--output_dir=/mnt/g/loraimages/zhuoyueai/model --logging_dir=/mnt/g/loraimages/zhuoyueai/log "
-    "--dataset_config=yuzhaiaiXL_lora.toml --learning_rate=1e-6 --min_bucket_reso=256 --max_bucket_reso=4096 "
-    "--save_model_as=safetensors --output_name=yuzhaiaiXL_lora_upscale --lr_scheduler=constant_with_warmup "
-    "--lr_warmup_steps=0 --train_batch_size=3 --max_train_steps=10000000 --save_every_n_epochs=1 "
-    "--gradient_checkpointing --cache_latents_to_disk --mixed_precision=bf16 --save_precision=bf16 "
-    "--no_half_vae --optimizer_type=Adafactor --bucket_no_upscale --sample_sampler=euler_a "
-    "--sample_prompts=/mnt/g/loraimages/zhuoyueai/model/sample/prompt.txt --sample_every_n_steps=400 "
-    "--masked_loss --network_module=networks.lora"
-)
 SEED_001_DATASET = """\
 [general]
 shuffle_caption = false
@@ -121,7 +55,7 @@ def test_a_typo_fails_with_a_suggestion(cli_runner, tmp_path: Path) -> None:
 def test_seed_003_config_as_written(cli_runner, tiny_sdxl: Path, tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data" / "images", repeats=1, token="nazuna")
     config = tmp_path / "config.toml"
-    config.write_text(SEED_003)
+    config.write_text(SEED_003_LORA)
     args = [
         "train",
         "--config",
@@ -247,3 +181,48 @@ def test_preflight_checks_the_real_model_without_loading_it(tiny_sdxl: Path, tmp
         f"{tmp_path / 'missing.safetensors'}: no such file or folder",
     )
     assert check("stabilityai/stable-diffusion-xl-base-1.0")[0]
+
+
+def test_seed_000_textual_inversion_preflight_and_short_run(
+    cli_runner, tiny_sdxl: Path, tmp_path: Path
+) -> None:
+    """Seed 000's TI TOML as written (500 warmup steps included): preflight passes, a short run saves a
+    verified embedding with both tensors."""
+    data = make_dataset(
+        tmp_path / "images", repeats=1, token="yourtoken", images=["b_portrait.png", "c_square.webp"]
+    )
+    config = tmp_path / "config_textual_inversion.toml"
+    config.write_text(SEED_000_TI)
+    common = ["train", "--config", str(config), "--model", str(tiny_sdxl)]
+    sets = [
+        f"train_data_dir={str(data)!r}",
+        f"output_dir={str(tmp_path / 'out')!r}",
+        f"logging_dir={str(tmp_path / 'logs')!r}",
+    ]
+    prompts = tmp_path / "prompt.txt"
+    prompts.write_text(
+        "# seed 000's prompt file\nyourtoken, 1girl, portrait --n blurry --w 64 --h 64 --d 1 --l 7 --s 2\n"
+    )
+    sets += [f"sample_prompts={str(prompts)!r}", f"sample_dir={str(tmp_path / 'samples')!r}"]
+    args = common + [a for s_ in sets for a in ("--set", s_)]
+    pre = cli_runner.invoke(cli, [*args, "--preflight"])
+    assert pre.exit_code == 0, pre.output
+    run = cli_runner.invoke(
+        cli,
+        [
+            *args,
+            "--epochs",
+            "1",
+            "--resolution",
+            "128",
+            "--set",
+            "min_bucket_reso=64",
+            "--set",
+            "lr_warmup_steps=0",
+        ],
+    )
+    assert run.exit_code == 0, run.output
+    out = tmp_path / "out" / "yourtoken_final.safetensors"
+    with safe_open(str(out), framework="pt") as f:
+        assert set(f.keys()) == {"clip_l", "clip_g"}
+        assert f.get_tensor("clip_l").shape[0] == 1 and torch.isfinite(f.get_tensor("clip_g")).all()

@@ -641,6 +641,11 @@ def validate(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
     _check_sizes(cfg, notes)
     _check_choices(cfg)
     cfg = _check_combinations(cfg, method, notes)
+    if cfg.max_train_epochs and cfg.max_train_steps != TrainConfig.max_train_steps:
+        notes.append(
+            f"max_train_epochs = {cfg.max_train_epochs} overrides max_train_steps = {cfg.max_train_steps}"
+            " (as in kohya); unset max_train_epochs / epoch to train by steps"
+        )
     return cfg, notes
 
 

@@ -192,6 +192,7 @@ class Trainer(TrainerOutputs):
                 model_config=self.model_config or cfg.model_config,
                 trust_pickle=cfg.trust_pickle,
             )
+        self.notes += self.model.notes  # what loading found (v-prediction markers...)
         self.method = make_method(self.method_name, cfg)
         self.method.setup(self.model, self.weight_dtype)
         self.model.vae.to(self.device, dtype=self.vae_dtype)

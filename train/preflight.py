@@ -145,6 +145,7 @@ def _preflight_cfg(cfg: Any, work: Path, steps: int) -> Any:
         cache_dir=work / "cache",
         max_train_steps=steps,
         max_train_epochs=None,
+        lr_warmup_steps=0,  # a warmup keeps the lr near 0 for these few steps: the trained-check would fail
         save_every_n_steps=1,
         save_every_n_epochs=None,
         save_last_n_steps=None,
