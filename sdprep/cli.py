@@ -15,20 +15,47 @@ from sdprep import __version__
 from sdprep.errors import SdprepError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "scrape": ("sdprep.prep.cli.scrape:command", "Download images with gallery-dl, tagged from booru metadata."),
-    "upscale": ("sdprep.prep.cli.upscale:command", "Upscale small images to the training size (Lanczos or a model)."),
+    "scrape": (
+        "sdprep.prep.cli.scrape:command",
+        "Download images with gallery-dl, tagged from booru metadata.",
+    ),
+    "upscale": (
+        "sdprep.prep.cli.upscale:command",
+        "Upscale small images to the training size (Lanczos or a model).",
+    ),
     "dedup": ("sdprep.prep.cli.dedup:command", "Move perceptual duplicates aside, keeping the best copy."),
     "convert": ("sdprep.prep.cli.convert:command", "Normalise image formats, EXIF rotation and alpha."),
     "rename": ("sdprep.prep.cli.rename:command", "Sequential image names; captions, sidecars, masks follow."),
-    "bucket": ("sdprep.prep.cli.bucket:command", "Build a training-ready folder: repeat folders, dataset TOML, metadata, bucket preview."),
+    "bucket": (
+        "sdprep.prep.cli.bucket:command",
+        "Build a training-ready folder: repeat folders, dataset TOML, metadata, bucket preview.",
+    ),
     "mask": ("sdprep.prep.cli.mask:command", "Masks for masked-loss training: generate, import, check."),
-    "tag": ("sdprep.prep.cli.tag:command", "WD14 tags (and optional VLM captions) into captions; scores kept for re-tuning."),
-    "clean": ("sdprep.prep.cli.clean:command", "Rebuild captions from rules: trigger, remove, prune, sort, monochrome, tokens."),
-    "captions": ("sdprep.prep.cli.captions:command", "Batch-edit caption folders: replace, remove, prepend, append, dedupe, sort, stats, find."),
-    "report": ("sdprep.prep.cli.report:command", "Write a self-contained HTML (or JSON) report of a dataset."),
-    "run": ("sdprep.commands:run_command", "Run the chain of stages (and training) described by a project file."),
+    "tag": (
+        "sdprep.prep.cli.tag:command",
+        "WD14 tags (and optional VLM captions) into captions; scores kept for re-tuning.",
+    ),
+    "clean": (
+        "sdprep.prep.cli.clean:command",
+        "Rebuild captions from rules: trigger, remove, prune, sort, monochrome, tokens.",
+    ),
+    "captions": (
+        "sdprep.prep.cli.captions:command",
+        "Batch-edit caption folders: replace, remove, prepend, append, dedupe, sort, stats, find.",
+    ),
+    "report": (
+        "sdprep.prep.cli.report:command",
+        "Write a self-contained HTML (or JSON) report of a dataset.",
+    ),
+    "run": (
+        "sdprep.commands:run_command",
+        "Run the chain of stages (and training) described by a project file.",
+    ),
     "init": ("sdprep.commands:init_command", "Write a commented starting project file."),
-    "train": ("sdprep.train.cli:command", "Train an SDXL LoRA (kohya-compatible config); verified saves, resume, preflight."),
+    "train": (
+        "sdprep.train.cli:command",
+        "Train an SDXL LoRA (kohya-compatible config); verified saves, resume, preflight.",
+    ),
     "undo": ("sdprep.commands:undo_command", "Undo the last sdprep change to a dataset folder."),
     "gc": (
         "sdprep.commands:gc_command",
