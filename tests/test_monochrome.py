@@ -8,25 +8,13 @@ import cv2
 import numpy as np
 import pytest
 from PIL import Image
+from seed_tagpy import seed_label
 
 from sdprep.prep import monochrome as mono
 from sdprep.prep.monochrome import MonochromeSettings
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_data" / "images"
 DEFAULT = MonochromeSettings()
-
-
-def seed_label(path: Path) -> str | None:
-    """Seed 003's tag.py, verbatim: PIL convert("RGB"), OpenCV HSV of every pixel, numpy statistics."""
-    image = np.array(Image.open(path).convert("RGB"))
-    hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
-    saturation = (hsv[:, :, 1] / 255).mean()
-    hue = (hsv[:, :, 0] / 179).std()
-    if saturation < 0.001:
-        return "greyscale"
-    if hue < 0.03:
-        return "monochrome"
-    return None
 
 
 def label(path: Path, settings: MonochromeSettings = DEFAULT) -> str | None:
