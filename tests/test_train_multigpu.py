@@ -75,8 +75,10 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(two_processe
     # a wrong batch split would differ by about the whole update (lora_up) or 5 % (lora_down)
     worst_up = max(float((one[k] - two[k]).abs().max()) for k in ups)
     assert worst_up < 1e-2 * moved, (worst_up, moved)
+    # per tensor: Adam divides by sqrt(v), so on a tensor with tiny gradients reduction-order rounding
+    # can move an element by ~1% of that tensor's size (seen: 0.67%); 2% still catches a 5% error
     for key in one:
-        assert float((one[key] - two[key]).abs().max()) <= 5e-3 * float(one[key].abs().max()) + 1e-6, key
+        assert float((one[key] - two[key]).abs().max()) <= 2e-2 * float(one[key].abs().max()) + 1e-6, key
 
 
 def test_only_the_main_process_writes_and_reports(two_processes) -> None:
