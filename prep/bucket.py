@@ -437,4 +437,3 @@ def _summarise(
             + _first(f"{p.item.path.name} {p.assignment.cropped_fraction:.0%}" for p in heavy)
         )
     result.notes[:0] = lines
-    result.details["preview"] = preview_rows(placed)
