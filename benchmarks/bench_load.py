@@ -11,7 +11,7 @@ and the stage's imports), and the smaller size. Memory is flat in the number of 
 above the empty-folder baseline grows much less than the file count; time should grow about linearly
 (20,000 / 5,000 = 4.0).
 
-Usage: python benchmarks/bench_load.py [--sizes 5000,20000] [--cache DIR]
+Usage: python benchmarks/bench_load.py [--sizes 5000,20000] [--stages clean,report] [--cache DIR]
 """
 
 from __future__ import annotations
@@ -92,30 +92,33 @@ def dataset(cache: Path, n: int) -> Path:
     return folder
 
 
-def run_size(cache: Path, n: int) -> dict[str, dict]:
+def run_size(cache: Path, n: int, stages: tuple[str, ...]) -> dict[str, dict]:
     pristine = dataset(cache, n)
     with tempfile.TemporaryDirectory(prefix="sdprep-bench-load-") as tmp:
         work = Path(tmp)
         data = work / "data"
         shutil.copytree(pristine, data, ignore=shutil.ignore_patterns(".complete"))
-        results = {stage: measure(stage, data, work) for stage in STAGES}
+        results = {stage: measure(stage, data, work) for stage in stages}
     for stage, r in results.items():
         if r["exit"] != 0:
             raise SystemExit(f"{stage} failed on {n} images: {r['summary']}")
     return results
 
 
-def baselines() -> dict[str, dict]:
+def baselines(stages: tuple[str, ...]) -> dict[str, dict]:
     """Each stage on an empty folder: the interpreter plus the stage's imports."""
     with tempfile.TemporaryDirectory(prefix="sdprep-bench-load-") as tmp:
         work = Path(tmp)
         (work / "data").mkdir()
-        return {stage: measure(stage, work / "data", work) for stage in STAGES}
+        return {stage: measure(stage, work / "data", work) for stage in stages}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="5000,20000")
+    parser.add_argument(
+        "--stages", default=",".join(STAGES), help="comma-separated subset, run in this order"
+    )
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "sdprep-bench")
     parser.add_argument("--child", nargs=3, metavar=("STAGE", "DATA", "WORK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -124,13 +127,17 @@ def main() -> None:
         child(stage, Path(data), Path(work))
         return
     sizes = [int(s) for s in args.sizes.split(",")]
-    base = baselines()
-    runs = {n: run_size(args.cache, n) for n in sizes}
+    stages = tuple(s for s in args.stages.split(",") if s)
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        parser.error(f"unknown stages {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    base = baselines(stages)
+    runs = {n: run_size(args.cache, n, stages) for n in sizes}
 
     print(
         f"\n{'stage':<9} {'images':>7} {'seconds':>8} {'ms/img':>7} {'peak RSS':>9} {'above empty':>12} {'fds':>9}"
     )
-    for stage in STAGES:
+    for stage in stages:
         b = base[stage]
         print(
             f"{stage:<9} {'(empty)':>7} {b['seconds']:8.2f} {'':>7} {b['rss_mb']:7.0f}MB {'':>12} {b['fds_start']:>4}->{b['fds_end']}"
@@ -145,14 +152,14 @@ def main() -> None:
     if len(sizes) >= 2:
         small, big = sizes[0], sizes[-1]
         print(f"\nratios {big} / {small} images (files x{big / small:.1f}):")
-        for stage in STAGES:
+        for stage in stages:
             a, b, e = runs[small][stage], runs[big][stage], base[stage]
             grow = (b["rss_mb"] - e["rss_mb"]) / max(a["rss_mb"] - e["rss_mb"], 1.0)
             print(
                 f"  {stage:<9} time x{b['seconds'] / a['seconds']:.2f}   peak RSS x{b['rss_mb'] / a['rss_mb']:.2f}"
                 f"   RSS above empty-folder baseline x{grow:.2f}"
             )
-    leaks = [(n, s) for n in sizes for s in STAGES if runs[n][s]["fds_end"] != runs[n][s]["fds_start"]]
+    leaks = [(n, s) for n in sizes for s in stages if runs[n][s]["fds_end"] != runs[n][s]["fds_start"]]
     print("\nopen descriptors: " + ("unchanged after every stage" if not leaks else f"LEAK in {leaks}"))
 
 
