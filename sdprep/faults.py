@@ -4,7 +4,8 @@
 point KIND: it writes its pid to the file MARKER and sleeps until it is killed. A test waits for
 the marker, then sends SIGKILL, so the kill lands at a known place instead of wherever a timer
 happens to fall. Kinds: "change" (before each file change a journalled operation makes) and
-"save" (inside a training save, after some of its files are written).
+"save" (inside a training save, after some of its files are written) and "swap" (between
+the two renames of `fileops.atomic_write_dir`'s fallback, where an old folder is moved aside).
 """
 
 from __future__ import annotations

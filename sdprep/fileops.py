@@ -66,6 +66,65 @@ def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False when unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # an old glibc
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    done = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return done == 0
+
+
+def recover_dir(final: Path) -> bool:
+    """Put back a folder that `atomic_write_dir` had moved aside when a crash hit its rename window.
+
+    Only the fallback path (no atomic exchange) has that window: `final` is missing and its previous
+    version is `.<name>.old-<pid>`. Returns True when a folder was restored.
+    """
+    if final.exists():
+        return False
+    olds = sorted(final.parent.glob(f".{final.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not olds:
+        return False
+    os.replace(olds[-1], final)
+    return True
+
+
+def atomic_write_dir(final: Path, write) -> None:
+    """Build a folder under a temporary name with `write(tmp)`, then put it at `final` atomically.
+
+    Readers see the old folder or the whole new one. An existing `final` is swapped with the new one
+    in one step where the OS allows (Linux); elsewhere it is moved aside first, and a crash in that
+    window is repaired by `recover_dir` (called here and by readers such as `--resume latest`).
+    Temporary folders left by a killed run are never complete and are removed.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(final)
+    for stale in [*final.parent.glob(f".{final.name}.tmp-*"), *final.parent.glob(f".{final.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if not final.exists():
+            os.replace(tmp, final)
+        elif not _exchange(tmp, final):
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            pause_point("swap")  # crash tests stop here: the one window of the fallback
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # after an exchange: the old folder
+
+
 def state_dir(root: Path | str) -> Path:
     """The hidden folder where sdprep keeps its journal and caches for a dataset."""
     return Path(root) / STATE_DIR

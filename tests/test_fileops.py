@@ -76,3 +76,69 @@ def test_unchanged_write_is_not_journalled_and_gc(tmp_path):
         op.write_text(f, "other\n")
     assert fileops.gc(tmp_path) == 1
     assert fileops.Journal(tmp_path).operations() == []
+
+
+def _dir_with(path, text):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "state.json").write_text(text)
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "fallback"])
+def test_atomic_write_dir_replaces_a_folder(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(fileops, "_exchange", lambda a, b: False)
+    final = tmp_path / "x-state"
+    fileops.atomic_write_dir(final, lambda tmp: (tmp / "state.json").write_text("one"))
+    fileops.atomic_write_dir(final, lambda tmp: (tmp / "state.json").write_text("two"))
+    assert (final / "state.json").read_text() == "two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x-state"]  # no hidden copies left
+
+    def fail(tmp):
+        (tmp / "state.json").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        fileops.atomic_write_dir(final, fail)
+    assert (final / "state.json").read_text() == "two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x-state"]
+
+
+def test_killed_in_the_fallback_swap_window_the_old_folder_comes_back(tmp_path):
+    """Without an atomic exchange the old folder is moved aside first: a SIGKILL right then leaves
+    only `.x-state.old-PID`. The next save, or a reader, puts it back; it is never lost."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    final = tmp_path / "x-state"
+    _dir_with(final, "old")
+    marker = tmp_path / "marker"
+    code = (
+        "import sys; from pathlib import Path; from sdprep import fileops\n"
+        "fileops._exchange = lambda a, b: False\n"
+        "fileops.atomic_write_dir(Path(sys.argv[1]), lambda t: (t / 'state.json').write_text('new'))\n"
+    )
+    env = dict(os.environ, SDPREP_TEST_PAUSE=f"swap:1:{marker}")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(final)], env=env)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the save never reached the swap window"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not final.exists()
+    assert [p.name for p in tmp_path.glob(".x-state.old-*")], "the old folder must still be on disk"
+    assert fileops.recover_dir(final)
+    assert (final / "state.json").read_text() == "old"
+    assert not fileops.recover_dir(final)  # nothing to do when the folder is there
+
+
+def test_resume_latest_repairs_a_state_folder_caught_mid_swap(tmp_path):
+    from sdprep.train.save import find_states
+
+    out = tmp_path / "out"
+    _dir_with(out / ".tiny-state.old-4242", "{}")
+    find_states(out)  # the state.json is not a real one: only the repair is checked here
+    assert (out / "tiny-state" / "state.json").read_text() == "{}"
+    assert not list(out.glob(".tiny-state.old-*"))

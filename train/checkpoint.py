@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from sdprep.fileops import atomic_write_dir
+
 SINGLE_FILE_ARCHITECTURE = "stable-diffusion-xl-v1-base"
 
 
@@ -118,14 +120,13 @@ def cast_weight_files(folder: Path, dtype: Any) -> None:
 
 def write_diffusers(folder: Path, model: Any, dtype: Any = None) -> Path:
     """Save `model` as a diffusers StableDiffusionXLPipeline folder (atomically), weights in `dtype`."""
-    from sdprep.train.save import _atomic_dir
 
     def write(tmp: Path) -> None:
         model.pipeline().save_pretrained(tmp, safe_serialization=True)
         if dtype is not None:
             cast_weight_files(tmp, dtype)
 
-    _atomic_dir(Path(folder), write)
+    atomic_write_dir(Path(folder), write)
     return Path(folder)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from sdprep.errors import TrainingError
 from sdprep.faults import pause_point
+from sdprep.fileops import atomic_write_dir, recover_dir
 from sdprep.train.methods.base import Verification
 
 STATE_FILE = "state.json"
@@ -232,26 +233,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_dir(final: Path, write: Any) -> None:
-    """Build a folder under a temporary name with `write(tmp)`, then rename it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed run: never complete
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    tmp.mkdir()
-    try:
-        write(tmp)
-        old = None
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def save_state(
     folder: Path,
     state: TrainState,
@@ -285,7 +266,7 @@ def save_state(
         (tmp / STATE_FILE).write_text(json.dumps(info, indent=1, default=str))  # written last
 
     try:
-        _atomic_dir(folder, write)
+        atomic_write_dir(folder, write)
     except OSError as exc:
         raise TrainingError(
             f"cannot write the training state {folder.name}: {exc}",
@@ -345,6 +326,8 @@ def find_states(output_dir: Path) -> list[TrainState]:
     found = []
     if not output_dir.is_dir():
         return found
+    for old in output_dir.glob(f".*{STATE_SUFFIX}.old-*"):  # a save killed while swapping folders
+        recover_dir(output_dir / old.name[1:].rsplit(".old-", 1)[0])
     for folder in output_dir.iterdir():
         if folder.is_dir() and folder.name.endswith(STATE_SUFFIX) and not folder.name.startswith("."):
             try:
