@@ -102,7 +102,11 @@ def discover(root: Path | str, recursive: bool = False) -> list[Item]:
 
 
 def iter_items(root: Path, recursive: bool = False) -> Iterator[Item]:
-    """Stream the images under `root` in sorted order (memory grows with one folder, not the tree)."""
+    """Stream the images under `root` in sorted order (memory grows with one folder, not the tree).
+
+    `root` becomes a dataset root for this process: symlinks inside it may point anywhere inside it.
+    """
+    add_dataset_root(root)
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError as exc:
@@ -131,6 +135,18 @@ def iter_items(root: Path, recursive: bool = False) -> Iterator[Item]:
 # -- which files sdprep reads -----------------------------------------------------------------
 
 FOLLOW_SYMLINKS_ENV = "SDPREP_FOLLOW_SYMLINKS"
+_DATASET_ROOTS: set[str] = set()  # real paths of the folders sdprep was pointed at (iter_items)
+
+
+def add_dataset_root(root: Path | str) -> None:
+    """Let symlinks inside `root` point anywhere inside `root` (e.g. a repeat folder linking to raw/)."""
+    _DATASET_ROOTS.add(os.path.realpath(root))
+
+
+def _within(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
 UNSAFE_HINT = "copy the file into the dataset, or set SDPREP_FOLLOW_SYMLINKS=1 if you trust every link in it"
 
 
@@ -138,8 +154,9 @@ def unsafe_reason(path: Path | str) -> str | None:
     """Why sdprep refuses to read `path`, or None when it may (missing files are the caller's job).
 
     A dataset may come from anywhere, so sdprep follows a symlink only when its target lies in the
-    link's own folder or below it: a link to `~/.ssh/id_rsa` named `001.txt` must not end up in a
-    caption, a report or a training run. Loops, dangling links and special files (a FIFO would
+    link's own folder or below it, or in the same dataset root as the link (a folder sdprep was
+    pointed at, see `add_dataset_root`): a link to `~/.ssh/id_rsa` named `001.txt` must not end up
+    in a caption, a report or a training run. Loops, dangling links and special files (a FIFO would
     block the reader forever) are refused too. SDPREP_FOLLOW_SYMLINKS=1 lifts the folder rule.
     """
     path = Path(path)
@@ -156,7 +173,10 @@ def unsafe_reason(path: Path | str) -> str | None:
             return f"broken symlink (to {os.readlink(path)})"
         real = os.path.realpath(path)
         folder = os.path.realpath(path.parent)
-        if os.environ.get(FOLLOW_SYMLINKS_ENV) != "1" and os.path.commonpath([real, folder]) != folder:
+        inside = _within(real, folder) or any(
+            _within(folder, root) and _within(real, root) for root in _DATASET_ROOTS
+        )
+        if not inside and os.environ.get(FOLLOW_SYMLINKS_ENV) != "1":
             return f"symlink to {real}, outside the dataset: sdprep does not follow links out of it"
     if not stat.S_ISREG(st.st_mode):
         return "not a regular file (a folder, FIFO or device)"
