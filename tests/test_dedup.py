@@ -58,6 +58,82 @@ def test_popcount_pairs_and_groups_match_brute_force():
         DedupOptions(threshold=40)
 
 
+def brute_force_groups(hashes: list[int], threshold: int) -> list[list[int]]:
+    """The definition, spelled out: connected components of "Hamming distance <= threshold"."""
+    n = len(hashes)
+    near = [
+        [j for j in range(n) if j != i and bin(hashes[i] ^ hashes[j]).count("1") <= threshold]
+        for i in range(n)
+    ]
+    seen, groups = set(), []
+    for start in range(n):
+        if start in seen:
+            continue
+        component, todo = {start}, [start]
+        while todo:
+            for j in near[todo.pop()]:
+                if j not in component:
+                    component.add(j)
+                    todo.append(j)
+        seen |= component
+        if len(component) > 1:
+            groups.append(sorted(component))
+    return groups
+
+
+def clustered_hashes(rng: random.Random, n: int, centres: int, radius: int, share: float) -> list[int]:
+    """Random hashes, `share` of them within `radius` bits of one of `centres` random centres."""
+    hubs = [rng.getrandbits(64) for _ in range(centres)]
+    out = []
+    for _ in range(n):
+        if rng.random() < share:
+            h = rng.choice(hubs)
+            for bit in rng.sample(range(64), rng.randint(0, radius)):
+                h ^= 1 << bit
+            out.append(h)
+        else:
+            out.append(rng.getrandbits(64))
+    return out
+
+
+def chain_hashes(rng: random.Random, n: int) -> list[int]:
+    """Random hashes with three planted chains (a~b, b~c, a!~c at threshold 1), shuffled into place."""
+    hashes = [rng.getrandbits(64) for _ in range(n)]
+    slots = rng.sample(range(n), 3 * 40)
+    for c in range(3):
+        h = rng.getrandbits(64)
+        for k, bit in enumerate(rng.sample(range(64), 40)):  # k links apart = k bits apart
+            hashes[slots[c * 40 + k]] = h
+            h ^= 1 << bit
+    return hashes
+
+
+@pytest.mark.parametrize("block, batch", [(dedup.BLOCK, dedup.MERGE_BATCH), (64, 1), (64, 50)])
+def test_group_equals_brute_force_on_random_clustered_and_chained(monkeypatch, block, batch):
+    """Many tiles and many small merge batches (64, 1) must give exactly what one pass gives."""
+    monkeypatch.setattr(dedup, "BLOCK", block)
+    monkeypatch.setattr(dedup, "MERGE_BATCH", batch)
+    rng = random.Random(7)
+    cases = {
+        "random": ([rng.getrandbits(64) for _ in range(700)], 6),
+        "clustered": (clustered_hashes(rng, 700, 12, 3, 0.6), 4),  # members up to 6 apart: joined by chains
+        "dense": (clustered_hashes(rng, 600, 1, 2, 0.5), 2),
+        "chains": (chain_hashes(rng, 700), 1),
+        "identical": ([5, 9, 5, 1 << 40, 9, 5, 12345, 1 << 40], 0),
+    }
+    for name, (hashes, threshold) in cases.items():
+        expected = brute_force_groups(hashes, threshold)
+        assert group(hashes, threshold) == expected, name
+    assert len(brute_force_groups(*cases["clustered"])) >= 10
+    chains = brute_force_groups(*cases["chains"])
+    assert sorted(len(g) for g in chains)[-3:] == [40, 40, 40]  # every chain is one group
+    chained = cases["chains"][0]
+    for g in chains:  # ... although its ends are far apart: only transitivity joins them
+        assert len(g) < 40 or max(bin(chained[g[0]] ^ chained[i]).count("1") for i in g) >= 20
+    assert group([], 6) == [] and group([3], 6) == [] and group([3, 3], 0) == [[0, 1]]
+    assert group([2**64 - 1, 2**64 - 2], 1) == [[0, 1]]  # the full unsigned range
+
+
 def test_keeps_largest_then_sharpest_moves_companions_undo(with_copies, monkeypatch):
     root = with_copies
     before = tree(root)
