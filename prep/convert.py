@@ -4,11 +4,17 @@ An image is re-encoded only when something needs it (another format was asked fo
 rotation stored in EXIF, a mode trainers handle badly, transparency to flatten), so a second run does
 nothing. The original stays in the journal until `sdprep gc`; when the extension changes, the sidecar
 follows the new name (caption and mask are keyed by the stem, which does not change).
+
+An image kept as it is is still decoded to the end (a truncated or corrupt file is listed as failed
+and left alone); what passed is remembered in `DIR/.sdprep/convert-verified.json` by path, size,
+mtime and inode, so a rerun decodes only files that changed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +23,7 @@ from PIL import Image, ImageColor
 
 from sdprep.dataset import Item, iter_items
 from sdprep.errors import ConfigError, ImageError, unknown_choice
-from sdprep.fileops import Journal, Operation
+from sdprep.fileops import Journal, Operation, atomic_write_text, state_dir
 from sdprep.images import load_image, open_image
 from sdprep.prep.rename import companion_pairs
 from sdprep.progress import NullReporter, Reporter
@@ -29,6 +35,8 @@ KEPT_FORMATS = {"PNG", "JPEG", "WEBP"}  # without --format these stay as they ar
 ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 GREY_MODES = {"L", "LA", "1", "I", "I;16", "I;16B", "I;16L", "F"}
 PLAIN_MODES = {"RGB", "RGBA", "L", "LA", "P"}
+VERIFIED_FILE = "convert-verified.json"  # in DIR/.sdprep: files that decoded to the end
+VERIFY_VERSION = 1  # bump when the check gets stricter: every file is checked again
 
 
 @dataclass(frozen=True)
@@ -161,12 +169,64 @@ def _check_free(plan: Plan) -> None:
             )
 
 
-def _work(item: Item, opts: ConvertOptions) -> tuple[Plan, bytes] | None:
+def file_key(path: Path) -> list[int]:
+    """What identifies one version of a file for the verified cache: size, mtime (ns) and inode."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise ImageError(path, f"cannot read ({exc})") from exc
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def verify_image(path: Path) -> None:
+    """Check an image to its end: decode every pixel through the safe loader, read a PNG to IEND.
+
+    Image.verify() alone misses a truncated JPEG; a full decode misses a PNG cut after its last
+    pixel row (the tail of the zlib stream, IEND), which verify() catches.
+    """
+    load_image(path, "keep").close()  # links, bombs and unreadable files refused as everywhere
+    with open_image(path) as im:
+        if im.format != "PNG":
+            return
+        try:
+            im.verify()
+        except Exception as exc:  # noqa: BLE001 - Pillow raises SyntaxError, OSError, struct.error...
+            raise ImageError(
+                path, f"truncated or corrupt PNG ({exc})", "re-download or delete the file"
+            ) from exc
+
+
+def _work(item: Item, opts: ConvertOptions, verified: list[int] | None) -> tuple[Plan, bytes] | list[int]:
+    """The new bytes to write, or (image kept as it is) the file key it was verified under."""
     plan = plan_image(item.path, opts)
     if plan is None:
-        return None
+        key = file_key(item.path)  # before decoding: a change meanwhile means another check next time
+        if key != verified:
+            verify_image(item.path)
+        return key
     _check_free(plan)
     return plan, encode(plan, opts)
+
+
+def load_verified(root: Path) -> dict[str, list[int]]:
+    """Relative path -> file key of the images an earlier run decoded to the end ({} if unknown)."""
+    try:
+        data = json.loads((state_dir(root) / VERIFIED_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != VERIFY_VERSION:
+        return {}
+    files = data.get("files")
+    return files if isinstance(files, dict) else {}
+
+
+def save_verified(root: Path, files: dict[str, list[int]]) -> None:
+    """Write the cache; it is an optimisation, so a folder that cannot hold it is not an error."""
+    try:
+        text = json.dumps({"version": VERIFY_VERSION, "files": files}, ensure_ascii=False)
+        atomic_write_text(state_dir(root) / VERIFIED_FILE, text + "\n")
+    except OSError:
+        pass
 
 
 def apply_plan(op: Operation, plan: Plan, data: bytes) -> None:
@@ -180,28 +240,45 @@ def apply_plan(op: Operation, plan: Plan, data: bytes) -> None:
 
 
 def run_convert(root: Path | str, opts: ConvertOptions, *, report: Reporter = NullReporter()) -> StageResult:
-    """Re-encode the images of `root` that need it; originals stay in the journal until `sdprep gc`."""
+    """Re-encode the images of `root` that need it and decode the others to the end.
+
+    Originals stay in the journal until `sdprep gc`; a truncated or corrupt image is listed as failed.
+    """
     root = Path(root)
     items = list(iter_items(root, opts.recursive))
     result = StageResult("convert")
     reasons: Counter[str] = Counter()
+
+    def rel(path: Path) -> str:
+        return path.relative_to(root).as_posix()
+
+    known = load_verified(root)
+    names = {rel(i.path) for i in items}
+    verified = {k: v for k, v in known.items() if k not in names}  # files this run does not look at
     report.start(len(items), "convert")
     with Journal(root).begin("convert") as op:
-        for item, out in map_items(lambda i: _work(i, opts), items, opts.workers):
-            report.advance()
-            if isinstance(out, Exception):
-                result.fail(item.path, getattr(out, "reason", str(out)))
-            elif out is None:
-                result.skipped += 1
-            else:
-                plan, data = out
-                try:
-                    apply_plan(op, plan, data)
-                except ImageError as exc:
-                    result.fail(item.path, exc.reason)
-                    continue
-                reasons.update(plan.reasons)
-                result.changed += 1
+        try:
+            for item, out in map_items(lambda i: _work(i, opts, known.get(rel(i.path))), items, opts.workers):
+                report.advance()
+                if isinstance(out, Exception):
+                    result.fail(item.path, getattr(out, "reason", str(out)))
+                elif isinstance(out, list):
+                    verified[rel(item.path)] = out
+                    result.skipped += 1
+                else:
+                    plan, data = out
+                    try:
+                        apply_plan(op, plan, data)
+                    except ImageError as exc:
+                        result.fail(item.path, exc.reason)
+                        continue
+                    with contextlib.suppress(ImageError):  # our own encoder's complete output
+                        verified[rel(plan.dst)] = file_key(plan.dst)
+                    reasons.update(plan.reasons)
+                    result.changed += 1
+        finally:  # an interrupted run keeps what it checked
+            if verified != known:
+                save_verified(root, verified)
     report.finish()
     if reasons:
         result.notes.append("  re-encoded for: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))

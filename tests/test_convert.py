@@ -1,12 +1,15 @@
 import hashlib
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from sdprep import fileops
 from sdprep.cli import cli
 from sdprep.errors import ConfigError
+from sdprep.prep import convert
 from sdprep.prep.convert import ConvertOptions, parse_color, run_convert
 
 
@@ -117,3 +120,74 @@ def test_cli_errors(tmp_path, cli_runner):
     )
     res = cli_runner.invoke(cli, ["convert", str(tmp_path), "--format", "gif"])
     assert res.exit_code == 2
+
+
+def noise_image(seed: int, size=(48, 32)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def kept_and_broken(tmp_path: Path) -> Path:
+    """Images already in a kept format: two good ones, and three cut short (no re-encoding needed)."""
+    noise_image(1).save(tmp_path / "good.png")
+    noise_image(2).save(tmp_path / "good.jpg", quality=90)
+    for name, seed in [("trunc.png", 3), ("trunc.jpg", 4), ("no_iend.png", 5)]:
+        noise_image(seed).save(tmp_path / name, quality=90)
+    for name, keep in [("trunc.png", 0.5), ("trunc.jpg", 0.5)]:
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(data[: int(len(data) * keep)])
+    no_iend = tmp_path / "no_iend.png"
+    no_iend.write_bytes(no_iend.read_bytes()[:-12])  # every pixel is there; the file ends early
+    return tmp_path
+
+
+def test_kept_images_are_decoded_to_the_end(kept_and_broken, cli_runner):
+    root = kept_and_broken
+    before = tree(root)
+    res = cli_runner.invoke(cli, ["-q", "convert", str(root)])
+    assert res.exit_code == 1
+    lines = res.output.splitlines()
+    assert lines[0] == "convert: 0 changed, 2 skipped, 3 failed"
+    assert lines[1] == f"  failed: {root / 'no_iend.png'}: truncated or corrupt PNG (truncated PNG file)"
+    assert lines[2].startswith(
+        f"  failed: {root / 'trunc.jpg'}: truncated or corrupt image data (image file is"
+    )
+    assert lines[3].startswith(f"  failed: {root / 'trunc.png'}: truncated or corrupt image data (")
+    assert len(lines) == 4
+    assert tree(root) == before  # nothing written, the broken files untouched
+
+
+def test_verified_images_are_not_decoded_again_until_they_change(kept_and_broken, monkeypatch):
+    root = kept_and_broken
+    first = run_convert(root, ConvertOptions())
+    assert (first.skipped, len(first.failed)) == (2, 3)
+    cache = json.loads((root / ".sdprep" / "convert-verified.json").read_text())
+    assert sorted(cache["files"]) == ["good.jpg", "good.png"]  # failures are not remembered
+
+    decoded: list[str] = []
+    real = convert.load_image
+    monkeypatch.setattr(
+        convert, "load_image", lambda p, *a, **k: decoded.append(Path(p).name) or real(p, *a, **k)
+    )
+    again = run_convert(root, ConvertOptions(workers=2))
+    assert (again.skipped, len(again.failed)) == (2, 3)
+    assert sorted(decoded) == ["no_iend.png", "trunc.jpg", "trunc.png"]  # the good ones come from the cache
+
+    # the good PNG is cut short after it was verified: its size changed, so it is decoded again
+    decoded.clear()
+    data = (root / "good.png").read_bytes()
+    (root / "good.png").write_bytes(data[: len(data) // 2])
+    third = run_convert(root, ConvertOptions())
+    assert "good.png" in decoded and "good.jpg" not in decoded
+    assert {f.path.name for f in third.failed} == {"good.png", "no_iend.png", "trunc.jpg", "trunc.png"}
+    assert (root / "good.png").read_bytes() == data[: len(data) // 2]
+
+
+def test_converted_output_is_remembered_as_verified(tmp_path, monkeypatch):
+    noise_image(1).save(tmp_path / "a.bmp")
+    noise_image(2).save(tmp_path / "b.png")
+    assert run_convert(tmp_path, ConvertOptions()).changed == 1
+    monkeypatch.setattr(convert, "load_image", lambda *a, **k: pytest.fail("decoded an image"))
+    again = run_convert(tmp_path, ConvertOptions())
+    assert (again.changed, again.skipped, again.failed) == (0, 2, [])

@@ -148,7 +148,8 @@ def preflight_args(c: corpus.Corpus, work: Path) -> list[str]:
 
 CASES: dict[str, Case] = {
     "rename": Case(lambda c, o: ["rename", str(c.root)], [], True, check_renamed),
-    "convert": Case(lambda c, o: ["convert", str(c.root)], HEADER_BAD, True),
+    # images kept as they are are decoded to the end too: the truncated ones are listed
+    "convert": Case(lambda c, o: ["convert", str(c.root)], PIXEL_BAD, True),
     "dedup": Case(lambda c, o: ["dedup", str(c.root)], PIXEL_BAD + SIDECAR_BAD, True),
     "upscale": Case(
         lambda c, o: ["upscale", str(c.root), "--min-side", "200"],
