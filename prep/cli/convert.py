@@ -41,6 +41,8 @@ def command(
     Only images that need it are re-encoded (animated images keep their first frame, rotations
     stored in EXIF are baked into the pixels). When the extension changes the sidecar follows;
     the originals stay in the journal until `sdprep gc` (`sdprep undo` brings them back).
+    Images kept as they are are still decoded to the end: a truncated or corrupt file is listed
+    as failed and left untouched (files already checked are remembered in DIR/.sdprep/).
 
     \b
     Example:
