@@ -16,23 +16,28 @@ journal, so `sdprep undo OUT` removes a build, and a re-run with the same input 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
+import os
+import tempfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import tomli_w
 from PIL import Image
 
 from sdprep.buckets import Assignment, BucketSettings, assign_bucket, make_buckets
 from sdprep.dataset import (
+    MASK_DIR,
     Item,
-    discover,
     format_caption,
     format_repeat_folder,
+    iter_items,
     parse_repeat_folder,
     read_caption,
 )
@@ -63,18 +68,27 @@ class BucketOptions:
 
 @dataclass
 class Concept:
-    """A group of images trained with one repeat count and one class token (one kohya subset)."""
+    """A group of images trained with one repeat count and one class token (one kohya subset).
+
+    Holds counts, never the images: `items()` lists its folder again, lazily, when needed.
+    """
 
     name: str
     token: str
-    items: list[Item]
+    source: Path  # the folder its images are in
+    count: int  # images found when planning (repeats are computed from it)
     repeats: int = 1
     is_reg: bool = False
     fixed_repeats: int | None = None  # from a tier or an existing <N>_ folder name
+    recursive: bool = False  # regularisation folders: images of subfolders too
+    placed: int = 0  # images placed in OUT by this run
 
     @property
     def folder(self) -> str:
         return format_repeat_folder(self.repeats, self.token)
+
+    def items(self) -> Iterator[Item]:
+        return iter_items(self.source, recursive=self.recursive)
 
 
 # -- planning (pure) -----------------------------------------------------------------------------
@@ -131,6 +145,13 @@ def balance_reg_repeats(train_samples: int, reg_sizes: list[int]) -> list[int]:
 # -- discovery -----------------------------------------------------------------------------------
 
 
+def _check_folder(root: Path) -> None:
+    if not root.exists():
+        raise DatasetError(f"{root}: no such folder", "check the path")
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder", "pass the folder that holds the images")
+
+
 def find_concepts(root: Path, opts: BucketOptions) -> list[Concept]:
     """One concept per folder with images: the root itself and/or its subfolders.
 
@@ -140,13 +161,11 @@ def find_concepts(root: Path, opts: BucketOptions) -> list[Concept]:
     - any other folder gets `--token` (plus its folder name when there are several such folders),
       or its folder name when no token is given.
     """
-    items = discover(root, recursive=opts.recursive)
-    groups: dict[Path, list[Item]] = {}
-    for item in items:
-        groups.setdefault(item.path.parent, []).append(item)
-    plain = [f for f in groups if f != root and not parse_repeat_folder(f.name) and f.name not in opts.tiers]
+    _check_folder(root)
+    counts: Counter[Path] = Counter(item.path.parent for item in iter_items(root, recursive=opts.recursive))
+    plain = [f for f in counts if f != root and not parse_repeat_folder(f.name) and f.name not in opts.tiers]
     concepts = []
-    for folder, group in sorted(groups.items()):
+    for folder, count in sorted(counts.items()):
         name = folder.relative_to(root).as_posix()
         parsed = parse_repeat_folder(folder.name) if folder != root else None
         fixed = None
@@ -168,8 +187,8 @@ def find_concepts(root: Path, opts: BucketOptions) -> list[Concept]:
             raise ConfigError(
                 f"{folder}: no class token for these images", "pass --token TOKEN (your trigger word)"
             )
-        concepts.append(Concept(name, token, group, fixed_repeats=fixed))
-    missing = set(opts.tiers) - {folder.name for folder in groups}
+        concepts.append(Concept(name, token, folder, count, fixed_repeats=fixed))
+    missing = set(opts.tiers) - {folder.name for folder in counts}
     if missing:
         raise ConfigError(
             f"--tier names folders without images under {root}: {', '.join(sorted(missing))}",
@@ -178,11 +197,26 @@ def find_concepts(root: Path, opts: BucketOptions) -> list[Concept]:
     return concepts
 
 
+def find_reg_concepts(opts: BucketOptions) -> list[Concept]:
+    """One regularisation concept per --reg folder (its subfolders included)."""
+    concepts = []
+    for reg_dir in opts.reg:
+        _check_folder(reg_dir)
+        count = sum(1 for _ in iter_items(reg_dir, recursive=True))
+        if not count:
+            raise DatasetError(f"{reg_dir}: no images in the regularisation folder", "check the --reg path")
+        token = opts.reg_token or reg_dir.name
+        concepts.append(Concept(reg_dir.name, token, reg_dir, count, is_reg=True, recursive=True))
+    return concepts
+
+
 # -- the stage -----------------------------------------------------------------------------------
 
 
 @dataclass
 class _Placed:
+    """One image of the batch being written (only a batch of these exists at a time)."""
+
     item: Item
     concept: Concept
     size: tuple[int, int]
@@ -192,19 +226,66 @@ class _Placed:
     mask: Path | None
 
 
+def _prepare(item: Item, concept: Concept, base: Path, opts: BucketOptions, buckets: list) -> _Placed | str:
+    """Read an image's size, caption and mask and assign its bucket; a str is why it is left out."""
+    try:
+        size = image_size(item.path)
+        caption = read_caption(item)
+    except SdprepError as exc:
+        return getattr(exc, "reason", str(exc))
+    assignment = assign_bucket(*size, opts.settings, buckets)
+    if assignment.dropped:
+        return f"dropped: {assignment.dropped}"
+    mask = item.mask_path()
+    p = _Placed(item, concept, size, assignment, base / item.name, caption, mask if mask.exists() else None)
+    if p.mask is not None:
+        try:
+            _check_mask_size(p)  # a bad mask drops its image, listed; never trained unmasked
+        except SdprepError as exc:
+            return exc.message
+    return p
+
+
+def _has_own_mask(concept: Concept, opts: BucketOptions, buckets: list) -> bool:
+    """Whether the build will place at least one image of `concept` with its own mask.
+
+    A cheap first pass (stops at the first such image, holds nothing per image): a concept with one
+    mask needs a mask for every image, and the dataset TOML marks it, so this is known before writing.
+    """
+    if not concept.recursive and not (concept.source / MASK_DIR).is_dir():
+        return False
+    for item in concept.items():
+        if item.mask_path().exists() and isinstance(_prepare(item, concept, Path(), opts, buckets), _Placed):
+            return True
+    return False
+
+
+def _batches(concept: Concept) -> Iterator[list[Item]]:
+    batch: list[Item] = []
+    for item in concept.items():
+        batch.append(item)
+        if len(batch) == WRITE_BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def run_bucket(root: Path | str, opts: BucketOptions, *, report: Reporter = NullReporter()) -> StageResult:
-    """Build OUT from the dataset at `root` (see the module docstring); returns counts and the preview."""
+    """Build OUT from the dataset at `root` (see the module docstring); returns counts and a summary.
+
+    Memory is flat in the number of images: images are read, placed and appended to metadata.json
+    and buckets.json a batch at a time; only counts (and the first few names) outlive a batch.
+    """
     root = Path(root).absolute()
     out = Path(opts.out).absolute()
     if root in out.parents or out == root:
         raise ConfigError(
             f"output folder {out} is inside the dataset {root}", "choose an OUT outside the dataset"
         )
-    result = StageResult("bucket")
     concepts = find_concepts(root, opts)
-    sizes = [len(c.items) for c in concepts]
     reps = compute_repeats(
-        sizes,
+        [c.count for c in concepts],
         repeats=opts.repeats,
         target_steps=opts.target_steps,
         batch_size=opts.batch_size or 1,
@@ -213,90 +294,73 @@ def run_bucket(root: Path | str, opts: BucketOptions, *, report: Reporter = Null
     )
     for concept, n in zip(concepts, reps):
         concept.repeats = n
-    reg_concepts: list[Concept] = []
-    for reg_dir in opts.reg:
-        reg_items = discover(reg_dir, recursive=True)
-        if not reg_items:
-            raise DatasetError(f"{reg_dir}: no images in the regularisation folder", "check the --reg path")
-        reg_concepts.append(Concept(reg_dir.name, opts.reg_token or reg_dir.name, reg_items, is_reg=True))
-    train_samples = sum(len(c.items) * c.repeats for c in concepts)
-    for concept, n in zip(
-        reg_concepts, balance_reg_repeats(train_samples, [len(c.items) for c in reg_concepts])
-    ):
+    reg_concepts = find_reg_concepts(opts)
+    train_samples = sum(c.count * c.repeats for c in concepts)
+    for concept, n in zip(reg_concepts, balance_reg_repeats(train_samples, [c.count for c in reg_concepts])):
         concept.repeats = n
-
+    everything = concepts + reg_concepts
     buckets = make_buckets(opts.settings)
-    placed: list[_Placed] = []
-    total = sum(len(c.items) for c in concepts + reg_concepts)
-    report.start(total, "bucket")
-    for concept in concepts + reg_concepts:
-        base = out / ("reg" if concept.is_reg else "img") / concept.folder
-        for item in concept.items:
-            report.advance()
-            try:
-                size = image_size(item.path)
-                caption = read_caption(item)
-            except SdprepError as exc:
-                result.fail(item.path, getattr(exc, "reason", str(exc)))
-                continue
-            assignment = assign_bucket(*size, opts.settings, buckets)
-            if assignment.dropped:
-                result.fail(item.path, f"dropped: {assignment.dropped}")
-                continue
-            mask = item.mask_path()
-            p = _Placed(
-                item, concept, size, assignment, base / item.name, caption, mask if mask.exists() else None
-            )
-            if p.mask is not None:
-                try:
-                    _check_mask_size(p)  # a bad mask drops its image, listed; never trained unmasked
-                except SdprepError as exc:
-                    result.fail(item.path, exc.message)
-                    continue
-            placed.append(p)
-    report.finish()
+    masked = {id(c) for c in everything if _has_own_mask(c, opts, buckets)}
 
-    with Journal(out).begin("bucket", [str(root), "-o", str(out)]) as op:
-        _write_files(op, placed, opts, result)
-        _write_dataset_toml(op, out, concepts, reg_concepts, placed, opts)
-        _write_metadata(op, out, placed)
-        _write_preview(op, out, placed, result)
-    _summarise(result, concepts, reg_concepts, placed)
+    result = StageResult("bucket")
+    tally = _Tally()
+    with Journal(out).begin("bucket", [str(root), "-o", str(out)]) as op, _Outputs(out) as outputs:
+        report.start(sum(c.count for c in everything), "bucket")
+        for concept in everything:
+            base = out / ("reg" if concept.is_reg else "img") / concept.folder
+            for items in _batches(concept):
+                batch = []
+                for item in items:
+                    report.advance()
+                    p = _prepare(item, concept, base, opts, buckets)
+                    if isinstance(p, str):
+                        result.fail(item.path, p)
+                    else:
+                        batch.append(p)
+                _write_files(op, batch, id(concept) in masked, opts, result, tally)
+                outputs.add(batch)
+                tally.add(batch)
+        report.finish()
+        _write_dataset_toml(op, out, everything, masked, opts)
+        outputs.install(op, result)
+    result.notes[:0] = _summary(everything, tally)
     return result
 
 
-def _write_files(op: Operation, placed: list[_Placed], opts: BucketOptions, result: StageResult) -> None:
-    """Links, captions and masks, a batch at a time (one journal sync per batch, not per file)."""
-    masked_concepts = {id(p.concept) for p in placed if p.mask is not None}
-    for start in range(0, len(placed), WRITE_BATCH):
-        batch = placed[start : start + WRITE_BATCH]
-        changed = op.place_many([(p.item.path, p.dest) for p in batch], copy=opts.copy)
-        writes: list[tuple[Path, bytes]] = []
-        masks: list[tuple[int, Path, Path]] = []
-        for k, p in enumerate(batch):
-            text = p.caption if p.caption is not None else p.concept.token
-            cap = p.dest.with_suffix(".txt")
-            data = format_caption(text).encode("utf-8")
-            if not cap.is_file() or cap.read_bytes() != data:
-                writes.append((cap, data))
+def _write_files(
+    op: Operation, batch: list[_Placed], masked: bool, opts: BucketOptions, result: StageResult, tally: _Tally
+) -> None:
+    """A batch's links, captions and masks (one journal sync per batch, not per file)."""
+    changed = op.place_many([(p.item.path, p.dest) for p in batch], copy=opts.copy)
+    writes: list[tuple[Path, bytes]] = []
+    masks: list[tuple[int, Path, Path]] = []
+    for k, p in enumerate(batch):
+        cap = p.dest.with_suffix(".txt")
+        data = format_caption(_caption(p)).encode("utf-8")
+        if not cap.is_file() or cap.read_bytes() != data:
+            writes.append((cap, data))
+            changed[k] = True
+        if masked:
+            mask_dest = p.dest.parent / MASK_DIR / (p.dest.stem + ".png")
+            if p.mask is not None:
+                masks.append((k, p.mask, mask_dest))
+                continue
+            # kohya's mask subsets need a mask for every image: white = full loss, as unmasked
+            buf = io.BytesIO()
+            Image.new("L", p.size, 255).save(buf, "PNG")
+            if not mask_dest.is_file() or mask_dest.read_bytes() != buf.getvalue():
+                writes.append((mask_dest, buf.getvalue()))
                 changed[k] = True
-            if id(p.concept) in masked_concepts:
-                mask_dest = p.dest.parent / "masks" / (p.dest.stem + ".png")
-                if p.mask is not None:
-                    masks.append((k, p.mask, mask_dest))
-                    continue
-                # kohya's mask subsets need a mask for every image: white = full loss, as unmasked
-                buf = io.BytesIO()
-                Image.new("L", p.size, 255).save(buf, "PNG")
-                if not mask_dest.is_file() or mask_dest.read_bytes() != buf.getvalue():
-                    writes.append((mask_dest, buf.getvalue()))
-                    changed[k] = True
-                result.notes.append(f"  note: {p.item.path.name} has no mask; wrote a full-loss (white) mask")
-        for (k, _, _), moved in zip(masks, op.place_many([(m, d) for _, m, d in masks], copy=opts.copy)):
-            changed[k] |= moved
-        op.write_many(writes)
-        result.changed += sum(changed)
-        result.skipped += len(changed) - sum(changed)
+            tally.white_masks.add(p.item.path.name)
+    for (k, _, _), moved in zip(masks, op.place_many([(m, d) for _, m, d in masks], copy=opts.copy)):
+        changed[k] |= moved
+    op.write_many(writes)
+    result.changed += sum(changed)
+    result.skipped += len(changed) - sum(changed)
+
+
+def _caption(p: _Placed) -> str:
+    return p.caption if p.caption is not None else p.concept.token
 
 
 def _check_mask_size(p: _Placed) -> None:
@@ -309,16 +373,9 @@ def _check_mask_size(p: _Placed) -> None:
 
 
 def _write_dataset_toml(
-    op: Operation,
-    out: Path,
-    concepts: list[Concept],
-    reg: list[Concept],
-    placed: list[_Placed],
-    opts: BucketOptions,
+    op: Operation, out: Path, concepts: list[Concept], with_masks: set[int], opts: BucketOptions
 ) -> None:
     s = opts.settings
-    with_masks = {id(p.concept) for p in placed if p.mask is not None}
-    used = {id(p.concept) for p in placed}
 
     def subset(c: Concept) -> dict:
         folder = out / ("reg" if c.is_reg else "img") / c.folder
@@ -331,7 +388,7 @@ def _write_dataset_toml(
         if c.is_reg:
             sub["is_reg"] = True
         if id(c) in with_masks:
-            sub["conditioning_data_dir"] = str(folder / "masks")
+            sub["conditioning_data_dir"] = str(folder / MASK_DIR)
         return sub
 
     general = {"caption_extension": ".txt", "shuffle_caption": False, "keep_tokens": 1 if opts.token else 0}
@@ -346,40 +403,78 @@ def _write_dataset_toml(
     if opts.batch_size:
         dataset_common["batch_size"] = opts.batch_size
     # kohya cannot mix mask (conditioning_data_dir) subsets with plain ones in one dataset
-    all_concepts = [c for c in concepts + reg if id(c) in used]
-    groups = [
-        [c for c in all_concepts if id(c) in with_masks],
-        [c for c in all_concepts if id(c) not in with_masks],
-    ]
+    used = [c for c in concepts if c.placed]
+    groups = [[c for c in used if id(c) in with_masks], [c for c in used if id(c) not in with_masks]]
     datasets = [{**dataset_common, "subsets": [subset(c) for c in g]} for g in groups if g]
     doc = {"general": general, "datasets": datasets}
     header = "# Written by `sdprep bucket`. kohya sd-scripts: --dataset_config dataset.toml; sdprep: dataset_config = ...\n"
     op.write_text(out / "dataset.toml", header + tomli_w.dumps(doc))
 
 
-def _write_metadata(op: Operation, out: Path, placed: list[_Placed]) -> None:
-    """kohya metadata JSON. Keys are full paths (kohya's current trainer rejects stem-only keys).
+# -- metadata.json and buckets.json, streamed ----------------------------------------------------
 
-    `caption` holds the whole caption file text; `tags` is empty because kohya appends `tags` to
-    `caption` and our caption file already holds the merged text.
+
+def _nested(value: object, level: int, ensure_ascii: bool) -> str:
+    """`json.dumps(value, indent=1)` as it reads `level` containers deep in an indent=1 document."""
+    return json.dumps(value, indent=1, ensure_ascii=ensure_ascii).replace("\n", "\n" + " " * level)
+
+
+class _Members:
+    """The members of one JSON container, written one at a time (byte-identical to json.dumps indent=1)."""
+
+    def __init__(self, f: TextIO, level: int):
+        self.f, self.level, self.n = f, level, 0
+
+    def add(self, text: str) -> None:
+        self.f.write(("," if self.n else "") + "\n" + " " * (self.level + 1) + text)
+        self.n += 1
+
+    def close(self, closer: str) -> None:
+        self.f.write(("\n" + " " * self.level if self.n else "") + closer)
+
+
+class _Outputs:
+    """metadata.json and buckets.json streamed into temp files in OUT, installed through the journal.
+
+    metadata.json is kohya's: {"<full image path>": {caption, tags, image_size, train_resolution}}.
+    Keys are full paths (kohya's current trainer rejects stem-only keys); `caption` holds the whole
+    caption file text and `tags` is empty, because kohya appends `tags` to `caption`.
+    buckets.json is the preview: {"images": [one row per placed image], "dropped": [...]}.
     """
-    meta = {}
-    for p in placed:
-        meta[str(p.dest)] = {
-            "caption": p.caption if p.caption is not None else p.concept.token,
-            "tags": "",
-            "image_size": list(p.size),
-            "train_resolution": list(p.assignment.bucket),
-        }
-    op.write_text(out / "metadata.json", json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
 
+    NAMES = ("metadata.json", "buckets.json")
 
-def preview_rows(placed: list[_Placed]) -> list[dict]:
-    rows = []
-    for p in placed:
-        a = p.assignment
-        rows.append(
-            {
+    def __init__(self, out: Path):
+        self.out = out
+        self.tmp: dict[str, Path] = {}
+        self.files: dict[str, TextIO] = {}
+
+    def __enter__(self) -> _Outputs:
+        try:
+            for name in self.NAMES:
+                fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.out)
+                self.tmp[name] = Path(tmp)
+                self.files[name] = open(fd, "w", encoding="utf-8", newline="")  # noqa: SIM115
+        except BaseException:
+            self.__exit__()
+            raise
+        self.files["metadata.json"].write("{")
+        self.meta = _Members(self.files["metadata.json"], 0)
+        self.files["buckets.json"].write('{\n "images": [')
+        self.rows = _Members(self.files["buckets.json"], 1)
+        return self
+
+    def add(self, batch: list[_Placed]) -> None:
+        for p in batch:
+            a = p.assignment
+            entry = {
+                "caption": _caption(p),
+                "tags": "",
+                "image_size": list(p.size),
+                "train_resolution": list(a.bucket),
+            }
+            self.meta.add(json.dumps(str(p.dest), ensure_ascii=False) + ": " + _nested(entry, 1, False))
+            row = {
                 "image": str(p.item.path),
                 "dest": str(p.dest),
                 "size": list(p.size),
@@ -390,50 +485,91 @@ def preview_rows(placed: list[_Placed]) -> list[dict]:
                 "scale": round(a.scale, 4),
                 "upscaled": a.upscaled,
             }
-        )
-    return rows
+            self.rows.add(_nested(row, 2, True))
+
+    def install(self, op: Operation, result: StageResult) -> None:
+        """Finish both files (buckets.json lists every failure as dropped) and put them in place."""
+        self.meta.close("}")
+        self.files["metadata.json"].write("\n")
+        self.rows.close("]")
+        dropped = [{"image": str(f.path), "reason": f.reason} for f in result.failed]
+        self.files["buckets.json"].write(',\n "dropped": ' + _nested(dropped, 1, True) + "\n}\n")
+        for name in self.NAMES:
+            self.files[name].close()
+            op.install(self.tmp[name], self.out / name)
+
+    def __exit__(self, *exc: object) -> None:
+        for name, tmp in self.tmp.items():
+            if name in self.files:
+                self.files[name].close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
-def _write_preview(op: Operation, out: Path, placed: list[_Placed], result: StageResult) -> None:
-    doc = {
-        "images": preview_rows(placed),
-        "dropped": [{"image": str(f.path), "reason": f.reason} for f in result.failed],
-    }
-    op.write_text(out / "buckets.json", json.dumps(doc, indent=1) + "\n")
+# -- the summary ---------------------------------------------------------------------------------
 
 
-def _first(names: Iterable[str], n: int = 20) -> str:
-    """At most n names, then how many more (buckets.json lists every image)."""
-    names = list(names)
-    more = f", ... and {len(names) - n} more (see buckets.json)" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
+@dataclass
+class _Names:
+    """How many, and the first few names (a summary never lists thousands of files)."""
+
+    count: int = 0
+    names: list[str] = field(default_factory=list)
+
+    def add(self, name: str, keep: int = 20) -> None:
+        self.count += 1
+        if len(self.names) < keep:
+            self.names.append(name)
+
+    def text(self, see: str = "") -> str:
+        more = f", ... and {self.count - len(self.names)} more{see}" if self.count > len(self.names) else ""
+        return ", ".join(self.names) + more
 
 
-def bucket_table(placed_buckets: list[tuple[int, int]]) -> list[str]:
-    counts = Counter(placed_buckets)
+@dataclass
+class _Tally:
+    """What the summary needs, kept across batches: counts and a few names, nothing per image."""
+
+    buckets: Counter = field(default_factory=Counter)
+    upscaled: _Names = field(default_factory=_Names)
+    cropped: _Names = field(default_factory=_Names)
+    white_masks: _Names = field(default_factory=_Names)
+
+    def add(self, batch: list[_Placed]) -> None:
+        for p in batch:
+            a = p.assignment
+            p.concept.placed += 1
+            self.buckets[a.bucket] += 1
+            if a.upscaled:
+                self.upscaled.add(f"{p.item.path.name} x{a.scale:.2f}")
+            if a.cropped_fraction > 0.1:
+                self.cropped.add(f"{p.item.path.name} {a.cropped_fraction:.0%}")
+
+
+def bucket_table(counts: Counter) -> list[str]:
+    """`  w x h  images` lines, the most used bucket first."""
     return [f"  {w:>5}x{h:<5} {n:>6}" for (w, h), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
-def _summarise(
-    result: StageResult, concepts: list[Concept], reg: list[Concept], placed: list[_Placed]
-) -> None:
+def _summary(concepts: list[Concept], tally: _Tally) -> list[str]:
     lines = ["concepts:"]
-    for c in concepts + reg:
-        n = sum(1 for p in placed if p.concept is c)
+    for c in concepts:
         kind = " (reg)" if c.is_reg else ""
-        lines.append(f"  {c.folder}{kind}: {n} images x {c.repeats} repeats = {n * c.repeats} samples/epoch")
+        lines.append(
+            f"  {c.folder}{kind}: {c.placed} images x {c.repeats} repeats = {c.placed * c.repeats} samples/epoch"
+        )
     lines.append("buckets (w x h, images):")
-    lines += bucket_table([p.assignment.bucket for p in placed])
-    up = [p for p in placed if p.assignment.upscaled]
-    if up:
+    lines += bucket_table(tally.buckets)
+    see = " (see buckets.json)"
+    if tally.upscaled.count:
+        lines.append(f"upscaled by the bucketer ({tally.upscaled.count}): " + tally.upscaled.text(see))
+    if tally.cropped.count:
+        lines.append(f"cropped over 10% ({tally.cropped.count}): " + tally.cropped.text(see))
+    white = tally.white_masks
+    if white.count == 1:
+        lines.append(f"  note: {white.names[0]} has no mask; wrote a full-loss (white) mask")
+    elif white.count:
         lines.append(
-            f"upscaled by the bucketer ({len(up)}): "
-            + _first(f"{p.item.path.name} x{p.assignment.scale:.2f}" for p in up)
+            f"  note: {white.count} images have no mask; wrote full-loss (white) masks: {white.text()}"
         )
-    heavy = [p for p in placed if p.assignment.cropped_fraction > 0.1]
-    if heavy:
-        lines.append(
-            f"cropped over 10% ({len(heavy)}): "
-            + _first(f"{p.item.path.name} {p.assignment.cropped_fraction:.0%}" for p in heavy)
-        )
-    result.notes[:0] = lines
+    return lines

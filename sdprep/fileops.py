@@ -11,6 +11,7 @@ and undo tolerates changes that never took place.
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import json
 import os
 import shutil
@@ -210,6 +211,28 @@ class Operation:
 
     def write_text(self, path: Path | str, text: str) -> None:
         self.write_bytes(path, text.encode("utf-8"))
+
+    def install(self, tmp: Path | str, path: Path | str) -> bool:
+        """Move the finished file `tmp` (e.g. streamed there) to `path`, keeping the old content for undo.
+
+        `tmp` must be on `path`'s filesystem (in the same folder). When `path` already holds the same
+        bytes (compared by streaming, never read whole) `tmp` is removed and `path` is left alone.
+        Returns whether `path` changed.
+        """
+        tmp, path = Path(tmp), Path(path).absolute()
+        if os.path.lexists(path):
+            if path.is_file() and filecmp.cmp(tmp, path, shallow=False):
+                os.unlink(tmp)
+                return False
+            self._record(Entry("write", self._rel(path), blob=self._keep(path)))
+        else:
+            self._record(Entry("create", self._rel(path)))
+        os.chmod(tmp, _mode_for(path))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        pause_point("change")
+        os.replace(tmp, path)
+        return True
 
     def write_many(self, files: list[tuple[Path | str, bytes]]) -> int:
         """Write many small files, in order, with one journal sync instead of two syncs per file.

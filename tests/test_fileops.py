@@ -142,3 +142,30 @@ def test_resume_latest_repairs_a_state_folder_caught_mid_swap(tmp_path):
     find_states(out)  # the state.json is not a real one: only the repair is checked here
     assert (out / "tiny-state" / "state.json").read_text() == "{}"
     assert not list(out.glob(".tiny-state.old-*"))
+
+
+def test_install_moves_a_streamed_file_in_and_undo_restores_the_old_one(tmp_path):
+    def streamed(text: str):
+        tmp = tmp_path / ".meta.json.tmp"
+        tmp.write_text(text)
+        tmp.chmod(0o600)  # as mkstemp makes it
+        return tmp
+
+    target = tmp_path / "meta.json"
+    with fileops.Journal(tmp_path).begin("one", []) as op:
+        assert op.install(streamed("first\n"), target)
+    assert target.read_text() == "first\n" and oct(target.stat().st_mode & 0o777) == oct(
+        0o666 & ~fileops._UMASK
+    )
+    target.chmod(0o640)
+    stamp = target.stat().st_mtime_ns
+    with fileops.Journal(tmp_path).begin("same", []) as op:
+        assert not op.install(streamed("first\n"), target)  # same bytes: nothing changes
+    assert target.stat().st_mtime_ns == stamp and not (tmp_path / ".meta.json.tmp").exists()
+    assert len(fileops.Journal(tmp_path).operations()) == 1  # the no-op run left nothing to undo
+    with fileops.Journal(tmp_path).begin("two", []) as op:
+        assert op.install(streamed("second, longer\n"), target)
+    assert target.read_text() == "second, longer\n" and target.stat().st_mode & 0o777 == 0o640
+    assert fileops.undo(tmp_path) == ("two", 1) and target.read_text() == "first\n"
+    assert fileops.undo(tmp_path) == ("one", 1) and not target.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".sdprep"]
