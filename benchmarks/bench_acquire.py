@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchutil import peak_rss_mb
 
 STAGES = ("rename", "convert", "dedup")
 
@@ -98,7 +99,7 @@ def worker(kind: str, stage: str, root: Path) -> None:
     start = time.perf_counter()
     count = (run_sdprep if kind == "sdprep" else run_baseline)(stage, root)
     seconds = time.perf_counter() - start
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_mb = peak_rss_mb()
     print(json.dumps({"seconds": seconds, "rss_mb": rss_mb, "count": count}))
 
 

@@ -17,13 +17,14 @@ import json
 import os
 import random
 import re
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchutil import peak_rss_mb
 
 PER_FOLDER = 1000
 WORK = Path(os.environ.get("SDPREP_BENCH_DIR", Path(tempfile.gettempdir()) / "sdprep-bench-captions"))
@@ -86,7 +87,7 @@ def child(name: str, root: str) -> None:
             if exc.code not in (0, None):
                 raise
     seconds = time.perf_counter() - start
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = peak_rss_mb()
     print(json.dumps({"seconds": seconds, "rss_mb": rss}), file=sys.stderr)
 
 

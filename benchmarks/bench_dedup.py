@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 
 import numpy as np
+from benchutil import peak_rss_mb
 
 CASES = {"random": (0.0, 1, 0), "clusters": (0.5, 300, 4), "one-blob": (0.5, 1, 3)}
 BLOCK = 512
@@ -88,7 +88,7 @@ def reference_group(hashes: list[int], threshold: int) -> list[list[int]]:
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mb()
 
 
 def worker(kind: str, case: str, n: int, threshold: int) -> None:

@@ -21,13 +21,14 @@ import contextlib
 import io
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchutil import peak_rss_mb
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("clean", "captions", "bucket", "report")
@@ -56,7 +57,7 @@ def child(stage: str, data: Path, work: Path) -> None:
         except SystemExit as exc:  # click's Exit(1) when a file failed
             code = int(exc.code or 0)
     seconds = time.perf_counter() - start
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_mb = peak_rss_mb()
     doc = {
         "seconds": seconds,
         "rss_mb": rss_mb,

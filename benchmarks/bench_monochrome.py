@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import tempfile
 import time
@@ -26,6 +25,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+from benchutil import peak_rss_mb  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from sdprep.prep import monochrome as mono  # noqa: E402
@@ -114,7 +114,7 @@ def main() -> None:
     print(f"  same label as the baseline on {len(paths) - len(mismatches)} of {len(paths)} images")
     for name, a, b in mismatches[:10]:
         print(f"    MISMATCH {name}: seed {a}, sdprep {b}")
-    print(f"  peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    print(f"  peak RSS {peak_rss_mb():.0f} MB")
     if mismatches:
         raise SystemExit(1)
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -31,14 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchutil import peak_rss_mb
+
 REPO = Path(__file__).resolve().parent.parent
 BATCH = 4
 SIDE = int(os.environ.get("SDPREP_BENCH_SIDE", "256"))  # training resolution (square)
 RANK = 8
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def make_data(root: Path, copies: int = 8, repeats: int = 4) -> Path:

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from benchutil import peak_rss_mb
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -149,7 +150,7 @@ def main() -> None:
         f"dataset build, {args.scan} images: baseline PIL header loop {scan_base:.2f} s, "
         f"sdprep build_dataset {scan_sdprep:.2f} s  ratio {scan_sdprep / scan_base:.2f}"
     )
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     print(f"peak RSS: {peak:.0f} MiB")
 
 
