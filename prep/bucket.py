@@ -226,8 +226,25 @@ class _Placed:
     mask: Path | None
 
 
-def _prepare(item: Item, concept: Concept, base: Path, opts: BucketOptions, buckets: list) -> _Placed | str:
-    """Read an image's size, caption and mask and assign its bucket; a str is why it is left out."""
+def _prepare(
+    item: Item,
+    concept: Concept,
+    base: Path,
+    opts: BucketOptions,
+    buckets: list,
+    names: set[str] | None = None,
+) -> _Placed | str:
+    """Read an image's size, caption and mask and assign its bucket; a str is why it is left out.
+
+    `names` (for concepts that gather subfolders into one folder) holds the names placed so far.
+    """
+    if names is not None:
+        if item.name in names:
+            return (
+                f"another image of {concept.source} (in another subfolder) is also named {item.name} "
+                f"and both would land in {base.name}/: rename one"
+            )
+        names.add(item.name)
     try:
         size = image_size(item.path)
         caption = read_caption(item)
@@ -258,6 +275,25 @@ def _has_own_mask(concept: Concept, opts: BucketOptions, buckets: list) -> bool:
         if item.mask_path().exists() and isinstance(_prepare(item, concept, Path(), opts, buckets), _Placed):
             return True
     return False
+
+
+def _output_folder(out: Path, concept: Concept) -> Path:
+    return out / ("reg" if concept.is_reg else "img") / concept.folder
+
+
+def _check_output_folders(concepts: list[Concept], out: Path) -> None:
+    """Two source folders must not become one output folder (same class tokens and repeats): their
+    images would mix and same-named ones overwrite each other, and kohya would read it twice."""
+    seen: dict[Path, Concept] = {}
+    for c in concepts:
+        folder = _output_folder(out, c)
+        if folder in seen:
+            raise ConfigError(
+                f"{seen[folder].source} and {c.source} would both become {folder}",
+                "give the folders different names (the name is part of the class tokens), "
+                "or bucket them in separate runs",
+            )
+        seen[folder] = c
 
 
 def _batches(concept: Concept) -> Iterator[list[Item]]:
@@ -299,6 +335,7 @@ def run_bucket(root: Path | str, opts: BucketOptions, *, report: Reporter = Null
     for concept, n in zip(reg_concepts, balance_reg_repeats(train_samples, [c.count for c in reg_concepts])):
         concept.repeats = n
     everything = concepts + reg_concepts
+    _check_output_folders(everything, out)
     buckets = make_buckets(opts.settings)
     masked = {id(c) for c in everything if _has_own_mask(c, opts, buckets)}
 
@@ -307,12 +344,13 @@ def run_bucket(root: Path | str, opts: BucketOptions, *, report: Reporter = Null
     with Journal(out).begin("bucket", [str(root), "-o", str(out)]) as op, _Outputs(out) as outputs:
         report.start(sum(c.count for c in everything), "bucket")
         for concept in everything:
-            base = out / ("reg" if concept.is_reg else "img") / concept.folder
+            base = _output_folder(out, concept)
+            names: set[str] | None = set() if concept.recursive else None  # subfolders share one folder
             for items in _batches(concept):
                 batch = []
                 for item in items:
                     report.advance()
-                    p = _prepare(item, concept, base, opts, buckets)
+                    p = _prepare(item, concept, base, opts, buckets, names)
                     if isinstance(p, str):
                         result.fail(item.path, p)
                     else:
@@ -378,7 +416,7 @@ def _write_dataset_toml(
     s = opts.settings
 
     def subset(c: Concept) -> dict:
-        folder = out / ("reg" if c.is_reg else "img") / c.folder
+        folder = _output_folder(out, c)
         sub = {
             "image_dir": str(folder),
             "num_repeats": c.repeats,

@@ -4,11 +4,13 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import tomllib
 from PIL import Image
 
 from sdprep.buckets import BucketSettings, assign_bucket
 from sdprep.cli import cli
+from sdprep.errors import ConfigError
 from sdprep.prep.bucket import BucketOptions, balance_reg_repeats, compute_repeats, run_bucket
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
@@ -211,3 +213,42 @@ def test_cli_errors(sample_dataset, tmp_path, cli_runner):
         cli, ["bucket", str(sample_dataset), "-o", str(tmp_path / "o"), "--token", "t", "--step", "48"]
     )
     assert res.exit_code == 1 and "not a multiple of 32" in res.output
+
+
+def test_two_folders_never_merge_into_one_output_folder(tmp_path):
+    """a/good and b/good both become `1_tok good`: same-named images would overwrite each other."""
+    data = tmp_path / "data"
+    for folder, colour in (("a/good", (200, 0, 0)), ("b/good", (0, 200, 0)), ("c", (0, 0, 200))):
+        (data / folder).mkdir(parents=True)
+        Image.new("RGB", (512, 512), colour).save(data / folder / "001.png")
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError) as err:
+        run_bucket(data, BucketOptions(out=out, token="tok"))
+    assert (
+        f"{data / 'a' / 'good'} and {data / 'b' / 'good'} would both become {out / 'img' / '1_tok good'}"
+        in str(err.value)
+    )
+    assert "different names" in err.value.hint
+    assert not out.exists()
+
+
+def test_same_name_in_two_subfolders_of_a_reg_folder_is_listed_not_overwritten(tmp_path):
+    data, reg = tmp_path / "data", tmp_path / "reg" / "woman"
+    data.mkdir()
+    Image.new("RGB", (512, 512)).save(data / "x.png")
+    for sub, colour in (("a", (10, 10, 10)), ("b", (250, 250, 250))):
+        (reg / sub).mkdir(parents=True)
+        Image.new("RGB", (512, 512), colour).save(reg / sub / "r.png")
+    Image.new("RGB", (512, 512)).save(reg / "b" / "s.png")
+    out = tmp_path / "out"
+    res = run_bucket(data, BucketOptions(out=out, token="tok", reg=(reg,)))
+    assert [(f.path, f.reason) for f in res.failed] == [
+        (
+            reg / "b" / "r.png",
+            f"another image of {reg} (in another subfolder) is also named r.png and both would land in "
+            f"{next((out / 'reg').iterdir()).name}/: rename one",
+        )
+    ]
+    (placed,) = (out / "reg").iterdir()
+    assert sorted(p.name for p in placed.glob("*.png")) == ["r.png", "s.png"]
+    assert Image.open(placed / "r.png").getpixel((0, 0)) == (10, 10, 10)  # the first one, kept
