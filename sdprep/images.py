@@ -62,10 +62,29 @@ def image_size(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
     with _open(path, max_pixels) as im:
         w, h = im.size
         try:
-            orientation = im.getexif().get(0x0112, 1)
+            if im.format == "PNG" and "exif" not in im.info:
+                orientation = _png_orientation(im.fp)  # Pillow's getexif would decode every pixel
+            else:
+                orientation = im.getexif().get(0x0112, 1)
         except Exception:  # noqa: BLE001 - broken EXIF blocks are common; the pixels may be fine
             orientation = 1
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def _png_orientation(fp) -> int:
+    """The EXIF orientation of a PNG whose eXIf chunk may come after the pixel data: chunk headers
+    are read and the data skipped, so nothing is decompressed (a few seeks instead of a decode)."""
+    fp.seek(8)  # after the signature
+    while len(head := fp.read(8)) == 8:
+        length, kind = int.from_bytes(head[:4], "big"), head[4:]
+        if kind == b"eXIf":
+            exif = Image.Exif()
+            exif.load(fp.read(length))
+            return exif.get(0x0112, 1)
+        if kind == b"IEND":
+            break
+        fp.seek(length + 4, os.SEEK_CUR)  # data and CRC
+    return 1
 
 
 def _to_8bit(im: Image.Image) -> Image.Image:

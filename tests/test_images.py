@@ -87,3 +87,35 @@ def test_animated_gif_first_frame(tmp_path):
     frames = [Image.new("RGB", (8, 8), c) for c in [(255, 0, 0), (0, 0, 255)]]
     frames[0].save(p, save_all=True, append_images=frames[1:])
     assert load_image(p).getpixel((0, 0))[0] > 200
+
+
+def _png_with_exif_chunk(path, orientation, where):
+    """A 40x20 PNG whose eXIf chunk (orientation) sits before or after the pixel data."""
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(buf, "PNG")
+    data = buf.getvalue()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    payload = exif.tobytes()
+    chunk = len(payload).to_bytes(4, "big") + b"eXIf" + payload
+    chunk += zlib.crc32(b"eXIf" + payload).to_bytes(4, "big")
+    at = data.index(b"IDAT") - 4 if where == "before" else data.index(b"IEND") - 4
+    path.write_bytes(data[:at] + chunk + data[at:])
+    return path
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_png_exif_orientation_read_without_decoding(tmp_path, monkeypatch, where):
+    path = _png_with_exif_chunk(tmp_path / "r.png", 6, where)
+    assert load_image(path).size == (20, 40)  # Pillow's reading of the same file
+
+    def no_decode(self, *a, **k):
+        raise AssertionError("image_size decoded the pixels")
+
+    from PIL import PngImagePlugin
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_decode)
+    assert image_size(path) == (20, 40)
+    assert image_size(_png_with_exif_chunk(tmp_path / "n.png", 1, where)) == (40, 20)
