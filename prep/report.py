@@ -10,10 +10,14 @@ appended. The HTML needs no server and no network: images are embedded as data U
 from __future__ import annotations
 
 import base64
+import contextlib
+import filecmp
 import html
 import io
 import json
+import os
 import tempfile
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +28,6 @@ from PIL import Image
 from sdprep.buckets import BucketSettings, assign_bucket
 from sdprep.dataset import Item, iter_items, read_caption, read_sidecar, sdprep_meta, split_tags
 from sdprep.errors import DatasetError, SdprepError
-from sdprep.fileops import atomic_write_text
 from sdprep.images import load_image
 from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import StageResult
@@ -165,55 +168,111 @@ def find_duplicates(hashes: list[tuple[int, int]], max_distance: int) -> list[li
     dedup's tiled search: memory stays flat (the former 1024 x N x 64-bit matrix took 1.3 GB at
     20,000 images).
     """
+    idx = [i for i, _ in hashes]
+    return [[idx[k] for k in g] for g in _groups([h for _, h in hashes], max_distance)]
+
+
+def _groups(hashes, max_distance: int) -> list[list[int]]:
+    """Positions in `hashes` (a list or an array('Q')) of the duplicate groups, sorted."""
     from sdprep.prep.dedup import group
 
-    idx = [i for i, _ in hashes]
-    return sorted(sorted(idx[k] for k in g) for g in group([h for _, h in hashes], max_distance))
+    return sorted(sorted(g) for g in group(hashes, max_distance))
 
 
-def _histogram(values: list[float], edges: list[float], labels: list[str]) -> list[tuple[str, int]]:
-    counts = [0] * len(labels)
-    for v in values:
-        for i in range(len(labels)):
-            if v < edges[i + 1] or i == len(labels) - 1:
-                counts[i] += 1
-                break
-    return list(zip(labels, counts))
+class Histogram:
+    """Counts of values per range: `edges[i] <= v < edges[i + 1]` is `labels[i]`, the last is open."""
+
+    def __init__(self, edges: list[float], labels: list[str]):
+        self.edges, self.labels, self.counts = edges, labels, [0] * len(labels)
+
+    def add(self, v: float) -> None:
+        last = len(self.labels) - 1
+        self.counts[next(i for i in range(last + 1) if i == last or v < self.edges[i + 1])] += 1
+
+    def items(self) -> list[tuple[str, int]]:
+        return list(zip(self.labels, self.counts))
 
 
-def summarise(rows: list[ImageRow], tag_counts: Counter, opts: ReportOptions) -> dict:
-    sizes = [r.size for r in rows if r.size]
-    mp = [w * h / 1e6 for w, h in sizes]
-    aspects = [w / h for w, h in sizes]
-    tokens = [r.tokens for r in rows if r.tokens is not None]
-    dup = find_duplicates(
-        [(i, r.phash) for i, r in enumerate(rows) if r.phash is not None], opts.duplicate_distance
-    )
-    mono = Counter(r.monochrome for r in rows if r.monochrome)
-    return {
-        "images": len(rows),
-        "captioned": sum(r.caption is not None for r in rows),
-        "with_mask": sum(r.mask_coverage is not None for r in rows),
-        "problems": sum(bool(r.problems) for r in rows),
-        "tags": tag_counts.most_common(),
-        "tag_count_per_caption": _histogram(
-            [r.tags for r in rows], [0, 1, 10, 20, 40, 1e9], ["0", "1-9", "10-19", "20-39", "40+"]
-        ),
-        "token_lengths": _histogram(tokens, [0, 76, 151, 226, 1e9], ["<=75", "76-150", "151-225", ">225"])
-        if tokens
-        else [],
-        "resolution_mp": _histogram(
-            mp, [0, 0.25, 0.5, 1.0, 2.0, 1e9], ["<0.25", "0.25-0.5", "0.5-1", "1-2", ">=2"]
-        ),
-        "aspect": _histogram(
-            aspects,
-            [0, 0.6, 0.9, 1.12, 1.7, 1e9],
-            ["tall <0.6", "portrait", "square", "landscape", "wide >1.7"],
-        ),
-        "buckets": Counter(f"{b[0]}x{b[1]}" for b in (r.bucket for r in rows) if b).most_common(),
-        "monochrome": dict(mono),
-        "duplicates": [[rows[i].path for i in g] for g in dup],
-    }
+class _Paths:
+    """Strings kept in a temporary file and read back by index (8 bytes of memory each)."""
+
+    def __init__(self, file):
+        self.file, self.starts, self.end = file, array("Q"), 0
+
+    def append(self, text: str) -> None:
+        data = text.encode("utf-8", "surrogatepass")
+        self.file.seek(self.end)
+        self.file.write(data)
+        self.starts.append(self.end)
+        self.end += len(data)
+
+    def __getitem__(self, i: int) -> str:
+        stop = self.starts[i + 1] if i + 1 < len(self.starts) else self.end
+        self.file.seek(self.starts[i])
+        return self.file.read(stop - self.starts[i]).decode("utf-8", "surrogatepass")
+
+
+class Summary:
+    """The report's summary tables, accumulated row by row.
+
+    Memory grows with distinct tags and buckets, not with images: counts and histograms only, the
+    pHashes 8 bytes each in an array, and the paths of hashed images in a temporary file.
+    """
+
+    def __init__(self, path_file):
+        self.images = self.captioned = self.with_mask = self.problems = 0
+        self.tags: Counter = Counter()
+        self.tag_count = Histogram([0, 1, 10, 20, 40, 1e9], ["0", "1-9", "10-19", "20-39", "40+"])
+        self.tokens = Histogram([0, 76, 151, 226, 1e9], ["<=75", "76-150", "151-225", ">225"])
+        self.any_tokens = False
+        self.mp = Histogram([0, 0.25, 0.5, 1.0, 2.0, 1e9], ["<0.25", "0.25-0.5", "0.5-1", "1-2", ">=2"])
+        self.aspect = Histogram(
+            [0, 0.6, 0.9, 1.12, 1.7, 1e9], ["tall <0.6", "portrait", "square", "landscape", "wide >1.7"]
+        )
+        self.buckets: Counter = Counter()
+        self.mono: Counter = Counter()
+        self.hashes = array("Q")
+        self.hashed = _Paths(path_file)
+
+    def add(self, r: ImageRow) -> None:
+        self.images += 1
+        self.captioned += r.caption is not None
+        self.with_mask += r.mask_coverage is not None
+        self.problems += bool(r.problems)
+        if r.caption:
+            self.tags.update(split_tags(r.caption))
+        self.tag_count.add(r.tags)
+        if r.tokens is not None:
+            self.any_tokens = True
+            self.tokens.add(r.tokens)
+        if r.size:
+            w, h = r.size
+            self.mp.add(w * h / 1e6)
+            self.aspect.add(w / h)
+        if r.bucket:
+            self.buckets[f"{r.bucket[0]}x{r.bucket[1]}"] += 1
+        if r.monochrome:
+            self.mono[r.monochrome] += 1
+        if r.phash is not None:
+            self.hashes.append(r.phash)
+            self.hashed.append(r.path)
+
+    def as_dict(self, opts: ReportOptions) -> dict:
+        dup = _groups(self.hashes, opts.duplicate_distance)
+        return {
+            "images": self.images,
+            "captioned": self.captioned,
+            "with_mask": self.with_mask,
+            "problems": self.problems,
+            "tags": self.tags.most_common(),
+            "tag_count_per_caption": self.tag_count.items(),
+            "token_lengths": self.tokens.items() if self.any_tokens else [],
+            "resolution_mp": self.mp.items(),
+            "aspect": self.aspect.items(),
+            "buckets": self.buckets.most_common(),
+            "monochrome": dict(self.mono),
+            "duplicates": [[self.hashed[k] for k in g] for g in dup],
+        }
 
 
 CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}h1{font-size:1.4em}
@@ -225,16 +284,22 @@ table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;p
 
 def _table(title: str, rows: list[tuple], headers: tuple[str, ...], bar: bool = False) -> str:
     top = max((r[1] for r in rows), default=1) or 1
-    out = [f"<div><h2>{html.escape(title)}</h2><table><tr>"]
-    out += [f"<th>{html.escape(h)}</th>" for h in headers]
-    out.append("</tr>")
-    for r in rows:
-        cells = "".join(f"<td>{html.escape(str(c))}</td>" for c in r)
-        if bar:
-            cells += f'<td><span class="bar" style="width:{int(200 * r[1] / top)}px"></span></td>'
-        out.append(f"<tr>{cells}</tr>")
-    out.append("</table></div>")
-    return "".join(out)
+    return _table_head(title, headers) + "".join(_table_row(r, bar, top) for r in rows) + _TABLE_END
+
+
+def _table_head(title: str, headers: tuple[str, ...]) -> str:
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    return f"<div><h2>{html.escape(title)}</h2><table><tr>{cells}</tr>"
+
+
+def _table_row(r: tuple, bar: bool = False, top: int = 1) -> str:
+    cells = "".join(f"<td>{html.escape(str(c))}</td>" for c in r)
+    if bar:
+        cells += f'<td><span class="bar" style="width:{int(200 * r[1] / top)}px"></span></td>'
+    return f"<tr>{cells}</tr>"
+
+
+_TABLE_END = "</table></div>"
 
 
 def _card(row: ImageRow, thumb: str, overlay: str) -> str:
@@ -264,50 +329,61 @@ def _card(row: ImageRow, thumb: str, overlay: str) -> str:
 
 
 def run_report(root: Path | str, opts: ReportOptions, *, report: Reporter = NullReporter()) -> StageResult:
-    """Write the report for the dataset at `root`; result.details holds the summary dict."""
+    """Write the report for the dataset at `root`; result.details holds the summary dict.
+
+    One streamed pass: per image only what the summary needs is kept (see `Summary`); the gallery
+    cards (HTML), the problem rows (HTML) or the per-image rows (JSON) go to temporary files.
+    """
     root = Path(root)
     out = Path(opts.out) if opts.out else root / ("report." + ("json" if opts.format == "json" else "html"))
     result = StageResult("report")
     count_tokens = _token_counter(opts.tokenizer)
-    rows: list[ImageRow] = []
-    tag_counts: Counter = Counter()
-    report.start(None, "report")
-    with tempfile.TemporaryFile("w+", encoding="utf-8") as gallery:
+    unreadable: list[str] = []
+    with contextlib.ExitStack() as stack:
+        gallery = stack.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8"))  # or JSON rows
+        problems = stack.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8"))
+        stats = Summary(stack.enter_context(tempfile.TemporaryFile("w+b")))
+        report.start(None, "report")
         for n, item in enumerate(iter_items(root, opts.recursive)):
-            row, thumb, overlay = analyse_item(item, opts, count_tokens, thumbs=n < opts.max_thumbs)
-            rows.append(row)
-            if row.caption:
-                tag_counts.update(split_tags(row.caption))
-            if opts.format == "html":
+            thumbs = opts.format == "html" and n < opts.max_thumbs
+            row, thumb, overlay = analyse_item(item, opts, count_tokens, thumbs=thumbs)
+            stats.add(row)
+            if opts.format == "json":
+                gallery.write((",\n  " if n else "") + _json_text(_row_json(row)).replace("\n", "\n  "))
+            else:
                 gallery.write(_card(row, thumb, overlay))
+                if row.problems:
+                    problems.write(_table_row((Path(row.path).name, "; ".join(row.problems))))
+            # unreadable files are failures: the report still lists them, the exit code says so
+            for e in row.errors:
+                parts = e.split(": ", 1)
+                result.fail(Path(row.path).parent / parts[0], parts[-1])
+                if len(unreadable) < MAX_LISTED:
+                    unreadable.append(f"  unreadable: {Path(row.path).parent / e}")
             report.advance()
         report.finish()
-        summary = summarise(rows, tag_counts, opts)
+        summary = stats.as_dict(opts)
+        gallery.seek(0)
+        problems.seek(0)
         if opts.format == "json":
-            doc = {"dataset": str(root), "summary": summary, "images": [_row_json(r) for r in rows]}
-            text = json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
-            changed = not out.exists() or out.read_text(encoding="utf-8") != text
-            if changed:
-                atomic_write_text(out, text)
+            changed = _publish(out, lambda f: _write_json(f, root, summary, gallery))
         else:
-            gallery.seek(0)
-            changed = _write_html(out, root, summary, rows, gallery, opts)
+            changed = _publish(out, lambda f: _write_html(f, root, summary, problems, gallery, opts))
     result.changed, result.skipped = (1, 0) if changed else (0, 1)
     result.details = {"summary": summary, "out": str(out)}
     result.notes.append(
         f"report: {out} ({summary['images']} images, {summary['problems']} with problems, "
         f"{len(summary['duplicates'])} duplicate groups)"
     )
-    for r in rows:  # unreadable files are failures: the report still lists them, the exit code says so
-        for e in r.errors:
-            result.fail(Path(r.path).parent / e.split(": ", 1)[0], e.split(": ", 1)[-1])
-    unreadable = [f"  unreadable: {Path(r.path).parent / e}" for r in rows for e in r.errors]
-    result.notes += unreadable[:MAX_LISTED]
-    if len(unreadable) > MAX_LISTED:
-        result.notes.append(
-            f"  ... and {len(unreadable) - MAX_LISTED} more unreadable files (see the report)"
-        )
+    result.notes += unreadable
+    more = len(result.failed) - len(unreadable)
+    if more > 0:
+        result.notes.append(f"  ... and {more} more unreadable files (see the report)")
     return result
+
+
+def _json_text(data) -> str:
+    return json.dumps(data, indent=1, ensure_ascii=False)
 
 
 def _row_json(r: ImageRow) -> dict:
@@ -316,60 +392,89 @@ def _row_json(r: ImageRow) -> dict:
     return d
 
 
-def _write_html(
-    out: Path, root: Path, summary: dict, rows: list[ImageRow], gallery, opts: ReportOptions
-) -> bool:
+def _publish(out: Path, write) -> bool:
+    """Write the report (`write(file)`) beside `out` and move it there atomically.
+
+    When `out` already holds the same bytes (compared in chunks, never read whole) it is left
+    alone, mtime included, and False is returned.
+    """
     tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        title = html.escape(f"sdprep report: {root}")
-        f.write(
-            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"/><title>{title}</title><style>{CSS}</style></head><body>'
-        )
-        f.write(
-            f"<h1>{title}</h1><p>{summary['images']} images, {summary['captioned']} captioned, "
-            f"{summary['with_mask']} with masks, {summary['problems']} with problems.</p>"
-        )
-        f.write('<div class="sec">')
-        f.write(
-            _table("Resolution (megapixels)", summary["resolution_mp"], ("range", "images", ""), bar=True)
-        )
-        f.write(_table("Aspect ratio", summary["aspect"], ("shape", "images", ""), bar=True))
-        f.write(_table("Buckets", summary["buckets"], ("bucket", "images", ""), bar=True))
-        f.write(
-            _table("Tags per caption", summary["tag_count_per_caption"], ("tags", "captions", ""), bar=True)
-        )
-        if summary["token_lengths"]:
-            f.write(
-                _table(
-                    "Caption length (CLIP tokens)",
-                    summary["token_lengths"],
-                    ("tokens", "captions", ""),
-                    bar=True,
-                )
-            )
-        mono = summary["monochrome"]
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if out.is_file() and filecmp.cmp(tmp, out, shallow=False):
+            os.unlink(tmp)
+            return False
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return True
+
+
+def _write_json(f, root: Path, summary: dict, rows) -> None:
+    """The JSON document `json.dumps(doc, indent=1)` would give, with the rows copied from `rows`."""
+    head = _json_text({"dataset": str(root), "summary": summary})[: -len("\n}")] + ',\n "images": ['
+    first = rows.read(1 << 20)
+    if not first:
+        f.write(head + "]\n}\n")
+        return
+    f.write(head + "\n  " + first)
+    _copy(rows, f)
+    f.write("\n ]\n}\n")
+
+
+def _write_html(f, root: Path, summary: dict, problems, gallery, opts: ReportOptions) -> None:
+    title = html.escape(f"sdprep report: {root}")
+    f.write(
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"/><title>{title}</title><style>{CSS}</style></head><body>'
+    )
+    f.write(
+        f"<h1>{title}</h1><p>{summary['images']} images, {summary['captioned']} captioned, "
+        f"{summary['with_mask']} with masks, {summary['problems']} with problems.</p>"
+    )
+    f.write('<div class="sec">')
+    f.write(_table("Resolution (megapixels)", summary["resolution_mp"], ("range", "images", ""), bar=True))
+    f.write(_table("Aspect ratio", summary["aspect"], ("shape", "images", ""), bar=True))
+    f.write(_table("Buckets", summary["buckets"], ("bucket", "images", ""), bar=True))
+    f.write(_table("Tags per caption", summary["tag_count_per_caption"], ("tags", "captions", ""), bar=True))
+    if summary["token_lengths"]:
         f.write(
             _table(
-                "Monochrome",
-                sorted(mono.items()) or [("(not analysed: run sdprep clean)", 0)],
-                ("label", "images"),
+                "Caption length (CLIP tokens)", summary["token_lengths"], ("tokens", "captions", ""), bar=True
             )
         )
-        f.write("</div>")
-        problems = [(Path(r.path).name, "; ".join(r.problems)) for r in rows if r.problems]
-        f.write(_table("Images with problems", problems or [("none", "")], ("image", "problems")))
-        dups = [(i + 1, ", ".join(Path(p).name for p in g)) for i, g in enumerate(summary["duplicates"])]
-        f.write(_table("Duplicates (perceptual hash)", dups or [("none", "")], ("group", "images")))
-        f.write(_table("Tag frequency", summary["tags"][:300], ("tag", "images", ""), bar=True))
-        f.write('<h2>Images</h2><div class="grid">')
-        while chunk := gallery.read(1 << 20):
-            f.write(chunk)
-        f.write("</div>")
-        if len(rows) > opts.max_thumbs:
-            f.write(f"<p>Thumbnails shown for the first {opts.max_thumbs} images only.</p>")
-        f.write("</body></html>\n")
-    if out.exists() and out.read_bytes() == tmp.read_bytes():
-        tmp.unlink()  # same report as last time: leave the file (and its mtime) alone
-        return False
-    tmp.replace(out)
-    return True
+    mono = summary["monochrome"]
+    f.write(
+        _table(
+            "Monochrome",
+            sorted(mono.items()) or [("(not analysed: run sdprep clean)", 0)],
+            ("label", "images"),
+        )
+    )
+    f.write("</div>")
+    f.write(_table_head("Images with problems", ("image", "problems")))
+    if not _copy(problems, f):
+        f.write(_table_row(("none", "")))
+    f.write(_TABLE_END)
+    dups = [(i + 1, ", ".join(Path(p).name for p in g)) for i, g in enumerate(summary["duplicates"])]
+    f.write(_table("Duplicates (perceptual hash)", dups or [("none", "")], ("group", "images")))
+    f.write(_table("Tag frequency", summary["tags"][:300], ("tag", "images", ""), bar=True))
+    f.write('<h2>Images</h2><div class="grid">')
+    _copy(gallery, f)
+    f.write("</div>")
+    if summary["images"] > opts.max_thumbs:
+        f.write(f"<p>Thumbnails shown for the first {opts.max_thumbs} images only.</p>")
+    f.write("</body></html>\n")
+
+
+def _copy(src, dst) -> bool:
+    """Copy a text file into another in chunks; False when `src` was empty."""
+    copied = False
+    while chunk := src.read(1 << 20):
+        dst.write(chunk)
+        copied = True
+    return copied

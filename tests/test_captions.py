@@ -201,3 +201,35 @@ def test_library_api_and_root_checks(folders: Path):
         check_roots([folders / "a", folders / "a"], False)
     with pytest.raises(ConfigError, match='unknown caption action "shuffle"'):
         make_edit("shuffle")
+
+
+def test_caption_files_order_shared_stems_and_orphans(tmp_path: Path):
+    """Listed by caption name; of images sharing a stem the first by name owns `<stem>.txt`."""
+    from collections import Counter
+
+    from sdprep.prep.captions import iter_caption_files
+
+    for name in ["a.png", "a.jpg", "a.q.png", "a-b.png", "c.png", "README.txt", ".hidden.png", "x."]:
+        (tmp_path / name).write_bytes(b"")
+    for name in ["a.txt", "a.TXT", "b.txt", "f.tar.gz.txt", "notes.TXT"]:
+        (tmp_path / name).write_text("t\n")
+    (tmp_path / "d.txt").mkdir()
+    (tmp_path / "l.png").symlink_to(tmp_path / "d.txt")
+    skipped: Counter = Counter()
+    files = iter_caption_files(tmp_path, False, True, skipped)
+    listed = [(cf.path.name, cf.image and cf.image.name) for cf in files]
+    assert listed == [
+        ("a-b.txt", "a-b.png"),
+        ("a.q.txt", "a.q.png"),
+        ("a.txt", "a.jpg"),  # a.png is listed once, as the caption is one file
+        ("b.txt", None),
+        ("c.txt", "c.png"),
+        ("f.tar.gz.txt", None),
+    ]  # a.TXT belongs to an image; README and notes are not captions
+    assert skipped == Counter({"not a caption (by name)": 2})
+    assert [cf.path.name for cf in iter_caption_files(tmp_path, False, False, Counter())] == [
+        "a-b.txt",
+        "a.q.txt",
+        "a.txt",
+        "c.txt",
+    ]

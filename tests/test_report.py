@@ -55,3 +55,56 @@ def test_find_duplicates_groups_by_hamming_distance():
     hashes = [(0, 0b0), (1, 0b111), (2, 0b1), (3, (1 << 63) | 0xFFFF)]
     assert find_duplicates(hashes, 3) == [[0, 1, 2]]
     assert find_duplicates(hashes, 0) == []
+
+
+def test_json_is_written_as_json_dumps_would(sample_dataset, tmp_path):
+    """The rows are streamed through a temporary file; the document is byte for byte json.dumps's."""
+    shutil.copy(sample_dataset / "h_wide.jpg", sample_dataset / "h wide\ncopy é.jpg")
+    (sample_dataset / "broken.png").write_bytes(b"")
+    out = tmp_path / "r.json"
+    res = run_report(sample_dataset, ReportOptions(out=out, format="json"))
+    text = out.read_text(encoding="utf-8")
+    doc = json.loads(text)
+    assert text == json.dumps(doc, indent=1, ensure_ascii=False) + "\n"
+    images = sorted(str(p) for p in sample_dataset.iterdir() if p.suffix in (".png", ".jpg", ".webp"))
+    assert [r["path"] for r in doc["images"]] == images
+    assert doc["summary"] == json.loads(json.dumps(res.details["summary"]))
+    names = [[p.rsplit("/", 1)[1] for p in g] for g in doc["summary"]["duplicates"]]
+    assert names == [["h wide\ncopy é.jpg", "h_wide.jpg"]]
+    assert [f.path.name for f in res.failed] == ["broken.png"]
+    again = run_report(sample_dataset, ReportOptions(out=out, format="json"))
+    assert (again.changed, again.skipped) == (0, 1)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run_report(empty, ReportOptions(out=out, format="json"))
+    text = out.read_text(encoding="utf-8")
+    assert text == json.dumps(json.loads(text), indent=1, ensure_ascii=False) + "\n"
+    assert '"images": []' in text
+
+
+def test_html_problem_table_and_many_unreadable_files(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (1024, 1024), "red").save(data / "good.png")
+    (data / "good.txt").write_text("1girl\n")
+    res = run_report(data, ReportOptions(out=tmp_path / "r.html"))
+    root = _parse_html((tmp_path / "r.html").read_text())
+    tables = {
+        div.find("h2").text: div.find("table") for div in root.iter("div") if div.find("h2") is not None
+    }
+    rows = [[td.text for td in tr.iter("td")] for tr in tables["Images with problems"].iter("tr")]
+    assert rows[1:] == [["none", None]] and res.ok
+
+    for i in range(53):
+        (data / f"bad{i:02d}.png").write_bytes(b"not an image")
+    res = run_report(data, ReportOptions(out=tmp_path / "r.html"))
+    root = _parse_html((tmp_path / "r.html").read_text())
+    tables = {
+        div.find("h2").text: div.find("table") for div in root.iter("div") if div.find("h2") is not None
+    }
+    rows = [[td.text for td in tr.iter("td")] for tr in tables["Images with problems"].iter("tr")]
+    assert [r[0] for r in rows[1:]] == [f"bad{i:02d}.png" for i in range(53)]
+    assert len(res.failed) == 53
+    assert res.notes[-1] == "  ... and 3 more unreadable files (see the report)"
+    assert sum(n.startswith("  unreadable: ") for n in res.notes) == 50
