@@ -166,7 +166,7 @@ def read_existing(path: Path) -> str | None:
 def read_sidecar_text(item: Item) -> tuple[dict, str | None]:
     """(sidecar dict, its current text) so a writer can skip unchanged sidecars."""
     data = read_sidecar(item)
-    return data, (read_text_file(item.sidecar_path) if item.sidecar_path.exists() else None)
+    return data, (read_text_file(item.sidecar_path) if os.path.exists(item.sidecar_path) else None)
 
 
 # -- which files are captions --------------------------------------------------------------------

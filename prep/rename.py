@@ -61,7 +61,7 @@ def companion_pairs(src: Path, dst: Path, masks: tuple[str, ...] = (MASK_DIR,)) 
     old, new = Item(src), Item(dst)
     candidates = [(old.caption_path, new.caption_path), (old.sidecar_path, new.sidecar_path)]
     candidates += [(old.mask_path(d), new.mask_path(d)) for d in masks]
-    return [(src, dst)] + [(a, b) for a, b in candidates if a != b and a.exists()]
+    return [(src, dst)] + [(a, b) for a, b in candidates if a != b and os.path.exists(a)]
 
 
 def natural_key(name: str) -> list:

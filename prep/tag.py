@@ -14,6 +14,7 @@ inference, a bounded window at a time; results are written per batch, so an inte
 from __future__ import annotations
 
 import dataclasses
+import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -362,7 +363,7 @@ class _Tagging:
         # The sidecar first: it records the caption being replaced ("base"). Killed between the two
         # writes, a re-run finds the old caption and that record and writes the caption; the other
         # order would record the new caption as the base and lose the old one.
-        if not p.item.sidecar_path.exists() or any(meta.get(k) != v for k, v in old.items()):
+        if not os.path.exists(p.item.sidecar_path) or any(meta.get(k) != v for k, v in old.items()):
             self._write(p.item.sidecar_path, dump_sidecar(p.sidecar))
             changed = True
         if new != p.caption or not p.item.caption_path.exists():

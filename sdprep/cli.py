@@ -12,7 +12,7 @@ import sys
 import click
 
 from sdprep import __version__
-from sdprep.errors import SdprepError
+from sdprep.errors import SdprepError, from_os_error
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "scrape": (
@@ -87,6 +87,10 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except SdprepError as exc:
             raise click.ClickException(str(exc)) from exc
+        except BrokenPipeError:
+            raise  # `sdprep ... | head`: click's own handling
+        except OSError as exc:  # the file system refused (disk full, permissions...): not a bug
+            raise click.ClickException(str(from_os_error(exc))) from exc
 
 
 class AppState:

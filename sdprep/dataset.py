@@ -96,7 +96,7 @@ class Item:
     def companions(self) -> list[Path]:
         """The existing files that belong to this image and must move or be copied with it."""
         paths = [self.caption_path, self.sidecar_path, self.mask_path()]
-        return [p for p in paths if p.exists()]
+        return [p for p in paths if os.path.exists(p)]  # never raises (e.g. ENAMETOOLONG)
 
 
 def discover(root: Path | str, recursive: bool = False) -> list[Item]:
@@ -259,7 +259,16 @@ def format_caption(text: str) -> str:
 def read_sidecar(item: Item) -> dict[str, Any]:
     """The sidecar dict ({} when there is none). Invalid JSON is a CaptionError naming the file."""
     path = item.sidecar_path
-    if not path.exists():
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:  # `<name>.<ext>.json` is 5 bytes over the image's name
+            raise CaptionError(
+                item.path,
+                f"file name too long: its sidecar's name would be {len(os.fsencode(path.name))} bytes, "
+                "over the file system's limit",
+                "shorten the file name (`sdprep rename DIR` gives short sequential names)",
+            ) from exc
         return {}
     text = read_text_file(path)
     try:

@@ -57,6 +57,32 @@ class TrainingError(SdprepError):
     """Training stopped (NaN loss, failed save check, bad resume state...)."""
 
 
+_OS_HINTS = {
+    "ENAMETOOLONG": "shorten the file name (`sdprep rename DIR` gives short sequential names)",
+    "ENOSPC": "free disk space and run the command again (it resumes; `sdprep undo` reverts)",
+    "EDQUOT": "free disk space (quota) and run the command again",
+    "EACCES": "fix the permissions (chmod / chown) of the file or its folder",
+    "EPERM": "fix the permissions (chmod / chown) of the file or its folder",
+    "EROFS": "the file system is read-only: copy the dataset somewhere writable",
+    "EIO": "the disk reported a read/write error: check the drive, copy the file elsewhere",
+}
+
+
+def from_os_error(exc: OSError, path: Path | str | None = None) -> DatasetError:
+    """A file-system error as a typed per-file error: the file it names, the reason and a hint.
+
+    `path` is the dataset file being processed when the OS error named another one (a companion).
+    """
+    import errno as errno_names
+
+    name = errno_names.errorcode.get(exc.errno or 0, "")
+    reason = exc.strerror or str(exc)
+    culprit = exc.filename
+    if culprit is not None and path is not None and Path(culprit) != Path(path):
+        reason = f"{reason}: {Path(culprit).name}"
+    return ImageError(path if path is not None else (culprit or "?"), reason, _OS_HINTS.get(name))
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     """Return 'did you mean "x"?' for the closest choice, or None when nothing is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from sdprep.errors import SdprepError
+from sdprep.errors import SdprepError, from_os_error
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -52,8 +52,9 @@ def map_items(
 ) -> Iterator[tuple[T, R | SdprepError]]:
     """Apply `fn` to each item, in order, serially or in a thread pool; SdprepErrors become values.
 
-    Per-file errors must never stop a run of 10,000 files, so a raised SdprepError is yielded in
-    place of the result. Other exceptions are bugs and propagate.
+    Per-file errors must never stop a run of 10,000 files, so a raised SdprepError, or an OSError
+    about one file (name too long, permission denied, I/O error), is yielded in place of the
+    result. Other exceptions are bugs and propagate.
     """
 
     def call(item: T) -> R | SdprepError:
@@ -61,6 +62,8 @@ def map_items(
             return fn(item)
         except SdprepError as exc:
             return exc
+        except OSError as exc:
+            return from_os_error(exc, getattr(item, "path", None))
 
     if workers <= 1:
         for item in items:

@@ -61,6 +61,43 @@ def test_library_error_becomes_error_and_exit_1(cli_runner, monkeypatch):
     assert res.output == "Error: data/x.png: broken\nHint: delete it\n"
 
 
+def test_file_system_error_becomes_error_with_a_hint(cli_runner, monkeypatch):
+    import errno
+
+    @click.command("full")
+    def full():
+        """Fail. Example: sdprep full"""
+        raise OSError(errno.ENOSPC, "No space left on device", "data/001.txt")
+
+    import sdprep.cli as cli_module
+
+    monkeypatch.setitem(cli_module.COMMANDS, "full", ("tests_full:full", "fails"))
+    monkeypatch.setitem(sys.modules, "tests_full", type(sys)("tests_full"))
+    sys.modules["tests_full"].full = full
+    res = cli_runner.invoke(cli, ["full"])
+    assert res.exit_code == 1
+    assert res.output == (
+        "Error: data/001.txt: No space left on device\n"
+        "Hint: free disk space and run the command again (it resumes; `sdprep undo` reverts)\n"
+    )
+
+
+def test_an_os_error_on_one_file_is_that_files_failure(tmp_path):
+    from sdprep.dataset import Item
+    from sdprep.stage import map_items
+
+    def read(item):
+        return item.path.read_bytes()
+
+    (tmp_path / "a.png").write_bytes(b"a")
+    items = [Item(tmp_path / "a.png"), Item(tmp_path / "gone.png")]
+    for workers in (1, 2):
+        (a, ok), (gone, err) = map_items(read, items, workers)
+        assert ok == b"a"
+        assert isinstance(err, DatasetError) and err.path == gone.path
+        assert err.reason == "No such file or directory"
+
+
 def test_usage_error_exit_2(cli_runner, tmp_path):
     assert cli_runner.invoke(cli, ["nosuchcommand"]).exit_code == 2
     assert cli_runner.invoke(cli, ["undo", str(tmp_path / "missing")]).exit_code == 2
