@@ -249,7 +249,9 @@ def _prepare(
         size = image_size(item.path)
         caption = read_caption(item)
     except SdprepError as exc:
-        return getattr(exc, "reason", str(exc))
+        reason = getattr(exc, "reason", str(exc))
+        culprit = getattr(exc, "path", item.path)
+        return reason if culprit == item.path else f"{culprit.name}: {reason}"  # e.g. its caption
     assignment = assign_bucket(*size, opts.settings, buckets)
     if assignment.dropped:
         return f"dropped: {assignment.dropped}"
