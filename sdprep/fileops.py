@@ -363,6 +363,56 @@ class Operation:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
+LOCK_FILE = "lock"
+_held: dict[str, tuple[int, int]] = {}  # dataset state dir -> (lock file descriptor, depth) in this process
+
+
+@contextlib.contextmanager
+def dataset_lock(root: Path | str, command: str) -> Iterator[None]:
+    """Hold the dataset's lock: one sdprep command changes a dataset at a time.
+
+    Another process holding it is a JournalError naming it (two commands interleaving their changes
+    would make `undo` restore the wrong bytes). The OS drops the lock when its process dies, even by
+    SIGKILL, so a crash never leaves a stale lock. Re-entrant within one process.
+    """
+    folder = state_dir(Path(root).absolute())
+    key = str(folder)
+    if key in _held:
+        fd, depth = _held[key]
+        _held[key] = (fd, depth + 1)
+        try:
+            yield
+        finally:
+            fd, depth = _held[key]
+            _held[key] = (fd, depth - 1)
+        return
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise JournalError(
+            f"{Path(root)} is being changed by another sdprep command ({holder})",
+            "wait for it to finish (or stop it), then run this command again",
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}: sdprep {command}".encode(), 0)
+    _held[key] = (fd, 1)
+    try:
+        yield
+    finally:
+        fd, depth = _held[key]
+        if depth <= 1:
+            del _held[key]
+            os.close(fd)  # releases the lock
+        else:
+            _held[key] = (fd, depth - 1)
+
+
 class Journal:
     """The list of operations recorded for one dataset root."""
 
@@ -373,6 +423,10 @@ class Journal:
     @contextlib.contextmanager
     def begin(self, command: str, argv: list[str] | None = None) -> Iterator[Operation]:
         """Start an operation; changes made through it are undoable as one step."""
+        with dataset_lock(self.root, command):
+            yield from self._begin(command, argv)
+
+    def _begin(self, command: str, argv: list[str] | None) -> Iterator[Operation]:
         self.dir.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         n = len(list(self.dir.iterdir()))
@@ -421,6 +475,13 @@ def _entries(folder: Path) -> list[Entry]:
 
 def undo(root: Path | str) -> tuple[str, int]:
     """Reverse the newest operation on `root`; returns (its description, number of changes reversed)."""
+    if not Journal(root).dir.is_dir():
+        return _undo(root)  # nothing to undo: says so without creating a lock file
+    with dataset_lock(root, "undo"):
+        return _undo(root)
+
+
+def _undo(root: Path | str) -> tuple[str, int]:
     journal = Journal(root)
     ops = journal.operations()
     if not ops:
@@ -469,6 +530,11 @@ def gc(root: Path | str, keep: int = 0) -> int:
     journal = Journal(root)
     if not journal.dir.is_dir():
         return 0
+    with dataset_lock(root, "gc"):
+        return _gc(journal, keep)
+
+
+def _gc(journal: Journal, keep: int) -> int:
     folders = sorted(p for p in journal.dir.iterdir() if p.is_dir())
     doomed = folders[: max(0, len(folders) - keep)]
     for folder in doomed:

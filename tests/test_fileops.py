@@ -169,3 +169,44 @@ def test_install_moves_a_streamed_file_in_and_undo_restores_the_old_one(tmp_path
     assert fileops.undo(tmp_path) == ("two", 1) and target.read_text() == "first\n"
     assert fileops.undo(tmp_path) == ("one", 1) and not target.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".sdprep"]
+
+
+def test_one_command_changes_a_dataset_at_a_time(tmp_path):
+    """A second process gets a clear error naming the first; a SIGKILLed holder leaves no stale lock."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "data"
+    data.mkdir()
+    marker = tmp_path / "locked"
+    code = (
+        "import sys, time; from pathlib import Path; from sdprep import fileops\n"
+        "with fileops.Journal(sys.argv[1]).begin('tag'):\n"
+        "    Path(sys.argv[2]).write_text('x')\n"
+        "    time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(data), str(marker)])
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(JournalError) as err, fileops.Journal(data).begin("clean") as op:
+            op.write_text(data / "a.txt", "never written")
+        assert f"is being changed by another sdprep command (pid {proc.pid}: sdprep tag)" in str(err.value)
+        assert not (data / "a.txt").exists()
+        with pytest.raises(JournalError, match="another sdprep command"):
+            fileops.undo(data)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    with fileops.Journal(data).begin("clean") as op:  # the dead holder's lock is gone
+        with fileops.Journal(data).begin("nested") as inner:  # re-entrant in one process
+            inner.write_text(data / "b.txt", "b")
+        op.write_text(data / "a.txt", "a")
+    assert (data / "a.txt").read_text() == "a"
+    fileops.undo(data)  # the nested operation started last
+    assert not (data / "b.txt").exists()
+    fileops.undo(data)
+    assert not (data / "a.txt").exists()
