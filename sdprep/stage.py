@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,6 +48,10 @@ class StageResult:
         return "\n".join(lines)
 
 
+# File-system errors that are about the disk, not one file: the run stops instead of listing them all.
+WHOLE_RUN_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
 def map_items(
     fn: Callable[[T], R], items: Iterable[T], workers: int = 1
 ) -> Iterator[tuple[T, R | SdprepError]]:
@@ -63,6 +68,8 @@ def map_items(
         except SdprepError as exc:
             return exc
         except OSError as exc:
+            if exc.errno in WHOLE_RUN_ERRNOS:
+                raise  # every next file would fail the same way: stop (the CLI says how to go on)
             return from_os_error(exc, getattr(item, "path", None))
 
     if workers <= 1:

@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import click
+import pytest
 
 from sdprep.cli import COMMANDS, cli
 from sdprep.errors import DatasetError
@@ -83,6 +84,8 @@ def test_file_system_error_becomes_error_with_a_hint(cli_runner, monkeypatch):
 
 
 def test_an_os_error_on_one_file_is_that_files_failure(tmp_path):
+    import errno
+
     from sdprep.dataset import Item
     from sdprep.stage import map_items
 
@@ -96,6 +99,12 @@ def test_an_os_error_on_one_file_is_that_files_failure(tmp_path):
         assert ok == b"a"
         assert isinstance(err, DatasetError) and err.path == gone.path
         assert err.reason == "No such file or directory"
+
+    def full(item):
+        raise OSError(errno.ENOSPC, "No space left on device", str(item.path))
+
+    with pytest.raises(OSError):  # the disk, not the file: stop rather than fail every next file
+        list(map_items(full, items))
 
 
 def test_usage_error_exit_2(cli_runner, tmp_path):
