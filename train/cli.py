@@ -133,7 +133,11 @@ Example:
     type=click.Choice(["lora", "ti", "finetune"]),
     help="Force the method (default: from the keys, as kohya).",
 )
-@click.option("--resume", metavar="DIR|latest", help="Continue from a saved training state folder.")
+@click.option(
+    "--resume",
+    metavar="DIR|latest",
+    help="Continue from a saved training state folder (Ctrl-C saves one at the end of the current step).",
+)
 @click.option(
     "--preflight", is_flag=True, help="Run the config for a few steps on a tiny model to catch errors first."
 )

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdprep.errors import ConfigError, TrainingError
+from sdprep.errors import ConfigError, SdprepError, TrainingError
 from sdprep.train.callbacks import RecordingCallbacks, TrainCallbacks, TrainResult
+from sdprep.train.interrupt import StopRequest
 from sdprep.train.outputs import TrainerOutputs
 from sdprep.train.save import changed_settings
 
@@ -139,6 +140,7 @@ class Trainer(TrainerOutputs):
         self.notes: list[str] = []
         self.pos = Position()
         self.result = TrainResult(method=self.method_name, output=None)
+        self.stop = StopRequest()
         self._rng_to_restore: dict | None = None
         self.record_filter: Any = None  # preflight: train on a subset of the images
 
@@ -443,10 +445,15 @@ class Trainer(TrainerOutputs):
     # -- training --------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        """Train to the end and return what was written. Call after `setup()`."""
+        """Train to the end and return what was written. Call after `setup()`.
+
+        Ctrl-C stops at the end of the current step and saves the state (a second Ctrl-C stops at
+        once); a file that cannot be loaded mid-run also stops with the progress saved.
+        """
         started = time.perf_counter()
         try:
-            self._loop()
+            with self.stop.catch_interrupt(enabled=self.num_processes == 1):
+                self._loop()
             self._finish()
         finally:
             self.log.close()
@@ -477,11 +484,18 @@ class Trainer(TrainerOutputs):
             batches = self.dataset.batches(
                 epoch, skip=skip, num_shards=self.num_processes, shard=self.rank, prefetch=self._prefetch()
             )
-            for group in _groups(batches, accum):
+            groups = _groups(batches, accum)
+            while self.pos.step < self.total_steps:
+                if self.stop.requested:
+                    raise self._rescue("interrupted (Ctrl-C)", "nothing was lost")
+                try:
+                    group = next(groups)  # loads the images: a file may be bad or gone
+                except StopIteration:
+                    break
+                except SdprepError as exc:
+                    raise self._rescue(exc.message, exc.hint or "fix or remove the file") from exc
                 loss = self._step(group)
                 self._after_step(loss)
-                if self.pos.step >= self.total_steps:
-                    break
             if self.pos.epoch_step < self.steps_per_epoch:
                 if self.pos.step < self.total_steps:
                     raise TrainingError(

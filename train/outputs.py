@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sdprep.errors import TrainingError
 from sdprep.train.save import config_hash
 
 
@@ -38,13 +39,15 @@ class TrainerOutputs:
             "vae_name": Path(cfg.vae).name if cfg.vae else None,
         }
 
-    def _save(self, *, step: int | None = None, epoch: int | None = None, final: bool = False) -> None:
+    def _save(
+        self, *, step: int | None = None, epoch: int | None = None, final: bool = False, state: bool = False
+    ) -> None:
         """Write, verify and report the weights (and the state when asked); main process only."""
         from sdprep.train.save import save_dtype, save_weights, weights_name
 
         cfg = self.cfg
         self.accelerator.wait_for_everyone()
-        want_state = cfg.save_state or (final and cfg.save_state_on_train_end)
+        want_state = state or cfg.save_state or (final and cfg.save_state_on_train_end)
         rngs = self._gather_rng() if want_state else None  # a collective: every process calls it
         if self.accelerator.is_main_process:
             suffix = self.method.output_suffix()
@@ -66,6 +69,19 @@ class TrainerOutputs:
                 self._save_state(step=step, epoch=epoch, final=final, rngs=rngs)
             self._prune(step=step, epoch=epoch)
         self.accelerator.wait_for_everyone()
+
+    def _rescue(self, why: str, hint: str) -> TrainingError:
+        """Save weights and state at the last finished step, then say how to go on (a run stopped by a
+        bad file or Ctrl-C keeps its progress). One process only: others would wait in collectives."""
+        step = self.pos.step
+        if step == 0 or self.num_processes > 1:
+            return TrainingError(why, hint)
+        self._save(step=step, state=True)
+        state = self.result.states[-1].name
+        return TrainingError(
+            f"{why}; stopped after step {step} of {self.total_steps}, progress saved ({state})",
+            f"{hint}, then run the same command with --resume latest",
+        )
 
     def _metadata(self, label: str | None) -> dict[str, str]:
         from sdprep.train.save import kohya_metadata, modelspec
