@@ -189,3 +189,20 @@ def test_disk_cache_split_across_processes(data: Path, vae):
     assert (a.encoded, a.skipped) == (2, 2) and (b.encoded, b.reused) == (2, 2)
     after_barrier = cache_latents(build_dataset(cfg), vae, num_shards=2, shard=0)
     assert (after_barrier.encoded, after_barrier.reused) == (0, 4)
+
+
+def test_every_image_that_cannot_be_loaded_is_listed_and_the_good_ones_stay_cached(data: Path, vae):
+    from sdprep.errors import DatasetError
+
+    concept = data / "2_tok"
+    for name in ("a_landscape.jpg", "b_portrait.png"):  # headers intact: the scan keeps them
+        raw = (concept / name).read_bytes()
+        (concept / name).write_bytes(raw[: len(raw) * 2 // 3])
+    cfg = _cfg(data, cache_latents=True, cache_latents_to_disk=True)
+    with pytest.raises(DatasetError) as err:
+        cache_latents(build_dataset(cfg), vae)
+    assert str(err.value).startswith("2 training images cannot be loaded:\n")
+    for name in ("a_landscape.jpg", "b_portrait.png"):
+        assert f"  {concept / name}: truncated or corrupt image data" in err.value.message
+    assert "latents encoded so far are kept on disk" in err.value.hint
+    assert len(_files(data)) == 2  # the two good images were encoded anyway

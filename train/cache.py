@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdprep.errors import ConfigError
+from sdprep.errors import ConfigError, DatasetError, SdprepError
 from sdprep.fileops import atomic_write_bytes
 from sdprep.progress import NullReporter, Reporter
 from sdprep.train.data import TrainDataset
@@ -203,9 +203,33 @@ def _check_latent_cacheable(ds: TrainDataset) -> None:
         )
 
 
-def _encode_group(ds: TrainDataset, vae: Any, group: list[tuple[int, str]]) -> list[dict]:
+def _load_group(
+    ds: TrainDataset, group: list[tuple[int, str]], bad: list[tuple[Path, str]]
+) -> tuple[list[tuple[int, str]], list]:
+    """Load the images of a group; one that cannot be loaded goes to `bad` (all are listed at the end)."""
+    kept, loaded = [], []
+    for i, key in group:
+        try:
+            loaded.append(ds.load_sample(i, crop_offsets(ds.records[i].assignment)))
+        except SdprepError as exc:
+            bad.append((ds.records[i].path, getattr(exc, "reason", exc.message)))
+            continue
+        kept.append((i, key))
+    return kept, loaded
+
+
+def _unloadable(bad: list[tuple[Path, str]], to_disk: bool) -> DatasetError:
+    listing = "\n".join(f"  {path}: {reason}" for path, reason in bad[:50])
+    more = f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
+    kept = "; the latents encoded so far are kept on disk" if to_disk else ""
+    return DatasetError(
+        f"{len(bad)} training image{'s' if len(bad) > 1 else ''} cannot be loaded:\n{listing}{more}",
+        f"re-download, fix or delete them (`sdprep convert DIR` lists truncated files){kept}, then run again",
+    )
+
+
+def _encode_group(ds: TrainDataset, vae: Any, group: list[tuple[int, str]], loaded: list) -> list[dict]:
     """Encode records of one bucket: latents, flipped latents when flip_aug, processed mask."""
-    loaded = [ds.load_sample(i, crop_offsets(ds.records[i].assignment)) for i, _ in group]
     pixels = torch.stack([torch.from_numpy(np.ascontiguousarray(p)).permute(2, 0, 1) for p, _ in loaded])
     pixels = pixels.float() / 127.5 - 1.0
     latents = encode_latents(vae, pixels, [_generator(key, 0) for _, key in group])
@@ -275,6 +299,7 @@ def cache_latents(
     report.start(len(todo), "caching latents")
     vae_was_training = vae.training
     vae.eval()
+    bad: list[tuple[Path, str]] = []
     j = 0
     while j < len(todo):
         bucket = dataset.records[todo[j][0]].assignment.bucket
@@ -284,7 +309,12 @@ def cache_latents(
             if dataset.records[nxt[0]].assignment.bucket != bucket:
                 break
             group.append(nxt)
-        for (i, key), entry in zip(group, _encode_group(dataset, vae, group)):
+        j += len(group)
+        report.advance(len(group))
+        group, loaded = _load_group(dataset, group, bad)
+        if not group:
+            continue
+        for (i, key), entry in zip(group, _encode_group(dataset, vae, group, loaded)):
             rec = dataset.records[i]
             if to_disk:
                 path = _cache_path(rec, "latents", cache_dir)
@@ -293,10 +323,10 @@ def cache_latents(
             else:
                 rec.latents = {**entry, "key": key}
             stats.encoded += 1
-        j += len(group)
-        report.advance(len(group))
     report.finish()
     vae.train(vae_was_training)
+    if bad:
+        raise _unloadable(bad, to_disk)
     return stats
 
 
