@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image, ImageColor
 
-from sdprep.dataset import Item, iter_items
+from sdprep.dataset import Item, iter_items, loads_json
 from sdprep.errors import ConfigError, ImageError, unknown_choice
 from sdprep.fileops import Journal, Operation, atomic_write_text, state_dir
 from sdprep.images import load_image, open_image
@@ -211,7 +211,7 @@ def _work(item: Item, opts: ConvertOptions, verified: list[int] | None) -> tuple
 def load_verified(root: Path) -> dict[str, list[int]]:
     """Relative path -> file key of the images an earlier run decoded to the end ({} if unknown)."""
     try:
-        data = json.loads((state_dir(root) / VERIFIED_FILE).read_text(encoding="utf-8"))
+        data = loads_json((state_dir(root) / VERIFIED_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     if not isinstance(data, dict) or data.get("version") != VERIFY_VERSION:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdprep.dataset import REJECTED_DIR, Item, dump_sidecar, is_image, sdprep_meta
+from sdprep.dataset import REJECTED_DIR, Item, dump_sidecar, is_image, loads_json, sdprep_meta
 from sdprep.errors import ConfigError, DatasetError, ImageError, SdprepError
 from sdprep.fileops import Journal, Operation, state_dir
 from sdprep.images import image_size
@@ -163,13 +163,13 @@ def _strip_forced(conf: Any) -> Any:
 def _load_user_config(gconfig, path: Path) -> None:
     """Load a gallery-dl config file (logins, site options) minus the keys sdprep controls."""
     try:
-        json.loads(path.read_text(encoding="utf-8"))
+        loads_json(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"--config {path}: cannot read ({exc.strerror})") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         line = getattr(exc, "lineno", "?")
         raise ConfigError(f"--config {path}: not a valid JSON gallery-dl config (line {line})") from exc
-    gconfig.load([str(path)], strict=False, loads=lambda text: _strip_forced(json.loads(text)))
+    gconfig.load([str(path)], strict=False, loads=lambda text: _strip_forced(loads_json(text)))
 
 
 def configure(gconfig, opts: ScrapeOptions, incoming: Path, archive: Path) -> None:
@@ -311,7 +311,7 @@ class Intake:
                 return
             if not path.is_file():
                 return
-            meta = json.loads(side_src.read_text(encoding="utf-8")) if side_src.is_file() else {}
+            meta = loads_json(side_src.read_text(encoding="utf-8")) if side_src.is_file() else {}
             booru = booru_metadata(meta)
             self._place(path, meta, booru, self.verdict(path, booru))
         except (OSError, json.JSONDecodeError, SdprepError) as exc:  # never raise into gallery-dl

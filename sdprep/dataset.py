@@ -209,13 +209,27 @@ def unsafe_reason(path: Path | str) -> str | None:
 # -- captions --------------------------------------------------------------------------------
 
 
-def read_text_file(path: Path) -> str:
-    """Read a caption-like text file: UTF-8 (a BOM is dropped); anything else is a CaptionError."""
+TEXT_MAX_BYTES = 16 << 20  # a caption or sidecar bigger than this is not one (and would fill memory)
+
+
+def read_text_file(path: Path, max_bytes: int | None = TEXT_MAX_BYTES) -> str:
+    """Read a caption-like text file: UTF-8 (a BOM is dropped); anything else is a CaptionError.
+
+    Files over `max_bytes` are refused before reading (None: no limit, for kohya metadata files).
+    """
     problem = unsafe_reason(path)
     if problem:
         raise CaptionError(path, problem, UNSAFE_HINT)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if max_bytes is not None and size > max_bytes:
+                raise CaptionError(
+                    path,
+                    f"{size:,} bytes: too large for a caption or sidecar (the limit is {max_bytes:,})",
+                    "this is not a caption: move it out of the dataset",
+                )
+            raw = f.read()
     except OSError as exc:
         raise CaptionError(path, f"cannot read ({exc.strerror})") from exc
     try:
@@ -226,6 +240,16 @@ def read_text_file(path: Path) -> str:
             f"not UTF-8 text (byte {exc.start})",
             "re-save the file as UTF-8; sdprep will not rewrite it",
         ) from exc
+
+
+def loads_json(text: str | bytes) -> Any:
+    """`json.loads`, with nesting too deep for the parser (a JSON bomb) a JSONDecodeError like any
+    other invalid JSON, instead of a RecursionError that would crash the command."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        shown = text[:200] if isinstance(text, str) else text[:200].decode("utf-8", "replace")
+        raise json.JSONDecodeError("nested too deeply", shown, 0) from None
 
 
 def read_caption(item: Item) -> str | None:
@@ -272,7 +296,7 @@ def read_sidecar(item: Item) -> dict[str, Any]:
         return {}
     text = read_text_file(path)
     try:
-        data = json.loads(text) if text.strip() else {}
+        data = loads_json(text) if text.strip() else {}
     except json.JSONDecodeError as exc:
         raise CaptionError(
             path,

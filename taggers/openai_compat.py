@@ -26,6 +26,7 @@ from typing import Any
 
 from PIL import Image
 
+from sdprep.dataset import loads_json
 from sdprep.errors import ConfigError, ModelError
 from sdprep.taggers.base import CAPTIONERS
 
@@ -302,7 +303,7 @@ class OpenAICaptioner:
 
     def _parse(self, raw: bytes) -> str:
         try:
-            answer = json.loads(raw)
+            answer = loads_json(raw)
             content = answer["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
             snippet = self._redact(raw[:200].decode("utf-8", "replace"))
@@ -318,7 +319,7 @@ class OpenAICaptioner:
 def _error_detail(body: str) -> str:
     """The message of an OpenAI-style error body, else the start of the body, on one line."""
     try:
-        data = json.loads(body)
+        data = loads_json(body)
         error = data.get("error", data) if isinstance(data, dict) else data
         text = error.get("message", "") if isinstance(error, dict) else str(error)
     except ValueError:

@@ -65,6 +65,22 @@ def test_invalid_sidecar_and_caption_encodings(tmp_path):
     assert read_caption(item) == "one, two"
 
 
+def test_json_bombs_and_huge_text_files_are_bad_files_not_crashes(tmp_path, monkeypatch):
+    from sdprep import dataset
+
+    item = Item(tmp_path / "x.png")
+    item.sidecar_path.write_text("[" * 100_000 + "]" * 100_000)  # RecursionError in json.loads
+    with pytest.raises(CaptionError, match=r"x.png.json: invalid JSON \(line 1: nested too deeply\)"):
+        read_sidecar(item)
+    monkeypatch.setattr(dataset, "TEXT_MAX_BYTES", 1000)
+    monkeypatch.setattr(dataset.read_text_file, "__defaults__", (1000,))
+    item.caption_path.write_text("tag, " * 1000)
+    with pytest.raises(CaptionError) as err:
+        read_caption(item)
+    assert err.value.reason == "5,000 bytes: too large for a caption or sidecar (the limit is 1,000)"
+    assert "move it out of the dataset" in err.value.hint
+
+
 def test_split_tags_normalises():
     assert split_tags(" a ,b,,  c  d ,\n") == ["a", "b", "c d"]
     assert split_tags(", , ,") == []

@@ -235,6 +235,13 @@ def test_not_a_chat_completion(server):
     assert "<html>hello</html>" in err.value.message
 
 
+def test_a_json_bomb_answer_is_an_unexpected_answer_not_a_crash(server):
+    server.script = [Reply(200, "[" * 100_000 + "]" * 100_000)]
+    cap = load_captioner(f"openai:{server.url}#m", **fast())
+    with pytest.raises(CaptionRequestError, match="unexpected answer"):
+        cap.caption(pictures()[:1], ["x"])
+
+
 def test_concurrency_is_bounded(server):
     server.hold = 0.2
     cap = load_captioner(f"openai:{server.url}#m", concurrency=2, **fast())

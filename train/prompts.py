@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdprep.dataset import loads_json
 from sdprep.errors import ConfigError, did_you_mean, unknown_choice
 
 # kohya sampler name -> (diffusers scheduler class, extra config)
@@ -199,7 +200,7 @@ def load_prompts(path: Path | str, *, defaults: SamplePrompt | None = None) -> l
         ]
     if suffix == ".json":
         try:
-            items = json.loads(text)
+            items = loads_json(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}: invalid JSON: {exc}") from None
         if not isinstance(items, list):

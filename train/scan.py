@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sdprep.buckets import Assignment, BucketSettings, assign_bucket, make_buckets
-from sdprep.dataset import MASK_DIR, discover, is_image, read_text_file
+from sdprep.dataset import MASK_DIR, discover, is_image, loads_json, read_text_file
 from sdprep.errors import CaptionError, ConfigError, DatasetError, SdprepError
 from sdprep.images import image_size
 from sdprep.progress import Reporter
@@ -154,7 +154,7 @@ def _ft_images(spec: SubsetSpec, findings: Findings) -> list[_Found]:
     """A fine-tuning subset: captions from the metadata JSON; unlisted images are reported."""
     path = spec.metadata_file
     try:
-        data = json.loads(read_text_file(path))
+        data = loads_json(read_text_file(path, max_bytes=None))
     except (CaptionError, FileNotFoundError) as exc:
         raise ConfigError(f"{spec.origin}: metadata_file {path}: cannot read it ({exc})") from exc
     except json.JSONDecodeError as exc:
