@@ -40,6 +40,8 @@ def load_toml(path: Path | str) -> dict[str, Any]:
         raise ConfigError(
             f"{path}: invalid TOML: {exc}", "check quotes, commas and brackets on that line"
         ) from exc
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid TOML: arrays or tables nested too deeply") from None
 
 
 def parse_value(text: str) -> Any:

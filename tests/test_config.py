@@ -58,3 +58,12 @@ def test_bad_toml_names_file(tmp_path):
     p.write_text("x = = 1\n")
     with pytest.raises(ConfigError, match="bad.toml: invalid TOML"):
         load_toml(p)
+
+
+def test_a_toml_nested_too_deeply_is_a_config_error(tmp_path):
+    from sdprep.config import load_toml
+
+    path = tmp_path / "bomb.toml"
+    path.write_text("a = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigError, match="bomb.toml: invalid TOML: arrays or tables nested too deeply"):
+        load_toml(path)
