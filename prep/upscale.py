@@ -23,7 +23,7 @@ from PIL import Image
 from sdprep.dataset import Item, dump_sidecar, iter_items, read_sidecar, sdprep_meta
 from sdprep.errors import ConfigError, ImageError, ModelError
 from sdprep.fileops import Journal
-from sdprep.images import image_size, load_image
+from sdprep.images import image_size, load_image, open_image
 from sdprep.prep.convert import GREY_MODES, save_bytes
 from sdprep.prep.rename import mask_dirs
 from sdprep.progress import NullReporter, Reporter
@@ -130,7 +130,7 @@ def prepare(item: Item, opts: UpscaleOptions, upscaler: Callable[[], object | No
     if size is None:
         return None
     sidecar = read_sidecar(item)  # a broken sidecar fails this file before anything is written
-    with Image.open(item.path) as probe:
+    with open_image(item.path) as probe:
         fmt, mode, icc = probe.format, probe.mode, probe.info.get("icc_profile")
         transparent = mode in ("RGBA", "LA", "PA") or "transparency" in probe.info
     if fmt not in WRITABLE:

@@ -38,6 +38,9 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         raise ImageError(path, reason, "delete or replace the file") from exc
     except OSError as exc:
         raise ImageError(path, f"cannot open ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - a malformed file can make any plugin raise anything
+        # e.g. ValueError for a zTXt chunk that inflates past Pillow's limit (a text bomb)
+        raise ImageError(path, f"corrupt image header ({exc})", "re-download or delete the file") from exc
     w, h = im.size
     if w <= 0 or h <= 0:
         raise ImageError(path, f"invalid size {w}x{h}")
@@ -125,7 +128,7 @@ def load_image(
             im.seek(0)
             im.load()
             im = ImageOps.exif_transpose(im) or im
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except Exception as exc:  # noqa: BLE001 - OSError, SyntaxError, ValueError, EOFError... from any plugin
         raise ImageError(
             path, f"truncated or corrupt image data ({exc})", "re-download or delete the file"
         ) from exc

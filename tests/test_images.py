@@ -119,3 +119,21 @@ def test_png_exif_orientation_read_without_decoding(tmp_path, monkeypatch, where
     monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_decode)
     assert image_size(path) == (20, 40)
     assert image_size(_png_with_exif_chunk(tmp_path / "n.png", 1, where)) == (40, 20)
+
+
+def test_a_text_chunk_bomb_is_a_bad_image_not_a_crash(tmp_path):
+    """A zTXt chunk inflating to 50 MB makes Pillow raise ValueError while opening."""
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buf, "PNG")
+    data = buf.getvalue()
+    body = b"Comment\x00\x00" + zlib.compress(b"A" * (50 << 20))
+    chunk = struct.pack(">I", len(body)) + b"zTXt" + body + struct.pack(">I", zlib.crc32(b"zTXt" + body))
+    at = data.index(b"IDAT") - 4
+    path = tmp_path / "ztxt.png"
+    path.write_bytes(data[:at] + chunk + data[at:])
+    for read in (image_size, load_image):
+        with pytest.raises(ImageError, match="corrupt image header .*Decompressed data too large"):
+            read(path)
