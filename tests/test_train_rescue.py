@@ -82,3 +82,22 @@ def test_a_file_that_goes_bad_mid_run_stops_with_the_progress_saved(reference, t
     assert err.value.hint == "re-download or delete the file, then run the same command with --resume latest"
     train(cfg, resume="latest")
     assert_same(full, load_file(str(out / "tiny.safetensors")))
+
+
+def test_with_cached_latents_an_unloadable_image_is_left_out_and_listed(
+    tiny_sdxl: Path, tmp_path: Path
+) -> None:
+    data = make_dataset(tmp_path / "data", images=["a_landscape.jpg", "h_wide.jpg", "c_square.webp"])
+    bad = data / "2_mytoken" / "h_wide.png"
+    raw = bad.read_bytes()
+    bad.write_bytes(raw[: len(raw) // 2])  # the header is intact: the scan keeps it
+    notes = RecordingCallbacks()
+    result = train(lora_cfg(tiny_sdxl, data, tmp_path / "out"), callbacks=notes)
+    text = "\n".join(notes.notes)
+    assert f"  {bad}: cannot be loaded: truncated or corrupt image data" in text
+    assert "note: 1 image cannot be loaded: left out (listed under dropped)" in text
+    assert "data: 2 images, 4 samples per epoch" in text
+    from safetensors import safe_open
+
+    with safe_open(str(result.output), "pt") as f:
+        assert f.metadata()["ss_num_train_images"] == "4"  # 2 images x 2 repeats

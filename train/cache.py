@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ class CacheStats:
     reused: int = 0
     stale: int = 0  # disk entries whose key no longer matched (re-encoded)
     skipped: int = 0  # left to other processes (num_shards > 1)
+    bad: list[tuple[Path, str]] = field(default_factory=list)  # images that could not be loaded
 
     def summary(self) -> str:
         stale = f" ({self.stale} stale, rebuilt)" if self.stale else ""
@@ -261,12 +262,15 @@ def cache_latents(
     batch_size: int = 1,
     num_shards: int = 1,
     shard: int = 0,
+    drop_bad: bool = False,
 ) -> CacheStats:
     """Encode every image's latents once (see the module docstring); returns what was done.
 
     The VAE is moved to `device` and `dtype` (float32 when `no_half_vae`). `vae_id` skips hashing
     the VAE's weights when the caller knows its identity. With `num_shards` > 1 and disk caching,
     this process encodes only its share: call again after a barrier to pick up the others' files.
+    Images that cannot be loaded are all listed in one DatasetError, or with `drop_bad` returned in
+    `stats.bad` for the caller to leave out (the rest is encoded either way).
     """
     report = report or NullReporter()
     cfg = dataset.cfg
@@ -325,8 +329,9 @@ def cache_latents(
             stats.encoded += 1
     report.finish()
     vae.train(vae_was_training)
-    if bad:
+    if bad and not drop_bad:
         raise _unloadable(bad, to_disk)
+    stats.bad = bad
     return stats
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -111,6 +112,14 @@ class TrainDataset:
         if self._summary is None:
             self._summary = summarize(self)
         return self._summary
+
+    def leave_out(self, dropped: list[tuple[Path, str]]) -> None:
+        """Remove these images (path, reason) from training; the summary lists them as dropped."""
+        gone = {path for path, _ in dropped}
+        self.records = [r for r in self.records if r.path not in gone]
+        self.findings.dropped += dropped
+        if self._summary is not None:  # already printed-to-be (e.g. before a preflight filter)
+            self._summary.dropped += dropped
 
     def steps_per_epoch(self, num_shards: int = 1) -> int:
         """Batches per epoch for each process (optimizer steps before gradient accumulation)."""

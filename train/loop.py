@@ -240,10 +240,15 @@ class Trainer(TrainerOutputs):
         if cfg.cache_latents or cfg.cache_latents_to_disk:
             from sdprep.train.cache import cache_latents
 
+            # one process leaves unloadable images out (listed with the scan's drops); several
+            # processes stop instead: each sees only its share, and their datasets must stay equal
+            alone = self.accelerator.num_processes == 1
             stats = cache_latents(
-                self.dataset, self.model.vae, self.device, self.vae_dtype, self.cb_reporter()
+                self.dataset, self.model.vae, self.device, self.vae_dtype, self.cb_reporter(), drop_bad=alone
             )
             self.notes.append(stats.summary())
+            if stats.bad:
+                self._leave_out(stats.bad)
         if cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
             if self.method.trains_text_encoders:
                 raise ConfigError(
@@ -265,6 +270,18 @@ class Trainer(TrainerOutputs):
                 self.dataset, self._encode_fixed, self.cb_reporter(), encoder_id=encoder_id
             )
             self.notes.append(stats.summary())
+
+    def _leave_out(self, bad: list[tuple[Path, str]]) -> None:
+        """Drop images that cannot be loaded: listed like the scan's drops, the rest trains."""
+        from sdprep.errors import DatasetError
+
+        self.dataset.leave_out([(path, f"cannot be loaded: {why}") for path, why in bad])
+        if not self.dataset.records:
+            raise DatasetError(
+                "no training image can be loaded", "re-download or fix the images (`sdprep convert DIR`)"
+            )
+        n = len(bad)
+        self.notes.append(f"{n} image{'s' if n > 1 else ''} cannot be loaded: left out (listed under dropped)")
 
     def _encode_fixed(self, captions: list[str]) -> tuple[Any, Any]:
         import torch

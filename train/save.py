@@ -412,8 +412,9 @@ def kohya_metadata(run: dict[str, Any], method: Any, dataset: Any, cfg: Any) -> 
         "ss_learning_rate": _s(cfg.learning_rate),
         "ss_unet_lr": _s(cfg.unet_lr),
         "ss_text_encoder_lr": _s(cfg.text_encoder_lr),
-        "ss_num_train_images": _s(sum(1 for r in dataset.records if not r.is_reg)),
-        "ss_num_reg_images": _s(sum(1 for r in dataset.records if r.is_reg)),
+        # as kohya counts them: images x repeats (DreamBoothDataset: num_repeats * len(img_paths))
+        "ss_num_train_images": _s(sum(r.num_repeats for r in dataset.records if not r.is_reg)),
+        "ss_num_reg_images": _s(sum(r.num_repeats for r in dataset.records if r.is_reg)),
         "ss_num_batches_per_epoch": _s(run.get("batches_per_epoch")),
         "ss_num_epochs": _s(run.get("num_epochs")),
         "ss_steps": _s(run.get("steps")),
