@@ -1,4 +1,4 @@
-"""clean, captions and report keep (almost) nothing per image: memory is flat in the number of files.
+"""clean, captions, bucket and report keep (almost) nothing per image: memory is flat in the number of files.
 
 Python allocations are measured with tracemalloc (repeatable, unlike RSS): the memory held halfway
 through the run, above the memory before it, for two dataset sizes. The difference per extra image
@@ -54,6 +54,12 @@ def run_stage(stage: str, data: Path, out: Path, reporter: HeldMidway) -> None:
         assert run_edit(
             [data], make_edit("replace", ("smile", "grin")), CaptionsOptions(), report=reporter
         ).ok
+    elif stage == "bucket":
+        from sdprep.prep.bucket import BucketOptions, run_bucket
+
+        assert run_bucket(
+            data, BucketOptions(out=out / f"bucket-{data.name}", token="tok"), report=reporter
+        ).ok
     else:
         from sdprep.prep.report import ReportOptions, run_report
 
@@ -83,11 +89,14 @@ def source(tmp_path_factory) -> Path:
     return corpus.small_dataset(tmp_path_factory.mktemp("source"), BIG)
 
 
-@pytest.mark.parametrize("stage", ["clean", "captions", "report"])
+@pytest.mark.parametrize("stage", ["clean", "captions", "bucket", "report"])
 def test_memory_per_image_is_flat(stage: str, source: Path, tmp_path: Path, monkeypatch) -> None:
+    from sdprep.prep import bucket
     from sdprep.prep.captions import CaptionWriter
 
-    monkeypatch.setattr(CaptionWriter, "BATCH", 8)  # pending writes are bounded by the batch, not per file
+    # pending writes are bounded by the batch, not per file
+    monkeypatch.setattr(CaptionWriter, "BATCH", 8)
+    monkeypatch.setattr(bucket, "WRITE_BATCH", 8)
     # A first run fills what is filled once (imports, caches, the interpreter's free lists)
     held(stage, source, BIG, tmp_path / "warm")
     small, big = held(stage, source, SMALL, tmp_path), held(stage, source, BIG, tmp_path)
