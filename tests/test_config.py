@@ -67,3 +67,10 @@ def test_a_toml_nested_too_deeply_is_a_config_error(tmp_path):
     path.write_text("a = " + "[" * 100_000 + "]" * 100_000 + "\n")
     with pytest.raises(ConfigError, match="bomb.toml: invalid TOML: arrays or tables nested too deeply"):
         load_toml(path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "-inf", "nan"])
+def test_non_finite_numbers_are_refused(bad):
+    with pytest.raises(ConfigError, match=r"inner.rate: expected a finite number"):
+        from_dict(Outer, {"inner": {"rate": bad}})
+    assert from_dict(Outer, {"inner": {"rate": "2e-3"}}).inner.rate == 2e-3
