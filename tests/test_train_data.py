@@ -146,6 +146,14 @@ def test_dataset_toml_typo_suggests_the_key(db_root: Path):
             "[general]\nflip_aug = 'maybe'\n[[datasets]]\n",
             "general.flip_aug: expected true or false, got 'maybe'",
         ),
+        (
+            "[[datasets]]\nresolution = -5\n[[datasets.subsets]]\nimage_dir = 'x'\n",
+            "datasets[0]: resolution must be positive, got -5x-5",
+        ),
+        (
+            "[[datasets]]\nbatch_size = 0\n[[datasets.subsets]]\nimage_dir = 'x'\n",
+            "datasets[0]: batch_size must be at least 1, got 0",
+        ),
     ],
 )
 def test_dataset_toml_strictness(tmp_path: Path, text: str, message: str):

@@ -332,6 +332,10 @@ def _check_dataset(spec: DatasetSpec, where: str) -> None:
     w, h = spec.resolution
     if spec.batch_size < 1:
         raise ConfigError(f"{where}: batch_size must be at least 1, got {spec.batch_size}")
+    if w < 1 or h < 1:
+        raise ConfigError(
+            f"{where}: resolution must be positive, got {w}x{h}", 'e.g. resolution = "1024,1024"'
+        )
     if spec.enable_bucket:
         if min(w, h) < spec.min_bucket_reso:
             raise ConfigError(
