@@ -340,6 +340,8 @@ def make_edit(
     """The function an edit applies to one caption: (tags, raw text, file) -> new tags."""
     if action == "replace":
         old, new = args
+        if not old.strip():
+            raise ConfigError("captions replace: nothing to replace (the first argument is empty)")
         if mode == "regex":
             try:
                 pattern = re.compile(old)

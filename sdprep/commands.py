@@ -33,7 +33,13 @@ def undo_command(directory: Path, list_only: bool) -> None:
 
 @click.command("gc")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--keep", default=0, show_default=True, help="Keep the newest N operations undoable.")
+@click.option(
+    "--keep",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Keep the newest N operations undoable.",
+)
 def gc_command(directory: Path, keep: int) -> None:
     """Delete the undo journal of DIRECTORY and the original files it keeps (frees disk space).
 

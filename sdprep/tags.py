@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from sdprep.errors import ConfigError
+
 _SPACES = re.compile(r"\s+")
 
 
@@ -60,6 +62,16 @@ class TagPattern:
     """One way of naming tags: an exact tag, a glob (`*hair*`), or a regex (`re:^.*_eyes$`)."""
 
     text: str
+
+    def __post_init__(self) -> None:
+        if self.kind == "regex":
+            try:
+                re.compile(self.text[3:])
+            except re.error as exc:
+                raise ConfigError(
+                    f'invalid regular expression "{self.text}": {exc}',
+                    "regex patterns start with re: and use Python syntax, e.g. re:^.*_eyes$",
+                ) from None
 
     @property
     def kind(self) -> str:

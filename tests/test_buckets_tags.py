@@ -53,3 +53,17 @@ def test_tag_keys_matching_and_dedupe():
     assert m.matches("blue_eyes") and not m.matches("light blue eyes")
     assert m.matches("pink hair") and m.matches("braids") and not m.matches("smile")
     assert dedupe(["a", "A", "b", "a_", "c"]) == ["a", "b", "c"]
+
+
+def test_an_invalid_regex_pattern_is_a_config_error(cli_runner, tmp_path):
+    from sdprep.cli import cli
+    from sdprep.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r'invalid regular expression "re:\(\(": missing \)'):
+        TagMatcher(["re:(("])
+    res = cli_runner.invoke(cli, ["clean", str(tmp_path), "--remove", "re:(("])
+    assert res.exit_code == 1 and res.output.startswith('Error: invalid regular expression "re:(("')
+    res = cli_runner.invoke(cli, ["gc", str(tmp_path), "--keep", "-1"])
+    assert res.exit_code == 2  # a negative count would have deleted every operation
+    res = cli_runner.invoke(cli, ["captions", "replace", "", "x", str(tmp_path)])
+    assert res.exit_code == 1 and "nothing to replace" in res.output
