@@ -74,8 +74,15 @@ def load_project(path: Path | str) -> Project:
                 f'{path}: unknown key "project.{key}"',
                 did_you_mean(key, PROJECT_KEYS) or f"keys: {', '.join(PROJECT_KEYS)}",
             )
+    if not isinstance(proj, dict):
+        raise ConfigError(f"{path}: [project] must be a table")
     if "dataset" not in proj:
         raise ConfigError(f'{path}: [project] needs dataset = "FOLDER"', "the folder the stages work on")
+    for key in PROJECT_KEYS:
+        if key in proj and not isinstance(proj[key], str):
+            raise ConfigError(f"{path}: project.{key} must be a folder name in quotes, got {proj[key]!r}")
+    if not isinstance(doc.get("stages", {}), dict) or not isinstance(doc.get("train", {}), dict):
+        raise ConfigError(f"{path}: [stages] and [train] must be tables")
     base = path.parent
     stages = []
     for name, table in doc.get("stages", {}).items():

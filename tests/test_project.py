@@ -36,6 +36,12 @@ def test_unknown_stage_and_keys_are_errors(tmp_path):
     p.write_text('[project]\ndatset = "d"\n')
     with pytest.raises(ConfigError, match='did you mean "dataset"'):
         load_project(p)
+    p.write_text("[project]\ndataset = 5\n")
+    with pytest.raises(ConfigError, match="project.dataset must be a folder name in quotes, got 5"):
+        load_project(p)
+    p.write_text('train = 3\n[project]\ndataset = "d"\n')
+    with pytest.raises(ConfigError, match=r"\[stages\] and \[train\] must be tables"):
+        load_project(p)
 
 
 def test_demo_project_runs_and_rerun_does_no_work(tmp_path):
