@@ -110,3 +110,22 @@ def test_resume_past_the_end_is_an_error(runs, tiny_sdxl: Path) -> None:
         TrainingError, match="is at step 5, and this run ends at step 5: nothing left to train"
     ):
         train(cfg, resume="latest")
+
+
+def test_a_state_with_a_code_running_pickle_is_refused_not_run(runs, tiny_sdxl: Path, tmp_path: Path) -> None:
+    import pickle
+
+    root = runs[0]
+    state = tmp_path / "tiny-state"
+    shutil.copytree(root / "cut" / "tiny-step00000003-state", state)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))  # would create the marker file if unpickled
+
+    (state / "optimizer.pt").write_bytes(pickle.dumps(Payload(), protocol=2))  # torch.save's protocol
+    cfg = lora_cfg(tiny_sdxl, root / "data", tmp_path / "out", save_state=True, **RANDOM)
+    with pytest.raises(TrainingError, match="holds pickled objects that are not plain data: refused"):
+        train(cfg, resume=state)
+    assert not marker.exists()

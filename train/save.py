@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 import time
@@ -313,6 +314,12 @@ def load_state(folder: Path, method: Any, optimizer: Any, lr_scheduler: Any) -> 
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
         lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
         rng = torch.load(folder / "rng.pt", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refused something that is not plain data
+        raise TrainingError(
+            f"the training state in {folder} holds pickled objects that are not plain data: refused, "
+            "loading them could run code",
+            "sdprep writes states without such objects: use a state folder sdprep wrote, or start again",
+        ) from exc
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
         raise TrainingError(
             f"cannot restore the training state in {folder}: {exc}",
