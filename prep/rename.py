@@ -76,13 +76,12 @@ def check_pattern(pattern: str) -> None:
     except ValueError as exc:
         raise ConfigError(f"invalid --pattern {pattern!r}: {exc}", "example: {token}_{n:04d}") from exc
     for name in fields:
-        base = re.split(r"[.\[]", name, maxsplit=1)[0]
-        if base not in PATTERN_FIELDS:
+        if name not in PATTERN_FIELDS:  # plain fields only: no {n.attr} or {n[0]} look-ups
             raise ConfigError(
                 f"--pattern {pattern!r} uses unknown field {{{name}}}",
                 "fields: " + ", ".join("{" + f + "}" for f in PATTERN_FIELDS),
             )
-    if "n" not in [re.split(r"[.\[]", f, maxsplit=1)[0] for f in fields]:
+    if "n" not in fields:
         raise ConfigError(
             f"--pattern {pattern!r} has no {{n}}, so every image would get the same name",
             "add a number, e.g. {token}_{n:04d}",
@@ -92,7 +91,7 @@ def check_pattern(pattern: str) -> None:
 def _render(pattern: str, **values: object) -> str:
     try:
         name = pattern.format(**values)
-    except (ValueError, KeyError, IndexError, AttributeError) as exc:
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:
         raise ConfigError(f"--pattern {pattern!r} cannot be filled in: {exc}", "example: {n:03d}") from exc
     if not name or name.startswith(".") or "/" in name or "\\" in name or "\0" in name:
         raise ConfigError(f"--pattern {pattern!r} gives the invalid file name {name!r}")

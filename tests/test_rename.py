@@ -36,6 +36,9 @@ def test_pure_helpers():
     check_pattern("{token}_{n:04d}")
     with pytest.raises(ConfigError, match=r"unknown field \{num\}"):
         check_pattern("{num:03d}")
+    for lookup in ("{n.__class__}", "{n[0]}", "{stem.__len__}"):  # format-string look-ups
+        with pytest.raises(ConfigError, match="unknown field"):
+            check_pattern(lookup + "{n}")
     with pytest.raises(ConfigError, match=r"has no \{n\}"):
         check_pattern("{token}")
 
