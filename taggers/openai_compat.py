@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -33,6 +34,13 @@ from sdprep.taggers.base import CAPTIONERS
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 60.0
+
+
+class _Cancelled(Exception):
+    """A request not sent because an earlier one failed for good."""
+
+
+MAX_ANSWER_BYTES = 16 << 20  # an answer larger than this is refused (read at most this much)
 
 
 @dataclass(frozen=True)
@@ -209,14 +217,32 @@ class OpenAICaptioner:
         if not self._loaded:
             self.load()
         results: list[str | None] = [None] * len(images)
+        stop = threading.Event()  # set by the first request that fails for good
+
+        def one(image: Image.Image, prompt: str) -> str:
+            if stop.is_set():  # a worker may pick the next request before the pool is shut down
+                raise _Cancelled
+            try:
+                return self._one(image, prompt)
+            except Exception:
+                stop.set()
+                raise
+
         pool = ThreadPoolExecutor(max_workers=min(self.options.concurrency, len(images)))
         try:
-            futures = {pool.submit(self._one, im, p): i for i, (im, p) in enumerate(zip(images, prompts))}
+            futures = {pool.submit(one, im, p): i for i, (im, p) in enumerate(zip(images, prompts))}
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             for future in sorted(done, key=futures.__getitem__):
                 if future.exception() is None:
                     results[futures[future]] = future.result()
-            failed = sorted(((futures[f], f.exception()) for f in done if f.exception()), key=lambda x: x[0])
+            failed = sorted(
+                (
+                    (futures[f], f.exception())
+                    for f in done
+                    if f.exception() and not isinstance(f.exception(), _Cancelled)
+                ),
+                key=lambda x: x[0],
+            )
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
         if failed:
@@ -263,7 +289,12 @@ class OpenAICaptioner:
         request = urllib.request.Request(self.endpoint, data=data, headers=headers, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=self.options.timeout) as response:
-                raw = response.read()
+                raw = response.read(MAX_ANSWER_BYTES + 1)
+            if len(raw) > MAX_ANSWER_BYTES:  # a caption is a few KB: never hold an endless answer
+                raise CaptionRequestError(
+                    f"{self.name}: the answer is over {MAX_ANSWER_BYTES >> 20} MB, not a caption",
+                    "is this URL an OpenAI-compatible API? it should accept POST .../v1/chat/completions",
+                )
         except urllib.error.HTTPError as exc:
             raise self._http_error(exc) from None
         except urllib.error.URLError as exc:
@@ -283,7 +314,7 @@ class OpenAICaptioner:
 
     def _http_error(self, exc: urllib.error.HTTPError) -> Exception:
         try:
-            body = exc.read().decode("utf-8", "replace")
+            body = exc.read(64 << 10).decode("utf-8", "replace")  # the start says what went wrong
         except (OSError, http.client.HTTPException):
             body = ""
         detail = self._redact(_error_detail(body))

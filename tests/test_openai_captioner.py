@@ -242,6 +242,16 @@ def test_a_json_bomb_answer_is_an_unexpected_answer_not_a_crash(server):
         cap.caption(pictures()[:1], ["x"])
 
 
+def test_an_endless_answer_is_cut_off_not_held(server, monkeypatch):
+    from sdprep.taggers import openai_compat
+
+    monkeypatch.setattr(openai_compat, "MAX_ANSWER_BYTES", 1000)
+    server.script = [Reply(200, "x" * 5000)]
+    cap = load_captioner(f"openai:{server.url}#m", **fast())
+    with pytest.raises(CaptionRequestError, match="the answer is over 0 MB, not a caption"):
+        cap.caption(pictures()[:1], ["x"])
+
+
 def test_concurrency_is_bounded(server):
     server.hold = 0.2
     cap = load_captioner(f"openai:{server.url}#m", concurrency=2, **fast())
