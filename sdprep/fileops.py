@@ -473,6 +473,42 @@ def _entries(folder: Path) -> list[Entry]:
     return entries
 
 
+ACTIONS = ("move", "write", "create", "delete", "mkdir")
+
+
+def _check_entries(base: Path, folder: Path, entries: list[Entry]) -> None:
+    """Refuse, before changing anything, a journal whose entries lead outside the dataset.
+
+    sdprep writes only relative paths inside the dataset and numbered blob names; anything else
+    (`../..`, an absolute path, a blob path, a symlinked folder out) was not written by sdprep.
+    """
+    real_base = os.path.realpath(base)
+
+    def bad(what: str) -> JournalError:
+        return JournalError(
+            f"{folder}: the journal entry for {what!r} is not one sdprep writes (it leads outside the "
+            "dataset or names an unknown action); nothing was undone",
+            f"this journal was edited or came from elsewhere: delete {folder.parent} to drop it",
+        )
+
+    if folder.is_symlink() or (folder / "blobs").is_symlink():
+        raise bad(folder.name)
+    for entry in entries:
+        if entry.action not in ACTIONS:
+            raise bad(entry.action)
+        if entry.blob is not None and not entry.blob.isdigit():
+            raise bad(entry.blob)
+        for rel in (entry.path, entry.dest):
+            if rel is None:
+                continue
+            parts = Path(rel).parts
+            if not parts or Path(rel).is_absolute() or ".." in parts:
+                raise bad(rel)
+            parent = os.path.realpath((base / rel).parent)  # follows links in folders that exist
+            if os.path.commonpath([parent, real_base]) != real_base:
+                raise bad(rel)
+
+
 def undo(root: Path | str) -> tuple[str, int]:
     """Reverse the newest operation on `root`; returns (its description, number of changes reversed)."""
     if not Journal(root).dir.is_dir():
@@ -493,6 +529,7 @@ def _undo(root: Path | str) -> tuple[str, int]:
     description = journal.describe(folder)
     entries = _entries(folder)
     base = journal.root
+    _check_entries(base, folder, entries)  # a journal that came with a downloaded dataset is input too
     undone = 0
     for entry in reversed(entries):
         path = base / entry.path

@@ -210,3 +210,40 @@ def test_one_command_changes_a_dataset_at_a_time(tmp_path):
     assert not (data / "b.txt").exists()
     fileops.undo(data)
     assert not (data / "a.txt").exists()
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"action": "create", "path": "../victim.txt"},
+        {"action": "create", "path": "/tmp/../victim.txt"},
+        {"action": "write", "path": "a.txt", "blob": "../../../outside/secret.txt"},
+        {"action": "create", "path": "linked/victim.txt"},  # a symlinked folder out of the dataset
+        {"action": "move", "path": "a.txt", "dest": "../a.txt"},
+        {"action": "chmod", "path": "a.txt"},
+    ],
+    ids=["dotdot", "absolute", "blob-path", "symlinked-folder", "move-out", "unknown-action"],
+)
+def test_undo_refuses_a_journal_that_leads_outside_the_dataset(tmp_path, entry):
+    """A dataset downloaded with a crafted .sdprep/journal must not make `sdprep undo` touch anything else."""
+    import json
+
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    data.mkdir()
+    outside.mkdir()
+    (tmp_path / "victim.txt").write_text("keep me")
+    (outside / "victim.txt").write_text("keep me too")
+    (outside / "secret.txt").write_text("secret")
+    (data / "a.txt").write_text("a")
+    (data / "linked").symlink_to(outside, target_is_directory=True)
+    op = data / ".sdprep" / "journal" / "20260101-000000-00000-evil"
+    (op / "blobs").mkdir(parents=True)
+    (op / "meta.json").write_text(json.dumps({"command": "evil", "argv": [], "complete": True}))
+    (op / "entries.jsonl").write_text(json.dumps(entry) + "\n")
+    before = {
+        p: p.read_text()
+        for p in (tmp_path / "victim.txt", outside / "victim.txt", outside / "secret.txt", data / "a.txt")
+    }
+    with pytest.raises(JournalError, match="is not one sdprep writes .*nothing was undone"):
+        fileops.undo(data)
+    assert {p: p.read_text() for p in before} == before
