@@ -117,6 +117,10 @@ def iter_items(root: Path, recursive: bool = False) -> Iterator[Item]:
     per image, where a sorted list of DirEntry objects took about 450.
     """
     add_dataset_root(root)
+    yield from _iter_folder(root, recursive)
+
+
+def _iter_folder(root: Path, recursive: bool) -> Iterator[Item]:
     names, subdirs = _list_images(root)
     for name in names:
         # Symlinks (even looping or dangling ones) and special files are listed too, so the stage
@@ -125,7 +129,7 @@ def iter_items(root: Path, recursive: bool = False) -> Iterator[Item]:
     del names
     if recursive:
         for sub in subdirs:
-            yield from iter_items(Path(os.path.join(root, sub)), recursive=True)
+            yield from _iter_folder(Path(os.path.join(root, sub)), recursive=True)
 
 
 def _list_images(root: Path) -> tuple[list[str], list[str]]:
