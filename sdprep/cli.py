@@ -57,6 +57,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Train an SDXL LoRA (kohya-compatible config); verified saves, resume, preflight.",
     ),
     "undo": ("sdprep.commands:undo_command", "Undo the last sdprep change to a dataset folder."),
+    "doctor": (
+        "sdprep.commands:doctor_command",
+        "Show versions, GPU (CUDA/ROCm/MPS), ONNX providers and disk space.",
+    ),
     "gc": (
         "sdprep.commands:gc_command",
         "Delete the undo journal (and the old files it keeps) of a dataset.",

@@ -98,3 +98,27 @@ def init_command(directory: Path, name: str, dataset: str, force: bool) -> None:
 
     path = write_init(directory, name=name, dataset=dataset, force=force)
     click.echo(f"wrote {path}: edit it, then run `sdprep run {path}`")
+
+
+@click.command("doctor")
+@click.argument("directory", required=False, default=".", type=click.Path(file_okay=False, path_type=Path))
+def doctor_command(directory: Path) -> None:
+    """Show what this machine gives sdprep: versions, GPU (CUDA / ROCm / MPS), ONNX providers, disk.
+
+    Paste its output into a bug report. Exits 1 when a required package is missing.
+
+    \b
+    Example:
+      sdprep doctor
+      sdprep doctor /data/datasets
+    """
+    from sdprep.doctor import collect
+
+    facts = collect(directory)
+    marks = {"ok": " ", "info": "-", "warn": "!", "missing": "x"}
+    for fact in facts:
+        click.echo(f"{marks[fact.status]} {fact.name:<30} {fact.value}")
+        if fact.hint and fact.status != "ok":
+            click.echo(f"  {'':<30} hint: {fact.hint}")
+    if any(f.status == "missing" for f in facts):
+        raise click.exceptions.Exit(1)
