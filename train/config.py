@@ -146,6 +146,7 @@ class TrainConfig:
     network_dim: int = 4  # LoRA rank (kohya's default when unset)
     network_alpha: float = 1.0  # LoRA alpha: effective scale alpha / rank
     network_dropout: float | None = None  # dropout on the LoRA down projection output
+    scale_weight_norms: float | None = None  # max-norm regularisation of each LoRA module's change
     network_args: tuple[str, ...] = ()  # "name=value" items: conv_dim, conv_alpha
     conv_dim: int | None = None  # sdprep: rank of LoRA on 3x3 convs (also network_args conv_dim)
     conv_alpha: float | None = None  # sdprep: alpha of conv LoRA (also network_args conv_alpha)
@@ -470,6 +471,8 @@ def _check_ranges(cfg: TrainConfig) -> None:
         value = getattr(cfg, key)
         if value is not None and not 0.0 <= value <= 1.0:
             raise _err(f"{key} must be between 0 and 1, got {value}")
+    if cfg.scale_weight_norms is not None and cfg.scale_weight_norms < 0:
+        raise _err(f"scale_weight_norms must be > 0 (or unset / 0 for off), got {cfg.scale_weight_norms}")
     if cfg.max_grad_norm < 0:
         raise _err(f"max_grad_norm must be >= 0 (0 turns clipping off), got {cfg.max_grad_norm}")
     if cfg.lr_warmup_steps < 0:

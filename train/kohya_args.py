@@ -80,7 +80,6 @@ UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "debug_dataset": ((False,), "use `sdprep report` to inspect a dataset"),
     "dataset_class": ((None, ""), "custom dataset classes are not supported"),
     "dim_from_weights": ((False,), "set network_dim to the rank of network_weights"),
-    "scale_weight_norms": ((None, 0, 0.0), "max-norm regularisation is not supported"),
     "base_weights": ((None, "", []), "merging base LoRA weights is not supported"),
     "base_weights_multiplier": ((None, []), "merging base LoRA weights is not supported"),
     "network_train_text_encoder_only": ((False,), "not supported; train U-Net and text encoders"),

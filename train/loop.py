@@ -281,7 +281,9 @@ class Trainer(TrainerOutputs):
                 "no training image can be loaded", "re-download or fix the images (`sdprep convert DIR`)"
             )
         n = len(bad)
-        self.notes.append(f"{n} image{'s' if n > 1 else ''} cannot be loaded: left out (listed under dropped)")
+        self.notes.append(
+            f"{n} image{'s' if n > 1 else ''} cannot be loaded: left out (listed under dropped)"
+        )
 
     def _encode_fixed(self, captions: list[str]) -> tuple[Any, Any]:
         import torch
@@ -567,6 +569,7 @@ class Trainer(TrainerOutputs):
         if self.accelerator.is_main_process:
             values = {"loss/current": loss, "loss/average": sum(self.epoch_losses) / len(self.epoch_losses)}
             values.update({f"lr/{name}": lr for name, lr in zip(self.group_names, lrs)})
+            values.update(self.method.step_logs())
             self.log.scalars(step, values)
         self.cb.step(step, self.pos.epoch + 1, loss, lrs[0])
         if should_save(self.cfg, step=step, total=self.total_steps):

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from sdprep.errors import ConfigError
+
 
 @dataclass
 class Verification:
@@ -59,10 +61,16 @@ class TrainMethod(ABC):
     architecture: ClassVar[str]  # modelspec.architecture, e.g. "stable-diffusion-xl-v1-base/lora"
     title: ClassVar[str]  # for the start banner
 
+    LORA_ONLY = ("scale_weight_norms",)  # settings only LoRA training reads
+
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
         self.model: Any = None
         self.notes: list[str] = []
+        if self.name != "lora":
+            for key in self.LORA_ONLY:
+                if getattr(cfg, key, None):
+                    raise ConfigError(f"{key} applies to LoRA training only, not {self.title}", f"remove {key}")
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -138,6 +146,10 @@ class TrainMethod(ABC):
 
     def after_step(self) -> None:  # noqa: B027 - optional hook
         """Called after every optimizer step (e.g. to update an EMA copy)."""
+
+    def step_logs(self) -> dict[str, float]:
+        """Extra TensorBoard scalars for the step just taken (e.g. LoRA norms); {} by default."""
+        return {}
 
     def expand_prompt(self, prompt: str) -> str:
         """A sample prompt as the trained text encoders must see it (e.g. multi-vector tokens)."""

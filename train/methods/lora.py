@@ -102,6 +102,9 @@ class LoraMethod(TrainMethod):
             )
         # component -> {module name: kind}; filled in setup()
         self.targets: dict[str, dict[str, str]] = {}
+        self.max_norm = cfg.scale_weight_norms  # kohya's max-norm regularisation (None: off)
+        self._norm_targets: list[tuple[Any, Any, float]] | None = None
+        self._norms = None
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -223,6 +226,31 @@ class LoraMethod(TrainMethod):
                     )
                 param.copy_(state[key])
 
+    # -- per step ---------------------------------------------------------------------------
+
+    def after_step(self) -> None:
+        if not self.max_norm:
+            return
+        from sdprep.train.maxnorm import apply_max_norm
+
+        if self._norm_targets is None:
+            self._norm_targets = [
+                (layer.lora_A["default"].weight, layer.lora_B["default"].weight, self.module_alpha(c, n) / r)
+                for c, n, _, layer in self._modules()
+                for r in [layer.lora_A["default"].weight.shape[0]]
+            ]
+        self._norms = apply_max_norm(self._norm_targets, self.max_norm)
+
+    def step_logs(self) -> dict[str, float]:
+        if self._norms is None:
+            return {}
+        n = self._norms
+        return {
+            "norm/keys_scaled": n.keys_scaled,
+            "norm/average_key_norm": n.average_norm,
+            "norm/max_key_norm": n.max_norm,
+        }
+
     # -- outputs ---------------------------------------------------------------------------
 
     def _modules(self):
@@ -270,6 +298,7 @@ class LoraMethod(TrainMethod):
             "ss_network_dim": str(self.rank),
             "ss_network_alpha": _num(self.alpha),
             "ss_network_dropout": str(getattr(self.cfg, "network_dropout", None)),
+            "ss_scale_weight_norms": str(self.max_norm),
             "ss_network_train_unet_only": str(not self.train_te),
             "ss_network_train_text_encoder_only": str(not self.train_unet),
         }
