@@ -50,6 +50,7 @@ class TrainConfig:
     trust_pickle: bool = False  # sdprep: unpickle a .ckpt/.pt/.bin in full (can run code from the file)
     method: Method | None = None  # sdprep: force lora / ti / finetune (default: from the keys, as kohya)
     v_parameterization: bool = False  # the model predicts v (v-pred SDXL finetunes)
+    zero_terminal_snr: bool = False  # rescale the noise schedule to zero SNR at the last step (v-pred)
     no_half_vae: bool = False  # keep the VAE in fp32 under mixed precision
     # -- data ----------------------------------------------------------------------------------
     train_data_dir: Path | None = None  # folder of <repeats>_<class tokens> subfolders

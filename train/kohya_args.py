@@ -70,7 +70,6 @@ UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "fused_backward_pass": ((False,), "not supported; use gradient_checkpointing and bf16"),
     "fused_optimizer_groups": ((None, 0), "not supported"),
     "block_lr": ((None, "", []), "per-block learning rates are not supported"),
-    "zero_terminal_snr": ((False,), "not supported"),
     "scale_v_pred_loss_like_noise_pred": ((False,), "not supported"),
     "v_pred_like_loss": ((None, 0, 0.0), "not supported"),
     "weighted_captions": ((False,), "prompt weighting in captions is not supported"),

@@ -360,11 +360,21 @@ class Trainer(TrainerOutputs):
         else:
             unet, self.optimizer = self.model.unet, self.accelerator.prepare(self.optimizer)
         self.train_modules = [unet if m is self.model.unet else m for m in modules]
-        config = dict(self.model.scheduler_config)
-        self.noise_scheduler = DDPMScheduler.from_config(config, clip_sample=False)
+        config = self.model.scheduler_config
         prediction = (
             "v_prediction" if self.cfg.v_parameterization else config.get("prediction_type", "epsilon")
         )
+        if self.cfg.zero_terminal_snr:
+            if prediction != "v_prediction":
+                raise ConfigError(
+                    "zero_terminal_snr needs a v-prediction model: at zero SNR an epsilon model has "
+                    "nothing to learn from (and min-SNR weights divide by zero)",
+                    "set v_parameterization = true (for a v-pred model), or turn zero_terminal_snr off",
+                )
+            # kohya's fix_noise_scheduler_betas_for_zero_terminal_snr is diffusers' rescale; the
+            # model's own config carries it so samples and saved checkpoints (ztsnr key) agree
+            config["rescale_betas_zero_snr"] = True
+        self.noise_scheduler = DDPMScheduler.from_config(dict(config), clip_sample=False)
         self.ctx = StepContext(
             cfg=self.cfg,
             model=self.model,

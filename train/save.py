@@ -450,6 +450,7 @@ def kohya_metadata(run: dict[str, Any], method: Any, dataset: Any, cfg: Any) -> 
         "ss_multires_noise_discount": _s(cfg.multires_noise_discount),
         "ss_ip_noise_gamma": _s(cfg.ip_noise_gamma),
         "ss_min_snr_gamma": _s(cfg.min_snr_gamma),
+        "ss_zero_terminal_snr": _s(cfg.zero_terminal_snr),
         "ss_debiased_estimation": _s(cfg.debiased_estimation_loss),
         "ss_loss_type": _s(cfg.loss_type),
         "ss_huber_schedule": _s(cfg.huber_schedule),
