@@ -70,7 +70,9 @@ class TrainMethod(ABC):
         if self.name != "lora":
             for key in self.LORA_ONLY:
                 if getattr(cfg, key, None):
-                    raise ConfigError(f"{key} applies to LoRA training only, not {self.title}", f"remove {key}")
+                    raise ConfigError(
+                        f"{key} applies to LoRA training only, not {self.title}", f"remove {key}"
+                    )
 
     # -- setup -----------------------------------------------------------------------------
 
