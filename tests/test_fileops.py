@@ -247,3 +247,17 @@ def test_undo_refuses_a_journal_that_leads_outside_the_dataset(tmp_path, entry):
     with pytest.raises(JournalError, match="is not one sdprep writes .*nothing was undone"):
         fileops.undo(data)
     assert {p: p.read_text() for p in before} == before
+
+
+def test_a_file_system_without_locks_still_works(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with fileops.Journal(tmp_path).begin("clean") as op:
+        op.write_text(tmp_path / "a.txt", "a")
+    fileops.undo(tmp_path)
+    assert not (tmp_path / "a.txt").exists()
