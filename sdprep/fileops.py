@@ -42,7 +42,8 @@ def atomic_write_bytes(path: Path | str, data: bytes, *, sync: bool = True) -> N
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), _mode_for(path))
+            with contextlib.suppress(OSError):  # some mounts (SMB, FUSE) refuse chmod: keep their mode
+                os.fchmod(f.fileno(), _mode_for(path))
             f.write(data)
             f.flush()
             if sync:
