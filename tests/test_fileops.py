@@ -261,3 +261,12 @@ def test_a_file_system_without_locks_still_works(tmp_path, monkeypatch):
         op.write_text(tmp_path / "a.txt", "a")
     fileops.undo(tmp_path)
     assert not (tmp_path / "a.txt").exists()
+
+
+def test_a_mount_that_refuses_chmod_still_gets_atomic_writes(tmp_path, monkeypatch):
+    def refuse(fd, mode):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchmod", refuse)
+    fileops.atomic_write_text(tmp_path / "a.txt", "a")
+    assert (tmp_path / "a.txt").read_text() == "a"
