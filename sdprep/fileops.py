@@ -42,8 +42,9 @@ def atomic_write_bytes(path: Path | str, data: bytes, *, sync: bool = True) -> N
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            with contextlib.suppress(OSError):  # some mounts (SMB, FUSE) refuse chmod: keep their mode
-                os.fchmod(f.fileno(), _mode_for(path))
+            if hasattr(os, "fchmod"):  # POSIX; some mounts (SMB, FUSE) refuse it: keep their mode
+                with contextlib.suppress(OSError):
+                    os.fchmod(f.fileno(), _mode_for(path))
             f.write(data)
             f.flush()
             if sync:
@@ -387,7 +388,11 @@ def dataset_lock(root: Path | str, command: str) -> Iterator[None]:
             fd, depth = _held[key]
             _held[key] = (fd, depth - 1)
         return
-    import fcntl
+    try:
+        import fcntl
+    except ImportError:  # not POSIX (Windows): no advisory locks, work unlocked
+        yield
+        return
 
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
