@@ -145,7 +145,8 @@ def read_tag_file(path: Path | str) -> list[str]:
     """Tag patterns from a text file: one per line or comma-separated; blank lines and `#` comments skipped."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such file", "check the path given to --remove-file / remove_files")
+        what = "a folder, not a file of tags" if path.is_dir() else "no such file"
+        raise ConfigError(f"{path}: {what}", "check the path given to --remove-file / remove_files")
     try:
         text = read_text_file(path)
     except SdprepError as exc:

@@ -67,3 +67,7 @@ def test_an_invalid_regex_pattern_is_a_config_error(cli_runner, tmp_path):
     assert res.exit_code == 2  # a negative count would have deleted every operation
     res = cli_runner.invoke(cli, ["captions", "replace", "", "x", str(tmp_path)])
     assert res.exit_code == 1 and "nothing to replace" in res.output
+    res = cli_runner.invoke(cli, ["captions", "sort", str(tmp_path), "--keep-first", "-3"])
+    assert res.exit_code == 2
+    res = cli_runner.invoke(cli, ["clean", str(tmp_path), "--remove-file", str(tmp_path)])
+    assert res.exit_code == 1 and f"{tmp_path}: a folder, not a file of tags" in res.output

@@ -181,7 +181,13 @@ def dedupe_cmd(ctx, dirs, dry_run, recursive, orphans) -> None:
     show_default=True,
     help="score / category use the WD14 scores and booru categories in the image's sidecar.",
 )
-@click.option("--keep-first", type=int, default=0, show_default=True, help="Leave the first N tags in place.")
+@click.option(
+    "--keep-first",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Leave the first N tags in place.",
+)
 @_common()
 @click.pass_context
 def sort_cmd(ctx, dirs, by, keep_first, dry_run, recursive, orphans) -> None:
@@ -199,7 +205,11 @@ def sort_cmd(ctx, dirs, by, keep_first, dry_run, recursive, orphans) -> None:
 @command.command("stats")
 @_DIRS
 @click.option(
-    "--top", type=int, default=30, show_default=True, help="How many of the most frequent tags to list."
+    "--top",
+    type=click.IntRange(0),
+    default=30,
+    show_default=True,
+    help="How many of the most frequent tags to list.",
 )
 @click.option(
     "--tokenizer", metavar="MODEL_DIR_OR_REPO", help="Count CLIP tokens with this model's tokenizer."
