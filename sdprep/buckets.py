@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from sdprep.errors import ConfigError
+
 SDXL_MAX_AREA = (1024, 1024)
 SDXL_STEP = 64
 SDXL_MIN_SIDE = 256
@@ -23,6 +25,18 @@ class BucketSettings:
     min_side: int = SDXL_MIN_SIDE
     max_side: int = SDXL_MAX_SIDE
     no_upscale: bool = False
+
+    def __post_init__(self) -> None:
+        w, h = self.resolution
+        if w < 1 or h < 1 or self.step < 1 or self.min_side < 1:
+            raise ConfigError(
+                f"bucket sizes must be positive: resolution {w}x{h}, step {self.step}, min side {self.min_side}"
+            )
+        if self.min_side > self.max_side:
+            raise ConfigError(
+                f"the smallest bucket side ({self.min_side}) is larger than the largest ({self.max_side})",
+                "lower min_side / --min-side or raise max_side / --max-side",
+            )
 
     @property
     def max_area(self) -> int:

@@ -71,3 +71,14 @@ def test_an_invalid_regex_pattern_is_a_config_error(cli_runner, tmp_path):
     assert res.exit_code == 2
     res = cli_runner.invoke(cli, ["clean", str(tmp_path), "--remove-file", str(tmp_path)])
     assert res.exit_code == 1 and f"{tmp_path}: a folder, not a file of tags" in res.output
+
+
+def test_bucket_settings_are_checked():
+    from sdprep.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"smallest bucket side \(4000\) is larger than the largest \(2048\)"):
+        BucketSettings(min_side=4000)
+    with pytest.raises(ConfigError, match="bucket sizes must be positive"):
+        BucketSettings(min_side=-5)
+    with pytest.raises(ConfigError, match="bucket sizes must be positive"):
+        BucketSettings(resolution=(0, 1024))

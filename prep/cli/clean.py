@@ -109,7 +109,7 @@ def _patterns(values: tuple[str, ...]) -> tuple[str, ...] | None:
     type=click.Choice(["auto", "caption", "wd14", "booru"]),
     help="Where tags come from.  [default: auto]",
 )
-@click.option("--workers", type=int, default=0, help="Threads for image decoding (0 = auto).")
+@click.option("--workers", type=click.IntRange(0), default=0, help="Threads for image decoding (0 = auto).")
 @click.option(
     "--dry-run",
     is_flag=True,
