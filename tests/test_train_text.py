@@ -127,3 +127,16 @@ def test_gradients_reach_the_embeddings(pipe):
     finally:
         emb.requires_grad_(False)
         emb.grad = None
+
+
+def test_clip_skip_beyond_the_encoders_depth_is_a_config_error(tiny_sdxl, tmp_path) -> None:
+    """The tiny encoders have 3 layers: clip_skip 3 reaches the embeddings, 4 does not exist."""
+    from train_support import lora_cfg, make_dataset
+
+    from sdprep.errors import ConfigError
+    from sdprep.train.loop import train
+
+    data = make_dataset(tmp_path / "data", images=["a_landscape.jpg"])
+    with pytest.raises(ConfigError, match="clip_skip = 4, but the text encoders have only 3 layers"):
+        train(lora_cfg(tiny_sdxl, data, tmp_path / "out", clip_skip=4))
+    assert train(lora_cfg(tiny_sdxl, data, tmp_path / "ok", clip_skip=3, max_train_steps=1)).steps == 1

@@ -195,6 +195,12 @@ class Trainer(TrainerOutputs):
                 trust_pickle=cfg.trust_pickle,
             )
         self.notes += self.model.notes  # what loading found (v-prediction markers...)
+        layers = min(te.config.num_hidden_layers for te in self.model.text_encoders)
+        if cfg.clip_skip is not None and cfg.clip_skip > layers:
+            raise ConfigError(
+                f"clip_skip = {cfg.clip_skip}, but the text encoders have only {layers} layers",
+                f"use a clip_skip from 1 to {layers} (SDXL is trained with 1, kohya ignores it for SDXL)",
+            )
         self.method = make_method(self.method_name, cfg)
         self.method.setup(self.model, self.weight_dtype)
         self.model.vae.to(self.device, dtype=self.vae_dtype)
