@@ -405,3 +405,11 @@ def test_config_file_flag_appends_toml_like_kohya(tmp_path):
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_train_config(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("name", ["../escape", "sub/name", "..", " "])
+def test_output_name_is_a_file_name_not_a_path(name: str) -> None:
+    from sdprep.train.config import load_train_config
+
+    with pytest.raises(ConfigError, match="output_name must be a file name"):
+        load_train_config(None, overrides={"output_name": name})

@@ -474,6 +474,12 @@ def _check_ranges(cfg: TrainConfig) -> None:
             raise _err(f"{key} must be between 0 and 1, got {value}")
     if cfg.scale_weight_norms is not None and cfg.scale_weight_norms < 0:
         raise _err(f"scale_weight_norms must be > 0 (or unset / 0 for off), got {cfg.scale_weight_norms}")
+    name = cfg.output_name
+    if name is not None and (not name.strip() or "/" in name or "\\" in name or name.strip(".") == ""):
+        raise _err(
+            f"output_name must be a file name, got {name!r}",
+            "put folders in output_dir; output_name is the file's stem (e.g. mytoken_v1)",
+        )
     if cfg.max_grad_norm < 0:
         raise _err(f"max_grad_norm must be >= 0 (0 turns clipping off), got {cfg.max_grad_norm}")
     if cfg.lr_warmup_steps < 0:
