@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import filecmp
 import html
 import io
 import json
-import os
 import tempfile
 from array import array
 from collections import Counter
@@ -28,6 +26,7 @@ from PIL import Image
 from sdprep.buckets import BucketSettings, assign_bucket
 from sdprep.dataset import Item, iter_items, read_caption, read_sidecar, sdprep_meta, split_tags
 from sdprep.errors import DatasetError, SdprepError
+from sdprep.fileops import atomic_write_stream
 from sdprep.images import load_image
 from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import StageResult
@@ -366,9 +365,11 @@ def run_report(root: Path | str, opts: ReportOptions, *, report: Reporter = Null
         gallery.seek(0)
         problems.seek(0)
         if opts.format == "json":
-            changed = _publish(out, lambda f: _write_json(f, root, summary, gallery))
+            changed = atomic_write_stream(out, lambda f: _write_json(f, root, summary, gallery))
         else:
-            changed = _publish(out, lambda f: _write_html(f, root, summary, problems, gallery, opts))
+            changed = atomic_write_stream(
+                out, lambda f: _write_html(f, root, summary, problems, gallery, opts)
+            )
     result.changed, result.skipped = (1, 0) if changed else (0, 1)
     result.details = {"summary": summary, "out": str(out)}
     result.notes.append(
@@ -390,29 +391,6 @@ def _row_json(r: ImageRow) -> dict:
     d = {k: v for k, v in r.__dict__.items() if k != "phash"}
     d["phash"] = f"{r.phash:016x}" if r.phash is not None else None
     return d
-
-
-def _publish(out: Path, write) -> bool:
-    """Write the report (`write(file)`) beside `out` and move it there atomically.
-
-    When `out` already holds the same bytes (compared in chunks, never read whole) it is left
-    alone, mtime included, and False is returned.
-    """
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if out.is_file() and filecmp.cmp(tmp, out, shallow=False):
-            os.unlink(tmp)
-            return False
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return True
 
 
 def _write_json(f, root: Path, summary: dict, rows) -> None:

@@ -19,9 +19,10 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from sdprep.errors import JournalError
 from sdprep.faults import pause_point
@@ -38,22 +39,47 @@ def atomic_write_bytes(path: Path | str, data: bytes, *, sync: bool = True) -> N
     `sync=False` skips the fsync: still atomic for readers and safe against a killed process, but
     after a power loss the file may be empty (callers keep the old content elsewhere, as the journal).
     """
-    path = Path(path)
+    _replace_atomically(Path(path), lambda f: f.write(data), binary=True, sync=sync, keep_same=False)
+
+
+def atomic_write_stream(path: Path | str, write: Callable[[IO[str]], object]) -> bool:
+    """`atomic_write_text` for text written piece by piece by `write(file)` (never held whole).
+
+    When `path` already holds the same bytes (compared in chunks) it is left alone, mtime included,
+    and False is returned.
+    """
+    return _replace_atomically(Path(path), write, binary=False, sync=True, keep_same=True)
+
+
+def _replace_atomically(path: Path, write: Callable, *, binary: bool, sync: bool, keep_same: bool) -> bool:
+    """Write a temporary file beside `path` with `write(file)`, then rename it over `path`."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            if hasattr(os, "fchmod"):  # POSIX; some mounts (SMB, FUSE) refuse it: keep their mode
-                with contextlib.suppress(OSError):
-                    os.fchmod(f.fileno(), _mode_for(path))
-            f.write(data)
+        f = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")
+        with f:
+            give_mode(f.fileno(), path)
+            write(f)
             f.flush()
             if sync:
                 os.fsync(f.fileno())
+        if keep_same and path.is_file() and filecmp.cmp(tmp, path, shallow=False):
+            os.unlink(tmp)
+            return False
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    return True
+
+
+def give_mode(target: int | Path | str, like: Path) -> None:
+    """Give `target` (a descriptor or a path) the mode of `like`, or a new file's (mkstemp makes 0600).
+
+    Best effort: mounts that refuse chmod (SMB, FUSE) and systems without fd chmod keep their mode.
+    """
+    with contextlib.suppress(OSError, NotImplementedError, TypeError):
+        os.chmod(target, _mode_for(like))
 
 
 def _mode_for(path: Path) -> int:
@@ -229,7 +255,7 @@ class Operation:
             self._record(Entry("write", self._rel(path), blob=self._keep(path)))
         else:
             self._record(Entry("create", self._rel(path)))
-        os.chmod(tmp, _mode_for(path))
+        give_mode(tmp, path)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         pause_point("change")

@@ -264,9 +264,18 @@ def test_a_file_system_without_locks_still_works(tmp_path, monkeypatch):
 
 
 def test_a_mount_that_refuses_chmod_still_gets_atomic_writes(tmp_path, monkeypatch):
-    def refuse(fd, mode):
+    calls = []
+
+    def refuse(target, mode):
+        calls.append(target)
         raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr(os, "fchmod", refuse)
+    monkeypatch.setattr(os, "chmod", refuse)
     fileops.atomic_write_text(tmp_path / "a.txt", "a")
     assert (tmp_path / "a.txt").read_text() == "a"
+    tmp = tmp_path / ".b.streamed"
+    tmp.write_text("b")
+    with fileops.Journal(tmp_path).begin("test") as op:  # a streamed file installed through the journal
+        assert op.install(tmp, tmp_path / "b.txt")
+    assert (tmp_path / "b.txt").read_text() == "b"
+    assert tmp in calls and isinstance(calls[0], int)  # both paths tried to set the mode
