@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sdprep.fileops import atomic_write_dir
+from sdprep.train.methods.base import key_problems
 
 SINGLE_FILE_ARCHITECTURE = "stable-diffusion-xl-v1-base"
 
@@ -166,13 +167,7 @@ def verify_checkpoint(tensors: Mapping[str, Any], expected: Mapping[str, tuple[i
 
     if not tensors:
         return ["the file has no tensors"]
-    problems = []
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing:
-        problems.append(f"{len(missing)} expected tensors missing (e.g. {missing[0]})")
-    if extra:
-        problems.append(f"{len(extra)} unexpected tensors (e.g. {extra[0]})")
+    problems = key_problems(tensors, expected)
     for prefix in (
         "model.diffusion_model.",
         "conditioner.embedders.0.",

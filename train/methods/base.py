@@ -8,12 +8,29 @@ inside: it asks the method for parameter groups, a forward-ready model, and file
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from sdprep.errors import ConfigError
+
+
+def key_differences(have: Iterable[str], want: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(missing, extra): the keys of `want` not in `have`, and those of `have` not in `want`, sorted."""
+    have, want = set(have), set(want)
+    return sorted(want - have), sorted(have - want)
+
+
+def key_problems(tensors: Mapping[str, Any], expected: Iterable[str]) -> list[str]:
+    """A reloaded file's missing and unexpected tensor names, as verification problems."""
+    missing, extra = key_differences(tensors, expected)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} expected tensors missing (e.g. {missing[0]})")
+    if extra:
+        problems.append(f"{len(extra)} unexpected tensors (e.g. {extra[0]})")
+    return problems
 
 
 @dataclass

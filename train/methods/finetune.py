@@ -21,7 +21,7 @@ import torch
 
 from sdprep.errors import ConfigError, TrainingError
 from sdprep.train.checkpoint import fingerprint, tensor_digest
-from sdprep.train.methods.base import TrainMethod, allreduce_gradients
+from sdprep.train.methods.base import TrainMethod, allreduce_gradients, key_differences
 
 COMPONENTS = ("unet", "te1", "te2")
 
@@ -122,7 +122,7 @@ class FinetuneMethod(TrainMethod):
 
     def load_trainable_state(self, state: dict[str, Any]) -> None:
         mine = self.trainable_state()
-        missing, extra = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
+        missing, extra = key_differences(state, mine)
         if missing or extra:
             raise TrainingError(
                 f"the saved training state does not match this fine-tune ({len(missing)} missing, "

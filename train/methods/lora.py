@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sdprep.errors import ConfigError
-from sdprep.train.methods.base import TrainMethod, allreduce_gradients
+from sdprep.train.methods.base import TrainMethod, allreduce_gradients, key_differences, key_problems
 
 UNET_BLOCKS = ("Transformer2DModel",)
 UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
@@ -205,8 +205,7 @@ class LoraMethod(TrainMethod):
             for name, param in module.named_parameters():
                 if param.requires_grad:
                     mine[f"{comp}/{name}"] = param
-        missing = sorted(set(mine) - set(state))
-        extra = sorted(set(state) - set(mine))
+        missing, extra = key_differences(state, mine)
         if missing or extra:
             from sdprep.errors import TrainingError
 
@@ -345,15 +344,9 @@ def verify_lora_tensors(
     """Problems in a reloaded kohya LoRA: missing/extra keys, shapes, non-finite, untrained, alpha."""
     import torch
 
-    problems = []
     if not tensors:
         return ["the file has no tensors"]
-    missing = sorted(set(shapes) - set(tensors))
-    extra = sorted(set(tensors) - set(shapes))
-    if missing:
-        problems.append(f"{len(missing)} expected tensors missing (e.g. {missing[0]})")
-    if extra:
-        problems.append(f"{len(extra)} unexpected tensors (e.g. {extra[0]})")
+    problems = key_problems(tensors, shapes)
     ups_zero = ups = 0
     for key, shape in shapes.items():
         t = tensors.get(key)
