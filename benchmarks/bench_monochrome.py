@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,27 +25,16 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import cv2  # noqa: E402
-import numpy as np  # noqa: E402
 from benchutil import peak_rss_mb  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from sdprep.prep import monochrome as mono  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from seed_tagpy import seed_label  # noqa: E402  (seed 003's method, verbatim: the baseline)
+
 CACHE = Path(os.environ.get("SDPREP_BENCH_DIR", Path(tempfile.gettempdir()) / "sdprep-bench")) / "monochrome"
 SIZE = (1024, 1536)
-
-
-def seed_label(path: Path) -> str | None:
-    """Seed 003's detect_monochrome on a full-resolution decode (the baseline)."""
-    image = np.array(Image.open(path).convert("RGB"))
-    hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
-    saturation = (hsv[:, :, 1] / 255).mean()
-    hue = (hsv[:, :, 0] / 179).std()
-    if saturation < 0.001:
-        return "greyscale"
-    if hue < 0.03:
-        return "monochrome"
-    return None
 
 
 def images(count: int) -> list[Path]:
