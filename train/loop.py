@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdprep.errors import ConfigError, SdprepError, TrainingError
+from sdprep.errors import ConfigError, DatasetError, SdprepError, TrainingError
 from sdprep.train.callbacks import RecordingCallbacks, TrainCallbacks, TrainResult
 from sdprep.train.interrupt import StopRequest
 from sdprep.train.outputs import TrainerOutputs
@@ -279,8 +279,6 @@ class Trainer(TrainerOutputs):
 
     def _leave_out(self, bad: list[tuple[Path, str]]) -> None:
         """Drop images that cannot be loaded: listed like the scan's drops, the rest trains."""
-        from sdprep.errors import DatasetError
-
         self.dataset.leave_out([(path, f"cannot be loaded: {why}") for path, why in bad])
         if not self.dataset.records:
             raise DatasetError(

@@ -232,12 +232,11 @@ class LoraMethod(TrainMethod):
             return
         from sdprep.train.maxnorm import apply_max_norm
 
-        if self._norm_targets is None:
-            self._norm_targets = [
-                (layer.lora_A["default"].weight, layer.lora_B["default"].weight, self.module_alpha(c, n) / r)
-                for c, n, _, layer in self._modules()
-                for r in [layer.lora_A["default"].weight.shape[0]]
-            ]
+        if self._norm_targets is None:  # (down, up, alpha / rank) per module, found once
+            self._norm_targets = []
+            for comp, name, _, layer in self._modules():
+                down, up = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+                self._norm_targets.append((down, up, self.module_alpha(comp, name) / down.shape[0]))
         self._norms = apply_max_norm(self._norm_targets, self.max_norm)
 
     def step_logs(self) -> dict[str, float]:
