@@ -125,14 +125,20 @@ class Corrupt(RecordingCallbacks):
                 self.box[0].method.trainable_parameters()[0].fill_(float("nan"))
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_file(tiny_sdxl: Path, tmp_path: Path) -> None:
+def corrupted_trainer(tiny_sdxl: Path, tmp_path: Path, *, at: int, save_every: int) -> tuple[Trainer, Path]:
+    """A 6-step run whose first trainable tensor becomes NaN after step `at`; returns it and its output dir."""
     data = make_dataset(tmp_path / "data", images=["c_square.webp"], repeats=1)
     out = tmp_path / "out"
-    cfg = lora_cfg(tiny_sdxl, data, out, max_train_steps=6, save_every_n_steps=2)
+    cfg = lora_cfg(tiny_sdxl, data, out, max_train_steps=6, save_every_n_steps=save_every)
     box: list = []
-    trainer = Trainer(cfg, callbacks=Corrupt(box, at=3))
+    trainer = Trainer(cfg, callbacks=Corrupt(box, at=at))
     box.append(trainer)
     trainer.setup()
+    return trainer, out
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_file(tiny_sdxl: Path, tmp_path: Path) -> None:
+    trainer, out = corrupted_trainer(tiny_sdxl, tmp_path, at=3, save_every=2)
     with pytest.raises(TrainingError, match="the loss became nan at step 4: training stopped") as err:
         trainer.run()
     assert "files saved before this step were verified and are kept" in str(err.value)
@@ -140,13 +146,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_file(tiny_sdxl: Path, tm
 
 
 def test_a_save_that_fails_its_check_stops_the_run(tiny_sdxl: Path, tmp_path: Path) -> None:
-    data = make_dataset(tmp_path / "data", images=["c_square.webp"], repeats=1)
-    out = tmp_path / "out"
-    cfg = lora_cfg(tiny_sdxl, data, out, max_train_steps=6, save_every_n_steps=1)
-    box: list = []
-    trainer = Trainer(cfg, callbacks=Corrupt(box, at=2))
-    box.append(trainer)
-    trainer.setup()
+    trainer, out = corrupted_trainer(tiny_sdxl, tmp_path, at=2, save_every=1)
     with pytest.raises(TrainingError, match="tiny-step00000002.safetensors failed its check"):
         trainer.run()
     assert sorted(p.name for p in out.iterdir()) == ["tiny-step00000001.safetensors"]
