@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from sdprep.dataset import loads_json
 from sdprep.errors import JournalError
 from sdprep.faults import pause_point
 
@@ -487,11 +488,24 @@ class Journal:
         return sorted(p for p in self.dir.iterdir() if p.is_dir() and not (p / "undone").exists())
 
     def describe(self, folder: Path) -> str:
-        meta = json.loads((folder / "meta.json").read_text())
+        try:
+            meta = loads_json((folder / "meta.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = None
+        if not isinstance(meta, dict) or not isinstance(meta.get("command"), str):
+            raise _foreign_journal(folder, "its meta.json is not one sdprep writes")
         status = "" if meta.get("complete", False) else " (interrupted)"
         argv = meta.get("argv", [])
         parts = argv if argv[:1] == [meta["command"]] else [meta["command"], *argv]  # argv may start with it
         return " ".join(parts) + status
+
+
+def _foreign_journal(folder: Path, problem: str) -> JournalError:
+    """A journal operation sdprep did not write (edited, or shipped with a downloaded dataset)."""
+    return JournalError(
+        f"{folder}: {problem}",
+        f"this journal was edited or came from elsewhere: delete {folder.parent} to drop it",
+    )
 
 
 def _entries(folder: Path) -> list[Entry]:
@@ -501,7 +515,7 @@ def _entries(folder: Path) -> list[Entry]:
         return entries
     for line in log.read_text(encoding="utf-8").splitlines():
         try:
-            entries.append(Entry(**json.loads(line)))
+            entries.append(Entry(**loads_json(line)))  # loads_json: nesting bombs are invalid too
         except (json.JSONDecodeError, TypeError):
             continue  # a line cut short by a crash was never acted upon
     return entries
@@ -519,10 +533,10 @@ def _check_entries(base: Path, folder: Path, entries: list[Entry]) -> None:
     real_base = os.path.realpath(base)
 
     def bad(what: str) -> JournalError:
-        return JournalError(
-            f"{folder}: the journal entry for {what!r} is not one sdprep writes (it leads outside the "
-            "dataset or names an unknown action); nothing was undone",
-            f"this journal was edited or came from elsewhere: delete {folder.parent} to drop it",
+        return _foreign_journal(
+            folder,
+            f"the journal entry for {what!r} is not one sdprep writes (it leads outside the dataset or "
+            "names an unknown action); nothing was undone",
         )
 
     if folder.is_symlink() or (folder / "blobs").is_symlink():

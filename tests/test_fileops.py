@@ -279,3 +279,16 @@ def test_a_mount_that_refuses_chmod_still_gets_atomic_writes(tmp_path, monkeypat
         assert op.install(tmp, tmp_path / "b.txt")
     assert (tmp_path / "b.txt").read_text() == "b"
     assert tmp in calls and isinstance(calls[0], int)  # both paths tried to set the mode
+
+
+def test_undo_of_a_journal_with_unreadable_files_is_an_error_not_a_crash(tmp_path):
+    import json
+
+    op = tmp_path / ".sdprep" / "journal" / "20260101-000000-00000-evil"
+    (op / "blobs").mkdir(parents=True)
+    (op / "entries.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")  # a nesting bomb
+    (op / "meta.json").write_text("{not json")
+    with pytest.raises(JournalError, match="meta.json is not one sdprep writes"):
+        fileops.undo(tmp_path)
+    (op / "meta.json").write_text(json.dumps({"command": "evil", "argv": []}))
+    assert fileops.undo(tmp_path) == ("evil (interrupted)", 0)  # the bomb line was never an entry
