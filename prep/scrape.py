@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdprep.dataset import REJECTED_DIR, Item, dump_sidecar, is_image, loads_json, sdprep_meta
+from sdprep.dataset import REJECTED_DIR, Item, dump_sidecar, is_image, is_within, loads_json, sdprep_meta
 from sdprep.errors import ConfigError, DatasetError, ImageError, SdprepError
 from sdprep.fileops import Journal, Operation, state_dir
 from sdprep.images import image_size
@@ -136,7 +136,7 @@ def safe_name(name: str) -> str:
 def inside(path: Path | str, folder: Path) -> bool:
     """True when `path` (symlinks resolved) lies inside `folder`."""
     real, base = os.path.realpath(path), os.path.realpath(folder)
-    return os.path.commonpath([real, base]) == base and real != base
+    return is_within(real, base) and real != base
 
 
 def _free_name(folder: Path, name: str, data: bytes) -> tuple[Path, bool]:

@@ -170,7 +170,8 @@ def add_dataset_root(root: Path | str) -> None:
     _DATASET_ROOTS.add(os.path.realpath(root))
 
 
-def _within(path: str, folder: str) -> bool:
+def is_within(path: str, folder: str) -> bool:
+    """True when the path `path` is `folder` or lies below it (both already resolved, absolute)."""
     return os.path.commonpath([path, folder]) == folder
 
 
@@ -200,8 +201,8 @@ def unsafe_reason(path: Path | str) -> str | None:
             return f"broken symlink (to {os.readlink(path)})"
         real = os.path.realpath(path)
         folder = os.path.realpath(path.parent)
-        inside = _within(real, folder) or any(
-            _within(folder, root) and _within(real, root) for root in _DATASET_ROOTS
+        inside = is_within(real, folder) or any(
+            is_within(folder, root) and is_within(real, root) for root in _DATASET_ROOTS
         )
         if not inside and os.environ.get(FOLLOW_SYMLINKS_ENV) != "1":
             return f"symlink to {real}, outside the dataset: sdprep does not follow links out of it"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from sdprep.dataset import loads_json
+from sdprep.dataset import is_within, loads_json
 from sdprep.errors import JournalError
 from sdprep.faults import pause_point
 
@@ -196,7 +196,7 @@ class Operation:
                 f"{p} is outside the dataset {self.root}", "sdprep only changes files inside the dataset"
             ) from None
         real_parent = os.path.realpath(p.parent)
-        if os.path.commonpath([real_parent, self._real_root]) != self._real_root:
+        if not is_within(real_parent, self._real_root):
             raise JournalError(
                 f"{p} is inside a symlinked folder that leads out of the dataset (to {real_parent})",
                 "sdprep only changes files inside the dataset: replace the link by a real folder",
@@ -553,7 +553,7 @@ def _check_entries(base: Path, folder: Path, entries: list[Entry]) -> None:
             if not parts or Path(rel).is_absolute() or ".." in parts:
                 raise bad(rel)
             parent = os.path.realpath((base / rel).parent)  # follows links in folders that exist
-            if os.path.commonpath([parent, real_base]) != real_base:
+            if not is_within(parent, real_base):
                 raise bad(rel)
 
 
