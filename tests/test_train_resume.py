@@ -129,3 +129,13 @@ def test_a_state_with_a_code_running_pickle_is_refused_not_run(runs, tiny_sdxl: 
     with pytest.raises(TrainingError, match="holds pickled objects that are not plain data: refused"):
         train(cfg, resume=state)
     assert not marker.exists()
+
+
+def test_a_state_json_nesting_bomb_is_a_damaged_state(tmp_path: Path) -> None:
+    from sdprep.train.save import read_state_info
+
+    folder = tmp_path / "tiny-state"
+    folder.mkdir()
+    (folder / "state.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(TrainingError, match="state.json is damaged \\(nested too deeply"):
+        read_state_info(folder)

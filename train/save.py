@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdprep.dataset import loads_json
 from sdprep.errors import TrainingError
 from sdprep.faults import pause_point
 from sdprep.fileops import atomic_write_dir, recover_dir
@@ -288,7 +289,7 @@ def read_state_info(folder: Path) -> TrainState:
             )
         raise TrainingError(f"{folder} is not a complete sdprep training state (no {STATE_FILE})", hint)
     try:
-        info = json.loads(info_path.read_text())
+        info = loads_json(info_path.read_text())  # a JSON bomb is damage too (ValueError)
         return TrainState(
             step=int(info["step"]),
             epoch=int(info["epoch"]),
