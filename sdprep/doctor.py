@@ -103,8 +103,10 @@ def onnx_providers() -> list[Fact]:
         import onnxruntime
     except ImportError:
         return [Fact("onnx providers", "onnxruntime is not installed", "missing", "pip install onnxruntime")]
+    from sdprep.taggers.wd14 import CPU_PROVIDER, choose_providers
+
     providers = onnxruntime.get_available_providers()
-    gpu = [p for p in providers if p not in ("CPUExecutionProvider", "AzureExecutionProvider")]
+    gpu = choose_providers("auto", providers)[0] != CPU_PROVIDER  # the provider `sdprep tag` would pick
     return [
         Fact(
             "onnx providers",
