@@ -7,17 +7,20 @@ export TRANSFORMERS_OFFLINE := 1
 export OMP_NUM_THREADS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help setup demo test lint format bench clean
+LOCK := constraints.txt
+
+.PHONY: help setup demo test test-latest lock lint format bench clean
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml setup.py
+$(VENV)/.installed: pyproject.toml setup.py $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned: a plain `torch` requirement would pull a multi-GB CUDA build
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	# every install goes through the lock: a new release on the package index never changes it
+	$(PY) -m pip install -q -c $(LOCK) pip setuptools wheel
+	# torch first (the lock pins the CPU-served 2.13.0; an unpinned torch pulls a multi-GB CUDA build)
+	$(PY) -m pip install -q -c $(LOCK) torch
+	$(PY) -m pip install -q -c $(LOCK) --no-build-isolation -e ".[dev]"
 	touch $@
 
 setup: $(VENV)/.installed  ## create .venv and install sdprep with all extras
@@ -27,6 +30,12 @@ demo: setup  ## run the whole pipeline on sample_data, offline, with a tiny demo
 
 test: setup  ## run the test suite (offline, one torch thread)
 	$(VENV)/bin/pytest
+
+test-latest:  ## the tests against the newest releases on the index, in .venv-latest (not in CI)
+	bash .ci/test-latest
+
+lock:  ## write constraints.txt (new dependencies added, pins kept; UPGRADE=1: newest releases)
+	UPGRADE=$(UPGRADE) bash .ci/lock
 
 lint: setup  ## ruff lint + format check
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

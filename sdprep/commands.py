@@ -105,7 +105,8 @@ def init_command(directory: Path, name: str, dataset: str, force: bool) -> None:
 def doctor_command(directory: Path) -> None:
     """Show what this machine gives sdprep: versions, GPU (CUDA / ROCm / MPS), ONNX providers, disk.
 
-    Paste its output into a bug report. Exits 1 when a required package is missing.
+    Paste its output into a bug report. Exits 1 when a required package is missing or two installed
+    packages are known not to work together; says which packages differ from the tested lock.
 
     \b
     Example:
@@ -115,10 +116,10 @@ def doctor_command(directory: Path) -> None:
     from sdprep.doctor import collect
 
     facts = collect(directory)
-    marks = {"ok": " ", "info": "-", "warn": "!", "missing": "x"}
+    marks = {"ok": " ", "info": "-", "warn": "!", "missing": "x", "bad": "x"}
     for fact in facts:
         click.echo(f"{marks[fact.status]} {fact.name:<30} {fact.value}")
         if fact.hint and fact.status != "ok":
             click.echo(f"  {'':<30} hint: {fact.hint}")
-    if any(f.status == "missing" for f in facts):
+    if any(f.status in ("missing", "bad") for f in facts):
         raise click.exceptions.Exit(1)

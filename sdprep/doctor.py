@@ -28,7 +28,7 @@ LOW_DISK_BYTES = 20 << 30  # below this, latents caches and checkpoints may not 
 class Fact:
     name: str
     value: str
-    status: str = "ok"  # ok | info | warn | missing
+    status: str = "ok"  # ok | info | warn | missing | bad (missing and bad fail `sdprep doctor`)
     hint: str = ""
 
 
@@ -51,6 +51,30 @@ def packages() -> list[Fact]:
     for name, adds in OPTIONAL.items():
         v = version(name)
         facts.append(Fact(name, v or f"not installed (optional: {adds})", "ok" if v else "info"))
+    return facts
+
+
+def compatibility() -> list[Fact]:
+    """Known-bad package pairs (each fails doctor) and packages that differ from the tested lock."""
+    from sdprep import compat
+
+    facts = [Fact("package pair", p.message(), "bad", p.pair.fix) for p in compat.known_problems()]
+    lock = compat.read_lock()
+    if not lock:
+        return facts + [Fact("tested versions", "no lock here (not a source checkout)", "info")]
+    differ = compat.untested(lock)
+    if differ:
+        listed = ", ".join(f"{name} {have} (tested: {want})" for name, have, want in differ)
+        facts.append(
+            Fact(
+                "tested versions",
+                f"{len(differ)} differ from {compat.LOCK_FILE.name}: {listed}",
+                "warn",
+                f"pip install -c {compat.LOCK_FILE} -e '.[all]' installs the tested set",
+            )
+        )
+    else:
+        facts.append(Fact("tested versions", f"as in {compat.LOCK_FILE.name} (the lock the tests ran on)"))
     return facts
 
 
@@ -153,4 +177,4 @@ def collect(path: Path | str = ".") -> list[Fact]:
         Fact("python", f"{platform.python_version()} ({platform.system()} {platform.machine()})"),
         Fact("cpu cores", str(os.cpu_count())),
     ]
-    return head + torch_devices() + onnx_providers() + packages() + hub_and_disk(Path(path))
+    return head + torch_devices() + onnx_providers() + packages() + compatibility() + hub_and_disk(Path(path))

@@ -53,6 +53,10 @@ class JournalError(SdprepError):
     """The undo journal is missing, damaged or has nothing to undo."""
 
 
+class InstallError(SdprepError):
+    """The installed packages are missing or known not to work together."""
+
+
 class TrainingError(SdprepError):
     """Training stopped (NaN loss, failed save check, bad resume state...)."""
 

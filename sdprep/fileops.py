@@ -83,6 +83,16 @@ def give_mode(target: int | Path | str, like: Path) -> None:
         os.chmod(target, _mode_for(like))
 
 
+def give_new_file_mode(path: Path | str) -> None:
+    """Give a file written for the user the mode a new file gets under the umask (0644 under 022).
+
+    For writers that create the file privately (safetensors' `save_file` makes 0600): otherwise a UI
+    running as another user could not read the LoRA, embedding or checkpoint. Best effort, as give_mode.
+    """
+    with contextlib.suppress(OSError, NotImplementedError):
+        os.chmod(path, 0o666 & ~_UMASK)
+
+
 def _mode_for(path: Path) -> int:
     """mkstemp makes 0600 files: keep the replaced file's mode, or give a new file the umask's."""
     try:
@@ -143,6 +153,9 @@ def atomic_write_dir(final: Path, write) -> None:
     tmp.mkdir()
     try:
         write(tmp)
+        for path in tmp.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                give_new_file_mode(path)
         if not final.exists():
             os.replace(tmp, final)
         elif not _exchange(tmp, final):

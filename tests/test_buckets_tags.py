@@ -76,7 +76,9 @@ def test_an_invalid_regex_pattern_is_a_config_error(cli_runner, tmp_path):
 def test_bucket_settings_are_checked():
     from sdprep.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"smallest bucket side \(4000\) is larger than the largest \(2048\)"):
+    with pytest.raises(
+        ConfigError, match=r"smallest bucket side \(4000\) is larger than the largest \(2048\)"
+    ):
         BucketSettings(min_side=4000)
     with pytest.raises(ConfigError, match="bucket sizes must be positive"):
         BucketSettings(min_side=-5)

@@ -235,11 +235,16 @@ def test_single_file_checkpoint_loads_offline_with_model_config(tiny_sdxl: Path,
     sd = pipeline_to_sgm(ref.unet, ref.text_encoder, ref.text_encoder_2, ref.vae)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(single))
     model = load_sdxl(single, model_config=tiny_sdxl)
+    for module, loaded in [(ref.unet, model.unet), (ref.vae, model.vae)]:
+        want_sd, got_sd = module.state_dict(), loaded.state_dict()
+        assert want_sd.keys() == got_sd.keys()
+        assert all(torch.equal(want_sd[k], got_sd[k]) for k in want_sd)  # the same weights, bit for bit
     sample, t, enc, added = unet_inputs()
     with torch.no_grad():
         want = ref.unet(sample, t, enc, added_cond_kwargs=added).sample
         got = model.unet(sample, t, enc, added_cond_kwargs=added).sample
-    assert (want - got).abs().max() < 1e-6
+    # same weights, but a memory-mapped file's storage may take another SIMD path: float32 rounding only
+    assert (want - got).abs().max() < 1e-5
     with pytest.raises(ModelError) as err:
         load_sdxl(single)  # offline, no config: diffusers would fetch the hub's SDXL config
     assert "cannot load the single-file checkpoint" in str(err.value)

@@ -190,7 +190,10 @@ def command(
     Every saved file is reloaded and verified before it is reported.
     """
     from sdprep.clitools import verbosity
+    from sdprep.compat import check_training_stack
     from sdprep.train.config import detect_method, load_train_config
+
+    check_training_stack()
 
     main_process = os.environ.get("RANK", "0") == "0"  # torchrun / accelerate launch: one process talks
     quiet = not main_process or bool(ctx.obj is not None and getattr(ctx.obj, "quiet", False))

@@ -150,6 +150,9 @@ class Trainer(TrainerOutputs):
         """Load everything and check the settings; raises before any training step is taken."""
         import torch
 
+        from sdprep.compat import check_training_stack
+
+        check_training_stack()  # before a model loads: a known-bad package pair is one clear error
         cfg = self.cfg
         if cfg.output_dir is None:
             raise ConfigError("output_dir is not set", "set output_dir = the folder for the trained files")

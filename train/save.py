@@ -25,7 +25,7 @@ from typing import Any
 from sdprep.dataset import loads_json
 from sdprep.errors import TrainingError
 from sdprep.faults import pause_point
-from sdprep.fileops import atomic_write_dir, recover_dir
+from sdprep.fileops import atomic_write_dir, give_new_file_mode, recover_dir
 from sdprep.train.methods.base import Verification
 
 STATE_FILE = "state.json"
@@ -117,6 +117,7 @@ def save_weights(
     try:
         try:
             save_file(tensors, str(tmp), metadata=metadata)
+            give_new_file_mode(tmp)  # save_file makes 0600 files
         except OSError as exc:
             raise TrainingError(
                 f"cannot write {path.name}: {exc}",

@@ -100,8 +100,9 @@ class LoraMethod(TrainMethod):
             self.notes.append(
                 f"save_model_as = {cfg.save_model_as}: LoRA files are always written as safetensors"
             )
-        # component -> {module name: kind}; filled in setup()
+        # component -> {module name: kind} and component -> LoraConfig; filled in setup()
         self.targets: dict[str, dict[str, str]] = {}
+        self.lora_configs: dict[str, Any] = {}
         self.max_norm = cfg.scale_weight_norms  # kohya's max-norm regularisation (None: off)
         self._norm_targets: list[tuple[Any, Any, float]] | None = None
         self._norms = None
@@ -151,7 +152,7 @@ class LoraMethod(TrainMethod):
             if not targets:
                 raise ConfigError(f"no LoRA target layers found in the {comp} (is this an SDXL model?)")
             self.targets[comp] = targets
-            module.add_adapter(self._lora_config(targets))
+            self.lora_configs[comp] = inject_lora(module, self._lora_config(targets))
             full = self.cfg.full_bf16 or self.cfg.full_fp16  # kohya: LoRA weights in the half type too
             for param in module.parameters():
                 if param.requires_grad:
@@ -317,6 +318,28 @@ class LoraMethod(TrainMethod):
             self.notes.append(load_kohya_lora(self, Path(path)))
 
 
+def inject_lora(module: Any, config: Any) -> Any:
+    """Put LoRA layers (adapter "default") into `module` with peft's own API; returns the config.
+
+    Not `module.add_adapter`: diffusers' and transformers' integrations gate that on the peft
+    version (transformers 5.25 refuses peft < 0.22 there), so a new release of either could stop
+    training although peft itself works. `inject_adapter_in_model` is the call both wrap.
+    """
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, module, adapter_name="default")
+    return config
+
+
+def lora_state_dict(module: Any) -> dict[str, Any]:
+    """The injected adapter's tensors under peft's saved names (`...to_q.lora_A.weight`)."""
+    return {
+        name.replace(".default.", "."): tensor
+        for name, tensor in module.state_dict().items()
+        if ".lora_A.default." in name or ".lora_B.default." in name
+    }
+
+
 def _re_escape(name: str) -> str:
     import re
 
@@ -415,18 +438,13 @@ def load_kohya_lora(method: LoraMethod, path: Path) -> str:
 def save_diffusers_copy(method: LoraMethod, final_path: Path) -> Path:
     """Write a diffusers-format copy (`<name>_diffusers/pytorch_lora_weights.safetensors`)."""
     from diffusers import StableDiffusionXLPipeline
-    from peft.utils import get_peft_model_state_dict
 
     comps = method._components()
     out_dir = final_path.with_name(final_path.stem + "_diffusers")
     kwargs: dict[str, Any] = {}
-    if "unet" in comps:
-        kwargs["unet_lora_layers"] = get_peft_model_state_dict(comps["unet"])
-        kwargs["unet_lora_adapter_metadata"] = comps["unet"].peft_config["default"].to_dict()
-    if "te1" in comps:
-        kwargs["text_encoder_lora_layers"] = get_peft_model_state_dict(comps["te1"])
-        kwargs["text_encoder_2_lora_layers"] = get_peft_model_state_dict(comps["te2"])
-        kwargs["text_encoder_lora_adapter_metadata"] = comps["te1"].peft_config["default"].to_dict()
-        kwargs["text_encoder_2_lora_adapter_metadata"] = comps["te2"].peft_config["default"].to_dict()
+    names = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
+    for comp, module in comps.items():
+        kwargs[f"{names[comp]}_lora_layers"] = lora_state_dict(module)
+        kwargs[f"{names[comp]}_lora_adapter_metadata"] = method.lora_configs[comp].to_dict()
     StableDiffusionXLPipeline.save_lora_weights(out_dir, safe_serialization=True, **kwargs)
     return out_dir / "pytorch_lora_weights.safetensors"
