@@ -25,7 +25,7 @@ from PIL import Image
 
 from sdprep.buckets import BucketSettings, assign_bucket
 from sdprep.dataset import Item, iter_items, read_caption, read_sidecar, sdprep_meta, split_tags
-from sdprep.errors import DatasetError, SdprepError
+from sdprep.errors import SdprepError
 from sdprep.fileops import atomic_write_stream
 from sdprep.images import load_image
 from sdprep.progress import NullReporter, Reporter
@@ -94,14 +94,12 @@ def _phash(im: Image.Image) -> int:
 
 
 def _token_counter(spec: str | None):
+    """The clean stage's token counter (caption tokens without start/end), or None without a spec."""
     if not spec:
         return None
-    try:
-        from sdprep.prep.tokens import load_tokenizer  # the clean stage's tokenizer loader
-    except ImportError as exc:  # pragma: no cover - both ship together
-        raise DatasetError("token counting needs sdprep.prep.tokens") from exc
-    tok = load_tokenizer(spec)
-    return lambda text: len(tok(text, add_special_tokens=False).input_ids)
+    from sdprep.prep.tokens import load_tokenizer
+
+    return load_tokenizer(spec)
 
 
 def analyse_item(item: Item, opts: ReportOptions, count_tokens, thumbs: bool) -> tuple[ImageRow, str, str]:

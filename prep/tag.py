@@ -259,12 +259,9 @@ class _Tagging:
             self.tagger = WD14Tagger(self.opts.model, device=self.opts.device, floor=self.opts.floor)
         if self.tagger.session is None:
             self.tagger.load()
-            line = f"wd14: {self.tagger.model_id} on {self.tagger.provider}"
-            self.result.notes.append(line)
-            self.report.note(line)
-            for warning in self.tagger.warnings:
-                self.result.notes.append(warning)
-                self.report.note(warning)
+            # in the summary only: a live note as well printed every line twice
+            self.result.notes.append(f"wd14: {self.tagger.model_id} on {self.tagger.provider}")
+            self.result.notes += self.tagger.warnings
 
     def _run_batch(self, batch: list[Prepared]) -> None:
         records: dict[int, dict] = {}

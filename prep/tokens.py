@@ -9,12 +9,12 @@ is loaded, so commands that do not count tokens never import it.
 from __future__ import annotations
 
 import heapq
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdprep.errors import ModelError
+from sdprep.hub import hub_offline, hub_reachable, is_hub_id
 
 DEFAULT_TOKENIZER = "stabilityai/stable-diffusion-xl-base-1.0"
 LIMITS = (75, 150, 225)
@@ -26,10 +26,6 @@ _HINT = (
     "pass --tokenizer with a local folder: an SDXL diffusers model (its tokenizer/ subfolder is used) "
     "or a folder holding vocab.json and merges.txt (or tokenizer.json)"
 )
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 class TokenCounter:
@@ -84,12 +80,15 @@ def load_tokenizer(spec: str | Path | None = None) -> TokenCounter:
             return _check(CLIPTokenizer.from_pretrained(str(folder), local_files_only=True), str(folder))
         except (OSError, ValueError) as exc:
             raise ModelError(f"{folder}: cannot load the tokenizer ({exc})", _HINT) from exc
+    if not is_hub_id(spec):
+        raise ModelError(f"{spec}: no such folder (and not a hub repo id such as {DEFAULT_TOKENIZER})", _HINT)
     offline = hub_offline()
+    unreachable = not offline and not hub_reachable()  # look in the cache only: no ~23 s of retries
     errors = []
     for sub in ("tokenizer", None):
         kwargs = {"subfolder": sub} if sub else {}
         try:
-            tok = CLIPTokenizer.from_pretrained(spec, local_files_only=offline, **kwargs)
+            tok = CLIPTokenizer.from_pretrained(spec, local_files_only=offline or unreachable, **kwargs)
         except Exception as exc:  # noqa: BLE001 - hub, HTTP and parsing errors of many kinds
             errors.append(exc)
             continue
@@ -97,8 +96,11 @@ def load_tokenizer(spec: str | Path | None = None) -> TokenCounter:
             return TokenCounter(tok, spec if not sub else f"{spec}/{sub}")
         # transformers 5 answers a missing repo with a 2-3 token tokenizer instead of an error
         errors.append(ValueError(f"only {len(tok)} tokens loaded: no vocabulary files"))
-    where = "offline (HF_HUB_OFFLINE=1) and not in the local Hugging Face cache" if offline else "not found"
-    detail = f" ({errors[-1]})" if errors and not offline else ""
+    where = "not found"
+    if offline or unreachable:
+        why = "offline (HF_HUB_OFFLINE=1)" if offline else "the hub cannot be reached"
+        where = f"{why} and not in the local Hugging Face cache"
+    detail = f" ({errors[-1]})" if errors and not (offline or unreachable) else ""
     raise ModelError(f'cannot load the CLIP tokenizer "{spec}": {where}{detail}', _HINT)
 
 

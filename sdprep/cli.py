@@ -12,7 +12,7 @@ import sys
 import click
 
 from sdprep import __version__
-from sdprep.errors import SdprepError, from_os_error
+from sdprep.errors import SdprepError, did_you_mean, from_os_error
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "scrape": (
@@ -80,6 +80,13 @@ class LazyGroup(click.Group):
         target, _ = COMMANDS[name]
         module, attr = target.split(":")
         return getattr(importlib.import_module(module), attr)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name = click.utils.make_str(args[0]) if args else ""
+        if args and name not in COMMANDS and not name.startswith("-"):
+            hint = did_you_mean(name, COMMANDS)
+            ctx.fail(f"No such command '{name}'." + (f" {hint[0].upper()}{hint[1:]}" if hint else ""))
+        return super().resolve_command(ctx, args)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]

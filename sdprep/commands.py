@@ -70,15 +70,14 @@ def run_command(ctx: click.Context, project_file: Path, only: tuple[str, ...], n
       sdprep run sample_data/project.toml --only tag --only clean
     """
     from sdprep.clitools import reporter
-    from sdprep.project import load_project, run_project
+    from sdprep.project import load_project, run_project, run_summary
 
     project = load_project(project_file)
     results = run_project(
         project, echo=click.echo, reporter=lambda: reporter(ctx), only=list(only), train=not no_train
     )
-    failed = sum(len(r.failed) for r in results)
-    click.echo(f"run: {len(results)} steps, {sum(r.changed for r in results)} changed, {failed} failed")
-    if failed:
+    click.echo(run_summary(results))
+    if any(r.failed for r in results):
         raise click.exceptions.Exit(1)
 
 

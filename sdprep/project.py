@@ -30,6 +30,7 @@ from typing import Any
 from sdprep.config import from_dict, load_toml
 from sdprep.errors import ConfigError, did_you_mean
 from sdprep.fileops import atomic_write_text, state_dir
+from sdprep.hub import is_path_like
 from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import StageResult
 
@@ -117,8 +118,9 @@ def _resolve_paths(cls: type, table: dict[str, Any], base: Path) -> dict[str, An
             out[key] = _resolve_paths(tp, value, base)
         elif inner and isinstance(value, dict):
             out[key] = _resolve_paths(inner[0], value, base)
-        elif key in MAYBE_PATH_KEYS and isinstance(value, str) and (base / value).exists():
-            out[key] = str(_resolve(base, value))  # a local folder rather than a hub id
+        elif key in MAYBE_PATH_KEYS and isinstance(value, str):
+            if (base / value).exists() or is_path_like(value):  # a local folder (maybe not built yet)
+                out[key] = str(_resolve(base, value))
         elif "Path" in str(tp):
             if isinstance(value, list):
                 out[key] = [str(_resolve(base, v)) for v in value]
@@ -139,10 +141,6 @@ def import_source(project: Project) -> int:
     """Copy the source folder into the dataset on the first run; later runs leave the dataset alone."""
     if project.source is None:
         return 0
-    if not project.source.is_dir():
-        raise ConfigError(
-            f"{project.source}: source folder not found", "fix [project] source in the project file"
-        )
     marker = state_dir(project.dataset) / "imported.json"
     if marker.exists():
         return 0
@@ -171,6 +169,47 @@ def build_demo_models(folder: Path) -> None:
     build_tiny_sdxl(folder / "sdxl-demo")
 
 
+def check_only(project: Project, only: list[str] | None) -> None:
+    """`--only` names: stages of this project (or train when it has [train]), with a suggestion."""
+    names = [n for n, _ in project.stages] + (["train"] if project.train is not None else [])
+    for name in only or []:
+        if name in names:
+            continue
+        if name in (*STAGES, "train"):
+            what = "[train]" if name == "train" else f"[stages.{name}]"
+            raise ConfigError(
+                f"--only {name}: {project.path} has no {what}", f"stages here: {', '.join(names)}"
+            )
+        hint = did_you_mean(name, names) or did_you_mean(name, (*STAGES, "train"))
+        listing = f"stages here: {', '.join(names)}"
+        raise ConfigError(f"--only {name}: no such stage", f"{hint} {listing}" if hint else listing)
+
+
+def check_project(
+    project: Project, *, only: list[str] | None = None, train: bool = True
+) -> list[tuple[str, Callable, Any]]:
+    """Everything about the project file that can be checked before a file changes: `--only`, every
+    stage's options, the source and dataset folders, and the [train] settings when training runs.
+
+    Returns (name, run function, options) of the stages to run, in order.
+    """
+    check_only(project, only)
+    prepared = [(name, *stage_options(name, table, project.base)) for name, table in project.stages]
+    if project.source is not None and not project.source.is_dir():
+        raise ConfigError(
+            f"{project.source}: source folder not found", "fix [project] source in the project file"
+        )
+    if project.source is None and not project.dataset.is_dir():
+        raise ConfigError(
+            f"{project.dataset}: dataset folder not found", "set [project] source, or create the folder"
+        )
+    if train and project.train is not None and (not only or "train" in only):
+        from sdprep.train.api import check_train  # no torch: reads and validates the settings only
+
+        check_train(project)
+    return [p for p in prepared if not only or p[0] in only]
+
+
 def run_project(
     project: Project,
     *,
@@ -179,21 +218,18 @@ def run_project(
     only: list[str] | None = None,
     train: bool = True,
 ) -> list[StageResult]:
-    """Run the project's stages in order (then training), printing each stage's summary."""
+    """Run the project's stages in order (then training), printing each stage's summary.
+
+    The whole project is checked first (`check_project`): a typo fails before anything is built,
+    imported or changed.
+    """
+    prepared = check_project(project, only=only, train=train)
     if project.demo_models:
         echo(f"demo models (tiny, random weights: for the demo only): {project.demo_models}")
         build_demo_models(project.demo_models)
     copied = import_source(project)
     if copied:
         echo(f"import: {copied} files copied from {project.source} into {project.dataset}")
-    if not project.dataset.is_dir():
-        raise ConfigError(
-            f"{project.dataset}: dataset folder not found", "set [project] source, or create the folder"
-        )
-    selected = [(n, t) for n, t in project.stages if not only or n in only]
-    prepared = [
-        (name, *stage_options(name, table, project.base)) for name, table in selected
-    ]  # check all first
     results = []
     for _name, run, opts in prepared:
         result = run(project.dataset, opts, report=reporter())
@@ -206,6 +242,16 @@ def run_project(
         results.append(result)
         echo(result.summary())
     return results
+
+
+def run_summary(results: list[StageResult]) -> str:
+    """The last line of `sdprep run`: `run: 7 stages and training, 43 changed, 0 failed`."""
+    stages = sum(r.stage != "train" for r in results)
+    what = f"{stages} stage{'s' if stages != 1 else ''}"
+    if any(r.stage == "train" for r in results):
+        what += " and training"
+    failed = sum(len(r.failed) for r in results)
+    return f"run: {what}, {sum(r.changed for r in results)} changed, {failed} failed"
 
 
 INIT_TEMPLATE = """# sdprep project file. Run it with:  sdprep run {name}

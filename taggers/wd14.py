@@ -14,8 +14,6 @@ the model again.
 from __future__ import annotations
 
 import csv
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from sdprep.errors import ModelError
+from sdprep.hub import hub_offline, hub_reachable, is_hub_id
 from sdprep.taggers.base import (
     CATEGORY_ARTIST,
     CATEGORY_CHARACTER,
@@ -78,9 +77,6 @@ GPU_PROVIDERS = {
 DEVICES = ("auto", "cpu", *GPU_PROVIDERS)
 CPU_PROVIDER = "CPUExecutionProvider"
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-
-
 # -- model files ---------------------------------------------------------------------------------
 
 
@@ -103,9 +99,7 @@ def _fix_hint(repo: str) -> str:
 
 def is_local_spec(spec: str) -> bool:
     """True when `spec` names a folder rather than a hub repo id (`owner/name`)."""
-    if Path(spec).expanduser().exists():
-        return True
-    return not _REPO_ID.match(spec) or spec.startswith((".", "~"))
+    return not is_hub_id(spec)
 
 
 def model_id_for(spec: str) -> str:
@@ -139,6 +133,13 @@ def resolve_model(spec: str) -> ModelFiles:
     return _from_hub(model_id)
 
 
+def _not_cached(repo: str, name: str, offline: bool) -> ModelError:
+    why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
+    return ModelError(
+        f"WD14 model {repo}: {name} is not (completely) in the Hugging Face cache and {why}", _fix_hint(repo)
+    )
+
+
 def _from_hub(repo: str) -> ModelFiles:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
@@ -154,15 +155,13 @@ def _from_hub(repo: str) -> ModelFiles:
             continue
         except LocalEntryNotFoundError:
             pass
+        offline = hub_offline()
+        if offline or not hub_reachable():  # checked first: huggingface_hub retries for ~23 s
+            raise _not_cached(repo, name, offline)
         try:
             paths[name] = Path(hf_hub_download(repo, name))
         except LocalEntryNotFoundError as exc:
-            offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-            why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
-            raise ModelError(
-                f"WD14 model {repo}: {name} is not (completely) in the Hugging Face cache and {why}",
-                _fix_hint(repo),
-            ) from exc
+            raise _not_cached(repo, name, hub_offline()) from exc
         except RepositoryNotFoundError as exc:
             known = ", ".join(KNOWN_MODELS)
             raise ModelError(

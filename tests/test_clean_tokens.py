@@ -128,3 +128,57 @@ def test_captions_stats_with_tokenizer(cli_runner, sample_dataset: Path, tiny_sd
     assert res.exit_code == 0, res.output
     n = load_tokenizer(tiny_sdxl)("1girl, solo")
     assert f"tokens: 1 captions, mean {n:.1f}, max {n}; 0 over 75, 0 over 150, 0 over 225" in res.output
+
+
+def test_a_path_that_does_not_exist_is_not_taken_as_a_hub_id(tmp_path: Path, monkeypatch):
+    """`--tokenizer /nonexistent`: 'no such folder' at once, not a hub lookup of "/nonexistent"."""
+    import transformers
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"hub lookup of {args}")
+
+    monkeypatch.setattr(transformers.CLIPTokenizer, "from_pretrained", no_hub)
+    for spec in ("/nonexistent", str(tmp_path / "a" / "b"), "./models/sdxl", "~/no-such-model"):
+        with pytest.raises(ModelError) as exc:
+            load_tokenizer(spec)
+        assert str(exc.value).startswith(f"{spec}: no such folder (and not a hub repo id such as ")
+
+
+def test_an_unreachable_hub_is_not_retried(tmp_path: Path, monkeypatch):
+    """Not offline, but the hub's host refuses: only the local cache is looked at (no retries)."""
+    import transformers
+
+    calls = []
+    real = transformers.CLIPTokenizer.from_pretrained.__func__
+
+    def spy(cls, spec, **kwargs):
+        calls.append(kwargs.get("local_files_only"))
+        return real(cls, spec, **kwargs)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(transformers.CLIPTokenizer, "from_pretrained", classmethod(spy))
+    with pytest.raises(ModelError) as exc:
+        load_tokenizer("sdprep-tests/no-such-model")
+    assert "the hub cannot be reached and not in the local Hugging Face cache" in str(exc.value)
+    assert calls and all(calls)  # every attempt was local_files_only=True
+
+
+def test_report_counts_tokens_with_the_models_tokenizer(sample_dataset: Path, tiny_sdxl: Path, cli_runner):
+    """The report's --tokenizer: token lengths per caption and a table (it crashed with a TypeError)."""
+    (sample_dataset / "b_portrait.txt").write_text("nazuna, 1girl, solo, long hair\n")
+    out = sample_dataset.parent / "r.json"
+    res = cli_runner.invoke(
+        cli,
+        ["report", str(sample_dataset), "--tokenizer", str(tiny_sdxl), "--format", "json", "-o", str(out)],
+    )
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    rows = {Path(r["path"]).name: r for r in doc["images"]}
+    expected = load_tokenizer(tiny_sdxl)("nazuna, 1girl, solo, long hair")
+    assert rows["b_portrait.png"]["tokens"] == expected > 4
+    assert doc["summary"]["token_lengths"][0] == ["<=75", 1]
+    bad = cli_runner.invoke(cli, ["report", str(sample_dataset), "--tokenizer", "/nonexistent"])
+    assert bad.exit_code == 1 and "Error: /nonexistent: no such folder" in bad.output

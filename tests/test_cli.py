@@ -109,6 +109,9 @@ def test_an_os_error_on_one_file_is_that_files_failure(tmp_path):
 
 def test_usage_error_exit_2(cli_runner, tmp_path):
     assert cli_runner.invoke(cli, ["nosuchcommand"]).exit_code == 2
+    typo = cli_runner.invoke(cli, ["tagg", "data/"])
+    assert typo.exit_code == 2 and "Error: No such command 'tagg'. Did you mean \"tag\"?" in typo.output
+    assert "Did you mean" not in cli_runner.invoke(cli, ["nosuchcommand"]).output
     assert cli_runner.invoke(cli, ["undo", str(tmp_path / "missing")]).exit_code == 2
 
 

@@ -122,3 +122,42 @@ def test_train_table_paths_and_bucket_default(tmp_path):
     p.write_text('[project]\ndataset = "d"\n[train]\nmax_train_steps = 3\n')
     with pytest.raises(ConfigError, match="no train_data_dir or dataset_config"):
         project_train_table(load_project(p))
+
+
+def _demo_copy(tmp_path: Path, edit=lambda text: text) -> Path:
+    """The sample project in tmp_path/sample_data, its text passed through `edit`."""
+    shutil.copytree(REPO / "sample_data" / "images", tmp_path / "sample_data" / "images")
+    path = tmp_path / "sample_data" / "project.toml"
+    path.write_text(edit((REPO / "sample_data" / "project.toml").read_text()))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("args", "edit", "expected"),
+    [
+        (
+            ["--only", "tagg"],
+            None,
+            'Error: --only tagg: no such stage\nHint: did you mean "tag"? stages here: ',
+        ),
+        (["--only", "dedup"], None, "has no [stages.dedup]"),
+        ([], lambda t: t.replace("merge = ", "merg = "), 'unknown key "stages.tag.merg"'),
+        ([], lambda t: t.replace('source = "images"', 'source = "imgs"'), "imgs: source folder not found"),
+        ([], lambda t: t.replace("network_dim = 4", "network_dimm = 4"), "network_dimm"),
+        ([], lambda t: t.replace("max_train_steps = 6", 'max_train_steps = "six"'), "max_train_steps"),
+    ],
+)
+def test_run_checks_the_whole_project_before_changing_anything(tmp_path, cli_runner, args, edit, expected):
+    """A typo anywhere fails at once: nothing imported, no demo model built, no stage run."""
+    path = _demo_copy(tmp_path, edit or (lambda t: t))
+    res = cli_runner.invoke(cli, ["run", str(path), *args])
+    assert res.exit_code == 1, res.output
+    assert expected in res.output
+    assert not (tmp_path / "demo_output").exists(), res.output
+
+
+def test_run_summary_counts_stages_not_steps(tmp_path, cli_runner):
+    path = _demo_copy(tmp_path)
+    res = cli_runner.invoke(cli, ["-q", "run", str(path), "--only", "rename", "--only", "upscale"])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[-1] == "run: 2 stages, 10 changed, 0 failed"

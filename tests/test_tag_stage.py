@@ -410,3 +410,13 @@ def test_a_captioner_that_keeps_failing_stops_the_run_but_keeps_the_scores(sampl
         assert "wd14" in meta(item.path) and "caption" not in meta(item.path)
     # the scores are kept: the next run (without the captioner) needs no inference
     assert run_tag(sample_dataset, TagOptions(model=str(model))).details["inferred"] == 0
+
+
+def test_the_model_and_provider_lines_print_once(sample_dataset, tiny_wd14, cli_runner):
+    """`wd14: ... on ...` and the provider note (no GPU here) were printed live and in the summary."""
+    from sdprep.cli import cli
+
+    res = cli_runner.invoke(cli, ["tag", str(sample_dataset), "--model", str(tiny_wd14)])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("wd14: ") == 1
+    assert res.output.count("GPU provider") <= 1

@@ -255,3 +255,27 @@ def test_the_tagger_protocol_on_in_memory_images(tiny_wd14):
     ]
     direct = tagger.record(tagger.infer(wd14.to_batch(pixels))[0])  # same batch: same float arithmetic
     assert a.scores == direct["scores"]
+
+
+def test_an_unreachable_hub_fails_at_once_without_retries(tmp_path, monkeypatch):
+    """Not offline but no network: the error comes before any download attempt (which retries ~23 s)."""
+    import huggingface_hub
+    import huggingface_hub.constants as hc
+
+    online = []
+    real = huggingface_hub.hf_hub_download
+
+    def spy(*args, **kwargs):
+        if not kwargs.get("local_files_only"):
+            online.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", spy)
+    with pytest.raises(ModelError) as err:
+        wd14.resolve_model("SmilingWolf/wd-vit-tagger-v3")
+    assert "is not (completely) in the Hugging Face cache and the hub cannot be reached" in str(err.value)
+    assert online == []

@@ -88,6 +88,15 @@ def project_train_table(project: Any) -> tuple[Path | None, dict[str, Any]]:
     return config_path, table
 
 
+def check_train(project: Any) -> None:
+    """Read and validate the project's training settings without loading a model (ConfigError)."""
+    from sdprep.train.config import detect_method, load_train_config
+
+    config_path, table = project_train_table(project)
+    cfg, _ = load_train_config(config_path, overrides=table)
+    detect_method(cfg)
+
+
 def dataset_fingerprint(paths: list[Path]) -> str:
     """A hash of the names, sizes and modification times of every file under the given folders."""
     h = hashlib.sha256()
