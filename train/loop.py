@@ -554,6 +554,7 @@ class Trainer(TrainerOutputs):
 
         from sdprep.train.step import batch_loss
 
+        self._mark_started()
         total = 0.0
         for i, batch in enumerate(group):
             last = i == len(group) - 1

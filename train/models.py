@@ -203,6 +203,21 @@ def _reference_vae(model_config: Path | None, exc: MissingVaeError) -> Any:
     return AutoencoderKL.from_config(AutoencoderKL.load_config(model_config / "vae"))
 
 
+def _f32() -> Any:
+    import torch
+
+    return torch.float32
+
+
+def to_float32(*modules: Any) -> None:
+    """Cast every floating-point weight of the modules to float32 (a loader may keep a file's fp16)."""
+    import torch
+
+    for module in modules:
+        if any(t.is_floating_point() and t.dtype != torch.float32 for t in module.state_dict().values()):
+            module.to(torch.float32)
+
+
 def _load_pipeline(
     source: str, model_config: Path | None, vae: Any = None, trust_pickle: bool = False
 ) -> tuple[Any, bool]:
@@ -217,7 +232,8 @@ def _load_pipeline(
                 "pass the folder that holds unet/, vae/, text_encoder/... or a .safetensors checkpoint",
             )
         try:
-            return StableDiffusionXLPipeline.from_pretrained(path, local_files_only=True), False
+            pipe = StableDiffusionXLPipeline.from_pretrained(path, local_files_only=True, torch_dtype=_f32())
+            return pipe, False
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise _wrap_load(str(path), exc, False) from exc
     if path.is_file():
@@ -225,7 +241,7 @@ def _load_pipeline(
             raise ModelError(
                 f"{path}: not a model file", "pass a .safetensors checkpoint or a diffusers folder"
             )
-        kwargs: dict[str, Any] = {"local_files_only": True}
+        kwargs: dict[str, Any] = {"local_files_only": True, "torch_dtype": _f32()}
         if model_config is not None:
             if not (Path(model_config) / "model_index.json").exists():
                 raise ModelError(
@@ -250,7 +266,7 @@ def _load_pipeline(
     if looks_local or source.count("/") != 1:
         raise ModelError(f"{source}: no such file or folder", "check pretrained_model_name_or_path")
     try:
-        return StableDiffusionXLPipeline.from_pretrained(source), False
+        return StableDiffusionXLPipeline.from_pretrained(source, torch_dtype=_f32()), False
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise _wrap_load(source, exc, False) from exc
 
@@ -290,7 +306,8 @@ def load_sdxl(
 ) -> SDXLModel:
     """Load an SDXL model (diffusers folder, single file or hub id) with an optional separate VAE.
 
-    All modules come back in float32; the trainer casts the frozen parts for mixed precision.
+    All four modules come back in float32 whatever the files store (fp16/bf16 checkpoints included);
+    the trainer casts the frozen parts for mixed precision.
     A .ckpt/.pt/.bin that needs full unpickling is refused unless `trust_pickle` (it can run code).
     """
     from sdprep.train.tiny import is_tiny_model
@@ -308,6 +325,7 @@ def load_sdxl(
         pipe, single = _load_pipeline(source, model_config, vae=vae_module, trust_pickle=trust_pickle)
     _check_sdxl(pipe, source)
     check_complete(pipe, source)
+    to_float32(pipe.unet, vae_module, pipe.text_encoder, pipe.text_encoder_2)
     check_tokenizer(pipe.tokenizer, "tokenizer", source)
     check_tokenizer(pipe.tokenizer_2, "tokenizer_2", source)
     scheduler_config = dict(pipe.scheduler.config)

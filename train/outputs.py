@@ -7,6 +7,7 @@ and accelerator); kept apart so the loop module reads as the loop.
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,19 @@ from sdprep.train.save import config_hash
 class TrainerOutputs:
     """Saving, state and sampling for `Trainer`; every file is verified before it is reported."""
 
+    def _mark_started(self) -> None:
+        """Remember when the first optimizer step of this process began (`ss_training_started_at`)."""
+        if getattr(self, "_started_at", None) is None:
+            self._started_at = time.time()
+
     def _run_facts(self, label: str | None) -> dict[str, Any]:
         cfg = self.cfg
-        if not hasattr(self, "_session"):
-            self._session = (int(time.time()), f"{self.seed:x}{int(time.time()):x}")
+        if not hasattr(self, "_session_id"):
+            self._session_id = random.SystemRandom().randint(0, 2**32)  # kohya: a random integer
+        self._mark_started()  # a save before any step (none today) still gets a time
         return {
-            "started": self._session[0],
-            "session_id": self._session[1],
+            "started": self._started_at,
+            "session_id": self._session_id,
             "name": self.name,
             "label": label,
             "seed": self.seed,

@@ -1,0 +1,87 @@
+"""Training metadata: kohya's `ss_*` keys in kohya's value forms, hashes as kohya computes them, times."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from train_support import lora_cfg, make_dataset
+
+torch.set_num_threads(1)
+
+
+class TimedCallbacks:
+    """Records the wall time when training starts and when each step ends."""
+
+    def __init__(self) -> None:
+        from sdprep.train.callbacks import RecordingCallbacks
+
+        self.inner = RecordingCallbacks()
+        self.start_time: float | None = None
+        self.step_times: list[float] = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def start(self, total_steps: int, first_step: int, steps_per_epoch: int) -> None:
+        self.start_time = time.time()
+        self.inner.start(total_steps, first_step, steps_per_epoch)
+
+    def step(self, step: int, epoch: int, loss: float, lr: float) -> None:
+        self.step_times.append(time.time())
+        self.inner.step(step, epoch, loss, lr)
+
+
+@pytest.fixture(scope="module")
+def base_file(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model as a single .safetensors file (kohya hashes single files)."""
+    from safetensors.torch import save_file
+
+    from sdprep.train.models import load_sdxl
+    from sdprep.train.sgm import pipeline_to_sgm
+
+    model = load_sdxl(tiny_sdxl)
+    sd = pipeline_to_sgm(model.unet, model.text_encoder, model.text_encoder_2, model.vae)
+    path = tmp_path_factory.mktemp("base") / "tiny_base.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(base_file: Path, tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Two epochs of two steps from the single file, saving every epoch; (trainer, callbacks)."""
+    from sdprep.train.loop import Trainer
+
+    root = tmp_path_factory.mktemp("meta")
+    data = make_dataset(root / "data", images=["c_square.webp", "e_sepia.jpg"], repeats=1)
+    cfg = lora_cfg(
+        base_file,
+        data,
+        root / "out",
+        model_config=str(tiny_sdxl),
+        max_train_epochs=2,
+        save_every_n_epochs=1,
+    )
+    cb = TimedCallbacks()
+    trainer = Trainer(cfg, callbacks=cb)
+    trainer.setup()
+    trainer.run()
+    return trainer, cb
+
+
+def _meta(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+def test_training_started_at_is_the_first_step_not_the_first_save(run) -> None:
+    trainer, cb = run
+    first = _meta(trainer.result.saved[0])
+    started = float(first["ss_training_started_at"])
+    assert cb.start_time <= started <= cb.step_times[0]  # set as step 1 began, before step 1 ended
+    assert all(
+        _meta(p)["ss_training_started_at"] == first["ss_training_started_at"] for p in trainer.result.saved
+    )
