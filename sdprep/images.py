@@ -135,7 +135,8 @@ def load_image(
     im = _to_8bit(im)
     if im.mode == "CMYK":
         im = im.convert("RGB")
-    has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+    # an alpha channel, or a colour key (PNG tRNS on an RGB, greyscale or palette image)
+    has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
     if mode == "keep":
         return im
     if mode == "L":
@@ -158,7 +159,7 @@ def _flatten(rgba: Image.Image, background: tuple[int, int, int]) -> Image.Image
 
 def has_transparency(im: Image.Image) -> bool:
     """True when the image has an alpha channel with at least one pixel not fully opaque."""
-    if im.mode == "P" and "transparency" in im.info:
+    if im.mode in ("P", "L", "RGB") and "transparency" in im.info:  # a colour key
         im = im.convert("RGBA")
     if im.mode not in ("RGBA", "LA", "PA"):
         return False

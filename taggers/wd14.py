@@ -223,9 +223,9 @@ def read_vocabulary(path: Path) -> Vocabulary:
 def preprocess(image: Image.Image, size: int = DEFAULT_SIZE) -> np.ndarray:
     """kohya's WD14 preprocessing of an RGB image: BGR, white square pad, 448; uint8 [size,size,3].
 
-    The pad is centred with the odd pixel at the bottom/right; shrinking uses INTER_AREA (what kohya's
-    script means; its positional call actually gets bilinear), enlarging Lanczos. Transparency must
-    already be composited on white (`load_for_tagging`).
+    The pad is centred with the odd pixel at the bottom/right; shrinking uses cv2 INTER_AREA,
+    enlarging Pillow's LANCZOS (kohya's `resize_image`). Transparency must already be composited
+    on white (`on_white`, `load_for_tagging`).
     """
     import cv2
 
@@ -241,16 +241,18 @@ def preprocess(image: Image.Image, size: int = DEFAULT_SIZE) -> np.ndarray:
     )
     if side > size:
         return cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA)
-    if side < size:
-        return cv2.resize(square, (size, size), interpolation=cv2.INTER_LANCZOS4)
+    if side < size:  # Pillow works per channel: BGR order does not matter
+        return np.asarray(Image.fromarray(square).resize((size, size), Image.Resampling.LANCZOS))
     return square
 
 
 def load_for_tagging(path: Path, size: int = DEFAULT_SIZE) -> np.ndarray:
-    """Decode (EXIF applied, transparency on white) and preprocess one image file."""
+    """Decode and preprocess one image file as kohya's tagger does, with two deliberate differences:
+    EXIF orientation is applied (kohya tags the stored pixels; sdprep tags, buckets and trains the
+    image as displayed), and 16-bit images are scaled to 8 bits (Pillow's convert clips them)."""
     from sdprep.images import load_image
 
-    return preprocess(load_image(path, "RGB", background=(255, 255, 255)), size)
+    return preprocess(on_white(load_image(path, "keep")), size)
 
 
 def to_batch(arrays: list[np.ndarray]) -> np.ndarray:
@@ -315,12 +317,13 @@ def provider_warnings(device: str, wanted: list[str], available: list[str], acti
 
 
 def on_white(image: Image.Image) -> Image.Image:
-    """RGB with any transparency composited on white (kohya's WD14 convention)."""
-    if (image.mode == "P" and "transparency" in image.info) or image.mode in ("RGBA", "LA", "PA"):
+    """RGB with any transparency composited on white, as kohya's WD14 script does it: an alpha
+    channel, or a colour key (PNG tRNS on an RGB, greyscale or palette image), pasted on white."""
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        canvas.alpha_composite(rgba)
-        return canvas.convert("RGB")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
     return image.convert("RGB")
 
 

@@ -137,3 +137,16 @@ def test_a_text_chunk_bomb_is_a_bad_image_not_a_crash(tmp_path):
     for read in (image_size, load_image):
         with pytest.raises(ImageError, match="corrupt image header .*Decompressed data too large"):
             read(path)
+
+
+@pytest.mark.parametrize("mode, key", [("RGB", (12, 34, 56)), ("L", 77)])
+def test_colour_key_transparency_is_composited_like_an_alpha_channel(tmp_path, mode, key):
+    """A PNG tRNS colour key on an RGB or greyscale image is transparency (kohya composites it too)."""
+    im = Image.new(mode, (2, 1), key)
+    im.putpixel((1, 0), (200, 100, 0) if mode == "RGB" else 200)
+    im.save(tmp_path / "k.png", transparency=key)
+    rgb = load_image(tmp_path / "k.png", "RGB")
+    assert rgb.getpixel((0, 0)) == (255, 255, 255)
+    assert rgb.getpixel((1, 0)) == ((200, 100, 0) if mode == "RGB" else (200, 200, 200))
+    assert load_image(tmp_path / "k.png", "RGBA").getpixel((0, 0))[3] == 0
+    assert has_transparency(Image.open(tmp_path / "k.png"))

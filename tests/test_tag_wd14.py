@@ -1,5 +1,7 @@
 """The WD14 tagger: kohya's preprocessing, model lookup (folder / hub cache / offline), providers, records."""
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -7,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
+from tagger_cases import make_cases
 
 from sdprep.errors import ConfigError, ModelError
 from sdprep.taggers import wd14
@@ -21,7 +24,7 @@ SAMPLES = Path(__file__).resolve().parent.parent / "sample_data" / "images"
 
 def reference_preprocess(path: Path, size: int = 448) -> np.ndarray:
     """kohya-formats.md's steps written out independently: white composite, BGR, centred white pad
-    (remainder bottom/right), INTER_AREA when shrinking / Lanczos when enlarging."""
+    (remainder bottom/right), INTER_AREA when shrinking / Pillow LANCZOS when enlarging."""
     im = ImageOps.exif_transpose(Image.open(path))
     rgba = np.asarray(im.convert("RGBA"), dtype=np.float64)
     alpha = rgba[:, :, 3:4] / 255.0
@@ -34,8 +37,37 @@ def reference_preprocess(path: Path, size: int = 448) -> np.ndarray:
     if side > size:
         return cv2.resize(padded, (size, size), interpolation=cv2.INTER_AREA)
     if side < size:
-        return cv2.resize(padded, (size, size), interpolation=cv2.INTER_LANCZOS4)
+        return np.asarray(Image.fromarray(padded).resize((size, size), Image.Resampling.LANCZOS))
     return padded
+
+
+KOHYA_HASHES = json.loads((Path(__file__).parent / "assets" / "kohya_wd14_preprocess.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tagger_cases(tmp_path_factory) -> dict[str, Path]:
+    return make_cases(tmp_path_factory.mktemp("tagger_cases"))
+
+
+@pytest.mark.parametrize("name", sorted(KOHYA_HASHES))
+def test_preprocessing_is_byte_identical_to_kohyas_tagger(name, tagger_cases):
+    """Colour keys (tRNS on RGB, greyscale, palette) composited on white, partial alpha pasted as
+    kohya pastes it, a 300x200 image enlarged with Pillow's LANCZOS: the hashes are of the arrays
+    kohya's own preprocess_image returned for these files (tests/tagger_cases.py)."""
+    path = tagger_cases.get(name, SAMPLES / name)
+    got = wd14.load_for_tagging(path)
+    assert got.shape == (448, 448, 3) and got.dtype == np.uint8
+    assert hashlib.sha256(got.tobytes()).hexdigest() == KOHYA_HASHES[name]
+
+
+def test_colour_keyed_pixels_become_white(tagger_cases):
+    for name, where in (("key_rgb.png", (20, 10)), ("key_grey.png", (5, 30)), ("key_palette.png", None)):
+        im = Image.open(tagger_cases[name])
+        rgb = np.asarray(wd14.on_white(im))
+        if where is None:  # the palette entry made transparent
+            where = next(zip(*np.nonzero(np.asarray(im) == 3)))[::-1]
+        assert rgb[where[1], where[0]].tolist() == [255, 255, 255], name
+        assert rgb.min() < 255, name  # the rest is not
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in SAMPLES.iterdir() if p.suffix != ".json"))
@@ -45,7 +77,7 @@ def test_preprocessing_matches_an_independent_implementation(name):
     assert got.shape == (448, 448, 3) and got.dtype == np.uint8
     diff = np.abs(got.astype(int) - want.astype(int))
     if name == "f_transparent.png":
-        assert diff.max() <= 1  # Pillow's alpha compositing rounds half-transparent pixels its own way
+        assert diff.max() <= 1  # Pillow's paste rounds half-transparent pixels its own way
     else:
         assert diff.max() == 0
 
