@@ -35,6 +35,7 @@ from sdprep.buckets import Assignment, BucketSettings, assign_bucket, make_bucke
 from sdprep.dataset import (
     MASK_DIR,
     Item,
+    dumps_json,
     format_caption,
     format_repeat_folder,
     iter_items,
@@ -456,7 +457,8 @@ def _write_dataset_toml(
 
 def _nested(value: object, level: int, ensure_ascii: bool) -> str:
     """`json.dumps(value, indent=1)` as it reads `level` containers deep in an indent=1 document."""
-    return json.dumps(value, indent=1, ensure_ascii=ensure_ascii).replace("\n", "\n" + " " * level)
+    text = json.dumps(value, indent=1) if ensure_ascii else dumps_json(value, indent=1)
+    return text.replace("\n", "\n" + " " * level)
 
 
 class _Members:
@@ -513,7 +515,7 @@ class _Outputs:
                 "image_size": list(p.size),
                 "train_resolution": list(a.bucket),
             }
-            self.meta.add(json.dumps(str(p.dest), ensure_ascii=False) + ": " + _nested(entry, 1, False))
+            self.meta.add(dumps_json(str(p.dest)) + ": " + _nested(entry, 1, False))
             row = {
                 "image": str(p.item.path),
                 "dest": str(p.dest),

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageColor
 
-from sdprep.dataset import Item, iter_items, loads_json
+from sdprep.dataset import Item, dumps_json, iter_items, loads_json
 from sdprep.errors import ConfigError, ImageError, unknown_choice
 from sdprep.fileops import Journal, Operation, atomic_write_text, state_dir
 from sdprep.images import load_image, open_image
@@ -223,7 +222,7 @@ def load_verified(root: Path) -> dict[str, list[int]]:
 def save_verified(root: Path, files: dict[str, list[int]]) -> None:
     """Write the cache; it is an optimisation, so a folder that cannot hold it is not an error."""
     try:
-        text = json.dumps({"version": VERIFY_VERSION, "files": files}, ensure_ascii=False)
+        text = dumps_json({"version": VERIFY_VERSION, "files": files})
         atomic_write_text(state_dir(root) / VERIFIED_FILE, text + "\n")
     except OSError:
         pass

@@ -13,7 +13,6 @@ import base64
 import contextlib
 import html
 import io
-import json
 import tempfile
 from array import array
 from collections import Counter
@@ -24,8 +23,8 @@ import numpy as np
 from PIL import Image
 
 from sdprep.buckets import BucketSettings, assign_bucket
-from sdprep.dataset import Item, iter_items, read_caption, read_sidecar, sdprep_meta, split_tags
-from sdprep.errors import SdprepError
+from sdprep.dataset import Item, dumps_json, iter_items, read_caption, read_sidecar, sdprep_meta, split_tags
+from sdprep.errors import SdprepError, printable
 from sdprep.fileops import atomic_write_stream
 from sdprep.images import load_image
 from sdprep.progress import NullReporter, Reporter
@@ -348,9 +347,9 @@ def run_report(root: Path | str, opts: ReportOptions, *, report: Reporter = Null
             if opts.format == "json":
                 gallery.write((",\n  " if n else "") + _json_text(_row_json(row)).replace("\n", "\n  "))
             else:
-                gallery.write(_card(row, thumb, overlay))
+                gallery.write(printable(_card(row, thumb, overlay)))  # names that are not UTF-8
                 if row.problems:
-                    problems.write(_table_row((Path(row.path).name, "; ".join(row.problems))))
+                    problems.write(printable(_table_row((Path(row.path).name, "; ".join(row.problems)))))
             # unreadable files are failures: the report still lists them, the exit code says so
             for e in row.errors:
                 parts = e.split(": ", 1)
@@ -382,7 +381,7 @@ def run_report(root: Path | str, opts: ReportOptions, *, report: Reporter = Null
 
 
 def _json_text(data) -> str:
-    return json.dumps(data, indent=1, ensure_ascii=False)
+    return dumps_json(data, indent=1)
 
 
 def _row_json(r: ImageRow) -> dict:
@@ -404,7 +403,7 @@ def _write_json(f, root: Path, summary: dict, rows) -> None:
 
 
 def _write_html(f, root: Path, summary: dict, problems, gallery, opts: ReportOptions) -> None:
-    title = html.escape(f"sdprep report: {root}")
+    title = html.escape(printable(f"sdprep report: {root}"))
     f.write(
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"/><title>{title}</title><style>{CSS}</style></head><body>'
     )
@@ -436,7 +435,9 @@ def _write_html(f, root: Path, summary: dict, problems, gallery, opts: ReportOpt
     if not _copy(problems, f):
         f.write(_table_row(("none", "")))
     f.write(_TABLE_END)
-    dups = [(i + 1, ", ".join(Path(p).name for p in g)) for i, g in enumerate(summary["duplicates"])]
+    dups = [
+        (i + 1, printable(", ".join(Path(p).name for p in g))) for i, g in enumerate(summary["duplicates"])
+    ]
     f.write(_table("Duplicates (perceptual hash)", dups or [("none", "")], ("group", "images")))
     f.write(_table("Tag frequency", summary["tags"][:300], ("tag", "images", ""), bar=True))
     f.write('<h2>Images</h2><div class="grid">')

@@ -12,7 +12,7 @@ import sys
 import click
 
 from sdprep import __version__
-from sdprep.errors import SdprepError, did_you_mean, from_os_error
+from sdprep.errors import SdprepError, did_you_mean, escape_unencodable_output, from_os_error
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "scrape": (
@@ -127,6 +127,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     A staged pipeline over a dataset folder (scrape, rename, upscale, mask, tag, clean, bucket,
     report) and a built-in SDXL trainer. Every change to a dataset can be undone with `sdprep undo`.
     """
+    escape_unencodable_output(sys.stdout, sys.stderr)  # a file name that is not UTF-8 never crashes output
     ctx.obj = AppState(verbose=verbose, quiet=quiet)
 
 

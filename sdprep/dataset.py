@@ -257,6 +257,18 @@ def loads_json(text: str | bytes) -> Any:
         raise json.JSONDecodeError("nested too deeply", shown, 0) from None
 
 
+def dumps_json(data: Any, **kwargs: Any) -> str:
+    """`json.dumps` with non-ASCII text kept readable, except that a document holding a file name that
+    is not UTF-8 (lone surrogates in Python) is written with ASCII escapes: valid UTF-8 that
+    `loads_json` reads back to the same name, where the readable form could not be encoded at all."""
+    text = json.dumps(data, ensure_ascii=False, **kwargs)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(data, **kwargs)
+    return text
+
+
 def read_caption(item: Item) -> str | None:
     """The caption text without its trailing newline, or None when the image has no caption file."""
     if not item.caption_path.exists():
@@ -315,7 +327,7 @@ def read_sidecar(item: Item) -> dict[str, Any]:
 
 def dump_sidecar(data: dict[str, Any]) -> str:
     """Serialise a sidecar deterministically (key order kept, UTF-8, trailing newline)."""
-    return json.dumps(data, ensure_ascii=False, indent=2) + "\n"
+    return dumps_json(data, indent=2) + "\n"
 
 
 def sdprep_meta(sidecar: dict[str, Any]) -> dict[str, Any]:

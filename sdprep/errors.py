@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import difflib
 from collections.abc import Iterable
 from pathlib import Path
@@ -99,3 +101,49 @@ def unknown_choice(kind: str, value: str, choices: Iterable[str]) -> ConfigError
     hint = did_you_mean(value, choices)
     listing = "valid: " + ", ".join(choices)
     return ConfigError(f'unknown {kind} "{value}"', f"{hint} {listing}" if hint else listing)
+
+
+# -- file names that are not UTF-8 ------------------------------------------------------------
+# Python reads such a name as text with lone surrogates (U+DC80-U+DCFF stand for the bytes
+# 0x80-0xFF), which no UTF-8 output accepts. sdprep shows those bytes as `\xNN`, as Python's
+# bytes repr does, so the name stays recognisable and a message never crashes the command.
+
+
+def _escaped(text: str) -> str:
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        else:
+            out.append(ch.encode("ascii", "backslashreplace").decode("ascii"))
+    return "".join(out)
+
+
+def printable(text: str) -> str:
+    """`text` with the undecodable bytes of a non-UTF-8 file name shown as `\\xNN`."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return "".join(_escaped(ch) if 0xD800 <= ord(ch) <= 0xDFFF else ch for ch in text)
+
+
+def _escape_unencodable(exc: UnicodeError) -> tuple[str, int]:
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    return _escaped(exc.object[exc.start : exc.end]), exc.end
+
+
+NAME_ESCAPES = "sdprep-escape"
+codecs.register_error(NAME_ESCAPES, _escape_unencodable)
+
+
+def escape_unencodable_output(*streams) -> None:
+    """Make text streams (stdout, stderr) write what they cannot encode as escapes: never raising
+    (errors="strict"), never raw bytes that make the output invalid UTF-8 ("surrogateescape")."""
+    for stream in streams:
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            with contextlib.suppress(ValueError, OSError):  # a closed or odd stream: leave it
+                reconfigure(errors=NAME_ESCAPES)

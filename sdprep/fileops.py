@@ -183,7 +183,8 @@ class Entry:
     blob: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps({k: v for k, v in self.__dict__.items() if v is not None}, ensure_ascii=False)
+        # ASCII escapes keep a file name that is not UTF-8 (a lone surrogate in Python) exact
+        return json.dumps({k: v for k, v in self.__dict__.items() if v is not None})
 
 
 class Operation:

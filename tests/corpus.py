@@ -238,6 +238,25 @@ def build(root: Path, *, outside: Path | None = None, unreadable: bool = True) -
     return c
 
 
+def plain(root: Path, n: int = 4, *, masks: bool = False) -> Corpus:
+    """A small clean dataset: `n` sample images with a caption each (and a full mask each).
+
+    Tests that study one odd file add it to this; `outside` is created empty beside the dataset.
+    """
+    root.mkdir(parents=True)
+    c = Corpus(root=root, outside=root.parent / "outside")
+    c.outside.mkdir()
+    if masks:
+        (root / "masks").mkdir()
+    for name in SAMPLE_NAMES[:n]:
+        (root / name).write_bytes(sample_bytes(name))
+        (root / Path(name).with_suffix(".txt")).write_text("1girl, solo, smile\n")
+        if masks:
+            Image.new("L", _sample(name).size, 255).save(root / "masks" / f"{Path(name).stem}.png")
+        c.good.append(name)
+    return c
+
+
 # -- running and comparing ---------------------------------------------------------------------
 
 

@@ -50,6 +50,16 @@ def run_cli(
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
+def run_case(
+    case: Case, c: corpus.Corpus, work: Path, wd14: Path, sdxl: Path
+) -> tuple[subprocess.CompletedProcess, str]:
+    """Run one case's command on `c` with the tiny models linked into `work`: (process, all output)."""
+    (work / "wd14").symlink_to(wd14, target_is_directory=True)
+    (work / "tiny").symlink_to(sdxl, target_is_directory=True)
+    done = run_cli(case.args(c, work), {"SDPREP_CACHE": str(work / "cache")}, quiet=case.quiet)
+    return done, done.stdout + done.stderr
+
+
 def failure_paths(output: str) -> list[str]:
     """Paths named on `  failed: PATH: reason` lines (a path may hold a newline)."""
     blocks = output.split("\n  failed: ")[1:]
@@ -239,21 +249,17 @@ def assert_reported(case: Case, c: corpus.Corpus, output: str) -> None:
 @pytest.mark.parametrize("name", list(CASES))
 def test_command_over_hostile_corpus(name: str, tmp_path: Path, wd14: Path, tiny_sdxl: Path) -> None:
     case = CASES[name]
-    work = tmp_path
-    (work / "wd14").symlink_to(wd14, target_is_directory=True)
-    (work / "tiny").symlink_to(tiny_sdxl, target_is_directory=True)
-    c = corpus.build(work / "data")
+    c = corpus.build(tmp_path / "data")
     if case.prepare:
         case.prepare(c)
     before, outside_before = corpus.snapshot(c.root), corpus.snapshot(c.outside)
 
-    done = run_cli(case.args(c, work), {"SDPREP_CACHE": str(work / "cache")}, quiet=case.quiet)
-    output = done.stdout + done.stderr
+    done, output = run_case(case, c, tmp_path, wd14, tiny_sdxl)
     expected_exit = case.exit_code if case.exit_code is not None else (1 if case.bad else 0)
     assert done.returncode == expected_exit, output
     assert_reported(case, c, output)
     if case.check:
-        case.check(c, work)
+        case.check(c, tmp_path)
     assert corpus.SECRET_TEXT not in output
     assert corpus.snapshot(c.outside) == outside_before, "a file outside the dataset changed"
 

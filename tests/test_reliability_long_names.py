@@ -13,7 +13,7 @@ from pathlib import Path
 
 import corpus
 import pytest
-from test_reliability_corpus import CASES, failure_paths, run_cli
+from test_reliability_corpus import CASES, failure_paths, run_case
 
 LONG = "x" * 250 + ".png"  # 254 bytes: its sidecar name is 259
 
@@ -26,13 +26,7 @@ def wd14(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def build(root: Path) -> corpus.Corpus:
-    root.mkdir(parents=True)
-    c = corpus.Corpus(root=root, outside=root.parent / "outside")
-    c.outside.mkdir()
-    for name in corpus.SAMPLE_NAMES[:4]:
-        (root / name).write_bytes(corpus.sample_bytes(name))
-        (root / Path(name).with_suffix(".txt")).write_text("1girl, solo, smile\n")
-        c.good.append(name)
+    c = corpus.plain(root)
     (root / LONG).write_bytes(corpus._encode(corpus.variant(corpus.SAMPLE_NAMES[5], 3), "PNG"))
     (root / (LONG[:-4] + ".txt")).write_text("1girl, smile\n")
     assert len(os.fsencode(LONG + ".json")) > 255
@@ -47,12 +41,9 @@ def test_command_with_an_overlong_companion_name(
     name: str, tmp_path: Path, wd14: Path, tiny_sdxl: Path
 ) -> None:
     case = CASES[name]
-    (tmp_path / "wd14").symlink_to(wd14, target_is_directory=True)
-    (tmp_path / "tiny").symlink_to(tiny_sdxl, target_is_directory=True)
     c = build(tmp_path / "data")
     before = corpus.snapshot(c.root)
-    done = run_cli(case.args(c, tmp_path), {"SDPREP_CACHE": str(tmp_path / "cache")}, quiet=case.quiet)
-    output = done.stdout + done.stderr
+    done, output = run_case(case, c, tmp_path, wd14, tiny_sdxl)
     assert "Traceback" not in output, output
     assert done.returncode in (0, 1), output
     aborted = [line for line in output.splitlines() if line.startswith("Error:") and "too long" in line]
