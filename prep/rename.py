@@ -69,12 +69,30 @@ def natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
+# width and precision of a format spec: [[fill]align][sign][z][#][0][width][grouping][.precision][type]
+_SPEC_SIZES = re.compile(r"(?:.?[<>=^])?[-+ ]?z?#?0?(?P<width>\d*)[,_]?(?:\.(?P<precision>\d*))?[a-zA-Z%]?")
+
+
 def check_pattern(pattern: str) -> None:
-    """Reject a pattern with unknown fields or without `{n}` (every name must be unique)."""
+    """Reject a pattern with unknown fields or without `{n}` (every name must be unique), and one
+    whose format spec would build a string longer than a file name (`{n:040000000000d}` would first
+    fill gigabytes of memory)."""
     try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(pattern) if f is not None]
+        parsed = [(f, spec or "") for _, f, spec, _ in string.Formatter().parse(pattern) if f is not None]
     except ValueError as exc:
         raise ConfigError(f"invalid --pattern {pattern!r}: {exc}", "example: {token}_{n:04d}") from exc
+    fields = [f for f, _ in parsed]
+    for name, spec in parsed:
+        sizes = _SPEC_SIZES.fullmatch(spec)
+        if sizes is None or "{" in spec:
+            raise ConfigError(
+                f"--pattern {pattern!r} has an invalid format spec {spec!r}", "example: {n:04d}"
+            )
+        if any(len(v) > 3 or int(v) > MAX_NAME for v in sizes.groups() if v):
+            raise ConfigError(
+                f"--pattern {pattern!r}: {{{name}:{spec}}} is wider than a file name ({MAX_NAME} bytes at most)",
+                "example: {token}_{n:04d}",
+            )
     for name in fields:
         if name not in PATTERN_FIELDS:  # plain fields only: no {n.attr} or {n[0]} look-ups
             raise ConfigError(
@@ -95,7 +113,7 @@ def _render(pattern: str, **values: object) -> str:
         raise ConfigError(f"--pattern {pattern!r} cannot be filled in: {exc}", "example: {n:03d}") from exc
     if not name or name.startswith(".") or "/" in name or "\\" in name or "\0" in name:
         raise ConfigError(f"--pattern {pattern!r} gives the invalid file name {name!r}")
-    if len(name.encode("utf-8")) > MAX_NAME:
+    if len(os.fsencode(name)) > MAX_NAME:  # fsencode: {stem} of a name that is not UTF-8
         raise ConfigError(f"--pattern {pattern!r} gives a name over {MAX_NAME} bytes: {name[:40]}...")
     return name
 

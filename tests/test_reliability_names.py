@@ -95,3 +95,13 @@ def test_a_failure_names_the_file_with_escapes(args: list[str], tmp_path: Path, 
     assert done.returncode == 1, output
     (line,) = [x for x in output.splitlines() if x.startswith("  failed: ")]
     assert line.startswith(f"  failed: {c.root}/{SHOWN}.") and f"{SHOWN}.txt: not UTF-8" in line, output
+
+
+def test_rename_pattern_with_the_old_stem(tmp_path: Path) -> None:
+    """{stem} of a name that is not UTF-8: measured in bytes as the file system does, no crash."""
+    from sdprep.prep import rename
+
+    c = build(tmp_path / "data")
+    result = rename.run_rename(c.root, rename.RenameOptions(pattern="{stem}-{n}"))
+    assert result.ok
+    assert (c.root / f"{BAD}-3.png").is_file() and (c.root / f"{BAD}-3.txt").is_file()

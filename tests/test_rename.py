@@ -160,3 +160,28 @@ def test_rename_interrupted_in_phase_two_is_undoable(sample_dataset, monkeypatch
     )
     fileops.undo(sample_dataset)
     assert tree(sample_dataset) == before
+
+
+@pytest.mark.parametrize("pattern", ["{n:040000000000d}", "{n:01000000000d}", "{n:.999999999}", "{n:x>201}"])
+def test_pattern_wider_than_a_file_name_is_refused_before_formatting(pattern: str) -> None:
+    with pytest.raises(ConfigError, match="wider than a file name"):
+        check_pattern(pattern)
+
+
+@pytest.mark.parametrize("pattern", ["{n:{token}}", "{n:04q?}"])
+def test_pattern_with_a_nested_or_broken_spec_is_refused(pattern: str) -> None:
+    with pytest.raises(ConfigError, match="invalid format spec"):
+        check_pattern(pattern)
+
+
+@pytest.mark.parametrize("pattern", ["{n:04d}", "{token}_{n:>6}", "{n:,}", "{n:+05d}", "{n:x^9}", "{n}"])
+def test_ordinary_format_specs_pass(pattern: str) -> None:
+    check_pattern(pattern)
+
+
+def test_rename_cli_refuses_a_huge_width_without_touching_files(cli_runner, sample_dataset) -> None:
+    before = sorted(p.name for p in sample_dataset.iterdir())
+    res = cli_runner.invoke(cli, ["rename", str(sample_dataset), "--pattern", "{n:040000000000d}"])
+    assert res.exit_code == 1
+    assert "is wider than a file name (200 bytes at most)" in res.output
+    assert sorted(p.name for p in sample_dataset.iterdir()) == before
