@@ -41,6 +41,7 @@ from sdprep.dataset import (
     iter_items,
     parse_repeat_folder,
     read_caption,
+    require_images,
 )
 from sdprep.errors import ConfigError, DatasetError, SdprepError
 from sdprep.fileops import Journal, Operation
@@ -163,6 +164,7 @@ def find_concepts(root: Path, opts: BucketOptions) -> list[Concept]:
       or its folder name when no token is given.
     """
     _check_folder(root)
+    require_images(root, opts.recursive)
     counts: Counter[Path] = Counter(item.path.parent for item in iter_items(root, recursive=opts.recursive))
     plain = [f for f in counts if f != root and not parse_repeat_folder(f.name) and f.name not in opts.tiers]
     concepts = []

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdprep.dataset import Item, iter_items, sdprep_meta, split_tags
+from sdprep.dataset import Item, iter_items, require_images, sdprep_meta, split_tags
 from sdprep.errors import ConfigError, DatasetError, SdprepError
 from sdprep.prep import monochrome
 from sdprep.prep.captions import CaptionWriter, DiffSink, read_existing, read_sidecar_text
@@ -166,16 +166,14 @@ def run_clean(
     on_diff: DiffSink | None = None,
 ) -> StageResult:
     """Rebuild the captions of every image under `root` from the rules; returns what changed."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"{root}: no such folder", "check the path")
     rules = opts.rules
     if rules.prune_core is not None and not (rules.trigger or rules.trigger_from_folder):
         raise ConfigError(
             "--prune-core needs a trigger token to absorb the pruned tags",
             "add --trigger TOKEN (or trigger_from_folder = true in the rules file)",
         )
-    rs = RuleSet(rules)
+    rs = RuleSet(rules)  # bad patterns and remove files are reported before the folder
+    root = require_images(root, opts.recursive)
     count_tokens = None
     if rules.wants_tokenizer:
         from sdprep.prep.tokens import load_tokenizer

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image, ImageColor
 
-from sdprep.dataset import Item, dumps_json, iter_items, loads_json
+from sdprep.dataset import Item, dumps_json, iter_items, loads_json, require_images
 from sdprep.errors import ConfigError, ImageError, unknown_choice
 from sdprep.fileops import Journal, Operation, atomic_write_text, state_dir
 from sdprep.images import load_image, open_image
@@ -243,7 +243,7 @@ def run_convert(root: Path | str, opts: ConvertOptions, *, report: Reporter = Nu
 
     Originals stay in the journal until `sdprep gc`; a truncated or corrupt image is listed as failed.
     """
-    root = Path(root)
+    root = require_images(root, opts.recursive)
     items = list(iter_items(root, opts.recursive))
     result = StageResult("convert")
     reasons: Counter[str] = Counter()

@@ -24,6 +24,7 @@ from sdprep.dataset import (
     dump_sidecar,
     iter_items,
     read_sidecar,
+    require_images,
     sdprep_meta,
     unsafe_reason,
 )
@@ -255,7 +256,7 @@ def _move_duplicate(op: Operation, root: Path, dup: Fingerprint, keep: Fingerpri
 
 def run_dedup(root: Path | str, opts: DedupOptions, *, report: Reporter = NullReporter()) -> StageResult:
     """Group near-duplicate images of `root`; keep the best of each group, move the rest aside."""
-    root = Path(root)
+    root = require_images(root, opts.recursive)
     items = list(iter_items(root, opts.recursive))
     result = StageResult("dedup")
     if opts.dry_run:

@@ -21,7 +21,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from sdprep.dataset import MASK_DIR, MASK_DIR_PREFIX, Item, discover, dump_sidecar, read_sidecar, sdprep_meta
+from sdprep.dataset import (
+    MASK_DIR,
+    MASK_DIR_PREFIX,
+    Item,
+    discover,
+    dump_sidecar,
+    read_sidecar,
+    require_images,
+    sdprep_meta,
+)
 from sdprep.errors import ConfigError, ImageError, SdprepError, unknown_choice
 from sdprep.fileops import Journal
 from sdprep.images import image_size, load_image
@@ -244,7 +253,7 @@ def run_mask(root: Path | str, opts: MaskOptions, *, report: Reporter = NullRepo
     validate(opts)
     method = create_method(opts.method, opts.settings)
     result = StageResult("mask")
-    items = discover(root, opts.recursive)
+    items = discover(require_images(root, opts.recursive), opts.recursive)
     clashes = stem_clashes(items)
     for path, reason in clashes.items():
         result.fail(path, reason + "; rename one of them (sdprep rename)")

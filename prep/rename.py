@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdprep.dataset import MASK_DIR, Item, iter_items, parse_repeat_folder
+from sdprep.dataset import MASK_DIR, Item, iter_items, parse_repeat_folder, require_images
 from sdprep.errors import ConfigError, DatasetError
 from sdprep.fileops import Journal
 from sdprep.progress import NullReporter, Reporter
@@ -194,8 +194,7 @@ def run_rename(root: Path | str, opts: RenameOptions, *, report: Reporter = Null
     root = Path(root)
     if opts.pattern is not None:
         check_pattern(opts.pattern)
-    if not root.is_dir():
-        raise DatasetError(f"{root}: no such folder", "check the path")
+    require_images(root, opts.recursive)
     _refuse_leftovers(root)
     plan = []
     for folder, items in _by_folder(iter_items(root, opts.recursive)).items():

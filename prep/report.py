@@ -23,7 +23,16 @@ import numpy as np
 from PIL import Image
 
 from sdprep.buckets import BucketSettings, assign_bucket
-from sdprep.dataset import Item, dumps_json, iter_items, read_caption, read_sidecar, sdprep_meta, split_tags
+from sdprep.dataset import (
+    Item,
+    dumps_json,
+    iter_items,
+    read_caption,
+    read_sidecar,
+    require_images,
+    sdprep_meta,
+    split_tags,
+)
 from sdprep.errors import SdprepError, printable
 from sdprep.fileops import atomic_write_stream
 from sdprep.images import load_image
@@ -330,7 +339,7 @@ def run_report(root: Path | str, opts: ReportOptions, *, report: Reporter = Null
     One streamed pass: per image only what the summary needs is kept (see `Summary`); the gallery
     cards (HTML), the problem rows (HTML) or the per-image rows (JSON) go to temporary files.
     """
-    root = Path(root)
+    root = require_images(root, opts.recursive)
     out = Path(opts.out) if opts.out else root / ("report." + ("json" if opts.format == "json" else "html"))
     result = StageResult("report")
     count_tokens = _token_counter(opts.tokenizer)

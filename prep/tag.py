@@ -23,7 +23,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from sdprep.dataset import Item, discover, dump_sidecar, read_caption, read_sidecar, sdprep_meta
+from sdprep.dataset import (
+    Item,
+    discover,
+    dump_sidecar,
+    read_caption,
+    read_sidecar,
+    require_images,
+    sdprep_meta,
+)
 from sdprep.errors import ConfigError, ModelError, SdprepError, unknown_choice
 from sdprep.fileops import Journal, Operation
 from sdprep.progress import NullReporter, Reporter
@@ -421,9 +429,13 @@ def run_tag(
     root = Path(root).absolute()
     opts = opts or TagOptions()
     report = report or NullReporter()
-    items = [it for it in discover(root, opts.recursive) if in_shard(it, root, opts.shard)]
+    items = [
+        it
+        for it in discover(require_images(root, opts.recursive), opts.recursive)
+        if in_shard(it, root, opts.shard)
+    ]
     if not items:
         result = StageResult("tag")
-        result.notes.append(f"no images found in {root}" + ("" if opts.recursive else " (try --recursive)"))
+        result.notes.append(f"no images of {root} fall in shard {opts.shard[0]}/{opts.shard[1]}")
         return result
     return _Tagging(root, opts, report, tagger, captioner).run(items)

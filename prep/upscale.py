@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sdprep.dataset import Item, dump_sidecar, iter_items, read_sidecar, sdprep_meta
+from sdprep.dataset import Item, dump_sidecar, iter_items, read_sidecar, require_images, sdprep_meta
 from sdprep.errors import ConfigError, ImageError, ModelError
 from sdprep.fileops import Journal
 from sdprep.images import image_size, load_image, open_image
@@ -179,7 +179,7 @@ class _LazyUpscaler:
 
 def run_upscale(root: Path | str, opts: UpscaleOptions, *, report: Reporter = NullReporter()) -> StageResult:
     """Upscale every image of `root` below the target size; masks and sidecars follow."""
-    root = Path(root)
+    root = require_images(root, opts.recursive)
     items = list(iter_items(root, opts.recursive))
     lazy = _LazyUpscaler(opts)
     result = StageResult("upscale")

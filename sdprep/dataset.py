@@ -109,6 +109,33 @@ def discover(root: Path | str, recursive: bool = False) -> list[Item]:
     return list(iter_items(root, recursive))
 
 
+def require_images(root: Path | str, recursive: bool = False) -> Path:
+    """Check that `root` is a folder with at least one image (what every stage needs); returns it.
+
+    No image is a DatasetError "no images found in DIR", whose hint says to add -r when the images
+    are in subfolders (a kohya `img/40_token/` layout, a bucket output).
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DatasetError(f"{root}: no such folder", "check the path")
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder", "pass the folder that holds the images")
+    if next(iter_items(root, recursive), None) is not None:
+        return root
+    if not recursive:
+        inner = next(iter_items(root, True), None)
+        if inner is not None:
+            where = inner.path.parent.relative_to(root).as_posix()
+            raise DatasetError(
+                f"no images found in {root}",
+                f"the images are in subfolders (e.g. {where}/): add -r / --recursive (recursive = true in a project)",
+            )
+    raise DatasetError(
+        f"no images found in {root}",
+        f"put images ({', '.join(BASE_IMAGE_EXTS)}) in it, or pass the folder holding them",
+    )
+
+
 def iter_items(root: Path, recursive: bool = False) -> Iterator[Item]:
     """Stream the images under `root` in sorted order (memory grows with one folder, not the tree).
 
