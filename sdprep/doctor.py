@@ -19,6 +19,11 @@ OPTIONAL = {  # package -> what it adds
     "spandrel": "more upscaler architectures",
     "bitsandbytes": "8-bit optimizers (AdamW8bit, Lion8bit...)",
     "prodigyopt": "the Prodigy optimizer",
+    "dadaptation": "the D-Adaptation optimizers",
+    "lion-pytorch": "the Lion optimizer",
+    "schedulefree": "the schedule-free optimizers",
+    "came-pytorch": "the CAME optimizer",
+    "lycoris-lora": "LyCORIS networks (LoCon, LoHa, LoKr)",
     "tensorboard": "TensorBoard event files",
 }
 LOW_DISK_BYTES = 20 << 30  # below this, latents caches and checkpoints may not fit

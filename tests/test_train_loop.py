@@ -272,8 +272,6 @@ def test_a_folder_without_tokenizer_vocabulary_is_refused(tiny_sdxl: Path, tmp_p
 
 
 def test_optimizers_by_kohya_name() -> None:
-    import importlib.util
-
     from sdprep.train.kohya_args import parse_kv_args, split_kv_args
     from sdprep.train.optim import build_optimizer, build_scheduler, relative_adafactor
 
@@ -298,10 +296,6 @@ def test_optimizers_by_kohya_name() -> None:
         ).__name__
         == "AdafactorSchedule"
     )
-    for name, package in (("AdamW8bit", "bitsandbytes"), ("Prodigy", "prodigyopt")):
-        if importlib.util.find_spec(package) is None:
-            with pytest.raises(ConfigError, match=f"needs the `{package}` package"):
-                build_optimizer(name, groups(), 1e-3, {})
     sched = build_scheduler("cosine", opt, warmup_steps=2, total_steps=10)
     lrs = []
     for _ in range(10):

@@ -151,9 +151,11 @@ class Trainer(TrainerOutputs):
         import torch
 
         from sdprep.compat import check_training_stack
+        from sdprep.train.optim import require_optimizer
 
         check_training_stack()  # before a model loads: a known-bad package pair is one clear error
         cfg = self.cfg
+        require_optimizer(cfg.optimizer_type)  # a missing optim package too
         if cfg.output_dir is None:
             raise ConfigError("output_dir is not set", "set output_dir = the folder for the trained files")
         self.output_dir = Path(cfg.output_dir).expanduser()
@@ -308,7 +310,13 @@ class Trainer(TrainerOutputs):
 
     def _build_optimizer(self) -> None:
         from sdprep.train.kohya_args import parse_kv_args
-        from sdprep.train.optim import build_optimizer, build_scheduler, relative_adafactor, warmup_steps
+        from sdprep.train.optim import (
+            build_optimizer,
+            build_scheduler,
+            is_schedule_free,
+            relative_adafactor,
+            warmup_steps,
+        )
 
         cfg = self.cfg
         self.num_processes = self.accelerator.num_processes
@@ -338,6 +346,13 @@ class Trainer(TrainerOutputs):
                 f"learning_rate {cfg.learning_rate:g} is only its initial value and lr_scheduler is "
                 "ignored; for a fixed lr use optimizer_args relative_step=False scale_parameter=False"
             )
+        elif is_schedule_free(self.optimizer):
+            if (scheduler or "constant") != "constant" or warmup:
+                self.notes.append(
+                    f"{type(self.optimizer).__name__} is schedule-free: lr_scheduler and lr_warmup_steps are "
+                    "ignored (as kohya); give its own warmup as optimizer_args warmup_steps=N"
+                )
+            scheduler, sched_args, warmup = "constant", {}, 0
         elif warmup and (scheduler or "constant") == "constant":
             self.notes.append(
                 "lr_warmup_steps is ignored by lr_scheduler constant (use constant_with_warmup)"
@@ -498,8 +513,11 @@ class Trainer(TrainerOutputs):
         return self.result
 
     def _loop(self) -> None:
+        from sdprep.train.optim import is_schedule_free
         from sdprep.train.save import set_rng_state
 
+        if is_schedule_free(self.optimizer):
+            self.optimizer.train()  # a resumed state was saved in eval mode
         self.cb.start(self.total_steps, self.pos.step, self.steps_per_epoch)
         if self.pos.step == 0 and should_sample(self.cfg, step=0):
             self._sample(step=0, epoch=None)

@@ -1,10 +1,13 @@
 """Optimizers and learning-rate schedulers by kohya's names.
 
 `optimizer_type`: AdamW, Adafactor (transformers), SGDNesterov, the bitsandbytes family (AdamW8bit,
-PagedAdamW(8bit/32bit), Lion8bit, PagedLion8bit, SGDNesterov8bit), Prodigy (prodigyopt), Lion
-(lion-pytorch), DAdaptation/DAdapt* (dadaptation), any `torch.optim` class by name
-(case-insensitive), or a dotted path `package.module.Class`. Optional packages are imported only
-when chosen, with a clear error when missing. `optimizer_args` are kohya's `k=v` strings.
+PagedAdamW(8bit/32bit), Lion8bit, PagedLion8bit, SGDNesterov8bit, AdEMAMix8bit), Prodigy
+(prodigyopt), Lion (lion-pytorch), DAdaptation/DAdapt* (dadaptation), the schedule-free ones
+(AdamWScheduleFree, RAdamScheduleFree, SGDScheduleFree), CAME (came-pytorch), any `torch.optim`
+class by name (case-insensitive), or a dotted path `package.module.Class`. The optional packages are
+sdprep's `optim` extra; each is imported only when chosen, and a missing one is one error naming the
+extra (`require_optimizer`, checked before any model loads). `optimizer_args` are kohya's `k=v`
+strings.
 `lr_scheduler`: diffusers' schedulers (constant, constant_with_warmup, linear, cosine,
 cosine_with_restarts, polynomial, piecewise_constant), transformers' cosine_with_min_lr,
 warmup_stable_decay and inverse_sqrt, plus `adafactor` (Adafactor's own lr).
@@ -12,10 +15,12 @@ warmup_stable_decay and inverse_sqrt, plus `adafactor` (Adafactor's own lr).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Iterator
 from typing import Any
 
-from sdprep.errors import ConfigError, unknown_choice
+from sdprep.errors import ConfigError, InstallError, unknown_choice
 
 SCHEDULERS = (
     "constant",
@@ -44,26 +49,88 @@ OPTIONAL: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "lion8bit": ("bitsandbytes.optim", "bitsandbytes", "Lion8bit", {}),
     "pagedlion8bit": ("bitsandbytes.optim", "bitsandbytes", "PagedLion8bit", {}),
     "sgdnesterov8bit": ("bitsandbytes.optim", "bitsandbytes", "SGD8bit", _NESTEROV),
+    "ademamix8bit": ("bitsandbytes.optim", "bitsandbytes", "AdEMAMix8bit", {}),
+    "pagedademamix8bit": ("bitsandbytes.optim", "bitsandbytes", "PagedAdEMAMix8bit", {}),
     "prodigy": ("prodigyopt", "prodigyopt", "Prodigy", {}),
     "lion": ("lion_pytorch", "lion-pytorch", "Lion", {}),
-    "dadaptation": ("dadaptation", "dadaptation", "DAdaptAdam", {}),
+    # kohya: "DAdaptation" is the preprint version of D-Adapt Adam, not DAdaptAdam
+    "dadaptation": ("dadaptation.experimental", "dadaptation", "DAdaptAdamPreprint", {}),
+    "dadaptadampreprint": ("dadaptation.experimental", "dadaptation", "DAdaptAdamPreprint", {}),
     "dadaptadam": ("dadaptation", "dadaptation", "DAdaptAdam", {}),
     "dadaptadagrad": ("dadaptation", "dadaptation", "DAdaptAdaGrad", {}),
     "dadaptadan": ("dadaptation", "dadaptation", "DAdaptAdan", {}),
     "dadaptadanip": ("dadaptation.experimental", "dadaptation", "DAdaptAdanIP", {}),
     "dadaptlion": ("dadaptation", "dadaptation", "DAdaptLion", {}),
     "dadaptsgd": ("dadaptation", "dadaptation", "DAdaptSGD", {}),
+    "adamwschedulefree": ("schedulefree", "schedulefree", "AdamWScheduleFree", {}),
+    "radamschedulefree": ("schedulefree", "schedulefree", "RAdamScheduleFree", {}),
+    "sgdschedulefree": ("schedulefree", "schedulefree", "SGDScheduleFree", {}),
+    "came": ("came_pytorch", "came-pytorch", "CAME", {}),  # sdprep name (kohya: came_pytorch.CAME)
 }
+# top-level module -> pip package of sdprep's `optim` extra (also for dotted optimizer_type paths)
+EXTRA_PACKAGES = {
+    "bitsandbytes": "bitsandbytes",
+    "prodigyopt": "prodigyopt",
+    "dadaptation": "dadaptation",
+    "lion_pytorch": "lion-pytorch",
+    "schedulefree": "schedulefree",
+    "came_pytorch": "came-pytorch",
+}
+
+
+def _missing(optimizer: str, package: str) -> InstallError:
+    return InstallError(
+        f"optimizer_type {optimizer} needs the `{package}` package, which is not installed: "
+        "install sdprep's optim extra (pip install 'sdprep[optim]')",
+        "or choose optimizer_type = AdamW",
+    )
 
 
 def _optional(module: str, package: str, optimizer: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ConfigError(
-            f"optimizer_type {optimizer} needs the `{package}` package, which is not installed",
-            f"pip install {package}  (or choose optimizer_type = AdamW)",
-        ) from exc
+        if getattr(exc, "name", None) not in (module, module.split(".")[0]):
+            raise InstallError(
+                f"optimizer_type {optimizer}: the `{package}` package is installed but cannot be imported ({exc})",
+                f"reinstall it: pip install --force-reinstall {package}",
+            ) from exc
+        raise _missing(optimizer, package) from exc
+
+
+def optimizer_module(name: str | None) -> tuple[str, str] | None:
+    """(top-level module, pip package) an optimizer_type needs from the `optim` extra, else None."""
+    key = (name or "AdamW").strip().lower()
+    if key in OPTIONAL:
+        module, package = OPTIONAL[key][0].split(".")[0], OPTIONAL[key][1]
+        return module, package
+    top = (name or "").strip().split(".")[0]
+    if "." in (name or "") and top in EXTRA_PACKAGES:
+        return top, EXTRA_PACKAGES[top]
+    return None
+
+
+def require_optimizer(name: str | None) -> None:
+    """Raise InstallError now if `optimizer_type` needs a package that is not installed (cheap: no
+    import), so a missing package stops the run before any model loads."""
+    import importlib.util
+
+    need = optimizer_module(name)
+    if need is None:
+        return
+    try:
+        found = importlib.util.find_spec(need[0]) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise _missing(str(name).strip(), need[1])
+
+
+def is_schedule_free(optimizer: Any) -> bool:
+    """True for the schedule-free optimizers: they set their own schedule (kohya's dummy scheduler)
+    and must be in eval mode while weights are saved or sampled."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    return "ScheduleFree" in type(inner).__name__ and callable(getattr(inner, "eval", None))
 
 
 def _torch_optimizer(name: str) -> Any:
@@ -81,7 +148,12 @@ def _torch_optimizer(name: str) -> Any:
         module, _, attr = name.rpartition(".")
         try:
             return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as exc:
+        except ImportError as exc:
+            top = module.split(".")[0]
+            if top in EXTRA_PACKAGES and getattr(exc, "name", None) in (top, module):
+                raise _missing(name, EXTRA_PACKAGES[top]) from exc
+            raise ConfigError(f'optimizer_type "{name}": cannot import it ({exc})') from exc
+        except AttributeError as exc:
             raise ConfigError(f'optimizer_type "{name}": cannot import it ({exc})') from exc
     known = ["AdamW", "Adafactor", "SGDNesterov", *(k for k in OPTIONAL), *by_lower]
     raise unknown_choice("optimizer_type", name, known)
@@ -125,8 +197,24 @@ def build_optimizer(name: str | None, groups: list[dict], lr: float, args: dict[
         raise ConfigError(
             f"optimizer_args do not fit {cls.__name__}: {exc}", "check the names in optimizer_args"
         ) from exc
+    if is_schedule_free(optimizer):
+        optimizer.train()  # as kohya: train mode while stepping, eval mode to save and sample
     described = ", ".join(f"{k}={v}" for k, v in kwargs.items())
     return optimizer, f"{cls.__name__}({described})" if described else cls.__name__
+
+
+@contextlib.contextmanager
+def eval_mode(optimizer: Any) -> Iterator[None]:
+    """Put a schedule-free optimizer in eval mode (the weights become its average, the ones to save
+    and sample, as kohya) for the block, and back in train mode after it; a no-op for the others."""
+    if not is_schedule_free(optimizer):
+        yield
+        return
+    optimizer.eval()
+    try:
+        yield
+    finally:
+        optimizer.train()
 
 
 def relative_adafactor(optimizer: Any) -> bool:

@@ -50,6 +50,12 @@ class TrainerOutputs:
         self, *, step: int | None = None, epoch: int | None = None, final: bool = False, state: bool = False
     ) -> None:
         """Write, verify and report the weights (and the state when asked); main process only."""
+        from sdprep.train.optim import eval_mode
+
+        with eval_mode(self.optimizer):  # a schedule-free optimizer's averaged weights are the ones saved
+            self._save_now(step=step, epoch=epoch, final=final, state=state)
+
+    def _save_now(self, *, step: int | None, epoch: int | None, final: bool, state: bool) -> None:
         from sdprep.train.save import save_dtype, save_weights, weights_name
 
         cfg = self.cfg
@@ -135,10 +141,16 @@ class TrainerOutputs:
         remove_saves(self.output_dir, self.name, self.method.output_suffix(), old)
 
     def _sample(self, *, step: int, epoch: int | None) -> None:
-        from sdprep.train.sample import generate_samples
+        from sdprep.train.optim import eval_mode
 
         if not self.prompts:
             return
+        with eval_mode(self.optimizer):
+            self._sample_now(step=step, epoch=epoch)
+
+    def _sample_now(self, *, step: int, epoch: int | None) -> None:
+        from sdprep.train.sample import generate_samples
+
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             unet = self.accelerator.unwrap_model(self.ctx.unet)
