@@ -20,9 +20,10 @@ from pathlib import Path
 
 from PIL import Image, ImageColor
 
+from sdprep import state
 from sdprep.dataset import Item, dumps_json, iter_items, loads_json, require_images
 from sdprep.errors import ConfigError, ImageError, unknown_choice
-from sdprep.fileops import Journal, Operation, atomic_write_text, state_dir
+from sdprep.fileops import Journal, Operation, atomic_write_text
 from sdprep.images import load_image, open_image
 from sdprep.prep.rename import companion_pairs
 from sdprep.progress import NullReporter, Reporter
@@ -210,7 +211,7 @@ def _work(item: Item, opts: ConvertOptions, verified: list[int] | None) -> tuple
 def load_verified(root: Path) -> dict[str, list[int]]:
     """Relative path -> file key of the images an earlier run decoded to the end ({} if unknown)."""
     try:
-        data = loads_json((state_dir(root) / VERIFIED_FILE).read_text(encoding="utf-8"))
+        data = loads_json(state.read_text(state.file(root, VERIFIED_FILE)))
     except (OSError, ValueError):
         return {}
     if not isinstance(data, dict) or data.get("version") != VERIFY_VERSION:
@@ -223,7 +224,7 @@ def save_verified(root: Path, files: dict[str, list[int]]) -> None:
     """Write the cache; it is an optimisation, so a folder that cannot hold it is not an error."""
     try:
         text = dumps_json({"version": VERIFY_VERSION, "files": files})
-        atomic_write_text(state_dir(root) / VERIFIED_FILE, text + "\n")
+        atomic_write_text(state.file(root, VERIFIED_FILE, create_parent=True), text + "\n")
     except OSError:
         pass
 

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from sdprep import state
 from sdprep.dataset import MASK_DIR, Item, discover
 from sdprep.errors import SdprepError
-from sdprep.fileops import atomic_write_bytes, state_dir
+from sdprep.fileops import atomic_write_bytes
 from sdprep.images import image_size, load_image
 from sdprep.prep.masks.base import read_mask_image
 from sdprep.progress import NullReporter, Reporter
@@ -35,7 +36,7 @@ PREVIEW_MAX = 48
 
 
 def default_preview(root: Path | str) -> Path:
-    return state_dir(root) / PREVIEW_NAME
+    return state.file(root, PREVIEW_NAME)  # checked: no symlink on the way
 
 
 @dataclass

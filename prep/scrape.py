@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdprep import state
 from sdprep.dataset import REJECTED_DIR, Item, dump_sidecar, is_image, is_within, loads_json, sdprep_meta
 from sdprep.errors import ConfigError, DatasetError, ImageError, SdprepError
-from sdprep.fileops import Journal, Operation, state_dir
+from sdprep.fileops import Journal, Operation
 from sdprep.images import image_size
 from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import StageResult
@@ -38,6 +39,7 @@ RATINGS = {"g": "g", "general": "g", "safe": "g", "s": "s", "sensitive": "s"}
 RATINGS.update({"q": "q", "questionable": "q", "e": "e", "explicit": "e"})
 FILENAME_FORMAT = "{category}_{id:?/_/}{filename[:100]}.{extension[:16]}"
 MAX_STEM = 120
+SCRAPE_DIR = ("scrape",)  # under DIR/.sdprep: incoming/ (gallery-dl's staging folder) and the archive
 # Options a user's gallery-dl config may not set: sdprep decides where files go and what is recorded.
 FORCED_KEYS = {
     "base-directory", "directory", "filename", "path-restrict", "path-replace", "path-remove",
@@ -346,13 +348,17 @@ class Intake:
             self.result.changed += 1
 
     def sweep(self) -> None:
-        """Take files left in the staging folder (an interrupted run, files no hook reported)."""
-        for entry in sorted(self.incoming.iterdir()):
-            if entry.is_file() and not entry.name.endswith((".json", ".part")):
-                self.take(entry)
-        for entry in self.incoming.iterdir():
+        """Take files left in the staging folder (an interrupted run, files no hook reported).
+
+        Only regular files are taken; links and folders in it are removed as they are (never followed).
+        """
+        state.folder(self.root, *SCRAPE_DIR, "incoming")  # still a real folder, not a link
+        for entry in state.entries(self.incoming):
+            if entry.is_file(follow_symlinks=False) and not entry.name.endswith((".json", ".part")):
+                self.take(Path(entry.path))
+        for entry in state.entries(self.incoming):
             with contextlib.suppress(OSError):
-                entry.unlink() if entry.is_file() else shutil.rmtree(entry)
+                state.remove(entry.path)
 
 
 def _status_reason(status: int, messages: list[str]) -> str:
@@ -368,15 +374,17 @@ def run_scrape(root: Path | str, opts: ScrapeOptions, *, report: Reporter = Null
 
     root = Path(root).absolute()
     root.mkdir(parents=True, exist_ok=True)
-    work = state_dir(root) / "scrape"
-    incoming, archive, scratch = work / "incoming", work / "archive.sqlite3", work / "archive.work.sqlite3"
-    incoming.mkdir(parents=True, exist_ok=True)
-    if archive.exists():
-        shutil.copyfile(archive, scratch)
     result = StageResult("scrape")
     total = opts.limit * len(opts.urls) if opts.limit else None
     job_class = _job_class(gjob, gexc)
     with Journal(root).begin("scrape") as op, _captured_logs() as logs:
+        # sdprep's own folders, none of them a symlink (a linked `incoming` would be swept out)
+        incoming = state.folder(root, *SCRAPE_DIR, "incoming", create=True)
+        archive = state.file(root, *SCRAPE_DIR, "archive.sqlite3")
+        scratch = state.file(root, *SCRAPE_DIR, "archive.work.sqlite3")
+        state.remove(scratch)
+        if archive.exists():
+            shutil.copyfile(archive, scratch)
         intake = Intake(root, incoming, op, opts, result, report)
         intake.sweep()
         report.start(total, "scrape")

@@ -12,8 +12,16 @@ from sdprep import fileops
 @click.command("undo")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--list", "list_only", is_flag=True, help="List the undoable operations, newest last.")
-def undo_command(directory: Path, list_only: bool) -> None:
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Undo even over files changed since the operation; your versions are kept as <name>.sdprep-kept.",
+)
+def undo_command(directory: Path, list_only: bool, force: bool) -> None:
     """Undo the last sdprep operation on DIRECTORY, restoring every file it changed.
+
+    Files you changed after the operation (a caption edited by hand) stop the undo, named, unless
+    --force, which keeps your version beside as <name>.sdprep-kept.
 
     \b
     Example:
@@ -27,7 +35,7 @@ def undo_command(directory: Path, list_only: bool) -> None:
         if not ops:
             click.echo("nothing to undo")
         return
-    description, count = fileops.undo(directory)
+    description, count = fileops.undo(directory, force=force)
     click.echo(f"undone: {description} ({count} changes reversed)")
 
 

@@ -55,6 +55,10 @@ class JournalError(SdprepError):
     """The undo journal is missing, damaged or has nothing to undo."""
 
 
+class StateError(JournalError):
+    """sdprep's own state folder (`.sdprep/`) holds something it will not use, e.g. a symlink."""
+
+
 class InstallError(SdprepError):
     """The installed packages are missing or known not to work together."""
 

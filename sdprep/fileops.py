@@ -1,19 +1,22 @@
 """Safe file operations: atomic writes, and a per-dataset journal that makes every change undoable.
 
 Every destructive change sdprep makes to a dataset (a move, an overwrite, a deletion, a new file)
-goes through an `Operation`, which records it in `DATASET/.sdprep/journal/<id>/` *before* doing it
-and keeps the old bytes (a hard link to the old inode when possible, else a copy). `undo(root)`
-reverses the newest operation that has not been undone, newest change first. An operation that was
-interrupted (crash, SIGKILL) is still undoable: every entry is durable before its change happens,
-and undo tolerates changes that never took place.
+goes through an `Operation`, which records it in `DATASET/.sdprep/journal/op<seq>-<command>/`
+*before* doing it, with what it is about to write (a hash), and keeps the old bytes (a hard link to
+the old inode when possible, else a copy). Operations are ordered by a sequence number, never by a
+clock. `undo(root)` (sdprep/undo.py) reverses the newest operation that has not been undone, newest
+change first. An operation that was interrupted (crash, SIGKILL) is still undoable: every entry is
+durable before its change happens, and undo tolerates changes that never took place.
 """
 
 from __future__ import annotations
 
 import contextlib
 import filecmp
+import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import sys
@@ -24,11 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from sdprep import state
 from sdprep.dataset import is_within, loads_json
 from sdprep.errors import JournalError
 from sdprep.faults import pause_point
+from sdprep.lock import LOCK_FILE, dataset_lock, temp_prefix  # noqa: F401 - re-exported
+from sdprep.state import STATE_DIR, state_dir  # noqa: F401 - re-exported
 
-STATE_DIR = ".sdprep"
 _UMASK = os.umask(0o022)  # read once, at import (one thread): os.umask can only be read by setting it
 os.umask(_UMASK)
 JOURNAL_DIR = "journal"
@@ -52,25 +57,46 @@ def atomic_write_stream(path: Path | str, write: Callable[[IO[str]], object]) ->
     return _replace_atomically(Path(path), write, binary=False, sync=True, keep_same=True)
 
 
-def _replace_atomically(path: Path, write: Callable, *, binary: bool, sync: bool, keep_same: bool) -> bool:
-    """Write a temporary file beside `path` with `write(file)`, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
+@contextlib.contextmanager
+def naming(path: Path | str) -> Iterator[None]:
+    """Give an OSError raised inside the name of the file being written when the OS gave none.
+
+    A full disk fails `write` and `fsync` with a bare ENOSPC; the user must learn which file it was.
+    """
     try:
-        f = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")
-        with f:
-            give_mode(f.fileno(), path)
-            write(f)
-            f.flush()
-            if sync:
-                os.fsync(f.fileno())
-        if keep_same and path.is_file() and filecmp.cmp(tmp, path, shallow=False):
-            os.unlink(tmp)
-            return False
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
         raise
+
+
+def _replace_atomically(path: Path, write: Callable, *, binary: bool, sync: bool, keep_same: bool) -> bool:
+    """Write a temporary file beside `path` with `write(file)`, then rename it over `path`.
+
+    The temporary name carries the pid (`.sdprep-tmp-<pid>-...`): a killed run's leftovers are
+    removed by the next command on the dataset (sdprep/lock.py).
+    """
+    with naming(path):
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix=".tmp", dir=path.parent)
+        try:
+            f = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")
+            with f:
+                give_mode(f.fileno(), path)
+                pause_point("write")
+                write(f)
+                f.flush()
+                if sync:
+                    os.fsync(f.fileno())
+            if keep_same and path.is_file() and filecmp.cmp(tmp, path, shallow=False):
+                os.unlink(tmp)
+                return False
+            pause_point("write")
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
     return True
 
 
@@ -168,19 +194,39 @@ def atomic_write_dir(final: Path, write) -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # after an exchange: the old folder
 
 
-def state_dir(root: Path | str) -> Path:
-    """The hidden folder where sdprep keeps its journal and caches for a dataset."""
-    return Path(root) / STATE_DIR
+JOURNAL_DIR = "journal"
+NEW_PREFIX = ".new-"  # an operation folder being set up; renamed to its final name when whole
+_OP_NAME = re.compile(r"^op(\d+)-")
+_active: set[str] = set()  # operation folders this process is recording into
+
+
+def sha256_sig(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def file_sig(path: Path | str) -> str:
+    """The signature undo compares a file with: its sha256 (read in chunks), or a link's target."""
+    if os.path.islink(path):
+        return "link:" + os.readlink(path)
+    with open(path, "rb") as f:
+        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def inode_sig(st: os.stat_result) -> str:
+    """A hard link's signature: the inode it shares (with size and mtime), cheap for big files."""
+    return f"ino:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
 @dataclass
 class Entry:
-    """One journalled change. `blob` is the saved old content, relative to the operation folder."""
+    """One journalled change. `blob` is the saved old content, relative to the operation folder;
+    `sig` says what the change put at `path` (see file_sig), so undo can tell a later edit."""
 
     action: str  # "move" | "write" | "create" | "delete" | "mkdir"
     path: str  # relative to the dataset root
     dest: str | None = None
     blob: str | None = None
+    sig: str | None = None
 
     def to_json(self) -> str:
         # ASCII escapes keep a file name that is not UTF-8 (a lone surrogate in Python) exact
@@ -195,10 +241,13 @@ class Operation:
         self._real_root = os.path.realpath(root)
         self.folder = folder
         self.blobs = folder / "blobs"
-        self.blobs.mkdir(parents=True, exist_ok=True)
-        self._log = open(folder / "entries.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        os.makedirs(self.blobs, exist_ok=True)
+        fd = state.open_fd(folder / "entries.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        self._log = os.fdopen(fd, "a", encoding="utf-8")
         self._n = 0
         self.changes = 0
+        self._linkable: dict[tuple[int, int], bool] = {}
+        _active.add(str(folder))
 
     # -- recording ---------------------------------------------------------------------------
     def _rel(self, path: Path | str) -> str:
@@ -222,33 +271,49 @@ class Operation:
 
     def _record_many(self, entries: list[Entry]) -> None:
         """Append entries to the journal and make them durable (one fsync) before any change."""
-        self._log.write("".join(e.to_json() + "\n" for e in entries))
-        self._log.flush()
-        os.fsync(self._log.fileno())
+        with naming(self.folder / "entries.jsonl"):
+            pause_point("write")
+            self._log.write("".join(e.to_json() + "\n" for e in entries))
+            self._log.flush()
+            os.fsync(self._log.fileno())
         self.changes += len(entries)
+
+    def _parents(self, path: Path, made: set[Path] | None = None) -> list[Entry]:
+        """mkdir entries for the missing folders above `path` (outermost first), so undo removes them."""
+        missing = []
+        parent = path.parent
+        while not os.path.lexists(parent) and parent != self.root and parent not in (made or ()):
+            missing.append(parent)
+            parent = parent.parent
+        if made is not None:
+            made.update(missing)
+        return [Entry("mkdir", self._rel(p)) for p in reversed(missing)]
 
     def _keep(self, path: Path) -> str:
         """Preserve the current content of `path` in the journal and return its blob name."""
         self._n += 1
         blob = f"{self._n:07d}"
         target = self.blobs / blob
-        try:
-            os.link(path, target)  # the old inode survives the os.replace that follows
-        except OSError:
-            shutil.copy2(path, target, follow_symlinks=False)
+        with naming(target):
+            try:
+                os.link(path, target, follow_symlinks=False)  # the old inode survives the replace
+            except OSError:
+                pause_point("write")
+                shutil.copy2(path, target, follow_symlinks=False)
         return blob
 
     # -- changes -----------------------------------------------------------------------------
     def write_bytes(self, path: Path | str, data: bytes) -> None:
         """Atomically write `path`, keeping its previous content (if any) for undo."""
         path = Path(path).absolute()
+        sig = sha256_sig(data)
         if os.path.lexists(path):
-            if path.is_file() and path.read_bytes() == data:
+            if path.is_file() and not path.is_symlink() and path.read_bytes() == data:
                 return
-            self._record(Entry("write", self._rel(path), blob=self._keep(path)))
+            self._record(Entry("write", self._rel(path), blob=self._keep(path), sig=sig))
         else:
-            self._record(Entry("create", self._rel(path)))
-            path.parent.mkdir(parents=True, exist_ok=True)  # as move() and place() do
+            self._record_many([*self._parents(path), Entry("create", self._rel(path), sig=sig)])
+            path.parent.mkdir(parents=True, exist_ok=True)
         pause_point("change")
         atomic_write_bytes(path, data)
 
@@ -263,15 +328,16 @@ class Operation:
         Returns whether `path` changed.
         """
         tmp, path = Path(tmp), Path(path).absolute()
+        sig = file_sig(tmp)
         if os.path.lexists(path):
-            if path.is_file() and filecmp.cmp(tmp, path, shallow=False):
+            if path.is_file() and not path.is_symlink() and filecmp.cmp(tmp, path, shallow=False):
                 os.unlink(tmp)
                 return False
-            self._record(Entry("write", self._rel(path), blob=self._keep(path)))
+            self._record(Entry("write", self._rel(path), blob=self._keep(path), sig=sig))
         else:
-            self._record(Entry("create", self._rel(path)))
+            self._record_many([*self._parents(path), Entry("create", self._rel(path), sig=sig)])
         give_mode(tmp, path)
-        with open(tmp, "rb") as f:
+        with open(tmp, "rb") as f, naming(tmp):
             os.fsync(f.fileno())
         pause_point("change")
         os.replace(tmp, path)
@@ -285,20 +351,21 @@ class Operation:
         journal still restores the old one. Files that already hold `data` are left alone. Returns
         the number of files written.
         """
-        todo = []
+        todo, entries, made = [], [], set()
         for path, data in files:
             path = Path(path).absolute()
+            sig = sha256_sig(data)
             if os.path.lexists(path):
-                if path.is_file() and path.read_bytes() == data:
+                if path.is_file() and not path.is_symlink() and path.read_bytes() == data:
                     continue
-                entry = Entry("write", self._rel(path), blob=self._keep(path))
+                entries.append(Entry("write", self._rel(path), blob=self._keep(path), sig=sig))
             else:
-                entry = Entry("create", self._rel(path))
-            todo.append((path, data, entry))
+                entries += [*self._parents(path, made), Entry("create", self._rel(path), sig=sig)]
+            todo.append((path, data))
         if not todo:
             return 0
-        self._record_many([e for _, _, e in todo])
-        for path, data, _ in todo:
+        self._record_many(entries)
+        for path, data in todo:
             path.parent.mkdir(parents=True, exist_ok=True)
             pause_point("change")
             atomic_write_bytes(path, data, sync=False)
@@ -306,13 +373,7 @@ class Operation:
 
     def move(self, src: Path | str, dst: Path | str) -> None:
         """Rename `src` to `dst`; refuses to overwrite an existing `dst`."""
-        src, dst = Path(src).absolute(), Path(dst).absolute()
-        if dst.exists() or dst.is_symlink():
-            raise JournalError(f"refusing to move {src} over existing {dst}", "remove or rename it first")
-        self._record(Entry("move", self._rel(src), dest=self._rel(dst)))
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        pause_point("change")
-        os.rename(src, dst)
+        self.move_many([(src, dst)])
 
     def move_many(self, pairs: list[tuple[Path | str, Path | str]]) -> None:
         """Rename many files with one journal sync (every entry is durable before the first rename).
@@ -325,7 +386,11 @@ class Operation:
             if dst.exists() or dst.is_symlink() or dst in seen:
                 raise JournalError(f"refusing to move {src} over existing {dst}", "remove or rename it first")
             seen.add(dst)
-        self._record_many([Entry("move", self._rel(src), dest=self._rel(dst)) for src, dst in pairs])
+        entries: list[Entry] = []
+        made: set[Path] = set()
+        for src, dst in pairs:
+            entries += [*self._parents(dst, made), Entry("move", self._rel(src), dest=self._rel(dst))]
+        self._record_many(entries)
         for src, dst in pairs:
             dst.parent.mkdir(parents=True, exist_ok=True)
             pause_point("change")
@@ -339,6 +404,27 @@ class Operation:
         self._record(Entry("delete", self._rel(path), blob=blob))
         pause_point("change")
         os.replace(path, self.blobs / blob)
+
+    def relink(self, path: Path | str, target: str) -> bool:
+        """Point the symlink `path` at `target` (in one atomic step); False when it already does."""
+        path = Path(path).absolute()
+        if os.path.islink(path) and os.readlink(path) == target:
+            return False
+        sig = "link:" + target
+        if os.path.lexists(path):
+            self._record(Entry("write", self._rel(path), blob=self._keep(path), sig=sig))
+        else:
+            self._record_many([*self._parents(path), Entry("create", self._rel(path), sig=sig)])
+        tmp = path.with_name(f"{temp_prefix()}{os.urandom(4).hex()}.tmp")
+        pause_point("change")
+        os.symlink(target, tmp)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return True
 
     def place(self, src: Path | str, dst: Path | str, *, copy: bool = False) -> bool:
         """Put the file `src` at `dst` as a hard link (or a copy across filesystems / when asked).
@@ -354,14 +440,8 @@ class Operation:
                 pass
             if dst.stat().st_size == src.stat().st_size and dst.read_bytes() == src.read_bytes():
                 return False
-        if not copy and not dst.exists():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            self._record(Entry("create", self._rel(dst)))
-            try:
-                os.link(src, dst)
-                return True
-            except OSError:
-                pass  # another filesystem, or links not supported: copy below
+        if not copy and not os.path.lexists(dst):
+            return self.place_many([(src, dst)])[0]
         self.write_bytes(dst, src.read_bytes())
         return True
 
@@ -371,95 +451,74 @@ class Operation:
         Returns, per pair, whether `dst` changed.
         """
         changed: list[bool] = []
-        fresh: list[tuple[Path, Path]] = []
+        fresh: list[tuple[Path, Path, bool]] = []
+        entries: list[Entry] = []
+        made: set[Path] = set()
         for src, dst in pairs:
-            dst = Path(dst).absolute()
+            src, dst = Path(src), Path(dst).absolute()
             if copy or os.path.lexists(dst):
                 changed.append(self.place(src, dst, copy=copy))  # re-runs: usually no work
-            else:
-                fresh.append((Path(src), dst))
-                changed.append(True)
+                continue
+            link = self._can_link(src, dst)
+            # a hard link shares the inode: that is what undo finds at dst if nobody changed it
+            sig = inode_sig(src.stat()) if link else file_sig(src)
+            fresh.append((src, dst, link))
+            changed.append(True)
+            entries += [*self._parents(dst, made), Entry("create", self._rel(dst), sig=sig)]
         if fresh:
-            self._record_many([Entry("create", self._rel(dst)) for _, dst in fresh])
-        for src, dst in fresh:
+            self._record_many(entries)
+        for src, dst, link in fresh:
             dst.parent.mkdir(parents=True, exist_ok=True)
             pause_point("change")
-            try:
-                os.link(src, dst)
-            except OSError:  # another filesystem, or links not supported
-                atomic_write_bytes(dst, src.read_bytes(), sync=False)
+            if link:
+                try:
+                    os.link(src, dst)
+                    continue
+                except OSError:  # refused after all: copy (undo will ask before removing the copy)
+                    pass
+            atomic_write_bytes(dst, src.read_bytes(), sync=False)
         return changed
+
+    def _can_link(self, src: Path, dst: Path) -> bool:
+        """Whether `src` can be hard-linked beside `dst` (tried once per pair of file systems)."""
+        anchor = dst.parent
+        while not anchor.is_dir():
+            anchor = anchor.parent
+        key = (src.stat().st_dev, anchor.stat().st_dev)
+        if key not in self._linkable:
+            probe = anchor / f"{temp_prefix()}{os.urandom(4).hex()}.tmp"
+            try:
+                os.link(src, probe)
+            except OSError:
+                self._linkable[key] = False
+            else:
+                os.unlink(probe)
+                self._linkable[key] = True
+        return self._linkable[key]
 
     def mkdir(self, path: Path | str) -> None:
         path = Path(path).absolute()
         if path.exists():
             return
-        self._record(Entry("mkdir", self._rel(path)))
+        self._record_many([*self._parents(path), Entry("mkdir", self._rel(path))])
         path.mkdir(parents=True)
 
     def close(self, ok: bool) -> None:
+        _active.discard(str(self.folder))
         self._log.close()
-        meta = json.loads((self.folder / "meta.json").read_text())
+        meta_path = self.folder / "meta.json"
+        meta = json.loads(state.read_text(meta_path))
         meta.update(finished=time.time(), complete=ok, changes=self.changes)
-        atomic_write_text(self.folder / "meta.json", json.dumps(meta, indent=1))
         if self.changes == 0:
-            shutil.rmtree(self.folder, ignore_errors=True)
-
-
-LOCK_FILE = "lock"
-_held: dict[str, tuple[int, int]] = {}  # dataset state dir -> (lock file descriptor, depth) in this process
-
-
-@contextlib.contextmanager
-def dataset_lock(root: Path | str, command: str) -> Iterator[None]:
-    """Hold the dataset's lock: one sdprep command changes a dataset at a time.
-
-    Another process holding it is a JournalError naming it (two commands interleaving their changes
-    would make `undo` restore the wrong bytes). The OS drops the lock when its process dies, even by
-    SIGKILL, so a crash never leaves a stale lock. Re-entrant within one process.
-    """
-    folder = state_dir(Path(root).absolute())
-    key = str(folder)
-    if key in _held:
-        fd, depth = _held[key]
-        _held[key] = (fd, depth + 1)
-        try:
-            yield
-        finally:
-            fd, depth = _held[key]
-            _held[key] = (fd, depth - 1)
-        return
-    try:
-        import fcntl
-    except ImportError:  # not POSIX (Windows): no advisory locks, work unlocked
-        yield
-        return
-
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
-        os.close(fd)
-        raise JournalError(
-            f"{Path(root)} is being changed by another sdprep command ({holder})",
-            "wait for it to finish (or stop it), then run this command again",
-        ) from None
-    except OSError:  # a file system without locks (some network / FUSE mounts): work unlocked
-        pass
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()}: sdprep {command}".encode(), 0)
-    _held[key] = (fd, 1)
-    try:
-        yield
-    finally:
-        fd, depth = _held[key]
-        if depth <= 1:
-            del _held[key]
-            os.close(fd)  # releases the lock
+            state.remove(self.folder)
         else:
-            _held[key] = (fd, depth - 1)
+            atomic_write_text(meta_path, json.dumps(meta, indent=1))
+
+
+def op_order(name: str) -> tuple[int, int, str]:
+    """Sort key of an operation folder: its sequence number; folders of older versions first."""
+    m = _OP_NAME.match(name)
+    return (1, int(m[1]), name) if m else (0, 0, name)
 
 
 class Journal:
@@ -469,25 +528,40 @@ class Journal:
         self.root = Path(root).absolute()
         self.dir = state_dir(self.root) / JOURNAL_DIR
 
+    def checked_dir(self, create: bool = False) -> Path:
+        """The journal folder, with no symlink on the way (a StateError otherwise)."""
+        return state.folder(self.root, JOURNAL_DIR, create=create)
+
     @contextlib.contextmanager
     def begin(self, command: str, argv: list[str] | None = None) -> Iterator[Operation]:
         """Start an operation; changes made through it are undoable as one step."""
         with dataset_lock(self.root, command):
+            self.tidy()
             yield from self._begin(command, argv)
 
     def _begin(self, command: str, argv: list[str] | None) -> Iterator[Operation]:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        n = len(list(self.dir.iterdir()))
-        folder = self.dir / f"{stamp}-{n:05d}-{command}"
-        folder.mkdir()
+        jdir = self.checked_dir(create=True)
+        seq = 1 + max((op_order(e.name)[1] for e in state.entries(jdir)), default=0)
+        name = f"op{seq:06d}-{command}"
+        new = jdir / f"{NEW_PREFIX}{name}"
+        state.remove(new)
         meta = {
             "command": command,
             "argv": argv if argv is not None else sys.argv[1:],
             "started": time.time(),
+            "seq": seq,
         }
-        atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1))
-        op = Operation(self.root, folder)
+        try:  # built aside and renamed: an operation folder always has its whole meta.json
+            os.mkdir(new)
+            with naming(new / "meta.json"):
+                pause_point("begin")
+                atomic_write_text(new / "meta.json", json.dumps(meta, indent=1))
+            os.rename(new, jdir / name)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                state.remove(new)
+            raise
+        op = Operation(self.root, jdir / name)
         ok = False
         try:
             yield op
@@ -495,147 +569,99 @@ class Journal:
         finally:
             op.close(ok)
 
+    def folders(self) -> list[Path]:
+        """Every operation folder (undone ones too), oldest first; a symlink among them is refused."""
+        jdir = self.checked_dir()
+        out = []
+        for e in state.entries(jdir):
+            if e.name.startswith("."):
+                continue
+            if e.is_symlink():
+                raise state.refuse(Path(e.path))
+            if e.is_dir(follow_symlinks=False):
+                out.append(Path(e.path))
+        return sorted(out, key=lambda p: op_order(p.name))
+
     def operations(self) -> list[Path]:
         """Operation folders, oldest first, excluding those already undone."""
-        if not self.dir.is_dir():
-            return []
-        return sorted(p for p in self.dir.iterdir() if p.is_dir() and not (p / "undone").exists())
+        return [p for p in self.folders() if not os.path.lexists(p / "undone")]
+
+    def tidy(self) -> int:
+        """Remove what interrupted starts leave (call with the lock held): folders still being set
+        up, and operations that recorded no change (no meta.json, or killed before their first entry)."""
+        jdir = self.checked_dir()
+        removed = 0
+        for e in state.entries(jdir):
+            path = Path(e.path)
+            if e.path in _active:
+                continue
+            if e.name.startswith(NEW_PREFIX) or (
+                e.is_dir(follow_symlinks=False) and not e.name.startswith(".") and _empty_operation(path)
+            ):
+                state.remove(path)
+                removed += 1
+        return removed
 
     def describe(self, folder: Path) -> str:
-        try:
-            meta = loads_json((folder / "meta.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            meta = None
-        if not isinstance(meta, dict) or not isinstance(meta.get("command"), str):
+        meta = read_meta(folder)
+        if meta is None:
             raise _foreign_journal(folder, "its meta.json is not one sdprep writes")
         status = "" if meta.get("complete", False) else " (interrupted)"
         argv = meta.get("argv", [])
+        if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+            argv = []
         parts = argv if argv[:1] == [meta["command"]] else [meta["command"], *argv]  # argv may start with it
         return " ".join(parts) + status
+
+
+def read_meta(folder: Path) -> dict | None:
+    """An operation's meta.json, or None when it is missing, unreadable or not sdprep's."""
+    try:
+        meta = loads_json(state.read_text(folder / "meta.json"))
+    except (OSError, ValueError, JournalError):
+        return None
+    if not isinstance(meta, dict) or not isinstance(meta.get("command"), str):
+        return None
+    return meta
+
+
+def _empty_operation(folder: Path) -> bool:
+    """An operation folder that holds no change: nothing in its entry log, no kept content."""
+    for name in ("entries.jsonl", "blobs"):
+        path = folder / name
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+            continue
+        if stat.S_ISDIR(st.st_mode) and not any(os.scandir(path)):
+            continue
+        return False
+    return not os.path.lexists(folder / "undone")
 
 
 def _foreign_journal(folder: Path, problem: str) -> JournalError:
     """A journal operation sdprep did not write (edited, or shipped with a downloaded dataset)."""
     return JournalError(
         f"{folder}: {problem}",
-        f"this journal was edited or came from elsewhere: delete {folder.parent} to drop it",
+        f"this journal was edited or came from elsewhere: delete {folder} to drop that operation "
+        f"(or {folder.parent} to drop all undo history)",
     )
 
 
-def _entries(folder: Path) -> list[Entry]:
-    entries = []
-    log = folder / "entries.jsonl"
-    if not log.exists():
-        return entries
-    for line in log.read_text(encoding="utf-8").splitlines():
-        try:
-            entries.append(Entry(**loads_json(line)))  # loads_json: nesting bombs are invalid too
-        except (json.JSONDecodeError, TypeError):
-            continue  # a line cut short by a crash was never acted upon
-    return entries
+def undo(root: Path | str, *, force: bool = False) -> tuple[str, int]:
+    """Reverse the newest operation on `root`; returns (its description, number of changes reversed).
 
-
-ACTIONS = ("move", "write", "create", "delete", "mkdir")
-
-
-def _check_entries(base: Path, folder: Path, entries: list[Entry]) -> None:
-    """Refuse, before changing anything, a journal whose entries lead outside the dataset.
-
-    sdprep writes only relative paths inside the dataset and numbered blob names; anything else
-    (`../..`, an absolute path, a blob path, a symlinked folder out) was not written by sdprep.
+    See sdprep/undo.py: files changed since the operation are refused unless `force`.
     """
-    real_base = os.path.realpath(base)
+    from sdprep.undo import undo_last
 
-    def bad(what: str) -> JournalError:
-        return _foreign_journal(
-            folder,
-            f"the journal entry for {what!r} is not one sdprep writes (it leads outside the dataset or "
-            "names an unknown action); nothing was undone",
-        )
-
-    if folder.is_symlink() or (folder / "blobs").is_symlink():
-        raise bad(folder.name)
-    for entry in entries:
-        if entry.action not in ACTIONS:
-            raise bad(entry.action)
-        if entry.blob is not None and not entry.blob.isdigit():
-            raise bad(entry.blob)
-        for rel in (entry.path, entry.dest):
-            if rel is None:
-                continue
-            parts = Path(rel).parts
-            if not parts or Path(rel).is_absolute() or ".." in parts:
-                raise bad(rel)
-            parent = os.path.realpath((base / rel).parent)  # follows links in folders that exist
-            if not is_within(parent, real_base):
-                raise bad(rel)
-
-
-def undo(root: Path | str) -> tuple[str, int]:
-    """Reverse the newest operation on `root`; returns (its description, number of changes reversed)."""
-    if not Journal(root).dir.is_dir():
-        return _undo(root)  # nothing to undo: says so without creating a lock file
-    with dataset_lock(root, "undo"):
-        return _undo(root)
-
-
-def _undo(root: Path | str) -> tuple[str, int]:
-    journal = Journal(root)
-    ops = journal.operations()
-    if not ops:
-        raise JournalError(
-            f"nothing to undo in {journal.root}",
-            "sdprep records its changes only for commands run on this folder",
-        )
-    folder = ops[-1]
-    description = journal.describe(folder)
-    entries = _entries(folder)
-    base = journal.root
-    _check_entries(base, folder, entries)  # a journal that came with a downloaded dataset is input too
-    undone = 0
-    for entry in reversed(entries):
-        path = base / entry.path
-        blob = folder / "blobs" / entry.blob if entry.blob else None
-        # lexists, not exists: a symlink (even a dangling or looping one) is a file to move back
-        if entry.action == "move":
-            dest = base / entry.dest
-            if os.path.lexists(dest) and not os.path.lexists(path):
-                os.rename(dest, path)
-                undone += 1
-        elif entry.action == "write":
-            if blob and os.path.lexists(blob):
-                os.replace(blob, path)
-                undone += 1
-        elif entry.action == "create":
-            if os.path.lexists(path):
-                path.unlink()
-                undone += 1
-        elif entry.action == "delete":
-            if blob and os.path.lexists(blob) and not os.path.lexists(path):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(blob, path)
-                undone += 1
-        elif entry.action == "mkdir":
-            with contextlib.suppress(OSError):
-                path.rmdir()
-                undone += 1
-    (folder / "undone").write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
-    shutil.rmtree(folder / "blobs", ignore_errors=True)
-    return description, undone
+    return undo_last(root, force=force)
 
 
 def gc(root: Path | str, keep: int = 0) -> int:
     """Delete journalled operations (and the old content they keep), all but the newest `keep`."""
-    journal = Journal(root)
-    if not journal.dir.is_dir():
-        return 0
-    with dataset_lock(root, "gc"):
-        return _gc(journal, keep)
+    from sdprep.undo import collect
 
-
-def _gc(journal: Journal, keep: int) -> int:
-    folders = sorted(p for p in journal.dir.iterdir() if p.is_dir())
-    doomed = folders[: max(0, len(folders) - keep)]
-    for folder in doomed:
-        shutil.rmtree(folder)
-    return len(doomed)
+    return collect(root, keep=keep)

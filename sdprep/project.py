@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import os
 import shutil
 import typing
 from collections.abc import Callable
@@ -27,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdprep import state
 from sdprep.config import from_dict, load_toml
 from sdprep.errors import ConfigError, did_you_mean
-from sdprep.fileops import atomic_write_text, state_dir
+from sdprep.fileops import atomic_write_text
 from sdprep.hub import is_path_like
 from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import StageResult
@@ -141,8 +143,8 @@ def import_source(project: Project) -> int:
     """Copy the source folder into the dataset on the first run; later runs leave the dataset alone."""
     if project.source is None:
         return 0
-    marker = state_dir(project.dataset) / "imported.json"
-    if marker.exists():
+    marker = state.file(project.dataset, "imported.json")
+    if os.path.lexists(marker):
         return 0
     project.dataset.mkdir(parents=True, exist_ok=True)
     copied = 0
@@ -153,8 +155,10 @@ def import_source(project: Project) -> int:
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dst)
                 copied += 1
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(marker, json.dumps({"source": str(project.source), "files": copied}) + "\n")
+    atomic_write_text(
+        state.file(project.dataset, "imported.json", create_parent=True),
+        json.dumps({"source": str(project.source), "files": copied}) + "\n",
+    )
     return copied
 
 

@@ -10,17 +10,12 @@ uninterrupted run gives on a copy.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import corpus
-import pytest
+from crashkit import kill_at, sdprep
 from PIL import Image
 
 N_IMAGES = 300
@@ -38,35 +33,6 @@ def make_dataset(root: Path, n: int = N_IMAGES) -> Path:
         (root / f"{stem}.txt").write_text(f"1girl, smile, tag{i % 13}, solo\n", encoding="utf-8")
         (root / f"{name}.json").write_text(f'{{"id": {i}, "rating": "g"}}\n', encoding="utf-8")
     return root
-
-
-def sdprep(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **(env_extra or {}))
-    cmd = [sys.executable, "-m", "sdprep.cli", "-q", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-
-
-def kill_at(args: list[str], kind: str, n: int, tmp: Path) -> None:
-    """Run `sdprep ARGS` until it reaches pause point KIND for the N-th time, then SIGKILL it."""
-    marker = tmp / f"paused-{kind}-{n}"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", SDPREP_TEST_PAUSE=f"{kind}:{n}:{marker}")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sdprep.cli", "-q", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 120
-    while not marker.exists():
-        if proc.poll() is not None:
-            out = proc.stdout.read().decode() if proc.stdout else ""
-            pytest.fail(f"sdprep {' '.join(args)} ended (exit {proc.returncode}) before pause {n}:\n{out}")
-        assert time.monotonic() < deadline, "the pause point was never reached"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL
 
 
 def contents(root: Path) -> Counter[str]:
