@@ -227,9 +227,15 @@ def from_dict(
 
 
 def to_dict(obj: Any) -> Any:
-    """A dataclass as plain TOML/JSON-friendly values (paths as strings, tuples as lists)."""
+    """A dataclass as plain TOML/JSON-friendly values (paths as strings, tuples as lists).
+
+    Fields marked `metadata={"internal": True}` (bookkeeping, not settings) are left out."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {
+            f.name: to_dict(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if not f.metadata.get("internal")
+        }
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

@@ -16,6 +16,7 @@ from sdprep.train.config import (
     known_keys,
     load_train_config,
     optimizer_kwargs,
+    origin_of,
     parse_kohya_flags,
 )
 from sdprep.train.kohya_args import ACCEPTED_IGNORED, parse_kv_args, split_kv_args
@@ -57,8 +58,12 @@ def test_seed_000_textual_inversion_config_loads(tmp_path):
     assert detect_method(cfg) == "ti"
     assert cfg.pretrained_model_name_or_path == "/models/tiny"
     assert cfg.resolution == (1024, 1536)
-    assert cfg.max_train_epochs == 5  # "epoch" is the GUI name of max_train_epochs
-    assert cfg.max_train_steps == 5200
+    # kohya has no `epoch` option (a kohya GUI field): it trains max_train_steps = 5200, and so does sdprep
+    assert cfg.max_train_epochs is None and cfg.max_train_steps == 5200
+    assert (
+        "epoch = 5 is the kohya GUI's field, which kohya's scripts ignore: the run's length comes from "
+        "max_train_steps = 5200 (as kohya)" in notes
+    )
     assert cfg.token_string == "yourtoken" and cfg.init_word == "woman"
     assert cfg.output_name == "yourtoken_final"
     assert cfg.sample_sampler == "k_dpm_2" and cfg.noise_offset_type == "original"
@@ -151,14 +156,17 @@ def test_typo_in_file_fails_with_suggestion(tmp_path):
     with pytest.raises(ConfigError) as exc:
         load_train_config(path)
     assert exc.value.message == f'unknown key "learning_rat" in {path}'
-    assert exc.value.hint == 'did you mean "learning_rate"?'
+    assert exc.value.hint == 'did you mean "learning_rate"? (`sdprep train --list-keys` lists every key)'
 
 
 def test_typo_in_flags_fails_with_suggestion():
     with pytest.raises(ConfigError) as exc:
         load_train_config(None, flags=["--gradient_checkpoint"])
-    assert exc.value.message == 'unknown key "gradient_checkpoint" in the command-line flags'
-    assert exc.value.hint == 'did you mean "gradient_checkpointing"?'
+    assert exc.value.message == 'unknown key "gradient_checkpoint" in the command line'
+    assert (
+        exc.value.hint
+        == 'did you mean "gradient_checkpointing"? (`sdprep train --list-keys` lists every key)'
+    )
 
 
 def test_typo_in_set_fails_with_suggestion():
@@ -379,7 +387,16 @@ def test_noise_offset_type_picks_one(tmp_path):
 def test_use_8bit_adam_and_epoch_aliases(tmp_path):
     cfg, notes = load(tmp_path, 'use_8bit_adam = true\nepoch = 3\ncaption_extention = ".cap"\n')
     assert cfg.optimizer_type == "AdamW8bit" and cfg.max_train_epochs == 3 and cfg.caption_extension == ".cap"
-    assert notes == ['use_8bit_adam: read as optimizer_type = "AdamW8bit"']
+    assert notes == [
+        'use_8bit_adam: read as optimizer_type = "AdamW8bit"',
+        "epoch = 3 (kohya GUI field) read as max_train_epochs = 3, as the GUI computes its steps; kohya's "
+        "scripts alone would ignore it and train 1600 steps",
+    ]
+    with pytest.raises(ConfigError) as exc:  # both spellings, different values: named as written
+        load(tmp_path, 'caption_extension = ".txt"\ncaption_extention = ".cap"\n')
+    assert exc.value.message.endswith(
+        '"caption_extension" and "caption_extention" are both set, to different values'
+    )
 
 
 def test_sampling_off_values_and_clip_skip_note(tmp_path):
@@ -413,3 +430,103 @@ def test_output_name_is_a_file_name_not_a_path(name: str) -> None:
 
     with pytest.raises(ConfigError, match="output_name must be a file name"):
         load_train_config(None, overrides={"output_name": name})
+
+
+# -- kohya GUI forms and kohya's defaults (issue 16) -------------------------------------------
+
+
+def test_text_encoder_lr_list_as_the_gui_writes_it(tmp_path):
+    cfg, notes = load(tmp_path, 'network_module = "networks.lora"\ntext_encoder_lr = [ 0.001, 0.001,]\n')
+    assert cfg.text_encoder_lr == 0.001 and not notes  # the GUI's [te1, te2] with one rate
+    cfg, notes = load(tmp_path, 'network_module = "networks.lora"\ntext_encoder_lr = [1e-4, 5e-5]\n')
+    assert cfg.text_encoder_lr == (1e-4, 5e-5)
+    assert notes == [
+        "text_encoder_lr = [0.0001, 5e-05]: sdprep trains text encoder 2 at 5e-05; kohya's networks.lora "
+        "uses the first rate (0.0001) for both SDXL text encoders"
+    ]
+    flags, _ = load_train_config(None, flags=["--text_encoder_lr", "1e-4", "5e-5"], overrides=MODEL)
+    assert flags.text_encoder_lr == (1e-4, 5e-5)
+    assert load_train_config(None, flags=["--text_encoder_lr"], overrides=MODEL)[0].text_encoder_lr is None
+    with pytest.raises(ConfigError, match="SDXL has two text encoders, got 3 rates"):
+        load(tmp_path, "text_encoder_lr = [1e-4, 1e-4, 1e-4]\n")
+    with pytest.raises(ConfigError, match=r"text_encoder_lr must be >= 0 \(0 freezes that part\), got -1"):
+        load(tmp_path, "text_encoder_lr = [1e-4, -1]\n")
+
+
+def test_lora_trains_text_encoders_by_default_as_kohya(tmp_path):
+    cfg, _ = load(tmp_path, 'network_module = "networks.lora"\n')
+    assert cfg.network_train_unet_only is False
+    with pytest.raises(ConfigError, match="cache_text_encoder_outputs needs frozen text encoders"):
+        load(tmp_path, 'network_module = "networks.lora"\ncache_text_encoder_outputs = true\n')
+
+
+def test_settings_that_changed_results_silently_now_say_so(tmp_path):
+    _, notes = load(tmp_path, "alpha_mask = true\n")
+    assert (
+        "alpha_mask without masked_loss: each image's alpha channel weights its loss (as kohya, which "
+        "applies alpha masks whether or not masked_loss is set)" in notes
+    )
+    _, notes = load(tmp_path, 'log_with = "wandb"\n')
+    assert (
+        'log_with = "wandb" without logging_dir: nothing is logged (sdprep writes TensorBoard logs, not '
+        "wandb; set logging_dir = FOLDER to get them)" in notes
+    )
+    _, notes = load(tmp_path, 'log_with = "wandb"\nlogging_dir = "logs"\n')
+    assert not any("nothing is logged" in n for n in notes)
+
+
+def test_adafactor_schedule_needs_adafactor(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        load(tmp_path, 'lr_scheduler = "adafactor"\noptimizer_type = "AdamW"\n')
+    assert exc.value.message == 'lr_scheduler = "adafactor" needs optimizer_type = "Adafactor", got "AdamW"'
+    assert "constant_with_warmup" in exc.value.hint
+    with pytest.raises(ConfigError, match="relative_step=False"):
+        load(
+            tmp_path,
+            'lr_scheduler = "adafactor"\noptimizer_type = "Adafactor"\noptimizer_args = ["relative_step=False"]\n',
+        )
+    cfg, _ = load(tmp_path, 'lr_scheduler = "adafactor"\noptimizer_type = "Adafactor"\n')
+    assert cfg.lr_scheduler == "adafactor"
+
+
+def test_scheduler_type_args_and_ratios_load(tmp_path):
+    cfg, _ = load(
+        tmp_path,
+        'lr_scheduler = "polynomial"\nlr_scheduler_args = ["lr_end=1e-8"]\nlr_scheduler_min_lr_ratio = 0.1\n'
+        "lr_decay_steps = 0.2\nlr_scheduler_timescale = 100\n",
+    )
+    assert cfg.lr_scheduler_args == ("lr_end=1e-8",) and cfg.lr_scheduler_min_lr_ratio == 0.1
+    assert cfg.lr_decay_steps == 0.2 and cfg.lr_scheduler_timescale == 100
+    cfg, _ = load_train_config(
+        None, flags=["--lr_scheduler_type", "CosineAnnealingLR", "--lr_scheduler_args", "T_max=10"]
+    )
+    assert cfg.lr_scheduler_type == "CosineAnnealingLR" and cfg.lr_scheduler_args == ("T_max=10",)
+    with pytest.raises(ConfigError, match="takes no warmup"):
+        load(tmp_path, 'lr_scheduler_type = "CosineAnnealingLR"\nlr_warmup_steps = 10\n')
+    with pytest.raises(ConfigError, match="lr_scheduler_min_lr_ratio must be between 0 and 1"):
+        load(tmp_path, "lr_scheduler_min_lr_ratio = 2\n")
+
+
+def test_empty_paths(tmp_path):
+    cfg, _ = load(tmp_path, 'reg_data_dir = ""\nlogging_dir = ""\n')
+    assert cfg.reg_data_dir is None and cfg.logging_dir is None  # kohya reads an empty path as unset
+    with pytest.raises(ConfigError) as exc:
+        load_train_config(None, overrides={"dataset_config": ""})
+    assert exc.value.message == "dataset_config is empty" and "--data DIR" in exc.value.hint
+
+
+def test_command_line_folder_replaces_the_configs_dataset_config(tmp_path):
+    path = write(tmp_path, 'dataset_config = "ds.toml"\nresolution = 768\n')
+    cfg, notes = load_train_config(path, overrides={"train_data_dir": "imgs"})
+    assert cfg.dataset_config is None and cfg.train_data_dir == Path("imgs")
+    assert notes == [
+        f'train_data_dir from the command line replaces dataset_config = "ds.toml" from {path} '
+        "(command line > config > dataset TOML > defaults)"
+    ]
+    assert (
+        origin_of(cfg, "resolution") == str(path) and origin_of(cfg, "train_data_dir") == "the command line"
+    )
+    assert origin_of(cfg, "max_train_steps") is None  # a default
+    # in one file both: kohya's rule (dataset_config wins, train_data_dir is ignored with a note later)
+    both, _ = load(tmp_path, 'dataset_config = "ds.toml"\ntrain_data_dir = "imgs"\n')
+    assert both.dataset_config == Path("ds.toml")

@@ -87,10 +87,18 @@ def test_masks_are_used_and_black_pixels_get_no_gradient(tiny_sdxl: Path, tmp_pa
     with torch.random.fork_rng():  # the VAE samples latents from the global RNG
         torch.manual_seed(0)
         unmasked.generator.manual_seed(0)
-        batch_loss(unmasked, batch).backward()
+        batch_loss(unmasked, dict(batch, mask=None)).backward()  # masked_loss off: no mask file is attached
     full = outputs["pred"].grad[0]
     assert full[..., half:].abs().max() > 0
     assert torch.allclose(grad[..., :half], full[..., :half])  # white: the plain loss
+
+    # kohya: a mask in the batch (alpha_mask without masked_loss) weights the loss all the same
+    unmasked.unet = Spy()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        unmasked.generator.manual_seed(0)
+        batch_loss(unmasked, batch).backward()
+    assert torch.equal(outputs["pred"].grad[0], grad)
 
     # grey (128/255) halves the gradient: same noise, same timestep, mask replaced
     grey = dict(batch, mask=batch["mask"].clone())
@@ -310,3 +318,51 @@ def test_optimizers_by_kohya_name() -> None:
         build_scheduler("piecewise_constant", opt, warmup_steps=0, total_steps=10)
     with pytest.raises(ConfigError, match="unknown lr_scheduler"):
         build_scheduler("cosine_restart", opt, warmup_steps=0, total_steps=10)
+
+
+def test_schedulers_as_kohya_builds_them() -> None:
+    """kohya's get_scheduler_fix: extra lr_scheduler_args reach the schedule (seed 002's lr_end),
+    lr_scheduler_type is any scheduler class, min-lr ratio and decay steps as kohya passes them."""
+    from sdprep.train.optim import build_scheduler
+
+    def lrs(sched, opt, n=10):
+        out = []
+        for _ in range(n):
+            out.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        return out
+
+    def opt():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+    o = opt()
+    poly = lrs(build_scheduler("polynomial", o, warmup_steps=0, total_steps=10, args={"lr_end": 0.5}), o, 11)
+    assert poly[-1] == pytest.approx(0.5)  # lr_end reached: 1 -> 0.5 linearly (power 1)
+    assert poly[5] == pytest.approx(0.75)
+    o = opt()
+    cosine = lrs(
+        build_scheduler(
+            None, o, warmup_steps=0, total_steps=10, scheduler_type="CosineAnnealingLR", args={"T_max": 10}
+        ),
+        o,
+        11,
+    )
+    assert (
+        cosine[0] == 1.0 and cosine[10] == pytest.approx(0.0, abs=1e-12) and cosine[5] == pytest.approx(0.5)
+    )
+    o = opt()
+    floor = lrs(
+        build_scheduler("cosine_with_min_lr", o, warmup_steps=0, total_steps=10, min_lr_ratio=0.2), o, 11
+    )
+    assert floor[-1] == pytest.approx(0.2) and min(floor) == pytest.approx(0.2)
+    o = opt()
+    wsd = lrs(
+        build_scheduler("warmup_stable_decay", o, warmup_steps=2, total_steps=10, decay_steps=0.4), o, 10
+    )
+    assert wsd[2:6] == [1.0] * 4 and wsd[7] < 1.0  # 2 warmup, 4 stable, 4 decay (0.4 of 10)
+    o = opt()
+    with pytest.raises(ConfigError, match='lr_scheduler_type "NoSuchLR": cannot import it'):
+        build_scheduler(None, o, warmup_steps=0, total_steps=10, scheduler_type="NoSuchLR")
+    with pytest.raises(ConfigError, match="lr_scheduler polynomial: .*lr_ending"):
+        build_scheduler("polynomial", o, warmup_steps=0, total_steps=10, args={"lr_ending": 0.5})

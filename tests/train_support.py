@@ -61,6 +61,7 @@ def lora_settings(model: Path, data: Path, out: Path, **over: Any) -> dict[str, 
         "network_module": "networks.lora",
         "network_dim": 4,
         "network_alpha": 2,
+        "network_train_unet_only": True,  # fast; kohya's default (false) also trains text-encoder LoRA
         "resolution": "128",
         "min_bucket_reso": 64,
         "max_bucket_reso": 256,

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from sdprep.config import coerce, from_dict, load_toml
 from sdprep.errors import ConfigError, did_you_mean, unknown_choice
+from sdprep.train.dataset_config import INTERPOLATIONS
 from sdprep.train.kohya_args import (
     ACCEPTED_IGNORED,
     ALIASES,
@@ -80,7 +81,12 @@ class TrainConfig:
     flip_aug: bool = False  # random horizontal flips
     color_aug: bool = False  # weak hue/gamma augmentation (not with cached latents)
     random_crop: bool = False  # random instead of centre crop into the bucket (not with cached latents)
-    alpha_mask: bool = False  # use each image's alpha channel as its loss mask
+    alpha_mask: bool = (
+        False  # use each image's alpha channel as its loss mask (with or without masked_loss, as kohya)
+    )
+    resize_interpolation: str | None = (
+        None  # resize filter (lanczos, nearest, bilinear, bicubic, area...; None: sdprep's)
+    )
     max_data_loader_n_workers: int = 8  # data loader processes
     cache_dir: Path | None = None  # sdprep: where disk caches go (None: next to each image, as kohya)
     # -- caching -------------------------------------------------------------------------------
@@ -102,7 +108,9 @@ class TrainConfig:
     optimizer_args: tuple[str, ...] = ()  # "name=value" items (a list, or one "a=1 b=2" / "a=1,b=2" string)
     learning_rate: float = 2e-6  # base learning rate
     unet_lr: float | None = None  # LoRA: U-Net learning rate (None: learning_rate)
-    text_encoder_lr: float | None = None  # LoRA: text-encoder learning rate (None: learning_rate)
+    text_encoder_lr: float | tuple[float, ...] | None = (
+        None  # LoRA: text-encoder rate, or [te1, te2] as the kohya GUI writes it (None: learning_rate)
+    )
     learning_rate_te1: float | None = None  # fine-tune: text encoder 1 learning rate (None: learning_rate)
     learning_rate_te2: float | None = None  # fine-tune: text encoder 2 learning rate (None: learning_rate)
     max_grad_norm: float = 1.0  # gradient clipping norm (0: off)
@@ -111,6 +119,12 @@ class TrainConfig:
     lr_warmup_steps: int | float = 0  # warmup steps (a value below 1 is a fraction of the total, as kohya)
     lr_scheduler_num_cycles: int = 1  # cosine_with_restarts cycles
     lr_scheduler_power: float = 1.0  # polynomial power
+    lr_scheduler_type: str | None = (
+        None  # a scheduler class ("CosineAnnealingLR" or module.Class) with lr_scheduler_args
+    )
+    lr_scheduler_min_lr_ratio: float | None = None  # cosine_with_min_lr / warmup_stable_decay: lowest lr / lr
+    lr_scheduler_timescale: int | None = None  # inverse_sqrt time scale (None: the warmup steps)
+    lr_decay_steps: int | float = 0  # warmup_stable_decay: decay steps (a value below 1 is a fraction)
     # -- precision and memory ------------------------------------------------------------------
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast dtype
     full_bf16: bool = False  # bf16 weights and gradients (needs mixed_precision bf16)
@@ -151,7 +165,9 @@ class TrainConfig:
     network_args: tuple[str, ...] = ()  # "name=value" items: conv_dim, conv_alpha
     conv_dim: int | None = None  # sdprep: rank of LoRA on 3x3 convs (also network_args conv_dim)
     conv_alpha: float | None = None  # sdprep: alpha of conv LoRA (also network_args conv_alpha)
-    network_train_unet_only: bool = True  # sdprep default True (as the seeds): no text-encoder LoRA
+    network_train_unet_only: bool = (
+        False  # kohya's default: text-encoder LoRA too (`sdprep run` defaults to true)
+    )
     network_weights: Path | None = None  # LoRA file to continue training from
     # -- textual inversion ---------------------------------------------------------------------
     token_string: str | None = None  # the new token; selects textual-inversion training
@@ -185,6 +201,14 @@ class TrainConfig:
     metadata_description: str | None = None  # modelspec.description
     metadata_license: str | None = None  # modelspec.license
     metadata_tags: str | None = None  # modelspec.tags, comma-separated
+    metadata_trigger_phrase: str | None = None  # modelspec.trigger_phrase
+    metadata_usage_hint: str | None = None  # modelspec.usage_hint
+    metadata_preprocessor: str | None = None  # modelspec.preprocessor
+    metadata_merged_from: str | None = None  # modelspec.merged_from
+    metadata_is_negative_embedding: str | None = None  # modelspec.is_negative_embedding
+    metadata_thumbnail: str | None = (
+        None  # modelspec.thumbnail: a data URL or an image file (made a data URL)
+    )
     # -- logging -------------------------------------------------------------------------------
     logging_dir: Path | None = None  # TensorBoard logs go under this folder
     log_with: Literal["tensorboard", "wandb", "all"] | None = None  # logger (sdprep writes TensorBoard)
@@ -196,6 +220,10 @@ class TrainConfig:
     sample_every_n_epochs: int | None = None  # sample every N epochs (overrides steps, as kohya)
     sample_at_first: bool = False  # sample before training
     sample_dir: Path | None = None  # where samples go (None: output_dir/sample)
+    # -- not a key: which layer set each key (the config file, the command line) ------------------
+    origins: tuple[tuple[str, str], ...] = dataclasses.field(
+        default=(), compare=False, repr=False, metadata={"internal": True}
+    )
 
     @property
     def token_chunks(self) -> int:
@@ -203,14 +231,30 @@ class TrainConfig:
         return 1 if self.max_token_length in (None, 75) else self.max_token_length // 75
 
 
-FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+FIELDS: dict[str, dataclasses.Field] = {
+    f.name: f for f in dataclasses.fields(TrainConfig) if not f.metadata.get("internal")
+}
 _HINTS = typing.get_type_hints(TrainConfig)
 _LIST_FIELDS = {"optimizer_args", "network_args", "lr_scheduler_args"}
+LIST_KEYS_HINT = "`sdprep train --list-keys` lists every key"
+COMMAND_LINE = "the command line"
+
+
+def origin_of(cfg: Any, key: str) -> str | None:
+    """Where `key` was set (a config file's path, or "the command line"); None: a default."""
+    return dict(getattr(cfg, "origins", ())).get(key)
 
 
 def known_keys() -> list[str]:
     """Every key a config may contain (fields, aliases, accepted and unsupported kohya keys)."""
-    return [*FIELDS, *ALIASES, *ACCEPTED_IGNORED, *UNSUPPORTED, "resume_from", "use_8bit_adam"]
+    return [*FIELDS, *ALIASES, *ACCEPTED_IGNORED, *UNSUPPORTED, *_SPECIAL_KEYS, "use_8bit_adam"]
+
+
+# Keys read here that are not fields: resume_from (a non-kohya key users write), epoch (the
+# kohya GUI's epoch field, which kohya's scripts ignore).
+_SPECIAL_KEYS = ("resume_from", "epoch")
+# kohya flags with nargs="*" whose values are numbers (several values after one flag).
+_NUMBER_LIST_FLAGS = {"text_encoder_lr"}
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -246,7 +290,7 @@ def parse_kohya_flags(argv: list[str] | tuple[str, ...]) -> dict[str, Any]:
             values = [value, *following]
         else:
             values = following
-        if target in LIST_FLAGS:
+        if target in LIST_FLAGS or target in _NUMBER_LIST_FLAGS:
             out[name] = values
             continue
         # A bare flag that is not a field (ignored, unsupported or unknown) reads as True; the key
@@ -265,11 +309,15 @@ def parse_kohya_flags(argv: list[str] | tuple[str, ...]) -> dict[str, Any]:
 
 def _apply_aliases(raw: dict[str, Any], source: str, notes: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    written: dict[str, str] = {}  # target -> the name it was written as
     for key, value in raw.items():
         target = ALIASES.get(key, key)
         if target in out and out[target] != value:
-            raise ConfigError(f'{source}: "{key}" and "{target}" are both set, to different values')
-        out[target] = value
+            raise ConfigError(
+                f'{source}: "{written[target]}" and "{key}" are both set, to different values',
+                f'"{key}" is another name of "{target}"; keep one',
+            )
+        out[target], written[target] = value, key
     if "use_8bit_adam" in out and coerce(out.pop("use_8bit_adam"), bool, "use_8bit_adam"):
         if out.get("optimizer_type") not in (None, "", "AdamW8bit"):
             raise ConfigError(f"{source}: use_8bit_adam and optimizer_type are both set")
@@ -282,7 +330,7 @@ def _check_keys(raw: dict[str, Any], source: str, notes: list[str]) -> dict[str,
     """Drop accepted-but-unused keys (with a note); reject unknown and unsupported-but-on keys."""
     out: dict[str, Any] = {}
     for key, value in raw.items():
-        if key in FIELDS or key == "resume_from":
+        if key in FIELDS or key in _SPECIAL_KEYS:
             out[key] = value
         elif key == "LoRA_type" and str(value).strip().lower() not in ("standard", ""):
             raise ConfigError(
@@ -300,7 +348,7 @@ def _check_keys(raw: dict[str, Any], source: str, notes: list[str]) -> dict[str,
         else:
             hint = did_you_mean(key, known_keys())
             raise ConfigError(
-                f'unknown key "{key}" in {source}', hint or "see `sdprep train --help` for the valid keys"
+                f'unknown key "{key}" in {source}', f"{hint} ({LIST_KEYS_HINT})" if hint else LIST_KEYS_HINT
             )
     return out
 
@@ -317,6 +365,16 @@ def _normalise(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
         value = data.get(key)
         if isinstance(value, (list, tuple)) and len(value) == 1:
             data[key] = value[0]
+    data.update(_text_encoder_lr(data.get("text_encoder_lr"), notes))
+    for key, value in list(data.items()):
+        if value == "" and _HINTS.get(key) == (Path | None):
+            if key == "dataset_config":
+                raise ConfigError(
+                    "dataset_config is empty",
+                    "give the path of a kohya dataset TOML, or leave dataset_config out "
+                    "(--data DIR trains from a folder of <repeats>_<token> subfolders)",
+                )
+            data[key] = None  # kohya reads an empty path as unset
     if isinstance(data.get("noise_offset_type"), str):
         data["noise_offset_type"] = data["noise_offset_type"].lower()
     if data.get("save_precision") in ("fp32", "float32", "no"):
@@ -334,6 +392,51 @@ def _normalise(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
         if value is not None and coerce(value, int, key) <= 0:
             data[key] = None
             notes.append(f"{key} = {value}: sampling by {key.split('_n_')[1]} is off (as kohya)")
+    return data
+
+
+def _text_encoder_lr(value: Any, notes: list[str]) -> dict[str, Any]:
+    """text_encoder_lr as kohya takes it: one rate, or a list (the GUI writes [te1, te2])."""
+    if not isinstance(value, (list, tuple)):
+        return {}
+    if not value:
+        return {"text_encoder_lr": None}  # kohya: an empty list is unset
+    if len(value) > 2:
+        raise ConfigError(
+            f"text_encoder_lr: SDXL has two text encoders, got {len(value)} rates {list(value)}",
+            "write one rate, or [rate_te1, rate_te2]",
+        )
+    rates = tuple(coerce(v, float, f"text_encoder_lr[{i}]") for i, v in enumerate(value))
+    if rates[0] == rates[1]:
+        return {"text_encoder_lr": rates[0]}
+    notes.append(
+        f"text_encoder_lr = [{rates[0]:g}, {rates[1]:g}]: sdprep trains text encoder 2 at {rates[1]:g}; "
+        f"kohya's networks.lora uses the first rate ({rates[0]:g}) for both SDXL text encoders"
+    )
+    return {"text_encoder_lr": rates}
+
+
+def _gui_epoch(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """The kohya GUI's `epoch` field. kohya's scripts have no such option and ignore it; the GUI
+    has already turned it into max_train_steps. Alone (no max_train_steps / max_train_epochs), it
+    is read as max_train_epochs, which is what the GUI computes its steps from."""
+    if "epoch" not in data:
+        return data
+    data = dict(data)
+    epoch = data.pop("epoch")
+    length = [k for k in ("max_train_steps", "max_train_epochs") if data.get(k) not in (None, "", 0)]
+    if length:
+        shown = ", ".join(f"{k} = {data[k]}" for k in length)
+        notes.append(
+            f"epoch = {epoch} is the kohya GUI's field, which kohya's scripts ignore: the run's length "
+            f"comes from {shown} (as kohya)"
+        )
+    else:
+        data["max_train_epochs"] = epoch
+        notes.append(
+            f"epoch = {epoch} (kohya GUI field) read as max_train_epochs = {epoch}, as the GUI computes its "
+            "steps; kohya's scripts alone would ignore it and train 1600 steps"
+        )
     return data
 
 
@@ -403,17 +506,37 @@ def load_train_config(
     if path is not None:
         path = Path(path)
         layers.append((str(path), flatten_tables(load_toml(path), str(path))))
-    layers.append(("the command-line flags", raw_flags))
+    layers.append((COMMAND_LINE, raw_flags))
     if overrides:
-        layers.append(("--set", flatten_tables(overrides, "--set")))
+        layers.append((COMMAND_LINE, flatten_tables(overrides, "--set")))
     merged: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     for source, raw in layers:
-        raw = _apply_aliases(raw, source, notes)
-        merged.update(_check_keys(raw, source, notes))
-    merged = _resume_from(_normalise(merged, notes), notes)
-    cfg = _build(merged)
+        raw = _check_keys(_apply_aliases(raw, source, notes), source, notes)
+        _data_source_precedence(raw, merged, origins, source, notes)
+        merged.update(raw)
+        origins.update(dict.fromkeys(raw, source))
+    merged = _resume_from(_gui_epoch(_normalise(merged, notes), notes), notes)
+    derived = {"max_train_epochs": "epoch", "weights": "resume_from", "network_weights": "resume_from"}
+    origins = {k: origins.get(k) or origins.get(derived.get(k, "resume_from"), COMMAND_LINE) for k in merged}
+    cfg = dataclasses.replace(_build(merged), origins=tuple(origins.items()))
     cfg, more = validate(cfg)
     return cfg, notes + more
+
+
+def _data_source_precedence(
+    layer: dict[str, Any], merged: dict[str, Any], origins: dict[str, str], source: str, notes: list[str]
+) -> None:
+    """A later layer that names a folder (train_data_dir / in_json) replaces an earlier layer's
+    dataset_config: the command line wins over the config file, for where the images come from
+    as for every other key. (Within one layer, kohya's rule stands: dataset_config wins.)"""
+    names_folder = any(layer.get(k) not in (None, "") for k in ("train_data_dir", "in_json"))
+    if names_folder and "dataset_config" not in layer and merged.get("dataset_config") not in (None, ""):
+        where = origins.get("dataset_config", "the config")
+        notes.append(
+            f'train_data_dir from {source} replaces dataset_config = "{merged.pop("dataset_config")}" '
+            f"from {where} (command line > config > dataset TOML > defaults)"
+        )
 
 
 # -- method and validation -------------------------------------------------------------------
@@ -450,8 +573,9 @@ def _check_ranges(cfg: TrainConfig) -> None:
         )
     for key in ("unet_lr", "text_encoder_lr", "learning_rate_te1", "learning_rate_te2"):
         value = getattr(cfg, key)
-        if value is not None and value < 0:
-            raise _err(f"{key} must be >= 0 (0 freezes that part), got {value}")
+        for rate in value if isinstance(value, tuple) else (value,):
+            if rate is not None and rate < 0:
+                raise _err(f"{key} must be >= 0 (0 freezes that part), got {rate}")
     positive = ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "dataset_repeats")
     for key in positive:
         if getattr(cfg, key) < 1:
@@ -484,6 +608,20 @@ def _check_ranges(cfg: TrainConfig) -> None:
         raise _err(f"max_grad_norm must be >= 0 (0 turns clipping off), got {cfg.max_grad_norm}")
     if cfg.lr_warmup_steps < 0:
         raise _err(f"lr_warmup_steps must be >= 0, got {cfg.lr_warmup_steps}")
+    if cfg.lr_decay_steps < 0:
+        raise _err(f"lr_decay_steps must be >= 0, got {cfg.lr_decay_steps}")
+    ratio = cfg.lr_scheduler_min_lr_ratio
+    if ratio is not None and not 0.0 <= ratio <= 1.0:
+        raise _err(
+            f"lr_scheduler_min_lr_ratio must be between 0 and 1, got {ratio}", "e.g. 0.1: the lr ends at 10%"
+        )
+    if cfg.lr_scheduler_timescale is not None and cfg.lr_scheduler_timescale < 1:
+        raise _err(f"lr_scheduler_timescale must be at least 1, got {cfg.lr_scheduler_timescale}")
+    if cfg.lr_scheduler_type and cfg.lr_warmup_steps:
+        raise _err(
+            f"lr_scheduler_type {cfg.lr_scheduler_type} takes no warmup, but lr_warmup_steps = {cfg.lr_warmup_steps}",
+            "set lr_warmup_steps = 0 (kohya stops here too), or use lr_scheduler with a warmup",
+        )
     if cfg.huber_c <= 0 or (cfg.huber_schedule == "exponential" and cfg.huber_c > 1):
         raise _err(f"huber_c must be in (0, 1], got {cfg.huber_c}")
     if cfg.min_snr_gamma is not None and cfg.min_snr_gamma <= 0:
@@ -541,6 +679,9 @@ def _check_choices(cfg: TrainConfig) -> None:
 
     if cfg.lr_scheduler not in LR_SCHEDULERS:
         raise unknown_choice("lr_scheduler", cfg.lr_scheduler, LR_SCHEDULERS)
+    _check_adafactor_schedule(cfg)
+    if cfg.resize_interpolation is not None and cfg.resize_interpolation not in INTERPOLATIONS:
+        raise unknown_choice("resize_interpolation", cfg.resize_interpolation, INTERPOLATIONS)
     opt = cfg.optimizer_type
     if "." not in opt and opt.lower() not in {o.lower() for o in OPTIMIZERS}:
         err = unknown_choice("optimizer_type", opt, OPTIMIZERS)
@@ -564,6 +705,38 @@ def _check_choices(cfg: TrainConfig) -> None:
                 f'network_args "{name}" is not supported',
                 (hint + " " if hint else "") + "supported: " + ", ".join(NETWORK_ARGS),
             )
+
+
+def _check_adafactor_schedule(cfg: TrainConfig) -> None:
+    """kohya's `adafactor` schedule reads Adafactor's own relative-step lr: any other optimizer (or
+    Adafactor with relative_step=False) fails there with an assertion or an IndexError."""
+    if cfg.lr_scheduler != "adafactor" or cfg.lr_scheduler_type:
+        return
+    if cfg.optimizer_type.lower() != "adafactor":
+        raise ConfigError(
+            f'lr_scheduler = "adafactor" needs optimizer_type = "Adafactor", got "{cfg.optimizer_type}"',
+            "the adafactor schedule is Adafactor's own learning rate; with this optimizer use e.g. "
+            'lr_scheduler = "constant_with_warmup" (kohya stops with an assertion here)',
+        )
+    if parse_kv_args(cfg.optimizer_args).get("relative_step", True) is False:
+        raise ConfigError(
+            'lr_scheduler = "adafactor" needs Adafactor\'s relative_step, but optimizer_args sets relative_step=False',
+            'use lr_scheduler = "constant_with_warmup" for a fixed lr, or drop relative_step=False',
+        )
+
+
+def _notes_on_silent_settings(cfg: TrainConfig, notes: list[str]) -> None:
+    """Settings that would otherwise change the result without a word."""
+    if cfg.alpha_mask and not cfg.masked_loss:
+        notes.append(
+            "alpha_mask without masked_loss: each image's alpha channel weights its loss (as kohya, "
+            "which applies alpha masks whether or not masked_loss is set)"
+        )
+    if cfg.log_with in ("wandb", "all") and not cfg.logging_dir:
+        notes.append(
+            f'log_with = "{cfg.log_with}" without logging_dir: nothing is logged (sdprep writes TensorBoard '
+            "logs, not wandb; set logging_dir = FOLDER to get them)"
+        )
 
 
 def _check_combinations(cfg: TrainConfig, method: str, notes: list[str]) -> TrainConfig:
@@ -651,6 +824,7 @@ def validate(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
     _check_sizes(cfg, notes)
     _check_choices(cfg)
     cfg = _check_combinations(cfg, method, notes)
+    _notes_on_silent_settings(cfg, notes)
     if cfg.max_train_epochs and cfg.max_train_steps != TrainConfig.max_train_steps:
         notes.append(
             f"max_train_epochs = {cfg.max_train_epochs} overrides max_train_steps = {cfg.max_train_steps}"

@@ -16,7 +16,6 @@ from sdprep.errors import ConfigError
 
 # Another name for a TrainConfig field (kohya renames, GUI names, historical typos).
 ALIASES: dict[str, str] = {
-    "epoch": "max_train_epochs",  # bmaltais GUI name
     "caption_extention": "caption_extension",  # kohya keeps this misspelling for compatibility
 }
 
@@ -58,7 +57,14 @@ ACCEPTED_IGNORED: dict[str, str] = {
     "console_log_level": "sdprep's verbosity comes from -q / -v",
     "console_log_file": "sdprep's verbosity comes from -q / -v",
     "console_log_simple": "sdprep's verbosity comes from -q / -v",
-    "output_config": "use `sdprep train --print-config` style output instead",
+    "skip_cache_check": "sdprep checks its caches by a fingerprint of each file (no slow check to skip)",
+    "zero_stage": "a DeepSpeed setting (DeepSpeed is not supported; accelerate runs multi-GPU)",
+    "offload_optimizer_device": "a DeepSpeed setting (DeepSpeed is not supported; accelerate runs multi-GPU)",
+    "offload_optimizer_nvme_path": "a DeepSpeed setting (DeepSpeed is not supported; accelerate runs multi-GPU)",
+    "offload_param_device": "a DeepSpeed setting (DeepSpeed is not supported; accelerate runs multi-GPU)",
+    "offload_param_nvme_path": "a DeepSpeed setting (DeepSpeed is not supported; accelerate runs multi-GPU)",
+    "zero3_init_flag": "a DeepSpeed setting (DeepSpeed is not supported; accelerate runs multi-GPU)",
+    "zero3_save_16bit_model": "a DeepSpeed setting (DeepSpeed is not supported; accelerate runs multi-GPU)",
     "num_cpu_threads_per_process": "an accelerate launcher option",
 }
 
@@ -86,9 +92,24 @@ UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "save_last_n_epochs_state": ((None,), "use save_last_n_epochs"),
     "save_last_n_steps_state": ((None,), "use save_last_n_steps"),
     "resume_from_huggingface": ((False,), "resume from a local state folder"),
-    "lr_scheduler_type": ((None, ""), "custom scheduler classes are not supported; use lr_scheduler"),
     "validation_split": ((None, 0, 0.0), "validation loss is not supported"),
     "validation_seed": ((None,), "validation loss is not supported"),
+    "validate_every_n_steps": ((None,), "validation loss is not supported"),
+    "validate_every_n_epochs": ((None,), "validation loss is not supported"),
+    "max_validation_steps": ((None,), "validation loss is not supported"),
+    "initial_step": ((None, 0), "starting the schedule at a later step is not supported; use resume"),
+    "initial_epoch": ((None, 0), "starting the schedule at a later epoch is not supported; use resume"),
+    "skip_until_initial_step": ((False,), "not supported (needs initial_step); use resume"),
+    "fp8_base_unet": ((False,), "fp8 base weights are not supported; use mixed_precision bf16"),
+    "deepspeed": ((False,), "DeepSpeed is not supported; multi-GPU runs through `accelerate launch`"),
+    "cpu_offload_checkpointing": (
+        (False,),
+        "not supported for SDXL (a FLUX option); use gradient_checkpointing",
+    ),
+    "fp16_master_weights_and_gradients": (
+        (False,),
+        "not supported; use full_fp16 or full_bf16 with mixed_precision",
+    ),
     "use_lion_optimizer": ((False,), 'use optimizer_type = "Lion" (needs lion-pytorch)'),
 }
 

@@ -365,6 +365,10 @@ class Trainer(TrainerOutputs):
             num_cycles=cfg.lr_scheduler_num_cycles,
             power=cfg.lr_scheduler_power,
             args=sched_args,
+            min_lr_ratio=cfg.lr_scheduler_min_lr_ratio,
+            timescale=cfg.lr_scheduler_timescale,
+            decay_steps=cfg.lr_decay_steps,
+            scheduler_type=None if scheduler == "adafactor" else cfg.lr_scheduler_type,
         )
 
     def _prepare(self) -> None:

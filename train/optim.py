@@ -36,7 +36,6 @@ SCHEDULERS = (
     "warmup_stable_decay",
     "inverse_sqrt",
 )
-TRANSFORMERS_SCHEDULERS = ("cosine_with_min_lr", "warmup_stable_decay", "inverse_sqrt")
 
 
 # kohya optimizer_type (lower case) -> (module, pip package, class, default kwargs)
@@ -231,48 +230,90 @@ def build_scheduler(
     num_cycles: int | None = None,
     power: float | None = None,
     args: dict[str, Any] | None = None,
+    min_lr_ratio: float | None = None,
+    timescale: int | None = None,
+    decay_steps: int | float = 0,
+    scheduler_type: str | None = None,
 ) -> Any:
-    """A learning-rate scheduler stepped once per optimizer step."""
+    """A learning-rate scheduler stepped once per optimizer step, built as kohya's get_scheduler_fix:
+    `scheduler_type` (a class) with `args` as its keyword arguments; otherwise the schedule
+    function of `name` with `args` added (e.g. polynomial's lr_end), cosine_with_min_lr and
+    warmup_stable_decay at `min_lr_ratio` (sdprep: 0.1 / 0 when unset), warmup_stable_decay over
+    `decay_steps` (a count, or below 1 a fraction of all steps)."""
+    extra = dict(args or {})
+    if scheduler_type:
+        return _call_scheduler(scheduler_class(scheduler_type), scheduler_type, optimizer, extra)
     name = (name or "constant").strip().lower()
     if name not in SCHEDULERS:
         raise unknown_choice("lr_scheduler", name, SCHEDULERS)
     if name == "adafactor":
         from transformers.optimization import AdafactorSchedule
 
-        return AdafactorSchedule(optimizer, initial_lr=(args or {}).get("initial_lr", 0.0))
-    if name in TRANSFORMERS_SCHEDULERS:
-        from transformers.optimization import get_scheduler as hf_scheduler
-
-        extra = dict(args or {})
-        if name == "cosine_with_min_lr" and not {"min_lr", "min_lr_rate"} & set(extra):
-            extra["min_lr_rate"] = 0.1
-        if name == "warmup_stable_decay":
-            extra.setdefault("num_decay_steps", max(1, total_steps // 10))
-        try:
-            return hf_scheduler(
-                name,
-                optimizer,
-                num_warmup_steps=warmup_steps,
-                num_training_steps=total_steps,
-                scheduler_specific_kwargs=extra,
+        return AdafactorSchedule(optimizer, initial_lr=extra.get("initial_lr", 0.0))
+    if name == "piecewise_constant":
+        if not extra.get("step_rules"):
+            raise ConfigError(
+                "lr_scheduler piecewise_constant needs step_rules",
+                'e.g. lr_scheduler_args = ["step_rules=1:100,0.1:200,0.01"] (multiplier:until_step,...,final)',
             )
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"lr_scheduler {name}: {exc}", "check lr_scheduler_args") from exc
-    if name == "piecewise_constant" and not (args or {}).get("step_rules"):
-        raise ConfigError(
-            "lr_scheduler piecewise_constant needs step_rules",
-            'e.g. lr_scheduler_args = ["step_rules=1:100,0.1:200,0.01"] (multiplier:until_step,...,final)',
-        )
-    from diffusers.optimization import get_scheduler
+        from diffusers.optimization import get_piecewise_constant_schedule
 
-    kwargs: dict[str, Any] = {"num_warmup_steps": warmup_steps, "num_training_steps": total_steps}
-    if name == "cosine_with_restarts" and num_cycles:
-        kwargs["num_cycles"] = num_cycles
-    if name == "polynomial" and power:
-        kwargs["power"] = power
-    kwargs.update(args or {})
+        return _call_scheduler(get_piecewise_constant_schedule, name, optimizer, extra)
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
+
+    fn = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]
+    steps = {"num_warmup_steps": warmup_steps, "num_training_steps": total_steps}
+    if name == "constant":
+        steps = {}
+    elif name in ("constant_with_warmup", "inverse_sqrt"):
+        steps = {"num_warmup_steps": warmup_steps}
+        if name == "inverse_sqrt":
+            steps["timescale"] = timescale
+    elif name == "cosine_with_restarts":
+        steps["num_cycles"] = num_cycles or 1
+    elif name == "polynomial":
+        steps["power"] = power if power is not None else 1.0
+    elif name == "cosine_with_min_lr":
+        steps["num_cycles"] = (num_cycles or 1) / 2
+        if not {"min_lr", "min_lr_rate"} & set(extra):
+            steps["min_lr_rate"] = 0.1 if min_lr_ratio is None else min_lr_ratio
+    elif name == "warmup_stable_decay":
+        decay = (
+            int(decay_steps * total_steps)
+            if isinstance(decay_steps, float) and decay_steps < 1
+            else int(decay_steps)
+        )
+        steps = {
+            "num_warmup_steps": warmup_steps,
+            "num_stable_steps": max(0, total_steps - warmup_steps - decay),
+            "num_decay_steps": decay,
+            "num_cycles": (num_cycles or 1) / 2,
+            "min_lr_ratio": min_lr_ratio or 0.0,
+        }
+    return _call_scheduler(fn, name, optimizer, {**steps, **extra})
+
+
+def scheduler_class(name: str) -> Any:
+    """kohya's lr_scheduler_type: a torch.optim.lr_scheduler class by name, or module.Class."""
+    import torch
+
+    module_name, _, attr = name.rpartition(".")
     try:
-        return get_scheduler(name, optimizer, **kwargs)
+        module = importlib.import_module(module_name) if module_name else torch.optim.lr_scheduler
+        cls = getattr(module, attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(
+            f'lr_scheduler_type "{name}": cannot import it ({exc})',
+            "a class of torch.optim.lr_scheduler (e.g. CosineAnnealingLR) or a full module.Class path",
+        ) from None
+    if not callable(cls):
+        raise ConfigError(f'lr_scheduler_type "{name}" is not a class')
+    return cls
+
+
+def _call_scheduler(fn: Any, name: str, optimizer: Any, kwargs: dict[str, Any]) -> Any:
+    try:
+        return fn(optimizer, **kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"lr_scheduler {name}: {exc}", "check lr_scheduler_args") from exc
 

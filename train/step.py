@@ -154,7 +154,9 @@ def batch_loss(ctx: StepContext, batch: dict) -> Any:
         target = ctx.noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    mask = batch.get("mask") if cfg.masked_loss else None
+    # kohya: masked_loss weights by mask images or alpha; alpha masks apply even without it (with
+    # masked_loss off, the scan attaches no mask files, so a batch's mask can only be alpha)
+    mask = batch.get("mask")
     return training_loss(
         pred.float(),
         target.float(),
