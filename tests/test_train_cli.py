@@ -226,3 +226,46 @@ def test_seed_000_textual_inversion_preflight_and_short_run(
     with safe_open(str(out), framework="pt") as f:
         assert set(f.keys()) == {"clip_l", "clip_g"}
         assert f.get_tensor("clip_l").shape[0] == 1 and torch.isfinite(f.get_tensor("clip_g")).all()
+
+
+def test_output_config_writes_the_resolved_config_and_trains_nothing(cli_runner, tmp_path: Path) -> None:
+    from sdprep.train.config import load_train_config
+
+    config = tmp_path / "config_textual_inversion.toml"
+    config.write_text(SEED_000_TI)
+    out = tmp_path / "resolved.toml"
+    args = ["train", "--config", str(config), "--lr", "3e-5", "--output-config", str(out)]
+    result = cli_runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out} (the resolved config; nothing trained)" in result.output
+    assert not (tmp_path / "home").exists() and "training" not in result.output
+    original, _ = load_train_config(config, overrides={"learning_rate": 3e-5})
+    again, _ = load_train_config(out)
+    assert again == original and again.learning_rate == 3e-5 and again.max_train_steps == 5200
+    assert 'resolution = "1024,1536"' in out.read_text()  # kohya's form, which kohya reads back too
+    result = cli_runner.invoke(cli, args)
+    assert result.exit_code == 1 and "already exists: --output_config does not overwrite" in result.output
+    # kohya's own form: --output_config writes to --config_file
+    kohya_out = tmp_path / "kohya.toml"
+    result = cli_runner.invoke(
+        cli, ["train", "--", "--output_config", "--config_file", str(kohya_out), "--learning_rate=5e-6"]
+    )
+    assert result.exit_code == 0, result.output
+    assert load_train_config(kohya_out)[0].learning_rate == 5e-6
+
+
+def test_list_keys_lists_every_key_the_hints_point_at(cli_runner) -> None:
+    from sdprep.train.config import known_keys
+    from sdprep.train.config_io import undocumented_fields
+
+    result = cli_runner.invoke(cli, ["train", "--list-keys"])
+    assert result.exit_code == 0
+    listed = {line.split(":", 1)[0] for line in result.output.splitlines()}
+    assert set(known_keys()) <= listed
+    assert "learning_rate: base learning rate [default: 2e-06]" in result.output
+    assert "xformers: accepted, not used: sdprep always uses PyTorch scaled-dot-product attention (SDPA)" in (
+        result.output
+    )
+    assert undocumented_fields() == []
+    bad = cli_runner.invoke(cli, ["train", "--set", "foo=1"])
+    assert bad.exit_code == 1 and "`sdprep train --list-keys` lists every key" in bad.output

@@ -85,3 +85,38 @@ def test_training_started_at_is_the_first_step_not_the_first_save(run) -> None:
     assert all(
         _meta(p)["ss_training_started_at"] == first["ss_training_started_at"] for p in trainer.result.saved
     )
+
+
+def test_kohya_modelspec_options_reach_the_metadata(tmp_path: Path) -> None:
+    """kohya's --metadata_* options (sai_model_spec): each is written as its modelspec key; a
+    thumbnail file becomes a data URL as kohya's file_to_data_url makes it."""
+    import base64
+    import types
+
+    from sdprep.errors import ConfigError
+    from sdprep.train.config import load_train_config
+    from sdprep.train.save import modelspec
+
+    thumb = tmp_path / "thumb.png"
+    thumb.write_bytes(b"\x89PNG fake")
+    values = {
+        "trigger_phrase": "nzn",
+        "usage_hint": "Use keyword nzn",
+        "preprocessor": "none",
+        "merged_from": "a, b",
+        "is_negative_embedding": "False",
+    }
+    cfg, _ = load_train_config(
+        None, overrides={**{f"metadata_{k}": v for k, v in values.items()}, "metadata_thumbnail": str(thumb)}
+    )
+    spec = modelspec(
+        cfg, types.SimpleNamespace(architecture="stable-diffusion-xl-v1-base/lora"), {"name": "x"}
+    )
+    for key, value in values.items():
+        assert spec[f"modelspec.{key}"] == value
+    assert (
+        spec["modelspec.thumbnail"] == "data:image/png;base64," + base64.b64encode(b"\x89PNG fake").decode()
+    )
+    missing, _ = load_train_config(None, overrides={"metadata_thumbnail": str(tmp_path / "none.png")})
+    with pytest.raises(ConfigError, match="metadata_thumbnail .*none.png: cannot read"):
+        modelspec(missing, types.SimpleNamespace(architecture="a"), {"name": "x"})

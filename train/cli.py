@@ -119,7 +119,9 @@ Example:
   sdprep train --config train.toml --set learning_rate=5e-5 --steps 2000
   sdprep train --config train.toml -- --learning_rate=5e-6 --train_batch_size=4
   sdprep train --config train.toml --preflight
-  sdprep train --config train.toml --resume latest""",
+  sdprep train --config train.toml --resume latest
+  sdprep train --config train.toml --output-config resolved.toml
+  sdprep train --list-keys""",
 )
 @click.option(
     "--config",
@@ -141,6 +143,14 @@ Example:
 @click.option(
     "--preflight", is_flag=True, help="Run the config for a few steps on a tiny model to catch errors first."
 )
+@click.option(
+    "--output-config",
+    "--output_config",
+    "output_config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the resolved config to this TOML and exit without training (kohya's --output_config).",
+)
+@click.option("--list-keys", is_flag=True, help="List every config key with its default and exit.")
 @click.option("--model", help="pretrained_model_name_or_path: diffusers folder, .safetensors or hub id.")
 @click.option(
     "--model-config",
@@ -179,6 +189,8 @@ def command(
     method: str | None,
     resume: str | None,
     preflight: bool,
+    output_config: Path | None,
+    list_keys: bool,
     **plain: Any,
 ) -> None:
     """Train an SDXL LoRA (or textual inversion / fine-tune) from a kohya-compatible config.
@@ -192,17 +204,26 @@ def command(
     from sdprep.clitools import verbosity
     from sdprep.compat import check_training_stack
     from sdprep.train.config import detect_method, load_train_config
+    from sdprep.train.config_io import describe_keys, output_config_request, write_config
 
+    if list_keys:
+        for name, text in describe_keys():
+            click.echo(f"{name}: {text}")
+        return
     check_training_stack()
 
     main_process = os.environ.get("RANK", "0") == "0"  # torchrun / accelerate launch: one process talks
     quiet = not main_process or bool(ctx.obj is not None and getattr(ctx.obj, "quiet", False))
-    flags = [a for a in ctx.args if a != "--"]
+    flags, kohya_output = output_config_request([a for a in ctx.args if a != "--"])
+    output_config = output_config or kohya_output
     cfg, notes = load_train_config(config_path, overrides=_overrides(plain, sets) or None, flags=flags)
     chosen = detect_method(cfg, method)
     callbacks = RichCallbacks(quiet=quiet)
     for note in notes:
         callbacks.note(f"note: {note}")
+    if output_config is not None:
+        click.echo(f"wrote {write_config(cfg, output_config)} (the resolved config; nothing trained)")
+        return
     if preflight:
         from sdprep.train.preflight import run_preflight
 

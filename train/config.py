@@ -165,9 +165,7 @@ class TrainConfig:
     network_args: tuple[str, ...] = ()  # "name=value" items: conv_dim, conv_alpha
     conv_dim: int | None = None  # sdprep: rank of LoRA on 3x3 convs (also network_args conv_dim)
     conv_alpha: float | None = None  # sdprep: alpha of conv LoRA (also network_args conv_alpha)
-    network_train_unet_only: bool = (
-        False  # kohya's default: text-encoder LoRA too (`sdprep run` defaults to true)
-    )
+    network_train_unet_only: bool = False  # kohya's default false: text-encoder LoRA trains too
     network_weights: Path | None = None  # LoRA file to continue training from
     # -- textual inversion ---------------------------------------------------------------------
     token_string: str | None = None  # the new token; selects textual-inversion training

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sdprep.dataset import loads_json
-from sdprep.errors import TrainingError
+from sdprep.errors import ConfigError, TrainingError
 from sdprep.faults import pause_point
 from sdprep.fileops import atomic_write_dir, give_new_file_mode, recover_dir
 from sdprep.train.methods.base import Verification
@@ -497,13 +497,43 @@ def modelspec(cfg: Any, method: Any, run: dict[str, Any]) -> dict[str, str]:
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "modelspec.prediction_type": "v" if cfg.v_parameterization else "epsilon",
     }
-    for key in ("author", "description", "license", "tags"):
+    for key in (
+        "author",
+        "description",
+        "license",
+        "tags",
+        "trigger_phrase",
+        "usage_hint",
+        "preprocessor",
+        "merged_from",
+        "is_negative_embedding",
+    ):
         value = getattr(cfg, f"metadata_{key}", None)
         if value:
             spec[f"modelspec.{key}"] = str(value)
+    if getattr(cfg, "metadata_thumbnail", None):
+        spec["modelspec.thumbnail"] = thumbnail_data_url(cfg.metadata_thumbnail)
     if cfg.clip_skip:
         spec["modelspec.encoder_layer"] = str(cfg.clip_skip)
     return spec
+
+
+def thumbnail_data_url(value: str) -> str:
+    """kohya's metadata_thumbnail: a data URL as given, or an image file read into one."""
+    import base64
+    import mimetypes
+
+    if value.startswith("data:"):
+        return value
+    path = Path(value).expanduser()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"metadata_thumbnail {path}: cannot read ({exc.strerror})", "give an image file or a data: URL"
+        ) from None
+    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def tensor_hash(tensors: dict[str, Any]) -> str:
