@@ -37,6 +37,18 @@ def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def topology_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The topology-true SDXL (real block structure, real CLIP tokenizer, narrow widths; random
+    weights, about 3 GB on disk), built once per session: for the `slow` tests."""
+    import torch
+
+    torch.set_num_threads(1)
+    from sdprep.train.fullsize import build_topology_sdxl
+
+    return build_topology_sdxl(tmp_path_factory.mktemp("topology_sdxl") / "model")
+
+
+@pytest.fixture(scope="session")
 def tiny_wd14(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny WD14-shaped ONNX tagger folder (model.onnx + selected_tags.csv)."""
     from sdprep.taggers.tiny import build_tiny_wd14

@@ -65,7 +65,7 @@ _WORDS = [
 ]
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable character table."""
     bs = (
         list(range(ord("!"), ord("~") + 1))
@@ -84,8 +84,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def write_clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> int:
     """Write a small CLIP-style byte-level BPE tokenizer (vocab.json, merges.txt); returns its size."""
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     vocab: list[str] = chars + [c + "</w>" for c in chars]
     merges: list[tuple[str, str]] = []
     known = set(vocab)
@@ -101,6 +100,14 @@ def write_clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> int:
                 known.add(merged)
             symbols = [merged, *symbols[2:]]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return write_tokenizer_files(folder, vocab, merges, pad_token)
+
+
+def write_tokenizer_files(
+    folder: Path, vocab: list[str], merges: list[tuple[str, str]], pad_token: str = "<|endoftext|>"
+) -> int:
+    """Write a CLIP BPE tokenizer folder `CLIPTokenizer.from_pretrained` reads; returns the vocab size."""
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(
         json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False)
     )
