@@ -2,16 +2,32 @@
 
 Layout written under OUT (formats: shared/reference/kohya-formats.md):
 
-    OUT/img/<N>_<token>/          images (hard links, or copies across filesystems) + <stem>.txt
-    OUT/img/<N>_<token>/masks/    <stem>.png masks, same pixel size (when the concept has masks)
+    OUT/img/<N>_<token>/          images (hard links, or copies across filesystems) + <stem>.txt;
+                                  PNG copies `<stem>.png` for EXIF-rotated images and, by default,
+                                  for images whose mask is baked into the alpha channel
+    OUT/img/<N>_<token>/masks/    <stem>.png masks (only with --mask-form conditioning)
     OUT/reg/<N>_<class>/          regularisation images (--reg), repeats balanced as kohya does
-    OUT/dataset.toml              kohya dataset config (caption_extension = ".txt", subsets, repeats,
-                                  conditioning_data_dir for mask subsets, is_reg)
-    OUT/metadata.json             kohya metadata: {"<full image path>": {caption, tags, image_size, train_resolution}}
+    OUT/dataset.toml              kohya dataset config that kohya's schema accepts as written
+    OUT/metadata.json             kohya metadata: {"<image path>": {caption, tags, image_size, train_resolution}}
     OUT/buckets.json              the bucket preview: where every image lands, crops, drops
 
+Masks reach kohya in one of two forms. "alpha" (default): every subset is an ordinary DreamBooth
+subset in ONE dataset, masked concepts get `alpha_mask = true` and their masked images are PNG
+copies with the mask as alpha, so class tokens and reg images keep working and kohya balances reg
+images against all training images. "conditioning": masked concepts become kohya mask subsets
+(`conditioning_data_dir`, no class_tokens / is_reg, only valid with --masked_loss) in their own
+dataset; kohya cannot balance reg images against them, so that form refuses reg folders.
+
+Paths in dataset.toml and metadata.json are relative to OUT (the TOML's folder): `sdprep train`
+resolves them from there, kohya from its working folder (`cd OUT` first), and `--root PATH` writes
+absolute paths for the machine where OUT will be. Captions are written as kohya trains them: one
+line (kohya reads only a caption file's first line, so the lines of a multi-line caption are joined
+with ", " and listed in the summary).
+
 The user's originals are never moved or changed. Every file written in OUT goes through OUT's
-journal, so `sdprep undo OUT` removes a build, and a re-run with the same input does no work.
+journal, so `sdprep undo OUT` removes a build, and a re-run with the same input does no work. A
+re-run removes (through the journal) what the previous run wrote and this one does not, and never
+touches files a bucket run did not write.
 """
 
 from __future__ import annotations
@@ -45,7 +61,8 @@ from sdprep.dataset import (
 )
 from sdprep.errors import ConfigError, DatasetError, SdprepError
 from sdprep.fileops import Journal, Operation
-from sdprep.images import image_size
+from sdprep.images import ImageHeader, image_header, image_size
+from sdprep.prep.bucket_files import Written, copy_reason, png_copy
 from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import StageResult
 
@@ -66,6 +83,15 @@ class BucketOptions:
     settings: BucketSettings = BucketSettings()
     copy: bool = False  # copy instead of hard-linking
     recursive: bool = True
+    mask_form: str = "alpha"  # "alpha" (masks baked into PNG copies) | "conditioning" (mask files)
+    root: str | None = None  # where OUT will be on the training machine: absolute paths from it
+
+    def __post_init__(self) -> None:
+        if self.mask_form not in MASK_FORMS:
+            raise ConfigError(f"unknown mask form {self.mask_form!r}", "valid: " + ", ".join(MASK_FORMS))
+
+
+MASK_FORMS = ("alpha", "conditioning")
 
 
 @dataclass
@@ -136,12 +162,38 @@ def compute_repeats(
 
 
 def balance_reg_repeats(train_samples: int, reg_sizes: list[int]) -> list[int]:
-    """kohya's rule: regularisation repeats so reg samples (with repeats) match the training samples."""
+    """Regularisation repeats so that kohya registers every reg image and tops the repeats up to
+    exactly the training samples: the largest repeats with reg samples <= training samples (kohya
+    stops registering reg images once they reach the training samples, see `kohya_reg_use`)."""
     total = sum(reg_sizes)
     if total == 0:
         return [1] * len(reg_sizes)
-    per_image = max(1, math.ceil(train_samples / total))
-    return [per_image] * len(reg_sizes)
+    return [max(1, train_samples // total)] * len(reg_sizes)
+
+
+def kohya_reg_use(train_samples: int, reg: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """What kohya's DreamBoothDataset registers of reg subsets (images, repeats), in TOML order, in a
+    dataset with `train_samples` training samples: per subset (images used, samples per epoch).
+
+    Its rule: register reg images one by one, each with its subset's repeats, until the reg samples
+    reach the training samples; if all are registered and still short, add one repeat to one image
+    at a time, in order, until they match. No training samples: no reg image is used.
+    """
+    used = [0] * len(reg)
+    samples = [0] * len(reg)
+    n = 0
+    for i, (count, repeats) in enumerate(reg):
+        take = min(count, max(0, math.ceil((train_samples - n) / repeats))) if repeats > 0 else 0
+        used[i], samples[i] = take, take * repeats
+        n += take * repeats
+    images = sum(used)
+    if n < train_samples and images:  # the second loop: +1 per image in order, cycling
+        short = train_samples - n
+        rounds, rest = divmod(short, images)
+        for i in range(len(reg)):
+            samples[i] += rounds * used[i] + min(rest, used[i])
+            rest -= min(rest, used[i])
+    return list(zip(used, samples))
 
 
 # -- discovery -----------------------------------------------------------------------------------
@@ -227,6 +279,19 @@ class _Placed:
     dest: Path
     caption: str | None
     mask: Path | None
+    copy: str | None = None  # why it is written as a PNG copy (None: linked)
+    multiline: bool = False  # its caption file had several lines (joined here)
+    alpha: bool = False  # its subset reads loss masks from the alpha channel (alpha_mask = true)
+
+
+def _one_line(caption: str | None) -> tuple[str | None, bool]:
+    """A caption as kohya trains it: kohya reads a caption file up to its first line break, so the
+    non-empty lines of a multi-line caption are joined with ", " (nothing the user wrote is lost)."""
+    if caption is None or "\n" not in caption and "\r" not in caption:
+        return caption, False
+    lines = [line.strip().strip(",").strip() for line in caption.splitlines()]
+    lines = [line for line in lines if line]
+    return ", ".join(lines), len(lines) > 1
 
 
 def _prepare(
@@ -236,30 +301,38 @@ def _prepare(
     opts: BucketOptions,
     buckets: list,
     names: set[str] | None = None,
+    alpha_mask: bool = False,
 ) -> _Placed | str:
-    """Read an image's size, caption and mask and assign its bucket; a str is why it is left out.
+    """Read an image's header, caption and mask and assign its bucket; a str is why it is left out.
 
-    `names` (for concepts that gather subfolders into one folder) holds the names placed so far.
+    `names` (for concepts that gather subfolders into one folder) holds the names placed so far;
+    `alpha_mask`: the concept's masks travel in the alpha channel of PNG copies.
     """
-    if names is not None:
-        if item.name in names:
-            return (
-                f"another image of {concept.source} (in another subfolder) is also named {item.name} "
-                f"and both would land in {base.name}/: rename one"
-            )
-        names.add(item.name)
     try:
-        size = image_size(item.path)
-        caption = read_caption(item)
+        header: ImageHeader = image_header(item.path)
+        caption, multiline = _one_line(read_caption(item))
     except SdprepError as exc:
         reason = getattr(exc, "reason", str(exc))
         culprit = getattr(exc, "path", item.path)
         return reason if culprit == item.path else f"{culprit.name}: {reason}"  # e.g. its caption
+    mask: Path | None = item.mask_path()
+    mask = mask if mask.exists() else None
+    why = copy_reason(header, mask, alpha_mask)
+    name = item.path.stem + ".png" if why else item.name
+    if names is not None:
+        if name in names:
+            return (
+                f"another image of {concept.source} (in another subfolder) is also named {name} "
+                f"and both would land in {base.name}/: rename one"
+            )
+        names.add(name)
+    if why and name != item.name and (item.path.parent / name).exists():
+        return f"needs a PNG copy ({why}) named {name}, but {name} is another image beside it: rename one"
+    size = header.size
     assignment = assign_bucket(*size, opts.settings, buckets)
     if assignment.dropped:
         return f"dropped: {assignment.dropped}"
-    mask = item.mask_path()
-    p = _Placed(item, concept, size, assignment, base / item.name, caption, mask if mask.exists() else None)
+    p = _Placed(item, concept, size, assignment, base / name, caption, mask, why, multiline, alpha_mask)
     if p.mask is not None:
         try:
             _check_mask_size(p)  # a bad mask drops its image, listed; never trained unmasked
@@ -312,18 +385,8 @@ def _batches(concept: Concept) -> Iterator[list[Item]]:
         yield batch
 
 
-def run_bucket(root: Path | str, opts: BucketOptions, *, report: Reporter = NullReporter()) -> StageResult:
-    """Build OUT from the dataset at `root` (see the module docstring); returns counts and a summary.
-
-    Memory is flat in the number of images: images are read, placed and appended to metadata.json
-    and buckets.json a batch at a time; only counts (and the first few names) outlive a batch.
-    """
-    root = Path(root).absolute()
-    out = Path(opts.out).absolute()
-    if root in out.parents or out == root:
-        raise ConfigError(
-            f"output folder {out} is inside the dataset {root}", "choose an OUT outside the dataset"
-        )
+def _plan(root: Path, out: Path, opts: BucketOptions) -> tuple[list[Concept], set[int]]:
+    """Concepts (training then reg) with their repeats, and the ids of those that have masks."""
     concepts = find_concepts(root, opts)
     reps = compute_repeats(
         [c.count for c in concepts],
@@ -336,70 +399,131 @@ def run_bucket(root: Path | str, opts: BucketOptions, *, report: Reporter = Null
     for concept, n in zip(concepts, reps):
         concept.repeats = n
     reg_concepts = find_reg_concepts(opts)
+    buckets = make_buckets(opts.settings)
+    masked = {id(c) for c in concepts + reg_concepts if _has_own_mask(c, opts, buckets)}
+    if opts.mask_form == "conditioning" and masked and reg_concepts:
+        raise ConfigError(
+            "--mask-form conditioning cannot be used with --reg: kohya's mask subsets "
+            "(conditioning_data_dir) must be a dataset of their own, and kohya balances reg images "
+            "only within one dataset, so it would use too few of them or none",
+            "leave out --mask-form (the default bakes masks into the images' alpha channel, "
+            "which keeps reg images and class tokens working)",
+        )
+    # kohya balances reg images within one dataset: the one holding every training concept
     train_samples = sum(c.count * c.repeats for c in concepts)
     for concept, n in zip(reg_concepts, balance_reg_repeats(train_samples, [c.count for c in reg_concepts])):
         concept.repeats = n
     everything = concepts + reg_concepts
     _check_output_folders(everything, out)
+    return everything, masked
+
+
+def run_bucket(root: Path | str, opts: BucketOptions, *, report: Reporter = NullReporter()) -> StageResult:
+    """Build OUT from the dataset at `root` (see the module docstring); returns counts and a summary.
+
+    Memory is flat in the number of images: images are read, placed and appended to metadata.json
+    and buckets.json a batch at a time; only counts (and the first few names) outlive a batch.
+    """
+    root = Path(root).absolute()
+    out = Path(opts.out).absolute()
+    if root in out.parents or out == root:
+        raise ConfigError(
+            f"output folder {out} is inside the dataset {root}", "choose an OUT outside the dataset"
+        )
+    everything, masked = _plan(root, out, opts)
     buckets = make_buckets(opts.settings)
-    masked = {id(c) for c in everything if _has_own_mask(c, opts, buckets)}
 
     result = StageResult("bucket")
     tally = _Tally()
-    with Journal(out).begin("bucket", [str(root), "-o", str(out)]) as op, _Outputs(out) as outputs:
-        report.start(sum(c.count for c in everything), "bucket")
-        for concept in everything:
-            base = _output_folder(out, concept)
-            names: set[str] | None = set() if concept.recursive else None  # subfolders share one folder
-            for items in _batches(concept):
-                batch = []
-                for item in items:
-                    report.advance()
-                    p = _prepare(item, concept, base, opts, buckets, names)
-                    if isinstance(p, str):
-                        result.fail(item.path, p)
-                    else:
-                        batch.append(p)
-                _write_files(op, batch, id(concept) in masked, opts, result, tally)
-                outputs.add(batch)
-                tally.add(batch)
-        report.finish()
-        _write_dataset_toml(op, out, everything, masked, opts)
-        outputs.install(op, result)
-    result.notes[:0] = _summary(everything, tally)
+    with Journal(out).begin("bucket", [str(root), "-o", str(out)]) as op, _Outputs(out, opts.root) as outputs:
+        written = Written(out)
+        try:
+            report.start(sum(c.count for c in everything), "bucket")
+            for concept in everything:
+                base = _output_folder(out, concept)
+                names: set[str] | None = set() if concept.recursive else None  # subfolders share one folder
+                alpha = id(concept) in masked and opts.mask_form == "alpha"
+                for items in _batches(concept):
+                    batch = []
+                    for item in items:
+                        report.advance()
+                        p = _prepare(item, concept, base, opts, buckets, names, alpha)
+                        if isinstance(p, str):
+                            result.fail(item.path, p)
+                        else:
+                            batch.append(p)
+                    cond = id(concept) in masked and opts.mask_form == "conditioning"
+                    batch = _write_files(op, batch, cond, opts, result, tally, written)
+                    outputs.add(batch)
+                    tally.add(batch)
+            report.finish()
+            _write_dataset_toml(op, out, everything, masked, opts)
+            outputs.install(op, result)
+            tally.removed = written.finish(op)
+        finally:
+            written.close()
+    result.notes[:0] = _summary(everything, masked, opts, tally)
     return result
 
 
 def _write_files(
-    op: Operation, batch: list[_Placed], masked: bool, opts: BucketOptions, result: StageResult, tally: _Tally
-) -> None:
-    """A batch's links, captions and masks (one journal sync per batch, not per file)."""
-    changed = op.place_many([(p.item.path, p.dest) for p in batch], copy=opts.copy)
+    op: Operation,
+    batch: list[_Placed],
+    mask_files: bool,
+    opts: BucketOptions,
+    result: StageResult,
+    tally: _Tally,
+    written: Written,
+) -> list[_Placed]:
+    """A batch's images, captions and masks (one journal sync per batch for links and captions).
+
+    Returns the images placed: a PNG copy that cannot be made (pixels unreadable past the header)
+    fails its image, listed, and leaves nothing of it in OUT.
+    """
+    linked = [p for p in batch if p.copy is None]
+    changed = dict(
+        zip(map(id, linked), op.place_many([(p.item.path, p.dest) for p in linked], copy=opts.copy))
+    )
+    kept = []
+    for p in batch:
+        if p.copy is not None:
+            try:
+                data = png_copy(p.item.path, p.mask, p.alpha)
+            except SdprepError as exc:
+                result.fail(p.item.path, getattr(exc, "reason", str(exc)))
+                continue
+            changed[id(p)] = op.write_many([(p.dest, data)]) > 0
+        kept.append(p)
     writes: list[tuple[Path, bytes]] = []
-    masks: list[tuple[int, Path, Path]] = []
-    for k, p in enumerate(batch):
+    masks: list[tuple[_Placed, Path, Path]] = []
+    for p in kept:
         cap = p.dest.with_suffix(".txt")
+        written.add(p.dest)
+        written.add(cap)
         data = format_caption(_caption(p)).encode("utf-8")
         if not cap.is_file() or cap.read_bytes() != data:
             writes.append((cap, data))
-            changed[k] = True
-        if masked:
+            changed[id(p)] = True
+        if mask_files:
             mask_dest = p.dest.parent / MASK_DIR / (p.dest.stem + ".png")
+            written.add(mask_dest)
             if p.mask is not None:
-                masks.append((k, p.mask, mask_dest))
+                masks.append((p, p.mask, mask_dest))
                 continue
             # kohya's mask subsets need a mask for every image: white = full loss, as unmasked
             buf = io.BytesIO()
             Image.new("L", p.size, 255).save(buf, "PNG")
             if not mask_dest.is_file() or mask_dest.read_bytes() != buf.getvalue():
                 writes.append((mask_dest, buf.getvalue()))
-                changed[k] = True
+                changed[id(p)] = True
             tally.white_masks.add(p.item.path.name)
-    for (k, _, _), moved in zip(masks, op.place_many([(m, d) for _, m, d in masks], copy=opts.copy)):
-        changed[k] |= moved
+    for (p, _, _), moved in zip(masks, op.place_many([(m, d) for _, m, d in masks], copy=opts.copy)):
+        changed[id(p)] |= moved
     op.write_many(writes)
-    result.changed += sum(changed)
-    result.skipped += len(changed) - sum(changed)
+    n = sum(changed[id(p)] for p in kept)
+    result.changed += n
+    result.skipped += len(kept) - n
+    return kept
 
 
 def _caption(p: _Placed) -> str:
@@ -415,23 +539,34 @@ def _check_mask_size(p: _Placed) -> None:
         )
 
 
+def toml_path(out: Path, path: Path, root: str | None) -> str:
+    """A path inside OUT as dataset.toml and metadata.json write it: relative to OUT (the TOML's
+    folder), or under `root` (where OUT will be on the training machine) when given."""
+    rel = path.relative_to(out).as_posix()
+    if root is None:
+        return rel
+    return root.rstrip("/\\") + "/" + rel
+
+
 def _write_dataset_toml(
     op: Operation, out: Path, concepts: list[Concept], with_masks: set[int], opts: BucketOptions
 ) -> None:
     s = opts.settings
+    conditioning = opts.mask_form == "conditioning"
 
     def subset(c: Concept) -> dict:
         folder = _output_folder(out, c)
-        sub = {
-            "image_dir": str(folder),
-            "num_repeats": c.repeats,
-            "class_tokens": c.token,
-            "caption_extension": ".txt",
-        }
+        sub: dict = {"image_dir": toml_path(out, folder, opts.root), "num_repeats": c.repeats}
+        if id(c) in with_masks and conditioning:  # kohya's mask schema: no class_tokens, no is_reg
+            sub["caption_extension"] = ".txt"
+            sub["conditioning_data_dir"] = toml_path(out, folder / MASK_DIR, opts.root)
+            return sub
+        sub["class_tokens"] = c.token
+        sub["caption_extension"] = ".txt"
         if c.is_reg:
             sub["is_reg"] = True
         if id(c) in with_masks:
-            sub["conditioning_data_dir"] = str(folder / MASK_DIR)
+            sub["alpha_mask"] = True
         return sub
 
     general = {"caption_extension": ".txt", "shuffle_caption": False, "keep_tokens": 1 if opts.token else 0}
@@ -445,12 +580,24 @@ def _write_dataset_toml(
     }
     if opts.batch_size:
         dataset_common["batch_size"] = opts.batch_size
-    # kohya cannot mix mask (conditioning_data_dir) subsets with plain ones in one dataset
     used = [c for c in concepts if c.placed]
-    groups = [[c for c in used if id(c) in with_masks], [c for c in used if id(c) not in with_masks]]
+    if conditioning:  # kohya cannot mix mask (conditioning_data_dir) subsets with others in one dataset
+        groups = [[c for c in used if id(c) in with_masks], [c for c in used if id(c) not in with_masks]]
+    else:
+        groups = [used]
     datasets = [{**dataset_common, "subsets": [subset(c) for c in g]} for g in groups if g]
     doc = {"general": general, "datasets": datasets}
-    header = "# Written by `sdprep bucket`. kohya sd-scripts: --dataset_config dataset.toml; sdprep: dataset_config = ...\n"
+    where = (
+        f"paths are under {opts.root} (--root)"
+        if opts.root
+        else "paths are relative to this file's folder: run kohya from it (cd here), sdprep from anywhere"
+    )
+    header = (
+        "# Written by `sdprep bucket`. kohya sd-scripts: --dataset_config dataset.toml"
+        + (" --masked_loss" if conditioning and any(id(c) in with_masks for c in used) else "")
+        + "; sdprep: dataset_config = ...\n"
+        + f"# {where}\n"
+    )
     op.write_text(out / "dataset.toml", header + tomli_w.dumps(doc))
 
 
@@ -480,16 +627,17 @@ class _Members:
 class _Outputs:
     """metadata.json and buckets.json streamed into temp files in OUT, installed through the journal.
 
-    metadata.json is kohya's: {"<full image path>": {caption, tags, image_size, train_resolution}}.
-    Keys are full paths (kohya's current trainer rejects stem-only keys); `caption` holds the whole
-    caption file text and `tags` is empty, because kohya appends `tags` to `caption`.
+    metadata.json is kohya's: {"<image path>": {caption, tags, image_size, train_resolution}}.
+    Keys are paths relative to OUT with the extension (`image_dir = OUT` makes them kohya's "relative
+    to image_dir" form; it rejects stem-only keys), or absolute under --root; `caption` holds the
+    caption as written and `tags` is empty, because kohya appends `tags` to `caption`.
     buckets.json is the preview: {"images": [one row per placed image], "dropped": [...]}.
     """
 
     NAMES = ("metadata.json", "buckets.json")
 
-    def __init__(self, out: Path):
-        self.out = out
+    def __init__(self, out: Path, root: str | None = None):
+        self.out, self.root = out, root
         self.tmp: dict[str, Path] = {}
         self.files: dict[str, TextIO] = {}
 
@@ -517,7 +665,8 @@ class _Outputs:
                 "image_size": list(p.size),
                 "train_resolution": list(a.bucket),
             }
-            self.meta.add(dumps_json(str(p.dest)) + ": " + _nested(entry, 1, False))
+            key = toml_path(self.out, p.dest, self.root)
+            self.meta.add(dumps_json(key) + ": " + _nested(entry, 1, False))
             row = {
                 "image": str(p.item.path),
                 "dest": str(p.dest),
@@ -578,12 +727,22 @@ class _Tally:
     upscaled: _Names = field(default_factory=_Names)
     cropped: _Names = field(default_factory=_Names)
     white_masks: _Names = field(default_factory=_Names)
+    rotated: _Names = field(default_factory=_Names)
+    in_alpha: _Names = field(default_factory=_Names)
+    multiline: _Names = field(default_factory=_Names)
+    removed: list[str] = field(default_factory=list)
 
     def add(self, batch: list[_Placed]) -> None:
         for p in batch:
             a = p.assignment
             p.concept.placed += 1
             self.buckets[a.bucket] += 1
+            if p.copy == "EXIF-rotated":
+                self.rotated.add(p.item.path.name)
+            if p.alpha and p.mask is not None:
+                self.in_alpha.add(p.item.path.name)
+            if p.multiline:
+                self.multiline.add(p.item.path.name)
             if a.upscaled:
                 self.upscaled.add(f"{p.item.path.name} x{a.scale:.2f}")
             if a.cropped_fraction > 0.1:
@@ -595,13 +754,56 @@ def bucket_table(counts: Counter) -> list[str]:
     return [f"  {w:>5}x{h:<5} {n:>6}" for (w, h), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
-def _summary(concepts: list[Concept], tally: _Tally) -> list[str]:
+def _concept_lines(concepts: list[Concept]) -> list[str]:
+    """Images, repeats and samples per concept, reg images as kohya will register them."""
+    train = sum(c.placed * c.repeats for c in concepts if not c.is_reg)
+    regs = [c for c in concepts if c.is_reg]
+    use = dict(zip(map(id, regs), kohya_reg_use(train, [(c.placed, c.repeats) for c in regs])))
     lines = ["concepts:"]
     for c in concepts:
-        kind = " (reg)" if c.is_reg else ""
-        lines.append(
-            f"  {c.folder}{kind}: {c.placed} images x {c.repeats} repeats = {c.placed * c.repeats} samples/epoch"
-        )
+        used, samples = use.get(id(c), (c.placed, c.placed * c.repeats))
+        if not c.is_reg:
+            lines.append(f"  {c.folder}: {c.placed} images x {c.repeats} repeats = {samples} samples/epoch")
+        elif used < c.placed:
+            lines.append(
+                f"  {c.folder} (reg): {used} of {c.placed} images used x {c.repeats} repeats = {samples} "
+                f"samples/epoch (kohya stops adding reg images at the {train} training samples)"
+            )
+        elif samples > used * c.repeats:
+            lines.append(
+                f"  {c.folder} (reg): {used} images x {c.repeats}-{c.repeats + 1} repeats = {samples} "
+                f"samples/epoch (kohya adds repeats to match the {train} training samples)"
+            )
+        else:
+            lines.append(f"  {c.folder} (reg): {used} images x {c.repeats} repeats = {samples} samples/epoch")
+    return lines
+
+
+def _mask_lines(concepts: list[Concept], masked: set[int], opts: BucketOptions, tally: _Tally) -> list[str]:
+    if not any(id(c) in masked and c.placed for c in concepts):
+        return []
+    if opts.mask_form == "conditioning":
+        lines = [
+            "masks: written as mask files (conditioning_data_dir, --mask-form conditioning) in a dataset "
+            "of their own; kohya reads this dataset.toml only with --masked_loss"
+        ]
+        white = tally.white_masks
+        if white.count == 1:
+            lines.append(f"  note: {white.names[0]} has no mask; wrote a full-loss (white) mask")
+        elif white.count:
+            lines.append(
+                f"  note: {white.count} images have no mask; wrote full-loss (white) masks: {white.text()}"
+            )
+        return lines
+    return [
+        f"masks: {tally.in_alpha.count} images carry their mask as the alpha channel of a PNG copy "
+        "(alpha_mask = true; kohya applies it with or without --masked_loss): this form keeps class "
+        "tokens and reg images in one kohya dataset; images without a mask train at full loss"
+    ]
+
+
+def _summary(concepts: list[Concept], masked: set[int], opts: BucketOptions, tally: _Tally) -> list[str]:
+    lines = _concept_lines(concepts)
     lines.append("buckets (w x h, images):")
     lines += bucket_table(tally.buckets)
     see = " (see buckets.json)"
@@ -609,11 +811,23 @@ def _summary(concepts: list[Concept], tally: _Tally) -> list[str]:
         lines.append(f"upscaled by the bucketer ({tally.upscaled.count}): " + tally.upscaled.text(see))
     if tally.cropped.count:
         lines.append(f"cropped over 10% ({tally.cropped.count}): " + tally.cropped.text(see))
-    white = tally.white_masks
-    if white.count == 1:
-        lines.append(f"  note: {white.names[0]} has no mask; wrote a full-loss (white) mask")
-    elif white.count:
+    lines += _mask_lines(concepts, masked, opts, tally)
+    if tally.rotated.count:
         lines.append(
-            f"  note: {white.count} images have no mask; wrote full-loss (white) masks: {white.text()}"
+            f"EXIF-rotated, written as rotated PNG copies ({tally.rotated.count}; kohya trains the stored "
+            "pixels): " + tally.rotated.text()
+        )
+    if tally.multiline.count:
+        lines.append(
+            f"captions on several lines ({tally.multiline.count}; kohya trains only the first line): "
+            "written as one line joined with ', ': " + tally.multiline.text()
+        )
+    if tally.removed:
+        shown = ", ".join(tally.removed[:5]) + (
+            f", ... and {len(tally.removed) - 5} more" if len(tally.removed) > 5 else ""
+        )
+        lines.append(
+            f"removed {len(tally.removed)} files an earlier bucket run wrote and this one does not "
+            f"(`sdprep undo {opts.out}` restores them): {shown}"
         )
     return lines

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -61,6 +62,25 @@ def open_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
 
 def image_size(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """(width, height) as displayed (EXIF rotation applied), read from the header only."""
+    return image_header(path, max_pixels).size
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the header says, nothing decoded: size as displayed, EXIF orientation, transparency."""
+
+    size: tuple[int, int]  # (width, height) as displayed (EXIF rotation applied)
+    orientation: int  # EXIF orientation tag, 1 = stored as displayed
+    has_alpha: bool  # an alpha channel or a colour key (the pixels may still be all opaque)
+
+    @property
+    def rotated(self) -> bool:
+        """Whether the stored pixels differ from the displayed image (kohya trains the stored ones)."""
+        return self.orientation in range(2, 9)
+
+
+def image_header(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
+    """Size as displayed, EXIF orientation and whether the image has transparency, from the header."""
     path = Path(path)
     with _open(path, max_pixels) as im:
         w, h = im.size
@@ -71,7 +91,11 @@ def image_size(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
                 orientation = im.getexif().get(0x0112, 1)
         except Exception:  # noqa: BLE001 - broken EXIF blocks are common; the pixels may be fine
             orientation = 1
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+        has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
+    if not isinstance(orientation, int):
+        orientation = 1
+    size = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    return ImageHeader(size, orientation, has_alpha)
 
 
 def _png_orientation(fp) -> int:

@@ -98,13 +98,15 @@ def test_bucket_builds_kohya_layout(sample_dataset, tmp_path):
     )
     caps = {r["image"].name: r["caption"] for r in loaded}
     assert caps["b_portrait.png"] == "nazuna, 1girl, smile" and caps["c_square.webp"] == "nazuna"
-    # images are hard links of the originals; originals untouched
-    assert os.path.samefile(out / "img/40_nazuna/a_landscape.jpg", sample_dataset / "a_landscape.jpg")
+    # unmasked images are hard links of the originals; originals untouched
+    assert os.path.samefile(out / "img/40_nazuna/b_portrait.png", sample_dataset / "b_portrait.png")
     assert {p: p.read_bytes() for p in sample_dataset.rglob("*") if p.is_file()} == before
-    # every image of a mask subset has a same-size mask (a white one where the user had none)
-    for r in loaded:
-        m = r["image"].parent / "masks" / (r["image"].stem + ".png")
-        assert Image.open(m).size == Image.open(r["image"]).size
+    # the masked image is a PNG copy: the original pixels, its mask as alpha (no masks/ folder)
+    baked = Image.open(out / "img/40_nazuna/a_landscape.png")
+    assert baked.mode == "RGBA" and baked.getchannel("A").getextrema() == (128, 128)
+    original = Image.open(sample_dataset / "a_landscape.jpg").convert("RGB")
+    assert baked.convert("RGB").tobytes() == original.tobytes()
+    assert not (out / "img/40_nazuna/a_landscape.jpg").exists() and not (out / "img/40_nazuna/masks").exists()
 
     cfg = tomllib.loads((out / "dataset.toml").read_text())
     assert set(cfg) <= {"general", "datasets"}
@@ -113,16 +115,17 @@ def test_bucket_builds_kohya_layout(sample_dataset, tmp_path):
         assert set(ds) - {"subsets"} <= KOHYA_GENERAL_DATASET_KEYS
         for sub in ds["subsets"]:
             assert set(sub) <= KOHYA_SUBSET_KEYS
-            assert Path(sub["image_dir"]).is_dir() and sub["num_repeats"] == 40
-            assert Path(sub["conditioning_data_dir"]).is_dir()
+            assert sub["image_dir"] == "img/40_nazuna" and sub["num_repeats"] == 40  # relative to OUT
+            assert sub["alpha_mask"] is True and sub["class_tokens"] == "nazuna"
+    assert "batch_size" not in cfg["datasets"][0]  # only when --batch-size is given
 
     meta = json.loads((out / "metadata.json").read_text())
     assert len(meta) == 8
     for key, entry in meta.items():
-        assert Path(key).is_absolute() and Path(key).is_file() and Path(key).suffix  # never stem-only
+        assert not Path(key).is_absolute() and (out / key).is_file() and Path(key).suffix  # never stem-only
         assert set(entry) >= {"caption", "tags", "image_size"}
-        assert tuple(entry["image_size"]) == Image.open(key).size
-        assert tuple(entry["train_resolution"]) == assign_bucket(*Image.open(key).size).bucket
+        assert tuple(entry["image_size"]) == Image.open(out / key).size
+        assert tuple(entry["train_resolution"]) == assign_bucket(*Image.open(out / key).size).bucket
 
     preview = json.loads((out / "buckets.json").read_text())
     assert len(preview["images"]) == 8 and preview["dropped"] == []

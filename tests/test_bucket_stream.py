@@ -46,14 +46,14 @@ def test_streamed_json_is_exactly_what_json_dumps_writes(tmp_path):
     raw = (out / "metadata.json").read_text(encoding="utf-8")
     meta = json.loads(raw)
     assert raw == json.dumps(meta, indent=1, ensure_ascii=False) + "\n"
-    assert list(meta) == [str(out / "img" / "2_tok" / f"é {i:02d}.png") for i in range(11)]
-    assert meta[str(out / "img/2_tok/é 01.png")]["caption"] == 'tok, "quoted" ✓, tag1'
-    assert meta[str(out / "img/2_tok/é 02.png")]["caption"] == "tok"
+    assert list(meta) == [f"img/2_tok/é {i:02d}.png" for i in range(11)]
+    assert meta["img/2_tok/é 01.png"]["caption"] == 'tok, "quoted" ✓, tag1'
+    assert meta["img/2_tok/é 02.png"]["caption"] == "tok"
 
     raw = (out / "buckets.json").read_text(encoding="utf-8")
     preview = json.loads(raw)
     assert raw == json.dumps(preview, indent=1) + "\n"
-    assert [r["dest"] for r in preview["images"]] == list(meta)
+    assert [r["dest"] for r in preview["images"]] == [str(out / key) for key in meta]
     assert [Path(d["image"]).name for d in preview["dropped"]] == ["broken.png", "speck.png"]
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
@@ -62,7 +62,7 @@ def test_one_late_mask_gives_every_image_of_its_concept_a_mask(tmp_path):
     """The mask of the 10th image decides, before the first batch is written, that all get masks."""
     data = make_data(tmp_path / "data", n=25)
     out = tmp_path / "out"
-    res = run_bucket(data, BucketOptions(out=out, token="tok"))
+    res = run_bucket(data, BucketOptions(out=out, token="tok", mask_form="conditioning"))
     masks = out / "img" / "1_tok" / "masks"
     placed = sorted(p.name for p in masks.parent.glob("*.png"))
     assert placed == ["speck.png"] + [f"é {i:02d}.png" for i in range(25)]  # speck: upscaled

@@ -117,7 +117,9 @@ def latent_key(ds: TrainDataset, rec: ImageRecord, vae_id: str, with_flip: bool)
             "offset": crop_offsets(a),
             "interp": spec.resize_interpolation,
             "flip": with_flip,
-            "mask": _file_id(rec.mask_path) if rec.mask_path else ("alpha" if rec.alpha_mask else None),
+            "mask": _file_id(rec.mask_path)
+            if rec.mask_path
+            else ("alpha-stored-rgb" if rec.alpha_mask else None),
         }
     )
 

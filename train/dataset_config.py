@@ -4,8 +4,9 @@ Three sources, decided by the training config (kohya's rules):
 - `dataset_config`: a kohya dataset TOML (`[general]`, `[[datasets]]`, `[[datasets.subsets]]`),
   read strictly: exactly kohya's keys, each at a level where kohya accepts it; a typo is a
   ConfigError with a "did you mean". A value is looked up subset -> dataset -> general -> training
-  config -> kohya's default. Relative paths are tried from the working directory (kohya's rule),
-  then from the TOML's folder.
+  config -> kohya's default. Relative paths are resolved from the TOML's folder (what `sdprep
+  bucket` writes, so its output trains wherever it is moved), else from the working directory
+  (kohya's rule, for TOMLs written for kohya).
 - `in_json` (+ `train_data_dir`): one fine-tuning subset reading captions from the metadata JSON.
 - `train_data_dir` (+ `reg_data_dir`): kohya DreamBooth folders `<N>_<class tokens>`. Folders
   without an integer prefix are ignored with a note; an `sdprep bucket` output folder (with its
@@ -218,14 +219,14 @@ def _check_keys(table: Any, allowed: dict[str, Any], where: str, source: Path) -
 
 
 def _path(value: str | None, base: Path, where: str) -> Path | None:
-    """A TOML path: absolute, else from the working directory (kohya), else from the TOML's folder."""
+    """A TOML path: absolute, else from the TOML's folder, else from the working directory (kohya)."""
     if value is None:
         return None
     path = Path(value).expanduser()
-    if path.is_absolute() or path.exists():
+    if path.is_absolute():
         return path
     beside = base / path
-    return beside if beside.exists() else path
+    return beside if beside.exists() or not path.exists() else path
 
 
 def _caption_options(layers: list[dict], cfg: Any) -> CaptionOptions:

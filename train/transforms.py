@@ -94,19 +94,17 @@ def size_conditioning(
     return (int(original[1]), int(original[0])), (int(top), int(left)), (int(bucket[1]), int(bucket[0]))
 
 
-def composite_alpha(rgba: np.ndarray, background: int = 255) -> tuple[np.ndarray, np.ndarray]:
-    """Split an HxWx4 array into RGB composited on a grey level and the alpha channel."""
-    alpha = rgba[..., 3]
-    a = alpha.astype(np.float32)[..., None] / 255.0
-    rgb = rgba[..., :3].astype(np.float32) * a + background * (1.0 - a)
-    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8), np.ascontiguousarray(alpha)
-
-
 def load_rgb(path: Path, with_alpha: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """The image as HxWx3 uint8 (transparency composited on white) and its alpha when asked."""
+    """The image as HxWx3 uint8 and, when asked, its alpha channel as the loss mask.
+
+    Without alpha, transparency is composited on white. With alpha (kohya's `alpha_mask`) the
+    colour channels are kept as stored, as kohya does: the alpha is a loss weight, not coverage
+    (`sdprep bucket` bakes grey partial-loss masks into alpha over the full image).
+    """
     if not with_alpha:
         return np.asarray(load_image(path, "RGB")), None
-    return composite_alpha(np.asarray(load_image(path, "RGBA")))
+    rgba = np.asarray(load_image(path, "RGBA"))
+    return np.ascontiguousarray(rgba[..., :3]), np.ascontiguousarray(rgba[..., 3])
 
 
 def load_mask(path: Path, expected: tuple[int, int] | None = None) -> np.ndarray:

@@ -53,9 +53,8 @@ def _parse_resolution(value: str) -> tuple[int, int]:
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Batch size (for --target-steps and the TOML).",
+    help="Batch size for --target-steps (default 1); written to the TOML only when given, where it "
+    "overrides kohya's --train_batch_size.",
 )
 @click.option(
     "--tier",
@@ -87,6 +86,20 @@ def _parse_resolution(value: str) -> tuple[int, int]:
 @click.option("--max-side", type=int, default=2048, show_default=True, help="Largest bucket side.")
 @click.option("--no-upscale", is_flag=True, help="Small images keep their size (kohya's bucket_no_upscale).")
 @click.option("--copy", is_flag=True, help="Copy files instead of hard-linking them.")
+@click.option(
+    "--mask-form",
+    type=click.Choice(["alpha", "conditioning"]),
+    default="alpha",
+    show_default=True,
+    help="How masks reach kohya: baked into PNG copies' alpha channel (alpha_mask; keeps class tokens "
+    "and reg images), or mask files (conditioning_data_dir; needs --masked_loss, no --reg).",
+)
+@click.option(
+    "--root",
+    metavar="PATH",
+    help="Where OUT will be on the training machine: write absolute paths under PATH "
+    "(default: paths relative to OUT; run kohya from OUT).",
+)
 @click.pass_context
 def command(
     ctx,
@@ -106,16 +119,22 @@ def command(
     max_side,
     no_upscale,
     copy,
+    mask_form,
+    root,
 ) -> None:
     """Build a training-ready folder (kohya layout, dataset TOML, metadata JSON) from DIRECTORY.
 
     Images are hard-linked (never moved), captions and masks go with them, and a bucket preview
     says where every image lands, how much is cropped, and which images are upscaled or dropped.
+    Masked and EXIF-rotated images become PNG copies (the mask as alpha, the pixels as displayed),
+    so kohya trains what sdprep shows. Paths are relative to OUT: `cd OUT` before running kohya,
+    or pass --root. Re-running replaces what the previous run wrote (undo restores it).
 
     \b
     Example:
       sdprep bucket data/ -o train_set/ --token mytoken --repeats 40
       sdprep bucket data/ -o train_set/ --token mytoken --tier "high quality=40" --tier "low quality=10"
+      sdprep bucket data/ -o train_set/ --token mytoken --reg reg/woman --root /workspace/train_set
     """
     from sdprep.prep.bucket import BucketOptions, run_bucket
 
@@ -134,5 +153,7 @@ def command(
         reg_token=reg_token,
         settings=settings,
         copy=copy,
+        mask_form=mask_form,
+        root=root,
     )
     finish(run_bucket(directory, opts, report=reporter(ctx)))
