@@ -261,7 +261,7 @@ def run_convert(root: Path | str, opts: ConvertOptions, *, report: Reporter = Nu
             for item, out in map_items(lambda i: _work(i, opts, known.get(rel(i.path))), items, opts.workers):
                 report.advance()
                 if isinstance(out, Exception):
-                    result.fail(item.path, getattr(out, "reason", str(out)))
+                    result.fail_error(item.path, out)
                 elif isinstance(out, list):
                     verified[rel(item.path)] = out
                     result.skipped += 1
@@ -270,7 +270,7 @@ def run_convert(root: Path | str, opts: ConvertOptions, *, report: Reporter = Nu
                     try:
                         apply_plan(op, plan, data)
                     except ImageError as exc:
-                        result.fail(item.path, exc.reason)
+                        result.fail_error(item.path, exc)
                         continue
                     with contextlib.suppress(ImageError):  # our own encoder's complete output
                         verified[rel(plan.dst)] = file_key(plan.dst)

@@ -235,7 +235,7 @@ def _fingerprints(
     for item, out in map_items(fingerprint, items, opts.workers):
         report.advance()
         if isinstance(out, Exception):
-            result.fail(item.path, getattr(out, "reason", str(out)))
+            result.fail_error(item.path, out)
             continue
         if out.sidecar is not None and op is not None:
             op.write_text(item.sidecar_path, dump_sidecar(out.sidecar))

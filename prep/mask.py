@@ -168,7 +168,7 @@ def plan(items: list[Item], method: MaskMethod, opts: MaskOptions, result: Stage
             sidecar = read_sidecar(item)
             record = wanted_record(item, method, opts)
         except (SdprepError, OSError) as exc:
-            result.fail(item.path, getattr(exc, "reason", None) or str(exc))
+            result.fail_error(item.path, exc)
             continue
         old = sdprep_meta(sidecar).get(meta_key(opts.out))
         exists = mask_path.is_file()
@@ -280,7 +280,7 @@ def run_mask(root: Path | str, opts: MaskOptions, *, report: Reporter = NullRepo
         for job, made in map_items(lambda j: make_mask(j, method, opts), jobs, workers):
             report.advance()
             if isinstance(made, SdprepError):
-                result.fail(job.item.path, getattr(made, "reason", None) or str(made))
+                result.fail_error(job.item.path, made)
                 continue
             op.mkdir(job.mask_path.parent)
             op.write_bytes(job.mask_path, made.png)

@@ -253,11 +253,7 @@ class _Tagging:
         return self.result
 
     def _fail(self, item: Item, exc: SdprepError) -> None:
-        reason = getattr(exc, "reason", None) or exc.message
-        where = getattr(exc, "path", item.path)
-        if where != item.path:
-            reason = f"{Path(where).name}: {reason}"
-        self.result.fail(item.path, reason)
+        self.result.fail_error(item.path, exc)
         self.report.advance()
 
     def _load_tagger(self) -> None:

@@ -192,7 +192,7 @@ def run_upscale(root: Path | str, opts: UpscaleOptions, *, report: Reporter = Nu
                 report.finish()
                 raise out
             if isinstance(out, Exception):
-                result.fail(item.path, getattr(out, "reason", str(out)))
+                result.fail_error(item.path, out)
             elif out is None:
                 result.skipped += 1
             else:

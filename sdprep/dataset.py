@@ -17,12 +17,14 @@ import json
 import os
 import re
 import stat
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sdprep.errors import CaptionError, DatasetError
+from sdprep.sidecar_schema import sidecar_problem
 
 BASE_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 CAPTION_EXT = ".txt"
@@ -275,13 +277,19 @@ def read_text_file(path: Path, max_bytes: int | None = TEXT_MAX_BYTES) -> str:
 
 
 def loads_json(text: str | bytes) -> Any:
-    """`json.loads`, with nesting too deep for the parser (a JSON bomb) a JSONDecodeError like any
-    other invalid JSON, instead of a RecursionError that would crash the command."""
+    """`json.loads`, where what the parser cannot hold is a JSONDecodeError like any other invalid
+    JSON, not an exception that would crash the command: nesting too deep (a JSON bomb, a
+    RecursionError) and an integer longer than Python converts (4,300 digits, a ValueError)."""
     try:
         return json.loads(text)
+    except json.JSONDecodeError:
+        raise
     except RecursionError:
-        shown = text[:200] if isinstance(text, str) else text[:200].decode("utf-8", "replace")
-        raise json.JSONDecodeError("nested too deeply", shown, 0) from None
+        problem = "nested too deeply"
+    except ValueError:  # int max str digits (CVE-2020-10735's limit)
+        problem = f"an integer over {getattr(sys, 'get_int_max_str_digits', lambda: 4300)():,} digits"
+    shown = text[:200] if isinstance(text, str) else text[:200].decode("utf-8", "replace")
+    raise json.JSONDecodeError(problem, shown, 0) from None
 
 
 def dumps_json(data: Any, **kwargs: Any) -> str:
@@ -349,6 +357,13 @@ def read_sidecar(item: Item) -> dict[str, Any]:
         ) from exc
     if not isinstance(data, dict):
         raise CaptionError(path, "sidecar is not a JSON object", "fix or delete the sidecar")
+    problem = sidecar_problem(data, SDPREP_KEY, MASK_DIR_PREFIX)
+    if problem:
+        raise CaptionError(
+            path,
+            f"wrong type in the sidecar: {problem}",
+            "fix that value, or delete its key: the sdprep stage that writes it makes it again",
+        )
     return data
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +36,15 @@ class StageResult:
     def fail(self, path: Path | str, reason: str) -> None:
         keep = isinstance(path, str) and "://" in path  # a URL is not a path: Path() would mangle it
         self.failed.append(Failure(path if keep else Path(path), reason))
+
+    def fail_error(self, path: Path | str, exc: Exception) -> None:
+        """Record `exc` as the failure of the image at `path`; when the error is about another file
+        (its caption, sidecar or mask) the reason starts with that file's path from the image's folder."""
+        reason = getattr(exc, "reason", None) or getattr(exc, "message", None) or str(exc)
+        where = getattr(exc, "path", None)
+        if where is not None and Path(where) != Path(path):
+            reason = f"{os.path.relpath(where, Path(path).parent)}: {reason}"
+        self.fail(path, reason)
 
     @property
     def ok(self) -> bool:

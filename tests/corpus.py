@@ -65,6 +65,13 @@ BAD_IMAGES = {
 }
 
 
+# Good images whose sidecar is valid JSON that no stage can use.
+BAD_SIDECARS = {
+    "big_int.png": '{"id": ' + "7" * 5000 + "}\n",
+    "wrong_type.png": '{"sdprep": {"monochrome": 7, "wd14": {"scores": {"smile": "high"}}}}\n',
+}
+
+
 @dataclass
 class Corpus:
     root: Path
@@ -201,6 +208,13 @@ def build(root: Path, *, outside: Path | None = None, unreadable: bool = True) -
     # A sidecar with invalid JSON (its image is fine).
     (root / "e_sepia.jpg.json").write_bytes(b'{"tag_string": "1girl solo", \n')
     c.bad_sidecars["e_sepia.jpg.json"] = "invalid JSON"
+    # Valid JSON that Python's json cannot hold (an int past 4,300 digits), and sdprep's own record
+    # of the wrong type: good images, each with a bad sidecar.
+    for n, (name, text) in enumerate(BAD_SIDECARS.items()):
+        (root / name).write_bytes(_encode(variant(SAMPLE_NAMES[n + 1], 7 + n), "PNG"))
+        (root / f"{name}.json").write_text(text)
+        c.good.append(name)
+        c.bad_sidecars[f"{name}.json"] = text[:40]
 
     # Masks: one of the right size, one of the wrong size.
     masks = root / "masks"

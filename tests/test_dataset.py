@@ -107,3 +107,51 @@ def test_format_rejects_bad_tokens():
         format_repeat_folder(0, "x")
     with pytest.raises(DatasetError):
         format_repeat_folder(3, "a/b")
+
+
+def test_an_integer_too_long_for_python_is_invalid_json_not_a_crash(tmp_path):
+    """json.loads raises a plain ValueError past int max str digits (4,300): it aborted six stages."""
+    item = Item(tmp_path / "x.png")
+    item.sidecar_path.write_text('{"id": ' + "9" * 5000 + "}")
+    with pytest.raises(
+        CaptionError, match=r"x.png.json: invalid JSON \(line 1: an integer over 4,300 digits\)"
+    ):
+        read_sidecar(item)
+
+
+@pytest.mark.parametrize(
+    ("meta", "problem"),
+    [
+        (7, "sdprep is a number, expected an object"),
+        ({"monochrome": 7}, "sdprep.monochrome is a number, expected a string or an object"),
+        ({"monochrome": {"label": ["x"]}}, "sdprep.monochrome.label is a list, expected a string"),
+        ({"wd14": {"scores": {"smile": "high"}}}, "sdprep.wd14.scores.smile is a string, expected a number"),
+        ({"wd14": {"scores": {"smile": True}}}, "sdprep.wd14.scores.smile is true, expected a number"),
+        ({"dedup": {"phash": 5}}, "sdprep.dedup.phash is a number, expected a hexadecimal string"),
+        ({"dedup": {"phash": "xyz"}}, "sdprep.dedup.phash is a string, expected a hexadecimal string"),
+        ({"dedup": {"size": [1, 2, 3]}}, "sdprep.dedup.size is a list, expected a list of 2 items"),
+        ({"masks_face": {"path": None}}, "sdprep.masks_face.path is null, expected a string"),
+        ({"booru": {"tags": {"general": [1]}}}, "sdprep.booru.tags.general.0 is a number, expected a string"),
+    ],
+)
+def test_wrong_types_in_sdprep_records_name_the_sidecar_and_key(tmp_path, meta, problem):
+    item = Item(tmp_path / "x.png")
+    item.sidecar_path.write_text(json.dumps({"sdprep": meta}))
+    with pytest.raises(CaptionError) as err:
+        read_sidecar(item)
+    assert err.value.path == item.sidecar_path
+    assert err.value.reason == f"wrong type in the sidecar: {problem}"
+    assert "delete its key" in err.value.hint
+
+
+def test_records_of_the_right_types_and_unknown_keys_pass(tmp_path):
+    item = Item(tmp_path / "x.png")
+    meta = {
+        "monochrome": "greyscale",
+        "dedup": {"algo": "phash-8", "phash": "80ff", "size": [3, 4], "sharpness": 0.5, "file": [1, 2]},
+        "wd14": {"scores": {"smile": 0.9, "solo": 1}, "categories": {"smile": "general"}},
+        "mask": {"path": "masks/x.png", "coverage": 1},
+        "future": {"anything": [None]},
+    }
+    item.sidecar_path.write_text(json.dumps({"sdprep": meta, "id": 7}))
+    assert read_sidecar(item)["sdprep"] == meta
