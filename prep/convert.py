@@ -35,6 +35,8 @@ KEPT_FORMATS = {"PNG", "JPEG", "WEBP"}  # without --format these stay as they ar
 ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 GREY_MODES = {"L", "LA", "1", "I", "I;16", "I;16B", "I;16L", "F"}
 PLAIN_MODES = {"RGB", "RGBA", "L", "LA", "P"}
+# The largest side each format can store (libwebp: 16,383; JPEG's header: 65,535; PNG: 2^31-1).
+MAX_SIDE = {"WEBP": 16383, "JPEG": 65535}
 VERIFIED_FILE = "convert-verified.json"  # in DIR/.sdprep: files that decoded to the end
 VERIFY_VERSION = 1  # bump when the check gets stricter: every file is checked again
 
@@ -95,7 +97,7 @@ def plan_image(path: Path, opts: ConvertOptions) -> Plan | None:
     """Inspect the header and decide; None when the file is already as asked."""
     try:
         with open_image(path) as im:  # links out of the dataset, bombs, unreadable files refused
-            fmt, mode, frames = im.format, im.mode, getattr(im, "n_frames", 1)
+            fmt, mode, frames, size = im.format, im.mode, getattr(im, "n_frames", 1), im.size
             orientation = _orientation(im)
             transparent = mode in ALPHA_MODES or (mode == "P" and "transparency" in im.info)
             icc = im.info.get("icc_profile")
@@ -116,10 +118,23 @@ def plan_image(path: Path, opts: ConvertOptions) -> Plan | None:
         reasons.append("alpha")
     if not reasons:
         return None
+    _check_side(path, size, target)
     ext = {v[0]: v[1] for v in FORMATS.values()}[target]
     dst = path if fmt == target else path.with_suffix(ext)
     grey = mode in GREY_MODES and target != "WEBP"
     return Plan(path, dst, target, tuple(reasons), keep_alpha, grey, icc)
+
+
+def _check_side(path: Path, size: tuple[int, int], target: str) -> None:
+    """Refuse, before decoding or writing, an image too large for the format it would become."""
+    limit = MAX_SIDE.get(target)
+    if limit is not None and max(size) > limit:
+        name = {"WEBP": "WebP", "JPEG": "JPEG"}[target]
+        raise ImageError(
+            path,
+            f"{size[0]}x{size[1]} does not fit in {name}, which stores at most {limit:,} px per side",
+            "convert it to PNG (--format png), or crop or resize it first",
+        )
 
 
 def _orientation(im: Image.Image) -> int | None:
@@ -138,7 +153,10 @@ def encode(plan: Plan, opts: ConvertOptions) -> bytes:
             im = im.convert("LA")
     else:
         im = load_image(plan.src, "L" if plan.grey else "RGB", background=background)
-    return save_bytes(im, plan.pil_format, opts.quality, plan.icc)
+    try:
+        return save_bytes(im, plan.pil_format, opts.quality, plan.icc)
+    except ValueError as exc:  # an encoder's own limit: this file's failure, not the run's
+        raise ImageError(plan.src, f"cannot encode as {plan.pil_format}: {exc}", "try --format png") from exc
 
 
 def save_bytes(im: Image.Image, pil_format: str, quality: int = 95, icc: bytes | None = None) -> bytes:

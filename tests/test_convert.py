@@ -191,3 +191,40 @@ def test_converted_output_is_remembered_as_verified(tmp_path, monkeypatch):
     monkeypatch.setattr(convert, "load_image", lambda *a, **k: pytest.fail("decoded an image"))
     again = run_convert(tmp_path, ConvertOptions())
     assert (again.changed, again.skipped, again.failed) == (0, 2, [])
+
+
+def test_webp_side_limit_is_a_per_file_failure_before_anything_is_written(tmp_path):
+    """WebP stores at most 16,383 px per side: a 20000x1 image fails alone, named, nothing written."""
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (20000, 1), (10, 20, 30)).save(data / "b_long.png")
+    for name in ("a.png", "c.png"):
+        Image.new("RGB", (40, 30), (200, 10, 10) if name == "a.png" else (0, 90, 0)).save(data / name)
+    long_bytes = (data / "b_long.png").read_bytes()
+    result = convert.run_convert(data, convert.ConvertOptions(format="webp"))
+    assert result.changed == 2
+    assert [(f.path.name, f.reason) for f in result.failed] == [
+        ("b_long.png", "20000x1 does not fit in WebP, which stores at most 16,383 px per side")
+    ]
+    assert (data / "b_long.png").read_bytes() == long_bytes
+    assert not (data / "b_long.webp").exists()
+    assert sorted(p.name for p in data.iterdir() if not p.name.startswith(".")) == [
+        "a.webp",
+        "b_long.png",
+        "c.webp",
+    ]
+
+
+def test_an_encoder_error_is_the_files_failure(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (40, 30)).save(data / "a.bmp")
+
+    def refuse(*args, **kwargs):
+        raise ValueError("encoder says no")
+
+    monkeypatch.setattr(convert, "save_bytes", refuse)
+    result = convert.run_convert(data, convert.ConvertOptions())
+    assert [(f.path.name, f.reason) for f in result.failed] == [
+        ("a.bmp", "cannot encode as PNG: encoder says no")
+    ]
