@@ -77,7 +77,7 @@ def _folder(root: Path, item: Item) -> str:
 def _image_tags(item: Item, caption: str | None, sidecar: dict, rules: CleanRules) -> tuple[list[str], str]:
     """(tags, where they came from) following the documented precedence."""
     if caption is not None and rules.source in ("auto", "caption"):
-        return split_tags(caption), "caption"
+        return split_tags(",".join(caption.splitlines())), "caption"  # a line break separates tags
     if rules.source != "caption":
         found = sidecar_tags(sidecar, rules, rules.source)
         if found is not None:
@@ -232,9 +232,15 @@ class _Tally:
     measured: Counter = field(default_factory=Counter)
     trimmed: int = 0
     audit: object = None
+    multiline: list[str] = field(default_factory=list)  # the first few names
+    multiline_count: int = 0
 
     def add(self, plan: Plan) -> None:
         self.sources[plan.source] += 1
+        if plan.old_caption is not None and len(plan.old_caption.strip().splitlines()) > 1:
+            self.multiline_count += 1
+            if len(self.multiline) < 20:
+                self.multiline.append(plan.item.caption_path.name)
         self.labels[plan.label or monochrome.COLOUR] += 1
         if plan.measured:
             self.measured[plan.measured] += 1
@@ -272,6 +278,15 @@ class _Tally:
             result.details["tokens"] = self.audit.as_dict()
         if self.trimmed:
             result.notes.append(f"trimmed tags to fit max_tokens in {self.trimmed} captions")
+        if self.multiline_count:
+            more = self.multiline_count - len(self.multiline)
+            verb = "would be" if writer.dry_run else "were"
+            result.notes.append(
+                f"captions on several lines ({self.multiline_count}; kohya trains only the first line): "
+                f"{verb} rewritten as one line, each line break a tag separator: "
+                + ", ".join(self.multiline)
+                + (f", ... and {more} more" if more else "")
+            )
         if writer.sidecars:
             verb = "would update" if writer.dry_run else "updated"
             result.notes.append(f"{verb} {writer.sidecars} sidecars")

@@ -219,3 +219,46 @@ def test_rebucketing_an_out_without_a_record_uses_the_journal(tmp_path):
     (out / ".sdprep" / "bucket-files.txt").unlink()  # as an OUT bucketed before records existed
     run_bucket(data, BucketOptions(out=out, token="tok", repeats=3))
     assert sorted(p.name for p in (out / "img").iterdir()) == ["3_tok"]
+
+
+# -- a bucketed folder moved elsewhere trains with sdprep --------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["alpha", "conditioning"])
+def test_a_masked_bucket_output_moved_elsewhere_trains(form, cli_runner, tiny_sdxl, tmp_path, monkeypatch):
+    """Paths relative to the TOML's folder: the folder trains after a move, from any working folder."""
+    from train_support import make_dataset
+
+    data = make_dataset(
+        tmp_path / "src",
+        images=["c_square.webp", "b_portrait.png", "e_sepia.jpg"],
+        masks={"b_portrait.png": "left"},
+    )
+    concept = data / "2_mytoken"
+    reg = []
+    if form == "alpha":
+        _images(tmp_path / "reg" / "person", 2, size=(96, 96), prefix="r")
+        reg = ["--reg", str(tmp_path / "reg" / "person")]
+    built = tmp_path / "built"
+    args = ["bucket", str(concept), "-o", str(built), "--token", "mytoken", "--mask-form", form, *reg]
+    args += ["--resolution", "128", "--min-side", "64", "--max-side", "256"]
+    res = cli_runner.invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    moved = tmp_path / "elsewhere" / "set"
+    moved.parent.mkdir()
+    os.rename(built, moved)
+    monkeypatch.chdir(tmp_path / "elsewhere")  # neither the old place nor OUT itself
+    args = ["train", "--model", str(tiny_sdxl), "--steps", "2", "--output-dir", str(tmp_path / "model")]
+    args += ["--dataset-config", "set/dataset.toml", "--", "--network_module=networks.lora", "--masked_loss"]
+    result = cli_runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    shown = " ".join(result.output.split())  # the banner wraps at the terminal width
+    images = 5 if form == "alpha" else 3
+    # the same masks in both forms (baked alpha = mask file): same coverage
+    assert f"masks: 3 of {images} images have masks, mean coverage 83.1%" in shown
+    assert "set/img/1_mytoken: 3 images, 1 repeats, 3 with masks" in shown
+    if form == "alpha":  # the reg numbers bucket printed are the ones training registers
+        assert "1_person (reg): 2 images x 1-2 repeats = 3 samples/epoch" in res.output
+        assert "data: 5 images (2 regularisation), 6 samples per epoch" in shown
+    assert str(built) not in result.output
+    assert any(p.suffix == ".safetensors" for p in (tmp_path / "model").iterdir())

@@ -399,3 +399,20 @@ def test_new_thresholds_relabel_from_stored_statistics(cli_runner, sample_datase
     assert "updated 8 sidecars" in lines  # the records now name the new thresholds
     record = json.loads((sample_dataset / "e_sepia.jpg.json").read_text())["sdprep"]["monochrome"]
     assert record["label"] == "colour" and record["thresholds"] == {"saturation": 0.001, "hue": 0.001}
+
+
+def test_multi_line_captions_are_reported_and_written_as_one_line(tmp_path: Path):
+    """kohya trains only a caption's first line: clean says which captions had several and writes one,
+    a line break separating tags (never gluing the last tag of a line to the first of the next)."""
+    for name in ("a", "b"):
+        rgb = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)  # colourful
+        Image.fromarray(rgb).save(tmp_path / f"{name}.png")
+    (tmp_path / "a.txt").write_text("1girl, smile\nblue hair, outdoors\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("1girl, solo\n", encoding="utf-8")
+    rules = CleanRules(trigger=("tok",))
+    res = run_clean(tmp_path, CleanOptions(rules=rules))
+    assert (tmp_path / "a.txt").read_text().splitlines() == ["tok, 1girl, smile, blue hair, outdoors"]
+    assert (
+        "captions on several lines (1; kohya trains only the first line): were rewritten as one line, "
+        "each line break a tag separator: a.txt" in res.notes
+    )
