@@ -197,8 +197,20 @@ def test_wrong_type_names_the_key(tmp_path):
         ("adaptive_noise_scale = 0.01\n", "adaptive_noise_scale needs noise_offset"),
         ('network_module = "lycoris.kohya"\n', 'network_module "lycoris.kohya" is not supported'),
         (
-            'network_module = "networks.lora"\nnetwork_args = ["rank_dropout=0.1"]\n',
-            'network_args "rank_dropout" is not supported',
+            'network_module = "networks.lora"\nnetwork_args = ["rank_dropot=0.1"]\n',
+            'network_args "rank_dropot" is not supported',
+        ),
+        (
+            'network_module = "networks.lora"\nnetwork_args = ["rank_dropout=1"]\n',
+            "rank_dropout must be at least 0 and below 1, got 1.0",
+        ),
+        (
+            'network_module = "networks.lora"\nnetwork_args = ["block_dims=4,4,4"]\n',
+            "network_args block_dims has 3 values, SDXL needs 23",
+        ),
+        (
+            'network_module = "networks.lora"\nnetwork_args = ["down_lr_weight=cosin"]\n',
+            'unknown lr weight preset "cosin"',
         ),
         (
             'network_module = "networks.lora"\nnetwork_args = ["algo=locon"]\n',

@@ -232,8 +232,8 @@ def test_verification_catches_bad_files(trained, tmp_path: Path) -> None:
 def test_network_args_parsing() -> None:
     from sdprep.train.methods.lora import parse_network_args
 
-    args, notes = parse_network_args(["conv_dim=4", "conv_alpha=2", "rank_dropout=0.1"])
-    assert args == {"conv_dim": "4", "conv_alpha": "2"}
-    assert notes == ["network_args: rank_dropout=0.1 is accepted but not used by sdprep"]
+    args, notes = parse_network_args(["conv_dim=4", "conv_alpha=2", "rank_dropout=0.1", "preset=x"])
+    assert args == {"conv_dim": "4", "conv_alpha": "2", "rank_dropout": "0.1"}  # strings, as kohya
+    assert notes == ["network_args: preset=x is accepted but not used by sdprep"]
     with pytest.raises(ConfigError, match="LyCORIS"):
         parse_network_args(["algo=lokr"])

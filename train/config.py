@@ -25,6 +25,7 @@ from sdprep.train.kohya_args import (
     ALIASES,
     LIST_FLAGS,
     LR_SCHEDULERS,
+    NETWORK_ARG_FIELDS,
     NETWORK_ARGS,
     NETWORK_MODULES,
     OPTIMIZERS,
@@ -162,9 +163,14 @@ class TrainConfig:
     network_alpha: float = 1.0  # LoRA alpha: effective scale alpha / rank
     network_dropout: float | None = None  # dropout on the LoRA down projection output
     scale_weight_norms: float | None = None  # max-norm regularisation of each LoRA module's change
-    network_args: tuple[str, ...] = ()  # "name=value" items: conv_dim, conv_alpha
+    network_args: tuple[str, ...] = ()  # "name=value" items: conv_dim, block_dims, rank_dropout...
     conv_dim: int | None = None  # sdprep: rank of LoRA on 3x3 convs (also network_args conv_dim)
     conv_alpha: float | None = None  # sdprep: alpha of conv LoRA (also network_args conv_alpha)
+    rank_dropout: float | None = None  # sdprep key (kohya: network_args): drop LoRA ranks per sample
+    module_dropout: float | None = None  # sdprep key (kohya: network_args): skip a LoRA module per step
+    loraplus_lr_ratio: float | None = None  # sdprep key (kohya: network_args): LoRA+ up-weight lr ratio
+    loraplus_unet_lr_ratio: float | None = None  # ...for the U-Net only (overrides loraplus_lr_ratio)
+    loraplus_text_encoder_lr_ratio: float | None = None  # ...for the text encoders only
     network_train_unet_only: bool = False  # kohya's default false: text-encoder LoRA trains too
     network_weights: Path | None = None  # LoRA file to continue training from
     # -- textual inversion ---------------------------------------------------------------------
@@ -793,12 +799,13 @@ def _check_combinations(cfg: TrainConfig, method: str, notes: list[str]) -> Trai
                 f"network_dim must be >= 1 and network_alpha > 0, got {cfg.network_dim} and {cfg.network_alpha}"
             )
         net = parse_kv_args(cfg.network_args)
-        for key in NETWORK_ARGS:
+        for key in NETWORK_ARG_FIELDS:
             if key in net:
                 value = coerce(net[key], int if key == "conv_dim" else float, f"network_args {key}")
                 if getattr(cfg, key) is not None and getattr(cfg, key) != value:
                     raise _err(f"{key} is set twice (network_args and {key}) with different values")
                 changes[key] = value
+        _check_network_args(cfg, changes)
     if cfg.noise_offset_type == "original" and cfg.multires_noise_iterations:
         notes.append('noise_offset_type = "original": multires noise is off (as the kohya GUI)')
         changes["multires_noise_iterations"] = None
@@ -812,6 +819,23 @@ def _check_combinations(cfg: TrainConfig, method: str, notes: list[str]) -> Trai
         )
         changes["save_model_as"] = "safetensors"
     return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def _check_network_args(cfg: TrainConfig, changes: dict[str, Any]) -> None:
+    """networks.lora's dropouts, LoRA+ ratios and block settings, checked before any model loads."""
+    from sdprep.train.methods.lora_args import parse_blocks
+
+    def final(key: str) -> Any:
+        return changes.get(key, getattr(cfg, key))
+
+    for key in ("rank_dropout", "module_dropout"):
+        if final(key) is not None and not 0.0 <= final(key) < 1.0:
+            raise _err(f"{key} must be at least 0 and below 1, got {final(key)}")
+    for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+        if final(key) is not None and final(key) < 0:
+            raise _err(f"{key} must be > 0 (or 0 / unset for no LoRA+), got {final(key)}", "16 is usual")
+    raw = dict(item.split("=", 1) for item in cfg.network_args)
+    parse_blocks(raw, cfg.network_dim, cfg.network_alpha, final("conv_dim"), final("conv_alpha"))
 
 
 def validate(cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:

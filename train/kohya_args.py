@@ -170,7 +170,28 @@ OPTIMIZERS = (
     "RAdam",
 )
 NETWORK_MODULES = ("networks.lora",)
-NETWORK_ARGS = ("conv_dim", "conv_alpha")
+# networks.lora's network_args; those also settable as top-level keys (TrainConfig fields, as the
+# kohya_ss GUI writes them) come first
+NETWORK_ARG_FIELDS = (
+    "conv_dim",
+    "conv_alpha",
+    "rank_dropout",
+    "module_dropout",
+    "loraplus_lr_ratio",
+    "loraplus_unet_lr_ratio",
+    "loraplus_text_encoder_lr_ratio",
+)
+NETWORK_ARGS = (
+    *NETWORK_ARG_FIELDS,
+    "block_dims",
+    "block_alphas",
+    "conv_block_dims",
+    "conv_block_alphas",
+    "down_lr_weight",
+    "mid_lr_weight",
+    "up_lr_weight",
+    "block_lr_zero_threshold",
+)
 
 
 _KV_SPLIT = re.compile(r"[,\s]+(?=[A-Za-z_][\w.]*\s*=)")

@@ -9,6 +9,7 @@ diffusers' `load_lora_weights` apply exactly the strength that was trained.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,12 @@ from sdprep.train.methods.base import TrainMethod, allreduce_gradients, key_diff
 UNET_BLOCKS = ("Transformer2DModel",)
 UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TE_BLOCKS = ("CLIPAttention", "CLIPMLP")
-KNOWN_NETWORK_ARGS = {"conv_dim", "conv_alpha"}
 
 
 def parse_network_args(args: list[str] | tuple[str, ...] | str | None) -> tuple[dict[str, str], list[str]]:
-    """kohya's `network_args` ("conv_dim=4", ...) as a dict, plus notes for ignored ones."""
-    from sdprep.train.kohya_args import split_kv_args
+    """kohya's `network_args` ("conv_dim=4", "block_dims=...", ...) as strings by name (as kohya
+    reads them), plus notes for ignored ones."""
+    from sdprep.train.kohya_args import NETWORK_ARGS, split_kv_args
 
     out: dict[str, str] = {}
     notes = []
@@ -33,9 +34,9 @@ def parse_network_args(args: list[str] | tuple[str, ...] | str | None) -> tuple[
         if key == "algo":
             raise ConfigError(
                 f"network_args: algo={value} is a LyCORIS option",
-                "sdprep trains plain LoRA (networks.lora); remove algo=",
+                'LyCORIS networks need network_module = "lycoris.kohya"; for networks.lora remove algo=',
             )
-        if key in KNOWN_NETWORK_ARGS:
+        if key in NETWORK_ARGS:
             out[key] = value
         else:
             notes.append(f"network_args: {key}={value} is accepted but not used by sdprep")
@@ -86,22 +87,37 @@ class LoraMethod(TrainMethod):
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
+        from sdprep.train.methods.lora_args import parse_blocks
+
         args, notes = parse_network_args(cfg.network_args)
         self.notes += notes
+        self.network_args = args
         self.rank = int(cfg.network_dim or 4)
         self.alpha = float(cfg.network_alpha if cfg.network_alpha is not None else 1.0)
         conv_dim = cfg.conv_dim if cfg.conv_dim is not None else args.get("conv_dim")
         conv_alpha = cfg.conv_alpha if cfg.conv_alpha is not None else args.get("conv_alpha", 1.0)
         self.conv_rank = int(conv_dim) if conv_dim else None
         self.conv_alpha = float(conv_alpha) if self.conv_rank else None
+        self.blocks = parse_blocks(args, self.rank, self.alpha, self.conv_rank, self.conv_alpha)
+        self.dropouts = tuple(
+            float(getattr(cfg, key, None) or args.get(key) or 0.0)
+            for key in ("network_dropout", "rank_dropout", "module_dropout")
+        )
+        # kohya: a component's own ratio, else loraplus_lr_ratio (0 or unset: no LoRA+)
+        common = _ratio(cfg, args, "loraplus_lr_ratio")
+        self.plus_ratio = {
+            "unet": _ratio(cfg, args, "loraplus_unet_lr_ratio") or common,
+            "te": _ratio(cfg, args, "loraplus_text_encoder_lr_ratio") or common,
+        }
         self.train_unet = True  # network_train_text_encoder_only is rejected by the config
         self.train_te = not cfg.network_train_unet_only
         if cfg.save_model_as not in (None, "safetensors"):
             self.notes.append(
                 f"save_model_as = {cfg.save_model_as}: LoRA files are always written as safetensors"
             )
-        # component -> {module name: kind} and component -> LoraConfig; filled in setup()
+        # component -> {module name: kind}, {module name: (rank, alpha)} and LoraConfig; filled in setup()
         self.targets: dict[str, dict[str, str]] = {}
+        self.shapes: dict[str, dict[str, tuple[int, float]]] = {}
         self.lora_configs: dict[str, Any] = {}
         self.max_norm = cfg.scale_weight_norms  # kohya's max-norm regularisation (None: off)
         self._norm_targets: list[tuple[Any, Any, float]] | None = None
@@ -118,23 +134,37 @@ class LoraMethod(TrainMethod):
             comps["te2"] = self.model.text_encoder_2
         return comps
 
-    def _lora_config(self, targets: dict[str, str]):
+    def _module_shapes(self, comp: str, targets: dict[str, str]) -> dict[str, tuple[int, float]]:
+        """(rank, alpha) of each module that gets a LoRA: network_dim / conv_dim, or the block's."""
+        layout = self._layout()
+        shapes = {}
+        for name, kind in targets.items():
+            if comp == "unet" and self.blocks is not None:
+                shape = self.blocks.rank_alpha(kohya_name(comp, name, layout), kind)
+            else:
+                shape = (self.conv_rank, self.conv_alpha) if kind == "conv" else (self.rank, self.alpha)
+            if shape is not None:
+                shapes[name] = shape
+        return shapes
+
+    def _layout(self) -> Any:
+        from sdprep.train.sgm import UnetLayout
+
+        return UnetLayout.from_config(self.model.unet.config)
+
+    def _lora_config(self, shapes: dict[str, tuple[int, float]]):
         from peft import LoraConfig
 
-        dropout = float(getattr(self.cfg, "network_dropout", None) or 0.0)
-        kw: dict[str, Any] = {}
-        convs = [n for n, k in targets.items() if k == "conv"]
-        if convs:
-            # exact-name patterns: PEFT matches rank_pattern keys as regexes against module names
-            kw["rank_pattern"] = {f"^{_re_escape(n)}$": self.conv_rank for n in convs}
-            kw["alpha_pattern"] = {f"^{_re_escape(n)}$": self.conv_alpha for n in convs}
+        # exact-name patterns: PEFT matches rank_pattern keys as regexes against module names
+        odd = {n: s for n, s in shapes.items() if s != (self.rank, self.alpha)}
         return LoraConfig(
             r=self.rank,
             lora_alpha=self.alpha,
-            lora_dropout=dropout,
+            lora_dropout=0.0,  # kohya's dropout acts on the down output: lora_args.add_dropout
             init_lora_weights=True,
-            target_modules=sorted(targets),
-            **kw,
+            target_modules=sorted(shapes),
+            rank_pattern={f"^{_re_escape(n)}$": r for n, (r, _) in odd.items()},
+            alpha_pattern={f"^{_re_escape(n)}$": a for n, (_, a) in odd.items()},
         )
 
     def setup(self, model: Any, weight_dtype: Any) -> None:
@@ -151,8 +181,21 @@ class LoraMethod(TrainMethod):
                 targets = target_modules(module, TE_BLOCKS)
             if not targets:
                 raise ConfigError(f"no LoRA target layers found in the {comp} (is this an SDXL model?)")
-            self.targets[comp] = targets
-            self.lora_configs[comp] = inject_lora(module, self._lora_config(targets))
+            shapes = self._module_shapes(comp, targets)
+            if not shapes:
+                raise ConfigError(
+                    f"block_dims / lr weights leave no LoRA module in the {comp}",
+                    "give at least one block a rank and a non-zero lr weight",
+                )
+            self.targets[comp] = {n: k for n, k in targets.items() if n in shapes}
+            self.shapes[comp] = shapes
+            self.lora_configs[comp] = inject_lora(module, self._lora_config(shapes))
+            if any(self.dropouts):
+                from sdprep.train.methods.lora_args import add_dropout
+
+                for name, layer in module.named_modules():
+                    if name in shapes:
+                        add_dropout(layer, *self.dropouts)
             full = self.cfg.full_bf16 or self.cfg.full_fp16  # kohya: LoRA weights in the half type too
             for param in module.parameters():
                 if param.requires_grad:
@@ -164,18 +207,43 @@ class LoraMethod(TrainMethod):
         module = self._components()[comp]
         return [p for n, p in module.named_parameters() if p.requires_grad and "lora_" in n]
 
+    def _named_lora_params(self, comp: str) -> list[tuple[str, Any]]:
+        module = self._components()[comp]
+        return [(n, p) for n, p in module.named_parameters() if p.requires_grad and "lora_" in n]
+
     def param_groups(self) -> list[dict]:
+        """As kohya's prepare_optimizer_params: per component (per SDXL block with block lr weights),
+        the LoRA+ up weights in a `... plus` group at lr * ratio."""
+        from sdprep.train.methods.lora_args import plus_groups
+
         cfg = self.cfg
         base_lr = cfg.learning_rate
         groups = []
         if self.train_unet:
             lr = cfg.unet_lr if cfg.unet_lr is not None else base_lr
-            groups.append({"params": self._lora_params("unet"), "lr": lr, "name": "unet"})
+            params = self._named_lora_params("unet")
+            ratio = self.plus_ratio["unet"]
+            if self.blocks is None or self.blocks.lr_weight is None:
+                groups += plus_groups("unet", params, lr, ratio)
+            else:
+                for idx, block in self._by_block(params).items():
+                    groups += plus_groups(f"unet_block{idx}", block, lr * self.blocks.lr_weight[idx], ratio)
         if self.train_te:
             te_lrs = _te_lrs(cfg.text_encoder_lr, base_lr)
-            groups.append({"params": self._lora_params("te1"), "lr": te_lrs[0], "name": "te1"})
-            groups.append({"params": self._lora_params("te2"), "lr": te_lrs[1], "name": "te2"})
+            for comp, lr in zip(("te1", "te2"), te_lrs):
+                groups += plus_groups(comp, self._named_lora_params(comp), lr, self.plus_ratio["te"])
         return groups
+
+    def _by_block(self, params: list[tuple[str, Any]]) -> dict[int, list[tuple[str, Any]]]:
+        """U-Net LoRA parameters by kohya's SDXL block index, in the order blocks first appear."""
+        from sdprep.train.methods.lora_args import block_index
+
+        layout = self._layout()
+        out: dict[int, list[tuple[str, Any]]] = {}
+        for name, param in params:
+            module = name.split(".lora_")[0]
+            out.setdefault(block_index(kohya_name("unet", module, layout)), []).append((name, param))
+        return out
 
     @property
     def trains_text_encoders(self) -> bool:
@@ -263,7 +331,7 @@ class LoraMethod(TrainMethod):
                     yield comp, name, kohya_name(comp, name, layout), layer
 
     def module_alpha(self, comp: str, name: str) -> float:
-        return self.conv_alpha if self.targets[comp][name] == "conv" else self.alpha
+        return self.shapes[comp][name][1]
 
     def export_tensors(self, dtype: Any) -> dict[str, Any]:
         import torch
@@ -301,10 +369,17 @@ class LoraMethod(TrainMethod):
             "ss_network_train_unet_only": str(not self.train_te),
             "ss_network_train_text_encoder_only": str(not self.train_unet),
         }
+        args = dict(self.network_args)
         if self.conv_rank:
-            meta["ss_network_args"] = (
-                f'{{"conv_dim": "{self.conv_rank}", "conv_alpha": "{_num(self.conv_alpha)}"}}'
-            )
+            args.update(conv_dim=str(self.conv_rank), conv_alpha=_num(self.conv_alpha))
+        for key, value in zip(("rank_dropout", "module_dropout"), self.dropouts[1:]):
+            if value:
+                args[key] = _num(value)
+        for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+            if getattr(self.cfg, key, None):
+                args[key] = _num(getattr(self.cfg, key))
+        if args:
+            meta["ss_network_args"] = json.dumps(args)  # as kohya: the network_args strings by name
         return meta
 
     def extra_outputs(self, final_path: Path) -> list[Path]:
@@ -348,6 +423,13 @@ def _re_escape(name: str) -> str:
 
 def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def _ratio(cfg: Any, args: dict[str, str], key: str) -> float | None:
+    value = getattr(cfg, key, None)
+    if value is None and args.get(key) is not None:
+        value = float(args[key])
+    return float(value) if value else None
 
 
 def _te_lrs(value: Any, base: float) -> tuple[float, float]:
