@@ -2,7 +2,9 @@
 
 Where an image's tags come from (`source = "auto"`):
 1. its caption file, when there is one: the caption is the source of truth for WHICH tags the image
-   has (it may be hand-edited or come from another tool);
+   has (it may be hand-edited or come from another tool). A caption clean wrote itself is not: a
+   re-run starts again from what that caption was built from (recorded in the sidecar as
+   "clean": base / source / written, see prep/lineage.py), so other rules give what a fresh run gives;
 2. otherwise its sidecar: stored WD14 scores (`sdprep tag`) above the general / character
    thresholds, else booru tags (sdprep's scrape record or gallery-dl's Danbooru keys);
 3. otherwise nothing: the caption is the trigger (and label) alone, as the seed's tag.py wrote.
@@ -19,13 +21,13 @@ from __future__ import annotations
 
 import os
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdprep.dataset import Item, iter_items, require_images, sdprep_meta, split_tags
+from sdprep.dataset import SDPREP_KEY, Item, iter_items, join_tags, require_images, sdprep_meta, split_tags
 from sdprep.errors import ConfigError, DatasetError, SdprepError
-from sdprep.prep import monochrome
+from sdprep.prep import lineage, monochrome
 from sdprep.prep.captions import CaptionWriter, DiffSink, read_existing, read_sidecar_text
 from sdprep.prep.rules import (
     CleanRules,
@@ -68,23 +70,48 @@ class Plan:
     sidecar_text: str | None = None
     trimmed: list[str] = field(default_factory=list)
     tokens: int | None = None
+    keep: bool = False  # the caption is a later stage's output built on this same result: left alone
 
 
 def _folder(root: Path, item: Item) -> str:
     return item.path.parent.name if item.path.parent != root else root.resolve().name
 
 
-def _image_tags(item: Item, caption: str | None, sidecar: dict, rules: CleanRules) -> tuple[list[str], str]:
+@dataclass(frozen=True)
+class Input:
+    """What clean starts from for one image: a caption text (None: none) or, without one, the kind
+    of sidecar tags a previous clean used ("booru", "wd14", "none"; None: decide by the rules)."""
+
+    base: str | None
+    kind: str | None = None
+    derived: bool = False  # the caption file is clean's own output (or built on it by `later` stages)
+
+
+def clean_input(sidecar: dict, caption: str | None, later: Collection[str] = ()) -> Input:
+    """Clean's input: the caption file, unless it is clean's own earlier output (see prep/lineage.py)."""
+    meta = sidecar.get(SDPREP_KEY)
+    meta = meta if isinstance(meta, dict) else {}
+    if lineage.derived_from(meta, "clean", caption, later):
+        own = lineage.record(meta, "clean") or {}
+        base, kind = own.get("base"), own.get("source")
+        return Input(base if isinstance(base, str) else None, kind if isinstance(kind, str) else None, True)
+    return Input(caption)
+
+
+def _image_tags(item: Item, start: Input, sidecar: dict, rules: CleanRules) -> tuple[list[str], str]:
     """(tags, where they came from) following the documented precedence."""
-    if caption is not None and rules.source in ("auto", "caption"):
-        return split_tags(",".join(caption.splitlines())), "caption"  # a line break separates tags
-    if rules.source != "caption":
-        found = sidecar_tags(sidecar, rules, rules.source)
-        if found is not None:
-            return found
-        if rules.source in ("wd14", "booru"):
-            what = "WD14 scores" if rules.source == "wd14" else "booru tags"
-            raise DatasetError(f"no {what} in the sidecar", "run `sdprep tag` first, or use --source auto")
+    if start.base is not None and rules.source in ("auto", "caption"):
+        return split_tags(",".join(start.base.splitlines())), "caption"  # a line break separates tags
+    if rules.source == "caption" or (rules.source == "auto" and start.kind == "none"):
+        return [], "none"
+    # a re-run takes the kind of sidecar tags the first run took (tag may have added scores since)
+    wanted = start.kind if rules.source == "auto" and start.kind in ("wd14", "booru") else rules.source
+    found = sidecar_tags(sidecar, rules, wanted)
+    if found is not None:
+        return found
+    if rules.source in ("wd14", "booru"):
+        what = "WD14 scores" if rules.source == "wd14" else "booru tags"
+        raise DatasetError(f"no {what} in the sidecar", "run `sdprep tag` first, or use --source auto")
     return [], "none"
 
 
@@ -95,14 +122,17 @@ def _concept(rs: RuleSet, root: Path, item: Item, place: Placement) -> str:
     return ", ".join(place.trigger)
 
 
-def count_core(root: Path, rs: RuleSet, recursive: bool) -> tuple[dict[str, list], dict[str, int]]:
+def count_core(
+    root: Path, rs: RuleSet, recursive: bool, later: Collection[str] = ()
+) -> tuple[dict[str, list], dict[str, int]]:
     """First pass of core-tag pruning: per concept, the tags in at least `prune_core`% of images."""
     counts: dict[str, Counter] = defaultdict(Counter)
     images: Counter = Counter()
     for item in iter_items(root, recursive):
         try:
             caption = read_existing(item.caption_path)
-            tags, _ = _image_tags(item, caption, _sidecar_or_empty(item, caption, rs.rules), rs.rules)
+            sidecar = read_sidecar_text(item)[0]
+            tags, _ = _image_tags(item, clean_input(sidecar, caption, later), sidecar, rs.rules)
         except SdprepError:
             continue  # reported by the second pass
         place = placement_for(rs, _folder(root, item), None)
@@ -116,24 +146,20 @@ def count_core(root: Path, rs: RuleSet, recursive: bool) -> tuple[dict[str, list
     return pruned, dict(images)
 
 
-def _sidecar_or_empty(item: Item, caption: str | None, rules: CleanRules) -> dict:
-    if caption is not None and rules.source in ("auto", "caption"):
-        return {}  # the caption decides the tags; the sidecar is not needed to count them
-    return read_sidecar_text(item)[0]
-
-
 def plan_item(
     item: Item,
     root: Path,
     rs: RuleSet,
     pruned: dict[str, frozenset[str]],
     count_tokens: Callable[[str], int] | None,
+    later: Collection[str] = (),
 ) -> Plan:
     """Everything clean would do to one image (reads files, decodes the image if needed; writes nothing)."""
     rules = rs.rules
     caption = read_existing(item.caption_path)
     sidecar, sidecar_text = read_sidecar_text(item)
-    tags, source = _image_tags(item, caption, sidecar, rules)
+    start = clean_input(sidecar, caption, later)
+    tags, source = _image_tags(item, start, sidecar, rules)
     plan = Plan(item, caption, [], source)
     if rules.monochrome.enabled:
         meta = sdprep_meta(sidecar)
@@ -148,7 +174,25 @@ def plan_item(
     drop = pruned.get(_concept(rs, root, item, place), frozenset())
     cleaned = clean_tags(tags, rs, place, info, pruned=drop, count_tokens=count_tokens)
     plan.tags, plan.trimmed, plan.tokens = cleaned.tags, cleaned.trimmed, cleaned.tokens
+    _record(plan, start, sidecar, sidecar_text, place, cleaned.head)
     return plan
+
+
+def _record(plan: Plan, start: Input, sidecar: dict, text: str | None, place: Placement, head: int) -> None:
+    """Note in the sidecar what clean writes and from what (prep/lineage.py); or leave the caption
+    as it is when a later stage built it on this very result."""
+    written = join_tags(plan.tags)
+    own = lineage.record(sdprep_meta(sidecar), "clean")
+    if start.derived and own is not None and written == own["written"].strip():
+        plan.keep = plan.old_caption is not None and plan.old_caption.strip() != written
+        if plan.keep:
+            return
+    record = {"base": start.base, "source": plan.source, "written": written, "trigger": list(place.trigger)}
+    record["head"] = head
+    meta = sdprep_meta(sidecar)
+    if meta.get("clean") != record:
+        meta["clean"] = record
+        plan.sidecar, plan.sidecar_text = sidecar, text
 
 
 def _workers(n: int, decode: bool) -> int:
@@ -164,8 +208,14 @@ def run_clean(
     *,
     report: Reporter = NullReporter(),
     on_diff: DiffSink | None = None,
+    chain: Sequence[str] = (),
 ) -> StageResult:
-    """Rebuild the captions of every image under `root` from the rules; returns what changed."""
+    """Rebuild the captions of every image under `root` from the rules; returns what changed.
+
+    `chain`: the caption-writing stages of the chain this run is part of, in order (`sdprep run`):
+    what stages after clean built on its last output is rebuilt from clean's input (prep/lineage.py).
+    """
+    later = lineage.around(chain, "clean")[1]
     rules = opts.rules
     if rules.prune_core is not None and not (rules.trigger or rules.trigger_from_folder):
         raise ConfigError(
@@ -183,7 +233,7 @@ def run_clean(
     pruned: dict[str, frozenset[str]] = {}
     if rules.prune_core is not None:
         report.start(None, "counting tags")
-        found, images = count_core(root, rs, opts.recursive)
+        found, images = count_core(root, rs, opts.recursive, later)
         report.finish()
         pruned = {c: frozenset(k for k, _ in tags) for c, tags in found.items()}
         _prune_notes(result, found, images, rules.prune_core)
@@ -192,7 +242,7 @@ def run_clean(
     stats = _Tally()
     with CaptionWriter(root, "clean", dry_run=opts.dry_run, on_diff=on_diff) as writer:
         plans = map_items(
-            lambda it: plan_item(it, root, rs, pruned, count_tokens),
+            lambda it: plan_item(it, root, rs, pruned, count_tokens, later),
             iter_items(root, opts.recursive),
             _workers(opts.workers, rules.monochrome.enabled),
         )
@@ -201,9 +251,10 @@ def run_clean(
             if isinstance(plan, SdprepError):
                 result.fail(getattr(plan, "path", item.path), getattr(plan, "reason", plan.message))
                 continue
-            changed = writer.write_caption(item.caption_path, plan.old_caption, plan.tags)
+            # the sidecar first: killed in between, the record still names the caption's source
             if plan.sidecar is not None:
                 writer.write_sidecar(item.sidecar_path, plan.sidecar, plan.sidecar_text)
+            changed = not plan.keep and writer.write_caption(item.caption_path, plan.old_caption, plan.tags)
             result.changed += changed
             result.skipped += not changed
             stats.add(plan)

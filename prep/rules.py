@@ -313,6 +313,7 @@ class Cleaned:
     tags: list[str]
     trimmed: list[str] = field(default_factory=list)
     tokens: int | None = None
+    head: int = 0  # leading tags in fixed places (trigger, prefix, kept first): never reordered
 
 
 def clean_tags(
@@ -341,13 +342,15 @@ def clean_tags(
     tail = list(place.suffix)
     if place.label and tag_key(place.label) not in {tag_key(t) for t in (*head, *rest, *tail)}:
         tail.append(place.label)
-    result = Cleaned(_join(head, rest, tail, rules.dedupe))
+    result = Cleaned(_join(head, rest, tail, rules.dedupe), head=len(_join(head, [], [], rules.dedupe)))
     if count_tokens is None:
         return result
     result.tokens = count_tokens(", ".join(result.tags))
     if rules.max_tokens is None or result.tokens <= rules.max_tokens:
         return result
-    return _trim(head, rest, tail, rs, place, info, count_tokens)
+    trimmed = _trim(head, rest, tail, rs, place, info, count_tokens)
+    trimmed.head = result.head
+    return trimmed
 
 
 def _join(head: list[str], rest: list[str], tail: list[str], unique: bool) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from sdprep.dataset import (
 )
 from sdprep.errors import ConfigError, ModelError, SdprepError, unknown_choice
 from sdprep.fileops import Journal, Operation
+from sdprep.prep import lineage
 from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import StageResult, map_items
 from sdprep.taggers.rules import MERGE_POLICIES, CaptionRules, caption_from_scores, merge_caption
@@ -124,8 +126,17 @@ class Prepared:
 class _Tagging:
     """The state of one `run_tag` call: options, lazily built models, the journal operation."""
 
-    def __init__(self, root: Path, opts: TagOptions, report: Reporter, tagger: Any, captioner: Any):
+    def __init__(
+        self,
+        root: Path,
+        opts: TagOptions,
+        report: Reporter,
+        tagger: Any,
+        captioner: Any,
+        chain: Sequence[str] = (),
+    ):
         self.root, self.opts, self.report = root, opts, report
+        self.earlier, self.later = lineage.around(chain, "tag")
         self.rules = opts.rules
         self.model_id = tagger.model_id if tagger is not None else model_id_for(opts.model)
         self.tagger = tagger
@@ -195,16 +206,17 @@ class _Tagging:
             done = caption_matches(meta.get("caption"), self.captioner.name, self.prompt, settings)
             p.need_vlm = force or not done
         previous = meta.get("tag")
+        p.caption = read_caption(item)
         if (
             not (p.need_wd14 or p.need_vlm)
             and isinstance(previous, dict)
             and previous.get("settings") == self.settings
-            and item.caption_path.exists()
-            and not _caption_pending(previous, item)
+            and p.caption is not None
+            and not _caption_pending(previous, p.caption)
+            and self._still_mine(meta, p.caption)
         ):
             p.skip = True
             return p
-        p.caption = read_caption(item)
         if p.need_wd14 or p.need_vlm:
             from sdprep.images import load_image
             from sdprep.taggers.wd14 import preprocess
@@ -216,6 +228,13 @@ class _Tagging:
             if p.need_vlm:
                 p.image = image
         return p
+
+    def _still_mine(self, meta: dict, caption: str) -> bool:
+        """False when a stage before tag in the chain rewrote the caption since tag built it: tag
+        builds on that output again. Own output, and hand edits, stay as they are."""
+        if lineage.derived_from(meta, "tag", caption, self.later):
+            return True
+        return lineage.written_by(meta, caption) not in self.earlier
 
     # -- main thread -------------------------------------------------------------------------
     def run(self, items: list[Item]) -> StageResult:
@@ -344,6 +363,7 @@ class _Tagging:
         from sdprep.taggers.captions_text import caption_record, clean_caption, combine_caption
 
         meta = sdprep_meta(p.sidecar)
+        mine = lineage.derived_from(meta, "tag", p.caption, self.later)
         old = {key: meta.get(key) for key in ("wd14", "caption", "tag")}
         if record is not None:
             meta["wd14"] = record
@@ -355,11 +375,14 @@ class _Tagging:
         vlm = clean_caption(vlm, self.boilerplate) if vlm else ""
         text = combine_caption(self.template, trigger=self.opts.trigger, tags=tags, caption=vlm)
         previous = old["tag"] if isinstance(old["tag"], dict) else {}
-        base = previous.get("base") if previous.get("written") == p.caption else p.caption
+        base = previous.get("base") if mine else p.caption
         new = merge_caption(base, text, self.opts.merge, self.rules.separator)
-        meta["tag"] = {"settings": self.settings, "written": new}
-        if base is not None:
-            meta["tag"]["base"] = base
+        if mine and new == previous.get("written") and p.caption != new:
+            new = p.caption  # a later stage built on this same output: leave its caption
+        else:
+            meta["tag"] = {"settings": self.settings, "written": new}
+            if base is not None:
+                meta["tag"]["base"] = base
         changed = False
         # The sidecar first: it records the caption being replaced ("base"). Killed between the two
         # writes, a re-run finds the old caption and that record and writes the caption; the other
@@ -395,11 +418,11 @@ class _Tagging:
         )
 
 
-def _caption_pending(previous: dict, item: Item) -> bool:
+def _caption_pending(previous: dict, caption: str) -> bool:
     """True when a run stopped between writing the sidecar and the caption: the caption file still
     holds the text the recorded caption replaces (a hand edit would differ from both)."""
     base = previous.get("base")
-    return base is not None and base != previous.get("written") and read_caption(item) == base
+    return base is not None and base != previous.get("written") and caption == base
 
 
 def _resize_for(p: Prepared, size: int, preprocess: Any) -> np.ndarray:
@@ -416,11 +439,14 @@ def run_tag(
     report: Reporter | None = None,
     tagger: Any = None,
     captioner: Any = None,
+    chain: Sequence[str] = (),
 ) -> StageResult:
     """Tag (and optionally caption) every image under `root`; see the module docstring.
 
     `tagger` / `captioner` inject ready objects (tests, embedding); by default they are built from
     `opts.model` / `opts.captioner` on first need, so a run that needs no model never loads one.
+    `chain`: the caption-writing stages of the chain this run is part of, in order (`sdprep run`;
+    see prep/lineage.py).
     """
     root = Path(root).absolute()
     opts = opts or TagOptions()
@@ -434,4 +460,4 @@ def run_tag(
         result = StageResult("tag")
         result.notes.append(f"no images of {root} fall in shard {opts.shard[0]}/{opts.shard[1]}")
         return result
-    return _Tagging(root, opts, report, tagger, captioner).run(items)
+    return _Tagging(root, opts, report, tagger, captioner, chain).run(items)

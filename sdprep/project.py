@@ -234,9 +234,14 @@ def run_project(
     copied = import_source(project)
     if copied:
         echo(f"import: {copied} files copied from {project.source} into {project.dataset}")
+    from sdprep.prep.lineage import WRITERS
+
+    # the caption writers learn their chain, so a re-run rebuilds captions as a fresh run would
+    chain = tuple(name for name, _ in project.stages if name in WRITERS)
     results = []
-    for _name, run, opts in prepared:
-        result = run(project.dataset, opts, report=reporter())
+    for name, run, opts in prepared:
+        extra = {"chain": chain} if name in WRITERS else {}
+        result = run(project.dataset, opts, report=reporter(), **extra)
         results.append(result)
         echo(result.summary())
     if train and project.train is not None and (not only or "train" in only):

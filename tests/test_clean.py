@@ -119,7 +119,7 @@ def test_captions_from_sidecars_golden_idempotent_and_undo(cli_runner, sample_da
     again = cli_runner.invoke(cli, args)
     assert again.output.splitlines()[:2] == [
         "clean: 0 changed, 8 skipped, 0 failed",
-        "tags from: 8 caption files",
+        "tags from: 8 booru tags",  # a re-run starts again from the source, not from its own output
     ]
     assert "measured" not in again.output  # labels came from the sidecars, no image decoded
     undo = cli_runner.invoke(cli, ["undo", str(sample_dataset)])
@@ -169,6 +169,7 @@ def test_dry_run_prints_a_diff_and_writes_nothing(cli_runner, sample_dataset: Pa
     )
     assert res.output.endswith(
         "clean (dry run): 8 changed, 0 skipped, 0 failed\ntags from: 7 booru tags, 1 caption files\n"
+        "would update 8 sidecars\n"  # where each caption came from (prep/lineage.py)
     )
     assert sorted(p.name for p in sample_dataset.iterdir()) == before
     assert (sample_dataset / "a_landscape.txt").read_text() == "1girl, blue eyes, smile\n"
@@ -259,10 +260,11 @@ def test_rules_file_per_folder_prefix_and_trigger_from_folder(cli_runner, tmp_pa
     assert (root / "20_high quality" / "1.txt").read_text() == (
         "nazuna, high quality, best quality, girl, solo, smile\n"
     )
-    # the folder's own tokens as trigger
+    # the folder's own tokens as trigger; other rules rebuild from the original caption, not from
+    # the first run's output (which would keep its trigger "nazuna" and its replacements)
     rules.write_text("trigger_from_folder = true\n[monochrome]\nenabled = false\n")
     cli_runner.invoke(cli, ["clean", str(root), "-r", "--rules", str(rules), "--sort", "alphabetical"])
-    assert (root / "10_low quality" / "0.txt").read_text() == "low quality, girl, nazuna, smile, solo\n"
+    assert (root / "10_low quality" / "0.txt").read_text() == "low quality, 1girl, smile\n"
 
 
 def test_rules_file_errors(cli_runner, sample_dataset: Path, tmp_path: Path):

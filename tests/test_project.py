@@ -161,3 +161,46 @@ def test_run_summary_counts_stages_not_steps(tmp_path, cli_runner):
     res = cli_runner.invoke(cli, ["-q", "run", str(path), "--only", "rename", "--only", "upscale"])
     assert res.exit_code == 0, res.output
     assert res.output.splitlines()[-1] == "run: 2 stages, 10 changed, 0 failed"
+
+
+def _captions(root: Path) -> dict[str, bytes]:
+    """Every caption file under root (the dataset and the bucketed copy), by relative path."""
+    files = [*(root / "data").rglob("*.txt"), *(root / "train_set").rglob("*.txt")]
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(files)}
+
+
+def _edited(text: str, step: int) -> str:
+    text = text.replace('trigger = ["nazuna"]', 'trigger = ["nzn"]')  # the bucket folder stays 2_nazuna
+    text = text.replace('remove = ["pink hair", ', "remove = [")
+    if step >= 2:
+        text = text.replace(
+            'undesired = ["pink hair"',
+            'general_threshold = 0.6\ncharacter_threshold = 0.7\nundesired = ["pink hair"',
+        )
+    return text
+
+
+def test_a_rerun_after_editing_the_project_equals_a_fresh_run(tmp_path):
+    """Captions are a pure function of the source tags and the rules: trigger, remove list and tag
+    thresholds edited between runs give, byte for byte, what a fresh run of the edited file gives."""
+    rerun = _demo_copy(tmp_path / "rerun")
+    run_project(load_project(rerun), echo=lambda _: None, train=False)
+    first = _captions(tmp_path / "rerun" / "demo_output")
+    assert all(c.startswith(b"nazuna, ") for c in first.values())
+    previous = first
+    for step in (1, 2):
+        rerun.write_text(_edited((REPO / "sample_data" / "project.toml").read_text(), step))
+        results = run_project(load_project(rerun), echo=lambda _: None, train=False)
+        fresh = _demo_copy(tmp_path / f"fresh{step}", lambda t, s=step: _edited(t, s))
+        run_project(load_project(fresh), echo=lambda _: None, train=False)
+        want = _captions(tmp_path / f"fresh{step}" / "demo_output")
+        got = _captions(tmp_path / "rerun" / "demo_output")
+        assert got == want, step
+        assert all(c.startswith(b"nzn, ") and b", nazuna," not in c for c in got.values())
+        if step == 1:
+            assert sum(b"pink hair" in c for k, c in got.items() if k.startswith("data/")) == 6
+            assert {r.stage: r.changed for r in results}["clean"] == 8
+        else:
+            assert {r.stage: r.changed for r in results}["clean"] == 0  # only tag's thresholds changed
+            assert got != previous
+        previous = got
