@@ -166,7 +166,8 @@ def test_run_summary_counts_stages_not_steps(tmp_path, cli_runner):
 def _captions(root: Path) -> dict[str, bytes]:
     """Every caption file under root (the dataset and the bucketed copy), by relative path."""
     files = [*(root / "data").rglob("*.txt"), *(root / "train_set").rglob("*.txt")]
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(files)}
+    rel = [p.relative_to(root) for p in sorted(files)]
+    return {r.as_posix(): (root / r).read_bytes() for r in rel if not any(s.startswith(".") for s in r.parts)}
 
 
 def _edited(text: str, step: int) -> str:
