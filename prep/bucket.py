@@ -32,17 +32,11 @@ touches files a bucket run did not write.
 
 from __future__ import annotations
 
-import contextlib
 import io
-import json
-import math
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
 
 import tomli_w
 from PIL import Image
@@ -51,7 +45,6 @@ from sdprep.buckets import Assignment, BucketSettings, assign_bucket, make_bucke
 from sdprep.dataset import (
     MASK_DIR,
     Item,
-    dumps_json,
     format_caption,
     format_repeat_folder,
     iter_items,
@@ -63,6 +56,9 @@ from sdprep.errors import ConfigError, DatasetError, SdprepError
 from sdprep.fileops import Journal, Operation
 from sdprep.images import ImageHeader, image_header, image_size
 from sdprep.prep.bucket_files import Written, copy_reason, png_copy
+from sdprep.prep.bucket_json import BucketJson
+from sdprep.prep.bucket_summary import Tally, summary
+from sdprep.prep.repeats import balance_reg_repeats, compute_repeats
 from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import StageResult
 
@@ -117,83 +113,6 @@ class Concept:
 
     def items(self) -> Iterator[Item]:
         return iter_items(self.source, recursive=self.recursive)
-
-
-# -- planning (pure) -----------------------------------------------------------------------------
-
-
-def compute_repeats(
-    sizes: list[int],
-    *,
-    repeats: int | None,
-    target_steps: int | None,
-    batch_size: int,
-    balance: bool,
-    fixed: list[int | None] | None = None,
-) -> list[int]:
-    """Repeats per concept: fixed, from a target number of steps per epoch, and/or balanced by size.
-
-    - `repeats` sets every concept (except those with a fixed value, e.g. a tier);
-    - `target_steps` chooses repeats so one epoch is about that many steps at `batch_size`;
-    - `balance` makes every concept contribute about the same number of samples per epoch
-      (the largest concept keeps the base repeats, smaller ones get proportionally more).
-    """
-    fixed = fixed or [None] * len(sizes)
-    base = repeats or 1
-    out = []
-    largest = max(sizes) if sizes else 1
-    for n, fix in zip(sizes, fixed):
-        if fix is not None:
-            out.append(fix)
-        elif balance:
-            out.append(max(1, round(base * largest / max(n, 1))))
-        else:
-            out.append(base)
-    if target_steps:
-        free = [i for i, f in enumerate(fixed) if f is None]
-        fixed_samples = sum(sizes[i] * out[i] for i in range(len(sizes)) if fixed[i] is not None)
-        free_samples = sum(sizes[i] * out[i] for i in free)
-        wanted = target_steps * batch_size - fixed_samples
-        if free and free_samples > 0:
-            scale = max(wanted, 1) / free_samples
-            for i in free:
-                out[i] = max(1, round(out[i] * scale))
-    return out
-
-
-def balance_reg_repeats(train_samples: int, reg_sizes: list[int]) -> list[int]:
-    """Regularisation repeats so that kohya registers every reg image and tops the repeats up to
-    exactly the training samples: the largest repeats with reg samples <= training samples (kohya
-    stops registering reg images once they reach the training samples, see `kohya_reg_use`)."""
-    total = sum(reg_sizes)
-    if total == 0:
-        return [1] * len(reg_sizes)
-    return [max(1, train_samples // total)] * len(reg_sizes)
-
-
-def kohya_reg_use(train_samples: int, reg: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """What kohya's DreamBoothDataset registers of reg subsets (images, repeats), in TOML order, in a
-    dataset with `train_samples` training samples: per subset (images used, samples per epoch).
-
-    Its rule: register reg images one by one, each with its subset's repeats, until the reg samples
-    reach the training samples; if all are registered and still short, add one repeat to one image
-    at a time, in order, until they match. No training samples: no reg image is used.
-    """
-    used = [0] * len(reg)
-    samples = [0] * len(reg)
-    n = 0
-    for i, (count, repeats) in enumerate(reg):
-        take = min(count, max(0, math.ceil((train_samples - n) / repeats))) if repeats > 0 else 0
-        used[i], samples[i] = take, take * repeats
-        n += take * repeats
-    images = sum(used)
-    if n < train_samples and images:  # the second loop: +1 per image in order, cycling
-        short = train_samples - n
-        rounds, rest = divmod(short, images)
-        for i in range(len(reg)):
-            samples[i] += rounds * used[i] + min(rest, used[i])
-            rest -= min(rest, used[i])
-    return list(zip(used, samples))
 
 
 # -- discovery -----------------------------------------------------------------------------------
@@ -434,8 +353,8 @@ def run_bucket(root: Path | str, opts: BucketOptions, *, report: Reporter = Null
     buckets = make_buckets(opts.settings)
 
     result = StageResult("bucket")
-    tally = _Tally()
-    with Journal(out).begin("bucket", [str(root), "-o", str(out)]) as op, _Outputs(out, opts.root) as outputs:
+    tally = Tally()
+    with Journal(out).begin("bucket", [str(root), "-o", str(out)]) as op, BucketJson(out) as outputs:
         written = Written(out)
         try:
             report.start(sum(c.count for c in everything), "bucket")
@@ -454,15 +373,16 @@ def run_bucket(root: Path | str, opts: BucketOptions, *, report: Reporter = Null
                             batch.append(p)
                     cond = id(concept) in masked and opts.mask_form == "conditioning"
                     batch = _write_files(op, batch, cond, opts, result, tally, written)
-                    outputs.add(batch)
+                    for p in batch:
+                        outputs.add(*_records(p, out, opts.root))
                     tally.add(batch)
             report.finish()
             _write_dataset_toml(op, out, everything, masked, opts)
-            outputs.install(op, result)
+            outputs.install(op, [{"image": str(f.path), "reason": f.reason} for f in result.failed])
             tally.removed = written.finish(op)
         finally:
             written.close()
-    result.notes[:0] = _summary(everything, masked, opts, tally)
+    result.notes[:0] = summary(everything, masked, opts, tally)
     return result
 
 
@@ -472,7 +392,7 @@ def _write_files(
     mask_files: bool,
     opts: BucketOptions,
     result: StageResult,
-    tally: _Tally,
+    tally: Tally,
     written: Written,
 ) -> list[_Placed]:
     """A batch's images, captions and masks (one journal sync per batch for links and captions).
@@ -601,233 +521,29 @@ def _write_dataset_toml(
     op.write_text(out / "dataset.toml", header + tomli_w.dumps(doc))
 
 
-# -- metadata.json and buckets.json, streamed ----------------------------------------------------
+def _records(p: _Placed, out: Path, root: str | None) -> tuple[str, dict, dict]:
+    """An image's metadata.json key and entry, and its buckets.json row (see sdprep.prep.bucket_json).
 
-
-def _nested(value: object, level: int, ensure_ascii: bool) -> str:
-    """`json.dumps(value, indent=1)` as it reads `level` containers deep in an indent=1 document."""
-    text = json.dumps(value, indent=1) if ensure_ascii else dumps_json(value, indent=1)
-    return text.replace("\n", "\n" + " " * level)
-
-
-class _Members:
-    """The members of one JSON container, written one at a time (byte-identical to json.dumps indent=1)."""
-
-    def __init__(self, f: TextIO, level: int):
-        self.f, self.level, self.n = f, level, 0
-
-    def add(self, text: str) -> None:
-        self.f.write(("," if self.n else "") + "\n" + " " * (self.level + 1) + text)
-        self.n += 1
-
-    def close(self, closer: str) -> None:
-        self.f.write(("\n" + " " * self.level if self.n else "") + closer)
-
-
-class _Outputs:
-    """metadata.json and buckets.json streamed into temp files in OUT, installed through the journal.
-
-    metadata.json is kohya's: {"<image path>": {caption, tags, image_size, train_resolution}}.
-    Keys are paths relative to OUT with the extension (`image_dir = OUT` makes them kohya's "relative
-    to image_dir" form; it rejects stem-only keys), or absolute under --root; `caption` holds the
-    caption as written and `tags` is empty, because kohya appends `tags` to `caption`.
-    buckets.json is the preview: {"images": [one row per placed image], "dropped": [...]}.
+    metadata.json keys are paths relative to OUT with the extension (`image_dir = OUT` makes them
+    kohya's "relative to image_dir" form; it rejects stem-only keys), or absolute under --root;
+    `caption` holds the caption as written and `tags` is empty, because kohya appends `tags` to it.
     """
-
-    NAMES = ("metadata.json", "buckets.json")
-
-    def __init__(self, out: Path, root: str | None = None):
-        self.out, self.root = out, root
-        self.tmp: dict[str, Path] = {}
-        self.files: dict[str, TextIO] = {}
-
-    def __enter__(self) -> _Outputs:
-        try:
-            for name in self.NAMES:
-                fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.out)
-                self.tmp[name] = Path(tmp)
-                self.files[name] = open(fd, "w", encoding="utf-8", newline="")  # noqa: SIM115
-        except BaseException:
-            self.__exit__()
-            raise
-        self.files["metadata.json"].write("{")
-        self.meta = _Members(self.files["metadata.json"], 0)
-        self.files["buckets.json"].write('{\n "images": [')
-        self.rows = _Members(self.files["buckets.json"], 1)
-        return self
-
-    def add(self, batch: list[_Placed]) -> None:
-        for p in batch:
-            a = p.assignment
-            entry = {
-                "caption": _caption(p),
-                "tags": "",
-                "image_size": list(p.size),
-                "train_resolution": list(a.bucket),
-            }
-            key = toml_path(self.out, p.dest, self.root)
-            self.meta.add(dumps_json(key) + ": " + _nested(entry, 1, False))
-            row = {
-                "image": str(p.item.path),
-                "dest": str(p.dest),
-                "size": list(p.size),
-                "bucket": list(a.bucket),
-                "resized": list(a.resized),
-                "crop_ltrb": list(a.crop_ltrb),
-                "cropped": round(a.cropped_fraction, 4),
-                "scale": round(a.scale, 4),
-                "upscaled": a.upscaled,
-            }
-            self.rows.add(_nested(row, 2, True))
-
-    def install(self, op: Operation, result: StageResult) -> None:
-        """Finish both files (buckets.json lists every failure as dropped) and put them in place."""
-        self.meta.close("}")
-        self.files["metadata.json"].write("\n")
-        self.rows.close("]")
-        dropped = [{"image": str(f.path), "reason": f.reason} for f in result.failed]
-        self.files["buckets.json"].write(',\n "dropped": ' + _nested(dropped, 1, True) + "\n}\n")
-        for name in self.NAMES:
-            self.files[name].close()
-            op.install(self.tmp[name], self.out / name)
-
-    def __exit__(self, *exc: object) -> None:
-        for name, tmp in self.tmp.items():
-            if name in self.files:
-                self.files[name].close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-
-
-# -- the summary ---------------------------------------------------------------------------------
-
-
-@dataclass
-class _Names:
-    """How many, and the first few names (a summary never lists thousands of files)."""
-
-    count: int = 0
-    names: list[str] = field(default_factory=list)
-
-    def add(self, name: str, keep: int = 20) -> None:
-        self.count += 1
-        if len(self.names) < keep:
-            self.names.append(name)
-
-    def text(self, see: str = "") -> str:
-        more = f", ... and {self.count - len(self.names)} more{see}" if self.count > len(self.names) else ""
-        return ", ".join(self.names) + more
-
-
-@dataclass
-class _Tally:
-    """What the summary needs, kept across batches: counts and a few names, nothing per image."""
-
-    buckets: Counter = field(default_factory=Counter)
-    upscaled: _Names = field(default_factory=_Names)
-    cropped: _Names = field(default_factory=_Names)
-    white_masks: _Names = field(default_factory=_Names)
-    rotated: _Names = field(default_factory=_Names)
-    in_alpha: _Names = field(default_factory=_Names)
-    multiline: _Names = field(default_factory=_Names)
-    removed: list[str] = field(default_factory=list)
-
-    def add(self, batch: list[_Placed]) -> None:
-        for p in batch:
-            a = p.assignment
-            p.concept.placed += 1
-            self.buckets[a.bucket] += 1
-            if p.copy == "EXIF-rotated":
-                self.rotated.add(p.item.path.name)
-            if p.alpha and p.mask is not None:
-                self.in_alpha.add(p.item.path.name)
-            if p.multiline:
-                self.multiline.add(p.item.path.name)
-            if a.upscaled:
-                self.upscaled.add(f"{p.item.path.name} x{a.scale:.2f}")
-            if a.cropped_fraction > 0.1:
-                self.cropped.add(f"{p.item.path.name} {a.cropped_fraction:.0%}")
-
-
-def bucket_table(counts: Counter) -> list[str]:
-    """`  w x h  images` lines, the most used bucket first."""
-    return [f"  {w:>5}x{h:<5} {n:>6}" for (w, h), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
-
-
-def _concept_lines(concepts: list[Concept]) -> list[str]:
-    """Images, repeats and samples per concept, reg images as kohya will register them."""
-    train = sum(c.placed * c.repeats for c in concepts if not c.is_reg)
-    regs = [c for c in concepts if c.is_reg]
-    use = dict(zip(map(id, regs), kohya_reg_use(train, [(c.placed, c.repeats) for c in regs])))
-    lines = ["concepts:"]
-    for c in concepts:
-        used, samples = use.get(id(c), (c.placed, c.placed * c.repeats))
-        if not c.is_reg:
-            lines.append(f"  {c.folder}: {c.placed} images x {c.repeats} repeats = {samples} samples/epoch")
-        elif used < c.placed:
-            lines.append(
-                f"  {c.folder} (reg): {used} of {c.placed} images used x {c.repeats} repeats = {samples} "
-                f"samples/epoch (kohya stops adding reg images at the {train} training samples)"
-            )
-        elif samples > used * c.repeats:
-            lines.append(
-                f"  {c.folder} (reg): {used} images x {c.repeats}-{c.repeats + 1} repeats = {samples} "
-                f"samples/epoch (kohya adds repeats to match the {train} training samples)"
-            )
-        else:
-            lines.append(f"  {c.folder} (reg): {used} images x {c.repeats} repeats = {samples} samples/epoch")
-    return lines
-
-
-def _mask_lines(concepts: list[Concept], masked: set[int], opts: BucketOptions, tally: _Tally) -> list[str]:
-    if not any(id(c) in masked and c.placed for c in concepts):
-        return []
-    if opts.mask_form == "conditioning":
-        lines = [
-            "masks: written as mask files (conditioning_data_dir, --mask-form conditioning) in a dataset "
-            "of their own; kohya reads this dataset.toml only with --masked_loss"
-        ]
-        white = tally.white_masks
-        if white.count == 1:
-            lines.append(f"  note: {white.names[0]} has no mask; wrote a full-loss (white) mask")
-        elif white.count:
-            lines.append(
-                f"  note: {white.count} images have no mask; wrote full-loss (white) masks: {white.text()}"
-            )
-        return lines
-    return [
-        f"masks: {tally.in_alpha.count} images carry their mask as the alpha channel of a PNG copy "
-        "(alpha_mask = true; kohya applies it with or without --masked_loss): this form keeps class "
-        "tokens and reg images in one kohya dataset; images without a mask train at full loss"
-    ]
-
-
-def _summary(concepts: list[Concept], masked: set[int], opts: BucketOptions, tally: _Tally) -> list[str]:
-    lines = _concept_lines(concepts)
-    lines.append("buckets (w x h, images):")
-    lines += bucket_table(tally.buckets)
-    see = " (see buckets.json)"
-    if tally.upscaled.count:
-        lines.append(f"upscaled by the bucketer ({tally.upscaled.count}): " + tally.upscaled.text(see))
-    if tally.cropped.count:
-        lines.append(f"cropped over 10% ({tally.cropped.count}): " + tally.cropped.text(see))
-    lines += _mask_lines(concepts, masked, opts, tally)
-    if tally.rotated.count:
-        lines.append(
-            f"EXIF-rotated, written as rotated PNG copies ({tally.rotated.count}; kohya trains the stored "
-            "pixels): " + tally.rotated.text()
-        )
-    if tally.multiline.count:
-        lines.append(
-            f"captions on several lines ({tally.multiline.count}; kohya trains only the first line): "
-            "written as one line joined with ', ': " + tally.multiline.text()
-        )
-    if tally.removed:
-        shown = ", ".join(tally.removed[:5]) + (
-            f", ... and {len(tally.removed) - 5} more" if len(tally.removed) > 5 else ""
-        )
-        lines.append(
-            f"removed {len(tally.removed)} files an earlier bucket run wrote and this one does not "
-            f"(`sdprep undo {opts.out}` restores them): {shown}"
-        )
-    return lines
+    a = p.assignment
+    entry = {
+        "caption": _caption(p),
+        "tags": "",
+        "image_size": list(p.size),
+        "train_resolution": list(a.bucket),
+    }
+    row = {
+        "image": str(p.item.path),
+        "dest": str(p.dest),
+        "size": list(p.size),
+        "bucket": list(a.bucket),
+        "resized": list(a.resized),
+        "crop_ltrb": list(a.crop_ltrb),
+        "cropped": round(a.cropped_fraction, 4),
+        "scale": round(a.scale, 4),
+        "upscaled": a.upscaled,
+    }
+    return toml_path(out, p.dest, root), entry, row

@@ -11,7 +11,8 @@ from PIL import Image
 from sdprep.buckets import BucketSettings, assign_bucket
 from sdprep.cli import cli
 from sdprep.errors import ConfigError
-from sdprep.prep.bucket import BucketOptions, balance_reg_repeats, compute_repeats, run_bucket
+from sdprep.prep.bucket import BucketOptions, run_bucket
+from sdprep.prep.repeats import balance_reg_repeats, compute_repeats
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 

@@ -14,7 +14,8 @@ from PIL import Image
 from sdprep.cli import cli
 from sdprep.errors import ConfigError
 from sdprep.fileops import undo
-from sdprep.prep.bucket import BucketOptions, balance_reg_repeats, kohya_reg_use, run_bucket
+from sdprep.prep.bucket import BucketOptions, run_bucket
+from sdprep.prep.repeats import balance_reg_repeats, kohya_reg_use
 
 
 def _images(folder: Path, n: int, size=(512, 512), prefix="i") -> None:
