@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 from seed_configs import SEED_000_TI, SEED_001_LORA, SEED_003_LORA
@@ -269,3 +270,64 @@ def test_list_keys_lists_every_key_the_hints_point_at(cli_runner) -> None:
     assert undocumented_fields() == []
     bad = cli_runner.invoke(cli, ["train", "--set", "foo=1"])
     assert bad.exit_code == 1 and "`sdprep train --list-keys` lists every key" in bad.output
+
+
+SEED_001_FINETUNE_DATASET = """\
+[general]
+shuffle_caption = false
+enable_bucket = true
+
+[[datasets]]
+resolution = 1024
+[[datasets.subsets]]
+image_dir = "{image_dir}"
+metadata_file = "{metadata}"
+num_repeats = 10
+"""
+
+
+@pytest.mark.parametrize("line", ["finetune", "lora"])
+def test_seed_001_command_lines_pass_preflight(
+    line: str, cli_runner, tiny_sdxl: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Both of seed 001's command lines, verbatim, with its dataset TOMLs' form (`[[datasets]]
+    resolution = 1024`, no dataset-level max_bucket_reso): preflight scales every resolution by one
+    factor, so the run's own checks (resolution <= max_bucket_reso) still hold. Only the model and
+    the prompt file (paths on the user's disk) are given as plain options."""
+    import json
+
+    from seed_configs import SEED_001_FINETUNE
+
+    from sdprep.images import image_size
+
+    monkeypatch.chdir(tmp_path)
+    data = make_dataset(tmp_path / "img", images=["c_square.webp", "b_portrait.png"], repeats=1, side=256)
+    image_dir = data / "1_mytoken"
+    if line == "lora":
+        masks = image_dir / "conditioning"
+        masks.mkdir()
+        from train_support import make_mask
+
+        for name in ("c_square", "b_portrait"):
+            make_mask(image_size(image_dir / f"{name}.png"), "left").save(masks / f"{name}.png")
+        (tmp_path / "yuzhaiaiXL_lora.toml").write_text(
+            SEED_001_DATASET.format(image_dir=image_dir, mask_dir=masks)
+        )
+        command = SEED_001_LORA
+    else:
+        meta = tmp_path / "meta.json"
+        meta.write_text(
+            json.dumps({str(p): {"caption": "zhuoyue", "tags": "1boy"} for p in image_dir.glob("*.png")})
+        )
+        (tmp_path / "zhuoyueaiXL.toml").write_text(
+            SEED_001_FINETUNE_DATASET.format(image_dir=image_dir, metadata=meta)
+        )
+        command = SEED_001_FINETUNE
+    prompts = tmp_path / "prompt.txt"
+    prompts.write_text("zhuoyue, a portrait --n ugly --w 832 --h 1216 --d 1 --l 7 --s 2\n")
+    args = ["train", "--preflight", "--model", str(tiny_sdxl), "--sample-prompts", str(prompts)]
+    result = cli_runner.invoke(cli, [*args, "--", *shlex.split(command)])
+    assert result.exit_code == 0, result.output
+    assert "preflight passed" in result.output
+    assert "ok   setup:" in result.output and "at 128x128 max area" in result.output
+    assert not (tmp_path / "mnt").exists()

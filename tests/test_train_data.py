@@ -202,7 +202,7 @@ def test_value_lookup_order_subset_dataset_general_config(tmp_path: Path):
     assert (s1.caption_extension, s2.caption_extension) == (".txt", ".cap")  # subset beats general
     assert (s1.captions.keep_tokens, s2.captions.keep_tokens) == (2, 5)  # dataset value, subset override
     assert all(s.flip_aug for s in ds.subsets) and all(s.captions.shuffle_caption for s in ds.subsets)
-    assert ds.datasets[0].batch_size == 3  # dataset beats the config's train_batch_size
+    assert ds.datasets[0].batch_size == 3  # dataset beats a train_batch_size the config did not set
     assert [r.caption for r in ds.records] == ["x", "y", "y"]
     assert s3.image_dir == tmp_path / "s3"  # relative paths: from the TOML's folder when not from the cwd
 
@@ -547,3 +547,54 @@ def test_conditioning_data_dir_in_the_training_config_is_used_not_ignored(tmp_pa
     )
     assert ds.records[0].mask_path == tmp_path / "cond" / "rect.png"
     assert next(ds.batches(0))["mask"].shape == (1, 1, 384, 640)
+
+
+def test_one_precedence_rule_config_over_dataset_toml(tmp_path: Path):
+    """command line > config > dataset TOML > defaults for the run's settings (resolution, batch,
+    buckets), each override noted; an image folder's settings (captions, repeats) stay the dataset
+    TOML's, the more specific place (kohya's lookup)."""
+    from sdprep.train.config import load_train_config
+
+    _img(tmp_path / "s1" / "a.png", (512, 512))
+    _img(tmp_path / "f" / "1_tok" / "a.png", (512, 512))
+    (tmp_path / "s1" / "a.cap").write_text("from the cap file")
+    toml = _toml(
+        tmp_path / "ds.toml",
+        "[general]\nbatch_size = 3\n[[datasets]]\nresolution = 1024\nmax_bucket_reso = 2048\n"
+        "[[datasets.subsets]]\nimage_dir = 's1'\ncaption_extension = '.cap'\nnum_repeats = 4\n",
+    )
+    config = _toml(
+        tmp_path / "train.toml", f"dataset_config = '{toml}'\nresolution = 768\ncaption_extension = '.txt'\n"
+    )
+    cfg, _ = load_train_config(config, overrides={"train_batch_size": 2})
+    ds = build_dataset(cfg)
+    spec = ds.datasets[0]
+    assert spec.resolution == (768, 768) and spec.batch_size == 2 and spec.max_bucket_reso == 2048
+    notes = "\n".join(ds.findings.notes)
+    assert (
+        f"note: resolution = 768x768 from {config} overrides ds.toml: datasets[0]'s resolution = 1024x1024 "
+        "(command line > config > dataset TOML > defaults; kohya would use the dataset TOML's)" in notes
+    )
+    assert (
+        "train_batch_size = 2 from the command line overrides ds.toml: datasets[0]'s batch_size = 3" in notes
+    )
+    assert (
+        "note: sdprep defaults where kohya's differ (set them to choose): enable_bucket = true (kohya: false)"
+        in notes
+    )
+    assert ds.subsets[0].caption_extension == ".cap" and ds.subsets[0].num_repeats == 4
+    assert ds.records[0].caption == "from the cap file"
+    # unset in the config: the dataset TOML's values, nothing noted
+    quiet = build_dataset(load_train_config(None, overrides={"dataset_config": str(toml)})[0])
+    assert quiet.datasets[0].resolution == (1024, 1024) and quiet.datasets[0].batch_size == 3
+    assert not any("overrides" in n for n in quiet.findings.notes)
+    assert (  # the subset sets caption_extension: only enable_bucket falls to sdprep's default
+        "note: sdprep defaults where kohya's differ (set them to choose): enable_bucket = true (kohya: false)"
+        in quiet.findings.notes
+    )
+    folders = build_dataset(load_train_config(None, overrides={"train_data_dir": str(tmp_path / "f")})[0])
+    assert (
+        "note: sdprep defaults where kohya's differ (set them to choose): enable_bucket = true (kohya: false); "
+        'max_bucket_reso = 2048 (kohya: 1024); caption_extension = ".txt" (kohya: ".caption")'
+        in folders.findings.notes
+    )

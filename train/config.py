@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from sdprep.config import coerce, from_dict, load_toml
 from sdprep.errors import ConfigError, did_you_mean, unknown_choice
-from sdprep.train.dataset_config import INTERPOLATIONS
+from sdprep.train.dataset_config import INTERPOLATIONS, origin_of
 from sdprep.train.kohya_args import (
     ACCEPTED_IGNORED,
     ALIASES,
@@ -242,11 +242,6 @@ _HINTS = typing.get_type_hints(TrainConfig)
 _LIST_FIELDS = {"optimizer_args", "network_args", "lr_scheduler_args"}
 LIST_KEYS_HINT = "`sdprep train --list-keys` lists every key"
 COMMAND_LINE = "the command line"
-
-
-def origin_of(cfg: Any, key: str) -> str | None:
-    """Where `key` was set (a config file's path, or "the command line"); None: a default."""
-    return dict(getattr(cfg, "origins", ())).get(key)
 
 
 def known_keys() -> list[str]:
@@ -661,7 +656,9 @@ def _check_sizes(cfg: TrainConfig, notes: list[str]) -> None:
             raise _err(
                 f"min_bucket_reso {cfg.min_bucket_reso} is larger than max_bucket_reso {cfg.max_bucket_reso}"
             )
-        if max(w, h) > cfg.max_bucket_reso:
+        # with a dataset TOML, an unset resolution is only a fallback: each dataset is checked itself
+        fallback = cfg.dataset_config is not None and origin_of(cfg, "resolution") is None
+        if max(w, h) > cfg.max_bucket_reso and not fallback:
             raise _err(
                 f"max_bucket_reso {cfg.max_bucket_reso} is smaller than the resolution {w},{h}",
                 f"set max_bucket_reso to at least {max(w, h)}",

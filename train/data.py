@@ -341,17 +341,23 @@ def build_dataset(
     report: Reporter | None = None,
     seed: int | None = None,
     caption_transform: CaptionTransform | None = None,
+    datasets_transform: Callable[[list[DatasetSpec]], list[DatasetSpec]] | None = None,
 ) -> TrainDataset:
     """Resolve the config's sources into a TrainDataset; nothing left out without a listed reason.
 
     `seed` overrides `cfg.seed`; with neither, 0 is used (and noted). `caption_transform(caption,
     rng)` runs after kohya's caption processing (textual inversion uses it for its token/templates).
+    `datasets_transform` changes the resolved datasets before images are scanned (preflight scales
+    every resolution down with it).
     Raises ConfigError / DatasetError for a bad config, missing folders, wrong-size masks or when
     no image is usable.
     """
     report = report or NullReporter()
     findings = Findings()
-    scan = scan_sources(load_sources(cfg, findings), cfg, findings, report)
+    specs = load_sources(cfg, findings)
+    if datasets_transform is not None:
+        specs = datasets_transform(specs)
+    scan = scan_sources(specs, cfg, findings, report)
     if seed is None:
         seed = cfg_value(cfg, "seed")
     if seed is None:

@@ -117,6 +117,7 @@ class Findings:
 
     notes: list[str] = field(default_factory=list)
     dropped: list[tuple[Path, str]] = field(default_factory=list)
+    kohya_defaults: dict[str, str] = field(default_factory=dict)  # sdprep default used -> kohya's
 
     def note(self, message: str) -> None:
         if message not in self.notes:
@@ -175,17 +176,82 @@ class DatasetSpec:
 # -- value lookup ---------------------------------------------------------------------------------
 
 
+# Settings of the whole run: a value the training config sets (file or command line) wins over the
+# dataset TOML's [general] / [[datasets]] one (command line > config > dataset TOML > defaults).
+# Settings of an image folder (captions, repeats, augmentation) stay the dataset TOML's, the more
+# specific place (kohya's lookup: subset > dataset > general > training config > default).
+RUN_KEYS = (
+    "resolution",
+    "batch_size",
+    "enable_bucket",
+    "min_bucket_reso",
+    "max_bucket_reso",
+    "bucket_reso_steps",
+    "bucket_no_upscale",
+)
+
+
+def origin_of(cfg: Any, key: str) -> str | None:
+    """Where training-config `key` was set (a config file's path, or "the command line"); None:
+    a default (or a config built in code)."""
+    return dict(getattr(cfg, "origins", ())).get(key)
+
+
 def cfg_value(cfg: Any, key: str, default: Any = None) -> Any:
     """A training-config value by its kohya dataset key (None-valued fields count as unset)."""
     value = getattr(cfg, CFG_NAMES.get(key, key), None)
     return default if value is None else value
 
 
-def _lookup(key: str, layers: list[dict], cfg: Any) -> Any:
+# Where sdprep's default (a TrainConfig default) differs from kohya's (DEFAULTS): noted once per run.
+SDPREP_DEFAULTS = ("enable_bucket", "max_bucket_reso", "caption_extension")
+
+
+def _lookup(key: str, layers: list[dict], cfg: Any, findings: Findings | None = None) -> Any:
     for layer in layers:
         if layer.get(key) is not None:
             return layer[key]
-    return cfg_value(cfg, key, DEFAULTS.get(key))
+    value = cfg_value(cfg, key, DEFAULTS.get(key))
+    if (
+        findings is not None
+        and key in SDPREP_DEFAULTS
+        and origin_of(cfg, key) is None
+        and value != DEFAULTS[key]
+    ):
+        findings.kohya_defaults[key] = f"{key} = {_toml(value)} (kohya: {_toml(DEFAULTS[key])})"
+    return value
+
+
+def _toml(value: Any) -> str:
+    return (
+        str(value).lower()
+        if isinstance(value, bool)
+        else f'"{value}"'
+        if isinstance(value, str)
+        else str(value)
+    )
+
+
+def _run_setting(key: str, layers: list[dict], cfg: Any, where: str, findings: Findings | None) -> Any:
+    """A run-level setting: the training config's when it set it, else the dataset TOML's (noted when
+    the two differ: kohya would take the dataset TOML's)."""
+    name = CFG_NAMES.get(key, key)
+    source = origin_of(cfg, name)
+    theirs = next((layer[key] for layer in layers if layer.get(key) is not None), None)
+    if source is None or theirs is None:
+        return _lookup(key, layers, cfg, findings)
+    ours = cfg_value(cfg, key)
+    if key == "resolution":
+        ours, theirs = tuple(ours), _resolution(theirs, key)
+    if ours != theirs and findings is not None:
+        shown, their_shown = (
+            ("{}x{}".format(*ours), "{}x{}".format(*theirs)) if key == "resolution" else (ours, theirs)
+        )
+        findings.note(
+            f"note: {name} = {shown} from {source} overrides {where}'s {key} = {their_shown} (command line > "
+            "config > dataset TOML > defaults; kohya would use the dataset TOML's)"
+        )
+    return ours
 
 
 def _resolution(value: Any, where: str) -> tuple[int, int] | None:
@@ -272,7 +338,7 @@ def make_subset(
     _check_unsupported(layers, cfg, where, findings)
 
     def get(k: str) -> Any:
-        return fixed[k] if k in fixed else _lookup(k, layers, cfg)
+        return fixed[k] if k in fixed else _lookup(k, layers, cfg, findings)
 
     ext = get("caption_extension") or ".caption"
     if not ext.startswith("."):
@@ -301,11 +367,15 @@ def make_subset(
     )
 
 
-def make_dataset(subsets: list[SubsetSpec], layers: list[dict], cfg: Any, where: str) -> DatasetSpec:
+def make_dataset(
+    subsets: list[SubsetSpec], layers: list[dict], cfg: Any, where: str, findings: Findings | None = None
+) -> DatasetSpec:
     """Resolve one dataset's bucket settings and check them as kohya does (plus SDXL's multiple of 32)."""
 
     def get(k: str) -> Any:
-        return _lookup(k, layers, cfg)
+        if k in RUN_KEYS:
+            return _run_setting(k, layers, cfg, where, findings)
+        return _lookup(k, layers, cfg, findings)
 
     res = _resolution(get("resolution"), f"{where}.resolution")
     if res is None:
@@ -410,7 +480,7 @@ def load_dataset_toml(path: Path, cfg: Any, findings: Findings) -> list[DatasetS
             elif raw.get("image_dir") is None:
                 raise ConfigError(f"{sw}: image_dir is required", 'add image_dir = "path/to/images"')
             subsets.append(make_subset([raw, dataset, general], cfg, base=base, where=sw, findings=findings))
-        out.append(make_dataset(subsets, [dataset, general], cfg, f"{path.name}: {where}"))
+        out.append(make_dataset(subsets, [dataset, general], cfg, f"{path.name}: {where}", findings))
     return out
 
 
@@ -481,7 +551,18 @@ def _is_bucket_output(root: Path) -> bool:
 
 
 def load_sources(cfg: Any, findings: Findings) -> list[DatasetSpec]:
-    """The datasets the training config describes (dataset_config, in_json or train_data_dir)."""
+    """The datasets the training config describes (dataset_config, in_json or train_data_dir), with
+    one note listing the sdprep defaults used where kohya's differ."""
+    specs = _load_sources(cfg, findings)
+    if findings.kohya_defaults:
+        findings.note(
+            "note: sdprep defaults where kohya's differ (set them to choose): "
+            + "; ".join(findings.kohya_defaults[k] for k in SDPREP_DEFAULTS if k in findings.kohya_defaults)
+        )
+    return specs
+
+
+def _load_sources(cfg: Any, findings: Findings) -> list[DatasetSpec]:
     dataset_config = cfg_value(cfg, "dataset_config")
     train_dir = cfg_value(cfg, "train_data_dir")
     reg_dir = cfg_value(cfg, "reg_data_dir")
@@ -511,7 +592,7 @@ def load_sources(cfg: Any, findings: Findings) -> list[DatasetSpec]:
             image_dir=str(train_dir),
             metadata_file=str(in_json),
         )
-        return [make_dataset([subset], [], cfg, "training config")]
+        return [make_dataset([subset], [], cfg, "training config", findings)]
     if _is_bucket_output(train_dir) and not any(parse_folder(p.name) for p in _subdirs(train_dir)):
         findings.note(f"note: {train_dir} is an `sdprep bucket` output: reading {train_dir / 'dataset.toml'}")
         if reg_dir:
@@ -527,4 +608,4 @@ def load_sources(cfg: Any, findings: Findings) -> list[DatasetSpec]:
             f"train_data_dir {train_dir}: no <repeats>_<class tokens> folders found",
             f"put the images in a subfolder such as {train_dir / '10_mytoken'} (10 = repeats per epoch)",
         )
-    return [make_dataset(subsets, [], cfg, "training config")]
+    return [make_dataset(subsets, [], cfg, "training config", findings)]

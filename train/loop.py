@@ -143,6 +143,7 @@ class Trainer(TrainerOutputs):
         self.stop = StopRequest()
         self._rng_to_restore: dict | None = None
         self.record_filter: Any = None  # preflight: train on a subset of the images
+        self.datasets_transform: Any = None  # preflight: scale every dataset's resolution down
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -224,7 +225,11 @@ class Trainer(TrainerOutputs):
 
         cfg = self.cfg
         self.dataset = build_dataset(
-            cfg, report=self.cb_reporter(), seed=self.seed, caption_transform=self.method.caption_transform()
+            cfg,
+            report=self.cb_reporter(),
+            seed=self.seed,
+            caption_transform=self.method.caption_transform(),
+            datasets_transform=self.datasets_transform,
         )
         self.method.check_dataset(self.dataset)
         if self.record_filter is not None:

@@ -57,21 +57,31 @@ def tiny_model_dir() -> Path:
         return build_tiny_sdxl(Path(tempfile.mkdtemp(prefix="sdprep-tiny-")) / "tiny-sdxl")
 
 
-def scaled_settings(cfg: Any, area: int = PREFLIGHT_AREA) -> dict[str, Any]:
-    """Resolution and bucket limits scaled down to `area`, keeping the aspect and bucket structure."""
-    w, h = cfg.resolution
+SCALE_STEP = 32  # bucket step of the scaled-down datasets (SDXL's smallest)
+
+
+def scale_dataset(spec: Any, area: int = PREFLIGHT_AREA) -> Any:
+    """One resolved dataset (dataset TOML or folders) scaled down to `area`: its resolution and
+    bucket limits by one factor, so every relation the real run checks (min <= resolution <= max)
+    still holds, with the aspect and the bucket structure kept."""
+    w, h = spec.resolution
     factor = min(1.0, math.sqrt(area / (w * h)))
-    step = 32
 
     def scale(x: int) -> int:
-        return max(step, int(x * factor) // step * step)
+        return max(SCALE_STEP, int(x * factor) // SCALE_STEP * SCALE_STEP)
 
-    return {
-        "resolution": (scale(w), scale(h)),
-        "min_bucket_reso": scale(cfg.min_bucket_reso),
-        "max_bucket_reso": max(scale(cfg.max_bucket_reso), scale(max(w, h))),
-        "bucket_reso_steps": step,
-    }
+    res = (scale(w), scale(h))
+    return dataclasses.replace(
+        spec,
+        resolution=res,
+        min_bucket_reso=min(scale(spec.min_bucket_reso), *res),
+        max_bucket_reso=max(scale(spec.max_bucket_reso), *res),
+        bucket_reso_steps=SCALE_STEP,
+    )
+
+
+def scale_datasets(specs: list[Any]) -> list[Any]:
+    return [scale_dataset(spec) for spec in specs]
 
 
 def _model_check(cfg: Any) -> tuple[bool, str]:
@@ -135,7 +145,6 @@ def _single_file_check(path: Path, model_config: Any) -> tuple[bool, str]:
 def _preflight_cfg(cfg: Any, work: Path, steps: int) -> Any:
     return dataclasses.replace(
         cfg,
-        **scaled_settings(cfg),
         pretrained_model_name_or_path=None,
         vae=None,
         model_config=None,
@@ -242,6 +251,7 @@ def _run(
         small, method=method, callbacks=quiet, model=load_sdxl(model_dir), sample_max_area=SAMPLE_AREA
     )
     trainer.record_filter = lambda records: spread(records, MAX_IMAGES)
+    trainer.datasets_transform = scale_datasets
     if not _stage(report, "setup", lambda: trainer.setup(), lambda _: _setup_detail(trainer, small)):
         return
     if verbose:
@@ -265,6 +275,7 @@ def _run(
         resume="latest",
     )
     resumed.record_filter = lambda records: spread(records, MAX_IMAGES)
+    resumed.datasets_transform = scale_datasets
 
     def resume_run():
         resumed.setup()
@@ -331,9 +342,9 @@ def _stage(report: PreflightReport, name: str, fn: Any, describe: Any) -> bool:
 
 
 def _setup_detail(trainer: Trainer, small: Any) -> str:
-    w, h = small.resolution
+    sizes = sorted({"{}x{}".format(*d.resolution) for d in trainer.dataset.datasets})
     return (
-        f"{trainer.method.title} on {len(trainer.dataset)} images at {w}x{h} max area "
+        f"{trainer.method.title} on {len(trainer.dataset)} images at {', '.join(sizes)} max area "
         f"(your buckets scaled down), {trainer.optimizer_desc}, caches built"
     )
 
