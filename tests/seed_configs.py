@@ -186,3 +186,31 @@ SEED_001_LORA = (
     "--sample_prompts=/mnt/g/loraimages/zhuoyueai/model/sample/prompt.txt --sample_every_n_steps=400 "
     "--masked_loss --network_module=networks.lora"
 )
+
+# Seed 001's dataset TOMLs (full fine-tune with metadata JSON, LoRA with image masking), paths as fields.
+SEED_001_FINETUNE_DATASET = """\
+[general]
+shuffle_caption = false
+enable_bucket = true
+
+[[datasets]]
+resolution = 1024
+[[datasets.subsets]]
+image_dir = "{image_dir}"
+metadata_file = "{metadata}"
+num_repeats = 10
+"""
+SEED_001_LORA_DATASET = """\
+[general]
+shuffle_caption = false
+enable_bucket = true
+
+[[datasets]]
+resolution = 1024
+
+[[datasets.subsets]]
+image_dir = "{image_dir}"
+caption_extension = '.txt'
+conditioning_data_dir = "{mask_dir}"
+num_repeats = 100
+"""

@@ -8,28 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from seed_configs import SEED_000_TI, SEED_001_LORA, SEED_003_LORA
+from seed_configs import (
+    SEED_000_TI,
+    SEED_001_FINETUNE_DATASET,
+    SEED_001_LORA,
+    SEED_001_LORA_DATASET,
+    SEED_003_LORA,
+)
 from train_support import make_dataset
 
 from sdprep.cli import cli
 
 torch.set_num_threads(1)
-
-# Seed 001's LoRA command line, verbatim, and its dataset TOML for LoRA with image masking.
-SEED_001_DATASET = """\
-[general]
-shuffle_caption = false
-enable_bucket = true
-
-[[datasets]]
-resolution = 1024
-
-[[datasets.subsets]]
-image_dir = "{image_dir}"
-caption_extension = '.txt'
-conditioning_data_dir = "{mask_dir}"
-num_repeats = 100
-"""
 
 
 def test_help_has_an_example(cli_runner) -> None:
@@ -94,7 +84,7 @@ def test_seed_001_command_line_with_masks(cli_runner, tiny_sdxl: Path, tmp_path:
     for name in ("c_square", "b_portrait"):
         make_mask(image_size(image_dir / f"{name}.png"), "left").save(masks / f"{name}.png")
     dataset = tmp_path / "yuzhaiaiXL_lora.toml"
-    dataset.write_text(SEED_001_DATASET.format(image_dir=image_dir, mask_dir=masks))
+    dataset.write_text(SEED_001_LORA_DATASET.format(image_dir=image_dir, mask_dir=masks))
     prompts = tmp_path / "prompt.txt"
     prompts.write_text("zhuoyue, a portrait --n ugly --w 64 --h 64 --d 1 --l 7 --s 2\n")
     args = ["train", "--model", str(tiny_sdxl), "--steps", "2", "--output-dir", str(tmp_path / "model")]
@@ -272,20 +262,6 @@ def test_list_keys_lists_every_key_the_hints_point_at(cli_runner) -> None:
     assert bad.exit_code == 1 and "`sdprep train --list-keys` lists every key" in bad.output
 
 
-SEED_001_FINETUNE_DATASET = """\
-[general]
-shuffle_caption = false
-enable_bucket = true
-
-[[datasets]]
-resolution = 1024
-[[datasets.subsets]]
-image_dir = "{image_dir}"
-metadata_file = "{metadata}"
-num_repeats = 10
-"""
-
-
 @pytest.mark.parametrize("line", ["finetune", "lora"])
 def test_seed_001_command_lines_pass_preflight(
     line: str, cli_runner, tiny_sdxl: Path, tmp_path: Path, monkeypatch
@@ -311,7 +287,7 @@ def test_seed_001_command_lines_pass_preflight(
         for name in ("c_square", "b_portrait"):
             make_mask(image_size(image_dir / f"{name}.png"), "left").save(masks / f"{name}.png")
         (tmp_path / "yuzhaiaiXL_lora.toml").write_text(
-            SEED_001_DATASET.format(image_dir=image_dir, mask_dir=masks)
+            SEED_001_LORA_DATASET.format(image_dir=image_dir, mask_dir=masks)
         )
         command = SEED_001_LORA
     else:

@@ -180,14 +180,8 @@ class DatasetSpec:
 # dataset TOML's [general] / [[datasets]] one (command line > config > dataset TOML > defaults).
 # Settings of an image folder (captions, repeats, augmentation) stay the dataset TOML's, the more
 # specific place (kohya's lookup: subset > dataset > general > training config > default).
-RUN_KEYS = (
-    "resolution",
-    "batch_size",
-    "enable_bucket",
-    "min_bucket_reso",
-    "max_bucket_reso",
-    "bucket_reso_steps",
-    "bucket_no_upscale",
+RUN_KEYS = tuple(
+    k for k in DATASET_ASCENDABLE if k not in ("network_multiplier", "validation_split", "validation_seed")
 )
 
 
