@@ -33,7 +33,7 @@ def _files(folder: Path) -> list[str]:
     )
 
 
-# -- reg balancing: kohya's DreamBoothDataset loop (facts from running it, see test_bucket_oracle) --
+# -- reg balancing: DreamBoothDataset's loop as read in kohya's source (run: test_bucket_oracle) --
 
 
 @pytest.mark.parametrize(

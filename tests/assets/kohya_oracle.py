@@ -13,7 +13,11 @@ Step 2 loads each bucketed dataset.toml exactly as sdxl_train_network.py does (C
 True, masked_loss, True), BlueprintGenerator, generate_dataset_group_by_blueprint, make_buckets) from
 OUT as the working folder, with and without --masked_loss, and records per image what kohya
 registered (repeats, reg flag, caption, stored size, bucket, resized size, alpha_mask, mask file),
-or the schema error. Facts recorded with sd-scripts 48d368fa.
+or the schema error. Facts recorded with sd-scripts 48d368fa, run in a copy of sdprep's venv plus
+voluptuous, toml, imagesize, ftfy and einops; that commit imports torchvision (a CPU build matching
+torch was not available: a stub with ToTensor/Normalize/Compose/InterpolationMode served, with
+transformers told torchvision is absent), transformers' removed CLIPFeatureExtractor and its
+lpw_stable_diffusion pipelines (stubbed: the dataset code does not use them).
 """
 
 from __future__ import annotations
