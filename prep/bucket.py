@@ -32,6 +32,7 @@ touches files a bucket run did not write.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections import Counter
 from collections.abc import Iterator
@@ -58,6 +59,7 @@ from sdprep.images import ImageHeader, image_header, image_size
 from sdprep.prep.bucket_files import Written, copy_reason, png_copy
 from sdprep.prep.bucket_json import BucketJson
 from sdprep.prep.bucket_summary import Tally, summary
+from sdprep.prep.lineage import recorded_trigger
 from sdprep.prep.repeats import balance_reg_repeats, compute_repeats
 from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import StageResult
@@ -337,6 +339,13 @@ def _plan(root: Path, out: Path, opts: BucketOptions) -> tuple[list[Concept], se
     return everything, masked
 
 
+def _recorded_token(root: Path, opts: BucketOptions) -> str | None:
+    """--token's default: the trigger `sdprep clean` recorded in the images' sidecars."""
+    if opts.token:
+        return None
+    return recorded_trigger(iter_items(require_images(root, opts.recursive), opts.recursive))
+
+
 def run_bucket(root: Path | str, opts: BucketOptions, *, report: Reporter = NullReporter()) -> StageResult:
     """Build OUT from the dataset at `root` (see the module docstring); returns counts and a summary.
 
@@ -349,6 +358,9 @@ def run_bucket(root: Path | str, opts: BucketOptions, *, report: Reporter = Null
         raise ConfigError(
             f"output folder {out} is inside the dataset {root}", "choose an OUT outside the dataset"
         )
+    recorded = _recorded_token(root, opts)
+    if recorded:
+        opts = dataclasses.replace(opts, token=recorded)
     everything, masked = _plan(root, out, opts)
     buckets = make_buckets(opts.settings)
 
@@ -383,6 +395,10 @@ def run_bucket(root: Path | str, opts: BucketOptions, *, report: Reporter = Null
         finally:
             written.close()
     result.notes[:0] = summary(everything, masked, opts, tally)
+    if recorded:
+        result.notes.insert(
+            0, f"token: {recorded} (the trigger `sdprep clean` recorded; --token sets another)"
+        )
     return result
 
 

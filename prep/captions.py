@@ -33,17 +33,20 @@ from sdprep import fileops
 from sdprep.dataset import (
     CAPTION_EXT,
     IGNORED_DIRS,
+    SDPREP_KEY,
     Item,
     dump_sidecar,
     format_caption,
     is_image,
     join_tags,
     name_suffix,
+    parse_repeat_folder,
     read_sidecar,
     read_text_file,
     split_tags,
 )
 from sdprep.errors import ConfigError, DatasetError, SdprepError
+from sdprep.prep.lineage import kept_head
 from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import StageResult
 from sdprep.tags import TagMatcher, dedupe, tag_key
@@ -334,7 +337,7 @@ def make_edit(
     args: tuple[str, ...] = (),
     *,
     mode: str = "tag",
-    keep_first: int = 0,
+    keep_first: int | None = None,
     by: str = "alphabetical",
 ) -> Edit:
     """The function an edit applies to one caption: (tags, raw text, file) -> new tags."""
@@ -373,16 +376,37 @@ def make_edit(
     raise ConfigError(f'unknown caption action "{action}"')
 
 
-def _sort_edit(keep_first: int, by: str) -> Edit:
+def _sort_edit(keep_first: int | None, by: str) -> Edit:
+    """Sort after the first `keep_first` tags; None keeps each caption's head in place (`leading`)."""
     from sdprep.prep.rules import TagInfo, sidecar_info, sort_tags
 
     def sort(tags: list[str], text: str, cf: CaptionFile) -> list[str]:
-        info = TagInfo()
-        if by in ("score", "category") and cf.image is not None:
-            info = sidecar_info(read_sidecar(Item(cf.image)))
-        return tags[:keep_first] + sort_tags(tags[keep_first:], by, info)
+        sidecar = {}
+        if cf.image is not None and (by in ("score", "category") or keep_first is None):
+            try:
+                sidecar = read_sidecar(Item(cf.image))
+            except SdprepError:
+                if by in ("score", "category"):
+                    raise
+        info = sidecar_info(sidecar) if by in ("score", "category") and sidecar else TagInfo()
+        n = leading(tags, cf, sidecar) if keep_first is None else keep_first
+        return tags[:n] + sort_tags(tags[n:], by, info)
 
     return sort
+
+
+def leading(tags: list[str], cf: CaptionFile, sidecar: dict) -> int:
+    """How many first tags are a head that must stay first (kohya's keep_tokens counts them): the
+    trigger and the tags `clean` placed before the others, as it recorded them, or the class tokens
+    of the kohya `<N>_<tokens>` folder the caption is in."""
+    meta = sidecar.get(SDPREP_KEY)
+    n = kept_head(meta, tags) if isinstance(meta, dict) else 0
+    folder = parse_repeat_folder(cf.path.parent.name)
+    if folder is not None:
+        keys = [tag_key(t) for t in split_tags(folder.tokens)]
+        if keys and [tag_key(t) for t in tags[: len(keys)]] == keys:
+            n = max(n, len(keys))
+    return n
 
 
 def run_edit(

@@ -14,10 +14,11 @@ settings leaves any caption alone, as a reader expects; `sdprep run` passes its 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
-from sdprep.dataset import split_tags
+from sdprep.dataset import SDPREP_KEY, Item, read_sidecar, split_tags
+from sdprep.errors import SdprepError
 from sdprep.tags import tag_key
 
 WRITERS = ("clean", "tag")  # the stages that record what they write into caption files
@@ -75,3 +76,21 @@ def kept_head(meta: Mapping[str, Any], tags: list[str]) -> int:
         return 0
     head = split_tags(rec["written"])[:n]
     return len(head) if [tag_key(t) for t in tags[: len(head)]] == [tag_key(t) for t in head] else 0
+
+
+def recorded_trigger(items: Iterable[Item]) -> str | None:
+    """The trigger `clean` recorded for these images (tokens joined by ", ") when they agree on one;
+    None when none was recorded or folders have their own (`trigger_from_folder`)."""
+    found: set[tuple[str, ...]] = set()
+    for item in items:
+        try:
+            meta = read_sidecar(item).get(SDPREP_KEY)
+        except SdprepError:
+            continue  # the stage that reads it reports it
+        rec = record(meta, "clean") if isinstance(meta, Mapping) else None
+        trigger = rec.get("trigger") if rec is not None else None
+        if isinstance(trigger, list) and trigger:
+            found.add(tuple(str(t) for t in trigger))
+            if len(found) > 1:
+                return None
+    return ", ".join(found.pop()) if found else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,26 @@ def test_caption_files_order_shared_stems_and_orphans(tmp_path: Path):
         "a.txt",
         "c.txt",
     ]
+
+
+def test_sort_keeps_the_trigger_first(cli_runner, sample_dataset: Path, tmp_path: Path):
+    """The trigger clean put first (and its kept prefix) stays first: keep_tokens = 1 training
+    needs it there. In a kohya <N>_<tokens> folder the class tokens stay first."""
+    from sdprep.prep.clean import CleanOptions, run_clean
+    from sdprep.prep.monochrome import MonochromeSettings
+    from sdprep.prep.rules import CleanRules
+
+    rules = CleanRules(trigger=("zz trigger",), prefix={"*": ("masterpiece",)})
+    run_clean(sample_dataset, CleanOptions(replace(rules, monochrome=MonochromeSettings(enabled=False))))
+    assert cli_runner.invoke(cli, ["captions", "sort", str(sample_dataset)]).exit_code == 0
+    for caption in sample_dataset.glob("*.txt"):
+        tags = caption.read_text().strip().split(", ")
+        assert tags[:2] == ["zz trigger", "masterpiece"] and tags[2:] == sorted(tags[2:], key=str.casefold)
+    kohya = tmp_path / "img" / "10_zz tok"
+    kohya.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(kohya / "x.png")
+    (kohya / "x.txt").write_text("zz tok, smile, blue eyes\n")
+    assert cli_runner.invoke(cli, ["captions", "sort", str(tmp_path / "img"), "-r"]).exit_code == 0
+    assert (kohya / "x.txt").read_text() == "zz tok, blue eyes, smile\n"
+    assert cli_runner.invoke(cli, ["captions", "sort", str(kohya), "--keep-first", "0"]).exit_code == 0
+    assert (kohya / "x.txt").read_text() == "blue eyes, smile, zz tok\n"  # asked for: sorted whole

@@ -127,3 +127,32 @@ def test_undo_command(cli_runner, tmp_path):
     res = cli_runner.invoke(cli, ["undo", str(tmp_path)])
     assert res.exit_code == 0 and res.output == "undone: demo x (1 changes reversed)\n"
     assert (tmp_path / "a.txt").read_text() == "a\n"
+
+
+def test_the_example_in_the_root_help_works(sample_dataset, tmp_path, tiny_wd14, cli_runner):
+    """`sdprep --help`'s chain, as printed (tag gets a local model: tests are offline); bucket
+    takes its token from the trigger clean recorded."""
+    import os
+    import shlex
+
+    text = cli_runner.invoke(cli, ["--help"]).output
+    example = " ".join(text.split("Example:", 1)[1].split())
+    data, out = tmp_path / "data", tmp_path / "out"
+    sample_dataset.rename(data)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        for command in example.split("&&"):
+            args = shlex.split(command)
+            assert args[0] == "sdprep"
+            if args[1] == "tag":
+                args += ["--model", str(tiny_wd14)]
+            res = cli_runner.invoke(cli, args[1:])
+            assert res.exit_code == 0, (command, res.output)
+    finally:
+        os.chdir(cwd)
+    assert "bucket data/ -o out/" in example and "--token" not in example
+    assert "token: mytoken (the trigger `sdprep clean` recorded" in res.output
+    folders = [p.name for p in (out / "img").iterdir()]
+    assert len(folders) == 1 and folders[0].endswith("_mytoken")
+    assert 'class_tokens = "mytoken"' in (out / "dataset.toml").read_text()

@@ -45,7 +45,12 @@ def _parse_resolution(value: str) -> tuple[int, int]:
 @click.option(
     "-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder."
 )
-@click.option("--token", default="", help="Class token / trigger for the concept folder name (40_TOKEN).")
+@click.option(
+    "--token",
+    default="",
+    help="Class token / trigger for the concept folder name (40_TOKEN). Default: the trigger "
+    "`sdprep clean --trigger` recorded.",
+)
 @click.option("--repeats", type=click.IntRange(min=1), help="Fixed repeats for every concept.")
 @click.option(
     "--target-steps", type=click.IntRange(min=1), help="Choose repeats so an epoch is about N steps."

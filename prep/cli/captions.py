@@ -184,18 +184,19 @@ def dedupe_cmd(ctx, dirs, dry_run, recursive, orphans) -> None:
 @click.option(
     "--keep-first",
     type=click.IntRange(0),
-    default=0,
-    show_default=True,
-    help="Leave the first N tags in place.",
+    default=None,
+    help="Leave the first N tags in place. Default: the trigger (and the tags `sdprep clean` placed "
+    "first) or the class tokens of a kohya <N>_<tokens> folder stay first, for keep_tokens training.",
 )
 @_common()
 @click.pass_context
 def sort_cmd(ctx, dirs, by, keep_first, dry_run, recursive, orphans) -> None:
-    """Sort the tags of every caption.
+    """Sort the tags of every caption, keeping the trigger first.
 
     \b
     Example:
-      sdprep captions sort data/ --keep-first 1
+      sdprep captions sort data/
+      sdprep captions sort data/ --by score --keep-first 2
     """
     _edit(
         ctx, "sort", dirs, keep_first=keep_first, by=by, dry_run=dry_run, recursive=recursive, orphans=orphans
