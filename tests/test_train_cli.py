@@ -307,3 +307,44 @@ def test_seed_001_command_lines_pass_preflight(
     assert "preflight passed" in result.output
     assert "ok   setup:" in result.output and "at 128x128 max area" in result.output
     assert not (tmp_path / "mnt").exists()
+
+
+def test_what_needs_no_model_fails_before_the_model_loads(cli_runner, tmp_path: Path) -> None:
+    """Issue 17 item 9: the model path does not exist, so any error that is not about the model
+    proves the check ran before loading it (which took ~20 s for a real model)."""
+    data = make_dataset(tmp_path / "data", images=["c_square.webp"], repeats=1)
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'pretrained_model_name_or_path = "{tmp_path / "no-model"}"\ntrain_data_dir = "{data}"\n'
+        f'output_dir = "{tmp_path / "out"}"\nnetwork_module = "networks.lora"\n'
+    )
+    base = ["train", "--config", str(config)]
+    cases = [
+        (
+            ["--resume", str(tmp_path / "nonexistent")],
+            f"Error: --resume {tmp_path / 'nonexistent'}: no such folder",
+        ),
+        (["--resume", "latest"], "Error: --resume latest: no saved training state for output_name 'last'"),
+        (
+            ["--set", 'optimizer_type="nosuchpkg.Opt"'],
+            'Error: optimizer_type "nosuchpkg.Opt": cannot import it',
+        ),
+        (["--set", 'lr_scheduler_type="NoSuchLR"'], 'Error: lr_scheduler_type "NoSuchLR": cannot import it'),
+        (["--sample-prompts", str(tmp_path / "none.txt")], "none.txt"),
+        (["--set", f'network_weights="{tmp_path / "w.safetensors"}"'], "w.safetensors: no such file"),
+        (["--set", f'dataset_config="{tmp_path / "ds.toml"}"'], "ds.toml: no such file"),
+    ]
+    for extra, message in cases:
+        result = cli_runner.invoke(cli, [*base, *extra])
+        assert result.exit_code == 1, (extra, result.output)
+        assert message in result.output, (extra, result.output)
+        assert "no-model" not in result.output, (extra, result.output)
+    import importlib.util
+
+    if importlib.util.find_spec("prodigyopt") is None:  # the one-line missing-package error, early too
+        result = cli_runner.invoke(cli, [*base, "--set", 'optimizer_type="Prodigy"'])
+        assert "needs the `prodigyopt` package" in result.output and "no-model" not in result.output
+    from sdprep.train.precheck import check_optimizer
+
+    check_optimizer("AdamW")
+    check_optimizer("torch.optim.SGD")

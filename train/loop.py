@@ -19,6 +19,7 @@ from sdprep.errors import ConfigError, DatasetError, SdprepError, TrainingError
 from sdprep.train.callbacks import RecordingCallbacks, TrainCallbacks, TrainResult
 from sdprep.train.interrupt import StopRequest
 from sdprep.train.outputs import TrainerOutputs
+from sdprep.train.precheck import precheck
 from sdprep.train.save import changed_settings
 
 __all__ = [
@@ -161,6 +162,10 @@ class Trainer(TrainerOutputs):
             raise ConfigError("output_dir is not set", "set output_dir = the folder for the trained files")
         self.output_dir = Path(cfg.output_dir).expanduser()
         self.name = cfg.output_name or "last"
+        # what can fail without the model fails now, not after it has loaded
+        self.resume_folder = precheck(
+            cfg, method=self.method_name, resume=self.resume_arg, output_dir=self.output_dir, name=self.name
+        )
         self.seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())
         if cfg.seed is None:
             self.notes.append(f"seed is not set: using {self.seed} (recorded in the outputs)")
@@ -430,13 +435,8 @@ class Trainer(TrainerOutputs):
     def _resume(self) -> None:
         from sdprep.train.save import load_state, resolve_resume
 
-        folder = resolve_resume(self.resume_arg, self.output_dir, self.name)
+        folder = self.resume_folder or resolve_resume(self.resume_arg, self.output_dir, self.name)
         state, rng = load_state(folder, self.method, self.optimizer, self.lr_scheduler)
-        if state.method != self.method_name:
-            raise TrainingError(
-                f"{folder} holds a {state.method} run, but this run trains {self.method_name}",
-                "resume with the same method, or start a new run",
-            )
         if state.step >= self.total_steps:
             raise TrainingError(
                 f"{folder.name} is at step {state.step}, and this run ends at step {self.total_steps}: "

@@ -1,0 +1,68 @@
+"""Everything a run needs that can be checked without the model, checked before the model loads.
+
+A wrong `--resume` folder, a missing optimizer package or a missing prompt file used to show up
+only after the model had loaded (20 s to minutes); `precheck` finds them in well under a second
+(the dataset's folders and TOML are read, its images are not decoded).
+
+    folder = precheck(cfg, method="lora", resume="latest", output_dir=out, name="last")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sdprep.errors import ConfigError, TrainingError
+
+
+def precheck(cfg: Any, *, method: str, resume: Any, output_dir: Path, name: str) -> Path | None:
+    """Raise the error the run would stop with later; returns the state folder to resume from."""
+    folder = _resume_folder(resume, method, output_dir, name)
+    check_optimizer(cfg.optimizer_type)
+    if cfg.lr_scheduler_type:
+        from sdprep.train.optim import scheduler_class
+
+        scheduler_class(cfg.lr_scheduler_type)
+    for key in ("network_weights", "weights"):
+        value = getattr(cfg, key, None)
+        if value and not Path(value).expanduser().is_file():
+            raise ConfigError(f"{key} {value}: no such file", f"check the path, or remove {key}")
+    if cfg.sample_prompts:
+        from sdprep.train.sample import read_prompts
+
+        read_prompts(Path(cfg.sample_prompts), cfg.sample_sampler)
+    if cfg.metadata_thumbnail:
+        from sdprep.train.save import thumbnail_data_url
+
+        thumbnail_data_url(cfg.metadata_thumbnail)
+    from sdprep.train.dataset_config import Findings, load_sources
+
+    load_sources(cfg, Findings())  # dataset TOML, folders, metadata JSON (images are read later)
+    return folder
+
+
+def check_optimizer(name: str | None) -> None:
+    """The optimizer's package imports (the same one-line error the run would give)."""
+    from sdprep.train.optim import OPTIONAL, _optional, _torch_optimizer
+
+    key = (name or "AdamW").strip().lower()
+    if key in OPTIONAL:
+        module, package, _, _ = OPTIONAL[key]
+        _optional(module, package, name)
+    elif "." in key:
+        _torch_optimizer(name)
+
+
+def _resume_folder(resume: Any, method: str, output_dir: Path, name: str) -> Path | None:
+    if not resume:
+        return None
+    from sdprep.train.save import read_state_info, resolve_resume
+
+    folder = resolve_resume(resume, output_dir, name)
+    state = read_state_info(folder)
+    if state.method != method:
+        raise TrainingError(
+            f"{folder} holds a {state.method} run, but this run trains {method}",
+            "resume with the same method, or start a new run",
+        )
+    return folder
