@@ -292,3 +292,47 @@ def test_undo_of_a_journal_with_unreadable_files_is_an_error_not_a_crash(tmp_pat
         fileops.undo(tmp_path)
     (op / "meta.json").write_text(json.dumps({"command": "evil", "argv": []}))
     assert fileops.undo(tmp_path) == ("evil (interrupted)", 0)  # the bomb line was never an entry
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"action": "write", "path": 7, "blob": "0000001"},
+        {"action": "move", "path": "a.txt", "dest": ["b.txt"]},
+        {"action": "write", "path": "a.txt", "blob": {"n": 1}},
+        {"action": 3, "path": "a.txt"},
+        {"action": "create", "path": "a.txt", "sig": None, "extra": "x"},
+        ["write", "a.txt"],
+        "write a.txt",
+        12,
+    ],
+    ids=["number-path", "list-dest", "dict-blob", "number-action", "unknown-key", "list", "string", "number"],
+)
+def test_undo_of_journal_entries_of_the_wrong_json_types_names_the_operation(tmp_path, entry):
+    """Numbers, lists and objects where sdprep writes strings: a JournalError, never a TypeError."""
+    import json
+
+    (tmp_path / "a.txt").write_text("mine")
+    with fileops.Journal(tmp_path).begin("captions") as op:
+        op.write_text(tmp_path / "a.txt", "changed")
+    (folder,) = fileops.Journal(tmp_path).operations()
+    lines = (folder / "entries.jsonl").read_text().splitlines()
+    (folder / "entries.jsonl").write_text(json.dumps(entry) + "\n" + "\n".join(lines) + "\n")
+    with pytest.raises(JournalError) as err:
+        fileops.undo(tmp_path)
+    assert str(folder) in err.value.message and "is not one sdprep writes" in err.value.message
+    assert (tmp_path / "a.txt").read_text() == "changed"  # nothing undone
+
+
+@pytest.mark.parametrize("meta", [{"command": "x", "argv": {"a": 1}}, {"command": "x", "argv": [1, None]}])
+def test_undo_list_with_meta_of_the_wrong_types(tmp_path, meta):
+    import json
+
+    (tmp_path / "a.txt").write_text("mine")
+    with fileops.Journal(tmp_path).begin("captions") as op:
+        op.write_text(tmp_path / "a.txt", "changed")
+    (folder,) = fileops.Journal(tmp_path).operations()
+    (folder / "meta.json").write_text(json.dumps({**meta, "complete": "yes"}))
+    assert fileops.Journal(tmp_path).describe(folder).startswith("x")
+    fileops.undo(tmp_path)
+    assert (tmp_path / "a.txt").read_text() == "mine"
