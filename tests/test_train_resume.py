@@ -139,3 +139,85 @@ def test_a_state_json_nesting_bomb_is_a_damaged_state(tmp_path: Path) -> None:
     (folder / "state.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(TrainingError, match="state.json is damaged \\(nested too deeply"):
         read_state_info(folder)
+
+
+def _state_copy(runs, tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    shutil.copytree(runs[0] / "cut", out)
+    return out / "tiny-step00000003-state"
+
+
+def test_resume_latest_with_a_truncated_trainable_file_names_it_and_the_fix(
+    runs, tiny_sdxl: Path, tmp_path: Path
+) -> None:
+    state = _state_copy(runs, tmp_path)
+    latest = state.parent / "tiny-state"
+    path = latest / "trainable.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    cfg = lora_cfg(
+        tiny_sdxl, runs[0] / "data", state.parent, save_state=True, **{**RANDOM, "max_train_steps": 7}
+    )
+    with pytest.raises(TrainingError) as err:
+        train(cfg, resume="latest")
+    assert err.value.message.startswith(f"{path}: not a complete safetensors file (truncated or corrupt")
+    assert f"delete {latest} and resume from an earlier state" in err.value.hint
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "problem"),
+    [
+        (
+            "optimizer.pt",
+            lambda b: bytes(range(256)) * 64,
+            "not a complete torch.save file (truncated or corrupt",
+        ),
+        ("optimizer.pt", lambda b: b[: len(b) // 2], "not a complete torch.save file (truncated or corrupt"),
+        ("scheduler.pt", lambda b: b"", "not a complete torch.save file (truncated or corrupt"),
+        (
+            "rng.pt",
+            lambda b: b"PK\x03\x04" + b"\x00" * 100,
+            "not a complete torch.save file (truncated or corrupt",
+        ),
+        ("trainable.safetensors", lambda b: b"\xff" * 64, "not a complete safetensors file"),
+    ],
+    ids=["random-optimizer", "cut-optimizer", "empty-scheduler", "broken-zip-rng", "random-trainable"],
+)
+def test_a_damaged_state_file_is_named_as_damaged_not_as_a_threat(
+    runs, tmp_path: Path, name, damage, problem
+) -> None:
+    from sdprep.train.save import load_state
+
+    state = _state_copy(runs, tmp_path)
+    path = state / name
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(TrainingError) as err:
+        load_state(state, None, None, None)  # refused before the model is touched
+    assert err.value.message.startswith(f"{path}: {problem}"), err.value.message
+    assert "could run code" not in err.value.message
+    assert "is damaged: delete" in err.value.hint
+
+
+@pytest.mark.parametrize("name", ["trainable.safetensors", "optimizer.pt"])
+def test_a_state_with_nan_weights_is_refused_at_resume_naming_it(
+    runs, tiny_sdxl: Path, tmp_path: Path, name
+) -> None:
+    from safetensors.torch import save_file
+
+    state = _state_copy(runs, tmp_path)
+    path = state / name
+    if name.endswith(".safetensors"):
+        tensors = load_file(str(path))
+        key = sorted(tensors)[0]
+        tensors[key][..., 0] = float("nan")
+        save_file(tensors, str(path))
+    else:
+        opt = torch.load(path, weights_only=True)
+        first = next(iter(opt["state"].values()))
+        key = next(k for k, v in first.items() if isinstance(v, torch.Tensor) and v.numel() > 1)
+        first[key].view(-1)[0] = float("inf")
+        torch.save(opt, path)
+    cfg = lora_cfg(tiny_sdxl, runs[0] / "data", tmp_path / "out2", save_state=True, **RANDOM)
+    with pytest.raises(TrainingError) as err:
+        train(cfg, resume=state)
+    assert err.value.message.startswith(f"{path}: 1 tensors hold NaN or infinite values (e.g. ")
+    assert state.name in err.value.hint

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import random
 import shutil
 import time
@@ -307,21 +306,18 @@ def read_state_info(folder: Path) -> TrainState:
 
 def load_state(folder: Path, method: Any, optimizer: Any, lr_scheduler: Any) -> tuple[TrainState, dict]:
     """Restore tensors, optimizer and scheduler from a state folder; returns (state, rng states)."""
-    import torch
-    from safetensors.torch import load_file
+    from sdprep.train.state_files import load_tensors, load_torch
 
     state = read_state_info(folder)
+    # each file read (and checked: complete, plain data, finite) on its own, so an error names it
+    trainable = load_tensors(folder / "trainable.safetensors")
+    optimizer_state = load_torch(folder / "optimizer.pt", finite=True)
+    scheduler_state = load_torch(folder / "scheduler.pt")
+    rng = load_torch(folder / "rng.pt")
     try:
-        method.load_trainable_state(load_file(str(folder / "trainable.safetensors")))
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
-        lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-        rng = torch.load(folder / "rng.pt", weights_only=True)
-    except pickle.UnpicklingError as exc:  # weights_only refused something that is not plain data
-        raise TrainingError(
-            f"the training state in {folder} holds pickled objects that are not plain data: refused, "
-            "loading them could run code",
-            "sdprep writes states without such objects: use a state folder sdprep wrote, or start again",
-        ) from exc
+        method.load_trainable_state(trainable)
+        optimizer.load_state_dict(optimizer_state)
+        lr_scheduler.load_state_dict(scheduler_state)
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
         raise TrainingError(
             f"cannot restore the training state in {folder}: {exc}",
