@@ -268,6 +268,8 @@ def run_mask(root: Path | str, opts: MaskOptions, *, report: Reporter = NullRepo
     key = meta_key(opts.out)
     coverages: dict[Path, float] = {}
     fallbacks: list[str] = []
+    whole: list[str] = []  # opaque images under --method alpha: no mask, trained on the whole image
+    missing: list[MaskNotFound] = []
     with Journal(root).begin("mask") as op:
         for job in relinks:
             sdprep_meta(job.sidecar)[key] = job.record
@@ -279,8 +281,14 @@ def run_mask(root: Path | str, opts: MaskOptions, *, report: Reporter = NullRepo
         workers = opts.workers if method.thread_safe else 1
         for job, made in map_items(lambda j: make_mask(j, method, opts), jobs, workers):
             report.advance()
+            if isinstance(made, MaskNotFound) and made.whole_image and not job.existing:
+                result.skipped += 1
+                whole.append(job.item.name)
+                continue
             if isinstance(made, SdprepError):
                 result.fail_error(job.item.path, made)
+                if isinstance(made, MaskNotFound):
+                    missing.append(made)
                 continue
             op.mkdir(job.mask_path.parent)
             op.write_bytes(job.mask_path, made.png)
@@ -293,7 +301,28 @@ def run_mask(root: Path | str, opts: MaskOptions, *, report: Reporter = NullRepo
             coverages[job.item.path] = made.coverage
             result.changed += 1
         report.finish()
+    _nothing_found_notes(result, whole, missing, len(items))
     return _finish(result, root, coverages, fallbacks, method)
+
+
+def _nothing_found_notes(
+    result: StageResult, whole: list[str], missing: list[MaskNotFound], total: int
+) -> None:
+    """Say what happens to images without transparency, and what to do where the method found nothing."""
+    if whole:
+        shown = ", ".join(sorted(whole)[:20]) + (
+            f", ... and {len(whole) - 20} more" if len(whole) > 20 else ""
+        )
+        result.notes.append(
+            f"no transparency in {len(whole)} of {total} images: no mask written, they are trained on the "
+            f"whole image: {shown}"
+        )
+    if missing:
+        first = missing[0]
+        result.notes.append(
+            f"nothing to mask in {len(missing)} of {total} images ({first.reason}): add --fallback full "
+            "to train them on the whole image" + (f" ({first.hint})" if first.hint else "")
+        )
 
 
 def _finish(

@@ -37,10 +37,16 @@ def snapshot(root: Path) -> dict[str, bytes]:
     }
 
 
-def test_alpha_masks_sidecars_and_failures(sample_dataset):
+def test_alpha_masks_sidecars_and_opaque_images_skipped(sample_dataset, cli_runner):
+    """Opaque images get no mask and are not failures: kohya and OneTrainer train them whole."""
     res = run_mask(sample_dataset, MaskOptions("alpha"))
-    assert (res.changed, res.skipped, len(res.failed)) == (1, 0, 7)
-    assert {f.reason for f in res.failed} == {"no transparency (no alpha channel, or every pixel is opaque)"}
+    assert (res.changed, res.skipped, len(res.failed)) == (1, 7, 0)
+    assert res.notes[0] == (
+        "no transparency in 7 of 8 images: no mask written, they are trained on the whole image: "
+        "a_landscape.jpg, b_portrait.png, c_square.webp, d_greyscale.png, e_sepia.jpg, g_tiny.png, "
+        "h_wide.jpg"
+    )
+    assert sorted(p.name for p in (sample_dataset / "masks").iterdir()) == ["f_transparent.png"]
     image = sample_dataset / "f_transparent.png"
     mask = mask_of(image)
     assert mask.dtype == np.uint8 and mask.shape == (512, 512)
@@ -51,7 +57,7 @@ def test_alpha_masks_sidecars_and_failures(sample_dataset):
     assert record["options"] == {} and record["coverage"] == pytest.approx(mask.mean() / 255, abs=1e-4)
     # gallery-dl's own keys are preserved
     assert json.loads(Item(image).sidecar_path.read_text())["tag_string_artist"] == "artist_two"
-    assert res.notes[0].startswith("coverage: mean 0.29 over 1 new masks")
+    assert res.notes[1].startswith("coverage: mean 0.29 over 1 new masks")
 
 
 def test_fallback_full_masks_every_image_at_its_size(sample_dataset):
@@ -283,3 +289,20 @@ def test_renamed_images_keep_their_masks(sample_dataset):
     assert np.array_equal(mask_of(sample_dataset / "006.png"), alpha)
     again = run_mask(sample_dataset, MaskOptions("alpha", fallback="full"))
     assert (again.skipped, again.notes) == (8, [])
+
+
+def test_alpha_on_a_mixed_folder_exits_0_and_face_suggests_the_fallback(sample_dataset, cli_runner):
+    from sdprep.cli import cli
+
+    res = cli_runner.invoke(cli, ["mask", str(sample_dataset), "--method", "alpha"])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith("mask: 1 changed, 7 skipped, 0 failed\n")
+    assert "no transparency in 7 of 8 images: no mask written, they are trained on the whole image" in res.output
+    face = cli_runner.invoke(cli, ["mask", str(sample_dataset), "--method", "face", "--out", "masks_face"])
+    assert face.exit_code == 1  # no face is still a failure: a face mask was asked for
+    failed = face.output.count("  failed: ")
+    assert failed >= 1
+    assert (
+        f"nothing to mask in {failed} of 8 images (no face found (cascade haarcascade_frontalface_default.xml)): "
+        "add --fallback full to train them on the whole image" in face.output
+    )

@@ -56,7 +56,10 @@ METHODS = ("alpha", "face", "clipseg", "color", "import", "full")
     "--combine", type=click.Choice(["union", "intersection"]), help="Merge with the mask already there."
 )
 @click.option(
-    "--fallback", type=click.Choice(["full"]), help="Where the method finds nothing: an all-white mask."
+    "--fallback",
+    type=click.Choice(["full"]),
+    help="Where the method finds nothing: an all-white mask (alpha: opaque images need none, they are "
+    "skipped and trained whole).",
 )
 @click.option("--force", is_flag=True, help="Redo masks that are up to date.")
 @click.option("-r", "--recursive", is_flag=True, help="Include subfolders (each gets its own mask folder).")

@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from sdprep.dataset import Item
-from sdprep.prep.masks.base import MaskMethod, MaskNotFound, register
+from sdprep.prep.masks.base import MaskMethod, NoTransparency, register
 
 
 @register
@@ -21,7 +21,7 @@ class AlphaMask(MaskMethod):
             image = image.convert("RGBA")
         alpha = np.asarray(image.getchannel("A"), dtype=np.float32) / 255.0
         if alpha.size and float(alpha.min()) >= 1.0:
-            raise MaskNotFound(
+            raise NoTransparency(
                 item.path,
                 "no transparency (no alpha channel, or every pixel is opaque)",
                 "use another --method for such images, or --fallback full to train on the whole image",

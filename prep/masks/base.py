@@ -24,6 +24,14 @@ from sdprep.images import load_image
 class MaskNotFound(ImageError):
     """The method found nothing to mask in this image; `--fallback full` turns it into an all-white mask."""
 
+    whole_image = False  # True: such an image needs no mask, trainers use all of it (no transparency)
+
+
+class NoTransparency(MaskNotFound):
+    """An opaque image under `--method alpha`: kohya and OneTrainer train it whole, so it is skipped."""
+
+    whole_image = True
+
 
 @dataclass(frozen=True)
 class MethodSettings:
