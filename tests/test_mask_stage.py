@@ -297,7 +297,9 @@ def test_alpha_on_a_mixed_folder_exits_0_and_face_suggests_the_fallback(sample_d
     res = cli_runner.invoke(cli, ["mask", str(sample_dataset), "--method", "alpha"])
     assert res.exit_code == 0, res.output
     assert res.output.startswith("mask: 1 changed, 7 skipped, 0 failed\n")
-    assert "no transparency in 7 of 8 images: no mask written, they are trained on the whole image" in res.output
+    assert (
+        "no transparency in 7 of 8 images: no mask written, they are trained on the whole image" in res.output
+    )
     face = cli_runner.invoke(cli, ["mask", str(sample_dataset), "--method", "face", "--out", "masks_face"])
     assert face.exit_code == 1  # no face is still a failure: a face mask was asked for
     failed = face.output.count("  failed: ")
