@@ -36,6 +36,8 @@ def test_non_editable_install_imports_every_subpackage(tmp_path):
     for pkg in ("sdprep/", "sdprep/prep/", "sdprep/train/", "sdprep/taggers/"):
         assert f"{pkg}__init__.py" in names, pkg
     assert not any(n.startswith(("train/", "prep/", "taggers/", "tests/")) for n in names)
+    for data in ("unet/config.json", "tokenizer_2/tokenizer_config.json", "clip_merges.txt.gz", "NOTICE.txt"):
+        assert f"sdprep/train/sdxl_base/{data}" in names, data  # SDXL's base config, for single files
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
@@ -48,6 +50,7 @@ def test_non_editable_install_imports_every_subpackage(tmp_path):
         "import sdprep, sdprep.prep, sdprep.train, sdprep.taggers, sdprep.train.tiny, sdprep.taggers.tiny\n"
         f"assert sdprep.__file__.startswith({str(target)!r}), sdprep.__file__\n"
         "import importlib.util; assert importlib.util.find_spec('train') is None\n"
+        "from sdprep.train.sdxl_config import clip_vocab; assert len(clip_vocab()) == 49408\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True)

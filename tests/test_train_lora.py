@@ -95,7 +95,7 @@ def test_saved_file_uses_sgm_names_true_alpha_and_metadata(trained) -> None:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     assert meta["ss_network_dim"] == "4"
-    assert meta["ss_network_alpha"] == "2"
+    assert meta["ss_network_alpha"] == "2.0"
     assert meta["ss_network_module"] == "networks.lora"
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"

@@ -13,6 +13,21 @@ from train_support import lora_cfg, make_dataset
 torch.set_num_threads(1)
 
 
+# kohya's run A (tests/assets/kohya/README.md) beyond what lora_cfg already sets the same way
+KOHYA_RUN_A = dict(
+    max_train_epochs=2,
+    save_every_n_epochs=1,
+    optimizer_type="AdamW",
+    optimizer_args=["weight_decay=0.01"],
+    network_alpha=2,
+    gradient_checkpointing=True,
+    cache_text_encoder_outputs=True,
+    mixed_precision="bf16",
+    full_bf16=True,
+    save_precision="float",
+)
+
+
 class TimedCallbacks:
     """Records the wall time when training starts and when each step ends."""
 
@@ -57,14 +72,7 @@ def run(base_file: Path, tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFacto
 
     root = tmp_path_factory.mktemp("meta")
     data = make_dataset(root / "data", images=["c_square.webp", "e_sepia.jpg"], repeats=1)
-    cfg = lora_cfg(
-        base_file,
-        data,
-        root / "out",
-        model_config=str(tiny_sdxl),
-        max_train_epochs=2,
-        save_every_n_epochs=1,
-    )
+    cfg = lora_cfg(base_file, data, root / "out", model_config=str(tiny_sdxl), **KOHYA_RUN_A)
     cb = TimedCallbacks()
     trainer = Trainer(cfg, callbacks=cb)
     trainer.setup()
@@ -95,7 +103,7 @@ def test_kohya_modelspec_options_reach_the_metadata(tmp_path: Path) -> None:
 
     from sdprep.errors import ConfigError
     from sdprep.train.config import load_train_config
-    from sdprep.train.save import modelspec
+    from sdprep.train.metadata import modelspec
 
     thumb = tmp_path / "thumb.png"
     thumb.write_bytes(b"\x89PNG fake")

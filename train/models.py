@@ -1,6 +1,8 @@
 """Loading an SDXL model for training: a diffusers folder, a single-file checkpoint or a hub id.
 
-Everything loads offline when the files are local. Weights are read with safetensors or
+Everything loads offline when the files are local: a standard SDXL single file (base, Pony,
+Illustrious, ...) is configured by the SDXL base config sdprep ships (`sdxl_config`), another
+architecture by `model_config`. Weights are read with safetensors or
 `torch.load(weights_only=True)` only (diffusers does the latter for `.ckpt`/`.bin`). Tokenizers are
 checked after loading, because transformers 5 silently returns a 2-3 token tokenizer for a folder
 without vocabulary files, which would train every caption as "end of text".
@@ -133,11 +135,18 @@ def _unpickled_copy(path: Path, folder: str) -> Path:
     return copy
 
 
-def _wrap_load(source: str, exc: Exception, single_file: bool) -> ModelError:
+def _wrap_load(source: str, exc: Exception, single_file: bool, shipped: bool = False) -> ModelError:
     refused = _refused_pickle(source, exc)
     if refused is not None:
         return refused
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if shipped:
+        return ModelError(
+            f"cannot load the single-file checkpoint {source} with the standard SDXL configuration: {text}",
+            "sdprep reads standard SDXL single files (SDXL base, Pony, Illustrious, ...) by itself; a file "
+            "with another architecture needs --model_config DIR (or model_config = DIR in the config): a "
+            "local diffusers folder whose configs match the file",
+        )
     if single_file:
         return ModelError(
             f"cannot load the single-file checkpoint {source}: {text}",
@@ -198,9 +207,12 @@ def _reference_vae(model_config: Path | None, exc: MissingVaeError) -> Any:
     """An AutoencoderKL with the model's VAE config (to read a separate VAE file against)."""
     from diffusers import AutoencoderKL
 
-    if model_config is None or not (model_config / "vae" / "config.json").exists():
+    from sdprep.train.sdxl_config import BASE_DIR
+
+    folder = model_config if model_config is not None else BASE_DIR  # no model_config: standard SDXL
+    if not (folder / "vae" / "config.json").exists():
         raise exc
-    return AutoencoderKL.from_config(AutoencoderKL.load_config(model_config / "vae"))
+    return AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
 
 
 def _f32() -> Any:
@@ -216,6 +228,41 @@ def to_float32(*modules: Any) -> None:
     for module in modules:
         if any(t.is_floating_point() and t.dtype != torch.float32 for t in module.state_dict().values()):
             module.to(torch.float32)
+
+
+def _load_single_file(path: Path, model_config: Path | None, vae: Any, trust_pickle: bool) -> Any:
+    """An A1111/ComfyUI single file, configured by `model_config` or else by SDXL's shipped base config."""
+    from sdprep.train.sdxl_config import base_config
+
+    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        raise ModelError(f"{path}: not a model file", "pass a .safetensors checkpoint or a diffusers folder")
+    if model_config is not None:
+        if not (Path(model_config) / "model_index.json").exists():
+            raise ModelError(
+                f"--model_config {model_config} is not a diffusers SDXL folder (no model_index.json)"
+            )
+        return _from_single_file(path, model_config, vae, trust_pickle, shipped=False)
+    with base_config() as shipped:
+        return _from_single_file(path, shipped, vae, trust_pickle, shipped=True)
+
+
+def _from_single_file(path: Path, config: Path, vae: Any, trust_pickle: bool, shipped: bool) -> Any:
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    kwargs: dict[str, Any] = {"local_files_only": True, "torch_dtype": _f32(), "config": str(config)}
+    if vae is not None:
+        kwargs["vae"] = vae
+    try:
+        if trust_pickle and path.suffix.lower() not in (".safetensors", ".sft"):
+            with tempfile.TemporaryDirectory(prefix="sdprep-ckpt-") as tmp:
+                copy = _unpickled_copy(path, tmp)
+                return StableDiffusionXLPipeline.from_single_file(str(copy), **kwargs)
+        return StableDiffusionXLPipeline.from_single_file(str(path), **kwargs)
+    except SingleFileComponentError as exc:
+        raise _missing_component(str(path), exc) from exc
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+        raise _wrap_load(str(path), exc, True, shipped=shipped) from exc
 
 
 def _load_pipeline(
@@ -237,31 +284,7 @@ def _load_pipeline(
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise _wrap_load(str(path), exc, False) from exc
     if path.is_file():
-        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-            raise ModelError(
-                f"{path}: not a model file", "pass a .safetensors checkpoint or a diffusers folder"
-            )
-        kwargs: dict[str, Any] = {"local_files_only": True, "torch_dtype": _f32()}
-        if model_config is not None:
-            if not (Path(model_config) / "model_index.json").exists():
-                raise ModelError(
-                    f"--model_config {model_config} is not a diffusers SDXL folder (no model_index.json)"
-                )
-            kwargs["config"] = str(model_config)
-        if vae is not None:
-            kwargs["vae"] = vae
-        from diffusers.loaders.single_file_utils import SingleFileComponentError
-
-        try:
-            if trust_pickle and path.suffix.lower() not in (".safetensors", ".sft"):
-                with tempfile.TemporaryDirectory(prefix="sdprep-ckpt-") as tmp:
-                    copy = _unpickled_copy(path, tmp)
-                    return StableDiffusionXLPipeline.from_single_file(str(copy), **kwargs), True
-            return StableDiffusionXLPipeline.from_single_file(str(path), **kwargs), True
-        except SingleFileComponentError as exc:
-            raise _missing_component(str(path), exc) from exc
-        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
-            raise _wrap_load(str(path), exc, True) from exc
+        return _load_single_file(path, model_config, vae, trust_pickle), True
     looks_local = source.startswith((".", "/", "~")) or path.suffix.lower() in SINGLE_FILE_SUFFIXES
     if looks_local or source.count("/") != 1:
         raise ModelError(f"{source}: no such file or folder", "check pretrained_model_name_or_path")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from pathlib import Path
 from typing import Any
 
 from sdprep.errors import TrainingError
@@ -25,10 +24,16 @@ class TrainerOutputs:
             self._started_at = time.time()
 
     def _run_facts(self, label: str | None) -> dict[str, Any]:
+        """What the metadata records about this run; `label` None is the final save."""
+        from sdprep.train.metadata import file_hashes, kohya_optimizer_name
+
         cfg = self.cfg
         if not hasattr(self, "_session_id"):
             self._session_id = random.SystemRandom().randint(0, 2**32)  # kohya: a random integer
         self._mark_started()  # a save before any step (none today) still gets a time
+        if not hasattr(self, "_hashes") and not cfg.no_metadata:  # once per run, as kohya at start
+            self._hashes = (file_hashes(self.model.source), file_hashes(cfg.vae) if cfg.vae else None)
+        hashes = getattr(self, "_hashes", (None, None))
         return {
             "started": self._started_at,
             "session_id": self._session_id,
@@ -36,14 +41,17 @@ class TrainerOutputs:
             "label": label,
             "seed": self.seed,
             "steps": self.pos.step,
-            "epoch": self.pos.epoch,
+            # kohya: the 0-based epoch at a step save, the epoch number at an epoch save, and the
+            # number of epochs at the end
+            "epoch": self.num_epochs if label is None else self.pos.epoch,
             "num_epochs": self.num_epochs,
             "batches_per_epoch": self.batches_per_epoch,
             "total_steps": self.total_steps,
             "total_batch_size": cfg.train_batch_size * cfg.gradient_accumulation_steps * self.num_processes,
-            "optimizer": self.optimizer_desc,
-            "model_name": Path(self.model.source).name,
-            "vae_name": Path(cfg.vae).name if cfg.vae else None,
+            "optimizer": kohya_optimizer_name(self.optimizer, self.optimizer_desc),
+            "model_source": self.model.source,
+            "model_hashes": hashes[0],
+            "vae_hashes": hashes[1],
         }
 
     def _save(
@@ -97,12 +105,10 @@ class TrainerOutputs:
         )
 
     def _metadata(self, label: str | None) -> dict[str, str]:
-        from sdprep.train.save import kohya_metadata, modelspec
+        from sdprep.train.metadata import kohya_metadata, minimum_metadata
 
-        facts = self._run_facts(label)
-        if self.cfg.no_metadata:
-            return modelspec(self.cfg, self.method, facts)
-        return kohya_metadata(facts, self.method, self.dataset, self.cfg)
+        meta = kohya_metadata(self._run_facts(label), self.method, self.dataset, self.cfg)
+        return minimum_metadata(meta) if self.cfg.no_metadata else meta
 
     def _gather_rng(self) -> list[dict]:
         """Every process's global RNG state, in rank order (dropout streams differ per process)."""

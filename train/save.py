@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sdprep.dataset import loads_json
-from sdprep.errors import ConfigError, TrainingError
+from sdprep.errors import TrainingError
 from sdprep.faults import pause_point
 from sdprep.fileops import atomic_write_dir, give_new_file_mode, recover_dir
 from sdprep.train.methods.base import Verification
@@ -30,7 +30,7 @@ from sdprep.train.methods.base import Verification
 STATE_FILE = "state.json"
 STATE_SUFFIX = "-state"
 STATE_FORMAT = 1
-HASH_LIMIT = 1 << 30  # hash the tensors for `sshs_model_hash` only below 1 GB (LoRA, TI)
+HASH_LIMIT = 1 << 30  # `sshs_*` hashes (kohya: LoRA files) only below 1 GB: LoRA, TI, not a fine-tune
 
 SAVE_DTYPES = {None: "float32", "float": "float32", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -111,7 +111,9 @@ def save_weights(
         raise TrainingError(f"nothing to save for {path.name}: the method produced no tensors")
     metadata = {k: str(v) for k, v in metadata.items()}
     if metadata and sum(t.numel() * t.element_size() for t in tensors.values()) < HASH_LIMIT:
-        metadata["sshs_model_hash"] = tensor_hash(tensors)
+        from sdprep.train.metadata import safetensors_hashes
+
+        metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = safetensors_hashes(tensors, metadata)
     tmp = _tmp_path(path)
     try:
         try:
@@ -391,159 +393,3 @@ def resolve_resume(resume: str | Path, output_dir: Path, name: str) -> Path:
         raise TrainingError(f"--resume {folder}: no such folder", "pass a *-state folder or `latest`")
     read_state_info(folder)
     return folder
-
-
-# -- metadata ------------------------------------------------------------------------------
-
-SDXL_BASE_VERSION = "sdxl_base_v1-0"
-
-
-def _s(value: Any) -> str:
-    return "None" if value is None else str(value)
-
-
-def kohya_metadata(run: dict[str, Any], method: Any, dataset: Any, cfg: Any) -> dict[str, str]:
-    """kohya's `ss_*` training metadata and the `modelspec.*` keys ComfyUI/A1111/Forge read.
-
-    `run` holds the run facts: started (unix time), seed, steps, epoch, num_epochs,
-    batches_per_epoch, total_steps, optimizer (description), session_id, model_name, vae_name.
-    """
-    res = cfg.resolution
-    meta: dict[str, str] = {
-        "ss_session_id": _s(run.get("session_id")),
-        "ss_training_started_at": _s(run.get("started")),
-        "ss_training_finished_at": _s(time.time()),
-        "ss_output_name": _s(run.get("name")),
-        "ss_learning_rate": _s(cfg.learning_rate),
-        "ss_unet_lr": _s(cfg.unet_lr),
-        "ss_text_encoder_lr": _s(cfg.text_encoder_lr),
-        # as kohya counts them: images x repeats (DreamBoothDataset: num_repeats * len(img_paths))
-        "ss_num_train_images": _s(sum(r.num_repeats for r in dataset.records if not r.is_reg)),
-        "ss_num_reg_images": _s(sum(r.num_repeats for r in dataset.records if r.is_reg)),
-        "ss_num_batches_per_epoch": _s(run.get("batches_per_epoch")),
-        "ss_num_epochs": _s(run.get("num_epochs")),
-        "ss_steps": _s(run.get("steps")),
-        "ss_epoch": _s(run.get("epoch")),
-        "ss_max_train_steps": _s(run.get("total_steps")),
-        "ss_gradient_checkpointing": _s(cfg.gradient_checkpointing),
-        "ss_gradient_accumulation_steps": _s(cfg.gradient_accumulation_steps),
-        "ss_lr_warmup_steps": _s(cfg.lr_warmup_steps),
-        "ss_lr_scheduler": _s(cfg.lr_scheduler),
-        "ss_optimizer": _s(run.get("optimizer")),
-        "ss_max_grad_norm": _s(cfg.max_grad_norm),
-        "ss_mixed_precision": _s(cfg.mixed_precision),
-        "ss_full_fp16": _s(cfg.full_fp16),
-        "ss_full_bf16": _s(cfg.full_bf16),
-        "ss_v2": "False",
-        "ss_base_model_version": SDXL_BASE_VERSION,
-        "ss_sd_model_name": _s(run.get("model_name")),
-        "ss_vae_name": _s(run.get("vae_name")),
-        "ss_clip_skip": _s(cfg.clip_skip),
-        "ss_max_token_length": _s(cfg.max_token_length),
-        "ss_cache_latents": _s(cfg.cache_latents or cfg.cache_latents_to_disk),
-        "ss_seed": _s(run.get("seed")),
-        "ss_noise_offset": _s(cfg.noise_offset),
-        "ss_adaptive_noise_scale": _s(cfg.adaptive_noise_scale),
-        "ss_multires_noise_iterations": _s(cfg.multires_noise_iterations),
-        "ss_multires_noise_discount": _s(cfg.multires_noise_discount),
-        "ss_ip_noise_gamma": _s(cfg.ip_noise_gamma),
-        "ss_min_snr_gamma": _s(cfg.min_snr_gamma),
-        "ss_zero_terminal_snr": _s(cfg.zero_terminal_snr),
-        "ss_debiased_estimation": _s(cfg.debiased_estimation_loss),
-        "ss_loss_type": _s(cfg.loss_type),
-        "ss_huber_schedule": _s(cfg.huber_schedule),
-        "ss_huber_c": _s(cfg.huber_c),
-        "ss_prior_loss_weight": _s(cfg.prior_loss_weight),
-        "ss_masked_loss": _s(cfg.masked_loss),
-        "ss_caption_dropout_rate": _s(cfg.caption_dropout_rate),
-        "ss_caption_dropout_every_n_epochs": _s(cfg.caption_dropout_every_n_epochs),
-        "ss_caption_tag_dropout_rate": _s(cfg.caption_tag_dropout_rate),
-        "ss_batch_size_per_device": _s(cfg.train_batch_size),
-        "ss_total_batch_size": _s(run.get("total_batch_size")),
-        "ss_resolution": f"({res[0]}, {res[1]})",
-        "ss_enable_bucket": _s(cfg.enable_bucket),
-        "ss_min_bucket_reso": _s(cfg.min_bucket_reso),
-        "ss_max_bucket_reso": _s(cfg.max_bucket_reso),
-        "ss_bucket_no_upscale": _s(cfg.bucket_no_upscale),
-        "ss_keep_tokens": _s(cfg.keep_tokens),
-        "ss_shuffle_caption": _s(cfg.shuffle_caption),
-        "ss_flip_aug": _s(cfg.flip_aug),
-        "ss_random_crop": _s(cfg.random_crop),
-        "ss_color_aug": _s(cfg.color_aug),
-        "ss_dataset_dirs": json.dumps(dataset.dataset_dirs()),
-        "ss_tag_frequency": json.dumps(dataset.tag_frequency()),
-        "ss_training_comment": _s(cfg.training_comment),
-        "ss_sdprep_version": _sdprep_version(),
-    }
-    meta.update(method.metadata())
-    meta.update(modelspec(cfg, method, run))
-    return meta
-
-
-def modelspec(cfg: Any, method: Any, run: dict[str, Any]) -> dict[str, str]:
-    """Stability AI's model spec keys (what ComfyUI/A1111/Forge show and sort by)."""
-    res = cfg.resolution
-    spec = {
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": method.architecture,
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-        "modelspec.title": cfg.metadata_title
-        or f"{run.get('name')}" + (f" {run['label']}" if run.get("label") else ""),
-        "modelspec.resolution": f"{res[0]}x{res[1]}",
-        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "modelspec.prediction_type": "v" if cfg.v_parameterization else "epsilon",
-    }
-    for key in (
-        "author",
-        "description",
-        "license",
-        "tags",
-        "trigger_phrase",
-        "usage_hint",
-        "preprocessor",
-        "merged_from",
-        "is_negative_embedding",
-    ):
-        value = getattr(cfg, f"metadata_{key}", None)
-        if value:
-            spec[f"modelspec.{key}"] = str(value)
-    if getattr(cfg, "metadata_thumbnail", None):
-        spec["modelspec.thumbnail"] = thumbnail_data_url(cfg.metadata_thumbnail)
-    if cfg.clip_skip:
-        spec["modelspec.encoder_layer"] = str(cfg.clip_skip)
-    return spec
-
-
-def thumbnail_data_url(value: str) -> str:
-    """kohya's metadata_thumbnail: a data URL as given, or an image file read into one."""
-    import base64
-    import mimetypes
-
-    if value.startswith("data:"):
-        return value
-    path = Path(value).expanduser()
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(
-            f"metadata_thumbnail {path}: cannot read ({exc.strerror})", "give an image file or a data: URL"
-        ) from None
-    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-
-
-def tensor_hash(tensors: dict[str, Any]) -> str:
-    """kohya's `sshs_model_hash`: sha256 of the safetensors data after the header (what A1111 shows)."""
-    import hashlib
-
-    from safetensors.torch import save
-
-    blob = save(tensors)
-    n = int.from_bytes(blob[:8], "little")
-    return hashlib.sha256(blob[8 + n :]).hexdigest()
-
-
-def _sdprep_version() -> str:
-    from sdprep import __version__
-
-    return __version__

@@ -363,7 +363,7 @@ class LoraMethod(TrainMethod):
         meta = {
             "ss_network_module": "networks.lora",
             "ss_network_dim": str(self.rank),
-            "ss_network_alpha": _num(self.alpha),
+            "ss_network_alpha": str(float(self.alpha)),  # kohya: argparse float, "1.0"
             "ss_network_dropout": str(getattr(self.cfg, "network_dropout", None)),
             "ss_scale_weight_norms": str(self.max_norm),
             "ss_network_train_unet_only": str(not self.train_te),
