@@ -30,6 +30,7 @@ from sdprep.dataset import (
     read_sidecar,
     require_images,
     sdprep_meta,
+    unsafe_reason,
 )
 from sdprep.errors import ConfigError, ImageError, SdprepError, unknown_choice
 from sdprep.fileops import Journal
@@ -169,6 +170,12 @@ def plan(items: list[Item], method: MaskMethod, opts: MaskOptions, result: Stage
             record = wanted_record(item, method, opts)
         except (SdprepError, OSError) as exc:
             result.fail_error(item.path, exc)
+            continue
+        problem = unsafe_reason(mask_path)  # a folder, FIFO or link out where the mask goes
+        if problem:
+            result.fail(
+                item.path, f"{opts.out}/{mask_path.name}: {problem}; move it away, then run mask again"
+            )
             continue
         old = sdprep_meta(sidecar).get(meta_key(opts.out))
         exists = mask_path.is_file()

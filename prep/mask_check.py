@@ -137,8 +137,16 @@ def check_masks(
         )
     if preview and result.entries:
         path = default_preview(root) if preview is True else Path(preview)
-        write_preview(result, path)
-        result.preview = path
+        try:
+            write_preview(result, path)
+            result.preview = path
+        except OSError as exc:
+            if preview is not True:  # a file the user asked for: its failure is an error
+                raise
+            # checking only reads: a dataset on a read-only disk or folder is checked all the same
+            result.notes.append(
+                f"preview not written ({path.parent}: {exc.strerror}); pass --preview FILE to draw it elsewhere"
+            )
     return result
 
 

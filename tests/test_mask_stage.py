@@ -308,3 +308,54 @@ def test_alpha_on_a_mixed_folder_exits_0_and_face_suggests_the_fallback(sample_d
         f"nothing to mask in {failed} of 8 images (no face found (cascade haarcascade_frontalface_default.xml)): "
         "add --fallback full to train them on the whole image" in face.output
     )
+
+
+def test_a_folder_where_a_mask_goes_is_that_images_failure(tmp_path):
+    """masks/b.png being a folder: b fails (named), every other image gets its mask, nothing aborts."""
+    for n in "abcd":
+        Image.new("RGBA", (64, 48), (ord(n) * 2, 100, 50, 128)).save(tmp_path / f"{n}.png")
+    (tmp_path / "masks" / "b.png").mkdir(parents=True)
+    (tmp_path / "masks" / "b.png" / "keep.txt").write_text("mine")
+    res = run_mask(tmp_path, MaskOptions("alpha"))
+    assert res.changed == 3
+    assert [(f.path.name, f.reason) for f in res.failed] == [
+        (
+            "b.png",
+            "masks/b.png: not a regular file (a folder, FIFO or device); move it away, then run mask again",
+        )
+    ]
+    assert (tmp_path / "masks" / "b.png" / "keep.txt").read_text() == "mine"
+    assert all((tmp_path / "masks" / f"{n}.png").is_file() for n in "acd")
+
+
+def test_mask_check_works_on_a_read_only_dataset(tmp_path):
+    """--check only reads: on a folder it cannot write it checks all the same and writes nothing.
+
+    Tests may run as root, which ignores permission bits: the CLI runs under corpus.reader_prefix()
+    (setpriv without CAP_DAC_OVERRIDE), under which a mode-555 folder refuses root's writes too."""
+    import corpus
+    from test_reliability_corpus import run_cli
+
+    if not corpus.can_drop_read_permission():
+        pytest.skip("cannot take write permission away here (root without setpriv)")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "masks").mkdir()
+    for n in "abc":
+        Image.new("RGB", (40, 30), (ord(n), 90, 20)).save(data / f"{n}.png")
+    Image.new("L", (40, 30), 255).save(data / "masks" / "a.png")
+    Image.new("L", (40, 30), 0).save(data / "masks" / "b.png")
+    before = corpus.snapshot(data, skip=())
+    for folder in (data, data / "masks"):
+        folder.chmod(0o555)
+    try:
+        done = run_cli(["mask", "--check", str(data)])
+    finally:
+        for folder in (data, data / "masks"):
+            folder.chmod(0o755)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out  # b is empty, c has none: the check itself ran
+    assert "mask check: 3 images, 1 usable masks, 2 problems" in out
+    assert f"preview not written ({data}/.sdprep: Permission denied); pass --preview FILE" in out
+    assert "Traceback" not in out and "Error:" not in out
+    assert corpus.snapshot(data, skip=()) == before  # no lock, journal or preview: nothing written

@@ -269,3 +269,14 @@ def test_cli_usage_errors(tmp_path, cli_runner):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     res = cli_runner.invoke(cli, ["upscale", str(tmp_path), "--model", str(tmp_path / "bad.pth")])
     assert res.exit_code == 1 and "holds pickled Python objects" in res.output
+
+
+def test_an_empty_mask_file_is_named_not_its_image(tmp_path):
+    for n in "ab":
+        Image.new("RGB", (64, 48), (ord(n) * 2, 100, 50)).save(tmp_path / f"{n}.png")
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "masks" / "a.png").write_bytes(b"")
+    Image.new("L", (64, 48), 255).save(tmp_path / "masks" / "b.png")
+    res = run_upscale(tmp_path, UpscaleOptions(min_side=100))
+    assert res.changed == 1
+    assert [(f.path.name, f.reason) for f in res.failed] == [("a.png", "masks/a.png: empty file (0 bytes)")]
