@@ -24,7 +24,7 @@ from sdprep import state
 from sdprep.dataset import Item, dumps_json, iter_items, loads_json, require_images
 from sdprep.errors import ConfigError, ImageError, unknown_choice
 from sdprep.fileops import Journal, Operation, atomic_write_text
-from sdprep.images import load_image, open_image
+from sdprep.images import load_image, open_image, unwritable_size
 from sdprep.prep.rename import companion_pairs
 from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import StageResult, map_items
@@ -35,8 +35,6 @@ KEPT_FORMATS = {"PNG", "JPEG", "WEBP"}  # without --format these stay as they ar
 ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 GREY_MODES = {"L", "LA", "1", "I", "I;16", "I;16B", "I;16L", "F"}
 PLAIN_MODES = {"RGB", "RGBA", "L", "LA", "P"}
-# The largest side each format can store (libwebp: 16,383; JPEG's header: 65,535; PNG: 2^31-1).
-MAX_SIDE = {"WEBP": 16383, "JPEG": 65535}
 VERIFIED_FILE = "convert-verified.json"  # in DIR/.sdprep: files that decoded to the end
 VERIFY_VERSION = 1  # bump when the check gets stricter: every file is checked again
 
@@ -127,12 +125,11 @@ def plan_image(path: Path, opts: ConvertOptions) -> Plan | None:
 
 def _check_side(path: Path, size: tuple[int, int], target: str) -> None:
     """Refuse, before decoding or writing, an image too large for the format it would become."""
-    limit = MAX_SIDE.get(target)
-    if limit is not None and max(size) > limit:
-        name = {"WEBP": "WebP", "JPEG": "JPEG"}[target]
+    problem = unwritable_size(size, target)
+    if problem:
         raise ImageError(
             path,
-            f"{size[0]}x{size[1]} does not fit in {name}, which stores at most {limit:,} px per side",
+            f"{size[0]}x{size[1]} {problem}",
             "convert it to PNG (--format png), or crop or resize it first",
         )
 

@@ -23,7 +23,7 @@ from PIL import Image
 from sdprep.dataset import Item, dump_sidecar, iter_items, read_sidecar, require_images, sdprep_meta
 from sdprep.errors import ConfigError, ImageError, ModelError
 from sdprep.fileops import Journal
-from sdprep.images import image_size, load_image, open_image
+from sdprep.images import image_size, load_image, open_image, unwritable_size
 from sdprep.prep.convert import GREY_MODES, save_bytes
 from sdprep.prep.rename import mask_dirs
 from sdprep.progress import NullReporter, Reporter
@@ -135,6 +135,13 @@ def prepare(item: Item, opts: UpscaleOptions, upscaler: Callable[[], object | No
         transparent = mode in ("RGBA", "LA", "PA") or "transparency" in probe.info
     if fmt not in WRITABLE:
         raise ImageError(item.path, f"sdprep does not write {fmt} files", "run `sdprep convert` first")
+    too_large = unwritable_size(size, fmt)  # a 1x20000 strip to --min-side 128: 128x2,560,000
+    if too_large:
+        raise ImageError(
+            item.path,
+            f"upscaled, {w}x{h} would become {size[0]:,}x{size[1]:,}: that {too_large}",
+            "crop the image (so thin a strip is rarely useful), or lower --min-side / --min-area",
+        )
     load_mode = "RGBA" if transparent and fmt != "JPEG" else ("L" if mode in GREY_MODES else "RGB")
     out = upscale_image(load_image(item.path, load_mode), size, upscaler())
     data = save_bytes(out, fmt, opts.quality, icc)

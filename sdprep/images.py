@@ -19,6 +19,9 @@ DEFAULT_MAX_PIXELS = int(os.environ.get("SDPREP_MAX_PIXELS", 268_435_456))
 
 Mode = Literal["RGB", "RGBA", "L", "keep"]
 
+# The largest side each format can store (libwebp: 16,383; JPEG's header: 65,535; PNG: 2^31-1).
+FORMAT_MAX_SIDE = {"WEBP": ("WebP", 16383), "JPEG": ("JPEG", 65535)}
+
 # We check sizes ourselves, before decoding; Pillow's own guard would raise an untyped error.
 Image.MAX_IMAGE_PIXELS = None
 
@@ -53,6 +56,18 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
             "resize it, or raise the limit with SDPREP_MAX_PIXELS if you trust the file",
         )
     return im
+
+
+def unwritable_size(size: tuple[int, int], pil_format: str) -> str | None:
+    """Why sdprep must not write an image of `size` as `pil_format` ("does not fit in WebP, ..."), or
+    None: the format cannot store it, or sdprep's own loader would refuse to read it back."""
+    w, h = size
+    name, limit = FORMAT_MAX_SIDE.get(pil_format, (pil_format, None))
+    if limit is not None and max(w, h) > limit:
+        return f"does not fit in {name}, which stores at most {limit:,} px per side"
+    if w * h > DEFAULT_MAX_PIXELS:
+        return f"is {w * h:,} pixels, over the {DEFAULT_MAX_PIXELS:,} sdprep reads (SDPREP_MAX_PIXELS)"
+    return None
 
 
 def open_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -280,3 +280,26 @@ def test_an_empty_mask_file_is_named_not_its_image(tmp_path):
     res = run_upscale(tmp_path, UpscaleOptions(min_side=100))
     assert res.changed == 1
     assert [(f.path.name, f.reason) for f in res.failed] == [("a.png", "masks/a.png: empty file (0 bytes)")]
+
+
+def test_an_upscale_past_what_sdprep_reads_back_is_refused_per_file(tmp_path):
+    """1x20000 to --min-side 128 would be 128x2,560,000 (1.5 GB, refused by sdprep's own loader)."""
+    Image.new("RGB", (1, 20000), (200, 10, 10)).save(tmp_path / "strip.png")
+    Image.new("RGB", (300, 100), (10, 200, 10)).save(tmp_path / "wide.webp", lossless=True)  # 384x128: fine
+    Image.new("RGB", (10, 2000), (10, 10, 200)).save(tmp_path / "tall.webp", lossless=True)  # 128x25600
+    before = (tmp_path / "strip.png").read_bytes()
+    res = run_upscale(tmp_path, UpscaleOptions(min_side=128))
+    assert res.changed == 1
+    assert sorted((f.path.name, f.reason) for f in res.failed) == [
+        (
+            "strip.png",
+            "upscaled, 1x20000 would become 128x2,560,000: that is 327,680,000 pixels, over the 268,435,456 "
+            "sdprep reads (SDPREP_MAX_PIXELS)",
+        ),
+        (
+            "tall.webp",
+            "upscaled, 10x2000 would become 128x25,600: that does not fit in WebP, which stores at most 16,383 px "
+            "per side",
+        ),
+    ]
+    assert (tmp_path / "strip.png").read_bytes() == before
