@@ -171,17 +171,30 @@ def save_bytes(im: Image.Image, pil_format: str, quality: int = 95, icc: bytes |
     return buf.getvalue()
 
 
-def _check_free(plan: Plan) -> None:
-    """A new name must not be taken (`a.gif` -> `a.png` beside an existing `a.png`)."""
+def _check_free(plan: Plan, data: bytes) -> None:
+    """A new name must not be taken (`a.gif` -> `a.png` beside an existing `a.png`).
+
+    The image's new name holding exactly `data` is no clash: a run killed after writing it and
+    before removing the original left it, and this run finishes that step.
+    """
     if plan.dst == plan.src:
         return
     for _, new in companion_pairs(plan.src, plan.dst):
+        if new == plan.dst and _holds(new, data):
+            continue
         if new.exists():
             raise ImageError(
                 plan.src,
                 f"cannot convert to {plan.dst.suffix[1:]}: {new.name} already exists",
                 "rename one of them first (sdprep rename), then convert again",
             )
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    try:
+        return not path.is_symlink() and path.stat().st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
 
 
 def file_key(path: Path) -> list[int]:
@@ -219,8 +232,9 @@ def _work(item: Item, opts: ConvertOptions, verified: list[int] | None) -> tuple
         if key != verified:
             verify_image(item.path)
         return key
-    _check_free(plan)
-    return plan, encode(plan, opts)
+    data = encode(plan, opts)
+    _check_free(plan, data)
+    return plan, data
 
 
 def load_verified(root: Path) -> dict[str, list[int]]:
@@ -246,7 +260,7 @@ def save_verified(root: Path, files: dict[str, list[int]]) -> None:
 
 def apply_plan(op: Operation, plan: Plan, data: bytes) -> None:
     """Write the new file; when the name changes, move the sidecar and keep the original in the journal."""
-    _check_free(plan)  # again: another image of this run may have taken the name meanwhile
+    _check_free(plan, data)  # again: another image of this run may have taken the name meanwhile
     op.write_bytes(plan.dst, data)
     if plan.dst != plan.src:
         for old, new in companion_pairs(plan.src, plan.dst)[1:]:

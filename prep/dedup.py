@@ -11,6 +11,7 @@ The hash is cached in the sidecar with the file's size and mtime, so a rerun dec
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,8 @@ from sdprep.dataset import (
 from sdprep.errors import ConfigError, ImageError
 from sdprep.fileops import Journal, Operation
 from sdprep.images import load_image
-from sdprep.prep.rename import companion_pairs, mask_dirs, natural_key
+from sdprep.lock import dataset_lock
+from sdprep.prep.rename import companion_pairs, mask_dirs, natural_key, symlinks
 from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import StageResult, map_items
 
@@ -206,9 +208,23 @@ def group(hashes: list[int], threshold: int) -> list[list[int]]:
     return groups
 
 
-def best_first(fps: list[Fingerprint]) -> list[Fingerprint]:
-    """Largest area first, then sharpest, then name order (so the choice is stable)."""
-    return sorted(fps, key=lambda f: (-f.area, -f.sharpness, natural_key(f.item.name)))
+def best_first(fps: list[Fingerprint], pinned: frozenset[str] = frozenset()) -> list[Fingerprint]:
+    """Largest area first, then sharpest, then name order (so the choice is stable); images a
+    symlink points at (real paths in `pinned`) before all others, as they cannot move."""
+    return sorted(
+        fps,
+        key=lambda f: (
+            os.path.realpath(f.item.path) not in pinned,
+            -f.area,
+            -f.sharpness,
+            natural_key(f.item.name),
+        ),
+    )
+
+
+def link_targets(root: Path) -> frozenset[str]:
+    """Real paths of the files that symlinks in the dataset point at: moving one would break a link."""
+    return frozenset(os.path.realpath(link) for link in symlinks(root))
 
 
 def distance(a: int, b: int) -> int:
@@ -256,12 +272,20 @@ def _move_duplicate(op: Operation, root: Path, dup: Fingerprint, keep: Fingerpri
 
 def run_dedup(root: Path | str, opts: DedupOptions, *, report: Reporter = NullReporter()) -> StageResult:
     """Group near-duplicate images of `root`; keep the best of each group, move the rest aside."""
-    root = require_images(root, opts.recursive)
-    items = list(iter_items(root, opts.recursive))
     result = StageResult("dedup")
     if opts.dry_run:
-        _dedup(root, items, opts, None, result, report)
-    else:
+        root = require_images(root, opts.recursive)
+        _dedup(root, list(iter_items(root, opts.recursive)), opts, None, result, report)
+        return result
+    with dataset_lock(root, "dedup"):
+        from sdprep.undo import roll_back_interrupted
+
+        # a killed dedup moved some files of a group, not all: undo it, then do the whole job
+        rolled = roll_back_interrupted(root, "dedup")
+        if rolled is not None:
+            result.notes.append(f"  first undid the interrupted `{rolled[0]}` ({rolled[1]} changes)")
+        root = require_images(root, opts.recursive)
+        items = list(iter_items(root, opts.recursive))
         with Journal(root).begin("dedup") as op:
             _dedup(root, items, opts, op, result, report)
     return result
@@ -271,8 +295,20 @@ def _dedup(
     root: Path, items: list[Item], opts: DedupOptions, op: Operation | None, result: StageResult, report
 ) -> None:
     fps = _fingerprints(items, opts, op, result, report)
-    groups = [best_first([fps[i] for i in g]) for g in group([f.phash for f in fps], opts.threshold)]
+    pinned = link_targets(root)
+    groups = [best_first([fps[i] for i in g], pinned) for g in group([f.phash for f in fps], opts.threshold)]
     groups.sort(key=lambda g: natural_key(g[0].item.path.relative_to(root).as_posix()))
+    real = {id(f): os.path.realpath(f.item.path) for g in groups for f in g}
+    # a link and its target are one file, not duplicates; another copy a link points at cannot move
+    same = [d for g in groups for d in g[1:] if real[id(d)] == real[id(g[0])]]
+    held = [d for g in groups for d in g[1:] if real[id(d)] in pinned and real[id(d)] != real[id(g[0])]]
+    if held:
+        names = ", ".join(d.item.name for d in held[:5])
+        result.notes.append(
+            f"  kept {len(held)} duplicates in place, a symlink in the dataset points at them: {names}"
+        )
+    groups = [[g[0], *(d for d in g[1:] if d not in held and d not in same)] for g in groups]
+    groups = [g for g in groups if len(g) > 1]
     result.details["groups"] = [
         (g[0].item.path, [(d.item.path, distance(g[0].phash, d.phash)) for d in g[1:]]) for g in groups
     ]

@@ -117,6 +117,21 @@ class Job:
     mask_path: Path
     existing: bool  # a mask file is already there (combine reads it)
     relink: bool = False  # the mask is up to date; only the record's path changes (a renamed image)
+    foreign: bool = False  # a mask is there without our record: replaced only if it is what we make
+
+
+def foreign_mask(job: Job, out: str) -> str:
+    return (
+        f"{out}/{job.mask_path.name} exists and was not made by sdprep mask; pass --force to "
+        "replace it, --combine union|intersection to merge with it, or import it with --method import"
+    )
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    try:
+        return path.stat().st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
 
 
 @dataclass
@@ -186,14 +201,10 @@ def plan(items: list[Item], method: MaskMethod, opts: MaskOptions, result: Stage
                 jobs.append(Job(item, sidecar, {**old, "path": record["path"]}, mask_path, True, relink=True))
             continue
         ours = isinstance(old, dict) and _folder(old) == _folder(record)
-        if exists and not (ours or opts.force or opts.post.combine):
-            result.fail(
-                item.path,
-                f"{opts.out}/{mask_path.name} exists and was not made by sdprep mask; pass --force to "
-                "replace it, --combine union|intersection to merge with it, or import it with --method import",
-            )
-            continue
-        jobs.append(Job(item, sidecar, record, mask_path, exists))
+        # a mask without our record: the user's, or one a killed run wrote before its record (then
+        # it is exactly what this run makes, and only the record is missing): told apart once made
+        foreign = exists and not (ours or opts.force or opts.post.combine)
+        jobs.append(Job(item, sidecar, record, mask_path, exists, foreign=foreign))
     return jobs
 
 
@@ -296,6 +307,9 @@ def run_mask(root: Path | str, opts: MaskOptions, *, report: Reporter = NullRepo
                 result.fail_error(job.item.path, made)
                 if isinstance(made, MaskNotFound):
                     missing.append(made)
+                continue
+            if job.foreign and not _holds(job.mask_path, made.png):
+                result.fail(job.item.path, foreign_mask(job, opts.out))
                 continue
             op.mkdir(job.mask_path.parent)
             op.write_bytes(job.mask_path, made.png)

@@ -2,7 +2,10 @@
 
 The rename is two-phase: every file first moves to a unique hidden temporary name in its own folder,
 then to its final name, so no name collision can overwrite a file (as `mv -i` loops in shell scripts
-do). Every move goes through the journal, so `sdprep undo DIR` restores the old names.
+do). Symlinks in the dataset that pointed at a renamed file are then pointed at its new name (a
+repeat folder of links into `raw/` keeps working). Every change goes through the journal, so
+`sdprep undo DIR` restores the old names; a rename that was killed is undone by the next rename
+before it starts, so the re-run ends exactly as an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ import os
 import re
 import string
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from sdprep.dataset import MASK_DIR, Item, iter_items, parse_repeat_folder, require_images
 from sdprep.errors import ConfigError, DatasetError
-from sdprep.fileops import Journal
+from sdprep.fileops import Journal, Operation
+from sdprep.lock import dataset_lock
 from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import StageResult
 
@@ -194,12 +198,26 @@ def run_rename(root: Path | str, opts: RenameOptions, *, report: Reporter = Null
     root = Path(root)
     if opts.pattern is not None:
         check_pattern(opts.pattern)
+    if opts.dry_run:
+        return _rename(root, opts, report, None)
+    with dataset_lock(root, "rename"):
+        from sdprep.undo import roll_back_interrupted
+
+        rolled = roll_back_interrupted(root, "rename")
+        return _rename(root, opts, report, rolled)
+
+
+def _rename(root: Path, opts: RenameOptions, report: Reporter, rolled: tuple[str, int] | None) -> StageResult:
     require_images(root, opts.recursive)
     _refuse_leftovers(root)
     plan = []
     for folder, items in _by_folder(iter_items(root, opts.recursive)).items():
         plan += plan_folder(folder, items, opts)
     result = StageResult("rename")
+    if rolled is not None:
+        result.notes.append(
+            f"  first undid the interrupted `{rolled[0]}` ({rolled[1]} changes), then renamed"
+        )
     todo = [(src, dst) for src, dst in plan if src != dst]
     result.skipped = len(plan) - len(todo)
     result.details["plan"] = todo
@@ -217,7 +235,10 @@ def run_rename(root: Path | str, opts: RenameOptions, *, report: Reporter = Null
 
 
 def _refuse_leftovers(root: Path) -> None:
-    """A killed rename leaves files under hidden temporary names: renaming again would hide them for good."""
+    """A killed rename leaves files under hidden temporary names: renaming again would hide them for good.
+
+    The next rename undoes the killed one by itself; this catches what it cannot (the killed rename
+    is no longer the newest operation, or the journal was deleted)."""
     left = [p for p in root.rglob(TEMP_PREFIX + "*") if ".sdprep" not in p.relative_to(root).parts]
     if left:
         raise DatasetError(
@@ -242,9 +263,50 @@ def _apply(root: Path, moves: list[tuple[Path, Path]], report: Reporter) -> None
         [(old, t) for (old, _), t in zip(moves, temps)],
         [(t, new) for (_, new), t in zip(moves, temps)],
     ]
+    links = retargets(root, moves)
     with Journal(root).begin("rename") as op:
         for phase in phases:  # every file to its temporary name, then every file to its final name
             for start in range(0, len(phase), BATCH):  # one journal sync per batch of moves
                 op.move_many(phase[start : start + BATCH])
                 report.advance(len(phase[start : start + BATCH]))
+        relink(op, links)
     report.finish()
+
+
+def _key(path: Path) -> str:
+    """A path with its folder resolved: how a symlink's first hop is compared with a renamed file."""
+    return os.path.join(os.path.realpath(path.parent), path.name)
+
+
+def retargets(root: Path, moves: list[tuple[Path, Path]]) -> list[tuple[Path, str]]:
+    """(where the link is after the moves, its new target) for every symlink in the dataset that
+    points at a file being moved. A relative link stays relative, an absolute one absolute."""
+    moved = {_key(old): new for old, new in moves}
+    out = []
+    for link in symlinks(root):
+        target = os.readlink(link)
+        hop = os.path.normpath(os.path.join(os.path.realpath(link.parent), target))
+        if hop not in moved:
+            continue
+        new, after = moved[hop], moved.get(_key(link), link)  # the link may be renamed too
+        new_real = os.path.join(os.path.realpath(new.parent), new.name)
+        absolute = os.path.isabs(target)
+        out.append(
+            (after, new_real if absolute else os.path.relpath(new_real, os.path.realpath(after.parent)))
+        )
+    return out
+
+
+def symlinks(root: Path) -> Iterator[Path]:
+    """Every symlink to a file under `root` (sdprep's own folder excluded; linked folders not entered)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d != ".sdprep"]
+        for name in filenames:
+            path = Path(dirpath) / name
+            if path.is_symlink():
+                yield path
+
+
+def relink(op: Operation, links: list[tuple[Path, str]]) -> None:
+    for link, target in links:
+        op.relink(link, target)

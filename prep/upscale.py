@@ -203,10 +203,12 @@ def run_upscale(root: Path | str, opts: UpscaleOptions, *, report: Reporter = Nu
             elif out is None:
                 result.skipped += 1
             else:
-                op.write_bytes(item.path, out.image)
+                # the image last: a run killed before it finds the image still small and redoes all
+                # three (the masks it resized already come out the same); after it, nothing is left
                 for path, mask in out.masks:
                     op.write_bytes(path, mask)
                 op.write_text(item.sidecar_path, out.sidecar)
+                op.write_bytes(item.path, out.image)
                 result.notes += out.notes
                 result.changed += 1
     report.finish()

@@ -19,7 +19,7 @@ from pathlib import Path
 from sdprep import state
 from sdprep.dataset import is_within, loads_json
 from sdprep.errors import JournalError
-from sdprep.fileops import JOURNAL_DIR, Entry, Journal, _foreign_journal, file_sig
+from sdprep.fileops import JOURNAL_DIR, Entry, Journal, _foreign_journal, file_sig, read_meta
 from sdprep.lock import dataset_lock
 
 ACTIONS = ("move", "write", "create", "delete", "mkdir")
@@ -103,8 +103,9 @@ def _same(path: Path, sigs: set[str], old: Path | None) -> bool:
     if not sigs:
         return True  # entries of an older sdprep carry no signature: nothing to compare with
     if any(s.startswith("ino:") for s in sigs):
+        # a hard link: the same size and mtime (a copy made with `cp -a` has another inode) is unchanged
         st = os.lstat(path)
-        if f"ino:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}" in sigs:
+        if any(s.endswith(f":{st.st_size}:{st.st_mtime_ns}") for s in sigs if s.startswith("ino:")):
             return True
     try:
         if file_sig(path) in sigs:
@@ -235,6 +236,24 @@ def _reverse(base: Path, folder: Path, entries: list[Entry]) -> int:
             except OSError:
                 pass  # not empty (the user put files there) or already gone
     return undone
+
+
+def roll_back_interrupted(root: Path | str, command: str) -> tuple[str, int] | None:
+    """Undo the newest operation on `root` when it is an interrupted run of `command`.
+
+    For commands whose steps move several files together (rename, dedup): a re-run after a kill
+    first puts the dataset back as it was, then does the whole job, so it ends exactly as an
+    uninterrupted run would. Call with the dataset lock held. Returns what undo returned, or None.
+    """
+    journal = Journal(root)
+    if not journal.checked_dir().is_dir():
+        return None
+    journal.tidy()
+    ops = journal.operations()
+    meta = read_meta(ops[-1]) if ops else None
+    if meta is None or meta["command"] != command or meta.get("complete", False):
+        return None
+    return _undo(root, force=False)
 
 
 def collect(root: Path | str, keep: int = 0) -> int:

@@ -99,7 +99,7 @@ def test_animation_exif_rotation_and_modes(tmp_path):
 
 def test_name_conflict_is_a_per_file_failure(tmp_path, cli_runner):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.gif")
-    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "a.png")  # another picture
     Image.new("RGB", (8, 8)).save(tmp_path / "b.bmp")
     res = cli_runner.invoke(cli, ["-q", "convert", str(tmp_path)])
     assert res.exit_code == 1
