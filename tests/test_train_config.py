@@ -195,7 +195,7 @@ def test_wrong_type_names_the_key(tmp_path):
         ('optimizer_type = "AdamW9bit"\n', 'unknown optimizer_type "AdamW9bit"'),
         ("full_bf16 = true\n", 'full_bf16 needs mixed_precision = "bf16"'),
         ("adaptive_noise_scale = 0.01\n", "adaptive_noise_scale needs noise_offset"),
-        ('network_module = "lycoris.kohya"\n', 'network_module "lycoris.kohya" is not supported'),
+        ('network_module = "networks.dylora"\n', 'network_module "networks.dylora" is not supported'),
         (
             'network_module = "networks.lora"\nnetwork_args = ["rank_dropot=0.1"]\n',
             'network_args "rank_dropot" is not supported',
@@ -217,7 +217,7 @@ def test_wrong_type_names_the_key(tmp_path):
             "network_args: algo=locon is a LyCORIS option",
         ),
         ("v2 = true\n", '"v2 = True" is not supported by sdprep'),
-        ('LoRA_type = "LyCORIS/LoCon"\n', 'LoRA_type = "LyCORIS/LoCon" is not supported'),
+        ('LoRA_type = "Kohya DyLoRA"\n', 'LoRA_type = "Kohya DyLoRA" is not supported'),
         (
             "max_bucket_reso = 1024\nresolution = 1536\n",
             "max_bucket_reso 1024 is smaller than the resolution 1536,1536",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_support import lora_cfg, make_dataset, unet_inputs
+from train_support import lora_cfg, make_dataset, merge_kohya_file, unet_inputs
 
 from sdprep.train.methods.lora_args import (
     SDXL_BLOCKS,
@@ -198,28 +198,6 @@ def test_param_groups_per_block_with_loraplus(block_run) -> None:
         assert all(("lora_B" in named[i]) == plus for i in names)
     # the optimizer got exactly these groups and learning rates (as logged)
     assert [g["lr"] for g in block_run.optimizer.param_groups] == [g["lr"] for g in groups]
-
-
-def merge_kohya_file(unet, tensors: dict) -> None:
-    """Add each module's delta up @ down * alpha / rank from a kohya LoRA file into `unet` (the merge
-    A1111 / ComfyUI do, with each module's own alpha)."""
-    from sdprep.train.sgm import UnetLayout, kohya_lora_names
-
-    layers = {n: m for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
-    names = kohya_lora_names(layers, "lora_unet", UnetLayout.from_config(unet.config))
-    with torch.no_grad():
-        for key, down in tensors.items():
-            if not (key.startswith("lora_unet_") and key.endswith(".lora_down.weight")):
-                continue
-            module = key[: -len(".lora_down.weight")]
-            up, alpha = tensors[f"{module}.lora_up.weight"], float(tensors[f"{module}.alpha"])
-            weight = layers[names[module]].weight
-            scale = alpha / down.shape[0]
-            if down.dim() == 4 and down.shape[2:] != (1, 1):  # 3x3 conv: up (1x1) after down
-                delta = torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
-            else:
-                delta = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
-            weight += delta * scale
 
 
 def test_the_trained_file_reproduces_the_merged_network(block_run, tiny_sdxl: Path) -> None:

@@ -98,3 +98,46 @@ def unet_inputs(seed: int = 0, batch: int = 1, size: int = 16):
             "time_ids": torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]] * batch),
         },
     )
+
+
+def merge_kohya_file(unet, tensors: dict) -> None:
+    """Add each module's delta up @ down * alpha / rank from a kohya LoRA file into `unet` (the merge
+    A1111 / ComfyUI do, with each module's own alpha)."""
+    import torch
+
+    from sdprep.train.sgm import UnetLayout, kohya_lora_names
+
+    layers = {n: m for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    names = kohya_lora_names(layers, "lora_unet", UnetLayout.from_config(unet.config))
+    with torch.no_grad():
+        for key, down in tensors.items():
+            if not (key.startswith("lora_unet_") and key.endswith(".lora_down.weight")):
+                continue
+            module = key[: -len(".lora_down.weight")]
+            up, alpha = tensors[f"{module}.lora_up.weight"], float(tensors[f"{module}.alpha"])
+            weight = layers[names[module]].weight
+            scale = alpha / down.shape[0]
+            if down.dim() == 4 and down.shape[2:] != (1, 1):  # 3x3 conv: up (1x1) after down
+                delta = torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+            else:
+                delta = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
+            weight += delta * scale
+
+
+def errors_without(cli_runner, tmp_path: Path, monkeypatch, module: str, settings: str) -> list[str]:
+    """`sdprep train` on a config (`settings` TOML lines) whose model does not exist, with `module`
+    made unimportable: the run's `Error:` lines (a missing package must be reported before the
+    model would fail to load)."""
+    import sys
+
+    from sdprep.cli import cli
+
+    monkeypatch.setitem(sys.modules, module, None)
+    config = tmp_path / "c.toml"
+    config.write_text(
+        settings + f'pretrained_model_name_or_path = "{tmp_path / "no-such-model"}"\n'
+        f'train_data_dir = "{tmp_path}"\noutput_dir = "{tmp_path / "out"}"\n'
+    )
+    result = cli_runner.invoke(cli, ["train", "--config", str(config)])
+    assert result.exit_code == 1 and "no-such-model" not in result.output
+    return [line for line in result.output.splitlines() if line.startswith("Error:")]

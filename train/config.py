@@ -331,10 +331,10 @@ def _check_keys(raw: dict[str, Any], source: str, notes: list[str]) -> dict[str,
     for key, value in raw.items():
         if key in FIELDS or key in _SPECIAL_KEYS:
             out[key] = value
-        elif key == "LoRA_type" and str(value).strip().lower() not in ("standard", ""):
+        elif key == "LoRA_type" and not _trained_lora_type(str(value)):
             raise ConfigError(
                 f'{source}: LoRA_type = "{value}" is not supported',
-                "sdprep trains Standard LoRA (networks.lora)",
+                "sdprep trains Standard LoRA, Kohya LoCon (networks.lora) and LyCORIS (lycoris.kohya)",
             )
         elif key in ACCEPTED_IGNORED:
             notes.append(f'"{key}" accepted but not used: {ACCEPTED_IGNORED[key]}')
@@ -350,6 +350,12 @@ def _check_keys(raw: dict[str, Any], source: str, notes: list[str]) -> dict[str,
                 f'unknown key "{key}" in {source}', f"{hint} ({LIST_KEYS_HINT})" if hint else LIST_KEYS_HINT
             )
     return out
+
+
+def _trained_lora_type(value: str) -> bool:
+    """The GUI's LoRA_type values sdprep trains (network_module and network_args say how)."""
+    value = value.strip().lower()
+    return value in ("", "standard", "kohya locon") or value.startswith("lycoris/")
 
 
 def _normalise(data: dict[str, Any], notes: list[str]) -> dict[str, Any]:
@@ -692,13 +698,18 @@ def _check_choices(cfg: TrainConfig) -> None:
     if cfg.network_module is not None and cfg.network_module not in NETWORK_MODULES:
         raise ConfigError(
             f'network_module "{cfg.network_module}" is not supported',
-            'sdprep trains standard LoRA: network_module = "networks.lora"',
+            'sdprep trains LoRA (network_module = "networks.lora") and LyCORIS ("lycoris.kohya")',
         )
+    if cfg.network_module == "lycoris.kohya":
+        from sdprep.train.methods.lycoris import lycoris_args
+
+        lycoris_args(cfg.network_args)  # LyCORIS's own options
+        return
     for name, value in parse_kv_args(cfg.network_args).items():
         if name in ("algo", "preset"):
             raise ConfigError(
                 f"network_args: {name}={value} is a LyCORIS option",
-                'sdprep trains plain LoRA (network_module = "networks.lora"); remove it',
+                'LyCORIS networks need network_module = "lycoris.kohya"; for networks.lora remove it',
             )
         if name not in NETWORK_ARGS:
             hint = did_you_mean(name, NETWORK_ARGS)

@@ -32,7 +32,7 @@ ACCEPTED_IGNORED: dict[str, str] = {
     "torch_compile": "torch.compile is not used",
     "persistent_data_loader_workers": "sdprep manages its data loader workers itself",
     "max_resolution": "bmaltais GUI key; sdprep uses `resolution`",
-    "LoRA_type": "bmaltais GUI key; only Standard LoRA (networks.lora) is trained",
+    "LoRA_type": "bmaltais GUI key; network_module and network_args say what trains",
     "sample_batch_size": "samples are generated one prompt at a time",
     "vae_batch_size": "latents are cached in batches sdprep chooses",
     "cache_info": "sdprep caches image sizes itself",
@@ -169,7 +169,7 @@ OPTIMIZERS = (
     "NAdam",
     "RAdam",
 )
-NETWORK_MODULES = ("networks.lora",)
+NETWORK_MODULES = ("networks.lora", "lycoris.kohya")
 # networks.lora's network_args; those also settable as top-level keys (TrainConfig fields, as the
 # kohya_ss GUI writes them) come first
 NETWORK_ARG_FIELDS = (

@@ -158,6 +158,10 @@ class Trainer(TrainerOutputs):
         check_training_stack()  # before a model loads: a known-bad package pair is one clear error
         cfg = self.cfg
         require_optimizer(cfg.optimizer_type)  # a missing optim package too
+        if cfg.network_module == "lycoris.kohya":
+            from sdprep.train.methods.lycoris import require_lycoris
+
+            require_lycoris()  # and a missing lycoris-lora
         if cfg.output_dir is None:
             raise ConfigError("output_dir is not set", "set output_dir = the folder for the trained files")
         self.output_dir = Path(cfg.output_dir).expanduser()
@@ -217,6 +221,7 @@ class Trainer(TrainerOutputs):
         self.model.vae.to(self.device, dtype=self.vae_dtype)
         for module in (self.model.unet, self.model.text_encoder, self.model.text_encoder_2):
             module.to(self.device)
+        self.method.move_to(self.device)
         self.method.load_initial_weights()
         self.notes += self.method.notes
         if cfg.gradient_checkpointing:

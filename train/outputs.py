@@ -158,6 +158,8 @@ class TrainerOutputs:
         from sdprep.train.sample import generate_samples
 
         self.accelerator.wait_for_everyone()
+        for module in self.train_modules:
+            module.eval()  # no dropout in samples (a LyCORIS network is not inside the models)
         if self.accelerator.is_main_process:
             unet = self.accelerator.unwrap_model(self.ctx.unet)
             prompts = [

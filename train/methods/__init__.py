@@ -32,5 +32,11 @@ def method_class(name: str) -> type:
 
 
 def make_method(name: str, cfg: Any) -> Any:
-    """Instantiate the method `name` for config `cfg`."""
+    """Instantiate the method `name` for config `cfg` (LoRA with network_module "lycoris.kohya" is
+    a LyCORIS network)."""
+    if name == "lora" and getattr(cfg, "network_module", None) == "lycoris.kohya":
+        from sdprep.train.methods.lycoris import LycorisMethod, require_lycoris
+
+        require_lycoris()
+        return LycorisMethod(cfg)
     return method_class(name)(cfg)

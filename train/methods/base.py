@@ -97,6 +97,9 @@ class TrainMethod(ABC):
     def setup(self, model: Any, weight_dtype: Any) -> None:
         """Freeze what does not train, add/unfreeze what does; frozen parts cast to `weight_dtype`."""
 
+    def move_to(self, device: Any) -> None:  # noqa: B027 - optional hook
+        """Move trainable modules that live outside the SDXL models (e.g. a LyCORIS network)."""
+
     @abstractmethod
     def param_groups(self) -> list[dict]:
         """Optimizer parameter groups with their learning rates (`{"params": [...], "lr": x}`)."""
