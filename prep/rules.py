@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,13 +26,16 @@ from sdprep.config import from_dict, load_toml
 from sdprep.dataset import read_text_file, split_tags
 from sdprep.errors import ConfigError, SdprepError
 from sdprep.prep.monochrome import LABELS, MonochromeSettings
+from sdprep.taggers.rules import ScoreRules, score_tags
 from sdprep.tags import (
     TagMatcher,
     TagPattern,
     add_underscore,
     dedupe,
     escape_parentheses,
+    remove_matching,
     remove_underscore,
+    replace_tags,
     tag_key,
 )
 
@@ -77,19 +79,28 @@ class CleanRules:
     audit_tokens: bool = False
     tokenizer: str | None = None
     source: Source = "auto"
-    general_threshold: float = 0.35  # only when tags come from stored WD14 scores
+    # only when tags come from stored WD14 scores: the rule `sdprep tag` uses (taggers/rules.py)
+    general_threshold: float = 0.35
     character_threshold: float = 0.85
+    mcut: bool = False
+    rating: Literal["first", "last", "none"] = "none"
+    character_first: bool = False
 
     def __post_init__(self) -> None:
+        self.scores  # noqa: B018 - validates the score rule
         if self.prune_core is not None and not 0 < self.prune_core <= 100:
             raise ConfigError(f"prune_core must be a percentage in (0, 100], got {self.prune_core}")
         if self.keep_first < 0:
             raise ConfigError(f"keep_first must be 0 or more, got {self.keep_first}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ConfigError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        for name in ("general_threshold", "character_threshold"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+
+    @property
+    def scores(self) -> ScoreRules:
+        """How stored WD14 scores become tags; underscores follow `underscores` afterwards."""
+        return ScoreRules(
+            self.general_threshold, self.character_threshold, self.mcut, self.rating, self.character_first
+        )
 
     @property
     def wants_tokenizer(self) -> bool:
@@ -208,31 +219,6 @@ def folder_tags(mapping: Mapping[str, tuple[str, ...]], folder: str) -> list[str
         if pattern == folder or fnmatch.fnmatchcase(folder, pattern):
             out += tags
     return dedupe(out)
-
-
-def replace_tags(tags: Iterable[str], replacements: list[tuple[TagPattern, tuple[str, ...]]]) -> list[str]:
-    """Aliases: each tag named by a pattern becomes the pattern's tags (none = removed).
-
-    Regex patterns may use groups: `re:^(.*) eyes$` -> `\\1 pupils`.
-    """
-    out: list[str] = []
-    for tag in tags:
-        for pattern, new in replacements:
-            if not pattern.matches(tag):
-                continue
-            if pattern.kind == "regex":
-                m = re.search(pattern.text[3:], tag_key(tag)) or re.search(pattern.text[3:], tag)
-                new = tuple(m.expand(t) for t in new) if m else new
-            out += new
-            break
-        else:
-            out.append(tag)
-    return out
-
-
-def remove_matching(tags: Iterable[str], matcher: TagMatcher) -> list[str]:
-    """Drop whole tags named by `matcher` (never words inside other tags)."""
-    return [t for t in tags if not matcher.matches(t)] if matcher else list(tags)
 
 
 def sort_tags(tags: list[str], mode: str, info: TagInfo) -> list[str]:
@@ -429,23 +415,15 @@ def sidecar_tags(
 ) -> tuple[list[str], str] | None:
     """An image's tags from its sidecar when it has no caption: (tags, "wd14" | "booru") or None.
 
-    WD14 scores use `general_threshold` / `character_threshold` (rating tags are left out), character
-    tags first, each category by score; booru tags are character then general, as listed. Names get
-    kohya's underscore rule (`long_hair` -> `long hair`, `^_^` kept), as `sdprep tag` writes them.
+    WD14 scores give the tags `sdprep tag` writes from them with the same thresholds (`score_tags`:
+    vocabulary order, general then character unless `character_first`, rating only when asked);
+    booru tags are character then general, as listed. Names get kohya's underscore rule
+    (`long_hair` -> `long hair`, `^_^` kept), as `sdprep tag` writes them.
     """
     wd14 = _sdprep_part(sidecar, "wd14")
     scores = wd14.get("scores")
     if source in ("auto", "wd14") and isinstance(scores, Mapping) and scores:
-        cats = wd14.get("categories") or {}
-        picked: list[tuple[int, float, str]] = []
-        for tag, score in scores.items():
-            cat = str(cats.get(tag, "general"))
-            if cat == "rating" or not isinstance(score, (int, float)):
-                continue
-            threshold = rules.character_threshold if cat == "character" else rules.general_threshold
-            if score >= threshold:
-                picked.append((0 if cat == "character" else 1, -float(score), str(tag)))
-        return [remove_underscore(t) for _, _, t in sorted(picked)], "wd14"
+        return score_tags(wd14, rules.scores), "wd14"
     if source == "wd14":
         return None
     lists = _booru_lists(sidecar)

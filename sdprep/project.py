@@ -9,6 +9,10 @@
 
     [stages.tag]
     ...
+    [rules]                       # optional: caption rules every caption-writing stage applies
+    remove = ["pink hair"]        # tag leaves them out (undesired), clean removes them
+    replace = { "1girl" = "girl" }
+
     [train]                       # optional: kohya/sdprep training keys (or config = "train.toml")
 
 Each stage is `sdprep.prep.<name>.run_<name>(dataset, <Name>Options(...))`. Stages skip work already
@@ -38,7 +42,32 @@ from sdprep.stage import StageResult
 
 STAGES = ("scrape", "convert", "rename", "dedup", "upscale", "mask", "tag", "clean", "bucket", "report")
 PROJECT_KEYS = ("dataset", "source", "demo_models")
+SECTIONS = ("project", "rules", "stages", "train")
 MAYBE_PATH_KEYS = {"model", "tokenizer", "cascade"}  # a hub id, or a local path relative to the project
+
+
+@dataclass(frozen=True)
+class SharedRules:
+    """`[rules]`: caption rules listed once for `tag` and `clean` (same meaning in both, as
+    `clean --remove` / `--replace`); a stage's own rules come after them and win a replacement."""
+
+    remove: tuple[str, ...] = ()
+    replace: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def apply(self, name: str, opts: Any) -> Any:
+        """`opts` (a tag or clean options object) with these rules put before the stage's own."""
+        if name not in ("tag", "clean"):
+            return opts
+        rules = opts.rules
+        if name == "tag":
+            rules = dataclasses.replace(
+                rules, undesired=(*self.remove, *rules.undesired), replace={**self.replace, **rules.replace}
+            )
+        else:
+            rules = dataclasses.replace(
+                rules, remove=(*self.remove, *rules.remove), replace={**self.replace, **rules.replace}
+            )
+        return dataclasses.replace(opts, rules=rules)
 
 
 @dataclass(frozen=True)
@@ -49,6 +78,7 @@ class Project:
     demo_models: Path | None = None
     stages: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     train: dict[str, Any] | None = None
+    rules: SharedRules = field(default_factory=SharedRules)
 
     @property
     def base(self) -> Path:
@@ -65,10 +95,11 @@ def load_project(path: Path | str) -> Project:
     path = Path(path).absolute()
     doc = load_toml(path)
     for key in doc:
-        if key not in ("project", "stages", "train"):
-            hint = did_you_mean(key, ["project", "stages", "train"])
+        if key not in SECTIONS:
+            hint = did_you_mean(key, SECTIONS)
             raise ConfigError(
-                f"{path}: unknown section [{key}]", hint or "sections: [project], [stages.NAME], [train]"
+                f"{path}: unknown section [{key}]",
+                hint or "sections: [project], [rules], [stages.NAME], [train]",
             )
     proj = doc.get("project", {})
     for key in proj:
@@ -84,8 +115,12 @@ def load_project(path: Path | str) -> Project:
     for key in PROJECT_KEYS:
         if key in proj and not isinstance(proj[key], str):
             raise ConfigError(f"{path}: project.{key} must be a folder name in quotes, got {proj[key]!r}")
-    if not isinstance(doc.get("stages", {}), dict) or not isinstance(doc.get("train", {}), dict):
-        raise ConfigError(f"{path}: [stages] and [train] must be tables")
+    if not all(isinstance(doc.get(key, {}), dict) for key in ("stages", "train", "rules")):
+        raise ConfigError(f"{path}: [rules], [stages] and [train] must be tables")
+    try:
+        rules = from_dict(SharedRules, doc.get("rules", {}), where="rules")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc.message}", exc.hint) from None
     base = path.parent
     stages = []
     for name, table in doc.get("stages", {}).items():
@@ -104,6 +139,7 @@ def load_project(path: Path | str) -> Project:
         demo_models=_resolve(base, proj["demo_models"]) if proj.get("demo_models") else None,
         stages=stages,
         train=doc.get("train"),
+        rules=rules,
     )
 
 
@@ -198,7 +234,10 @@ def check_project(
     Returns (name, run function, options) of the stages to run, in order.
     """
     check_only(project, only)
-    prepared = [(name, *stage_options(name, table, project.base)) for name, table in project.stages]
+    prepared = []
+    for name, table in project.stages:
+        run, opts = stage_options(name, table, project.base)
+        prepared.append((name, run, project.rules.apply(name, opts)))
     if project.source is not None and not project.source.is_dir():
         raise ConfigError(
             f"{project.source}: source folder not found", "fix [project] source in the project file"

@@ -103,3 +103,28 @@ class TagMatcher:
 
     def __bool__(self) -> bool:
         return bool(self.patterns)
+
+
+def replace_tags(tags: Iterable[str], replacements: list[tuple[TagPattern, tuple[str, ...]]]) -> list[str]:
+    """Aliases: each tag named by a pattern becomes the pattern's tags (none = removed).
+
+    Regex patterns may use groups: `re:^(.*) eyes$` -> `\\1 pupils`.
+    """
+    out: list[str] = []
+    for tag in tags:
+        for pattern, new in replacements:
+            if not pattern.matches(tag):
+                continue
+            if pattern.kind == "regex":
+                m = re.search(pattern.text[3:], tag_key(tag)) or re.search(pattern.text[3:], tag)
+                new = tuple(m.expand(t) for t in new) if m else new
+            out += new
+            break
+        else:
+            out.append(tag)
+    return out
+
+
+def remove_matching(tags: Iterable[str], matcher: TagMatcher) -> list[str]:
+    """Drop whole tags named by `matcher` (never words inside other tags)."""
+    return [t for t in tags if not matcher.matches(t)] if matcher else list(tags)

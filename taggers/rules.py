@@ -1,23 +1,39 @@
 """Captions as a pure function of stored WD14 scores and rules; and merging with existing captions.
 
-`caption_tags(record, rules)` reads a score record (taggers/wd14.py's sidecar record: `scores` in
-vocabulary order, `categories`, `rating`, `mcut`) and returns the caption's tags. It reproduces
-kohya's tag_images_by_wd14_tagger.py (thresholds compared with `>=` in float32, vocabulary order,
-rating by argmax, `--remove_underscore`'s >3-character rule, then tag replacements, then undesired
-tags) without its defects (a passing character tag crashes its current script; its replacement
-option does nothing), plus imgutils' MCut thresholds.
+`score_tags(record, ScoreRules)` is the one rule that turns a score record (taggers/wd14.py's
+sidecar record: `scores` in vocabulary order, `categories`, `rating`, `mcut`) into tags; `sdprep
+tag`, `sdprep clean` (tags from stored scores), the report and the review page all call it, so the
+same scores give the same tags whichever writes the caption. It reproduces kohya's
+tag_images_by_wd14_tagger.py (thresholds compared with `>=` in float32, vocabulary order, general
+then character tags, rating by argmax, `--remove_underscore`'s >3-character rule) without its
+defects (a passing character tag crashes its current script; its replacement option does
+nothing), plus imgutils' MCut thresholds.
+
+`caption_tags(record, CaptionRules)` then applies tag's caption rules with the functions `clean`
+uses for the same rules (sdprep/tags.py): replacements, then undesired tags, then always-first.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from sdprep.dataset import split_tags
 from sdprep.errors import ConfigError, unknown_choice
-from sdprep.tags import TagMatcher, dedupe, escape_parentheses, remove_underscore, tag_key
+from sdprep.tags import (
+    TagMatcher,
+    TagPattern,
+    dedupe,
+    escape_parentheses,
+    remove_matching,
+    remove_underscore,
+    replace_tags,
+    tag_key,
+)
 
 RATING_PLACES = ("first", "last", "none")
 MERGE_POLICIES = ("replace", "append", "keep")
@@ -25,8 +41,8 @@ MCUT_CHARACTER_MIN = 0.15  # imgutils' lower bound for an automatic character th
 
 
 @dataclass(frozen=True)
-class CaptionRules:
-    """How scores become a caption. A threshold above 1 disables its category."""
+class ScoreRules:
+    """Which stored scores become tags, in which order. A threshold above 1 disables its category."""
 
     general_threshold: float = 0.35
     character_threshold: float = 0.85
@@ -34,11 +50,6 @@ class CaptionRules:
     rating: str = "none"  # first | last | none
     character_first: bool = False
     remove_underscore: bool = True
-    escape_parentheses: bool = False  # `name \(series\)` for A1111 prompts
-    undesired: tuple[str, ...] = ()
-    always_first: tuple[str, ...] = ()
-    replace: tuple[tuple[str, str], ...] = ()  # (tag, replacement), matched by tag key
-    separator: str = ", "
 
     def __post_init__(self) -> None:
         if self.rating not in RATING_PLACES:
@@ -47,15 +58,65 @@ class CaptionRules:
             value = getattr(self, name)
             if not value >= 0:  # also catches NaN
                 raise ConfigError(f"{name.replace('_', '-')} must be a number >= 0, got {value}")
+
+
+Replacements = dict[str, tuple[str, ...]]
+
+
+def replacement_table(value: Mapping[str, Any] | Any) -> Replacements:
+    """`{"a": "b, c"}` / `{"a": ("b",)}` or the older list of (source, target) pairs -> one table."""
+    pairs = value.items() if isinstance(value, Mapping) else value
+    table: Replacements = {}
+    for src, dst in pairs:
+        table[str(src).strip()] = tuple(split_tags(dst)) if isinstance(dst, str) else tuple(dst)
+    return table
+
+
+@dataclass(frozen=True)
+class CaptionRules:
+    """How `sdprep tag` turns scores into a caption: the score rule plus caption rules.
+
+    `replace` and `undesired` mean what `replace` and `remove` mean in `sdprep clean`
+    (exact tags, globs, `re:` regexes; a replacement may list several tags, none removes).
+    """
+
+    general_threshold: float = 0.35
+    character_threshold: float = 0.85
+    mcut: bool = False
+    rating: str = "none"
+    character_first: bool = False
+    remove_underscore: bool = True
+    escape_parentheses: bool = False  # `name \(series\)` for A1111 prompts
+    undesired: tuple[str, ...] = ()
+    always_first: tuple[str, ...] = ()
+    # "tag" = "new tag" (the older list of [tag, new] pairs is read too)
+    replace: dict[str, tuple[str, ...]] | tuple[tuple[str, str], ...] = ()
+    separator: str = ", "
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "replace", replacement_table(self.replace))
+        self.scores  # noqa: B018 - validates the thresholds and the rating place
         if not self.separator.strip():
             raise ConfigError("the tag separator cannot be blank", 'use ", " (kohya) or another mark')
 
+    @property
+    def scores(self) -> ScoreRules:
+        return ScoreRules(
+            self.general_threshold,
+            self.character_threshold,
+            self.mcut,
+            self.rating,
+            self.character_first,
+            self.remove_underscore,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able form recorded with the caption, to know later whether the rules changed."""
-        d = asdict(self)
-        d["undesired"] = list(self.undesired)
-        d["always_first"] = list(self.always_first)
-        d["replace"] = [list(pair) for pair in self.replace]
+        from sdprep.config import to_dict
+
+        d = to_dict(self)
+        # pairs, as before the table form (so settings recorded by earlier runs still match)
+        d["replace"] = [[src, ", ".join(dst)] for src, dst in self.replace.items()]
         return d
 
 
@@ -63,15 +124,15 @@ def _f32(x: float) -> np.float32:
     return np.float32(x)
 
 
-def _passing(record: dict, category: str, threshold: float, mcut: bool) -> list[str]:
+def _passing(record: Mapping[str, Any], category: str, threshold: float, mcut: bool) -> list[str]:
     """Tags of `category` whose score passes, in vocabulary (record) order."""
     if threshold > 1:
         return []
-    categories = record["categories"]
-    names = [t for t, c in categories.items() if c == category]
+    categories = record.get("categories") or {}
+    scores = record["scores"]
+    names = [t for t in scores if categories.get(t, "general") == category]  # uncategorised: general
     if not names:
         return []
-    scores = record["scores"]
     values = np.fromiter((scores[t] for t in names), dtype=np.float32, count=len(names))
     if mcut:
         stored = (record.get("mcut") or {}).get(category)
@@ -94,7 +155,7 @@ def mcut_threshold(probs: np.ndarray) -> float:
     return float((ordered[t] + ordered[t + 1]) / np.float32(2))
 
 
-def rating_tag(record: dict) -> str | None:
+def rating_tag(record: Mapping[str, Any]) -> str | None:
     """The rating with the highest score (kohya: argmax of the 4 rating outputs)."""
     rating = record.get("rating") or {}
     if not rating:
@@ -102,8 +163,8 @@ def rating_tag(record: dict) -> str | None:
     return max(rating, key=lambda name: rating[name])  # max keeps the first of equal scores, like argmax
 
 
-def caption_tags(record: dict, rules: CaptionRules) -> list[str]:
-    """The caption's tags, in order, for one image's score record."""
+def score_tags(record: Mapping[str, Any], rules: ScoreRules) -> list[str]:
+    """The tags one image's stored scores give, in caption order: the one score-to-tags rule."""
     general = _passing(record, "general", rules.general_threshold, rules.mcut)
     character = _passing(record, "character", rules.character_threshold, rules.mcut)
     ordered = character + general if rules.character_first else general + character
@@ -112,13 +173,21 @@ def caption_tags(record: dict, rules: CaptionRules) -> list[str]:
         ordered = [rating, *ordered] if rules.rating == "first" else [*ordered, rating]
     if rules.remove_underscore:
         ordered = [remove_underscore(t) for t in ordered]
-    if rules.replace:
-        table = {tag_key(src): dst.strip() for src, dst in rules.replace}
-        ordered = [table.get(tag_key(t), t) for t in ordered]
-        ordered = [t for t in ordered if t]
-    undesired = TagMatcher(rules.undesired)
-    if undesired:
-        ordered = [t for t in ordered if not undesired.matches(t)]
+    return ordered
+
+
+@functools.lru_cache(maxsize=64)
+def _patterns(replace: tuple[tuple[str, tuple[str, ...]], ...], undesired: tuple[str, ...]):
+    return [(TagPattern(k), v) for k, v in replace if k], TagMatcher(undesired)
+
+
+def caption_tags(record: Mapping[str, Any], rules: CaptionRules) -> list[str]:
+    """The caption's tags, in order, for one image's score record."""
+    ordered = score_tags(record, rules.scores)
+    replacements, undesired = _patterns(tuple(rules.replace.items()), rules.undesired)
+    if replacements:
+        ordered = replace_tags(ordered, replacements)
+    ordered = remove_matching(ordered, undesired)
     if rules.always_first:
         keys = [tag_key(t) for t in rules.always_first]
         first = sorted((t for t in ordered if tag_key(t) in keys), key=lambda t: keys.index(tag_key(t)))
@@ -129,7 +198,7 @@ def caption_tags(record: dict, rules: CaptionRules) -> list[str]:
     return ordered
 
 
-def caption_from_scores(record: dict, rules: CaptionRules) -> str:
+def caption_from_scores(record: Mapping[str, Any], rules: CaptionRules) -> str:
     """The caption text (no trailing newline) for one image's score record."""
     return rules.separator.join(caption_tags(record, rules))
 

@@ -314,6 +314,12 @@ def test_wd14_scores_source_and_score_sort(sample_dataset: Path):
     cats = {k: "general" for k in scores} | {"nazuna_(yofukashi_no_uta)": "character"}
     wd14_sidecar(side, scores, cats)
     run_clean(sample_dataset, CleanOptions(CleanRules(trigger=("tok",), monochrome=_off())))
+    # as `sdprep tag` writes them: stored (vocabulary) order, general then character tags
+    assert (sample_dataset / "a_landscape.txt").read_text() == (
+        "tok, smile, long hair, solo, nazuna (yofukashi no uta)\n"
+    )
+    rules = CleanRules(trigger=("tok",), character_first=True, sort="score", monochrome=_off())
+    run_clean(sample_dataset, CleanOptions(rules))
     assert (sample_dataset / "a_landscape.txt").read_text() == (
         "tok, nazuna (yofukashi no uta), long hair, solo, smile\n"
     )

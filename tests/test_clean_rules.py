@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
@@ -271,8 +272,11 @@ def test_sidecar_sources():
             "booru": {"tags": {"general": ["x"]}},
         }
     }
-    # character (>= 0.85) first, then general (>= 0.35) by score; an uncategorised tag counts as general
-    assert sidecar_tags(wd14, rules) == (["nazuna", "solo", "other", "smile"], "wd14")
+    # what `sdprep tag` writes from these scores (taggers/rules.py score_tags): general (>= 0.35)
+    # then character (>= 0.85), each in vocabulary (stored) order; an uncategorised tag is general
+    assert sidecar_tags(wd14, rules) == (["solo", "smile", "other", "nazuna"], "wd14")
+    first = dataclasses.replace(rules, character_first=True, rating="last", general_threshold=0.45)
+    assert sidecar_tags(wd14, first) == (["nazuna", "solo", "other", "general"], "wd14")
     assert sidecar_tags(wd14, rules, "booru") == (["x"], "booru")
     assert sidecar_info(wd14).scores["long hair"] == 0.3
     assert sidecar_tags({}, rules) is None

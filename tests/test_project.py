@@ -44,6 +44,27 @@ def test_unknown_stage_and_keys_are_errors(tmp_path):
         load_project(p)
 
 
+def test_rules_section_is_listed_once_and_reaches_tag_and_clean(tmp_path):
+    from sdprep.project import check_project
+
+    p = tmp_path / "p.toml"
+    (tmp_path / "d").mkdir()
+    p.write_text(
+        '[project]\ndataset = "d"\n[rules]\nremove = ["pink hair"]\nreplace = { "1girl" = "girl", x = "y" }\n'
+        '[stages.tag.rules]\nundesired = ["smile"]\nreplace = { x = "z" }\n'
+        '[stages.clean.rules]\nremove = "sky"\n[stages.rename]\n'
+    )
+    prepared = {name: opts for name, _, opts in check_project(load_project(p), train=False)}
+    tag, clean = prepared["tag"].rules, prepared["clean"].rules
+    assert tag.undesired == ("pink hair", "smile") and clean.remove == ("pink hair", "sky")
+    assert tag.replace == {"1girl": ("girl",), "x": ("z",)}  # the stage's own replacement wins
+    assert clean.replace == {"1girl": ("girl",), "x": ("y",)}
+    p.write_text('[project]\ndataset = "d"\n[rules]\nremoved = ["x"]\n')
+    with pytest.raises(ConfigError, match='unknown key "rules.removed"') as exc:
+        load_project(p)
+    assert 'did you mean "remove"?' in str(exc.value)
+
+
 def test_demo_project_runs_and_rerun_does_no_work(tmp_path):
     """The README demo chain (without training) on a copy: second run changes nothing."""
     shutil.copytree(REPO / "sample_data" / "images", tmp_path / "sample_data" / "images")
@@ -175,8 +196,8 @@ def _edited(text: str, step: int) -> str:
     text = text.replace('remove = ["pink hair", ', "remove = [")
     if step >= 2:
         text = text.replace(
-            'undesired = ["pink hair"',
-            'general_threshold = 0.6\ncharacter_threshold = 0.7\nundesired = ["pink hair"',
+            'merge = "append"',
+            'merge = "append"\nrules = { general_threshold = 0.6, character_threshold = 0.7 }',
         )
     return text
 

@@ -388,7 +388,15 @@ def test_cli_replace_option_parsing_and_device_list():
     from sdprep.prep.cli.tag import DEVICES, _replacements
 
     assert DEVICES == wd14.DEVICES
-    assert _replacements(("a,b", "c d,e;f\\,g,h")) == (("a", "b"), ("c d", "e"), ("f,g", "h"))
+    # one syntax with clean: A=B (B may list several tags, empty removes)
+    assert _replacements(("a=b", "c d=e, f", "x=")) == {"a": ("b",), "c d": ("e", "f"), "x": ()}
+    # the older SRC,DST form still reads (with a deprecation note), "=_=" is a tag there
+    assert _replacements(("a,b", "c d,e;f\\,g,h", "=_=,smile")) == {
+        "a": ("b",),
+        "c d": ("e",),
+        "f,g": ("h",),
+        "=_=": ("smile",),
+    }
     with pytest.raises(click.BadParameter):
         _replacements(("a,b,c",))
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from sdprep.clitools import finish, reporter, verbosity
+from sdprep.prep.cli.scores import score_options
 
 SORTS = ("as-tagged", "score", "alphabetical", "category")
 
@@ -109,6 +110,7 @@ def _patterns(values: tuple[str, ...]) -> tuple[str, ...] | None:
     type=click.Choice(["auto", "caption", "wd14", "booru"]),
     help="Where tags come from.  [default: auto]",
 )
+@score_options(layered=True)
 @click.option("--workers", type=click.IntRange(0), default=0, help="Threads for image decoding (0 = auto).")
 @click.option(
     "--dry-run",
@@ -169,6 +171,11 @@ def command(
         "escape_parentheses": opts["escape_parentheses"],
         "dedupe": opts["dedupe"],
         "source": opts["source"],
+        "general_threshold": opts["general_threshold"],
+        "character_threshold": opts["character_threshold"],
+        "mcut": opts["mcut"],
+        "rating": opts["rating"],
+        "character_first": opts["character_first"],
     }
     rules = combine(base, overrides)
     options = CleanOptions(rules=rules, recursive=recursive, dry_run=dry_run, workers=workers)

@@ -8,23 +8,42 @@ from pathlib import Path
 import click
 
 from sdprep.clitools import finish, reporter
+from sdprep.prep.cli.scores import score_options
 
 DEVICES = ("auto", "cpu", "cuda", "rocm", "directml", "coreml")  # taggers.wd14.DEVICES, kept import-free
 
 
-def _replacements(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
-    """`"SRC,DST"` pairs (kohya's --tag_replacement: `;` between pairs, `\\,` / `\\;` escape)."""
-    pairs = []
+def _replacements(values: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """`--replace "A=B"`, as `sdprep clean` reads it (B may list several tags; empty removes).
+
+    The older `"SRC,DST"` form (kohya's --tag_replacement: `;` between pairs, `\\,` / `\\;` escape)
+    is still read, with a deprecation note on stderr.
+    """
+    from sdprep.prep.rules import parse_pairs
+
+    table: dict[str, tuple[str, ...]] = {}
+    old = []
     for value in values:
+        key = value.split("=", 1)[0]
+        if "=" in value and key.strip() and not re.search(r"(?<!\\),", key):
+            table.update(parse_pairs([value], "--replace"))
+        else:
+            old.append(value)
+    for value in old:
         for pair in re.split(r"(?<!\\);", value):
             parts = re.split(r"(?<!\\),", pair)
             if not pair.strip():
                 continue
             if len(parts) != 2:
-                raise click.BadParameter(f'"{pair}" is not SOURCE,TARGET', param_hint="--replace")
+                raise click.BadParameter(f'"{pair}" is not A=B', param_hint="--replace")
             src, dst = (x.replace("\\,", ",").replace("\\;", ";").strip() for x in parts)
-            pairs.append((src, dst))
-    return tuple(pairs)
+            table[src] = (dst,) if dst else ()
+    if old:
+        click.echo(
+            f'note: --replace "{old[0]}" (SRC,DST) is deprecated: write --replace "A=B" as in sdprep clean',
+            err=True,
+        )
+    return table
 
 
 def _tag_list(values: tuple[str, ...]) -> tuple[str, ...]:
@@ -44,43 +63,19 @@ def _tag_list(values: tuple[str, ...]) -> tuple[str, ...]:
     metavar="REPO_OR_DIR",
     help="WD14 model: a SmilingWolf hub id (v2 or v3) or a folder with model.onnx + selected_tags.csv.",
 )
-@click.option(
-    "--general-threshold",
-    default=0.35,
-    show_default=True,
-    type=float,
-    help="General tags at or above this score (>1 disables them).",
-)
-@click.option(
-    "--character-threshold",
-    default=0.85,
-    show_default=True,
-    type=float,
-    help="Character tags at or above this score (>1 disables them).",
-)
-@click.option(
-    "--mcut", is_flag=True, help="Automatic per-image thresholds (MCut, as imgutils) instead of fixed ones."
-)
+@score_options(layered=False)
 @click.option(
     "--remove-underscore/--keep-underscore",
     default=True,
     show_default=True,
     help="long_hair -> long hair (tags over 3 characters, so ^_^ stays).",
 )
-@click.option(
-    "--rating",
-    type=click.Choice(["first", "last", "none"]),
-    default="none",
-    show_default=True,
-    help="Add the most likely rating tag.",
-)
-@click.option("--character-first", is_flag=True, help="Character tags before general tags.")
 @click.option("--escape-parentheses", is_flag=True, help="Write name \\(series\\) for A1111-style prompts.")
 @click.option(
     "--undesired",
     multiple=True,
     metavar="TAGS",
-    help="Comma-separated tags never to write (globs and re: allowed).",
+    help="Comma-separated tags never to write, as clean --remove (globs and re: allowed).",
 )
 @click.option(
     "--always-first",
@@ -91,8 +86,8 @@ def _tag_list(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option(
     "--replace",
     multiple=True,
-    metavar="SRC,DST",
-    help="Replace a tag (after underscore removal), e.g. 'hatsune miku,mytoken'; ';' between pairs.",
+    metavar="A=B",
+    help="Replace tag A by B, as in clean (B may list several; empty removes), e.g. 'hatsune miku=mytoken'.",
 )
 @click.option("--separator", default=", ", show_default=True, help="Between tags.")
 @click.option(
