@@ -295,9 +295,11 @@ def _check_output_folders(concepts: list[Concept], out: Path) -> None:
         seen[folder] = c
 
 
-def _batches(concept: Concept) -> Iterator[list[Item]]:
+def _batches(concept: Concept, result: StageResult) -> Iterator[list[Item]]:
+    """The concept's images in batches; those sharing a stem (kohya would read one caption for
+    both) are the result's failures."""
     batch: list[Item] = []
-    for item in concept.items():
+    for item in iter_items(concept.source, concept.recursive, on_clash=result.fail):
         batch.append(item)
         if len(batch) == WRITE_BATCH:
             yield batch
@@ -374,7 +376,7 @@ def run_bucket(root: Path | str, opts: BucketOptions, *, report: Reporter = Null
                 base = _output_folder(out, concept)
                 names: set[str] | None = set() if concept.recursive else None  # subfolders share one folder
                 alpha = id(concept) in masked and opts.mask_form == "alpha"
-                for items in _batches(concept):
+                for items in _batches(concept, result):
                     batch = []
                     for item in items:
                         report.advance()

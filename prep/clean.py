@@ -243,7 +243,7 @@ def run_clean(
     with CaptionWriter(root, "clean", dry_run=opts.dry_run, on_diff=on_diff) as writer:
         plans = map_items(
             lambda it: plan_item(it, root, rs, pruned, count_tokens, later),
-            iter_items(root, opts.recursive),
+            iter_items(root, opts.recursive, on_clash=result.fail),  # a.png + a.jpg: one a.txt
             _workers(opts.workers, rules.monochrome.enabled),
         )
         for item, plan in plans:

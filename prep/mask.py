@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,20 +214,6 @@ def _mask_fits(mask_path: Path, item: Item) -> bool:
         return False
 
 
-def stem_clashes(items: list[Item]) -> dict[Path, str]:
-    """Images whose masks would share one file (a.jpg and a.png -> masks/a.png): path -> reason."""
-    groups: dict[tuple[Path, str], list[Item]] = defaultdict(list)
-    for item in items:
-        groups[(item.path.parent, item.path.stem)].append(item)
-    clashes = {}
-    for (_, stem), group in groups.items():
-        if len(group) > 1:
-            names = " and ".join(i.name for i in group)
-            for item in group:
-                clashes[item.path] = f'{names} share the stem "{stem}", so they would share one mask'
-    return clashes
-
-
 def make_mask(job: Job, method: MaskMethod, opts: MaskOptions) -> Made:
     """Compute one mask (runs in worker threads: no writes here)."""
     image = load_image(job.item.path, mode=method.image_mode)  # type: ignore[arg-type]
@@ -271,11 +256,7 @@ def run_mask(root: Path | str, opts: MaskOptions, *, report: Reporter = NullRepo
     validate(opts)
     method = create_method(opts.method, opts.settings)
     result = StageResult("mask")
-    items = discover(require_images(root, opts.recursive), opts.recursive)
-    clashes = stem_clashes(items)
-    for path, reason in clashes.items():
-        result.fail(path, reason + "; rename one of them (sdprep rename)")
-    items = [i for i in items if i.path not in clashes]
+    items = discover(require_images(root, opts.recursive), opts.recursive, on_clash=result.fail)
     jobs = plan(items, method, opts, result)
     relinks = [j for j in jobs if j.relink]
     jobs = [j for j in jobs if not j.relink]

@@ -451,13 +451,18 @@ def run_tag(
     root = Path(root).absolute()
     opts = opts or TagOptions()
     report = report or NullReporter()
-    items = [
-        it
-        for it in discover(require_images(root, opts.recursive), opts.recursive)
-        if in_shard(it, root, opts.shard)
-    ]
+    clashes = StageResult("tag")  # images sharing a stem would share one caption file: not tagged
+
+    def clash(path: Path, reason: str) -> None:
+        if in_shard(Item(path), root, opts.shard):
+            clashes.fail(path, reason)
+
+    found = discover(require_images(root, opts.recursive), opts.recursive, on_clash=clash)
+    items = [it for it in found if in_shard(it, root, opts.shard)]
     if not items:
-        result = StageResult("tag")
-        result.notes.append(f"no images of {root} fall in shard {opts.shard[0]}/{opts.shard[1]}")
-        return result
-    return _Tagging(root, opts, report, tagger, captioner, chain).run(items)
+        if not clashes.failed:
+            clashes.notes.append(f"no images of {root} fall in shard {opts.shard[0]}/{opts.shard[1]}")
+        return clashes
+    result = _Tagging(root, opts, report, tagger, captioner, chain).run(items)
+    result.failed[:0] = clashes.failed
+    return result

@@ -18,7 +18,8 @@ import os
 import re
 import stat
 import sys
-from collections.abc import Iterator
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,14 +102,18 @@ class Item:
         return [p for p in paths if os.path.exists(p)]  # never raises (e.g. ENAMETOOLONG)
 
 
-def discover(root: Path | str, recursive: bool = False) -> list[Item]:
-    """List the images under `root`, sorted, skipping sdprep's own folders and hidden files."""
+OnClash = Callable[[Path, str], object]  # (image path, reason) of an image left out for its stem
+
+
+def discover(root: Path | str, recursive: bool = False, on_clash: OnClash | None = None) -> list[Item]:
+    """List the images under `root`, sorted, skipping sdprep's own folders and hidden files
+    (and images that share a stem, when `on_clash` is given: see `iter_items`)."""
     root = Path(root)
     if not root.exists():
         raise DatasetError(f"{root}: no such folder", "check the path")
     if not root.is_dir():
         raise DatasetError(f"{root}: not a folder", "pass the folder that holds the images")
-    return list(iter_items(root, recursive))
+    return list(iter_items(root, recursive, on_clash))
 
 
 def require_images(root: Path | str, recursive: bool = False) -> Path:
@@ -138,19 +143,25 @@ def require_images(root: Path | str, recursive: bool = False) -> Path:
     )
 
 
-def iter_items(root: Path, recursive: bool = False) -> Iterator[Item]:
+def iter_items(root: Path, recursive: bool = False, on_clash: OnClash | None = None) -> Iterator[Item]:
     """Stream the images under `root` in sorted order (memory grows with one folder, not the tree).
+
+    `on_clash`: stages that read or write what images share by stem (the caption `<stem>.txt`, the
+    mask `masks/<stem>.png`, kohya's caption look-up) leave out images whose folder holds another
+    image of the same stem (`a.png` and `a.jpg`) and report each with `on_clash(path, reason)`.
 
     `root` becomes a dataset root for this process: symlinks inside it may point anywhere inside it.
     Only the image names of the folder being listed are held (plain strings, sorted): about 70 bytes
     per image, where a sorted list of DirEntry objects took about 450.
     """
     add_dataset_root(root)
-    yield from _iter_folder(root, recursive)
+    yield from _iter_folder(root, recursive, on_clash)
 
 
-def _iter_folder(root: Path, recursive: bool) -> Iterator[Item]:
+def _iter_folder(root: Path, recursive: bool, on_clash: OnClash | None) -> Iterator[Item]:
     names, subdirs = _list_images(root)
+    if on_clash is not None:
+        names = _drop_stem_clashes(root, names, on_clash)
     for name in names:
         # Symlinks (even looping or dangling ones) and special files are listed too, so the stage
         # reports them: the readers refuse what `unsafe_reason` names.
@@ -158,7 +169,30 @@ def _iter_folder(root: Path, recursive: bool) -> Iterator[Item]:
     del names
     if recursive:
         for sub in subdirs:
-            yield from _iter_folder(Path(os.path.join(root, sub)), recursive=True)
+            yield from _iter_folder(Path(os.path.join(root, sub)), True, on_clash)
+
+
+def _stem(name: str) -> str:
+    return name[: len(name) - len(name_suffix(name))]
+
+
+def _drop_stem_clashes(root: Path, names: list[str], on_clash: OnClash) -> list[str]:
+    """`names` (one folder's images) without those sharing a stem, each reported to `on_clash`."""
+    stems = Counter(_stem(n) for n in names)
+    if len(stems) == len(names):
+        return names
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name in names:
+        if stems[_stem(name)] > 1:
+            groups[_stem(name)].append(name)
+    for stem, group in groups.items():
+        for name in group:
+            on_clash(
+                Path(os.path.join(root, name)),
+                f'{" and ".join(group)} share the stem "{stem}", so they would share one caption file '
+                "and one mask; rename one of them (sdprep rename)",
+            )
+    return [n for n in names if _stem(n) not in groups]
 
 
 def _list_images(root: Path) -> tuple[list[str], list[str]]:

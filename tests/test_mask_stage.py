@@ -163,7 +163,8 @@ def test_stem_clash_and_empty_mask_fail_per_file(tmp_path):
     res = run_mask(root, MaskOptions("color"))
     reasons = {f.path.name: f.reason for f in res.failed}
     assert reasons["a.jpg"] == (
-        'a.jpg and a.png share the stem "a", so they would share one mask; rename one of them (sdprep rename)'
+        'a.jpg and a.png share the stem "a", so they would share one caption file and one mask; '
+        "rename one of them (sdprep rename)"
     )
     assert reasons["plain.png"] == "the color mask is empty (all black): this image would teach nothing"
     assert res.changed == 0 and not (root / "masks").exists()
