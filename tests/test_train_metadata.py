@@ -1,7 +1,16 @@
-"""Training metadata: kohya's `ss_*` keys in kohya's value forms, hashes as kohya computes them, times."""
+"""Training metadata: kohya's `ss_*` keys in kohya's value forms, hashes as kohya computes them, times.
+
+The reference is data: `assets/kohya/sdxl_network_metadata.json` holds the metadata of the files
+kohya's sdxl_train_network.py wrote for two configurations (README.md there); sdprep trains the same
+configurations on the tiny model and must write the same keys with the same values, except the
+ones that name a moment or a file's bytes, which must have the same form.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 import time
 from pathlib import Path
 
@@ -12,20 +21,82 @@ from train_support import lora_cfg, make_dataset
 
 torch.set_num_threads(1)
 
+KOHYA = json.loads((Path(__file__).parent / "assets" / "kohya" / "sdxl_network_metadata.json").read_text())
+# kohya's runs (their `args` in the JSON) beyond what lora_cfg already sets the same way
+RUN_SETTINGS = {
+    "A": dict(
+        output_name="kohyaA",
+        max_train_epochs=2,
+        save_every_n_epochs=1,
+        optimizer_type="AdamW",
+        optimizer_args=["weight_decay=0.01"],
+        network_alpha=2,
+        gradient_checkpointing=True,
+        cache_text_encoder_outputs=True,
+        mixed_precision="bf16",
+        full_bf16=True,
+        save_precision="float",
+    ),
+    "B": dict(
+        output_name="kohyaB",
+        network_alpha=1,
+        network_args=["conv_dim=2", "conv_alpha=1"],
+        enable_bucket=False,
+        max_train_steps=2,
+        save_every_n_steps=1,
+        optimizer_type="SGDNesterov",
+        cache_text_encoder_outputs=True,
+        mixed_precision="bf16",
+        full_bf16=True,
+        training_comment="hello",
+        noise_offset=0.05,
+        min_snr_gamma=5,
+        clip_skip=2,
+        max_token_length=225,
+    ),
+}
+# values that name a moment, a random session or the bytes of a file: compared by form only
+VOLATILE = {
+    "ss_session_id",
+    "ss_training_started_at",
+    "ss_training_finished_at",
+    "ss_sd_model_hash",
+    "ss_new_sd_model_hash",
+    "ss_vae_hash",
+    "ss_new_vae_hash",
+    "sshs_model_hash",
+    "sshs_legacy_hash",
+    "modelspec.date",
+    "modelspec.implementation_version",
+}
+# kohya's provenance key; sdprep records its own version instead
+KOHYA_ONLY = {"ss_sd_scripts_commit_hash"}
+SDPREP_ONLY = {
+    "ss_sdprep_version",
+    "ss_full_bf16",
+    "ss_network_train_unet_only",
+    "ss_network_train_text_encoder_only",
+}
 
-# kohya's run A (tests/assets/kohya/README.md) beyond what lora_cfg already sets the same way
-KOHYA_RUN_A = dict(
-    max_train_epochs=2,
-    save_every_n_epochs=1,
-    optimizer_type="AdamW",
-    optimizer_args=["weight_decay=0.01"],
-    network_alpha=2,
-    gradient_checkpointing=True,
-    cache_text_encoder_outputs=True,
-    mixed_precision="bf16",
-    full_bf16=True,
-    save_precision="float",
-)
+
+def value_form(key: str, value: str) -> str:
+    """The shape of a metadata value: None, bool, int, float, hex8 / sha256, (w, h), json, text."""
+    if "hash" in key and re.fullmatch(r"[0-9a-f]{8}", value):
+        return "hex8"
+    if re.fullmatch(r"[0-9a-f]{64}", value):
+        return "sha256"
+    if value in ("None", "True", "False"):
+        return "None" if value == "None" else "bool"
+    if re.fullmatch(r"-?\d+", value):
+        return "int"
+    if re.fullmatch(r"-?\d+\.\d+(e[-+]?\d+)?|-?\d+(\.\d+)?e[-+]?\d+", value):
+        return "float"
+    if re.fullmatch(r"\(\d+, \d+\)", value):
+        return "(w, h)"
+    if value[:1] in "{[" or value == "null":
+        json.loads(value)
+        return "json"
+    return "text"
 
 
 class TimedCallbacks:
@@ -52,7 +123,7 @@ class TimedCallbacks:
 
 @pytest.fixture(scope="module")
 def base_file(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model as a single .safetensors file (kohya hashes single files)."""
+    """The tiny model as a single .safetensors file named as kohya's base was (kohya hashes files)."""
     from safetensors.torch import save_file
 
     from sdprep.train.models import load_sdxl
@@ -60,24 +131,34 @@ def base_file(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
     model = load_sdxl(tiny_sdxl)
     sd = pipeline_to_sgm(model.unet, model.text_encoder, model.text_encoder_2, model.vae)
-    path = tmp_path_factory.mktemp("base") / "tiny_base.safetensors"
+    path = tmp_path_factory.mktemp("base") / "sdxl_random.safetensors"
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     return path
 
 
-@pytest.fixture(scope="module")
-def run(base_file: Path, tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory):
-    """Two epochs of two steps from the single file, saving every epoch; (trainer, callbacks)."""
+def _train(name: str, base_file: Path, tiny_sdxl: Path, root: Path, **extra):
     from sdprep.train.loop import Trainer
 
-    root = tmp_path_factory.mktemp("meta")
     data = make_dataset(root / "data", images=["c_square.webp", "e_sepia.jpg"], repeats=1)
-    cfg = lora_cfg(base_file, data, root / "out", model_config=str(tiny_sdxl), **KOHYA_RUN_A)
+    settings = {**RUN_SETTINGS[name], **extra}
+    cfg = lora_cfg(base_file, data, root / "out", model_config=str(tiny_sdxl), **settings)
     cb = TimedCallbacks()
     trainer = Trainer(cfg, callbacks=cb)
     trainer.setup()
     trainer.run()
     return trainer, cb
+
+
+@pytest.fixture(scope="module")
+def run(base_file: Path, tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory):
+    """kohya's run A: two epochs of two steps, saving every epoch; (trainer, callbacks)."""
+    return _train("A", base_file, tiny_sdxl, tmp_path_factory.mktemp("runA"))
+
+
+@pytest.fixture(scope="module")
+def run_b(base_file: Path, tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory):
+    """kohya's run B: no buckets, a separate VAE file, conv LoRA, SGDNesterov, saves every step."""
+    return _train("B", base_file, tiny_sdxl, tmp_path_factory.mktemp("runB"), vae=str(base_file))
 
 
 def _meta(path: Path) -> dict[str, str]:
@@ -128,3 +209,102 @@ def test_kohya_modelspec_options_reach_the_metadata(tmp_path: Path) -> None:
     missing, _ = load_train_config(None, overrides={"metadata_thumbnail": str(tmp_path / "none.png")})
     with pytest.raises(ConfigError, match="metadata_thumbnail .*none.png: cannot read"):
         modelspec(missing, types.SimpleNamespace(architecture="a"), {"name": "x"})
+
+
+@pytest.mark.parametrize("name", ["A", "B"])
+def test_same_keys_values_and_forms_as_kohya(name: str, request) -> None:
+    trainer, _ = request.getfixturevalue("run" if name == "A" else "run_b")
+    kohya_files = KOHYA["runs"][name]["files"]
+    ours = {p.name: _meta(p) for p in trainer.result.saved}
+    assert sorted(ours) == sorted(kohya_files)  # the same file names, too
+    for fname, theirs in kohya_files.items():
+        mine = ours[fname]
+        assert set(mine) == (set(theirs) - KOHYA_ONLY) | SDPREP_ONLY, fname
+        forms = {k: (value_form(k, theirs[k]), value_form(k, mine[k])) for k in set(theirs) - KOHYA_ONLY}
+        assert {k: f for k, f in forms.items() if f[0] != f[1]} == {}, fname
+        same = set(theirs) - KOHYA_ONLY - VOLATILE
+        assert {k: mine[k] for k in same} == {k: theirs[k] for k in same}, fname
+
+
+def test_base_model_and_vae_hashes_are_kohyas(run_b, base_file: Path) -> None:
+    """ss_sd_model_hash: the old A1111 hash (sha256 of 64 KiB at 1 MiB, 8 digits); ss_new_sd_model_hash:
+    sha256 of the whole file; the same for the VAE file."""
+    trainer, _ = run_b
+    data = base_file.read_bytes()
+    legacy, full = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8], hashlib.sha256(data).hexdigest()
+    for path in trainer.result.saved:
+        meta = _meta(path)
+        assert (meta["ss_sd_model_hash"], meta["ss_new_sd_model_hash"]) == (legacy, full)
+        assert (meta["ss_vae_hash"], meta["ss_new_vae_hash"]) == (legacy, full)
+
+
+def test_lora_hashes_are_kohyas(run) -> None:
+    """sshs_model_hash: sha256 of the file after its header; sshs_legacy_hash: the old hash of the
+    tensors serialised with only the ss_* metadata (kohya's precalculate_safetensors_hashes)."""
+    from safetensors.torch import load_file, save
+
+    trainer, _ = run
+    for path in trainer.result.saved:
+        meta = _meta(path)
+        data = path.read_bytes()
+        assert (
+            meta["sshs_model_hash"]
+            == hashlib.sha256(data[8 + int.from_bytes(data[:8], "little") :]).hexdigest()
+        )
+        blob = save(load_file(str(path)), {k: v for k, v in meta.items() if k.startswith("ss_")})
+        assert meta["sshs_legacy_hash"] == hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
+
+
+# kohya's train_util.model_hash / calculate_sha256 / precalculate_safetensors_hashes, run on these
+# inputs (tests/assets/kohya/README.md): the recipes above must give kohya's values
+ORACLE = {
+    "big": ("510b126e", "9cda7fe3149118d7b16ac3cc7e5f599176fde5e8e9e2f01b99e3fd8aa5adb258"),
+    "small": ("e3b0c442", "cb08520755fc5fb7c6be854b616644e581c125051ceb9420451174d085bdd76f"),
+    "folder": ("IsADirectory", "IsADirectory"),
+    "lora": ("c171982b0f48d9446af650baccdc3bec0167f91f89554e3e83db952aa1109727", "1dc85ef8"),
+}
+
+
+def test_hash_functions_give_kohyas_values(tmp_path: Path) -> None:
+    from sdprep.train.metadata import file_hashes, safetensors_hashes
+
+    big, small = tmp_path / "big.bin", tmp_path / "small.bin"
+    big.write_bytes(bytes((i * 7 + 3) % 256 for i in range(0x120000)))
+    small.write_bytes(b"sdprep" * 100)
+    assert file_hashes(big) == ORACLE["big"]
+    assert file_hashes(small) == ORACLE["small"]  # under 1 MiB: the hash of nothing, as kohya
+    assert file_hashes(tmp_path) == ORACLE["folder"]  # kohya's literal for a diffusers folder
+    assert file_hashes(tmp_path / "nope") is None  # a hub id: kohya writes no hash keys
+    tensors = {
+        "b.weight": torch.arange(300000, dtype=torch.float32).reshape(600, 500) / 7,
+        "a.alpha": torch.tensor(2.0),
+    }
+    meta = {"ss_network_dim": "4", "ss_epoch": "1", "modelspec.title": "t"}
+    assert safetensors_hashes(tensors, meta) == ORACLE["lora"]
+
+
+def test_optimizer_name_as_kohya_writes_it() -> None:
+    from sdprep.train.metadata import kohya_optimizer_name
+    from sdprep.train.optim import build_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    opt, desc = build_optimizer(
+        "AdamW", [{"params": params}], 1e-3, {"betas": (0.9, 0.99), "weight_decay": 0.01}
+    )
+    assert kohya_optimizer_name(opt, desc) == "torch.optim.adamw.AdamW(betas=(0.9, 0.99),weight_decay=0.01)"
+    opt, desc = build_optimizer("AdamW", [{"params": params}], 1e-3, {})
+    assert kohya_optimizer_name(opt, desc) == "torch.optim.adamw.AdamW"
+
+
+def test_no_metadata_keeps_kohyas_minimum() -> None:
+    from sdprep.train.metadata import MINIMUM_KEYS, minimum_metadata
+
+    full = {
+        "ss_v2": "False",
+        "ss_network_dim": "4",
+        "ss_seed": "7",
+        "modelspec.title": "x",
+        "sshs_model_hash": "h",
+    }
+    assert minimum_metadata(full) == {"ss_v2": "False", "ss_network_dim": "4", "modelspec.title": "x"}
+    assert "ss_network_args" in MINIMUM_KEYS and "ss_base_model_version" in MINIMUM_KEYS

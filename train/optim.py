@@ -165,6 +165,7 @@ def build_optimizer(name: str | None, groups: list[dict], lr: float, args: dict[
     name = (name or "AdamW").strip()
     key = name.lower()
     kwargs = dict(args)
+    fixed: dict[str, Any] = {}
     groups = [{k: v for k, v in g.items() if k != "name"} for g in groups]
     if key == "adamw":
         cls = torch.optim.AdamW
@@ -172,7 +173,7 @@ def build_optimizer(name: str | None, groups: list[dict], lr: float, args: dict[
         module, package, attr, defaults = OPTIONAL[key]
         cls = getattr(_optional(module, package, name), attr)
         for k, v in defaults.items():
-            kwargs.setdefault(k, v)
+            (fixed if k == "nesterov" else kwargs).setdefault(k, v)
     elif key == "adafactor":
         from transformers.optimization import Adafactor
 
@@ -186,12 +187,14 @@ def build_optimizer(name: str | None, groups: list[dict], lr: float, args: dict[
                 g.pop("lr", None)
     elif key == "sgdnesterov":
         cls = torch.optim.SGD
-        kwargs.setdefault("nesterov", True)
+        fixed["nesterov"] = True  # as kohya: passed apart, so not among the described arguments
         kwargs.setdefault("momentum", 0.9)
     else:
         cls = _torch_optimizer(name)
     try:
-        optimizer = cls(groups, lr=lr, **kwargs) if lr is not None else cls(groups, **kwargs)
+        optimizer = (
+            cls(groups, lr=lr, **fixed, **kwargs) if lr is not None else cls(groups, **fixed, **kwargs)
+        )
     except TypeError as exc:
         raise ConfigError(
             f"optimizer_args do not fit {cls.__name__}: {exc}", "check the names in optimizer_args"

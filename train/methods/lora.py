@@ -379,6 +379,7 @@ class LoraMethod(TrainMethod):
             if getattr(self.cfg, key, None):
                 args[key] = _num(getattr(self.cfg, key))
         if args:
+            args.setdefault("dropout", getattr(self.cfg, "network_dropout", None))  # kohya adds it last
             meta["ss_network_args"] = json.dumps(args)  # as kohya: the network_args strings by name
         return meta
 
