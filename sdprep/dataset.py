@@ -26,6 +26,7 @@ from typing import Any
 
 from sdprep.errors import CaptionError, DatasetError
 from sdprep.sidecar_schema import sidecar_problem
+from sdprep.tags import normalise_text
 
 BASE_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 CAPTION_EXT = ".txt"
@@ -349,8 +350,10 @@ _SPACES = re.compile(r"\s+")
 
 
 def split_tags(caption: str, separator: str = ",") -> list[str]:
-    """Split a caption into tags: separators and whitespace normalised, empty tags dropped."""
-    tags = (_SPACES.sub(" ", t).strip() for t in caption.split(separator))
+    """Split a caption into tags: the text normalised (`sdprep.tags.normalise_text`), a line break
+    separating tags as `separator` does (CRLF too), whitespace collapsed, empty tags dropped."""
+    parts = (t for line in normalise_text(caption).splitlines() for t in line.split(separator))
+    tags = (_SPACES.sub(" ", t).strip() for t in parts)
     return [t for t in tags if t]
 
 

@@ -1,7 +1,10 @@
 """Pure functions over tag strings, shared by the tagger, `clean` and `captions`.
 
 Tags are compared by a normalised key (case-folded, underscores as spaces, parentheses unescaped,
-spaces collapsed), so `Blue_Eyes`, `blue eyes` and `blue  eyes` are the same tag everywhere.
+spaces collapsed), so `Blue_Eyes`, `blue eyes` and `blue  eyes` are the same tag everywhere. Text
+is read through `normalise_text` first: fullwidth `ｓｍｉｌｅ` is `smile`, and invisible characters
+(NUL, zero-width spaces, bidi marks, a BOM inside a line) are dropped, so `--remove smile` finds
+every spelling that looks like it and no caption keeps characters that only confuse a tokenizer.
 """
 
 from __future__ import annotations
@@ -9,18 +12,33 @@ from __future__ import annotations
 import fnmatch
 import functools
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sdprep.errors import ConfigError
 
 _SPACES = re.compile(r"\s+")
+_ASCII_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_KEPT = frozenset("\t\n\r\u2028\u2029")  # whitespace and line breaks: they separate words and tags
+
+
+def normalise_text(text: str) -> str:
+    """Caption text as sdprep reads tags from it: Unicode NFKC (fullwidth letters and commas become
+    plain ones), without control and format characters (NUL, zero-width space / joiners, bidi
+    marks and isolates, BOM, tag characters); tabs and line breaks stay."""
+    if text.isascii():
+        return text if text.isprintable() else _ASCII_CONTROLS.sub("", text)
+    text = unicodedata.normalize("NFKC", text)
+    return "".join(
+        c for c in text if c.isprintable() or c in _KEPT or unicodedata.category(c) not in ("Cc", "Cf")
+    )
 
 
 @functools.lru_cache(maxsize=1 << 16)  # datasets repeat a small vocabulary millions of times
 def tag_key(tag: str) -> str:
     """The comparison key of a tag."""
-    return _SPACES.sub(" ", unescape_parentheses(tag).replace("_", " ")).strip().casefold()
+    return _SPACES.sub(" ", unescape_parentheses(normalise_text(tag)).replace("_", " ")).strip().casefold()
 
 
 def remove_underscore(tag: str) -> str:

@@ -1,4 +1,7 @@
+from pathlib import Path
+
 import pytest
+from PIL import Image
 
 from sdprep.buckets import BucketSettings, assign_bucket, make_buckets
 from sdprep.tags import TagMatcher, dedupe, escape_parentheses, remove_underscore, tag_key
@@ -84,3 +87,65 @@ def test_bucket_settings_are_checked():
         BucketSettings(min_side=-5)
     with pytest.raises(ConfigError, match="bucket sizes must be positive"):
         BucketSettings(resolution=(0, 1024))
+
+
+HIDDEN = {
+    "nul": "sm\x00ile",
+    "zero-width space": "smi\u200ble",
+    "zero-width joiner": "smi\u200dle",
+    "fullwidth": "\uff53\uff4d\uff49\uff4c\uff45",
+    "bidi override": "\u202esmile\u202c",
+    "bidi isolate": "\u2066smile\u2069",
+    "bom inside": "\ufeffsmile",
+    "tag characters": "smile\U000e0041\U000e0042",
+    "soft hyphen": "smi\u00adle",
+}
+
+
+@pytest.mark.parametrize("spelling", list(HIDDEN.values()), ids=list(HIDDEN))
+def test_a_tag_that_looks_like_another_is_that_tag(spelling: str) -> None:
+    """Invisible and fullwidth characters no longer dodge --remove (or dedupe, or stats)."""
+    from sdprep.dataset import split_tags
+
+    assert tag_key(spelling) == "smile"
+    assert TagMatcher(["smile"]).matches(spelling)
+    assert split_tags(f"1girl, {spelling}, solo") == ["1girl", "smile", "solo"]
+
+
+def test_normalise_text_keeps_what_is_visible() -> None:
+    from sdprep.tags import normalise_text
+
+    for text in ("1girl, solo", "café, 日本, ^_^, :3, \\(cosplay\\)", "👩‍💻"[0] + "x", "a\tb\nc"):
+        assert normalise_text(text) == text
+    assert normalise_text("ｈａｔ，　ｓｍｉｌｅ") == "hat, smile"  # fullwidth comma and ideographic space
+
+
+@pytest.mark.parametrize("newline", ["\r\n", "\n", "\r", "\u2028"])
+def test_line_breaks_separate_tags(newline: str) -> None:
+    from sdprep.dataset import split_tags
+
+    assert split_tags(f"1girl, solo{newline}smile, outdoors{newline}") == [
+        "1girl",
+        "solo",
+        "smile",
+        "outdoors",
+    ]
+
+
+def test_captions_remove_finds_every_spelling(tmp_path: Path) -> None:
+    """`sdprep captions remove smile` over captions with each hidden spelling and a CRLF caption."""
+    from sdprep.prep.captions import CaptionsOptions, make_edit, run_edit
+
+    names = {}
+    for n, (name, spelling) in enumerate(HIDDEN.items()):
+        stem = f"img{n}"
+        Image.new("RGB", (8, 8), (n, 0, 0)).save(tmp_path / f"{stem}.png")
+        (tmp_path / f"{stem}.txt").write_text(f"1girl, {spelling}, solo\n", encoding="utf-8")
+        names[stem] = name
+    Image.new("RGB", (8, 8)).save(tmp_path / "crlf.png")
+    (tmp_path / "crlf.txt").write_bytes(b"1girl, solo\r\nsmile, outdoors\r\n")
+    result = run_edit([tmp_path], make_edit("remove", ("smile",)), CaptionsOptions())
+    assert result.ok and result.changed == len(HIDDEN) + 1
+    for stem, name in names.items():
+        assert (tmp_path / f"{stem}.txt").read_text(encoding="utf-8") == "1girl, solo\n", name
+    assert (tmp_path / "crlf.txt").read_bytes() == b"1girl, solo, outdoors\n"
