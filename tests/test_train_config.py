@@ -256,10 +256,10 @@ def test_unknown_choice_lists_valid_values(tmp_path):
 
 
 def test_unsupported_key_at_its_off_value_is_accepted(tmp_path):
-    cfg, notes = load(tmp_path, "v2 = false\nfused_backward_pass = false\n")
+    cfg, notes = load(tmp_path, "v2 = false\nfused_optimizer_groups = 0\n")
     assert notes == [
         '"v2" accepted (off); sdprep does not implement it',
-        '"fused_backward_pass" accepted (off); sdprep does not implement it',
+        '"fused_optimizer_groups" accepted (off); sdprep does not implement it',
     ]
 
 

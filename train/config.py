@@ -184,6 +184,7 @@ class TrainConfig:
     train_text_encoder: bool = False  # fine-tune: also train both text encoders
     ema: bool = False  # sdprep: keep an exponential moving average of the trained weights
     ema_decay: float = 0.9999  # sdprep: EMA decay per optimizer step
+    fused_backward_pass: bool = False  # step each weight during backward, freeing its gradient (Adafactor)
     # -- output --------------------------------------------------------------------------------
     output_dir: Path | None = None  # where weights, states and samples go
     output_name: str | None = None  # file stem (None: "last" / "epoch-NNNNNN", as kohya)
@@ -814,6 +815,10 @@ def _check_combinations(cfg: TrainConfig, method: str, notes: list[str]) -> Trai
                     raise _err(f"{key} is set twice (network_args and {key}) with different values")
                 changes[key] = value
         _check_network_args(cfg, changes)
+    if cfg.fused_backward_pass:
+        from sdprep.train.fused import check_fused
+
+        check_fused(cfg.optimizer_type, cfg.gradient_accumulation_steps, method, cfg.mixed_precision, 1)
     if cfg.noise_offset_type == "original" and cfg.multires_noise_iterations:
         notes.append('noise_offset_type = "original": multires noise is off (as the kohya GUI)')
         changes["multires_noise_iterations"] = None

@@ -73,7 +73,6 @@ ACCEPTED_IGNORED: dict[str, str] = {
 UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "v2": ((False,), "sdprep trains SDXL only"),
     "fp8_base": ((False,), "fp8 base weights are not supported; use mixed_precision bf16"),
-    "fused_backward_pass": ((False,), "not supported; use gradient_checkpointing and bf16"),
     "fused_optimizer_groups": ((None, 0), "not supported"),
     "block_lr": ((None, "", []), "per-block learning rates are not supported"),
     "scale_v_pred_loss_like_noise_pred": ((False,), "not supported"),

@@ -401,6 +401,23 @@ class Trainer(TrainerOutputs):
         else:
             unet, self.optimizer = self.model.unet, self.accelerator.prepare(self.optimizer)
         self.train_modules = [unet if m is self.model.unet else m for m in modules]
+        if self.cfg.fused_backward_pass:
+            from sdprep.train.fused import check_fused, register_fused_step
+
+            cfg = self.cfg
+            check_fused(
+                cfg.optimizer_type,
+                cfg.gradient_accumulation_steps,
+                self.method_name,
+                self.accelerator.mixed_precision,
+                self.num_processes,
+            )
+            register_fused_step(self.optimizer, cfg.max_grad_norm)
+            if cfg.max_grad_norm:
+                self.notes.append(
+                    f"fused_backward_pass: max_grad_norm {cfg.max_grad_norm:g} clips each weight's gradient "
+                    "on its own (as kohya), not their total norm"
+                )
         config = self.model.scheduler_config
         prediction = (
             "v_prediction" if self.cfg.v_parameterization else config.get("prediction_type", "epsilon")
@@ -601,9 +618,10 @@ class Trainer(TrainerOutputs):
                 check_finite(value, self.pos.step + 1)
                 self.accelerator.backward(loss / len(group))
             total += value
-        if self.cfg.max_grad_norm:
-            self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        self.optimizer.step()
+        if not self.cfg.fused_backward_pass:  # fused: each weight was stepped during backward
+            if self.cfg.max_grad_norm:
+                self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.method.after_step()
