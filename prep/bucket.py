@@ -60,6 +60,7 @@ from sdprep.prep.bucket_files import Written, copy_reason, png_copy
 from sdprep.prep.bucket_json import BucketJson
 from sdprep.prep.bucket_summary import Tally, summary
 from sdprep.prep.lineage import recorded_trigger
+from sdprep.prep.preview import Bucketed, Previews, record_bucketing, write_previews
 from sdprep.prep.repeats import balance_reg_repeats, compute_repeats
 from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import StageResult
@@ -368,6 +369,7 @@ def run_bucket(root: Path | str, opts: BucketOptions, *, report: Reporter = Null
 
     result = StageResult("bucket")
     tally = Tally()
+    previews = Previews()
     with Journal(out).begin("bucket", [str(root), "-o", str(out)]) as op, BucketJson(out) as outputs:
         written = Written(out)
         try:
@@ -389,14 +391,17 @@ def run_bucket(root: Path | str, opts: BucketOptions, *, report: Reporter = Null
                     batch = _write_files(op, batch, cond, opts, result, tally, written)
                     for p in batch:
                         outputs.add(*_records(p, out, opts.root))
+                        previews.add(p.item.path, p.assignment)
                     tally.add(batch)
             report.finish()
             _write_dataset_toml(op, out, everything, masked, opts)
             outputs.install(op, [{"image": str(f.path), "reason": f.reason} for f in result.failed])
+            sheets = write_previews(op, out, previews)
             tally.removed = written.finish(op)
         finally:
             written.close()
-    result.notes[:0] = summary(everything, masked, opts, tally)
+    record_bucketing(root, Bucketed(out, opts.settings, tuple(sheets)))
+    result.notes[:0] = summary(everything, masked, opts, tally) + previews.crop_lines()
     if recorded:
         result.notes.insert(
             0, f"token: {recorded} (the trigger `sdprep clean` recorded; --token sets another)"

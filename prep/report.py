@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import html
 import io
+import os
 import tempfile
 from array import array
 from collections import Counter
@@ -36,8 +38,12 @@ from sdprep.dataset import (
 from sdprep.errors import SdprepError, printable
 from sdprep.fileops import atomic_write_stream
 from sdprep.images import load_image
+from sdprep.prep.monochrome import COLOUR
+from sdprep.prep.monochrome import LABELS as MONO_LABELS
+from sdprep.prep.preview import PREVIEW_DIR, bucketed_with
 from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import StageResult
+from sdprep.tags import tag_key
 
 SMALL_AREA = 512 * 512
 
@@ -51,7 +57,7 @@ class ReportOptions:
     max_thumbs: int = 5000  # beyond this the gallery lists names only (keeps the file openable)
     duplicate_distance: int = 4  # pHash Hamming distance at or below which images count as duplicates
     tokenizer: str | None = None  # model folder / hub id for real CLIP token counts
-    settings: BucketSettings = BucketSettings()
+    settings: BucketSettings | None = None  # None: as the dataset was last bucketed, else SDXL defaults
 
 
 MAX_LISTED = 50  # unreadable files named on the terminal; the report lists them all
@@ -68,6 +74,7 @@ class ImageRow:
     monochrome: str | None = None
     mask_coverage: float | None = None
     phash: int | None = None
+    mono_disagrees: str | None = None  # the caption's monochrome / greyscale tags vs the colour check
     problems: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # files that could not be used: "name: reason"
 
@@ -93,6 +100,22 @@ def _overlay(im: Image.Image, mask: Image.Image) -> Image.Image:
     m = np.asarray(mask.convert("L").resize(im.size), dtype=np.float32)[..., None] / 255.0
     tint = rgb * 0.35 + np.array([120, 0, 0], dtype=np.float32)
     return Image.fromarray(np.clip(rgb * m + tint * (1 - m), 0, 255).astype(np.uint8))
+
+
+def mono_disagreement(caption: str, label: str | None) -> str | None:
+    """Why a caption's greyscale / monochrome tags contradict the colour check's label, or None.
+
+    Only measured labels count (`sdprep clean` stores them); a greyscale image tagged only
+    "monochrome" agrees (boorus tag such images with both).
+    """
+    if label is None:
+        return None
+    said = sorted({tag_key(t) for t in split_tags(caption)} & set(MONO_LABELS))
+    if label == COLOUR and said:
+        return f'caption says "{", ".join(said)}" but the colour check found colour'
+    if label in MONO_LABELS and not said:
+        return f"the colour check found {label} but the caption does not say so"
+    return None
 
 
 def _phash(im: Image.Image) -> int:
@@ -127,6 +150,9 @@ def analyse_item(item: Item, opts: ReportOptions, count_tokens, thumbs: bool) ->
             row.problems.append("no caption file")
         else:
             row.tags = len(split_tags(row.caption))
+            row.mono_disagrees = mono_disagreement(row.caption, row.monochrome)
+            if row.mono_disagrees:
+                row.problems.append(row.mono_disagrees)
             if count_tokens:
                 row.tokens = count_tokens(row.caption)
     except SdprepError as exc:
@@ -236,6 +262,7 @@ class Summary:
         )
         self.buckets: Counter = Counter()
         self.mono: Counter = Counter()
+        self.mono_disagree = 0
         self.hashes = array("Q")
         self.hashed = _Paths(path_file)
 
@@ -258,6 +285,7 @@ class Summary:
             self.buckets[f"{r.bucket[0]}x{r.bucket[1]}"] += 1
         if r.monochrome:
             self.mono[r.monochrome] += 1
+        self.mono_disagree += bool(r.mono_disagrees)
         if r.phash is not None:
             self.hashes.append(r.phash)
             self.hashed.append(r.path)
@@ -276,6 +304,7 @@ class Summary:
             "aspect": self.aspect.items(),
             "buckets": self.buckets.most_common(),
             "monochrome": dict(self.mono),
+            "monochrome_disagreeing_captions": self.mono_disagree,
             "duplicates": [[self.hashed[k] for k in g] for g in dup],
         }
 
@@ -284,7 +313,7 @@ CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}h1{font-s
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}
 .bar{background:#4a7;height:10px;display:inline-block}.grid{display:flex;flex-wrap:wrap;gap:10px}
 .card{width:180px;border:1px solid #ddd;padding:6px;font-size:12px}.card img{max-width:100%;display:block}
-.bad{border-color:#c33;background:#fee}.cap{max-height:6em;overflow:auto;color:#444}.sec{display:flex;gap:3em;flex-wrap:wrap}"""
+.bad{border-color:#c33;background:#fee}.lbl{color:#666;font-size:11px;margin-bottom:4px}.cap{max-height:6em;overflow:auto;color:#444}.sec{display:flex;gap:3em;flex-wrap:wrap}"""
 
 
 def _table(title: str, rows: list[tuple], headers: tuple[str, ...], bar: bool = False) -> str:
@@ -314,7 +343,8 @@ def _card(row: ImageRow, thumb: str, overlay: str) -> str:
     if thumb:
         parts.append(f'<img src="{thumb}" alt="{name}"/>')
     if overlay:
-        parts.append(f'<img src="{overlay}" alt="mask of {name}"/>')
+        parts.append(f'<img src="{overlay}" alt="mask of {name}" title="mask overlay of {name}"/>')
+        parts.append('<div class="lbl">mask: red = ignored (no loss), as is = learned</div>')
     info = []
     if row.size:
         info.append(f"{row.size[0]}x{row.size[1]}")
@@ -333,6 +363,54 @@ def _card(row: ImageRow, thumb: str, overlay: str) -> str:
     return "".join(parts)
 
 
+@dataclass(frozen=True)
+class Bucketing:
+    """The bucket settings the report assigns with, where they come from, and the preview sheets."""
+
+    settings: BucketSettings
+    source: str  # "options", "bucketed" or "defaults"
+    out: str | None = None  # the bucket output folder (when bucketed)
+    sheets: tuple[tuple[str, str], ...] = ()  # (bucket "WxH", link relative to the report)
+
+    def as_dict(self) -> dict:
+        s = self.settings
+        return {
+            "source": self.source,
+            "description": self.describe(),
+            "out": self.out,
+            "resolution": list(s.resolution),
+            "step": s.step,
+            "min_side": s.min_side,
+            "max_side": s.max_side,
+            "no_upscale": s.no_upscale,
+            "sheets": [list(x) for x in self.sheets],
+        }
+
+    def describe(self) -> str:
+        s = self.settings
+        what = f"max area {s.resolution[0]}x{s.resolution[1]}, step {s.step}, sides {s.min_side}-{s.max_side}"
+        if self.source == "bucketed":
+            return f"as bucketed into {self.out} ({what})"
+        if self.source == "options":
+            return f"as given ({what})"
+        return f"SDXL defaults ({what}): the dataset has not been bucketed"
+
+
+def _bucketing(root: Path, opts: ReportOptions, out: Path) -> Bucketing:
+    if opts.settings is not None:
+        return Bucketing(opts.settings, "options")
+    done = bucketed_with(root)
+    if done is None:
+        return Bucketing(BucketSettings(), "defaults")
+    folder = done.out / PREVIEW_DIR
+    sheets = tuple(
+        (name.removesuffix(".png"), Path(os.path.relpath(folder / name, out.absolute().parent)).as_posix())
+        for name in done.sheets
+        if (folder / name).is_file()
+    )
+    return Bucketing(done.settings, "bucketed", str(done.out), sheets)
+
+
 def run_report(root: Path | str, opts: ReportOptions, *, report: Reporter = NullReporter()) -> StageResult:
     """Write the report for the dataset at `root`; result.details holds the summary dict.
 
@@ -341,6 +419,8 @@ def run_report(root: Path | str, opts: ReportOptions, *, report: Reporter = Null
     """
     root = require_images(root, opts.recursive)
     out = Path(opts.out) if opts.out else root / ("report." + ("json" if opts.format == "json" else "html"))
+    bucketing = _bucketing(root, opts, out)
+    opts = dataclasses.replace(opts, settings=bucketing.settings)
     result = StageResult("report")
     count_tokens = _token_counter(opts.tokenizer)
     unreadable: list[str] = []
@@ -368,6 +448,7 @@ def run_report(root: Path | str, opts: ReportOptions, *, report: Reporter = Null
             report.advance()
         report.finish()
         summary = stats.as_dict(opts)
+        summary["bucketing"] = bucketing.as_dict()
         gallery.seek(0)
         problems.seek(0)
         if opts.format == "json":
@@ -423,7 +504,7 @@ def _write_html(f, root: Path, summary: dict, problems, gallery, opts: ReportOpt
     f.write('<div class="sec">')
     f.write(_table("Resolution (megapixels)", summary["resolution_mp"], ("range", "images", ""), bar=True))
     f.write(_table("Aspect ratio", summary["aspect"], ("shape", "images", ""), bar=True))
-    f.write(_table("Buckets", summary["buckets"], ("bucket", "images", ""), bar=True))
+    f.write(_bucket_table(summary))
     f.write(_table("Tags per caption", summary["tag_count_per_caption"], ("tags", "captions", ""), bar=True))
     if summary["token_lengths"]:
         f.write(
@@ -431,14 +512,12 @@ def _write_html(f, root: Path, summary: dict, problems, gallery, opts: ReportOpt
                 "Caption length (CLIP tokens)", summary["token_lengths"], ("tokens", "captions", ""), bar=True
             )
         )
-    mono = summary["monochrome"]
-    f.write(
-        _table(
-            "Monochrome",
-            sorted(mono.items()) or [("(not analysed: run sdprep clean)", 0)],
-            ("label", "images"),
+    mono = sorted(summary["monochrome"].items()) or [("(not analysed: run sdprep clean)", 0)]
+    if summary["monochrome_disagreeing_captions"]:
+        mono.append(
+            ("captions disagreeing with the colour check", summary["monochrome_disagreeing_captions"])
         )
-    )
+    f.write(_table("Monochrome", mono, ("label", "images")))
     f.write("</div>")
     f.write(_table_head("Images with problems", ("image", "problems")))
     if not _copy(problems, f):
@@ -455,6 +534,29 @@ def _write_html(f, root: Path, summary: dict, problems, gallery, opts: ReportOpt
     if summary["images"] > opts.max_thumbs:
         f.write(f"<p>Thumbnails shown for the first {opts.max_thumbs} images only.</p>")
     f.write("</body></html>\n")
+
+
+def _bucket_table(summary: dict) -> str:
+    """The bucket histogram; each bucket links to its contact sheet when `sdprep bucket` drew one."""
+    b = summary["bucketing"]
+    links = dict(b["sheets"])
+    rows = summary["buckets"]
+    top = max((n for _, n in rows), default=1) or 1
+    body = []
+    for name, n in rows:
+        cell = html.escape(name)
+        if name in links:
+            cell = f'<a href="{html.escape(links[name])}">{cell}</a>'
+        bar = f'<span class="bar" style="width:{int(200 * n / top)}px"></span>'
+        body.append(f"<tr><td>{cell}</td><td>{n}</td><td>{bar}</td></tr>")
+    note = f'<p class="lbl">{html.escape(printable(b["description"]))}'
+    if links:
+        note += "; a bucket links to its preview sheet (the crop each image gets)"
+    return (
+        _table_head("Buckets", ("bucket", "images", ""))
+        + "".join(body)
+        + _TABLE_END.replace("</table>", "</table>" + note + "</p>", 1)
+    )
 
 
 def _copy(src, dst) -> bool:

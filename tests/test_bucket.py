@@ -79,13 +79,18 @@ def kohya_load(train_data_dir: Path) -> list[dict]:
     return out
 
 
+def _files(root: Path) -> dict[Path, bytes]:
+    """The dataset's files, without sdprep's state folder."""
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and ".sdprep" not in p.parts}
+
+
 def test_bucket_builds_kohya_layout(sample_dataset, tmp_path):
     masks = sample_dataset / "masks"
     masks.mkdir()
     w, h = Image.open(sample_dataset / "a_landscape.jpg").size
     Image.new("L", (w, h), 128).save(masks / "a_landscape.png")
     (sample_dataset / "b_portrait.txt").write_text("nazuna, 1girl, smile\n")
-    before = {p: p.read_bytes() for p in sample_dataset.rglob("*") if p.is_file()}
+    before = _files(sample_dataset)
 
     out = tmp_path / "out"
     res = run_bucket(sample_dataset, BucketOptions(out=out, token="nazuna", repeats=40))
@@ -101,7 +106,9 @@ def test_bucket_builds_kohya_layout(sample_dataset, tmp_path):
     assert caps["b_portrait.png"] == "nazuna, 1girl, smile" and caps["c_square.webp"] == "nazuna"
     # unmasked images are hard links of the originals; originals untouched
     assert os.path.samefile(out / "img/40_nazuna/b_portrait.png", sample_dataset / "b_portrait.png")
-    assert {p: p.read_bytes() for p in sample_dataset.rglob("*") if p.is_file()} == before
+    assert (
+        _files(sample_dataset) == before
+    )  # the dataset's state folder records how it was bucketed (for the report)
     # the masked image is a PNG copy: the original pixels, its mask as alpha (no masks/ folder)
     baked = Image.open(out / "img/40_nazuna/a_landscape.png")
     assert baked.mode == "RGBA" and baked.getchannel("A").getextrema() == (128, 128)

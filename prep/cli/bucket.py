@@ -129,8 +129,9 @@ def command(
 ) -> None:
     """Build a training-ready folder (kohya layout, dataset TOML, metadata JSON) from DIRECTORY.
 
-    Images are hard-linked (never moved), captions and masks go with them, and a bucket preview
-    says where every image lands, how much is cropped, and which images are upscaled or dropped.
+    Images are hard-linked (never moved), captions and masks go with them. buckets.json says where
+    every image lands, how much is cropped, and which images are upscaled or dropped; OUT/preview/
+    holds one PNG contact sheet per bucket with the part each crop cuts away shaded red.
     Masked and EXIF-rotated images become PNG copies (the mask as alpha, the pixels as displayed),
     so kohya trains what sdprep shows. Paths are relative to OUT: `cd OUT` before running kohya,
     or pass --root. Re-running replaces what the previous run wrote (undo restores it).

@@ -31,8 +31,10 @@ from sdprep.clitools import reporter
 def command(ctx, directory, out, fmt, recursive, tokenizer, max_thumbs) -> None:
     """Write a self-contained HTML (or JSON) report of the dataset in DIRECTORY.
 
-    Contact sheet with captions and masks, tag frequencies, caption lengths, resolution and aspect
-    histograms, buckets, monochrome share, duplicates and images with problems.
+    Contact sheet with captions and labelled mask overlays, tag frequencies, caption lengths,
+    resolution and aspect histograms, buckets (with the settings the dataset was bucketed with,
+    linked to the bucket preview sheets), monochrome share and captions whose monochrome tags the
+    colour check contradicts, duplicates and images with problems. An empty folder is an error.
 
     \b
     Example:
