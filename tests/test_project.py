@@ -192,7 +192,9 @@ def _captions(root: Path) -> dict[str, bytes]:
 
 
 def _edited(text: str, step: int) -> str:
-    text = text.replace('trigger = ["nazuna"]', 'trigger = ["nzn"]')  # the bucket folder stays 2_nazuna
+    text = text.replace('trigger = ["nazuna"]', 'trigger = ["nzn"]').replace(
+        'token = "nazuna"', 'token = "nzn"'
+    )
     text = text.replace('remove = ["pink hair", ', "remove = [")
     if step >= 2:
         text = text.replace(
@@ -219,6 +221,7 @@ def test_a_rerun_after_editing_the_project_equals_a_fresh_run(tmp_path):
         got = _captions(tmp_path / "rerun" / "demo_output")
         assert got == want, step
         assert all(c.startswith(b"nzn, ") and b", nazuna," not in c for c in got.values())
+        assert not any(k.startswith("train_set/img/2_nazuna/") for k in got)  # re-bucketed
         if step == 1:
             assert sum(b"pink hair" in c for k, c in got.items() if k.startswith("data/")) == 6
             assert {r.stage: r.changed for r in results}["clean"] == 8
