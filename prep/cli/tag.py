@@ -98,7 +98,11 @@ def _tag_list(values: tuple[str, ...]) -> tuple[str, ...]:
     help="With an existing caption: replace it, append new tags (deduped), or keep it.",
 )
 @click.option(
-    "--batch-size", default=4, show_default=True, type=click.IntRange(min=1), help="Images per model call."
+    "--batch-size",
+    default=4,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images decoded and written per step (WD14 runs each image on its own: scores never depend on it).",
 )
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1), help="Decoding threads.")
 @click.option(
