@@ -28,6 +28,7 @@ from sdprep import state
 from sdprep.dataset import is_within
 from sdprep.fileops import Journal, Operation, read_meta
 from sdprep.images import ImageHeader, load_image
+from sdprep.lock import temp_prefix
 
 RECORD_NAME = "bucket-files.txt"
 
@@ -72,7 +73,7 @@ class Written:
         self.out = out
         self.keys = array("Q")
         folder = state.folder(out, create=True)
-        fd, tmp = tempfile.mkstemp(prefix=".bucket-files.", suffix=".tmp", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix="-bucket-files", dir=folder)
         self.tmp = Path(tmp)
         self.file = open(fd, "w", encoding="utf-8", errors="surrogateescape", newline="\n")  # noqa: SIM115
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TextIO
 
 from sdprep.dataset import dumps_json
-from sdprep.fileops import Operation
+from sdprep.fileops import Operation, naming
+from sdprep.lock import temp_prefix
 
 
 def _nested(value: object, level: int, ensure_ascii: bool) -> str:
@@ -52,7 +53,7 @@ class BucketJson:
     def __enter__(self) -> BucketJson:
         try:
             for name in self.NAMES:
-                fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.out)
+                fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix=f"-{name}", dir=self.out)
                 self.tmp[name] = Path(tmp)
                 self.files[name] = open(fd, "w", encoding="utf-8", newline="")  # noqa: SIM115
         except BaseException:
@@ -66,17 +67,22 @@ class BucketJson:
 
     def add(self, key: str, entry: dict, row: dict) -> None:
         """One image: its metadata.json entry under `key`, its buckets.json row."""
-        self.meta.add(dumps_json(key) + ": " + _nested(entry, 1, False))
-        self.rows.add(_nested(row, 2, True))
+        with naming(self.out / "metadata.json"):  # a full disk fails the write with no file name
+            self.meta.add(dumps_json(key) + ": " + _nested(entry, 1, False))
+        with naming(self.out / "buckets.json"):
+            self.rows.add(_nested(row, 2, True))
 
     def install(self, op: Operation, dropped: list[dict]) -> None:
         """Finish both files (buckets.json lists `dropped`) and put them in place through `op`."""
-        self.meta.close("}")
-        self.files["metadata.json"].write("\n")
-        self.rows.close("]")
-        self.files["buckets.json"].write(',\n "dropped": ' + _nested(dropped, 1, True) + "\n}\n")
+        with naming(self.out / "metadata.json"):
+            self.meta.close("}")
+            self.files["metadata.json"].write("\n")
+            self.files["metadata.json"].close()
+        with naming(self.out / "buckets.json"):
+            self.rows.close("]")
+            self.files["buckets.json"].write(',\n "dropped": ' + _nested(dropped, 1, True) + "\n}\n")
+            self.files["buckets.json"].close()
         for name in self.NAMES:
-            self.files[name].close()
             op.install(self.tmp[name], self.out / name)
 
     def __exit__(self, *exc: object) -> None:

@@ -330,15 +330,19 @@ class Intake:
         dest, present = _free_name(folder, safe_name(path.name), data)
         if not (inside(dest, self.root) and dest.parent == folder):  # cannot happen; checked anyway
             raise DatasetError(f"unsafe destination {dest}")
-        if present:
-            self.result.skipped += 1
-            return
         extra = sdprep_meta(meta)
         if booru is not None:
             extra["booru"] = booru
         extra["scrape"] = {"url": self.url}
         if verdict is not None:
             extra["rejected"] = verdict[1]
+        if present:
+            sidecar = Item(dest).sidecar_path
+            if not os.path.lexists(sidecar):  # a killed run wrote the image, not yet its sidecar
+                self.op.write_text(sidecar, dump_sidecar(meta))
+            self.result.skipped += 1
+            return
+        if verdict is not None:
             self.rejected[verdict[0]] += 1
         if not folder.exists():
             self.op.mkdir(folder)
@@ -385,12 +389,16 @@ def run_scrape(root: Path | str, opts: ScrapeOptions, *, report: Reporter = Null
         state.remove(scratch)
         if archive.exists():
             shutil.copyfile(archive, scratch)
+        current = state.file(root, *SCRAPE_DIR, "current-url")  # what a killed run was fetching
         intake = Intake(root, incoming, op, opts, result, report)
+        with contextlib.suppress(FileNotFoundError):
+            intake.url = state.read_text(current)  # its downloads keep the URL they came from
         intake.sweep()
         report.start(total, "scrape")
         try:
             configure(gconfig, opts, incoming, scratch)
             for url in opts.urls:
+                state.write_new(current, url.encode("utf-8", "surrogateescape"))
                 intake.url, intake.seen = url, 0
                 _scrape_url(job_class, gexc, url, intake, logs, result)
         finally:
@@ -399,6 +407,7 @@ def run_scrape(root: Path | str, opts: ScrapeOptions, *, report: Reporter = Null
             if scratch.exists():
                 op.write_bytes(archive, scratch.read_bytes())
                 scratch.unlink()
+        state.remove(current)
     _summarise(intake, result)
     return result
 

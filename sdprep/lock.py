@@ -165,7 +165,8 @@ def _check_tree(root: Path) -> list[str]:
         holder = _probe(above)
         if holder:
             raise _busy(root, above, holder)
-    temps: list[str] = []
+    top = state.state_dir(root)  # scratch files some stages keep beside the journal
+    temps = [e.path for e in state.entries(top) if e.is_file(follow_symlinks=False) and is_dead_temp(e.name)]
     for dirpath, dirnames, filenames in os.walk(root):
         if dirpath != str(root) and state.STATE_DIR in dirnames:
             holder = _probe(Path(dirpath))

@@ -61,3 +61,31 @@ def cli_runner():
     from click.testing import CliRunner
 
     return CliRunner()
+
+
+@pytest.fixture(scope="session")
+def zygote(tmp_path_factory: pytest.TempPathFactory):
+    """A fork server for the crash tests (tests/zygote.py): real CLI processes, forked warm."""
+    from crashkit import Zygote
+
+    server = Zygote(tmp_path_factory.mktemp("zygote"))
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def fast_tmp(tmp_path: Path):
+    """A scratch folder in memory (/dev/shm) when the machine has one, else tmp_path. Crash tests
+    run hundreds of commands that fsync every journal entry and file; a busy disk makes those
+    syncs the slowest part, and a killed process loses nothing the page cache holds anyway."""
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield tmp_path
+        return
+    folder = Path(tempfile.mkdtemp(prefix="sdprep-test-", dir=shm))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -75,7 +75,10 @@ class Zygote:
     def __init__(self, workdir: Path):
         self.workdir = workdir
         self.proc = subprocess.Popen(
-            [sys.executable, str(ZYGOTE)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=cli_env()
+            [sys.executable, str(ZYGOTE)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=cli_env(NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost"),  # loopback servers
         )
         self._buf = b""
         self._n = 0

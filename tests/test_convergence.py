@@ -32,18 +32,6 @@ def png(colour: tuple[int, int, int], size=(40, 32)) -> bytes:
     return buf.getvalue()
 
 
-def reference(tmp: Path, data: Path, args: list[str]) -> dict[str, str]:
-    """The files an uninterrupted run leaves, run at `data`'s own path on a copy (paths may be recorded)."""
-    keep = tmp / "keep"
-    shutil.copytree(data, keep, symlinks=True)
-    done = sdprep(*args)
-    assert done.returncode == 0, done.stdout + done.stderr
-    expected = corpus.snapshot(data)
-    shutil.rmtree(data)
-    os.rename(keep, data)
-    return expected
-
-
 # -- item 8: symlinks inside the dataset ---------------------------------------------------------
 
 
@@ -117,59 +105,56 @@ def test_dedup_leaves_two_linked_duplicates_in_place(tmp_path):
 # -- item 9 and beyond: kills between the files of one step ---------------------------------------
 
 
-def kill_everywhere(tmp_path: Path, data: Path, args: list[str], kinds=("change",)) -> None:
-    """Kill `sdprep ARGS` at each pause point in turn; every re-run must end as the uninterrupted run."""
-    expected = reference(tmp_path, data, args)
-    pristine = tmp_path / "pristine"
+def kill_everywhere(zygote, data: Path, args: list[str], kinds=("any",)) -> None:
+    """Kill `sdprep ARGS` at each pause point in turn; every re-run must end as the uninterrupted run
+    and leave no temporary file behind."""
+    pristine = data.with_name("pristine")
     shutil.copytree(data, pristine, symlinks=True)
+    code, output, _ = zygote.run(args)
+    assert code == 0, output
+    expected = corpus.snapshot(data)
     for kind in kinds:
         n = 1
         while True:
             shutil.rmtree(data)
             shutil.copytree(pristine, data, symlinks=True)
-            marker_dir = tmp_path / f"k{kind}{n}"
-            marker_dir.mkdir()
-            try:
-                kill_at(args, kind, n, marker_dir)
-            except BaseException as exc:  # the run ended before point n: every point was tried
-                if "ended (exit 0) before pause" in str(exc):
-                    break
-                raise
-            again = sdprep(*args)
-            assert again.returncode == 0, f"kill at {kind} {n}: {again.stdout}{again.stderr}"
+            if not zygote.kill_at(args, n, kind):
+                break  # the run ended before point n: every point was tried
+            code, output, _ = zygote.run(args)
+            assert code == 0, f"kill at {kind} {n}: {output}"
             assert corpus.snapshot(data) == expected, f"kill at {kind} {n}: the re-run did not converge"
             n += 1
-    assert n > 2
+        assert n > 2
 
 
-def test_upscale_killed_between_image_mask_and_sidecar_converges(tmp_path):
-    data = tmp_path / "data"
+def test_upscale_killed_between_image_mask_and_sidecar_converges(fast_tmp, zygote):
+    data = fast_tmp / "data"
     (data / "masks").mkdir(parents=True)
     (data / "a.png").write_bytes(png((10, 120, 200)))
     (data / "a.png.json").write_text(json.dumps({"id": 1}) + "\n")
     Image.new("L", (40, 32), 255).save(data / "masks" / "a.png")
-    kill_everywhere(tmp_path, data, ["upscale", str(data), "--min-side", "64"])
+    kill_everywhere(zygote, data, ["upscale", str(data), "--min-side", "64"])
     assert Image.open(data / "masks" / "a.png").size == Image.open(data / "a.png").size == (80, 64)
 
 
-def test_convert_killed_after_writing_the_new_file_removes_the_old_one(tmp_path):
-    data = tmp_path / "data"
+def test_convert_killed_after_writing_the_new_file_removes_the_old_one(fast_tmp, zygote):
+    data = fast_tmp / "data"
     data.mkdir()
     Image.open(io.BytesIO(png((10, 120, 200)))).save(data / "a.jpg", quality=95)
     (data / "a.jpg.json").write_text(json.dumps({"id": 1}) + "\n")
     (data / "a.txt").write_text("fruit\n")
-    kill_everywhere(tmp_path, data, ["convert", str(data), "--format", "png"])
+    kill_everywhere(zygote, data, ["convert", str(data), "--format", "png"])
     assert sorted(p.name for p in data.iterdir()) == [".sdprep", "a.png", "a.png.json", "a.txt"]
 
 
-def test_mask_killed_before_its_record_adopts_its_own_mask(tmp_path):
-    data = tmp_path / "data"
+def test_mask_killed_before_its_record_adopts_its_own_mask(fast_tmp, zygote):
+    data = fast_tmp / "data"
     data.mkdir()
     for i in range(2):
         im = Image.new("RGB", (40, 32), (255, 255, 255))
         im.paste((200, 20, 20), (10, 8, 30, 24))
         im.save(data / f"m{i}.png")
-    kill_everywhere(tmp_path, data, ["mask", str(data), "--method", "color"])
+    kill_everywhere(zygote, data, ["mask", str(data), "--method", "color"])
 
 
 def test_a_users_own_mask_is_still_refused(tmp_path):
@@ -182,9 +167,9 @@ def test_a_users_own_mask_is_still_refused(tmp_path):
     assert Image.open(data / "masks" / "m.png").getpixel((0, 0)) == 77
 
 
-def test_rename_killed_anywhere_is_finished_by_the_next_rename(tmp_path):
-    data = linked_dataset(tmp_path / "data")
-    kill_everywhere(tmp_path, data, ["rename", str(data), "-r"])
+def test_rename_killed_anywhere_is_finished_by_the_next_rename(fast_tmp, zygote):
+    data = linked_dataset(fast_tmp / "data")
+    kill_everywhere(zygote, data, ["rename", str(data), "-r"])
 
 
 def test_rename_after_a_killed_rename_that_is_not_the_newest_operation_still_refuses(tmp_path):
@@ -196,14 +181,14 @@ def test_rename_after_a_killed_rename_that_is_not_the_newest_operation_still_ref
     assert done.returncode == 1 and "an interrupted rename left" in done.stderr
 
 
-def test_dedup_killed_anywhere_is_finished_by_the_next_dedup(tmp_path):
-    data = tmp_path / "data"
+def test_dedup_killed_anywhere_is_finished_by_the_next_dedup(fast_tmp, zygote):
+    data = fast_tmp / "data"
     (data / "masks").mkdir(parents=True)
     for name, size in (("big.png", (80, 64)), ("small.png", (40, 32))):
         Image.open(io.BytesIO(png((10, 120, 200)))).resize(size).save(data / name)
         (data / name.replace(".png", ".txt")).write_text("same\n")
         Image.new("L", size, 255).save(data / "masks" / name)
-    kill_everywhere(tmp_path, data, ["dedup", str(data)], kinds=("change", "write"))
+    kill_everywhere(zygote, data, ["dedup", str(data)])
     assert sorted(p.name for p in (data / "duplicates").rglob("*")) == [
         "masks",
         "small.png",
@@ -211,3 +196,16 @@ def test_dedup_killed_anywhere_is_finished_by_the_next_dedup(tmp_path):
         "small.png.json",
         "small.txt",
     ]
+
+
+def test_dedup_then_undo_leaves_no_duplicates_folder(tmp_path):
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    for name in ("a.png", "sub/b.png"):
+        (data / name).write_bytes(png((10, 120, 200)))
+    (data / "c.png").write_bytes(png((10, 120, 200), (80, 64)))
+    before = corpus.snapshot(data)
+    done = sdprep("dedup", str(data), "-r")
+    assert done.returncode == 0 and (data / "duplicates" / "sub" / "b.png").is_file()
+    assert sdprep("undo", str(data)).returncode == 0
+    assert corpus.snapshot(data) == before  # duplicates/ and duplicates/sub/ are gone too

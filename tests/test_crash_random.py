@@ -20,13 +20,11 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import corpus
 import pytest
-from crashkit import Zygote
 from PIL import Image
 
 KILLS = int(os.environ.get("SDPREP_CRASH_KILLS", "20"))
@@ -132,6 +130,13 @@ COMMANDS: dict[str, tuple[Callable[[Path], None], Callable[[Path, Path, dict], l
     "convert": (for_convert, lambda d, o, fx: ["convert", d, "--format", "png"]),
     "dedup": (for_dedup, lambda d, o, fx: ["dedup", d, "-r"]),
     "bucket": (plain, lambda d, o, fx: ["bucket", d, "-o", o, "--token", "tok", "--min-side", "32"]),
+    "scrape": (
+        lambda root: add_image(root, "own.png", picture(50)),
+        lambda d, o, fx: [
+            *("scrape", fx["booru"].booru("/posts?tags=nazuna"), fx["booru"].booru("/posts/43")),
+            *(fx["booru"].url("/img/b.png"), "-o", d, "--sleep-request", "0", "--rating", "g"),
+        ],
+    ),
 }
 
 
@@ -153,28 +158,6 @@ def diff(a: dict[str, str], b: dict[str, str]) -> str:
     )
 
 
-@pytest.fixture(scope="module")
-def zygote(tmp_path_factory):
-    z = Zygote(tmp_path_factory.mktemp("zygote"))
-    yield z
-    z.close()
-
-
-@pytest.fixture
-def work(tmp_path):
-    """A scratch folder in memory when the machine has one: the runs fsync every journal entry and
-    file, which a busy disk makes the slowest part of this test (a kill keeps the page cache)."""
-    shm = Path("/dev/shm")
-    if not (shm.is_dir() and os.access(shm, os.W_OK)):
-        yield tmp_path
-        return
-    folder = Path(tempfile.mkdtemp(prefix="sdprep-crash-", dir=shm))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 BATCH_SCORES = pytest.mark.xfail(
     reason="tag scores depend on the batch size (issue 18 item 27): a re-run tags a smaller batch",
     strict=False,
@@ -184,10 +167,17 @@ BATCH_SCORES = pytest.mark.xfail(
 @pytest.mark.parametrize(
     "command", [pytest.param(c, marks=BATCH_SCORES) if c == "tag" else c for c in COMMANDS]
 )
-def test_random_kills_lose_nothing_and_reruns_converge(command, zygote, work, request):
+def test_random_kills_lose_nothing_and_reruns_converge(command, zygote, fast_tmp, request):
     build, make_args = COMMANDS[command]
-    fixtures = {"tiny_wd14": request.getfixturevalue("tiny_wd14")} if command == "tag" else {}
-    pristine, data, out, aside = (work / n for n in ("pristine", "data", "out", "aside"))
+    fixtures = {}
+    if command == "tag":
+        fixtures["tiny_wd14"] = request.getfixturevalue("tiny_wd14")
+    if command == "scrape":
+        from test_scrape import FakeBooru  # a loopback Danbooru: no network
+
+        fixtures["booru"] = FakeBooru()
+        request.addfinalizer(fixtures["booru"].close)
+    pristine, data, out, aside = (fast_tmp / n for n in ("pristine", "data", "out", "aside"))
     build(pristine)
     args = make_args(data, out, fixtures)
     target = out if command == "bucket" else data  # the folder the command changes
