@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdprep import state
 from sdprep.dataset import (
     DUPLICATES_DIR,
     UNSAFE_HINT,
@@ -277,6 +278,8 @@ def run_dedup(root: Path | str, opts: DedupOptions, *, report: Reporter = NullRe
         root = require_images(root, opts.recursive)
         _dedup(root, list(iter_items(root, opts.recursive)), opts, None, result, report)
         return result
+    if not state.state_dir(root).exists():  # nothing to roll back: an empty folder fails before the lock
+        require_images(root, opts.recursive)
     with dataset_lock(root, "dedup"):
         from sdprep.undo import roll_back_interrupted
 

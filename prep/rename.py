@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdprep import state
 from sdprep.dataset import MASK_DIR, Item, iter_items, parse_repeat_folder, require_images
 from sdprep.errors import ConfigError, DatasetError
 from sdprep.fileops import Journal, Operation
@@ -200,6 +201,8 @@ def run_rename(root: Path | str, opts: RenameOptions, *, report: Reporter = Null
         check_pattern(opts.pattern)
     if opts.dry_run:
         return _rename(root, opts, report, None)
+    if not state.state_dir(root).exists():  # nothing to roll back: an empty folder fails before the lock
+        require_images(root, opts.recursive)
     with dataset_lock(root, "rename"):
         from sdprep.undo import roll_back_interrupted
 
