@@ -542,3 +542,43 @@ def test_command_line_folder_replaces_the_configs_dataset_config(tmp_path):
     # in one file both: kohya's rule (dataset_config wins, train_data_dir is ignored with a note later)
     both, _ = load(tmp_path, 'dataset_config = "ds.toml"\ntrain_data_dir = "imgs"\n')
     assert both.dataset_config == Path("ds.toml")
+
+
+def test_dim_from_weights_reads_the_lora_file(tmp_path):
+    """kohya's dim_from_weights (the GUI's "LoRA finetuning phase 2" preset): ranks and alphas of
+    network_weights, linear and 3x3 conv apart; a file without text-encoder modules trains the U-Net."""
+    import torch
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "phase1.safetensors"
+    save_file(
+        {
+            "lora_unet_a_proj.lora_down.weight": torch.zeros(8, 32),
+            "lora_unet_a_proj.lora_up.weight": torch.zeros(32, 8),
+            "lora_unet_a_proj.alpha": torch.tensor(4.0),
+            "lora_unet_b_conv.lora_down.weight": torch.zeros(2, 32, 3, 3),
+            "lora_unet_b_conv.alpha": torch.tensor(1.0),
+            "lora_unet_c_skip.lora_down.weight": torch.zeros(8, 32, 1, 1),
+            "lora_unet_c_skip.alpha": torch.tensor(4.0),
+        },
+        str(lora),
+    )
+    text = f'network_module = "networks.lora"\ndim_from_weights = true\nnetwork_weights = "{lora}"\nnetwork_dim = 32\n'
+    cfg, notes = load(tmp_path, text)
+    assert (cfg.network_dim, cfg.network_alpha, cfg.conv_dim, cfg.conv_alpha) == (8, 4.0, 2, 1.0)
+    assert cfg.network_train_unet_only
+    assert (
+        "dim_from_weights: phase1.safetensors gives network_dim = 8, network_alpha = 4, conv_dim = 2, conv_alpha = 1"
+        in notes
+    )
+    with pytest.raises(ConfigError, match="dim_from_weights needs network_weights"):
+        load(tmp_path, 'network_module = "networks.lora"\ndim_from_weights = true\n')
+    save_file(
+        {
+            "lora_unet_a.lora_down.weight": torch.zeros(8, 4),
+            "lora_unet_b.lora_down.weight": torch.zeros(4, 4),
+        },
+        str(lora),
+    )
+    with pytest.raises(ConfigError, match=r"linear modules of different ranks or alphas \(ranks \[4, 8\]"):
+        load(tmp_path, text)

@@ -173,6 +173,7 @@ class TrainConfig:
     loraplus_text_encoder_lr_ratio: float | None = None  # ...for the text encoders only
     network_train_unet_only: bool = False  # kohya's default false: text-encoder LoRA trains too
     network_weights: Path | None = None  # LoRA file to continue training from
+    dim_from_weights: bool = False  # take network_dim / alpha (and conv) from network_weights, as kohya
     # -- textual inversion ---------------------------------------------------------------------
     token_string: str | None = None  # the new token; selects textual-inversion training
     init_word: str | None = None  # word(s) whose embedding initialises the token
@@ -527,7 +528,22 @@ def load_train_config(
     origins = {k: origins.get(k) or origins.get(derived.get(k, "resume_from"), COMMAND_LINE) for k in merged}
     cfg = dataclasses.replace(_build(merged), origins=tuple(origins.items()))
     cfg, more = validate(cfg)
-    return cfg, notes + more
+    return _dims_from_weights(cfg, notes + more)
+
+
+def _dims_from_weights(cfg: TrainConfig, notes: list[str]) -> tuple[TrainConfig, list[str]]:
+    """kohya's dim_from_weights: the LoRA's ranks and alphas come from network_weights."""
+    if not cfg.dim_from_weights or detect_method(cfg) != "lora":
+        return cfg, notes
+    if not cfg.network_weights:
+        raise ConfigError(
+            "dim_from_weights needs network_weights (the LoRA whose ranks the new run takes)",
+            "set network_weights = PATH, or remove dim_from_weights",
+        )
+    from sdprep.train.weights_dims import dims_from_weights
+
+    changes, more = dims_from_weights(cfg.network_weights)
+    return dataclasses.replace(cfg, **changes), notes + more
 
 
 def _data_source_precedence(

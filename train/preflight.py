@@ -264,7 +264,12 @@ def _run(
         return
     report.add("saving", True, "; ".join(v.summary() for v in quiet.saves))
     if cfg.sample_prompts:
-        report.add("samples", bool(quiet.samples), f"{len(quiet.samples)} image(s) from {cfg.sample_prompts}")
+        if trainer.prompts:
+            report.add(
+                "samples", bool(quiet.samples), f"{len(quiet.samples)} image(s) from {cfg.sample_prompts}"
+            )
+        else:  # kohya trains without samples too (the GUI writes its empty prompt box to this file)
+            report.add("samples", True, f"{cfg.sample_prompts} has no prompts: no samples (as kohya)")
     out = trainer.result.output
     _stage(report, "reload", lambda: reload_check(trainer, out), lambda d: d)
     resumed = Trainer(
