@@ -39,6 +39,7 @@ SAMPLES: dict[str, tuple[Any, dict[str, Any]]] = {
     "network_module": ("networks.lora", {}),
     "optimizer_type": ("Adafactor", {}),
     "resolution": ("768,1024", {}),
+    "fused_backward_pass": (True, {"optimizer_type": "Adafactor"}),
     "dim_from_weights": (True, {"network_module": "networks.lora", "network_weights": "{lora}"}),
 }
 
