@@ -24,13 +24,14 @@ from sdprep.dataset import (
     UNSAFE_HINT,
     Item,
     dump_sidecar,
+    folder_in_the_way,
     iter_items,
     read_sidecar,
     require_images,
     sdprep_meta,
     unsafe_reason,
 )
-from sdprep.errors import ConfigError, ImageError
+from sdprep.errors import ConfigError, DatasetError, ImageError
 from sdprep.fileops import Journal, Operation
 from sdprep.images import load_image
 from sdprep.lock import dataset_lock
@@ -320,6 +321,9 @@ def _dedup(
         result.skipped = len(fps)
         result.notes.append(f"  dry run: {len(groups)} groups, {n_dups} duplicates; nothing was changed")
         return
+    problem = folder_in_the_way(root / DUPLICATES_DIR) if n_dups else None
+    if problem:  # every duplicate goes there: the run's problem, found before the first move
+        raise DatasetError(f"{root / DUPLICATES_DIR}: {problem}", "move or rename it, then run dedup again")
     report.start(n_dups, "dedup: moving")
     for g in groups:
         for dup in g[1:]:

@@ -26,6 +26,7 @@ from sdprep.dataset import (
     Item,
     discover,
     dump_sidecar,
+    folder_in_the_way,
     read_sidecar,
     require_images,
     sdprep_meta,
@@ -185,11 +186,11 @@ def plan(items: list[Item], method: MaskMethod, opts: MaskOptions, result: Stage
         except (SdprepError, OSError) as exc:
             result.fail_error(item.path, exc)
             continue
-        problem = unsafe_reason(mask_path)  # a folder, FIFO or link out where the mask goes
+        # a folder, FIFO or link out where the mask goes, or a file named like the mask folder
+        problem = folder_in_the_way(mask_path.parent) or unsafe_reason(mask_path)
         if problem:
-            result.fail(
-                item.path, f"{opts.out}/{mask_path.name}: {problem}; move it away, then run mask again"
-            )
+            where = opts.out if folder_in_the_way(mask_path.parent) else f"{opts.out}/{mask_path.name}"
+            result.fail(item.path, f"{where}: {problem}; move it away, then run mask again")
             continue
         old = sdprep_meta(sidecar).get(meta_key(opts.out))
         exists = mask_path.is_file()

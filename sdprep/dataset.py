@@ -275,6 +275,19 @@ def unsafe_reason(path: Path | str) -> str | None:
     return None
 
 
+def folder_in_the_way(path: Path | str) -> str | None:
+    """Why sdprep cannot put files into the folder `path` it would create (masks/, duplicates/):
+    something else has its name (a file, a link). None when it is missing or a real folder."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        return None
+    kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "a file"
+    return f"{kind} named {Path(path).name} is where sdprep keeps its {Path(path).name} folder"
+
+
 # -- captions --------------------------------------------------------------------------------
 
 
@@ -304,9 +317,10 @@ def read_text_file(path: Path, max_bytes: int | None = TEXT_MAX_BYTES) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
+        utf16 = raw[:2] in (b"\xff\xfe", b"\xfe\xff")  # Windows Notepad's "Unicode"
         raise CaptionError(
             path,
-            f"not UTF-8 text (byte {exc.start})",
+            "UTF-16 text, not UTF-8" if utf16 else f"not UTF-8 text (byte {exc.start})",
             "re-save the file as UTF-8; sdprep will not rewrite it",
         ) from exc
 

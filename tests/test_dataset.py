@@ -155,3 +155,31 @@ def test_records_of_the_right_types_and_unknown_keys_pass(tmp_path):
     }
     item.sidecar_path.write_text(json.dumps({"sdprep": meta, "id": 7}))
     assert read_sidecar(item)["sdprep"] == meta
+
+
+def test_a_utf16_caption_says_so(tmp_path):
+    item = Item(tmp_path / "x.png")
+    item.caption_path.write_bytes("1girl, smile\n".encode("utf-16"))
+    with pytest.raises(CaptionError) as err:
+        read_caption(item)
+    assert err.value.reason == "UTF-16 text, not UTF-8"
+    assert "re-save the file as UTF-8" in err.value.hint
+
+
+def test_folder_in_the_way():
+    from sdprep.dataset import folder_in_the_way
+
+    assert folder_in_the_way("/nonexistent/masks") is None
+
+
+def test_folder_in_the_way_names_files_and_links(tmp_path):
+    from sdprep.dataset import folder_in_the_way
+
+    (tmp_path / "masks").mkdir()
+    assert folder_in_the_way(tmp_path / "masks") is None
+    (tmp_path / "duplicates").write_text("x")
+    assert folder_in_the_way(tmp_path / "duplicates") == (
+        "a file named duplicates is where sdprep keeps its duplicates folder"
+    )
+    (tmp_path / "masks_face").symlink_to(tmp_path / "masks")
+    assert folder_in_the_way(tmp_path / "masks_face").startswith("a symlink named masks_face")

@@ -200,3 +200,21 @@ def test_recursive_finds_duplicates_across_folders_and_skips_duplicates_dir(tmp_
     assert run_dedup(tmp_path, DedupOptions(recursive=True)).changed == 1
     assert (tmp_path / "duplicates" / "2_b" / "x.png").exists()
     assert run_dedup(tmp_path, DedupOptions(recursive=True)).changed == 0
+
+
+def test_a_file_named_duplicates_stops_dedup_before_any_move(tmp_path):
+    from PIL import Image
+
+    from sdprep.errors import DatasetError
+    from sdprep.prep.dedup import DedupOptions, run_dedup
+
+    for n in range(3):
+        Image.new("RGB", (64, 48), (90, 90, 90)).save(tmp_path / f"g{n}.png")
+    (tmp_path / "duplicates").write_text("mine")
+    with pytest.raises(DatasetError) as err:
+        run_dedup(tmp_path, DedupOptions())
+    assert err.value.message == (
+        f"{tmp_path / 'duplicates'}: a file named duplicates is where sdprep keeps its duplicates folder"
+    )
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["g0.png", "g1.png", "g2.png"]
+    assert (tmp_path / "duplicates").read_text() == "mine"

@@ -360,3 +360,19 @@ def test_mask_check_works_on_a_read_only_dataset(tmp_path):
     assert f"preview not written ({data}/.sdprep: Permission denied); pass --preview FILE" in out
     assert "Traceback" not in out and "Error:" not in out
     assert corpus.snapshot(data, skip=()) == before  # no lock, journal or preview: nothing written
+
+
+def test_a_file_named_masks_fails_each_image_naming_it(tmp_path):
+    for n in "ab":
+        Image.new("RGB", (16, 16)).save(tmp_path / f"{n}.png")
+    (tmp_path / "masks").write_text("mine")
+    res = run_mask(tmp_path, MaskOptions("full"))
+    assert res.changed == 0
+    assert {(f.path.name, f.reason) for f in res.failed} == {
+        (
+            f"{n}.png",
+            "masks: a file named masks is where sdprep keeps its masks folder; move it away, then run mask again",
+        )
+        for n in "ab"
+    }
+    assert (tmp_path / "masks").read_text() == "mine"
