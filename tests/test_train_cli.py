@@ -261,6 +261,8 @@ def test_list_keys_lists_every_key_the_hints_point_at(cli_runner) -> None:
     assert undocumented_fields() == []
     bad = cli_runner.invoke(cli, ["train", "--set", "foo=1"])
     assert bad.exit_code == 1 and "`sdprep train --list-keys` lists every key" in bad.output
+    empty = cli_runner.invoke(cli, ["train", "--set", "dataset_config="])
+    assert empty.exit_code == 1 and "Error: dataset_config is empty" in empty.output, empty.output
 
 
 @pytest.mark.parametrize("line", ["finetune", "lora"])

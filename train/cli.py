@@ -197,8 +197,9 @@ def command(
 
     The config is sdprep's TOML or kohya's training TOML unchanged; kohya-style flags
     (--learning_rate=5e-6 --gradient_checkpointing ...) may follow, after `--` or directly.
-    Later layers win: config file < kohya flags < plain options and --set. Unknown keys are
-    errors with a suggestion; kohya keys sdprep does not need are accepted with a note.
+    One rule decides which value wins: command line (kohya flags, plain options, --set) > config
+    file > dataset TOML > defaults. Unknown keys are errors with a suggestion (--list-keys lists
+    them all); kohya keys sdprep does not need are accepted with a note.
     Every saved file is reloaded and verified before it is reported.
     """
     from sdprep.clitools import verbosity
