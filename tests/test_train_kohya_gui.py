@@ -17,7 +17,7 @@ import torch
 from train_support import make_dataset
 
 from sdprep.cli import cli
-from sdprep.train.optim import OPTIONAL
+from sdprep.train.optim import optimizer_module
 
 torch.set_num_threads(1)
 
@@ -101,11 +101,15 @@ def _fill(name: str, root: Path, model: Path) -> Path:
 
 
 def _missing_package(config: Path) -> str | None:
+    """The first package the preset needs that is not installed (optimizer, then LyCORIS)."""
     from sdprep.config import load_toml
 
-    optimizer = str(load_toml(config).get("optimizer_type", "AdamW")).lower()
-    if optimizer in OPTIONAL and importlib.util.find_spec(OPTIONAL[optimizer][0].split(".")[0]) is None:
-        return OPTIONAL[optimizer][1]
+    settings = load_toml(config)
+    need = optimizer_module(settings.get("optimizer_type"))
+    if need is not None and importlib.util.find_spec(need[0]) is None:
+        return need[1]
+    if settings.get("network_module") == "lycoris.kohya" and importlib.util.find_spec("lycoris") is None:
+        return "lycoris-lora"
     return None
 
 

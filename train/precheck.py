@@ -42,15 +42,13 @@ def precheck(cfg: Any, *, method: str, resume: Any, output_dir: Path, name: str)
 
 
 def check_optimizer(name: str | None) -> None:
-    """The optimizer's package imports (the same one-line error the run would give)."""
-    from sdprep.train.optim import OPTIONAL, _optional, _torch_optimizer
+    """The optimizer's package is installed (the one-line missing-extra error) and a module.Class
+    path imports."""
+    from sdprep.train.optim import _torch_optimizer, require_optimizer
 
-    key = (name or "AdamW").strip().lower()
-    if key in OPTIONAL:
-        module, package, _, _ = OPTIONAL[key]
-        _optional(module, package, name)
-    elif "." in key:
-        _torch_optimizer(name)
+    require_optimizer(name)
+    if "." in (name or ""):
+        _torch_optimizer(str(name).strip())
 
 
 def _resume_folder(resume: Any, method: str, output_dir: Path, name: str) -> Path | None:
