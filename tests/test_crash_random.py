@@ -9,6 +9,8 @@ that range. After each kill:
 - on the killed copy, `sdprep undo` (repeated until nothing is left) gives back the original
   dataset byte for byte: no file lost, no empty folder left.
 Runs are forks of one warm interpreter (tests/zygote.py), so a kill costs tens of milliseconds.
+A second test fills the disk instead (every write from the N-th on fails with ENOSPC) at
+SDPREP_CRASH_FULL_DISKS points (default 4): the error must name the file, and the same recovery holds.
 SDPREP_CRASH_KILLS=200 SDPREP_CRASH_SEED=7 pytest tests/test_crash_random.py runs a longer attack.
 """
 
@@ -28,6 +30,7 @@ import pytest
 from PIL import Image
 
 KILLS = int(os.environ.get("SDPREP_CRASH_KILLS", "20"))
+FULL_DISKS = int(os.environ.get("SDPREP_CRASH_FULL_DISKS", "4"))
 SEED = int(os.environ.get("SDPREP_CRASH_SEED", "18"))
 
 
@@ -162,64 +165,98 @@ BATCH_SCORES = pytest.mark.xfail(
     reason="tag scores depend on the batch size (issue 18 item 27): a re-run tags a smaller batch",
     strict=False,
 )
+EACH = [pytest.param(c, marks=BATCH_SCORES) if c == "tag" else c for c in COMMANDS]
 
 
-@pytest.mark.parametrize(
-    "command", [pytest.param(c, marks=BATCH_SCORES) if c == "tag" else c for c in COMMANDS]
-)
-def test_random_kills_lose_nothing_and_reruns_converge(command, zygote, fast_tmp, request):
-    build, make_args = COMMANDS[command]
-    fixtures = {}
-    if command == "tag":
-        fixtures["tiny_wd14"] = request.getfixturevalue("tiny_wd14")
-    if command == "scrape":
-        from test_scrape import FakeBooru  # a loopback Danbooru: no network
+class Attack:
+    """One command on a fresh copy of its dataset, and the checks after each interruption."""
 
-        fixtures["booru"] = FakeBooru()
-        request.addfinalizer(fixtures["booru"].close)
-    pristine, data, out, aside = (fast_tmp / n for n in ("pristine", "data", "out", "aside"))
-    build(pristine)
-    args = make_args(data, out, fixtures)
-    target = out if command == "bucket" else data  # the folder the command changes
+    def __init__(self, command: str, zygote, folder: Path, request) -> None:
+        build, make_args = COMMANDS[command]
+        fixtures: dict = {}
+        if command == "tag":
+            fixtures["tiny_wd14"] = request.getfixturevalue("tiny_wd14")
+        if command == "scrape":
+            from test_scrape import FakeBooru  # a loopback Danbooru: no network
 
-    def fresh() -> None:
-        for folder in (data, out, aside):
+            fixtures["booru"] = FakeBooru()
+            request.addfinalizer(fixtures["booru"].close)
+        self.zygote, self.folder = zygote, folder
+        self.pristine, self.data, self.out, self.aside = (
+            folder / n for n in ("pristine", "data", "out", "aside")
+        )
+        build(self.pristine)
+        self.args = make_args(self.data, self.out, fixtures)
+        self.target = self.out if command == "bucket" else self.data  # the folder the command changes
+        self.fresh()
+        self.original = view(self.target)
+        code, output, self.total = zygote.run(self.args)
+        assert code == 0, output
+        self.expected = view(self.target)
+        assert self.expected != self.original and self.total > 0
+        self.problems: list[str] = []
+
+    def fresh(self) -> None:
+        for folder in (self.data, self.out, self.aside):
             shutil.rmtree(folder, ignore_errors=True)
-        shutil.copytree(pristine, data, symlinks=True)
+        shutil.copytree(self.pristine, self.data, symlinks=True)
 
-    fresh()
-    original = view(target)
-    code, output, total = zygote.run(args)
-    assert code == 0, output
-    expected = view(target)
-    assert expected != original and total > 0
-
-    problems: list[str] = []
-    rng = random.Random(f"{SEED}-{command}")
-    points = kill_points(total, KILLS, rng)
-    for n in points:
-        fresh()
-        if not zygote.kill_at(args, n):
-            problems.append(f"kill {n}/{total}: the run ended before the point")
-            continue
-        shutil.copytree(target, aside, symlinks=True)
-        code, output, _ = zygote.run(args)
+    def recovers(self, label: str) -> None:
+        """After an interruption: a re-run gives the uninterrupted result; undo gives the original."""
+        z, target = self.zygote, self.target
+        shutil.copytree(target, self.aside, symlinks=True)
+        code, output, _ = z.run(self.args)
         if code != 0:
-            problems.append(f"kill {n}/{total}: re-run exit {code}: {output.strip()[-300:]}")
-        elif view(target) != expected:
-            problems.append(f"kill {n}/{total}: re-run differs: {diff(view(target), expected)}")
+            self.problems.append(f"{label}: re-run exit {code}: {output.strip()[-300:]}")
+        elif view(target) != self.expected:
+            self.problems.append(f"{label}: re-run differs: {diff(view(target), self.expected)}")
         shutil.rmtree(target)
-        os.rename(aside, target)
-        for _ in range(3):  # the killed operation, then nothing
-            code, output, _ = zygote.run(["undo", target])
+        os.rename(self.aside, target)
+        for _ in range(3):  # the interrupted operation, then nothing
+            code, output, _ = z.run(["undo", target])
             if code != 0:
                 break
         if "nothing to undo" not in output:
-            problems.append(f"kill {n}/{total}: undo failed: {output.strip()[-300:]}")
-        elif view(target) != original:
-            problems.append(
-                f"kill {n}/{total}: undo differs from the original: {diff(view(target), original)}"
+            self.problems.append(f"{label}: undo failed: {output.strip()[-300:]}")
+        elif view(target) != self.original:
+            self.problems.append(
+                f"{label}: undo differs from the original: {diff(view(target), self.original)}"
             )
-    assert not problems, f"{command}: {len(problems)} of {len(points)} kills went wrong:\n" + "\n".join(
-        problems
-    )
+
+    def verdict(self, what: str, tries: int) -> None:
+        assert not self.problems, f"{len(self.problems)} of {tries} {what} went wrong:\n" + "\n".join(
+            self.problems
+        )
+
+
+@pytest.mark.parametrize("command", EACH)
+def test_random_kills_lose_nothing_and_reruns_converge(command, zygote, fast_tmp, request):
+    attack = Attack(command, zygote, fast_tmp, request)
+    points = kill_points(attack.total, KILLS, random.Random(f"{SEED}-{command}"))
+    for n in points:
+        attack.fresh()
+        if not zygote.kill_at(attack.args, n):
+            attack.problems.append(f"kill {n}/{attack.total}: the run ended before the point")
+            continue
+        attack.recovers(f"kill {n}/{attack.total}")
+    attack.verdict("kills", len(points))
+
+
+@pytest.mark.parametrize("command", EACH)
+def test_a_full_disk_names_the_file_and_loses_nothing(command, zygote, fast_tmp, request):
+    """From the N-th write on, every write fails with a bare ENOSPC (SDPREP_TEST_FAIL), as a disk
+    that fills up mid-run: the error names a file, and the run recovers like a killed one."""
+    attack = Attack(command, zygote, fast_tmp, request)
+    _, _, writes = zygote.run(attack.args, {"SDPREP_TEST_PAUSE": f"write:{10**9}:{fast_tmp / 'never'}"})
+    attack.fresh()
+    points = kill_points(writes, FULL_DISKS, random.Random(f"{SEED}-{command}-enospc"))
+    for n in points:
+        attack.fresh()
+        code, output, _ = zygote.run(attack.args, {"SDPREP_TEST_FAIL": f"write:{n}:ENOSPC"})
+        full = [line for line in output.splitlines() if "No space left on device" in line]
+        if code == 0 or not full:
+            attack.problems.append(f"disk full at write {n}/{writes}: exit {code}: {output.strip()[-300:]}")
+        elif any(str(fast_tmp) not in line or "?:" in line for line in full):
+            attack.problems.append(f"disk full at write {n}/{writes}: a file is not named: {full[0]}")
+        attack.recovers(f"disk full at write {n}/{writes}")
+    attack.verdict("full disks", len(points))

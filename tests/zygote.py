@@ -3,7 +3,7 @@
 Started by tests/crashkit.py as `python tests/zygote.py`. Each request on stdin is one JSON line
 {"args": [...], "env": {...}, "out": "file for stdout+stderr"}; the server forks, the child runs
 `sdprep ARGS` with the extra environment (SDPREP_TEST_PAUSE, SDPREP_TEST_FAIL...) and writes how
-many pause points it passed to "out" + ".count"; the server answers {"pid": N} at once and
+many pause points of the kind SDPREP_TEST_PAUSE names it passed to "out" + ".count"; the server answers {"pid": N} at once and
 {"status": exit code or -signal} when the child ends. A fork costs milliseconds where a new
 interpreter with numpy, Pillow and onnxruntime costs most of a second, so a test can kill each
 command at dozens of places. No thread runs in the server, so forking it is safe.
@@ -54,7 +54,7 @@ def child(request: dict) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     with open(request["out"] + ".count", "w") as f:
-        f.write(str(faults.count("any")))
+        f.write(str(sum(faults._seen.values())))  # points of the kind SDPREP_TEST_PAUSE named
     os._exit(code)
 
 
