@@ -356,3 +356,37 @@ def small_dataset(root: Path, n: int, side: int = 64) -> Path:
 def open_fds() -> int:
     """Open file descriptors of this process (Linux)."""
     return len(os.listdir("/proc/self/fd"))
+
+
+# -- a hostile .sdprep/ ------------------------------------------------------------------------
+
+# sdprep's own state paths a downloaded dataset could bring as symlinks, and whether each is a folder
+STATE_LINKS = {
+    ".sdprep": True,
+    ".sdprep/lock": False,
+    ".sdprep/journal": True,
+    ".sdprep/scrape/incoming": True,
+    ".sdprep/convert-verified.json": False,
+}
+
+
+def plant_state_link(root: Path, rel: str, outside: Path) -> Path:
+    """Make the state path `rel` of the dataset at `root` a symlink into `outside`, where a folder
+    with a file and a sub-folder (or a file) of SECRET_TEXT waits; returns the link. No sdprep
+    command may read, change or delete anything there."""
+    link = root / rel
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_dir() and not link.is_symlink():
+        shutil.rmtree(link)  # what sdprep made there is replaced by the planted link
+    elif os.path.lexists(link):
+        link.unlink()
+    target = outside / ("state-" + rel.replace("/", "_").lstrip("."))
+    if STATE_LINKS[rel]:
+        (target / "sub").mkdir(parents=True, exist_ok=True)
+        (target / "secret.txt").write_text(SECRET_TEXT + "\n")
+        (target / "sub" / "a.png").write_bytes(sample_bytes("b_portrait.png"))
+        (target / "lock").write_text(SECRET_TEXT + "\n")
+    else:
+        target.write_text(SECRET_TEXT + "\n")
+    link.symlink_to(target, target_is_directory=STATE_LINKS[rel])
+    return link

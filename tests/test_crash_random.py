@@ -161,11 +161,7 @@ def diff(a: dict[str, str], b: dict[str, str]) -> str:
     )
 
 
-BATCH_SCORES = pytest.mark.xfail(
-    reason="tag scores depend on the batch size (issue 18 item 27): a re-run tags a smaller batch",
-    strict=False,
-)
-EACH = [pytest.param(c, marks=BATCH_SCORES) if c == "tag" else c for c in COMMANDS]
+EACH = list(COMMANDS)
 
 
 class Attack:

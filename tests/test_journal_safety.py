@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import corpus
 import pytest
 from crashkit import paused, sdprep
 
@@ -385,3 +386,85 @@ def test_killed_holder_of_the_lock_never_blocks(tmp_path):
     with paused(["captions", "replace", "smile", "grin", str(data)], "change", 1, tmp_path) as proc:
         os.kill(proc.pid, signal.SIGKILL)
     assert sdprep("captions", "replace", "smile", "grin", str(data)).returncode == 0
+
+
+# -- the class: every command meets a symlinked state path ---------------------------------------
+
+STATE_USERS = {  # command -> the state paths it uses (a link at any of them must stop it)
+    "captions": ("lock", "journal"),
+    "clean": ("lock", "journal"),
+    "rename": ("lock", "journal"),
+    "dedup": ("lock", "journal"),
+    "convert": ("lock", "journal", "convert-verified.json"),
+    "upscale": ("lock", "journal"),
+    "mask": ("lock", "journal"),
+    "mask-check": (),
+    "scrape": ("lock", "journal", "scrape/incoming"),
+    "undo": ("lock", "journal"),
+    "gc": ("journal",),
+}
+
+
+def command_args(name: str, data: Path) -> list[str]:
+    return {
+        "captions": ["captions", "replace", "smile", "grin", data],
+        "clean": ["clean", data, "--trigger", "tok"],
+        "rename": ["rename", data],
+        "dedup": ["dedup", data],
+        "convert": ["convert", data, "--format", "png"],
+        "upscale": ["upscale", data, "--min-side", "64"],
+        "mask": ["mask", data, "--method", "color", "--fallback", "full"],
+        "mask-check": ["mask", "--check", data],
+        "scrape": ["scrape", "nosuchscheme://nothing", "-o", data],
+        "undo": ["undo", data],
+        "gc": ["gc", data],
+    }[name]
+
+
+@pytest.mark.parametrize("rel", list(corpus.STATE_LINKS))
+def test_every_command_refuses_a_symlinked_state_path_and_touches_nothing(rel, zygote, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name, uses in STATE_USERS.items():
+        data = tmp_path / f"data-{name}"
+        data.mkdir()
+        for i in range(2):
+            (data / f"img{i}.png").write_bytes(corpus.sample_bytes(corpus.SAMPLE_NAMES[i], "PNG", side=48))
+            (data / f"img{i}.txt").write_text("smile, solo\n")
+        with fileops.Journal(data).begin("seed", []) as op:  # something to undo
+            op.write_text(data / "img0.txt", "smile, solo, seeded\n")
+        link = corpus.plant_state_link(data, rel, outside)
+        before, outside_before = corpus.snapshot(data), _snap(outside)
+        code, output, _ = zygote.run(command_args(name, data))
+        refused = rel == ".sdprep" or rel.removeprefix(".sdprep/") in uses
+        if refused:
+            assert code == 1 and f"{link} is a symlink: sdprep keeps its own state there" in output, (
+                name,
+                output,
+            )
+            assert corpus.snapshot(data) == before, name
+        assert _snap(outside) == outside_before, (name, rel)
+
+
+def test_undo_puts_back_a_symlink_that_a_write_replaced(tmp_path):
+    data = dataset(tmp_path, n=1)
+    (data / "link.txt").symlink_to("0.txt")
+    with fileops.Journal(data).begin("clean", []) as op:
+        op.write_text(data / "link.txt", "own caption now\n")
+    assert not (data / "link.txt").is_symlink() and (data / "0.txt").read_text() == "smile, tag0\n"
+    fileops.undo(data)
+    assert os.readlink(data / "link.txt") == "0.txt" and (data / "0.txt").read_text() == "smile, tag0\n"
+
+
+def test_the_train_cache_beside_the_images_refuses_a_symlinked_state_folder(tmp_path):
+    from types import SimpleNamespace
+
+    from sdprep.train.cache import _cache_path
+
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "img").mkdir()
+    rec = SimpleNamespace(path=tmp_path / "img" / "a.png")
+    assert _cache_path(rec, "latents", None) == tmp_path / "img" / ".sdprep" / "latents" / "a.png.safetensors"
+    (tmp_path / "img" / ".sdprep").symlink_to(tmp_path / "outside", target_is_directory=True)
+    with pytest.raises(StateError, match=r"img/\.sdprep is a symlink"):
+        _cache_path(rec, "latents", None)

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdprep import state
 from sdprep.errors import ConfigError, DatasetError, SdprepError
 from sdprep.fileops import atomic_write_bytes
 from sdprep.progress import NullReporter, Reporter
@@ -91,8 +92,8 @@ def text_encoder_fingerprint(tokenizers: list[Any], text_encoders: list[Any]) ->
 
 
 def _cache_path(rec: ImageRecord, kind: str, cache_dir: Path | None) -> Path:
-    if cache_dir is None:
-        return rec.path.parent / ".sdprep" / kind / (rec.path.name + ".safetensors")
+    if cache_dir is None:  # sdprep's own state beside the images: no symlink followed on the way
+        return state.file(rec.path.parent, kind, rec.path.name + ".safetensors")
     folder = hashlib.blake2b(str(rec.path.parent.resolve()).encode(), digest_size=6).hexdigest()
     return Path(cache_dir) / kind / folder / (rec.path.name + ".safetensors")
 
