@@ -233,10 +233,10 @@ def distance(a: int, b: int) -> int:
     return bin(a ^ b).count("1")
 
 
-def _free_destination(root: Path, src: Path) -> Path:
-    """Where a duplicate goes: DIR/duplicates/<relative path>, numbered when taken."""
+def free_destination(root: Path, src: Path, folder: str = DUPLICATES_DIR) -> Path:
+    """Where an image moved aside goes: DIR/<folder>/<relative path>, numbered when taken."""
     rel = src.relative_to(root)
-    dest = root / DUPLICATES_DIR / rel
+    dest = root / folder / rel
     n, masks = 1, mask_dirs(src.parent)
     while any(new.exists() for _, new in companion_pairs(src, dest, masks)):
         dest = dest.with_name(f"{src.stem}-{n}{src.suffix}")
@@ -267,7 +267,7 @@ def _move_duplicate(op: Operation, root: Path, dup: Fingerprint, keep: Fingerpri
     sidecar = read_sidecar(dup.item)
     sdprep_meta(sidecar)["duplicate_of"] = keep.item.path.relative_to(root).as_posix()
     op.write_text(dup.item.sidecar_path, dump_sidecar(sidecar))
-    dest = _free_destination(root, dup.item.path)
+    dest = free_destination(root, dup.item.path)
     for old, new in companion_pairs(dup.item.path, dest, mask_dirs(dup.item.path.parent)):
         op.move(old, new)
 

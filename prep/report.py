@@ -133,6 +133,27 @@ def _token_counter(spec: str | None):
     return load_tokenizer(spec)
 
 
+NO_CAPTION = "no caption file"
+MASK_EMPTY = "mask is empty (all black)"
+
+
+def size_checks(size: tuple[int, int], settings: BucketSettings) -> tuple[tuple[int, int] | None, list[str]]:
+    """The bucket an image of `size` lands in (None: dropped) and the report's size problems."""
+    problems = []
+    if size[0] * size[1] < SMALL_AREA:
+        problems.append(f"small for SDXL ({size[0]}x{size[1]}); consider `sdprep upscale`")
+    a = assign_bucket(*size, settings)
+    if a.dropped:
+        problems.append(f"dropped by the bucketer: {a.dropped}")
+    return (None if a.dropped else a.bucket), problems
+
+
+def mask_size_problem(mask_size: tuple[int, int], size: tuple[int, int]) -> str | None:
+    if mask_size == size:
+        return None
+    return f"mask {mask_size[0]}x{mask_size[1]} differs from image size"
+
+
 def analyse_item(item: Item, opts: ReportOptions, count_tokens, thumbs: bool) -> tuple[ImageRow, str, str]:
     """Inspect one image; returns its row and thumbnail data URIs (image, mask overlay) or ""."""
     row = ImageRow(str(item.path))
@@ -147,7 +168,7 @@ def analyse_item(item: Item, opts: ReportOptions, count_tokens, thumbs: bool) ->
     try:
         row.caption = read_caption(item)
         if row.caption is None:
-            row.problems.append("no caption file")
+            row.problems.append(NO_CAPTION)
         else:
             row.tags = len(split_tags(row.caption))
             row.mono_disagrees = mono_disagreement(row.caption, row.monochrome)
@@ -163,12 +184,8 @@ def analyse_item(item: Item, opts: ReportOptions, count_tokens, thumbs: bool) ->
         row.error(exc)
         return row, thumb, overlay
     row.size = im.size
-    if im.size[0] * im.size[1] < SMALL_AREA:
-        row.problems.append(f"small for SDXL ({im.size[0]}x{im.size[1]}); consider `sdprep upscale`")
-    a = assign_bucket(*im.size, opts.settings)
-    row.bucket = None if a.dropped else a.bucket
-    if a.dropped:
-        row.problems.append(f"dropped by the bucketer: {a.dropped}")
+    row.bucket, problems = size_checks(im.size, opts.settings)
+    row.problems += problems
     small = im.copy()
     small.thumbnail((256, 256))
     row.phash = _phash(small)
@@ -177,12 +194,13 @@ def analyse_item(item: Item, opts: ReportOptions, count_tokens, thumbs: bool) ->
     if mask_path.exists():
         try:
             mask = load_image(mask_path, mode="L")
-            if mask.size != im.size:
-                row.problems.append(f"mask {mask.size[0]}x{mask.size[1]} differs from image size")
-                row.errors.append(f"{mask_path.parent.name}/{mask_path.name}: {row.problems[-1]}")
+            problem = mask_size_problem(mask.size, im.size)
+            if problem:
+                row.problems.append(problem)
+                row.errors.append(f"{mask_path.parent.name}/{mask_path.name}: {problem}")
             row.mask_coverage = float(np.asarray(mask, dtype=np.float32).mean() / 255.0)
             if row.mask_coverage == 0:
-                row.problems.append("mask is empty (all black)")
+                row.problems.append(MASK_EMPTY)
         except SdprepError as exc:
             row.error(exc, "mask: ")
             mask = None

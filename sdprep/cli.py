@@ -47,6 +47,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "sdprep.prep.cli.report:command",
         "Write a self-contained HTML (or JSON) report of a dataset.",
     ),
+    "review": (
+        "sdprep.prep.cli.review:command",
+        "A local web page to look at, fix and approve a dataset (captions, tags, masks, undo).",
+    ),
     "run": (
         "sdprep.commands:run_command",
         "Run the chain of stages (and training) described by a project file.",

@@ -35,7 +35,8 @@ SDPREP_KEY = "sdprep"
 MASK_DIR = "masks"
 DUPLICATES_DIR = "duplicates"  # where `sdprep dedup` moves the copies it does not keep
 REJECTED_DIR = "rejected"  # where `sdprep scrape` puts downloads that fail its checks
-IGNORED_DIRS = {".sdprep", MASK_DIR, DUPLICATES_DIR, REJECTED_DIR, "__pycache__", ".git"}
+EXCLUDED_DIR = "excluded"  # where `sdprep review` moves the images a person excludes
+IGNORED_DIRS = {".sdprep", MASK_DIR, DUPLICATES_DIR, REJECTED_DIR, EXCLUDED_DIR, "__pycache__", ".git"}
 MASK_DIR_PREFIX = MASK_DIR + "_"  # other mask folders (`sdprep mask --out masks_face`) are skipped too
 
 
