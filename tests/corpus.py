@@ -72,6 +72,19 @@ BAD_SIDECARS = {
 }
 
 
+# A good image whose name is not UTF-8 (bytes 0xFF 0xFE): every command processes it.
+NOT_UTF8 = os.fsdecode(b"name\xff\xfe.png")
+# A good image whose caption hides its tags: zero-width space, soft hyphen, fullwidth letters, CRLF.
+HIDDEN_CAPTION = (
+    "hidden.png",
+    "1girl,\u200b sm\u00adile\r\nsolo, \uff4f\uff55\uff54\uff44\uff4f\uff4f\uff52\uff53\r\n",
+)
+# Two different pictures with one stem (one clash.txt): stages that go by stem list both.
+STEM_CLASH = ["clash.jpg", "clash.png"]
+# A 1x20000 strip: fine as it is; upscaled to a 200 px short side it would be 4,000,000 px long.
+STRIP = "strip.png"
+
+
 @dataclass
 class Corpus:
     root: Path
@@ -82,6 +95,7 @@ class Corpus:
     bad_sidecars: dict[str, str] = field(default_factory=dict)
     bad_masks: dict[str, str] = field(default_factory=dict)  # mask file (in masks/) -> reason
     unreadable: list[str] = field(default_factory=list)
+    clashes: list[str] = field(default_factory=list)  # images sharing a stem (neither good nor bad)
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -249,6 +263,21 @@ def build(root: Path, *, outside: Path | None = None, unreadable: bool = True) -
     (root / "leak.txt").symlink_to(outside / "secret.txt")
     c.good.append("leak.png")
     c.bad_captions["leak.txt"] = "symlink out of the dataset"
+
+    # Round two (issue 18): an odd name, a caption hiding its tags, a stem clash, a long strip.
+    (root / NOT_UTF8).write_bytes(_encode(variant(SAMPLE_NAMES[4], 13), "PNG"))
+    (root / NOT_UTF8[:-4]).with_suffix(".txt").write_text("1girl, smile\n")
+    c.good.append(NOT_UTF8)
+    name, text = HIDDEN_CAPTION
+    (root / name).write_bytes(_encode(variant(SAMPLE_NAMES[6], 17), "PNG"))
+    (root / name).with_suffix(".txt").write_bytes(text.encode("utf-8"))
+    c.good.append(name)
+    (root / STEM_CLASH[0]).write_bytes(_encode(variant(SAMPLE_NAMES[2], 19), "JPEG", quality=90))
+    (root / STEM_CLASH[1]).write_bytes(_encode(variant(SAMPLE_NAMES[3], 23), "PNG"))
+    (root / "clash.txt").write_text("1girl, solo, smile\n")
+    c.clashes += STEM_CLASH
+    (root / STRIP).write_bytes(_encode(Image.new("RGB", (1, 20000), (40, 90, 160)), "PNG"))
+    c.good.append(STRIP)
     return c
 
 

@@ -28,6 +28,7 @@ PIXEL_BAD = [*HEADER_BAD, "trunc_jpg.jpg", "trunc_png.png"]
 CAPTION_BAD = ["a_landscape.txt", "leak.txt"]
 SIDECAR_BAD = ["e_sepia.jpg", *corpus.BAD_SIDECARS]  # the image (or its sidecar) is named
 MASK_BAD = ["f_transparent.png"]
+CLASH = corpus.STEM_CLASH  # stages that go by stem (caption, mask) list both images
 COMPANION_OF = {
     "a_landscape.txt": "a_landscape.jpg",
     "leak.txt": "leak.png",
@@ -91,7 +92,7 @@ def check_renamed(c: corpus.Corpus, out: Path) -> None:
 
 def check_upscaled(c: corpus.Corpus, out: Path) -> None:
     for name in c.good:
-        if name in TAINTED or name.endswith(".gif"):
+        if name in TAINTED or name.endswith(".gif") or name == corpus.STRIP:
             continue
         with Image.open(c.path(name)) as im:
             assert min(im.size) >= 200, (name, im.size)
@@ -107,16 +108,23 @@ def check_tagged(c: corpus.Corpus, out: Path) -> None:
     for name in c.good:
         if name not in TAINTED:
             assert c.path(name).with_suffix(".txt").read_text(encoding="utf-8").strip(), name
+    assert (c.root / "clash.txt").read_text() == "1girl, solo, smile\n"  # shared: left alone
 
 
 def check_cleaned(c: corpus.Corpus, out: Path) -> None:
     for name in c.good:
         if name not in TAINTED:
             assert c.path(name).with_suffix(".txt").read_text(encoding="utf-8").startswith("tok"), name
+    hidden = c.path(corpus.HIDDEN_CAPTION[0]).with_suffix(".txt").read_text(encoding="utf-8")
+    assert {"1girl", "smile", "solo", "outdoors"} <= set(hidden.strip().split(", ")), hidden
+    assert (c.root / "clash.txt").read_text() == "1girl, solo, smile\n"  # shared: left alone
 
 
 def check_replaced(c: corpus.Corpus, out: Path) -> None:
     assert (c.root / "my photo 01.txt").read_bytes() == b"1girl, solo, grin\n"
+    # invisible characters and fullwidth letters normalised, CRLF a separator: the tag is found
+    hidden = c.path(corpus.HIDDEN_CAPTION[0]).with_suffix(".txt")
+    assert hidden.read_bytes() == b"1girl, grin, solo, outdoors\n"
     # a caption without the word is not rewritten: its BOM stays, byte for byte
     assert (c.root / "b_portrait.txt").read_bytes() == b"\xef\xbb\xbf1girl, solo, long hair\n"
 
@@ -164,27 +172,28 @@ CASES: dict[str, Case] = {
     "dedup": Case(lambda c, o: ["dedup", str(c.root)], PIXEL_BAD + SIDECAR_BAD, True),
     "upscale": Case(
         lambda c, o: ["upscale", str(c.root), "--min-side", "200"],
-        PIXEL_BAD + SIDECAR_BAD,
+        PIXEL_BAD + SIDECAR_BAD + [corpus.STRIP],  # 200x4,000,000: more than sdprep reads back
         True,
         check_upscaled,
-        may_fail=TAINTED | {"anim_gif.gif"},  # upscale writes no GIF: it asks for `sdprep convert`
+        # upscale writes no GIF: it asks for `sdprep convert`
+        may_fail=TAINTED | {"anim_gif.gif", corpus.STRIP},
     ),
     "mask": Case(
         lambda c, o: ["mask", str(c.root), "--method", "alpha", "--fallback", "full", "--force"],
-        PIXEL_BAD + SIDECAR_BAD,
+        PIXEL_BAD + SIDECAR_BAD + CLASH,
         True,
         check_masks,
     ),
     "mask-check": Case(lambda c, o: ["mask", "--check", str(c.root)], MASK_BAD, False, lines="any"),
     "tag": Case(
         lambda c, o: ["tag", str(c.root), "--model", str(o / "wd14")],
-        PIXEL_BAD + SIDECAR_BAD + CAPTION_BAD,
+        PIXEL_BAD + SIDECAR_BAD + CAPTION_BAD + CLASH,
         True,
         check_tagged,
     ),
     "clean": Case(
         lambda c, o: ["clean", str(c.root), "--trigger", "tok"],
-        PIXEL_BAD + SIDECAR_BAD + CAPTION_BAD,
+        PIXEL_BAD + SIDECAR_BAD + CAPTION_BAD + CLASH,
         True,
         check_cleaned,
     ),
@@ -194,7 +203,7 @@ CASES: dict[str, Case] = {
     "captions-stats": Case(lambda c, o: ["captions", "stats", str(c.root)], CAPTION_BAD, False),
     "bucket": Case(
         lambda c, o: ["bucket", str(c.root), "-o", str(o / "out"), "--token", "tok", "--repeats", "1"],
-        HEADER_BAD + CAPTION_BAD,
+        HEADER_BAD + CAPTION_BAD + CLASH,
         False,
         check_bucketed,
         prepare=lambda c: (c.root / "masks" / "f_transparent.png").unlink(),
