@@ -321,7 +321,7 @@ def read_text_file(path: Path, max_bytes: int | None = TEXT_MAX_BYTES) -> str:
         utf16 = raw[:2] in (b"\xff\xfe", b"\xfe\xff")  # Windows Notepad's "Unicode"
         raise CaptionError(
             path,
-            "UTF-16 text, not UTF-8" if utf16 else f"not UTF-8 text (byte {exc.start})",
+            f"not UTF-8 text (byte {exc.start}{': it starts like UTF-16' if utf16 else ''})",
             "re-save the file as UTF-8; sdprep will not rewrite it",
         ) from exc
 

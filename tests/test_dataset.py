@@ -162,7 +162,7 @@ def test_a_utf16_caption_says_so(tmp_path):
     item.caption_path.write_bytes("1girl, smile\n".encode("utf-16"))
     with pytest.raises(CaptionError) as err:
         read_caption(item)
-    assert err.value.reason == "UTF-16 text, not UTF-8"
+    assert err.value.reason == "not UTF-8 text (byte 0: it starts like UTF-16)"
     assert "re-save the file as UTF-8" in err.value.hint
 
 

@@ -598,3 +598,19 @@ def test_one_precedence_rule_config_over_dataset_toml(tmp_path: Path):
         'max_bucket_reso = 2048 (kohya: 1024); caption_extension = ".txt" (kohya: ".caption")'
         in folders.findings.notes
     )
+
+
+def test_images_sharing_a_stem_are_left_out_with_the_reason(tmp_path: Path):
+    """kohya would train a.png and a.jpg with the one a.txt: both are listed, as sdprep bucket does."""
+    folder = tmp_path / "2_tok"
+    _img(folder / "a.png", (512, 512), (200, 10, 10))
+    _img(folder / "a.jpg", (512, 512), (10, 10, 200))
+    _img(folder / "b.png", (512, 512))
+    (folder / "a.txt").write_text("tok, red\n")
+    ds = build_dataset(_cfg(train_data_dir=tmp_path))
+    assert [r.path.name for r in ds.records] == ["b.png"]
+    reason = (
+        'a.jpg and a.png share the stem "a", so they would share one caption file and one mask; '
+        "rename one of them (sdprep rename)"
+    )
+    assert ds.findings.dropped == [(folder / "a.jpg", reason), (folder / "a.png", reason)]

@@ -90,7 +90,8 @@ def _db_images(spec: SubsetSpec, findings: Findings) -> list[_Found]:
     if spec.image_dir is None or not spec.image_dir.is_dir():
         raise ConfigError(f"{spec.origin}: image_dir {spec.image_dir}: no such folder", "check the path")
     found, missing, empty = [], 0, 0
-    for item in discover(spec.image_dir):
+    # a.png + a.jpg would both train with a.txt (and one mask): left out, as sdprep's stages do
+    for item in discover(spec.image_dir, on_clash=findings.drop):
         cap_path = item.path.with_suffix(spec.caption_extension)
         try:
             if cap_path.is_file():
