@@ -21,7 +21,7 @@ from pathlib import Path
 from sdprep import state
 from sdprep.dataset import MASK_DIR, Item, iter_items, parse_repeat_folder, require_images
 from sdprep.errors import ConfigError, DatasetError
-from sdprep.fileops import Journal, Operation
+from sdprep.fileops import Journal, Operation, read_meta
 from sdprep.lock import dataset_lock
 from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import StageResult
@@ -243,11 +243,21 @@ def _refuse_leftovers(root: Path) -> None:
     The next rename undoes the killed one by itself; this catches what it cannot (the killed rename
     is no longer the newest operation, or the journal was deleted)."""
     left = [p for p in root.rglob(TEMP_PREFIX + "*") if ".sdprep" not in p.relative_to(root).parts]
-    if left:
-        raise DatasetError(
-            f"{root}: an interrupted rename left {len(left)} files under temporary names ({left[0].name}...)",
-            f"run `sdprep undo {root}` to put every file back under its old name, then rename again",
+    if not left:
+        return
+    journal = Journal(root)
+    ops = journal.operations() if journal.checked_dir().is_dir() else []
+    if any((read_meta(op) or {}).get("command") == "rename" for op in ops):
+        hint = (
+            f"later commands ran since: undo back to the interrupted rename (`sdprep undo --list {root}` "
+            f"shows the order; `sdprep undo {root}` undoes the newest), then rename again"
         )
+    else:
+        hint = "the journal no longer holds their old names (deleted by `sdprep gc`?): name them by hand"
+    raise DatasetError(
+        f"{root}: an interrupted rename left {len(left)} files under temporary names ({left[0].name}...)",
+        hint,
+    )
 
 
 def _by_folder(items: Iterable[Item]) -> dict[Path, list[Item]]:

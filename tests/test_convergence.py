@@ -179,6 +179,15 @@ def test_rename_after_a_killed_rename_that_is_not_the_newest_operation_still_ref
         op.write_text(data / "note.txt", "later\n")
     done = sdprep("rename", str(data), "-r")
     assert done.returncode == 1 and "an interrupted rename left" in done.stderr
+    assert "undo back to the interrupted rename" in done.stderr
+    assert sdprep("undo", str(data)).returncode == 0  # "other"
+    assert sdprep("rename", str(data), "-r").returncode == 0  # the killed rename is the newest again
+    shutil.rmtree(data)
+    data = linked_dataset(tmp_path / "data")
+    kill_at(["rename", str(data), "-r"], "change", 3, tmp_path)
+    assert sdprep("gc", str(data)).returncode == 0
+    done = sdprep("rename", str(data), "-r")
+    assert done.returncode == 1 and "the journal no longer holds their old names" in done.stderr
 
 
 def test_dedup_killed_anywhere_is_finished_by_the_next_dedup(fast_tmp, zygote):
