@@ -11,6 +11,7 @@ The hash is cached in the sidecar with the file's size and mtime, so a rerun dec
 
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from sdprep.dataset import (
     Item,
     dump_sidecar,
     folder_in_the_way,
+    is_image,
     iter_items,
     read_sidecar,
     require_images,
@@ -263,13 +265,26 @@ def _fingerprints(
     return fps
 
 
-def _move_duplicate(op: Operation, root: Path, dup: Fingerprint, keep: Fingerprint) -> None:
+def _move_duplicate(op: Operation, root: Path, dup: Fingerprint, keep: Fingerprint) -> bool:
+    """Move a duplicate and its companions aside; a caption or mask it shares by stem with an image
+    that stays (a.jpg moved, a.png kept: one a.txt) stays too. Returns whether one stayed."""
     sidecar = read_sidecar(dup.item)
     sdprep_meta(sidecar)["duplicate_of"] = keep.item.path.relative_to(root).as_posix()
     op.write_text(dup.item.sidecar_path, dump_sidecar(sidecar))
     dest = free_destination(root, dup.item.path)
+    shared, held = _shares_stem(dup.item.path), False
     for old, new in companion_pairs(dup.item.path, dest, mask_dirs(dup.item.path.parent)):
+        if shared and old not in (dup.item.path, dup.item.sidecar_path):
+            held = True
+            continue
         op.move(old, new)
+    return held
+
+
+def _shares_stem(path: Path) -> bool:
+    """Whether another image in `path`'s folder has its stem (they share a caption and a mask)."""
+    pattern = glob.escape(path.stem) + ".*"
+    return any(p != path and p.stem == path.stem and is_image(p) for p in path.parent.glob(pattern))
 
 
 def run_dedup(root: Path | str, opts: DedupOptions, *, report: Reporter = NullReporter()) -> StageResult:
@@ -327,7 +342,10 @@ def _dedup(
     report.start(n_dups, "dedup: moving")
     for g in groups:
         for dup in g[1:]:
-            _move_duplicate(op, root, dup, g[0])
+            if _move_duplicate(op, root, dup, g[0]):
+                result.notes.append(
+                    f"  {dup.item.name} shares its caption/mask with another image of its stem: they stay"
+                )
             result.changed += 1
             report.advance()
     report.finish()

@@ -218,3 +218,28 @@ def test_a_file_named_duplicates_stops_dedup_before_any_move(tmp_path):
     )
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["g0.png", "g1.png", "g2.png"]
     assert (tmp_path / "duplicates").read_text() == "mine"
+
+
+def test_a_duplicate_sharing_its_stem_leaves_the_shared_caption_with_the_kept_image(tmp_path):
+    """a.png kept, a.jpg (its smaller copy) moved: the one a.txt is a.png's too, so it stays."""
+    from PIL import Image
+
+    from sdprep import fileops
+    from sdprep.prep.dedup import DedupOptions, run_dedup
+
+    im = Image.open(Path(__file__).parent.parent / "sample_data" / "images" / "a_landscape.jpg").convert(
+        "RGB"
+    )
+    im.save(tmp_path / "a.png")
+    im.resize((im.width // 2, im.height // 2)).save(tmp_path / "a.jpg", quality=95)
+    (tmp_path / "a.txt").write_text("1girl, smile\n")
+    (tmp_path / "masks").mkdir()
+    Image.new("L", im.size, 255).save(tmp_path / "masks" / "a.png")
+    result = run_dedup(tmp_path, DedupOptions())
+    assert result.changed == 1
+    assert "  a.jpg shares its caption/mask with another image of its stem: they stay" in result.notes
+    assert sorted(p.name for p in (tmp_path / "duplicates").iterdir()) == ["a.jpg", "a.jpg.json"]
+    assert (tmp_path / "a.txt").read_text() == "1girl, smile\n"
+    assert (tmp_path / "masks" / "a.png").is_file()
+    fileops.undo(tmp_path)
+    assert (tmp_path / "a.jpg").is_file() and not (tmp_path / "duplicates" / "a.jpg").exists()
