@@ -196,6 +196,7 @@ def atomic_write_dir(final: Path, write) -> None:
 
 JOURNAL_DIR = "journal"
 NEW_PREFIX = ".new-"  # an operation folder being set up; renamed to its final name when whole
+GONE_PREFIX = ".gone-"  # an operation folder `gc` is deleting
 _OP_NAME = re.compile(r"^op(\d+)-")
 _active: set[str] = set()  # operation folders this process is recording into
 
@@ -587,15 +588,16 @@ class Journal:
         return [p for p in self.folders() if not os.path.lexists(p / "undone")]
 
     def tidy(self) -> int:
-        """Remove what interrupted starts leave (call with the lock held): folders still being set
-        up, and operations that recorded no change (no meta.json, or killed before their first entry)."""
+        """Remove what interrupted runs leave (call with the lock held): folders still being set up
+        or being deleted by gc, and operations that recorded no change (no meta.json, or killed
+        before their first entry)."""
         jdir = self.checked_dir()
         removed = 0
         for e in state.entries(jdir):
             path = Path(e.path)
             if e.path in _active:
                 continue
-            if e.name.startswith(NEW_PREFIX) or (
+            if e.name.startswith((NEW_PREFIX, GONE_PREFIX)) or (
                 e.is_dir(follow_symlinks=False) and not e.name.startswith(".") and _empty_operation(path)
             ):
                 state.remove(path)

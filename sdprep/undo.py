@@ -19,7 +19,8 @@ from pathlib import Path
 from sdprep import state
 from sdprep.dataset import is_within, loads_json
 from sdprep.errors import JournalError
-from sdprep.fileops import JOURNAL_DIR, Entry, Journal, _foreign_journal, file_sig, read_meta
+from sdprep.faults import pause_point
+from sdprep.fileops import GONE_PREFIX, JOURNAL_DIR, Entry, Journal, _foreign_journal, file_sig, read_meta
 from sdprep.lock import dataset_lock
 
 ACTIONS = ("move", "write", "create", "delete", "mkdir")
@@ -210,6 +211,7 @@ def _reverse(base: Path, folder: Path, entries: list[Entry]) -> int:
     for entry in reversed(entries):
         path = base / entry.path
         blob = folder / "blobs" / entry.blob if entry.blob else None
+        pause_point("change")  # a killed undo is finished by the next: every step below is idempotent
         # lexists, not exists: a symlink (even a dangling or looping one) is a file to move back
         if entry.action == "move" and entry.dest is not None:
             dest = base / entry.dest
@@ -264,7 +266,10 @@ def collect(root: Path | str, keep: int = 0) -> int:
     with dataset_lock(root, "gc"):
         folders = journal.folders()
         doomed = folders[: max(0, len(folders) - keep)]
-        for folder in doomed:
-            state.remove(folder)
+        for folder in doomed:  # renamed first: a gc killed halfway never leaves half an operation
+            gone = folder.with_name(GONE_PREFIX + folder.name)
+            os.rename(folder, gone)
+            pause_point("change")
+            state.remove(gone)
         journal.tidy()
         return len(doomed)

@@ -256,3 +256,30 @@ def test_a_full_disk_names_the_file_and_loses_nothing(command, zygote, fast_tmp,
             attack.problems.append(f"disk full at write {n}/{writes}: a file is not named: {full[0]}")
         attack.recovers(f"disk full at write {n}/{writes}")
     attack.verdict("full disks", len(points))
+
+
+@pytest.mark.parametrize("command", EACH)
+def test_a_killed_undo_is_finished_by_the_next_undo(command, zygote, fast_tmp, request):
+    """`sdprep undo` is a command that changes the dataset too: killed anywhere, the next undo
+    ends exactly where an uninterrupted undo does (the original dataset), nothing left over."""
+    attack = Attack(command, zygote, fast_tmp, request)
+    done = fast_tmp / "done"
+    shutil.copytree(attack.target, done, symlinks=True)  # after the command, journal included
+    code, output, total = zygote.run(["undo", attack.target])
+    assert code == 0 and view(attack.target) == attack.original, output
+    points = kill_points(total, max(1, KILLS // 2), random.Random(f"{SEED}-{command}-undo"))
+    for n in points:
+        shutil.rmtree(attack.target)
+        shutil.copytree(done, attack.target, symlinks=True)
+        if not zygote.kill_at(["undo", attack.target], n):
+            attack.problems.append(f"undo killed at {n}/{total}: it ended before the point")
+            continue
+        code, output, _ = zygote.run(["undo", attack.target])
+        again, _, _ = zygote.run(["undo", attack.target])
+        if code != 0 or again == 0:
+            attack.problems.append(f"undo killed at {n}/{total}: the next undo: exit {code}: {output[-300:]}")
+        elif view(attack.target) != attack.original:
+            attack.problems.append(
+                f"undo killed at {n}/{total}: differs from the original: {diff(view(attack.target), attack.original)}"
+            )
+    attack.verdict("killed undos", len(points))

@@ -468,3 +468,19 @@ def test_the_train_cache_beside_the_images_refuses_a_symlinked_state_folder(tmp_
     (tmp_path / "img" / ".sdprep").symlink_to(tmp_path / "outside", target_is_directory=True)
     with pytest.raises(StateError, match=r"img/\.sdprep is a symlink"):
         _cache_path(rec, "latents", None)
+
+
+def test_a_gc_killed_halfway_leaves_no_half_operation(tmp_path):
+    data = dataset(tmp_path, n=3)
+    for i in range(3):
+        assert sdprep("captions", "append", f"x{i}", str(data)).returncode == 0
+    with paused(["gc", str(data), "--keep", "1"], "change", 2, tmp_path):
+        pass  # the oldest operation is gone, the second renamed aside and half deleted at most
+    jdir = data / ".sdprep" / "journal"
+    assert sorted(p.name for p in jdir.iterdir() if not p.name.startswith(".gone-")) == [
+        "op000003-captions-append"
+    ]
+    assert sdprep("undo", str(data)).returncode == 0
+    assert sorted(p.name for p in jdir.iterdir()) == ["op000003-captions-append"]  # tidied
+    assert sdprep("undo", str(data)).returncode == 1
+    assert (data / "0.txt").read_text() == "smile, tag0, x0, x1\n"
