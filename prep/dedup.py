@@ -11,7 +11,6 @@ The hash is cached in the sidecar with the file's size and mtime, so a rerun dec
 
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,11 +25,11 @@ from sdprep.dataset import (
     Item,
     dump_sidecar,
     folder_in_the_way,
-    is_image,
     iter_items,
     read_sidecar,
     require_images,
     sdprep_meta,
+    shares_stem,
     unsafe_reason,
 )
 from sdprep.errors import ConfigError, DatasetError, ImageError
@@ -272,19 +271,13 @@ def _move_duplicate(op: Operation, root: Path, dup: Fingerprint, keep: Fingerpri
     sdprep_meta(sidecar)["duplicate_of"] = keep.item.path.relative_to(root).as_posix()
     op.write_text(dup.item.sidecar_path, dump_sidecar(sidecar))
     dest = free_destination(root, dup.item.path)
-    shared, held = _shares_stem(dup.item.path), False
+    shared, held = shares_stem(dup.item.path), False
     for old, new in companion_pairs(dup.item.path, dest, mask_dirs(dup.item.path.parent)):
         if shared and old not in (dup.item.path, dup.item.sidecar_path):
             held = True
             continue
         op.move(old, new)
     return held
-
-
-def _shares_stem(path: Path) -> bool:
-    """Whether another image in `path`'s folder has its stem (they share a caption and a mask)."""
-    pattern = glob.escape(path.stem) + ".*"
-    return any(p != path and p.stem == path.stem and is_image(p) for p in path.parent.glob(pattern))
 
 
 def run_dedup(root: Path | str, opts: DedupOptions, *, report: Reporter = NullReporter()) -> StageResult:

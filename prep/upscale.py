@@ -20,7 +20,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sdprep.dataset import Item, dump_sidecar, iter_items, read_sidecar, require_images, sdprep_meta
+from sdprep.dataset import (
+    Item,
+    dump_sidecar,
+    iter_items,
+    read_sidecar,
+    require_images,
+    sdprep_meta,
+    shares_stem,
+)
 from sdprep.errors import ConfigError, ImageError, ModelError
 from sdprep.fileops import Journal
 from sdprep.images import image_size, load_image, open_image, unwritable_size
@@ -149,6 +157,12 @@ def prepare(item: Item, opts: UpscaleOptions, upscaler: Callable[[], object | No
     for folder in mask_dirs(item.path.parent):  # masks/ and any masks_<name>/ keep the image's size
         path = item.mask_path(folder)
         if path.exists():
+            if shares_stem(item.path):  # a.png and a.jpg: whose size would the one mask take?
+                raise ImageError(
+                    item.path,
+                    f"{folder}/{path.name} is the mask of another image with this stem too",
+                    "rename one of them (sdprep rename), then upscale again",
+                )
             mask = load_image(path, "L")
             if mask.size != (w, h):
                 notes.append(f"  note: {folder}/{path.name} was {mask.width}x{mask.height}, not {w}x{h}")

@@ -13,6 +13,7 @@ Conventions (kohya's and gallery-dl's, so existing folders work as they are):
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import re
@@ -195,6 +196,12 @@ def _drop_stem_clashes(root: Path, names: list[str], on_clash: OnClash) -> list[
                 "and one mask; rename one of them (sdprep rename)",
             )
     return [n for n in names if _stem(n) not in groups]
+
+
+def shares_stem(path: Path) -> bool:
+    """Whether another image in `path`'s folder has its stem (they share a caption and a mask)."""
+    pattern = glob.escape(path.stem) + ".*"
+    return any(p != path and p.stem == path.stem and is_image(p) for p in path.parent.glob(pattern))
 
 
 def _list_images(root: Path) -> tuple[list[str], list[str]]:

@@ -303,3 +303,18 @@ def test_an_upscale_past_what_sdprep_reads_back_is_refused_per_file(tmp_path):
         ),
     ]
     assert (tmp_path / "strip.png").read_bytes() == before
+
+
+def test_images_sharing_a_mask_by_stem_are_not_upscaled(tmp_path):
+    """a.png (64x48) and a.jpg (32x24) share masks/a.png: resizing it for one breaks it for the other."""
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(tmp_path / "a.png")
+    Image.new("RGB", (32, 24), (10, 10, 200)).save(tmp_path / "a.jpg")
+    Image.new("RGB", (64, 48), (10, 200, 10)).save(tmp_path / "b.png")
+    (tmp_path / "masks").mkdir()
+    Image.new("L", (64, 48), 255).save(tmp_path / "masks" / "a.png")
+    before = (tmp_path / "masks" / "a.png").read_bytes()
+    res = run_upscale(tmp_path, UpscaleOptions(min_side=100))
+    assert res.changed == 1
+    reason = "masks/a.png is the mask of another image with this stem too"
+    assert sorted((f.path.name, f.reason) for f in res.failed) == [("a.jpg", reason), ("a.png", reason)]
+    assert (tmp_path / "masks" / "a.png").read_bytes() == before
