@@ -28,7 +28,7 @@ from typing import Any
 from sdprep import state
 from sdprep.dataset import REJECTED_DIR, Item, dump_sidecar, is_image, is_within, loads_json, sdprep_meta
 from sdprep.errors import ConfigError, DatasetError, ImageError, SdprepError
-from sdprep.fileops import Journal, Operation
+from sdprep.fileops import Journal, Operation, atomic_write_bytes
 from sdprep.images import image_size
 from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import StageResult
@@ -398,7 +398,7 @@ def run_scrape(root: Path | str, opts: ScrapeOptions, *, report: Reporter = Null
         try:
             configure(gconfig, opts, incoming, scratch)
             for url in opts.urls:
-                state.write_new(current, url.encode("utf-8", "surrogateescape"))
+                atomic_write_bytes(current, url.encode("utf-8", "surrogateescape"), sync=False)
                 intake.url, intake.seen = url, 0
                 _scrape_url(job_class, gexc, url, intake, logs, result)
         finally:

@@ -93,8 +93,12 @@ def dataset_lock(root: Path | str, command: str) -> Iterator[None]:
         pass
     _held[key] = (fd, 1)
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}: sdprep {command}".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}: sdprep {command}".encode(), 0)
+        except OSError as exc:  # a full disk: say which file
+            exc.filename = exc.filename or str(path)
+            raise
         temps = _check_tree(root)
         for temp in temps:
             with contextlib.suppress(OSError):
@@ -165,8 +169,9 @@ def _check_tree(root: Path) -> list[str]:
         holder = _probe(above)
         if holder:
             raise _busy(root, above, holder)
-    top = state.state_dir(root)  # scratch files some stages keep beside the journal
-    temps = [e.path for e in state.entries(top) if e.is_file(follow_symlinks=False) and is_dead_temp(e.name)]
+    temps = []
+    for dirpath, _, filenames in os.walk(state.state_dir(root)):  # the state's own scratch files too
+        temps += [os.path.join(dirpath, f) for f in filenames if f.startswith(".") and is_dead_temp(f)]
     for dirpath, dirnames, filenames in os.walk(root):
         if dirpath != str(root) and state.STATE_DIR in dirnames:
             holder = _probe(Path(dirpath))

@@ -120,8 +120,12 @@ def read_text(path: Path | str) -> str:
 def write_new(path: Path | str, data: bytes) -> None:
     """Write a small state file in place (created or truncated), never through a symlink."""
     fd = open_fd(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except OSError as exc:  # a full disk fails the write with no file name: give it one
+        exc.filename = exc.filename or str(path)
+        raise
 
 
 def entries(path: Path | str) -> list[os.DirEntry]:

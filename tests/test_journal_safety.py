@@ -351,7 +351,12 @@ def dead_pid() -> int:
 def test_temporary_files_of_dead_runs_are_removed_by_the_next_command(tmp_path):
     data = dataset(tmp_path, n=1)
     (data / "sub").mkdir()
-    dead = [data / f".sdprep-tmp-{dead_pid()}-abcd1234.tmp", data / "sub" / ".0.txt.k3j_x9ab.tmp"]
+    (data / ".sdprep" / "scrape").mkdir(parents=True)
+    dead = [
+        data / f".sdprep-tmp-{dead_pid()}-abcd1234.tmp",
+        data / "sub" / ".0.txt.k3j_x9ab.tmp",  # an older sdprep's name
+        data / ".sdprep" / "scrape" / f".sdprep-tmp-{dead_pid()}-abcd1234.tmp",  # in sdprep's own state
+    ]
     live = data / f".sdprep-tmp-{os.getpid()}-abcd1234.tmp"  # a running process's: left alone
     mine = data / ".notes.tmp"  # not sdprep's
     for p in [*dead, live, mine]:
