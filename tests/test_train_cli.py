@@ -333,6 +333,7 @@ def test_what_needs_no_model_fails_before_the_model_loads(cli_runner, tmp_path: 
             'Error: optimizer_type "nosuchpkg.Opt": cannot import it',
         ),
         (["--set", 'lr_scheduler_type="NoSuchLR"'], 'Error: lr_scheduler_type "NoSuchLR": cannot import it'),
+        (["--", "--lr_scheduler_args", "lr_end=1e-8"], "Error: lr_scheduler constant: "),  # polynomial's arg
         (["--sample-prompts", str(tmp_path / "none.txt")], "none.txt"),
         (["--set", f'network_weights="{tmp_path / "w.safetensors"}"'], "w.safetensors: no such file"),
         (["--set", f'dataset_config="{tmp_path / "ds.toml"}"'], "ds.toml: no such file"),

@@ -33,17 +33,20 @@ REFUSED = {
 }
 
 
-# Presets that repeat another one's method, optimizer and schedule with other numbers: their full
-# preflight runs with `make test-slow` (the config check below runs for every preset).
+# Presets that repeat another one's method, optimizer and schedule with other numbers (often large
+# ranks: slow on the tiny model): their full preflight runs with `make test-slow`; the config check
+# below runs for every preset. The default run still covers each method, network and optimizer.
 VARIANTS = {
-    "lora - SDXL - LoRA AI_characters standard v1.0.toml",
-    "lora - SDXL - LoRA AI_characters standard v1.1.toml",
-    "lora - SDXL - LoRA aitrepreneur clothing v1.0.toml",
-    "lora - SDXL - LoRA face dogu_cat v1.0.toml",
-    "lora - SDXL - LoRA kudou-reira dadaptadam v1.1.toml",
-    "lora - SDXL - LoRA AI_Now prodigy v1.0.toml",
-    "lora - SDXL - edgLoRAXL AI_Now.toml",
-    "lora - SDXL - edgLoRAXL.toml",
+    "lora - SDXL - LoRA AI_characters standard v1.0.toml",  # AdamW8bit: LoHA's
+    "lora - SDXL - LoRA AI_characters standard v1.1.toml",  # AdamW: AI_Now ADamW's
+    "lora - SDXL - LoRA aitrepreneur clothing v1.0.toml",  # Adafactor: adafactor v1.0's
+    "lora - SDXL - LoRA face dogu_cat v1.0.toml",  # AdamW8bit
+    "lora - SDXL - LoRA by malcolmrey training v1.0.toml",  # AdamW8bit
+    "lora - SDXL - LoRA kudou-reira dadaptadam v1.0.toml",  # DAdaptAdam: v1.1's
+    "lora - SDXL - LoRA kudou-reira prodigy v4.0.toml",  # Prodigy: AI_Now prodigy's
+    "lora - SDXL - LoKR v1.0.toml",  # LyCORIS LoKr + Prodigy: 1 image LoRA's
+    "lora - SDXL - edgLoRAXL AI_Now.toml",  # Prodigy
+    "lora - SDXL - edgLoRAXL.toml",  # Prodigy
 }
 
 

@@ -19,10 +19,7 @@ def precheck(cfg: Any, *, method: str, resume: Any, output_dir: Path, name: str)
     """Raise the error the run would stop with later; returns the state folder to resume from."""
     folder = _resume_folder(resume, method, output_dir, name)
     check_optimizer(cfg.optimizer_type)
-    if cfg.lr_scheduler_type:
-        from sdprep.train.optim import scheduler_class
-
-        scheduler_class(cfg.lr_scheduler_type)
+    check_scheduler(cfg)
     for key in ("network_weights", "weights"):
         value = getattr(cfg, key, None)
         if value and not Path(value).expanduser().is_file():
@@ -49,6 +46,35 @@ def check_optimizer(name: str | None) -> None:
     require_optimizer(name)
     if "." in (name or ""):
         _torch_optimizer(str(name).strip())
+
+
+def check_scheduler(cfg: Any, total_steps: int = 1000) -> None:
+    """Build the lr schedule on a stand-in optimizer: a scheduler class that does not import or
+    lr_scheduler_args it does not take (kohya's TypeError) fail now. Skipped where the optimizer
+    sets its own schedule (Adafactor's relative step, schedule-free optimizers)."""
+    import torch
+
+    from sdprep.train.kohya_args import parse_kv_args
+    from sdprep.train.optim import build_scheduler, warmup_steps
+
+    optimizer = (cfg.optimizer_type or "AdamW").strip().lower()
+    relative = optimizer == "adafactor" and parse_kv_args(cfg.optimizer_args).get("relative_step", True)
+    if cfg.lr_scheduler == "adafactor" or relative or "schedulefree" in optimizer:
+        return
+    stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.learning_rate)
+    build_scheduler(
+        cfg.lr_scheduler,
+        stand_in,
+        warmup_steps=warmup_steps(cfg.lr_warmup_steps, total_steps),
+        total_steps=total_steps,
+        num_cycles=cfg.lr_scheduler_num_cycles,
+        power=cfg.lr_scheduler_power,
+        args=parse_kv_args(cfg.lr_scheduler_args),
+        min_lr_ratio=cfg.lr_scheduler_min_lr_ratio,
+        timescale=cfg.lr_scheduler_timescale,
+        decay_steps=cfg.lr_decay_steps,
+        scheduler_type=cfg.lr_scheduler_type,
+    )
 
 
 def _resume_folder(resume: Any, method: str, output_dir: Path, name: str) -> Path | None:
