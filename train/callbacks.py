@@ -78,6 +78,7 @@ class TrainResult:
     last_loss: float | None = None
     log_dir: Path | None = None
     seconds: float = 0.0
+    validation: list[tuple[str, int, float]] = field(default_factory=list)  # (step|epoch, at, loss)
 
     def summary(self) -> str:
         lines = [

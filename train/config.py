@@ -219,6 +219,12 @@ class TrainConfig:
     logging_dir: Path | None = None  # TensorBoard logs go under this folder
     log_with: Literal["tensorboard", "wandb", "all"] | None = None  # logger (sdprep writes TensorBoard)
     log_prefix: str | None = None  # prefix of the run's log folder name
+    # -- validation ----------------------------------------------------------------------------
+    validation_split: float = 0.0  # share of each subset's images held out for the validation loss
+    validation_seed: int | None = None  # seed of the split and the validation noise (None: seed)
+    validate_every_n_steps: int | None = None  # validation loss every N steps (None: not by steps)
+    validate_every_n_epochs: int | None = None  # ...every N epochs (None: every epoch)
+    max_validation_steps: int | None = None  # at most this many validation batches (None: all)
     # -- samples -------------------------------------------------------------------------------
     sample_prompts: Path | None = None  # kohya prompt file (--n --w --h --d --l --s --ss)
     sample_sampler: str = "ddim"  # default sampler for samples
@@ -609,6 +615,9 @@ def _check_ranges(cfg: TrainConfig) -> None:
         "save_last_n_epochs",
         "save_last_n_steps",
         "multires_noise_iterations",
+        "validate_every_n_steps",
+        "validate_every_n_epochs",
+        "max_validation_steps",
     )
     for key in optional_positive:
         value = getattr(cfg, key)

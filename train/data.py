@@ -92,6 +92,7 @@ class TrainDataset:
         self.caption_transform = caption_transform
         self.prior_loss_weight = float(cfg_value(cfg, "prior_loss_weight", 1.0))
         self._summary: DataSummary | None = None
+        self.validation: TrainDataset | None = None  # the held-out images (validation_split)
 
     # -- facts -----------------------------------------------------------------------------------
 
@@ -363,6 +364,17 @@ def build_dataset(
     if seed is None:
         seed = 0
         findings.note("note: seed is not set: the data order uses seed 0")
-    return TrainDataset(
-        cfg, scan.datasets, scan.subsets, scan.records, findings, int(seed), caption_transform
-    )
+    records, held = scan.records, []
+    if any(d.validation_split > 0 for d in scan.datasets):
+        from sdprep.train.validation import split_records
+
+        records, held = split_records(scan.records, scan.datasets, int(seed))
+        findings.note(f"validation: {len(held)} images held out of training (validation_split)")
+        if not records:
+            raise DatasetError("validation_split leaves no training image", "lower validation_split")
+    dataset = TrainDataset(cfg, scan.datasets, scan.subsets, records, findings, int(seed), caption_transform)
+    if held:
+        dataset.validation = TrainDataset(
+            cfg, scan.datasets, scan.subsets, held, Findings(), int(seed), caption_transform
+        )
+    return dataset

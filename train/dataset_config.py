@@ -13,7 +13,7 @@ Three sources, decided by the training config (kohya's rules):
   `dataset.toml`) is read through that TOML; a repeat folder given directly is used as one subset.
 
 Features kohya has and sdprep does not (face_crop_aug_range, token_warmup_step,
-validation_split, network_multiplier) are errors when set to a non-default value, never ignored.
+network_multiplier) are errors when set to a non-default value, never ignored.
 """
 
 from __future__ import annotations
@@ -170,6 +170,8 @@ class DatasetSpec:
     max_bucket_reso: int = 1024
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
+    validation_split: float = 0.0  # share of each subset's images held out (sdprep.train.validation)
+    validation_seed: int | None = None
     origin: str = ""
 
 
@@ -374,8 +376,11 @@ def make_dataset(
     res = _resolution(get("resolution"), f"{where}.resolution")
     if res is None:
         raise ConfigError(f"{where}: resolution is not set", 'set resolution = 1024 (or "1024,1024")')
-    if float(get("validation_split") or 0) > 0:
-        raise ConfigError(f"{where}: validation_split is not supported by sdprep", "remove validation_split")
+    from sdprep.train.validation import check_split
+
+    split = float(get("validation_split") or 0)
+    check_split(split, where)
+    seed = get("validation_seed")
     if float(get("network_multiplier")) != 1.0:
         raise ConfigError(f"{where}: network_multiplier is not supported by sdprep", "remove it")
     spec = DatasetSpec(
@@ -387,6 +392,8 @@ def make_dataset(
         max_bucket_reso=int(get("max_bucket_reso")),
         bucket_reso_steps=int(get("bucket_reso_steps")),
         bucket_no_upscale=bool(get("bucket_no_upscale")),
+        validation_split=split,
+        validation_seed=None if seed is None else int(seed),
         origin=where,
     )
     _check_dataset(spec, where)

@@ -21,6 +21,7 @@ from sdprep.train.interrupt import StopRequest
 from sdprep.train.outputs import TrainerOutputs
 from sdprep.train.precheck import precheck
 from sdprep.train.save import changed_settings
+from sdprep.train.validation import should_validate
 
 __all__ = [
     "RecordingCallbacks",
@@ -275,6 +276,10 @@ class Trainer(TrainerOutputs):
             self.notes.append(stats.summary())
             if stats.bad:
                 self._leave_out(stats.bad)
+            if self.dataset.validation is not None:
+                cache_latents(
+                    self.dataset.validation, self.model.vae, self.device, self.vae_dtype, self.cb_reporter()
+                )
         if cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk:
             if self.method.trains_text_encoders:
                 raise ConfigError(
@@ -296,6 +301,10 @@ class Trainer(TrainerOutputs):
                 self.dataset, self._encode_fixed, self.cb_reporter(), encoder_id=encoder_id
             )
             self.notes.append(stats.summary())
+            if self.dataset.validation is not None:
+                cache_text_encoder_outputs(
+                    self.dataset.validation, self._encode_fixed, self.cb_reporter(), encoder_id=encoder_id
+                )
 
     def _leave_out(self, bad: list[tuple[Path, str]]) -> None:
         """Drop images that cannot be loaded: listed like the scan's drops, the rest trains."""
@@ -644,10 +653,14 @@ class Trainer(TrainerOutputs):
             self._save(step=step)
         if should_sample(self.cfg, step=step):
             self._sample(step=step, epoch=None)
+        if self.dataset.validation is not None and should_validate(self.cfg, step=step):
+            self._validate("step", step)
 
     def _after_epoch(self, epoch: int) -> None:
         if self.accelerator.is_main_process and self.epoch_losses:
             self.log.scalars(epoch, {"loss/epoch": sum(self.epoch_losses) / len(self.epoch_losses)})
+        if self.dataset.validation is not None and should_validate(self.cfg, epoch=epoch):
+            self._validate("epoch", epoch)
         self.epoch_losses = []
         if should_save(self.cfg, epoch=epoch, total=self.num_epochs):
             self._save(epoch=epoch)

@@ -30,12 +30,6 @@ KOHYA_CONSTANTS = {
     "ss_fp8_base_unet": "False",
     "ss_face_crop_aug_range": "None",
     "ss_resize_interpolation": "None",
-    "ss_num_validation_images": "0",
-    "ss_validation_seed": "None",
-    "ss_validation_split": "0.0",
-    "ss_max_validation_steps": "None",
-    "ss_validate_every_n_epochs": "None",
-    "ss_validate_every_n_steps": "None",
 }
 
 
@@ -248,6 +242,12 @@ def kohya_metadata(run: Mapping[str, Any], method: Any, dataset: Any, cfg: Any) 
         "ss_huber_scale": _f(cfg.huber_scale),
         "ss_huber_c": _f(cfg.huber_c),
         **KOHYA_CONSTANTS,
+        "ss_num_validation_images": _s(len(dataset.validation.records) if dataset.validation else 0),
+        "ss_validation_seed": _s(cfg.validation_seed),
+        "ss_validation_split": _f(cfg.validation_split),
+        "ss_max_validation_steps": _s(cfg.max_validation_steps),
+        "ss_validate_every_n_epochs": _s(cfg.validate_every_n_epochs),
+        "ss_validate_every_n_steps": _s(cfg.validate_every_n_steps),
         **_dataset_keys(cfg, dataset, run),
         **_model_keys(run, cfg),
         # written at every save, as kohya's save_model does

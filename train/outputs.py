@@ -146,6 +146,34 @@ class TrainerOutputs:
         old = stale_saves(self.cfg, step=step, epoch=epoch)
         remove_saves(self.output_dir, self.name, self.method.output_suffix(), old)
 
+    def _validate(self, kind: str, at: int) -> None:
+        """The validation loss now ("step" after step `at`, "epoch" after epoch `at`): logged as
+        kohya's loss/validation/<kind>_average and _divergence (minus the epoch's training loss)."""
+        from sdprep.train.optim import eval_mode
+        from sdprep.train.validation import validation_loss
+
+        cfg = self.cfg
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            for module in self.train_modules:
+                module.eval()  # no dropout
+            ctx = dataclasses.replace(self.ctx, unet=self.accelerator.unwrap_model(self.ctx.unet))
+            seed = cfg.validation_seed if cfg.validation_seed is not None else self.seed
+            try:
+                with eval_mode(self.optimizer), self.accelerator.autocast():
+                    batches = self.dataset.validation.batches(0)
+                    loss = validation_loss(ctx, batches, max_batches=cfg.max_validation_steps, seed=seed)
+            finally:
+                for module in self.train_modules:
+                    module.train()
+            train = sum(self.epoch_losses) / len(self.epoch_losses) if self.epoch_losses else loss
+            self.log.scalars(
+                at,
+                {f"loss/validation/{kind}_average": loss, f"loss/validation/{kind}_divergence": loss - train},
+            )
+            self.result.validation.append((kind, at, loss))
+        self.accelerator.wait_for_everyone()
+
     def _sample(self, *, step: int, epoch: int | None) -> None:
         from sdprep.train.optim import eval_mode
 

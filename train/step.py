@@ -27,9 +27,12 @@ class StepContext:
     generator: Any = None  # the run's noise generator (CPU), same state on every process
     rank: int = 0  # this process, of `world` data-parallel processes
     world: int = 1
+    fixed_timestep: int | None = None  # validation: every sample at this timestep
 
     @property
     def timestep_range(self) -> tuple[int, int]:
+        if self.fixed_timestep is not None:
+            return self.fixed_timestep, self.fixed_timestep + 1
         lo = self.cfg.min_timestep if self.cfg.min_timestep is not None else 0
         hi = (
             self.cfg.max_timestep
