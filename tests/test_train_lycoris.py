@@ -189,3 +189,14 @@ def test_missing_lycoris_is_one_error_before_the_model_loads(cli_runner, tmp_pat
         'Error: network_module "lycoris.kohya" needs the `lycoris-lora` package, which is not installed: '
         "install sdprep's lycoris extra (pip install 'sdprep[lycoris]')"
     ]
+
+
+def test_preflight_reloads_lycoris_files_with_lycoris(trained, tiny_sdxl: Path) -> None:
+    """diffusers loads no LoHa / LoKr: preflight's reload check uses LyCORIS's loader instead."""
+    from sdprep.train.models import load_sdxl
+    from sdprep.train.preflight import reload_check
+
+    path = trained.result.output
+    modules = len({k.split(".")[0] for k in load_file(str(path))})
+    assert reload_check(trained, path) == f"{path.name} loads with LyCORIS's own loader ({modules} modules)"
+    assert trained.method.load_with_lycoris(path, load_sdxl(tiny_sdxl)) == modules

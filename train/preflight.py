@@ -369,6 +369,9 @@ def reload_check(trainer: Trainer, path: Path | None) -> str:
     from sdprep.train.models import load_sdxl
 
     fresh = load_sdxl(trainer.model.source if trainer.model.source else path)
+    if trainer.cfg.network_module == "lycoris.kohya":  # diffusers loads no LoHa / LoKr: LyCORIS's loader
+        modules = trainer.method.load_with_lycoris(path, fresh)
+        return f"{path.name} loads with LyCORIS's own loader ({modules} modules)"
     pipe = fresh.pipeline()
     try:
         pipe.load_lora_weights(str(path))

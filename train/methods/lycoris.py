@@ -13,7 +13,10 @@ are left out, so the network is the one kohya trains.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +66,22 @@ NOT_IN_KOHYA = [
     for block in ("time_embedding", "add_embedding")
     for leaf in ("", ".linear_1", ".linear_2")
 ] + ["conv_in", "conv_out"]
+
+
+@contextlib.contextmanager
+def _kohya_view(network_class: Any) -> Iterator[None]:
+    """While LyCORIS builds a network on sdprep's diffusers U-Net: skip the modules kohya's U-Net does
+    not have (NOT_IN_KOHYA; LyCORIS's class-level exclude list, which presets without exclude_name
+    keep) and keep its INFO log lines (every choice it makes) off the console."""
+    log = logging.getLogger("LyCORIS")
+    level, excluded = log.level, network_class.TARGET_EXCLUDE_NAME
+    log.setLevel(logging.WARNING)
+    network_class.TARGET_EXCLUDE_NAME = [*excluded, *NOT_IN_KOHYA]
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+        network_class.TARGET_EXCLUDE_NAME = excluded
 
 
 def require_lycoris() -> None:
@@ -136,8 +155,6 @@ class LycorisMethod(TrainMethod):
     # -- setup -----------------------------------------------------------------------------
 
     def setup(self, model: Any, weight_dtype: Any) -> None:
-        import logging
-
         import torch
         from lycoris import kohya as lycoris_kohya
 
@@ -149,22 +166,21 @@ class LycorisMethod(TrainMethod):
         for comp, root in (("unet", model.unet), ("te1", tes[0]), ("te2", tes[1])):
             for path, _ in root.named_modules():
                 self.names[f"{PREFIXES[comp]}_{path}".replace(".", "_")] = (comp, path)
-        quiet = logging.getLogger("LyCORIS")
-        level = quiet.level
-        quiet.setLevel(logging.WARNING)  # LyCORIS logs every choice it makes at INFO
-        network_class = lycoris_kohya.LycorisNetworkKohya
-        excluded = network_class.TARGET_EXCLUDE_NAME  # class state, kept by presets without exclude_name
-        network_class.TARGET_EXCLUDE_NAME = [*excluded, *NOT_IN_KOHYA]
-        try:
-            net = lycoris_kohya.create_network(
-                1.0, self.rank, self.alpha, model.vae, tes, model.unet, warn_on_unmatched=False, **self.args
-            )
-        except (TypeError, ValueError, AssertionError) as exc:
-            raise ConfigError(f"LyCORIS refused the network_args: {exc}", "check network_args") from exc
-        finally:
-            quiet.setLevel(level)
-            network_class.TARGET_EXCLUDE_NAME = excluded
-        net.apply_to(tes, model.unet, apply_text_encoder=self.train_te, apply_unet=True)
+        with _kohya_view(lycoris_kohya.LycorisNetworkKohya):
+            try:
+                net = lycoris_kohya.create_network(
+                    1.0,
+                    self.rank,
+                    self.alpha,
+                    model.vae,
+                    tes,
+                    model.unet,
+                    warn_on_unmatched=False,
+                    **self.args,
+                )
+            except (TypeError, ValueError, AssertionError) as exc:
+                raise ConfigError(f"LyCORIS refused the network_args: {exc}", "check network_args") from exc
+            net.apply_to(tes, model.unet, apply_text_encoder=self.train_te, apply_unet=True)
         if not net.loras:
             raise ConfigError(f"LyCORIS {self.algo} found no layer to train", "check preset / network_args")
         full = self.cfg.full_bf16 or self.cfg.full_fp16
@@ -293,6 +309,42 @@ class LycorisMethod(TrainMethod):
             "ss_network_train_unet_only": str(not self.train_te),
             "ss_network_train_text_encoder_only": "False",
         }
+
+    def load_with_lycoris(self, path: Path, model: Any) -> int:
+        """Load a saved file into a fresh `model` with LyCORIS's own loader (create_network_from_weights,
+        as kohya and LyCORIS's tools load files), each kohya name mapped to the module it names;
+        returns the number of modules. Raises TrainingError when the file does not fit."""
+        import torch
+        from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
+        from safetensors.torch import load_file
+
+        from sdprep.train.sgm import UnetLayout
+
+        layout = UnetLayout.from_config(model.unet.config)
+        ours = {}
+        for comp, root in (("unet", model.unet), ("te1", model.text_encoder), ("te2", model.text_encoder_2)):
+            for name, module in root.named_modules():
+                if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                    try:
+                        ours[kohya_name(comp, name, layout)] = f"{PREFIXES[comp]}_{name}".replace(".", "_")
+                    except ValueError:
+                        continue  # a layer with no SGM name (never in a file)
+        sd = {}
+        for key, tensor in load_file(str(path)).items():
+            module, _, rest = key.partition(".")
+            if module not in ours:
+                raise TrainingError(f"{path.name}: {module} names no layer of an SDXL model")
+            sd[f"{ours[module]}.{rest}"] = tensor
+        tes = [model.text_encoder, model.text_encoder_2]
+        with _kohya_view(LycorisNetworkKohya):
+            network, weights = create_network_from_weights(1.0, None, None, tes, model.unet, weights_sd=sd)
+            network.apply_to(tes, model.unet, apply_text_encoder=True, apply_unet=True)
+        missing, unexpected = network.load_state_dict(weights, strict=False)
+        if unexpected or missing:
+            raise TrainingError(
+                f"{path.name}: LyCORIS cannot load {len(unexpected or missing)} of its tensors"
+            )
+        return len(network.loras)
 
     def load_initial_weights(self) -> None:
         path = self.cfg.network_weights
