@@ -389,17 +389,22 @@ class WD14Tagger:
         self.session = session
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """Scores [N, tags] for a float32 NHWC batch (`to_batch`), each image run on its own.
+        """Scores [N, tags] for a float32 NHWC batch (`to_batch`).
 
-        Stored scores must not depend on --batch-size or on which images share a call (a resumed
-        run batches differently): onnxruntime's kernels may sum in an order that depends on the
-        batch (the tiny tagger's 200,704-element mean: scores ~1e-3 apart between batch 1 and 4).
-        One image per call is exact and, on CPU, costs nothing measurable (ConvNeXt-T at 448 px:
-        5.31 vs 5.23 CPU s for 8 images, identical scores either way).
+        On the CPU each image runs on its own, so stored scores never depend on --batch-size or on
+        which images share a call (a resumed run batches differently): onnxruntime's kernels may sum
+        in an order that depends on the batch (the tiny tagger's 200,704-element mean: scores ~1e-3
+        apart between batch 1 and 4). There it costs nothing measurable (ConvNeXt-T at 448 px: 5.31
+        vs 5.23 CPU s for 8 images). On a GPU provider the batch runs in one call, because batching
+        is where a GPU's throughput comes from; `--batch-size 1` makes GPU scores batch-independent.
         """
         self.load()
+        if len(batch) == 0:
+            return np.zeros((0, len(self.vocab.names)), np.float32)
+        if self.provider != CPU_PROVIDER:
+            return self.session.run(None, {self.input_name: batch})[0]
         rows = [self.session.run(None, {self.input_name: batch[i : i + 1]})[0] for i in range(len(batch))]
-        return np.concatenate(rows) if rows else np.zeros((0, len(self.vocab.names)), np.float32)
+        return np.concatenate(rows)
 
     def record(self, probs: np.ndarray) -> dict:
         """The sidecar record of one image's scores (see the module docstring)."""

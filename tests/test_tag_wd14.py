@@ -311,3 +311,31 @@ def test_an_unreachable_hub_fails_at_once_without_retries(tmp_path, monkeypatch)
         wd14.resolve_model("SmilingWolf/wd-vit-tagger-v3")
     assert "is not (completely) in the Hugging Face cache and the hub cannot be reached" in str(err.value)
     assert online == []
+
+
+class CountingSession:
+    """A real onnxruntime session that records the batch size of every call."""
+
+    def __init__(self, session):
+        self.session, self.calls = session, []
+
+    def run(self, outputs, feeds):
+        self.calls.append(len(next(iter(feeds.values()))))
+        return self.session.run(outputs, feeds)
+
+
+def test_cpu_runs_each_image_alone_and_a_gpu_provider_runs_the_batch_in_one_call(tiny_wd14):
+    tagger = wd14.WD14Tagger(str(tiny_wd14))
+    tagger.load()
+    batch = np.random.default_rng(0).uniform(0, 255, (3, tagger.size, tagger.size, 3)).astype(np.float32)
+    tagger.session = counting = CountingSession(tagger.session)
+    assert tagger.provider == "CPUExecutionProvider"
+    cpu = tagger.infer(batch)
+    assert counting.calls == [1, 1, 1]  # batch-independent scores on the CPU
+    tagger.provider = "CUDAExecutionProvider"  # what a GPU session reports as its first provider
+    counting.calls.clear()
+    gpu = tagger.infer(batch)
+    assert counting.calls == [3]  # a GPU gets the whole batch
+    assert gpu.shape == cpu.shape == (3, len(tagger.vocab.names))
+    np.testing.assert_allclose(gpu, cpu, atol=1e-2)
+    assert tagger.infer(batch[:0]).shape == (0, len(tagger.vocab.names))

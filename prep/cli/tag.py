@@ -102,7 +102,7 @@ def _tag_list(values: tuple[str, ...]) -> tuple[str, ...]:
     default=4,
     show_default=True,
     type=click.IntRange(min=1),
-    help="Images decoded and written per step (WD14 runs each image on its own: scores never depend on it).",
+    help="Images per step (on the CPU WD14 runs each image on its own: scores never depend on it; on a GPU the batch runs in one call).",
 )
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1), help="Decoding threads.")
 @click.option(
