@@ -167,7 +167,7 @@ class Editor:
         edit = make_edit(TAG_ACTIONS[action], args)
         targets = self.entries(rels)
         if rels is None and action != "add":
-            targets = [e for e in targets if tag_key(tag) in {tag_key(t) for t in e.tags}]
+            targets = [e for e in targets if tag_key(tag) in e.keys]
         writes, changed = [], []
         for e in targets:
             path = e.item.caption_path

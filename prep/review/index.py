@@ -8,6 +8,7 @@ is up before every mask is read.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections import Counter
@@ -22,6 +23,7 @@ from sdprep.errors import SdprepError
 from sdprep.images import image_header, load_image
 from sdprep.prep.monochrome import LABELS
 from sdprep.prep.report import MASK_EMPTY, NO_CAPTION, mask_size_problem, size_checks
+from sdprep.stage import map_items
 from sdprep.tags import tag_key
 
 MAX_TAGS_LISTED = 400
@@ -42,14 +44,19 @@ class Entry:
     problems: list[str] = field(default_factory=list)
     version: int = 0  # the image's mtime (thumbnail cache key)
     mask_version: int = 0
+    tags: list[str] = field(default_factory=list)  # the caption's tags
+    keys: dict[str, str] = field(default_factory=dict)  # tag key -> the tag as written, once each
 
     @property
     def item(self) -> Item:
         return Item(self.path)
 
-    @property
-    def tags(self) -> list[str]:
-        return split_tags(self.caption) if self.caption else []
+    def set_caption(self, caption: str | None) -> None:
+        self.caption = caption
+        self.tags = split_tags(caption) if caption else []
+        self.keys = {}
+        for tag in self.tags:
+            self.keys.setdefault(tag_key(tag), tag)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -74,11 +81,11 @@ def _mtime(path: Path) -> int:
         return 0
 
 
-def read_entry(root: Path, item: Item, settings: BucketSettings) -> Entry:
+def read_entry(root: Path, item: Item, *, settings: BucketSettings) -> Entry:
     """An image's entry, from its caption, sidecar and header (no pixel is decoded)."""
     entry = Entry(item.path.relative_to(root).as_posix(), item.path, version=_mtime(item.path))
     try:
-        entry.caption = read_caption(item)
+        entry.set_caption(read_caption(item))
         if entry.caption is None:
             entry.problems.append(NO_CAPTION)
     except SdprepError as exc:
@@ -96,7 +103,7 @@ def read_entry(root: Path, item: Item, settings: BucketSettings) -> Entry:
     except SdprepError as exc:
         entry.problems.append(getattr(exc, "reason", exc.message))
         return entry
-    entry.bucket, problems = size_checks(entry.size, settings)
+    entry.bucket, problems = _size_checks(entry.size, settings)
     entry.problems += problems
     mask = item.mask_path()
     if os.path.isfile(mask):
@@ -108,6 +115,9 @@ def read_entry(root: Path, item: Item, settings: BucketSettings) -> Entry:
         if problem:
             entry.problems.append(problem)
     return entry
+
+
+_size_checks = functools.lru_cache(maxsize=4096)(size_checks)  # datasets repeat a few sizes
 
 
 def mask_is_empty(entry: Entry) -> bool:
@@ -133,9 +143,9 @@ class Filter:
             return False
         if self.problems and not e.problems:
             return False
-        if self.mono and not (e.mono in LABELS or any(tag_key(t) in LABELS for t in e.tags)):
+        if self.mono and not (e.mono in LABELS or any(label in e.keys for label in LABELS)):
             return False
-        if self.tag and tag_key(self.tag) not in {tag_key(t) for t in e.tags}:
+        if self.tag and tag_key(self.tag) not in e.keys:
             return False
         if self.text:
             needle = self.text.casefold()
@@ -158,8 +168,10 @@ class Index:
     def scan(self) -> None:
         """Read every image's entry afresh (new and vanished files included)."""
         fresh = {}
-        for item in iter_items(self.root, self.recursive):
-            e = read_entry(self.root, item, self.settings)
+        read = functools.partial(read_entry, self.root, settings=self.settings)
+        for item, e in map_items(read, iter_items(self.root, self.recursive)):
+            if not isinstance(e, Entry):  # an error about the file itself: listed, with the reason
+                e = Entry(item.path.relative_to(self.root).as_posix(), item.path, problems=[str(e)])
             fresh[e.rel] = e
         with self.lock:
             self.entries = fresh
@@ -176,7 +188,7 @@ class Index:
                 if not os.path.lexists(old.path):
                     del self.entries[rel]
                     continue
-                e = read_entry(self.root, old.item, self.settings)
+                e = read_entry(self.root, old.item, settings=self.settings)
                 if e.mask and mask_is_empty(e):
                     e.problems.append(MASK_EMPTY)
                 self.entries[rel] = e
@@ -211,9 +223,8 @@ class Index:
         counts: Counter = Counter()
         shown: dict[str, str] = {}
         for e in entries:
-            for tag in {tag_key(t): t for t in e.tags}.values():
-                key = tag_key(tag)
-                counts[key] += 1
+            counts.update(e.keys.keys())
+            for key, tag in e.keys.items():
                 shown.setdefault(key, tag)
         top = counts.most_common(MAX_TAGS_LISTED)
         if keep and tag_key(keep) in counts and all(k != tag_key(keep) for k, _ in top):
