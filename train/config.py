@@ -100,7 +100,7 @@ class TrainConfig:
     clip_skip: int | None = None  # None/1: SDXL's penultimate layer; n>=2: n-1 layers further back
     # -- schedule ------------------------------------------------------------------------------
     max_train_steps: int = 1600  # optimizer steps (max_train_epochs overrides it, as kohya)
-    max_train_epochs: int | None = None  # epochs (alias: epoch)
+    max_train_epochs: int | None = None  # epochs; wins over max_train_steps (a lone GUI epoch too)
     train_batch_size: int = 1  # samples per step per process
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     seed: int | None = None  # random seed (None: a random one, recorded in the outputs)
