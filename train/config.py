@@ -197,9 +197,18 @@ class TrainConfig:
     save_every_n_steps: int | None = None  # save every N steps
     save_last_n_epochs: int | None = None  # keep only the last N epoch saves
     save_last_n_steps: int | None = None  # keep step saves only this many steps back
+    save_last_n_epochs_state: int | None = (
+        None  # keep only the last N epoch states (None: save_last_n_epochs)
+    )
+    save_last_n_steps_state: int | None = (
+        None  # keep states only this many steps back (None: save_last_n_steps)
+    )
     save_state: bool = False  # also save optimizer/scheduler/RNG state with each save
     save_state_on_train_end: bool = False  # save the state once at the end
     resume: str | None = None  # state folder to resume from, or "latest"
+    initial_step: int | None = None  # start counting at this step (overrides a resumed state's count)
+    initial_epoch: int | None = None  # start at this epoch (1-based; initial_step wins)
+    skip_until_initial_step: bool = False  # ...and skip the data before it (as an uninterrupted run)
     no_metadata: bool = False  # write no ss_* metadata
     training_comment: str | None = None  # ss_training_comment metadata
     metadata_title: str | None = None  # modelspec.title (None: output_name)
@@ -614,6 +623,9 @@ def _check_ranges(cfg: TrainConfig) -> None:
         "save_every_n_steps",
         "save_last_n_epochs",
         "save_last_n_steps",
+        "save_last_n_epochs_state",
+        "save_last_n_steps_state",
+        "initial_epoch",
         "multires_noise_iterations",
         "validate_every_n_steps",
         "validate_every_n_epochs",
@@ -637,6 +649,8 @@ def _check_ranges(cfg: TrainConfig) -> None:
         )
     if cfg.max_grad_norm < 0:
         raise _err(f"max_grad_norm must be >= 0 (0 turns clipping off), got {cfg.max_grad_norm}")
+    if cfg.initial_step is not None and cfg.initial_step < 0:
+        raise _err(f"initial_step must be >= 0, got {cfg.initial_step}")
     if cfg.lr_warmup_steps < 0:
         raise _err(f"lr_warmup_steps must be >= 0, got {cfg.lr_warmup_steps}")
     if cfg.lr_decay_steps < 0:

@@ -88,12 +88,7 @@ UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "base_weights_multiplier": ((None, []), "merging base LoRA weights is not supported"),
     "network_train_text_encoder_only": ((False,), "not supported; train U-Net and text encoders"),
     "save_n_epoch_ratio": ((None, 0), "use save_every_n_epochs"),
-    "save_last_n_epochs_state": ((None,), "use save_last_n_epochs"),
-    "save_last_n_steps_state": ((None,), "use save_last_n_steps"),
     "resume_from_huggingface": ((False,), "resume from a local state folder"),
-    "initial_step": ((None, 0), "starting the schedule at a later step is not supported; use resume"),
-    "initial_epoch": ((None, 0), "starting the schedule at a later epoch is not supported; use resume"),
-    "skip_until_initial_step": ((False,), "not supported (needs initial_step); use resume"),
     "fp8_base_unet": ((False,), "fp8 base weights are not supported; use mixed_precision bf16"),
     "deepspeed": ((False,), "DeepSpeed is not supported; multi-GPU runs through `accelerate launch`"),
     "cpu_offload_checkpointing": (

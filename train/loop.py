@@ -188,6 +188,8 @@ class Trainer(TrainerOutputs):
         self._prepare()
         if self.resume_arg:
             self._resume()
+        if cfg.initial_step or cfg.initial_epoch:
+            self._start_at_initial_step()
         self._open_outputs()
 
     def _load_model(self) -> None:
@@ -489,6 +491,36 @@ class Trainer(TrainerOutputs):
         self._rng_to_restore = rng
         self.result.first_step = state.step
         self.notes.append(f"resumed from {folder} at step {state.step} (epoch {state.epoch + 1})")
+
+    def _start_at_initial_step(self) -> None:
+        """kohya's initial_step (or initial_epoch): the step count starts there (over a resumed
+        state's own); the data starts at that epoch's beginning, or with skip_until_initial_step at
+        exactly the batch an uninterrupted run would train next. The lr schedule is not moved (as
+        kohya: it starts from 0 unless a state is resumed)."""
+        cfg = self.cfg
+        n = (
+            cfg.initial_step
+            if cfg.initial_step is not None
+            else (cfg.initial_epoch - 1) * self.steps_per_epoch
+        )
+        if n >= self.total_steps:
+            raise ConfigError(
+                f"initial_step {n} is not below the run's {self.total_steps} steps: nothing to train",
+                "raise max_train_steps (or max_train_epochs), or lower initial_step",
+            )
+        if self.resume_arg:
+            self.notes.append(
+                f"initial_step {n} replaces the resumed state's step count {self.pos.step} (as kohya)"
+            )
+        epoch, within = divmod(n, self.steps_per_epoch)
+        self.pos = Position(n, epoch, within if cfg.skip_until_initial_step else 0)
+        self.result.first_step = n
+        where = (
+            "skipping the batches before it"
+            if cfg.skip_until_initial_step
+            else f"epoch {epoch + 1} from its start"
+        )
+        self.notes.append(f"starting at step {n} ({where})")
 
     def _open_outputs(self) -> None:
         from sdprep.train.logs import NullLog, open_log

@@ -143,8 +143,10 @@ class TrainerOutputs:
     def _prune(self, *, step: int | None, epoch: int | None) -> None:
         from sdprep.train.save import remove_saves, stale_saves
 
-        old = stale_saves(self.cfg, step=step, epoch=epoch)
-        remove_saves(self.output_dir, self.name, self.method.output_suffix(), old)
+        suffix = self.method.output_suffix()
+        for part, states in (("weights", False), ("state", True)):
+            old = stale_saves(self.cfg, step=step, epoch=epoch, states=states)
+            remove_saves(self.output_dir, self.name, suffix, old, parts=(part,))
 
     def _validate(self, kind: str, at: int) -> None:
         """The validation loss now ("step" after step `at`, "epoch" after epoch `at`): logged as

@@ -159,6 +159,11 @@ RESUME_NEUTRAL = {
     "save_every_n_steps",
     "save_last_n_epochs",
     "save_last_n_steps",
+    "save_last_n_epochs_state",
+    "save_last_n_steps_state",
+    "initial_step",
+    "initial_epoch",
+    "skip_until_initial_step",
     "save_state",
     "save_state_on_train_end",
     "max_data_loader_n_workers",
@@ -344,26 +349,41 @@ def find_states(output_dir: Path) -> list[TrainState]:
     return sorted(found, key=lambda s: (s.step, s.path.stat().st_mtime if s.path else 0))
 
 
-def stale_saves(cfg: Any, *, step: int | None, epoch: int | None) -> list[dict[str, int]]:
-    """Periodic saves that kohya's save_last_n_epochs / save_last_n_steps say to remove now."""
+def stale_saves(
+    cfg: Any, *, step: int | None, epoch: int | None, states: bool = False
+) -> list[dict[str, int]]:
+    """Periodic saves that kohya's save_last_n_epochs / save_last_n_steps say to remove now; with
+    `states`, the training states that save_last_n_epochs_state / save_last_n_steps_state (each
+    falling back to the weights' value, as kohya) say to remove."""
+    keep_epochs = (cfg.save_last_n_epochs_state if states else None) or cfg.save_last_n_epochs
+    keep_steps = (cfg.save_last_n_steps_state if states else None) or cfg.save_last_n_steps
     old: list[dict[str, int]] = []
-    if epoch is not None and cfg.save_last_n_epochs and cfg.save_every_n_epochs:
-        gone = epoch - cfg.save_last_n_epochs * cfg.save_every_n_epochs
+    if epoch is not None and keep_epochs and cfg.save_every_n_epochs:
+        gone = epoch - keep_epochs * cfg.save_every_n_epochs
         if gone > 0:
             old.append({"epoch": gone})
-    if step is not None and cfg.save_last_n_steps and cfg.save_every_n_steps:
-        gone = step - cfg.save_last_n_steps - 1
+    if step is not None and keep_steps and cfg.save_every_n_steps:
+        gone = step - keep_steps - 1
         gone -= gone % cfg.save_every_n_steps
         if gone > 0:
             old.append({"step": gone})
     return old
 
 
-def remove_saves(output_dir: Path, name: str, suffix: str, which: list[dict[str, int]]) -> None:
-    """Delete the weights and state folders of the given periodic saves (missing ones are fine)."""
+def remove_saves(
+    output_dir: Path,
+    name: str,
+    suffix: str,
+    which: list[dict[str, int]],
+    parts: tuple[str, ...] = ("weights", "state"),
+) -> None:
+    """Delete the weights and / or state folders (`parts`) of the given periodic saves (missing ones
+    are fine)."""
     for kw in which:
-        (output_dir / weights_name(name, suffix=suffix, **kw)).unlink(missing_ok=True)
-        shutil.rmtree(output_dir / state_dir_name(name, **kw), ignore_errors=True)
+        if "weights" in parts:
+            (output_dir / weights_name(name, suffix=suffix, **kw)).unlink(missing_ok=True)
+        if "state" in parts:
+            shutil.rmtree(output_dir / state_dir_name(name, **kw), ignore_errors=True)
 
 
 def _state_owner(folder_name: str) -> str:
