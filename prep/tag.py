@@ -360,7 +360,7 @@ class _Tagging:
 
     def _finish(self, p: Prepared, record: dict | None = None, vlm_text: str | None = None) -> None:
         """Store new records, derive the caption file, queue what changed (caption before sidecar)."""
-        from sdprep.taggers.captions_text import caption_record, clean_caption, combine_caption
+        from sdprep.taggers.captions_text import caption_record
 
         meta = sdprep_meta(p.sidecar)
         mine = lineage.derived_from(meta, "tag", p.caption, self.later)
@@ -370,10 +370,7 @@ class _Tagging:
         if vlm_text is not None:
             settings = getattr(self.captioner, "settings", None)
             meta["caption"] = caption_record(vlm_text, self.captioner.name, self.prompt, settings)
-        tags = caption_from_scores(meta["wd14"], self.rules)
-        vlm = meta.get("caption", {}).get("text", "") if "{caption}" in self.template else ""
-        vlm = clean_caption(vlm, self.boilerplate) if vlm else ""
-        text = combine_caption(self.template, trigger=self.opts.trigger, tags=tags, caption=vlm)
+        text = derived_caption(meta, self.rules, self.template, self.opts.trigger, self.boilerplate)
         previous = old["tag"] if isinstance(old["tag"], dict) else {}
         base = previous.get("base") if mine else p.caption
         new = merge_caption(base, text, self.opts.merge, self.rules.separator)
@@ -416,6 +413,19 @@ class _Tagging:
             f"  {c['inferred']} images through WD14, {c['captioned']} through the captioner, "
             f"{c['captions_written']} caption files written"
         )
+
+
+def derived_caption(
+    meta: dict, rules: CaptionRules, template: str, trigger: str, boilerplate: Sequence[str]
+) -> str:
+    """The caption `tag` derives from an image's stored records (WD14 scores through the one
+    score rule, the VLM caption), before it is merged with an existing caption."""
+    from sdprep.taggers.captions_text import clean_caption, combine_caption
+
+    tags = caption_from_scores(meta["wd14"], rules)
+    vlm = meta.get("caption", {}).get("text", "") if "{caption}" in template else ""
+    vlm = clean_caption(vlm, boilerplate) if vlm else ""
+    return combine_caption(template, trigger=trigger, tags=tags, caption=vlm)
 
 
 def _caption_pending(previous: dict, caption: str) -> bool:

@@ -21,6 +21,7 @@ from sdprep.prep.clean import CleanOptions, run_clean
 from sdprep.prep.review.edits import Editor, Recaption
 from sdprep.prep.review.index import Filter, Index
 from sdprep.prep.rules import CleanRules
+from sdprep.prep.tag import TagOptions, run_tag
 from sdprep.taggers.rules import CaptionRules, caption_from_scores
 
 
@@ -91,22 +92,31 @@ def test_every_edit_is_one_journalled_step_and_undo_restores_the_tree(dataset):
         ed.undo()
 
 
-def test_recaption_uses_the_one_score_rule_and_tags_recorded_rules(dataset):
+def test_recaption_writes_what_sdprep_tag_writes_from_the_same_scores(dataset, tmp_path, tiny_wd14):
     ed = editor(dataset)
+    ed.set_caption("extra_03.png", "my own caption")  # a hand edit: tag appends onto it
+    rules = CaptionRules(general_threshold=0.5, character_threshold=0.3)
+    copy = Path(shutil.copytree(dataset, tmp_path / "copy"))
     opts = Recaption(general_threshold=0.5, character_threshold=0.3)
     preview = ed.recaption(opts)
-    assert preview["without_scores"] == 0 and preview["count"] == 12 and not preview["applied"]
-    assert (dataset / "c_square.txt").read_text().startswith("nazuna, ")  # nothing written yet
-    change = next(c for c in preview["changes"] if c["path"] == "c_square.webp")
-    assert "nazuna" in change["removed"]
+    assert preview["without_scores"] == 0 and preview["count"] > 0 and not preview["applied"]
+    assert tree(dataset) == tree(copy)  # a preview writes nothing
     ed.recaption(opts, apply=True)
+    # `sdprep tag` with those thresholds (and the merge it recorded) on the copy: the same bytes
+    result = run_tag(copy, TagOptions(model=str(tiny_wd14), rules=rules, merge="append"))
+    assert result.details["inferred"] == 0
+    captions = {k: v for k, v in tree(dataset).items() if k.endswith(".txt")}
+    assert captions == {k: v for k, v in tree(copy).items() if k.endswith(".txt")}
+    assert captions["extra_03.txt"].startswith(b"my own caption, ")
+    assert ed.recaption(opts)["count"] == 0  # applied: nothing left to change
+    # the tags alone: the one score rule (taggers/rules.py)
+    ed.recaption(Recaption(general_threshold=0.7, merge="replace"), apply=True)
     for item in (Item(p) for p in sorted(dataset.glob("*.*")) if p.suffix in (".png", ".jpg", ".webp")):
         record = sdprep_meta(read_sidecar(item))["wd14"]
-        want = caption_from_scores(record, CaptionRules(general_threshold=0.5, character_threshold=0.3))
+        want = caption_from_scores(record, CaptionRules(general_threshold=0.7))
         assert item.caption_path.read_text() == want + "\n", item.name
-    assert ed.recaption(opts)["count"] == 0  # applied: nothing left to change
     appended = ed.recaption(Recaption(general_threshold=0.2, merge="append"))
-    assert all(not c["removed"] for c in appended["changes"])
+    assert appended["count"] > 0 and all(not c["removed"] and c["added"] for c in appended["changes"])
 
 
 def test_rules_preview_is_clean_dry_run_and_apply_is_clean(dataset, tmp_path):

@@ -60,25 +60,38 @@ class Change:
         }
 
 
+MERGES = ("tag", "replace", "append")
+
+
 @dataclass(frozen=True)
 class Recaption:
-    """The page's re-captioning controls; other caption rules are the ones `sdprep tag` recorded."""
+    """The page's re-captioning controls; the other caption settings are the ones `sdprep tag`
+    recorded for each image (its rules, template, trigger).
+
+    merge "tag": what `sdprep tag` with these thresholds would write (its recorded merge policy,
+    onto the caption it built on while the caption is still its output); "replace": the tags
+    alone; "append": new tags added to the current caption.
+    """
 
     general_threshold: float = 0.35
     character_threshold: float = 0.85
     mcut: bool = False
-    merge: str = "replace"  # replace | append (to the current caption)
+    merge: str = "tag"
 
     def __post_init__(self) -> None:
-        if self.merge not in ("replace", "append"):
-            raise ConfigError(f'unknown merge "{self.merge}"', "use replace or append")
+        if self.merge not in MERGES:
+            raise ConfigError(f'unknown merge "{self.merge}"', "use " + ", ".join(MERGES))
+
+
+def _tag_settings(meta: dict[str, Any]) -> dict[str, Any]:
+    tag = meta.get("tag")
+    settings = tag.get("settings") if isinstance(tag, dict) else None
+    return settings if isinstance(settings, dict) else {}
 
 
 def recorded_rules(meta: dict[str, Any]) -> CaptionRules:
     """The caption rules `sdprep tag` last used on this image (its defaults when none are recorded)."""
-    tag = meta.get("tag")
-    settings = tag.get("settings") if isinstance(tag, dict) else None
-    rules = settings.get("rules") if isinstance(settings, dict) else None
+    rules = _tag_settings(meta).get("rules")
     if isinstance(rules, dict):
         with contextlib.suppress(SdprepError, TypeError):
             return from_dict(CaptionRules, rules)
@@ -87,6 +100,10 @@ def recorded_rules(meta: dict[str, Any]) -> CaptionRules:
 
 def recaption_text(meta: dict[str, Any], caption: str | None, opts: Recaption) -> str | None:
     """The caption the stored WD14 scores give with these thresholds (None: no scores stored)."""
+    from sdprep.prep import lineage
+    from sdprep.prep.tag import TAGS_ONLY_TEMPLATE, derived_caption
+    from sdprep.taggers.captions_text import DEFAULT_BOILERPLATE
+
     record = meta.get("wd14")
     if not isinstance(record, dict) or not record.get("scores"):
         return None
@@ -96,8 +113,18 @@ def recaption_text(meta: dict[str, Any], caption: str | None, opts: Recaption) -
         character_threshold=opts.character_threshold,
         mcut=opts.mcut,
     )
-    new = caption_from_scores(record, rules)
-    return merge_caption(caption, new, opts.merge, rules.separator) if opts.merge == "append" else new
+    if opts.merge == "replace":
+        return caption_from_scores(record, rules)
+    if opts.merge == "append":
+        return merge_caption(caption, caption_from_scores(record, rules), "append", rules.separator)
+    settings = _tag_settings(meta)
+    template = str(settings.get("template", TAGS_ONLY_TEMPLATE))
+    boilerplate = settings.get("boilerplate", DEFAULT_BOILERPLATE)
+    text = derived_caption(meta, rules, template, str(settings.get("trigger", "")), boilerplate)
+    base = caption
+    if lineage.derived_from(meta, "tag", caption):
+        base = meta["tag"].get("base")
+    return merge_caption(base, text, str(settings.get("merge", "replace")), rules.separator)
 
 
 def clean_rules_from_text(text: str):

@@ -235,7 +235,7 @@ def create_app(index: Index, editor: Editor, token: str, hosts: set[str] | None 
             float(body.get("general_threshold", 0.35)),
             float(body.get("character_threshold", 0.85)),
             bool(body.get("mcut", False)),
-            str(body.get("merge", "replace")),
+            str(body.get("merge", "tag")),
         )
         return editor.recaption(opts, body.get("paths"), apply=bool(body.get("apply")))
 
