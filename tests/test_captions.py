@@ -246,7 +246,9 @@ def test_sort_keeps_the_trigger_first(cli_runner, sample_dataset: Path, tmp_path
     rules = CleanRules(trigger=("zz trigger",), prefix={"*": ("masterpiece",)})
     run_clean(sample_dataset, CleanOptions(replace(rules, monochrome=MonochromeSettings(enabled=False))))
     assert cli_runner.invoke(cli, ["captions", "sort", str(sample_dataset)]).exit_code == 0
-    for caption in sample_dataset.glob("*.txt"):
+    sorted_captions = sorted(sample_dataset.glob("*.txt"))
+    assert len(sorted_captions) == 8  # the loop below checks something
+    for caption in sorted_captions:
         tags = caption.read_text().strip().split(", ")
         assert tags[:2] == ["zz trigger", "masterpiece"] and tags[2:] == sorted(tags[2:], key=str.casefold)
     kohya = tmp_path / "img" / "10_zz tok"

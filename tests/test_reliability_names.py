@@ -19,6 +19,8 @@ from test_reliability_corpus import CASES, failure_paths, run_case, run_cli
 
 BAD = os.fsdecode(b"bad\xff\xfename")  # 'bad\udcff\udcfename'
 SHOWN = "bad\\xff\\xfename"  # how sdprep prints it
+# every image of this corpus is a PNG or JPEG already: convert decodes them all and changes nothing
+NOTHING_TO_DO = {"convert"}
 
 
 def build(root: Path) -> corpus.Corpus:
@@ -46,9 +48,11 @@ def test_command_with_a_name_that_is_not_utf8(
     assert done.returncode == 0, output  # processed like any other image, in every stage
     assert not failure_paths(output), output
     assert "\udcff" not in output and "\ufffd" not in output  # shown as escapes, never mangled
-    if not case.changes or corpus.snapshot(c.root) == before:
-        assert corpus.snapshot(c.root) == before
+    after = corpus.snapshot(c.root)
+    if not case.changes or name in NOTHING_TO_DO:
+        assert after == before, "the dataset changed"
         return
+    assert after != before, "nothing changed"  # was skipped when nothing changed: could not fail
     if name != "rename":
         assert (c.root / f"{BAD}.png").exists()
     undone = run_cli(["undo", str(c.root)])
