@@ -46,6 +46,7 @@ from sdprep.buckets import Assignment, BucketSettings, assign_bucket, make_bucke
 from sdprep.dataset import (
     MASK_DIR,
     Item,
+    check_folder,
     format_caption,
     format_repeat_folder,
     iter_items,
@@ -63,7 +64,7 @@ from sdprep.prep.lineage import recorded_trigger
 from sdprep.prep.preview import Bucketed, Previews, record_bucketing, write_previews
 from sdprep.prep.repeats import balance_reg_repeats, compute_repeats
 from sdprep.progress import NullReporter, Reporter
-from sdprep.stage import StageResult
+from sdprep.stage import StageResult, failure_reason, progress
 
 WRITE_BATCH = 256  # images whose files are journalled with one sync
 
@@ -121,13 +122,6 @@ class Concept:
 # -- discovery -----------------------------------------------------------------------------------
 
 
-def _check_folder(root: Path) -> None:
-    if not root.exists():
-        raise DatasetError(f"{root}: no such folder", "check the path")
-    if not root.is_dir():
-        raise DatasetError(f"{root}: not a folder", "pass the folder that holds the images")
-
-
 def find_concepts(root: Path, opts: BucketOptions) -> list[Concept]:
     """One concept per folder with images: the root itself and/or its subfolders.
 
@@ -137,7 +131,6 @@ def find_concepts(root: Path, opts: BucketOptions) -> list[Concept]:
     - any other folder gets `--token` (plus its folder name when there are several such folders),
       or its folder name when no token is given.
     """
-    _check_folder(root)
     require_images(root, opts.recursive)
     counts: Counter[Path] = Counter(item.path.parent for item in iter_items(root, recursive=opts.recursive))
     plain = [f for f in counts if f != root and not parse_repeat_folder(f.name) and f.name not in opts.tiers]
@@ -178,7 +171,7 @@ def find_reg_concepts(opts: BucketOptions) -> list[Concept]:
     """One regularisation concept per --reg folder (its subfolders included)."""
     concepts = []
     for reg_dir in opts.reg:
-        _check_folder(reg_dir)
+        check_folder(reg_dir)
         count = sum(1 for _ in iter_items(reg_dir, recursive=True))
         if not count:
             raise DatasetError(f"{reg_dir}: no images in the regularisation folder", "check the --reg path")
@@ -234,9 +227,7 @@ def _prepare(
         header: ImageHeader = image_header(item.path)
         caption, multiline = _one_line(read_caption(item))
     except SdprepError as exc:
-        reason = getattr(exc, "reason", str(exc))
-        culprit = getattr(exc, "path", item.path)
-        return reason if culprit == item.path else f"{culprit.name}: {reason}"  # e.g. its caption
+        return failure_reason(item.path, exc)  # names the caption when that is the file at fault
     mask: Path | None = item.mask_path()
     mask = mask if mask.exists() else None
     why = copy_reason(header, mask, alpha_mask)
@@ -370,10 +361,14 @@ def run_bucket(root: Path | str, opts: BucketOptions, *, report: Reporter = Null
     result = StageResult("bucket")
     tally = Tally()
     previews = Previews()
-    with Journal(out).begin("bucket", [str(root), "-o", str(out)]) as op, BucketJson(out) as outputs:
+    total = sum(c.count for c in everything)
+    with (
+        Journal(out).begin("bucket", [str(root), "-o", str(out)]) as op,
+        BucketJson(out) as outputs,
+        progress(report, total, "bucket"),
+    ):
         written = Written(out)
         try:
-            report.start(sum(c.count for c in everything), "bucket")
             for concept in everything:
                 base = _output_folder(out, concept)
                 names: set[str] | None = set() if concept.recursive else None  # subfolders share one folder
@@ -393,7 +388,6 @@ def run_bucket(root: Path | str, opts: BucketOptions, *, report: Reporter = Null
                         outputs.add(*_records(p, out, opts.root))
                         previews.add(p.item.path, p.assignment)
                     tally.add(batch)
-            report.finish()
             _write_dataset_toml(op, out, everything, masked, opts)
             outputs.install(op, [{"image": str(f.path), "reason": f.reason} for f in result.failed])
             sheets = write_previews(op, out, previews)
@@ -433,7 +427,7 @@ def _write_files(
             try:
                 data = png_copy(p.item.path, p.mask, p.alpha)
             except SdprepError as exc:
-                result.fail(p.item.path, getattr(exc, "reason", str(exc)))
+                result.fail_error(p.item.path, exc)
                 continue
             changed[id(p)] = op.write_many([(p.dest, data)]) > 0
         kept.append(p)

@@ -35,6 +35,7 @@ from sdprep.dataset import (
     IGNORED_DIRS,
     SDPREP_KEY,
     Item,
+    check_folder,
     dump_sidecar,
     format_caption,
     is_image,
@@ -48,7 +49,7 @@ from sdprep.dataset import (
 from sdprep.errors import ConfigError, DatasetError, SdprepError
 from sdprep.prep.lineage import kept_head
 from sdprep.progress import NullReporter, Reporter
-from sdprep.stage import StageResult
+from sdprep.stage import StageResult, each_item, progress
 from sdprep.tags import TagMatcher, dedupe, tag_key
 
 NOT_CAPTIONS = {
@@ -118,7 +119,8 @@ class CaptionWriter:
         finally:
             self._stack.__exit__(*exc)
 
-    def _write(self, path: Path, text: str) -> None:
+    def write(self, path: Path, text: str) -> None:
+        """Queue a file write (journalled and written with its batch; nothing in a dry run)."""
         if self.dry_run:
             return
         self._pending.append((path, text.encode("utf-8")))
@@ -144,7 +146,7 @@ class CaptionWriter:
         self.captions += 1
         if self.on_diff is not None:
             self.on_diff(caption_diff(path.as_posix(), old, new))
-        self._write(path, new)
+        self.write(path, new)
         return True
 
     def write_sidecar(self, path: Path, data: dict, old_text: str | None) -> bool:
@@ -152,7 +154,7 @@ class CaptionWriter:
         if old_text == new:
             return False
         self.sidecars += 1
-        self._write(path, new)
+        self.write(path, new)
         return True
 
 
@@ -288,13 +290,19 @@ def iter_caption_files(root: Path, recursive: bool, orphans: bool, skipped: Coun
             yield from iter_caption_files(Path(os.path.join(root, sub)), True, orphans, skipped)
 
 
+def all_caption_files(
+    roots: Iterable[Path], opts: CaptionsOptions, skipped: Counter
+) -> Iterator[CaptionFile]:
+    """The caption files under each of `roots` (checked first: `check_roots`), one root after another."""
+    for root in check_roots(roots, opts.recursive):
+        yield from iter_caption_files(root, opts.recursive, opts.orphans, skipped)
+
+
 def check_roots(roots: Iterable[Path], recursive: bool) -> list[Path]:
     """The dataset folders of a multi-folder run: existing, distinct and (recursive) not nested."""
     out: list[Path] = []
     for root in roots:
-        root = Path(root)
-        if not root.is_dir():
-            raise DatasetError(f"{root}: no such folder", "check the path")
+        root = check_folder(root)
         resolved = root.resolve()
         for other in out:
             o = other.resolve()
@@ -422,27 +430,24 @@ def run_edit(
     result = StageResult("captions" + (" (dry run)" if opts.dry_run else ""))
     skipped: Counter = Counter()
     changed_roots: list[Path] = []
-    report.start(None, command)
-    for root in check_roots(roots, opts.recursive):
-        with CaptionWriter(root, command, dry_run=opts.dry_run, on_diff=on_diff) as writer:
-            for cf in iter_caption_files(root, opts.recursive, opts.orphans, skipped):
-                report.advance()
-                try:
-                    text, tags = _read_tags(cf)
+
+    def edited(cf: CaptionFile) -> tuple[str | None, list[str] | None, list[str] | None]:
+        text, tags = _read_tags(cf)
+        return text, tags, None if tags is None else edit(tags, text, cf)
+
+    with progress(report, None, command):
+        for root in check_roots(roots, opts.recursive):
+            with CaptionWriter(root, command, dry_run=opts.dry_run, on_diff=on_diff) as writer:
+                files = iter_caption_files(root, opts.recursive, opts.orphans, skipped)
+                for cf, (text, tags, new) in each_item(edited, files, result, report, None):
                     if tags is None:
                         skipped["no caption file" if text is None else "not a caption (several lines)"] += 1
-                        continue
-                    new = edit(tags, text, cf)
-                except SdprepError as exc:
-                    result.fail(cf.path, getattr(exc, "reason", exc.message))
-                    continue
-                if new == tags or not writer.write_caption(cf.path, text, new):
-                    result.skipped += 1
-                else:
-                    result.changed += 1
-        if writer.captions and not opts.dry_run:
-            changed_roots.append(root)
-    report.finish()
+                    elif new == tags or not writer.write_caption(cf.path, text, new):
+                        result.skipped += 1
+                    else:
+                        result.changed += 1
+            if writer.captions and not opts.dry_run:
+                changed_roots.append(root)
     _skip_notes(result, skipped)
     if changed_roots:
         result.notes.append("undo: " + " && ".join(f"sdprep undo {r}" for r in changed_roots))
@@ -499,33 +504,29 @@ def run_stats(
 
     result = StageResult("captions stats")
     stats, audit, skipped = CaptionStats(), TokenAudit(), Counter()
-    report.start(None, "stats")
-    for root in check_roots(roots, opts.recursive):
-        for cf in iter_caption_files(root, opts.recursive, opts.orphans, skipped):
-            report.advance()
+
+    def files() -> Iterator[CaptionFile]:
+        for cf in all_caption_files(roots, opts, skipped):
             stats.images += cf.image is not None
-            try:
-                text, tags = _read_tags(cf)
-            except SdprepError as exc:
-                result.fail(cf.path, getattr(exc, "reason", exc.message))
-                continue
-            if text is None:
-                stats.uncaptioned += 1
-                continue
-            if tags is None:
-                skipped["not a caption (several lines)"] += 1
-                continue
-            stats.captions += 1
-            stats.orphans += cf.image is None
-            stats.empty += not tags
-            stats.tag_total += len(tags)
-            for tag in dedupe(tags):
-                key = tag_key(tag)
-                stats.tags[key] += 1
-                stats.spelling.setdefault(key, tag)
-            if count_tokens is not None:
-                audit.add(cf.path, count_tokens(", ".join(tags)))
-    report.finish()
+            yield cf
+
+    for cf, (text, tags) in each_item(_read_tags, files(), result, report, "stats"):
+        if text is None:
+            stats.uncaptioned += 1
+            continue
+        if tags is None:
+            skipped["not a caption (several lines)"] += 1
+            continue
+        stats.captions += 1
+        stats.orphans += cf.image is None
+        stats.empty += not tags
+        stats.tag_total += len(tags)
+        for tag in dedupe(tags):
+            key = tag_key(tag)
+            stats.tags[key] += 1
+            stats.spelling.setdefault(key, tag)
+        if count_tokens is not None:
+            audit.add(cf.path, count_tokens(", ".join(tags)))
     result.skipped = stats.uncaptioned
     result.notes += stats.lines(top)
     if count_tokens is not None:
@@ -549,20 +550,15 @@ def run_find(
         raise ConfigError("find needs a tag", 'e.g. sdprep captions find "blue eyes" data/')
     result = StageResult("captions find")
     searched, skipped = 0, Counter()
-    for root in check_roots(roots, opts.recursive):
-        for cf in iter_caption_files(root, opts.recursive, opts.orphans, skipped):
-            try:
-                _, tags = _read_tags(cf)
-            except SdprepError as exc:
-                result.fail(cf.path, getattr(exc, "reason", exc.message))
-                continue
-            if tags is None:
-                continue
-            searched += 1
-            if any(matcher.matches(t) for t in tags):
-                result.changed += 1
-                if on_match is not None:
-                    on_match(cf)
+    files = all_caption_files(roots, opts, skipped)
+    for cf, (_, tags) in each_item(_read_tags, files, result, NullReporter(), None):
+        if tags is None:
+            continue
+        searched += 1
+        if any(matcher.matches(t) for t in tags):
+            result.changed += 1
+            if on_match is not None:
+                on_match(cf)
     result.skipped = searched - result.changed
     result.notes.append(f"found in {result.changed} of {searched} captions")
     return result

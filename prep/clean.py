@@ -42,7 +42,7 @@ from sdprep.prep.rules import (
     sidecar_tags,
 )
 from sdprep.progress import NullReporter, Reporter
-from sdprep.stage import StageResult, map_items
+from sdprep.stage import StageResult, each_item, progress
 from sdprep.tags import tag_key
 
 
@@ -232,25 +232,23 @@ def run_clean(
     result = StageResult("clean" + (" (dry run)" if opts.dry_run else ""))
     pruned: dict[str, frozenset[str]] = {}
     if rules.prune_core is not None:
-        report.start(None, "counting tags")
-        found, images = count_core(root, rs, opts.recursive, later)
-        report.finish()
+        with progress(report, None, "counting tags"):
+            found, images = count_core(root, rs, opts.recursive, later)
         pruned = {c: frozenset(k for k, _ in tags) for c, tags in found.items()}
         _prune_notes(result, found, images, rules.prune_core)
     total = sum(1 for _ in iter_items(root, opts.recursive))
-    report.start(total, "clean")
     stats = _Tally()
     with CaptionWriter(root, "clean", dry_run=opts.dry_run, on_diff=on_diff) as writer:
-        plans = map_items(
+        plans = each_item(
             lambda it: plan_item(it, root, rs, pruned, count_tokens, later),
             iter_items(root, opts.recursive, on_clash=result.fail),  # a.png + a.jpg: one a.txt
-            _workers(opts.workers, rules.monochrome.enabled),
+            result,
+            report,
+            "clean",
+            workers=_workers(opts.workers, rules.monochrome.enabled),
+            total=total,
         )
         for item, plan in plans:
-            report.advance()
-            if isinstance(plan, SdprepError):
-                result.fail(getattr(plan, "path", item.path), getattr(plan, "reason", plan.message))
-                continue
             # the sidecar first: killed in between, the record still names the caption's source
             if plan.sidecar is not None:
                 writer.write_sidecar(item.sidecar_path, plan.sidecar, plan.sidecar_text)
@@ -258,7 +256,6 @@ def run_clean(
             result.changed += changed
             result.skipped += not changed
             stats.add(plan)
-    report.finish()
     stats.notes(result, writer)
     if writer.captions + writer.sidecars and not opts.dry_run:
         result.notes.append(f"undo: sdprep undo {root}")

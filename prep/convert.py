@@ -21,13 +21,13 @@ from pathlib import Path
 from PIL import Image, ImageColor
 
 from sdprep import state
-from sdprep.dataset import Item, dumps_json, iter_items, loads_json, require_images
+from sdprep.dataset import Item, dumps_json, loads_json
 from sdprep.errors import ConfigError, ImageError, unknown_choice
 from sdprep.fileops import Journal, Operation, atomic_write_text
 from sdprep.images import load_image, open_image, unwritable_size
 from sdprep.prep.rename import companion_pairs
 from sdprep.progress import NullReporter, Reporter
-from sdprep.stage import StageResult, map_items
+from sdprep.stage import StageResult, dataset_items, each_item
 
 # format name -> (Pillow format, extension)
 FORMATS = {"png": ("PNG", ".png"), "jpg": ("JPEG", ".jpg"), "webp": ("WEBP", ".webp")}
@@ -273,8 +273,7 @@ def run_convert(root: Path | str, opts: ConvertOptions, *, report: Reporter = Nu
 
     Originals stay in the journal until `sdprep gc`; a truncated or corrupt image is listed as failed.
     """
-    root = require_images(root, opts.recursive)
-    items = list(iter_items(root, opts.recursive))
+    root, items = dataset_items(root, opts.recursive)
     result = StageResult("convert")
     reasons: Counter[str] = Counter()
 
@@ -284,14 +283,14 @@ def run_convert(root: Path | str, opts: ConvertOptions, *, report: Reporter = Nu
     known = load_verified(root)
     names = {rel(i.path) for i in items}
     verified = {k: v for k, v in known.items() if k not in names}  # files this run does not look at
-    report.start(len(items), "convert")
+
+    def work(item: Item):
+        return _work(item, opts, known.get(rel(item.path)))
+
     with Journal(root).begin("convert") as op:
         try:
-            for item, out in map_items(lambda i: _work(i, opts, known.get(rel(i.path))), items, opts.workers):
-                report.advance()
-                if isinstance(out, Exception):
-                    result.fail_error(item.path, out)
-                elif isinstance(out, list):
+            for item, out in each_item(work, items, result, report, "convert", workers=opts.workers):
+                if isinstance(out, list):
                     verified[rel(item.path)] = out
                     result.skipped += 1
                 else:
@@ -308,7 +307,6 @@ def run_convert(root: Path | str, opts: ConvertOptions, *, report: Reporter = Nu
         finally:  # an interrupted run keeps what it checked
             if verified != known:
                 save_verified(root, verified)
-    report.finish()
     if reasons:
         result.notes.append("  re-encoded for: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
         result.notes.append("  originals are kept in the journal: `sdprep undo` restores, `sdprep gc` frees")

@@ -25,7 +25,6 @@ from sdprep.dataset import (
     Item,
     dump_sidecar,
     folder_in_the_way,
-    iter_items,
     read_sidecar,
     require_images,
     sdprep_meta,
@@ -38,7 +37,7 @@ from sdprep.images import load_image
 from sdprep.lock import dataset_lock
 from sdprep.prep.rename import companion_pairs, mask_dirs, natural_key, symlinks
 from sdprep.progress import NullReporter, Reporter
-from sdprep.stage import StageResult, map_items
+from sdprep.stage import StageResult, dataset_items, each_item, progress
 
 ALGO = "phash-8"  # recorded with the cached hash; a change of algorithm invalidates the cache
 BLOCK = 512
@@ -250,17 +249,11 @@ def _fingerprints(
 ) -> list[Fingerprint]:
     """Hash every image; new hashes are cached in the sidecars at once (nothing is held back)."""
     fps = []
-    report.start(len(items), "dedup: hashing")
-    for item, out in map_items(fingerprint, items, opts.workers):
-        report.advance()
-        if isinstance(out, Exception):
-            result.fail_error(item.path, out)
-            continue
+    for item, out in each_item(fingerprint, items, result, report, "dedup: hashing", workers=opts.workers):
         if out.sidecar is not None and op is not None:
             op.write_text(item.sidecar_path, dump_sidecar(out.sidecar))
         out.sidecar = None
         fps.append(out)
-    report.finish()
     return fps
 
 
@@ -284,8 +277,8 @@ def run_dedup(root: Path | str, opts: DedupOptions, *, report: Reporter = NullRe
     """Group near-duplicate images of `root`; keep the best of each group, move the rest aside."""
     result = StageResult("dedup")
     if opts.dry_run:
-        root = require_images(root, opts.recursive)
-        _dedup(root, list(iter_items(root, opts.recursive)), opts, None, result, report)
+        root, items = dataset_items(root, opts.recursive)
+        _dedup(root, items, opts, None, result, report)
         return result
     if not state.state_dir(root).exists():  # nothing to roll back: an empty folder fails before the lock
         require_images(root, opts.recursive)
@@ -296,8 +289,7 @@ def run_dedup(root: Path | str, opts: DedupOptions, *, report: Reporter = NullRe
         rolled = roll_back_interrupted(root, "dedup")
         if rolled is not None:
             result.notes.append(f"  first undid the interrupted `{rolled[0]}` ({rolled[1]} changes)")
-        root = require_images(root, opts.recursive)
-        items = list(iter_items(root, opts.recursive))
+        root, items = dataset_items(root, opts.recursive)
         with Journal(root).begin("dedup") as op:
             _dedup(root, items, opts, op, result, report)
     return result
@@ -332,16 +324,15 @@ def _dedup(
     problem = folder_in_the_way(root / DUPLICATES_DIR) if n_dups else None
     if problem:  # every duplicate goes there: the run's problem, found before the first move
         raise DatasetError(f"{root / DUPLICATES_DIR}: {problem}", "move or rename it, then run dedup again")
-    report.start(n_dups, "dedup: moving")
-    for g in groups:
-        for dup in g[1:]:
-            if _move_duplicate(op, root, dup, g[0]):
-                result.notes.append(
-                    f"  {dup.item.name} shares its caption/mask with another image of its stem: they stay"
-                )
-            result.changed += 1
-            report.advance()
-    report.finish()
+    with progress(report, n_dups, "dedup: moving"):
+        for g in groups:
+            for dup in g[1:]:
+                if _move_duplicate(op, root, dup, g[0]):
+                    result.notes.append(
+                        f"  {dup.item.name} shares its caption/mask with another image of its stem: they stay"
+                    )
+                result.changed += 1
+                report.advance()
     result.skipped = len(fps) - n_dups
     if groups:
         result.notes.append(

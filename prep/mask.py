@@ -24,11 +24,9 @@ from sdprep.dataset import (
     MASK_DIR,
     MASK_DIR_PREFIX,
     Item,
-    discover,
     dump_sidecar,
     folder_in_the_way,
     read_sidecar,
-    require_images,
     sdprep_meta,
     unsafe_reason,
 )
@@ -38,7 +36,7 @@ from sdprep.images import image_size, load_image
 from sdprep.prep.masks.base import MaskMethod, MaskNotFound, MethodSettings, create_method, read_mask_image
 from sdprep.prep.masks.postprocess import COMBINE_MODES, PostOptions, coverage, postprocess, to_uint8
 from sdprep.progress import NullReporter, Reporter
-from sdprep.stage import StageResult, map_items
+from sdprep.stage import StageResult, dataset_items, each_item
 
 FALLBACKS = ("full",)
 META_KEY = "mask"
@@ -253,11 +251,10 @@ def make_mask(job: Job, method: MaskMethod, opts: MaskOptions) -> Made:
 
 def run_mask(root: Path | str, opts: MaskOptions, *, report: Reporter = NullReporter()) -> StageResult:
     """Write a mask for every image of the dataset at `root` (see the module docstring)."""
-    root = Path(root)
     validate(opts)
     method = create_method(opts.method, opts.settings)
     result = StageResult("mask")
-    items = discover(require_images(root, opts.recursive), opts.recursive, on_clash=result.fail)
+    root, items = dataset_items(root, opts.recursive, result.fail)
     jobs = plan(items, method, opts, result)
     relinks = [j for j in jobs if j.relink]
     jobs = [j for j in jobs if not j.relink]
@@ -277,19 +274,28 @@ def run_mask(root: Path | str, opts: MaskOptions, *, report: Reporter = NullRepo
         if relinks:
             result.skipped += len(relinks)
             result.notes.append(f"updated the mask path of {len(relinks)} renamed images")
-        report.start(len(jobs), f"mask ({method.name})")
-        workers = opts.workers if method.thread_safe else 1
-        for job, made in map_items(lambda j: make_mask(j, method, opts), jobs, workers):
-            report.advance()
-            if isinstance(made, MaskNotFound) and made.whole_image and not job.existing:
+
+        def nothing_found(job: Job, exc: SdprepError) -> bool:
+            """An opaque image under --method alpha is skipped (trained whole); other misses fail."""
+            if isinstance(exc, MaskNotFound) and exc.whole_image and not job.existing:
                 result.skipped += 1
                 whole.append(job.item.name)
-                continue
-            if isinstance(made, SdprepError):
-                result.fail_error(job.item.path, made)
-                if isinstance(made, MaskNotFound):
-                    missing.append(made)
-                continue
+                return True
+            if isinstance(exc, MaskNotFound):
+                missing.append(exc)
+            return False
+
+        made_masks = each_item(
+            lambda j: make_mask(j, method, opts),
+            jobs,
+            result,
+            report,
+            f"mask ({method.name})",
+            workers=opts.workers if method.thread_safe else 1,
+            path_of=lambda j: j.item.path,
+            on_error=nothing_found,
+        )
+        for job, made in made_masks:
             if job.foreign and not _holds(job.mask_path, made.png):
                 result.fail(job.item.path, foreign_mask(job, opts.out))
                 continue
@@ -303,7 +309,6 @@ def run_mask(root: Path | str, opts: MaskOptions, *, report: Reporter = NullRepo
             op.write_text(job.item.sidecar_path, dump_sidecar(job.sidecar))
             coverages[job.item.path] = made.coverage
             result.changed += 1
-        report.finish()
     _nothing_found_notes(result, whole, missing, len(items))
     return _finish(result, root, coverages, fallbacks, method)
 

@@ -23,7 +23,7 @@ from sdprep.fileops import atomic_write_bytes
 from sdprep.images import image_size, load_image
 from sdprep.prep.masks.base import read_mask_image
 from sdprep.progress import NullReporter, Reporter
-from sdprep.stage import Failure
+from sdprep.stage import Failure, progress
 
 PREVIEW_NAME = "mask_preview.png"
 CELL = 200  # thumbnail box of the preview sheet, px
@@ -96,7 +96,7 @@ def check_entry(item: Item, out: str) -> MaskEntry:
         size = image_size(item.path)
         mask = read_mask_image(entry.mask_path)
     except SdprepError as exc:
-        entry.problem = str(getattr(exc, "reason", exc))
+        entry.problem = exc.reason
         return entry
     msize = (mask.shape[1], mask.shape[0])
     if msize != size:
@@ -124,11 +124,10 @@ def check_masks(
     root = Path(root)
     items = discover(root, recursive)
     result = CheckReport(root)
-    report.start(len(items), "mask check")
-    for item in items:
-        result.entries.append(check_entry(item, out))
-        report.advance()
-    report.finish()
+    with progress(report, len(items), "mask check"):
+        for item in items:
+            result.entries.append(check_entry(item, out))
+            report.advance()
     orphans = orphan_masks(root, items, out)
     if orphans:
         shown = ", ".join(result._rel(p) for p in orphans[:5]) + (", ..." if len(orphans) > 5 else "")

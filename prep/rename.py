@@ -24,7 +24,7 @@ from sdprep.errors import ConfigError, DatasetError
 from sdprep.fileops import Journal, Operation, read_meta
 from sdprep.lock import dataset_lock
 from sdprep.progress import NullReporter, Reporter
-from sdprep.stage import StageResult
+from sdprep.stage import StageResult, progress
 
 PATTERN_FIELDS = ("n", "token", "stem", "folder")
 EXTENSION_MAP = {".jpeg": ".jpg", ".jpe": ".jpg", ".jfif": ".jpg", ".tif": ".tiff"}
@@ -270,20 +270,18 @@ def _by_folder(items: Iterable[Item]) -> dict[Path, list[Item]]:
 def _apply(root: Path, moves: list[tuple[Path, Path]], report: Reporter) -> None:
     """Phase 1: every file to a unique temporary name; phase 2: temporary names to final names."""
     run_id = uuid.uuid4().hex[:8]
-    report.start(len(moves) * 2, "rename")
     temps = [old.parent / f"{TEMP_PREFIX}{run_id}-{k}{old.suffix}" for k, (old, _) in enumerate(moves)]
     phases = [
         [(old, t) for (old, _), t in zip(moves, temps)],
         [(t, new) for (_, new), t in zip(moves, temps)],
     ]
     links = retargets(root, moves)
-    with Journal(root).begin("rename") as op:
+    with progress(report, len(moves) * 2, "rename"), Journal(root).begin("rename") as op:
         for phase in phases:  # every file to its temporary name, then every file to its final name
             for start in range(0, len(phase), BATCH):  # one journal sync per batch of moves
                 op.move_many(phase[start : start + BATCH])
                 report.advance(len(phase[start : start + BATCH]))
         relink(op, links)
-    report.finish()
 
 
 def _key(path: Path) -> str:

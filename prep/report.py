@@ -42,7 +42,7 @@ from sdprep.prep.monochrome import COLOUR
 from sdprep.prep.monochrome import LABELS as MONO_LABELS
 from sdprep.prep.preview import PREVIEW_DIR, bucketed_with
 from sdprep.progress import NullReporter, Reporter
-from sdprep.stage import StageResult
+from sdprep.stage import StageResult, progress
 from sdprep.tags import tag_key
 
 SMALL_AREA = 512 * 512
@@ -80,10 +80,8 @@ class ImageRow:
 
     def error(self, exc: SdprepError, what: str = "") -> None:
         """Record a file that cannot be read: a problem in the report and a line on the terminal."""
-        reason = getattr(exc, "reason", str(exc))
-        self.problems.append(f"{what}{reason}")
-        name = Path(getattr(exc, "path", self.path)).name
-        self.errors.append(f"{name}: {reason}")
+        self.problems.append(f"{what}{exc.reason}")
+        self.errors.append(f"{Path(exc.path or self.path).name}: {exc.reason}")
 
 
 def _thumb_uri(im: Image.Image, size: int) -> str:
@@ -446,25 +444,24 @@ def run_report(root: Path | str, opts: ReportOptions, *, report: Reporter = Null
         gallery = stack.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8"))  # or JSON rows
         problems = stack.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8"))
         stats = Summary(stack.enter_context(tempfile.TemporaryFile("w+b")))
-        report.start(None, "report")
-        for n, item in enumerate(iter_items(root, opts.recursive)):
-            thumbs = opts.format == "html" and n < opts.max_thumbs
-            row, thumb, overlay = analyse_item(item, opts, count_tokens, thumbs=thumbs)
-            stats.add(row)
-            if opts.format == "json":
-                gallery.write((",\n  " if n else "") + _json_text(_row_json(row)).replace("\n", "\n  "))
-            else:
-                gallery.write(printable(_card(row, thumb, overlay)))  # names that are not UTF-8
-                if row.problems:
-                    problems.write(printable(_table_row((Path(row.path).name, "; ".join(row.problems)))))
-            # unreadable files are failures: the report still lists them, the exit code says so
-            for e in row.errors:
-                parts = e.split(": ", 1)
-                result.fail(Path(row.path).parent / parts[0], parts[-1])
-                if len(unreadable) < MAX_LISTED:
-                    unreadable.append(f"  unreadable: {Path(row.path).parent / e}")
-            report.advance()
-        report.finish()
+        with progress(report, None, "report"):
+            for n, item in enumerate(iter_items(root, opts.recursive)):
+                thumbs = opts.format == "html" and n < opts.max_thumbs
+                row, thumb, overlay = analyse_item(item, opts, count_tokens, thumbs=thumbs)
+                stats.add(row)
+                if opts.format == "json":
+                    gallery.write((",\n  " if n else "") + _json_text(_row_json(row)).replace("\n", "\n  "))
+                else:
+                    gallery.write(printable(_card(row, thumb, overlay)))  # names that are not UTF-8
+                    if row.problems:
+                        problems.write(printable(_table_row((Path(row.path).name, "; ".join(row.problems)))))
+                # unreadable files are failures: the report still lists them, the exit code says so
+                for e in row.errors:
+                    parts = e.split(": ", 1)
+                    result.fail(Path(row.path).parent / parts[0], parts[-1])
+                    if len(unreadable) < MAX_LISTED:
+                        unreadable.append(f"  unreadable: {Path(row.path).parent / e}")
+                report.advance()
         summary = stats.as_dict(opts)
         summary["bucketing"] = bucketing.as_dict()
         gallery.seek(0)

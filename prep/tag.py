@@ -26,23 +26,21 @@ from PIL import Image
 
 from sdprep.dataset import (
     Item,
-    discover,
     dump_sidecar,
     read_caption,
     read_sidecar,
-    require_images,
     sdprep_meta,
 )
 from sdprep.errors import ConfigError, ModelError, SdprepError, unknown_choice
-from sdprep.fileops import Journal, Operation
 from sdprep.prep import lineage
+from sdprep.prep.captions import CaptionWriter
 from sdprep.progress import NullReporter, Reporter
-from sdprep.stage import StageResult, map_items
+from sdprep.stage import StageResult, dataset_items, map_items, progress
+from sdprep.taggers.registry import create_tagger, load_captioner
 from sdprep.taggers.rules import MERGE_POLICIES, CaptionRules, caption_from_scores, merge_caption
-from sdprep.taggers.wd14 import DEFAULT_FLOOR, DEFAULT_MODEL, DEFAULT_SIZE, matches_record, model_id_for
+from sdprep.taggers.wd14 import DEFAULT_FLOOR, DEFAULT_MODEL, DEFAULT_SIZE, matches_record
 
 TAGS_ONLY_TEMPLATE = "{tags}"
-FLUSH_EVERY = 256  # queued file writes journalled with one sync
 MAX_CAPTION_FAILURES = 8  # in a row: the captioner is down, stop
 
 
@@ -138,20 +136,19 @@ class _Tagging:
         self.root, self.opts, self.report = root, opts, report
         self.earlier, self.later = lineage.around(chain, "tag")
         self.rules = opts.rules
-        self.model_id = tagger.model_id if tagger is not None else model_id_for(opts.model)
+        if tagger is None:  # built through the registry now, loaded on the first image that needs it
+            tagger = create_tagger(opts.model, device=opts.device, floor=opts.floor)
         self.tagger = tagger
+        self.model_id = tagger.model_id
         self.captioner = captioner
         if self.captioner is None and opts.captioner:
-            from sdprep.taggers.registry import load_captioner
-
             self.captioner = load_captioner(opts.captioner, **opts.captioner_options)
         self.template = self._template()
         self._check_templates()
         self.settings = self._settings()
         self.result = StageResult("tag")
         self.counts = {"inferred": 0, "captioned": 0, "captions_written": 0}
-        self.op: Operation | None = None
-        self.pending: list[tuple[Path, bytes]] = []
+        self.writer: CaptionWriter | None = None
         self._streak = 0  # captioner failures in a row
 
     # -- options -----------------------------------------------------------------------------
@@ -223,7 +220,7 @@ class _Tagging:
 
             image = load_image(item.path, "RGB", background=(255, 255, 255))
             if p.need_wd14:
-                size = self.tagger.size if self.tagger is not None and self.tagger.session else DEFAULT_SIZE
+                size = self.tagger.size if self.tagger.session else DEFAULT_SIZE
                 p.pixels = preprocess(image, size)
             if p.need_vlm:
                 p.image = image
@@ -240,34 +237,25 @@ class _Tagging:
     def run(self, items: list[Item]) -> StageResult:
         opts = self.opts
         workers = max(opts.workers, -(-2 * opts.batch_size // 4))  # map_items keeps 4 per worker ahead
-        self.report.start(len(items), "tag")
         batch: list[Prepared] = []
-        try:
-            with Journal(self.root).begin("tag") as op:
-                self.op = op
-                try:
-                    for item, got in map_items(self.prepare, items, workers):
-                        if isinstance(got, SdprepError):
-                            self._fail(item, got)
-                        elif got.skip:
-                            self.result.skipped += 1
-                            self.report.advance()
-                        elif got.need_wd14 or got.need_vlm:
-                            batch.append(got)
-                            if len(batch) >= opts.batch_size:
-                                self._run_batch(batch)
-                                self._flush()
-                                batch = []
-                        else:
-                            self._finish(got)
-                            if len(self.pending) >= FLUSH_EVERY:
-                                self._flush()
-                    if batch:
+        # the writer writes what is finished when the run ends, even on Ctrl-C
+        with progress(self.report, len(items), "tag"), CaptionWriter(self.root, "tag") as self.writer:
+            for item, got in map_items(self.prepare, items, workers):
+                if isinstance(got, SdprepError):
+                    self._fail(item, got)
+                elif got.skip:
+                    self.result.skipped += 1
+                    self.report.advance()
+                elif got.need_wd14 or got.need_vlm:
+                    batch.append(got)
+                    if len(batch) >= opts.batch_size:
                         self._run_batch(batch)
-                finally:
-                    self._flush()  # what is finished is kept, even on Ctrl-C
-        finally:
-            self.report.finish()
+                        self.writer.flush()  # a model's work is kept batch by batch
+                        batch = []
+                else:
+                    self._finish(got)
+            if batch:
+                self._run_batch(batch)
         self._summarise()
         return self.result
 
@@ -276,10 +264,6 @@ class _Tagging:
         self.report.advance()
 
     def _load_tagger(self) -> None:
-        if self.tagger is None:
-            from sdprep.taggers.wd14 import WD14Tagger
-
-            self.tagger = WD14Tagger(self.opts.model, device=self.opts.device, floor=self.opts.floor)
         if self.tagger.session is None:
             self.tagger.load()
             # in the summary only: a live note as well printed every line twice
@@ -308,7 +292,7 @@ class _Tagging:
             if isinstance(outcome, SdprepError):
                 if id(p) in records:  # keep the scores: the next run only needs the captioner
                     sdprep_meta(p.sidecar)["wd14"] = records[id(p)]
-                    self._write(p.item.sidecar_path, dump_sidecar(p.sidecar))
+                    self.writer.write(p.item.sidecar_path, dump_sidecar(p.sidecar))
                 self._fail(p.item, outcome)
                 continue
             self._finish(p, records.get(id(p)), outcome)
@@ -385,10 +369,10 @@ class _Tagging:
         # writes, a re-run finds the old caption and that record and writes the caption; the other
         # order would record the new caption as the base and lose the old one.
         if not os.path.exists(p.item.sidecar_path) or any(meta.get(k) != v for k, v in old.items()):
-            self._write(p.item.sidecar_path, dump_sidecar(p.sidecar))
+            self.writer.write(p.item.sidecar_path, dump_sidecar(p.sidecar))
             changed = True
         if new != p.caption or not p.item.caption_path.exists():
-            self._write(p.item.caption_path, new.strip() + "\n")
+            self.writer.write(p.item.caption_path, new.strip() + "\n")
             self.counts["captions_written"] += 1
             changed = True
         if changed:
@@ -396,15 +380,6 @@ class _Tagging:
         else:
             self.result.skipped += 1
         self.report.advance()
-
-    def _write(self, path: Path, text: str) -> None:
-        """Queue a file write; `_flush` journals and writes the queue with one sync."""
-        self.pending.append((path, text.encode("utf-8")))
-
-    def _flush(self) -> None:
-        if self.pending and self.op is not None:
-            self.op.write_many(self.pending)
-        self.pending = []
 
     def _summarise(self) -> None:
         c = self.counts
@@ -467,7 +442,7 @@ def run_tag(
         if in_shard(Item(path), root, opts.shard):
             clashes.fail(path, reason)
 
-    found = discover(require_images(root, opts.recursive), opts.recursive, on_clash=clash)
+    _, found = dataset_items(root, opts.recursive, clash)
     items = [it for it in found if in_shard(it, root, opts.shard)]
     if not items:
         if not clashes.failed:

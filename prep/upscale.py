@@ -23,9 +23,7 @@ from PIL import Image
 from sdprep.dataset import (
     Item,
     dump_sidecar,
-    iter_items,
     read_sidecar,
-    require_images,
     sdprep_meta,
     shares_stem,
 )
@@ -35,7 +33,7 @@ from sdprep.images import image_size, load_image, open_image, unwritable_size
 from sdprep.prep.convert import GREY_MODES, save_bytes
 from sdprep.prep.rename import mask_dirs
 from sdprep.progress import NullReporter, Reporter
-from sdprep.stage import StageResult, map_items
+from sdprep.stage import StageResult, dataset_items, each_item
 
 DEFAULT_MIN_AREA = 1024 * 1024
 WRITABLE = {"PNG", "JPEG", "WEBP", "BMP", "TIFF"}
@@ -200,21 +198,22 @@ class _LazyUpscaler:
 
 def run_upscale(root: Path | str, opts: UpscaleOptions, *, report: Reporter = NullReporter()) -> StageResult:
     """Upscale every image of `root` below the target size; masks and sidecars follow."""
-    root = require_images(root, opts.recursive)
-    items = list(iter_items(root, opts.recursive))
+    root, items = dataset_items(root, opts.recursive)
     lazy = _LazyUpscaler(opts)
     result = StageResult("upscale")
     workers = 1 if opts.model is not None else opts.workers  # one model, one stream of tiles
-    report.start(len(items), "upscale")
     with Journal(root).begin("upscale") as op:
-        for item, out in map_items(lambda i: prepare(i, opts, lazy, lazy.method), items, workers):
-            report.advance()
-            if isinstance(out, ModelError):  # the model, not this file, is the problem: stop
-                report.finish()
-                raise out
-            if isinstance(out, Exception):
-                result.fail_error(item.path, out)
-            elif out is None:
+        prepared = each_item(
+            lambda i: prepare(i, opts, lazy, lazy.method),
+            items,
+            result,
+            report,
+            "upscale",
+            workers=workers,
+            stop=(ModelError,),  # the model, not this file, is the problem: stop
+        )
+        for item, out in prepared:
+            if out is None:
                 result.skipped += 1
             else:
                 # the image last: a run killed before it finds the image still small and redoes all
@@ -225,7 +224,6 @@ def run_upscale(root: Path | str, opts: UpscaleOptions, *, report: Reporter = Nu
                 op.write_bytes(item.path, out.image)
                 result.notes += out.notes
                 result.changed += 1
-    report.finish()
     if lazy.loaded is not None:
         result.notes.append(f"  model: {lazy.loaded.name} on {lazy.loaded.device}")
     return result

@@ -108,15 +108,20 @@ class Item:
 OnClash = Callable[[Path, str], object]  # (image path, reason) of an image left out for its stem
 
 
-def discover(root: Path | str, recursive: bool = False, on_clash: OnClash | None = None) -> list[Item]:
-    """List the images under `root`, sorted, skipping sdprep's own folders and hidden files
-    (and images that share a stem, when `on_clash` is given: see `iter_items`)."""
+def check_folder(root: Path | str) -> Path:
+    """`root` as a Path, when it is an existing folder; else a DatasetError saying what it is."""
     root = Path(root)
     if not root.exists():
         raise DatasetError(f"{root}: no such folder", "check the path")
     if not root.is_dir():
         raise DatasetError(f"{root}: not a folder", "pass the folder that holds the images")
-    return list(iter_items(root, recursive, on_clash))
+    return root
+
+
+def discover(root: Path | str, recursive: bool = False, on_clash: OnClash | None = None) -> list[Item]:
+    """List the images under `root`, sorted, skipping sdprep's own folders and hidden files
+    (and images that share a stem, when `on_clash` is given: see `iter_items`)."""
+    return list(iter_items(check_folder(root), recursive, on_clash))
 
 
 def require_images(root: Path | str, recursive: bool = False) -> Path:
@@ -125,11 +130,7 @@ def require_images(root: Path | str, recursive: bool = False) -> Path:
     No image is a DatasetError "no images found in DIR", whose hint says to add -r when the images
     are in subfolders (a kohya `img/40_token/` layout, a bucket output).
     """
-    root = Path(root)
-    if not root.exists():
-        raise DatasetError(f"{root}: no such folder", "check the path")
-    if not root.is_dir():
-        raise DatasetError(f"{root}: not a folder", "pass the folder that holds the images")
+    root = check_folder(root)
     if next(iter_items(root, recursive), None) is not None:
         return root
     if not recursive:

@@ -10,12 +10,19 @@ from pathlib import Path
 
 
 class SdprepError(Exception):
-    """Base error: a message saying what went wrong and a hint saying how to fix it."""
+    """Base error: a message saying what went wrong and a hint saying how to fix it.
+
+    Every error carries `path` (the file it is about, or None) and `reason` (the message without
+    that path), so a stage lists any of them as one file's failure the same way (`sdprep.stage`).
+    """
+
+    path: Path | None = None
 
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.reason = message
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\nHint: {self.hint}"
@@ -29,22 +36,21 @@ class DatasetError(SdprepError):
     """A dataset folder or one of its files is unusable."""
 
 
-class ImageError(DatasetError):
+class FileError(DatasetError):
+    """One file of a dataset cannot be used; the message is `<path>: <reason>`."""
+
+    def __init__(self, path: Path | str, reason: str, hint: str | None = None):
+        self.path = Path(path)
+        super().__init__(f"{self.path}: {reason}", hint)
+        self.reason = reason
+
+
+class ImageError(FileError):
     """An image file cannot be read (corrupt, truncated, not an image, too large)."""
 
-    def __init__(self, path: Path | str, reason: str, hint: str | None = None):
-        self.path = Path(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}", hint)
 
-
-class CaptionError(DatasetError):
+class CaptionError(FileError):
     """A caption or sidecar file cannot be read."""
-
-    def __init__(self, path: Path | str, reason: str, hint: str | None = None):
-        self.path = Path(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}", hint)
 
 
 class ModelError(SdprepError):

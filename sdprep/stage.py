@@ -1,16 +1,21 @@
-"""The shape every prep stage shares: a result that counts changed / skipped / failed, and `map_items`."""
+"""The one way a prep stage runs: its dataset's images (`dataset_items`), one pass over them with a
+progress bar and per-file failures (`each_item` over `map_items`), and a result that counts
+changed / skipped / failed with the reason per file (`StageResult`)."""
 
 from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from sdprep.dataset import Item, OnClash, discover, require_images
 from sdprep.errors import SdprepError, from_os_error
+from sdprep.progress import Reporter
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -38,13 +43,8 @@ class StageResult:
         self.failed.append(Failure(path if keep else Path(path), reason))
 
     def fail_error(self, path: Path | str, exc: Exception) -> None:
-        """Record `exc` as the failure of the image at `path`; when the error is about another file
-        (its caption, sidecar or mask) the reason starts with that file's path from the image's folder."""
-        reason = getattr(exc, "reason", None) or getattr(exc, "message", None) or str(exc)
-        where = getattr(exc, "path", None)
-        if where is not None and Path(where) != Path(path):
-            reason = f"{os.path.relpath(where, Path(path).parent)}: {reason}"
-        self.fail(path, reason)
+        """Record `exc` as the failure of the file at `path` (see `failure_reason`)."""
+        self.fail(path, failure_reason(path, exc))
 
     @property
     def ok(self) -> bool:
@@ -56,6 +56,19 @@ class StageResult:
         lines = [line, *self.notes]
         lines += [f"  failed: {f.path}: {f.reason}" for f in self.failed]
         return "\n".join(lines)
+
+
+def failure_reason(path: Path | str, exc: Exception) -> str:
+    """Why the file at `path` failed, from the error it raised: an SdprepError's reason, or the file
+    system's for an OSError. When the error is about another file (the image's caption, sidecar or
+    mask), the reason starts with that file's path from the folder of `path`."""
+    if isinstance(exc, OSError):
+        exc = from_os_error(exc, path)
+    reason = exc.reason if isinstance(exc, SdprepError) else str(exc)
+    where = exc.path if isinstance(exc, SdprepError) else None
+    if where is not None and Path(where) != Path(path):
+        reason = f"{os.path.relpath(where, Path(path).parent)}: {reason}"
+    return reason
 
 
 # File-system errors that are about the disk, not one file: the run stops instead of listing them all.
@@ -95,3 +108,71 @@ def map_items(
                 yield it, fut.result()
         for it, fut in window:
             yield it, fut.result()
+
+
+def dataset_items(
+    root: Path | str, recursive: bool = False, on_clash: OnClash | None = None
+) -> tuple[Path, list[Item]]:
+    """The dataset folder, checked (it exists and holds images: `require_images`), and its images.
+
+    With `on_clash` (usually the result's `fail`), images that share a stem with another (a.png and
+    a.jpg would share one caption file and one mask) are left out and reported to it.
+    """
+    root = require_images(root, recursive)
+    return root, discover(root, recursive, on_clash)
+
+
+@contextmanager
+def progress(report: Reporter, total: int | None, description: str) -> Iterator[Reporter]:
+    """A progress bar for one pass of a stage: started, and finished however the pass ends."""
+    report.start(total, description)
+    try:
+        yield report
+    finally:
+        report.finish()
+
+
+def _path_of(item: Any) -> Path:
+    return item.path
+
+
+def each_item(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    result: StageResult,
+    report: Reporter,
+    description: str | None,
+    *,
+    workers: int = 1,
+    total: int | None = None,
+    path_of: Callable[[T], Path] = _path_of,
+    stop: tuple[type[SdprepError], ...] = (),
+    on_error: Callable[[T, SdprepError], bool] | None = None,
+) -> Iterator[tuple[T, R]]:
+    """One pass of a stage: `fn` over `items` (`map_items`), the bar advanced per item, an error
+    recorded in `result` as the failure of the file `path_of(item)`; yields (item, what fn returned)
+    for the items that worked.
+
+    `description`: the bar's title (None: the caller runs the bar, e.g. over several folders);
+    `total` defaults to `len(items)`. `on_error(item, error)` sees each error first and returns True
+    when it dealt with it (then it is no failure). An error of a type in `stop` ends the run: a
+    model that cannot load is no one file's fault.
+    """
+    if description is None:
+        yield from _each(fn, items, result, report, workers, path_of, stop, on_error)
+        return
+    if total is None and isinstance(items, Sized):
+        total = len(items)
+    with progress(report, total, description):
+        yield from _each(fn, items, result, report, workers, path_of, stop, on_error)
+
+
+def _each(fn, items, result, report, workers, path_of, stop, on_error) -> Iterator:
+    for item, out in map_items(fn, items, workers):
+        report.advance()
+        if not isinstance(out, SdprepError):
+            yield item, out
+        elif isinstance(out, stop):
+            raise out
+        elif on_error is None or not on_error(item, out):
+            result.fail_error(path_of(item), out)

@@ -180,7 +180,9 @@ def test_latin1_caption_reported_not_destroyed(cli_runner, sample_dataset: Path)
     bad.write_bytes("1girl, caf\xe9, smile\n".encode("latin-1"))
     res = cli_runner.invoke(cli, ["clean", str(sample_dataset), "--trigger", "tok", "--no-monochrome"])
     assert res.exit_code == 1
-    assert f"  failed: {bad}: not UTF-8 text (byte 10)" in res.output.splitlines()
+    # listed under its image, as every stage lists a companion's failure
+    image = sample_dataset / "b_portrait.png"
+    assert f"  failed: {image}: b_portrait.txt: not UTF-8 text (byte 10)" in res.output.splitlines()
     assert res.output.startswith("clean: 7 changed, 0 skipped, 1 failed\n")
     assert bad.read_bytes() == "1girl, caf\xe9, smile\n".encode("latin-1")
 

@@ -453,3 +453,20 @@ def test_infer_runs_each_image_alone(tiny_wd14):
     alone = np.concatenate([tagger.infer(batch[i : i + 1]) for i in range(4)])
     assert together.shape == (4, len(tagger.vocab.names))
     assert np.array_equal(together, alone)
+
+
+def test_run_tag_builds_its_tagger_through_the_registry(sample_dataset, model, monkeypatch):
+    """`sdprep tag` takes its model from the tagger registry (taggers/registry.py), not a class of
+    its own: what the "wd14" scheme makes is what tags the images, with --device and the floor."""
+    from sdprep.taggers.base import TAGGERS
+
+    made: list[tuple[str, dict]] = []
+
+    def factory(spec: str, **options):
+        made.append((spec, options))
+        return wd14.WD14Tagger(spec, **options)
+
+    monkeypatch.setitem(TAGGERS._factories, "wd14", factory)
+    result = run_tag(sample_dataset, TagOptions(model=str(model), device="cpu", floor=0.1))
+    assert (result.changed, result.failed) == (8, [])
+    assert made == [(str(model), {"device": "cpu", "floor": 0.1})]

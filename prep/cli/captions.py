@@ -117,10 +117,7 @@ def _tag_command(action: str, doc: str):
     @_common()
     @click.pass_context
     def cmd(ctx, args, tags, dry_run, recursive, orphans) -> None:
-        tag_args, dirs = _split_tags_and_dirs(args, tags)
-        for d in dirs:
-            if not d.is_dir():
-                raise click.BadParameter(f"{d}: no such folder", param_hint="DIR")
+        tag_args, dirs = _split_tags_and_dirs(args, tags)  # run_edit checks that they are folders
         _edit(ctx, action, dirs, tag_args, dry_run=dry_run, recursive=recursive, orphans=orphans)
 
     return cmd
