@@ -89,7 +89,7 @@ def read_entry(root: Path, item: Item, *, settings: BucketSettings) -> Entry:
         if entry.caption is None:
             entry.problems.append(NO_CAPTION)
     except SdprepError as exc:
-        entry.problems.append(getattr(exc, "reason", exc.message))
+        entry.problems.append(exc.reason)
     try:
         meta = sdprep_meta(read_sidecar(item))
         mono = meta.get("monochrome")
@@ -97,11 +97,11 @@ def read_entry(root: Path, item: Item, *, settings: BucketSettings) -> Entry:
         wd14 = meta.get("wd14")
         entry.scores = isinstance(wd14, dict) and bool(wd14.get("scores"))
     except SdprepError as exc:
-        entry.problems.append(getattr(exc, "reason", exc.message))
+        entry.problems.append(exc.reason)
     try:
         entry.size = image_header(item.path).size
     except SdprepError as exc:
-        entry.problems.append(getattr(exc, "reason", exc.message))
+        entry.problems.append(exc.reason)
         return entry
     entry.bucket, problems = _size_checks(entry.size, settings)
     entry.problems += problems
@@ -111,7 +111,7 @@ def read_entry(root: Path, item: Item, *, settings: BucketSettings) -> Entry:
         try:
             problem = mask_size_problem(image_header(mask).size, entry.size)
         except SdprepError as exc:
-            problem = "mask: " + getattr(exc, "reason", exc.message)
+            problem = "mask: " + exc.reason
         if problem:
             entry.problems.append(problem)
     return entry
