@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from train_support import lora_cfg, make_dataset
+from train_support import lora_settings, make_dataset
 
 torch.set_num_threads(1)
 
@@ -54,6 +54,14 @@ RUN_SETTINGS = {
         clip_skip=2,
         max_token_length=225,
     ),
+    "C": dict(
+        output_name="kohyaC",
+        network_alpha=2,
+        max_train_steps=1,
+        cache_text_encoder_outputs=True,
+        mixed_precision="bf16",
+        full_bf16=True,
+    ),
 }
 # values that name a moment, a random session or the bytes of a file: compared by form only
 VOLATILE = {
@@ -69,6 +77,9 @@ VOLATILE = {
     "modelspec.date",
     "modelspec.implementation_version",
 }
+# deliberate differences: with a dataset TOML and no --resolution kohya's model spec states its
+# default 1024x1024; sdprep states the resolution the TOML trained at
+DIFFERENT = {"C": {"modelspec.resolution": "128x128"}}
 # kohya's provenance key; sdprep records its own version instead
 KOHYA_ONLY = {"ss_sd_scripts_commit_hash"}
 SDPREP_ONLY = {
@@ -136,12 +147,16 @@ def base_file(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return path
 
 
-def _train(name: str, base_file: Path, tiny_sdxl: Path, root: Path, **extra):
+def _train(name: str, base_file: Path, tiny_sdxl: Path, root: Path, drop: tuple[str, ...] = (), **extra):
+    """sdprep on kohya's run `name`; `drop`: lora_settings keys the run does not set."""
+    from sdprep.train.config import load_train_config
     from sdprep.train.loop import Trainer
 
     data = make_dataset(root / "data", images=["c_square.webp", "e_sepia.jpg"], repeats=1)
-    settings = {**RUN_SETTINGS[name], **extra}
-    cfg = lora_cfg(base_file, data, root / "out", model_config=str(tiny_sdxl), **settings)
+    settings = lora_settings(
+        base_file, data, root / "out", model_config=str(tiny_sdxl), **RUN_SETTINGS[name], **extra
+    )
+    cfg, _ = load_train_config(None, overrides={k: v for k, v in settings.items() if k not in drop})
     cb = TimedCallbacks()
     trainer = Trainer(cfg, callbacks=cb)
     trainer.setup()
@@ -153,6 +168,23 @@ def _train(name: str, base_file: Path, tiny_sdxl: Path, root: Path, **extra):
 def run(base_file: Path, tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory):
     """kohya's run A: two epochs of two steps, saving every epoch; (trainer, callbacks)."""
     return _train("A", base_file, tiny_sdxl, tmp_path_factory.mktemp("runA"))
+
+
+@pytest.fixture(scope="module")
+def run_c(base_file: Path, tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory):
+    """kohya's run C: its dataset TOML (a subset with repeats and keep_tokens, a reg subset)."""
+    root = tmp_path_factory.mktemp("runC")
+    make_dataset(root / "reg", images=["e_sepia.jpg"], repeats=1, token="person")
+    (root / "reg" / "1_person" / "e_sepia.txt").write_text("person\n")
+    toml = (
+        KOHYA["runs"]["C"]["dataset_config"]
+        .replace('"data/', f'"{root}/data/')
+        .replace('"reg/', f'"{root}/reg/')
+    )
+    (root / "dataset.toml").write_text(toml)
+    return _train(
+        "C", base_file, tiny_sdxl, root, dataset_config=str(root / "dataset.toml"), train_data_dir=None
+    )
 
 
 @pytest.fixture(scope="module")
@@ -211,9 +243,9 @@ def test_kohya_modelspec_options_reach_the_metadata(tmp_path: Path) -> None:
         modelspec(missing, types.SimpleNamespace(architecture="a"), {"name": "x"})
 
 
-@pytest.mark.parametrize("name", ["A", "B"])
+@pytest.mark.parametrize("name", ["A", "B", "C"])
 def test_same_keys_values_and_forms_as_kohya(name: str, request) -> None:
-    trainer, _ = request.getfixturevalue("run" if name == "A" else "run_b")
+    trainer, _ = request.getfixturevalue({"A": "run", "B": "run_b", "C": "run_c"}[name])
     kohya_files = KOHYA["runs"][name]["files"]
     ours = {p.name: _meta(p) for p in trainer.result.saved}
     assert sorted(ours) == sorted(kohya_files)  # the same file names, too
@@ -222,8 +254,10 @@ def test_same_keys_values_and_forms_as_kohya(name: str, request) -> None:
         assert set(mine) == (set(theirs) - KOHYA_ONLY) | SDPREP_ONLY, fname
         forms = {k: (value_form(k, theirs[k]), value_form(k, mine[k])) for k in set(theirs) - KOHYA_ONLY}
         assert {k: f for k, f in forms.items() if f[0] != f[1]} == {}, fname
-        same = set(theirs) - KOHYA_ONLY - VOLATILE
+        different = DIFFERENT.get(name, {})
+        same = set(theirs) - KOHYA_ONLY - VOLATILE - set(different)
         assert {k: mine[k] for k in same} == {k: theirs[k] for k in same}, fname
+        assert {k: mine[k] for k in different} == different
 
 
 def test_base_model_and_vae_hashes_are_kohyas(run_b, base_file: Path) -> None:

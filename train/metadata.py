@@ -138,6 +138,23 @@ def bucket_info(records: list[Any], enable_bucket: bool) -> dict | None:
     return {"buckets": buckets, "mean_img_ar_error": sum(errors) / len(errors) if errors else 0}
 
 
+def _reg_images(dataset: Any, members: list[int]) -> int:
+    """kohya's num_reg_images: each reg subset's declared repeats x its images, before reg balancing
+    changes the repeats (images balancing left unused count too, as kohya counts the folder)."""
+    by_subset = dataset.by_subset()
+    findings = getattr(dataset, "findings", None)
+    unused = [
+        p for p, why in (findings.dropped if findings else []) if why.startswith("regularisation image")
+    ]
+    total = 0
+    for i in members:
+        spec = dataset.subsets[i]
+        if spec.is_reg:
+            left = sum(1 for p in unused if spec.image_dir is not None and p.parent == spec.image_dir)
+            total += spec.num_repeats * (len(by_subset[i]) + left)
+    return total
+
+
 def _dirs(subsets: list[Any], by_subset: list[list[Any]], reg: bool) -> dict[str, dict[str, int]]:
     return {
         spec.name: {"n_repeats": spec.num_repeats, "img_count": len(recs)}
@@ -169,6 +186,81 @@ def _dataset_keys(cfg: Any, dataset: Any, run: Mapping[str, Any]) -> dict[str, s
         "ss_reg_dataset_dirs": json.dumps(_dirs(dataset.subsets, by_subset, reg=True)),
         "ss_tag_frequency": json.dumps(dataset.tag_frequency()),
         "ss_bucket_info": json.dumps(bucket_info(dataset.records, enable)),
+    }
+
+
+def _subset_entry(spec: Any, recs: list[Any], dreambooth: bool) -> dict[str, Any]:
+    cap = spec.captions
+    entry: dict[str, Any] = {
+        "img_count": len(recs),
+        "num_repeats": spec.num_repeats,
+        "color_aug": bool(spec.color_aug),
+        "flip_aug": bool(spec.flip_aug),
+        "random_crop": bool(spec.random_crop),
+        "shuffle_caption": bool(cap.shuffle_caption),
+        "keep_tokens": cap.keep_tokens,
+        "keep_tokens_separator": cap.keep_tokens_separator,
+        "secondary_separator": cap.secondary_separator,
+        "enable_wildcard": bool(cap.enable_wildcard),
+        "caption_prefix": cap.caption_prefix,
+        "caption_suffix": cap.caption_suffix,
+        "resize_interpolation": spec.resize_interpolation,
+    }
+    if spec.image_dir is not None:
+        entry["image_dir"] = spec.image_dir.name
+    if dreambooth:
+        entry["class_tokens"] = spec.class_tokens
+        entry["is_reg"] = spec.is_reg
+    else:
+        entry["metadata_file"] = spec.metadata_file.name
+    return entry
+
+
+def _user_config_keys(dataset: Any) -> dict[str, str]:
+    """What kohya writes for a `dataset_config` run: `ss_datasets` (one entry per dataset, its
+    subsets and bucket table) instead of the flat per-dataset keys, and merged dirs and tags."""
+    from sdprep.train.captions import tag_frequency
+
+    by_subset = dataset.by_subset()
+    datasets, tags, dirs = [], {}, {}
+    for d, spec in enumerate(dataset.datasets):
+        members = [i for i, sub in enumerate(dataset.subsets) if any(sub is s for s in spec.subsets)]
+        recs = [r for r in dataset.records if r.dataset == d]
+        dreambooth = not any(dataset.subsets[i].is_finetune for i in members)
+        freq: dict[str, dict[str, int]] = {}
+        for i in members:
+            counts = freq.setdefault(dataset.subsets[i].name, {})
+            for tag, n in tag_frequency([r.caption for r in by_subset[i]]).items():
+                counts[tag] = counts.get(tag, 0) + n
+        datasets.append(
+            {
+                "is_dreambooth": dreambooth,
+                "batch_size_per_device": spec.batch_size,
+                "num_train_images": sum(r.num_repeats for r in recs if not r.is_reg),
+                "num_reg_images": _reg_images(dataset, members),
+                "resolution": list(spec.resolution),
+                "enable_bucket": bool(spec.enable_bucket),
+                "min_bucket_reso": spec.min_bucket_reso if spec.enable_bucket else None,
+                "max_bucket_reso": spec.max_bucket_reso if spec.enable_bucket else None,
+                "tag_frequency": freq,
+                "bucket_info": bucket_info(recs, spec.enable_bucket),
+                "resize_interpolation": None,
+                "subsets": [_subset_entry(dataset.subsets[i], by_subset[i], dreambooth) for i in members],
+            }
+        )
+        for i in members:
+            sub = dataset.subsets[i]
+            if not sub.is_reg or not dreambooth:
+                name, n = sub.name, 2
+                while name in dirs:  # kohya numbers a folder used again: "dir (2)"
+                    name, n = f"{sub.name} ({n})", n + 1
+                dirs[name] = {"n_repeats": sub.num_repeats, "img_count": len(by_subset[i])}
+        for folder, counts in freq.items():
+            tags.setdefault(folder, counts)  # a folder in several datasets counts once
+    return {
+        "ss_datasets": json.dumps(datasets),
+        "ss_tag_frequency": json.dumps(tags),
+        "ss_dataset_dirs": json.dumps(dirs),
     }
 
 
@@ -205,7 +297,7 @@ def kohya_metadata(run: Mapping[str, Any], method: Any, dataset: Any, cfg: Any) 
         "ss_unet_lr": _s(cfg.unet_lr),
         # as kohya counts them: images x repeats (DreamBoothDataset: num_repeats * len(img_paths))
         "ss_num_train_images": _s(sum(r.num_repeats for r in dataset.records if not r.is_reg)),
-        "ss_num_reg_images": _s(sum(r.num_repeats for r in dataset.records if r.is_reg)),
+        "ss_num_reg_images": _s(_reg_images(dataset, list(range(len(dataset.subsets))))),
         "ss_num_batches_per_epoch": _s(run.get("batches_per_epoch")),
         "ss_num_epochs": _s(run.get("num_epochs")),
         "ss_gradient_checkpointing": _s(cfg.gradient_checkpointing),
@@ -248,7 +340,7 @@ def kohya_metadata(run: Mapping[str, Any], method: Any, dataset: Any, cfg: Any) 
         "ss_max_validation_steps": _s(cfg.max_validation_steps),
         "ss_validate_every_n_epochs": _s(cfg.validate_every_n_epochs),
         "ss_validate_every_n_steps": _s(cfg.validate_every_n_steps),
-        **_dataset_keys(cfg, dataset, run),
+        **(_user_config_keys(dataset) if cfg.dataset_config else _dataset_keys(cfg, dataset, run)),
         **_model_keys(run, cfg),
         # written at every save, as kohya's save_model does
         "ss_training_finished_at": _s(time.time()),
