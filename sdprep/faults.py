@@ -46,8 +46,3 @@ def pause_point(kind: str) -> None:
             if _failed[want] >= int(n):
                 number = getattr(errno, code)
                 raise OSError(number, os.strerror(number))
-
-
-def count(kind: str) -> int:
-    """How many points of `kind` this process has passed while SDPREP_TEST_PAUSE asked for it."""
-    return _seen[kind]

@@ -31,8 +31,8 @@ from sdprep import state
 from sdprep.dataset import is_within, loads_json
 from sdprep.errors import JournalError
 from sdprep.faults import pause_point
-from sdprep.lock import LOCK_FILE, dataset_lock, temp_prefix  # noqa: F401 - re-exported
-from sdprep.state import STATE_DIR, state_dir  # noqa: F401 - re-exported
+from sdprep.lock import dataset_lock, temp_prefix
+from sdprep.state import state_dir
 
 _UMASK = os.umask(0o022)  # read once, at import (one thread): os.umask can only be read by setting it
 os.umask(_UMASK)
