@@ -124,15 +124,16 @@ def merge_kohya_file(unet, tensors: dict) -> None:
             weight += delta * scale
 
 
-def errors_without(cli_runner, tmp_path: Path, monkeypatch, module: str, settings: str) -> list[str]:
+def errors_without(cli_runner, tmp_path: Path, monkeypatch, module: str | None, settings: str) -> list[str]:
     """`sdprep train` on a config (`settings` TOML lines) whose model does not exist, with `module`
-    made unimportable: the run's `Error:` lines (a missing package must be reported before the
-    model would fail to load)."""
+    (if any) made unimportable: the run's `Error:` lines (a missing package or an impossible setting
+    must be reported before the model would fail to load)."""
     import sys
 
     from sdprep.cli import cli
 
-    monkeypatch.setitem(sys.modules, module, None)
+    if module is not None:
+        monkeypatch.setitem(sys.modules, module, None)
     config = tmp_path / "c.toml"
     config.write_text(
         settings + f'pretrained_model_name_or_path = "{tmp_path / "no-such-model"}"\n'

@@ -134,13 +134,17 @@ class TrainConfig:
         None  # dtype of saved weights (None: float for LoRA/TI)
     )
     gradient_checkpointing: bool = False  # recompute activations to save memory
+    fp8_base: bool = False  # store the frozen U-Net and text encoders in float8 (CUDA, LoRA/LyCORIS)
+    fp8_base_unet: bool = False  # ...the U-Net only
     # -- loss ----------------------------------------------------------------------------------
     loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = "l2"  # per-element loss
     huber_c: float = 0.1  # huber / smooth_l1 threshold parameter
     huber_schedule: Literal["constant", "exponential", "snr"] = "snr"  # how huber_c varies with the timestep
     huber_scale: float = 1.0  # multiplier of the constant / exponential huber threshold
     min_snr_gamma: float | None = None  # min-SNR weighting gamma (5 is usual)
-    debiased_estimation_loss: bool = False  # weight the loss by 1/sqrt(SNR)
+    debiased_estimation_loss: bool = False  # weight the loss by 1/sqrt(SNR) (1/(SNR+1) for v-prediction)
+    scale_v_pred_loss_like_noise_pred: bool = False  # weight the loss by SNR/(SNR+1) (v-prediction models)
+    v_pred_like_loss: float | None = None  # add this share of a v-prediction-like loss (loss / (SNR/(SNR+1)))
     noise_offset: float | None = None  # noise offset strength (about 0.03-0.1)
     noise_offset_random_strength: bool = False  # draw the offset strength in [0, noise_offset]
     adaptive_noise_scale: float | None = None  # add |mean latent| * this to noise_offset (needs noise_offset)

@@ -73,11 +73,8 @@ ACCEPTED_IGNORED: dict[str, str] = {
 # key -> (values that mean "off", hint)
 UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "v2": ((False,), "sdprep trains SDXL only"),
-    "fp8_base": ((False,), "fp8 base weights are not supported; use mixed_precision bf16"),
     "fused_optimizer_groups": ((None, 0), "not supported"),
     "block_lr": ((None, "", []), "per-block learning rates are not supported"),
-    "scale_v_pred_loss_like_noise_pred": ((False,), "not supported"),
-    "v_pred_like_loss": ((None, 0, 0.0), "not supported"),
     "weighted_captions": ((False,), "prompt weighting in captions is not supported"),
     "face_crop_aug_range": ((None, ""), "face-crop augmentation is not supported"),
     "token_warmup_min": ((1,), "token warmup is not supported"),
@@ -89,7 +86,6 @@ UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "network_train_text_encoder_only": ((False,), "not supported; train U-Net and text encoders"),
     "save_n_epoch_ratio": ((None, 0), "use save_every_n_epochs"),
     "resume_from_huggingface": ((False,), "resume from a local state folder"),
-    "fp8_base_unet": ((False,), "fp8 base weights are not supported; use mixed_precision bf16"),
     "deepspeed": ((False,), "DeepSpeed is not supported; multi-GPU runs through `accelerate launch`"),
     "cpu_offload_checkpointing": (
         (False,),

@@ -163,6 +163,12 @@ class Trainer(TrainerOutputs):
             from sdprep.train.methods.lycoris import require_lycoris
 
             require_lycoris()  # and a missing lycoris-lora
+        for key in ("fp8_base", "fp8_base_unet"):
+            if getattr(cfg, key):  # fp8 storage needs a CUDA GPU
+                from sdprep.train.fp8 import check_fp8
+
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+                check_fp8(key, device, cfg.mixed_precision, self.method_name)
         if cfg.output_dir is None:
             raise ConfigError("output_dir is not set", "set output_dir = the folder for the trained files")
         self.output_dir = Path(cfg.output_dir).expanduser()
@@ -221,6 +227,14 @@ class Trainer(TrainerOutputs):
             )
         self.method = make_method(self.method_name, cfg)
         self.method.setup(self.model, self.weight_dtype)
+        if cfg.fp8_base or cfg.fp8_base_unet:
+            from sdprep.train.fp8 import cast_frozen_to_fp8
+
+            cast = cast_frozen_to_fp8(self.model.unet)
+            if not cfg.fp8_base_unet:  # as kohya: the text encoders too, their embeddings excepted
+                for te in self.model.text_encoders:
+                    cast += cast_frozen_to_fp8(te, keep=("embeddings.", "text_model.embeddings."))
+            self.notes.append(f"fp8_base: {cast} frozen weights stored as float8_e4m3fn")
         self.model.vae.to(self.device, dtype=self.vae_dtype)
         for module in (self.model.unet, self.model.text_encoder, self.model.text_encoder_2):
             module.to(self.device)

@@ -133,9 +133,17 @@ def min_snr_weight(
 def debiased_weight(
     timesteps: torch.Tensor, noise_scheduler: Any, prediction_type: str = "epsilon"
 ) -> torch.Tensor:
-    """kohya's debiased estimation weight 1 / sqrt(SNR) (SNR capped at 1000; SNR + 1 for v-prediction)."""
+    """kohya's debiased estimation weight 1 / sqrt(SNR), 1 / (SNR + 1) for v-prediction (SNR capped
+    at 1000)."""
     s = torch.clamp(snr(timesteps, noise_scheduler), max=1000)
-    return 1 / torch.sqrt(s + 1 if prediction_type == "v_prediction" else s)
+    return 1 / (s + 1) if prediction_type == "v_prediction" else 1 / torch.sqrt(s)
+
+
+def snr_scale(timesteps: torch.Tensor, noise_scheduler: Any) -> torch.Tensor:
+    """kohya's get_snr_scale: SNR / (SNR + 1) with SNR capped at 1000, the factor that turns a
+    noise-prediction loss into a v-prediction-like one."""
+    s = torch.clamp(snr(timesteps, noise_scheduler), max=1000)
+    return s / (s + 1)
 
 
 def noise_offset(
@@ -215,8 +223,12 @@ def training_loss(
     debiased: bool = False,
     prediction_type: str = "epsilon",
     reduction: Literal["mean", "none"] = "mean",
+    scale_v_pred_like_noise: bool = False,
+    v_pred_like_loss: float | None = None,
 ) -> torch.Tensor:
-    """The step's loss: element loss -> mask -> mean over C,H,W -> sample weights -> min-SNR -> mean.
+    """The step's loss: element loss -> mask -> mean over C,H,W -> sample weights -> min-SNR ->
+    scale_v_pred_loss_like_noise_pred (x SNR/(SNR+1)) -> v_pred_like_loss (+ loss / scale x that
+    much) -> debiased -> mean, in kohya's order.
 
     `mask` is [B,1,H,W] in [0,1] at image or latent size (pass ones for unmasked samples);
     `loss_weights` is [B] (1.0, or prior_loss_weight for regularisation images).
@@ -238,6 +250,10 @@ def training_loss(
         sample = sample * min_snr_weight(timesteps, noise_scheduler, min_snr_gamma, prediction_type).to(
             sample.device
         )
+    if scale_v_pred_like_noise:
+        sample = sample * snr_scale(timesteps, noise_scheduler).to(sample.device)
+    if v_pred_like_loss:
+        sample = sample + sample / snr_scale(timesteps, noise_scheduler).to(sample.device) * v_pred_like_loss
     if debiased:
         sample = sample * debiased_weight(timesteps, noise_scheduler, prediction_type).to(sample.device)
     return sample if reduction == "none" else sample.mean()

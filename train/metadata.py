@@ -26,8 +26,6 @@ LEGACY_LENGTH = 0x10000
 KOHYA_CONSTANTS = {
     "ss_v2": "False",
     "ss_lowram": "False",
-    "ss_fp8_base": "False",
-    "ss_fp8_base_unet": "False",
     "ss_face_crop_aug_range": "None",
     "ss_resize_interpolation": "None",
 }
@@ -334,6 +332,8 @@ def kohya_metadata(run: Mapping[str, Any], method: Any, dataset: Any, cfg: Any) 
         "ss_huber_scale": _f(cfg.huber_scale),
         "ss_huber_c": _f(cfg.huber_c),
         **KOHYA_CONSTANTS,
+        "ss_fp8_base": _s(cfg.fp8_base),
+        "ss_fp8_base_unet": _s(cfg.fp8_base_unet),
         "ss_num_validation_images": _s(len(dataset.validation.records) if dataset.validation else 0),
         "ss_validation_seed": _s(cfg.validation_seed),
         "ss_validation_split": _f(cfg.validation_split),

@@ -176,4 +176,6 @@ def batch_loss(ctx: StepContext, batch: dict) -> Any:
         min_snr_gamma=cfg.min_snr_gamma,
         debiased=cfg.debiased_estimation_loss,
         prediction_type=ctx.prediction_type,
+        scale_v_pred_like_noise=cfg.scale_v_pred_loss_like_noise_pred,
+        v_pred_like_loss=cfg.v_pred_like_loss,
     )
