@@ -93,16 +93,21 @@ def digest(files: dict[str, bytes]) -> dict[str, str]:
 
 
 class Server:
-    """`sdprep review DIR --no-browser` in a subprocess; `url` is the page with its token."""
+    """`sdprep review DIR` in a subprocess; `url` is the page with its token."""
 
-    def __init__(self, root: Path, *args: str):
+    def __init__(self, root: Path, *args: str, browser: str | None = None):
+        """`browser`: a command the server opens the page with (as $BROWSER); None: --no-browser."""
         self.root = root
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if browser is not None:
+            env["BROWSER"] = browser
+        flags = [] if browser is not None else ["--no-browser"]
         self.proc = subprocess.Popen(
-            [str(SDPREP), "review", str(root), "--no-browser", *args],
+            [str(SDPREP), "review", str(root), *flags, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env=env,
         )
         self.output: list[str] = []
         self.url = ""

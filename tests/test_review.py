@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -240,6 +241,8 @@ def test_token_host_header_lock_per_write_and_ctrl_c(dataset):
             status == 200 and saved["caption"] == "x" and (dataset / "a_landscape.txt").read_text() == "x\n"
         )
         assert server.api("/api/caption", {"path": "../etc/passwd", "caption": "x"})[0] == 400
+        status, err = server.api("/api/recaption", {"general_threshold": "high"})
+        assert status == 400 and err["error"] == "recaption.general_threshold: expected a number, got 'high'"
         code, output = server.stop()
     assert code == 0 and output.rstrip().endswith("review: stopped")
     # and `sdprep undo` reverses what the page wrote
@@ -292,3 +295,21 @@ def test_not_reachable_on_other_addresses_unless_host_is_given(dataset):
             f"http://{ip}:{server.port}/api/status?token={server.token}", timeout=10
         ) as r:
             assert json.loads(r.read())["images"] == 12
+
+
+def test_opens_the_page_in_the_users_browser_unless_told_not_to(dataset, tmp_path):
+    seen = tmp_path / "opened.txt"
+    opener = tmp_path / "browser.sh"
+    opener.write_text(f'#!/bin/sh\necho "$1" >> {seen}\n')
+    opener.chmod(0o755)
+    with Server(dataset, browser=f"{opener} %s") as server:
+        wait = 0.0
+        while not seen.exists() and wait < 15:
+            time.sleep(0.1)
+            wait += 0.1
+        assert seen.read_text().split() == [server.url]
+    seen.unlink()
+    with Server(dataset) as server:  # --no-browser
+        time.sleep(1)
+        assert server.api("/api/status")[0] == 200
+    assert not seen.exists()

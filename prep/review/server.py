@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import parse_qs, quote
 
 from sdprep.buckets import assign_bucket
+from sdprep.config import from_dict
 from sdprep.dataset import read_sidecar, sdprep_meta
 from sdprep.errors import InstallError, JournalError, SdprepError
 from sdprep.images import image_header, load_image
@@ -43,6 +44,7 @@ LOOPBACK = "127.0.0.1"
 TOKEN_HEADER = "x-sdprep-token"
 MAX_BODY = 256 << 20  # a painted mask of a very large image
 SCORES_SHOWN = 80
+RECAPTION_KEYS = ("general_threshold", "character_threshold", "mcut", "merge")
 
 
 def require_web_stack() -> None:
@@ -137,18 +139,17 @@ def create_app(index: Index, editor: Editor, token: str, hosts: set[str] | None 
             from starlette.concurrency import run_in_threadpool
 
             body = None
-            if request.method == "POST":
-                raw = await request.body()
-                body = (
-                    raw
-                    if request.headers.get("content-type", "").startswith("image/")
-                    else json.loads(raw or b"{}")
-                )
             try:
+                if request.method == "POST":
+                    raw = await request.body()
+                    image = request.headers.get("content-type", "").startswith("image/")
+                    body = raw if image else json.loads(raw or b"{}")
                 out = await run_in_threadpool(fn, request, body)
             except SdprepError as exc:
                 status = 409 if isinstance(exc, JournalError) else 400
                 return JSONResponse({"error": exc.message, "hint": exc.hint}, status)
+            except json.JSONDecodeError as exc:
+                return JSONResponse({"error": f"the request is not JSON: {exc}", "hint": None}, 400)
             return out if isinstance(out, Response) else JSONResponse(out)
 
         return endpoint
@@ -231,12 +232,7 @@ def create_app(index: Index, editor: Editor, token: str, hosts: set[str] | None 
         return editor.entry(e.rel).to_json()
 
     def post_recaption(request: Request, body: dict) -> dict:
-        opts = Recaption(
-            float(body.get("general_threshold", 0.35)),
-            float(body.get("character_threshold", 0.85)),
-            bool(body.get("mcut", False)),
-            str(body.get("merge", "tag")),
-        )
+        opts = from_dict(Recaption, {k: body[k] for k in RECAPTION_KEYS if k in body}, where="recaption")
         return editor.recaption(opts, body.get("paths"), apply=bool(body.get("apply")))
 
     def post_rules(request: Request, body: dict) -> dict:
@@ -324,7 +320,10 @@ def serve(
     shown = host or LOOPBACK
     url = f"http://{'[' + shown + ']' if ':' in shown else shown}:{bound}/?token={token}"
     app = create_app(index, Editor(index), token, hosts)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5
+    )
+    server = uvicorn.Server(config)
     echo(f"review: {len(index.entries)} images of {root}")
     if host:
         echo(f"review: listening on {host}: anyone who can reach it and has the URL can change the dataset")
