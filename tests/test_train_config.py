@@ -582,3 +582,12 @@ def test_dim_from_weights_reads_the_lora_file(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"linear modules of different ranks or alphas \(ranks \[4, 8\]"):
         load(tmp_path, text)
+
+
+def test_overrides_are_named_by_where_they_come_from(tmp_path):
+    """`sdprep run`'s [train] table is named as the project file, not as the command line."""
+    with pytest.raises(ConfigError) as exc:
+        load_train_config(None, overrides={"network_dimm": 4}, overrides_source="p.toml [train]")
+    assert exc.value.message == 'unknown key "network_dimm" in p.toml [train]'
+    cfg, _ = load_train_config(None, overrides={"network_dim": 4}, overrides_source="p.toml [train]")
+    assert origin_of(cfg, "network_dim") == "p.toml [train]"

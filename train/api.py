@@ -93,8 +93,13 @@ def check_train(project: Any) -> None:
     from sdprep.train.config import detect_method, load_train_config
 
     config_path, table = project_train_table(project)
-    cfg, _ = load_train_config(config_path, overrides=table)
+    cfg, _ = load_train_config(config_path, overrides=table, overrides_source=train_table_source(project))
     detect_method(cfg)
+
+
+def train_table_source(project: Any) -> str:
+    """How notes and errors name the project's [train] table."""
+    return f"{project.path} [train]"
 
 
 def dataset_fingerprint(paths: list[Path]) -> str:
@@ -136,7 +141,7 @@ def train_from_project(
     from sdprep.train.loop import train
 
     config_path, table = project_train_table(project)
-    cfg, notes = load_train_config(config_path, overrides=table)
+    cfg, notes = load_train_config(config_path, overrides=table, overrides_source=train_table_source(project))
     method = detect_method(cfg)
     for note in notes:
         echo(f"note: {note}")

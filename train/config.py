@@ -514,11 +514,14 @@ def load_train_config(
     *,
     overrides: dict[str, Any] | None = None,
     flags: list[str] | tuple[str, ...] | None = None,
+    overrides_source: str = COMMAND_LINE,
 ) -> tuple[TrainConfig, list[str]]:
     """Read a training config: defaults < TOML file < kohya-style flags < `--set` overrides.
 
     Returns the validated config and notes for the user (keys accepted but unused, values
     normalised); raises ConfigError for unknown keys, bad values and contradictions.
+    `overrides_source` names where the overrides come from in notes (the command line, or a
+    project file's [train] table).
     """
     notes: list[str] = []
     raw_flags = parse_kohya_flags(flags or [])
@@ -534,7 +537,7 @@ def load_train_config(
         layers.append((str(path), flatten_tables(load_toml(path), str(path))))
     layers.append((COMMAND_LINE, raw_flags))
     if overrides:
-        layers.append((COMMAND_LINE, flatten_tables(overrides, "--set")))
+        layers.append((overrides_source, flatten_tables(overrides, overrides_source)))
     merged: dict[str, Any] = {}
     origins: dict[str, str] = {}
     for source, raw in layers:
