@@ -36,7 +36,13 @@ def test_non_editable_install_imports_every_subpackage(tmp_path):
     for pkg in ("sdprep/", "sdprep/prep/", "sdprep/train/", "sdprep/taggers/"):
         assert f"{pkg}__init__.py" in names, pkg
     assert not any(n.startswith(("train/", "prep/", "taggers/", "tests/")) for n in names)
-    for page in ("index.html", "app.js", "app.css"):  # the review page ships whole: no CDN
+    for page in (
+        "index.html",
+        "app.js",
+        "detail.js",
+        "panels.js",
+        "app.css",
+    ):  # the review page ships whole: no CDN
         assert f"sdprep/prep/review/static/{page}" in names, page
     for data in ("unet/config.json", "tokenizer_2/tokenizer_config.json", "clip_merges.txt.gz", "NOTICE.txt"):
         assert f"sdprep/train/sdxl_base/{data}" in names, data  # SDXL's base config, for single files

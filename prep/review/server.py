@@ -31,7 +31,8 @@ from sdprep.prep.review.index import Entry, Filter, Index
 from sdprep.prep.review.thumbs import thumbnail
 
 STATIC = Path(__file__).parent / "static"
-STATIC_TYPES = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
+JS = "text/javascript; charset=utf-8"
+STATIC_TYPES = {"app.js": JS, "detail.js": JS, "panels.js": JS, "app.css": "text/css; charset=utf-8"}
 WEB_IMAGE_TYPES = {
     ".png": "image/png",
     ".jpg": "image/jpeg",
