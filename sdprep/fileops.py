@@ -209,8 +209,11 @@ def file_sig(path: Path | str) -> str:
     """The signature undo compares a file with: its sha256 (read in chunks), or a link's target."""
     if os.path.islink(path):
         return "link:" + os.readlink(path)
-    with open(path, "rb") as f:
-        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:  # in chunks (hashlib.file_digest is Python 3.11+)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
 
 
 def inode_sig(st: os.stat_result) -> str:
@@ -298,7 +301,7 @@ class Operation:
         with naming(target):
             try:
                 os.link(path, target, follow_symlinks=False)  # the old inode survives the replace
-            except OSError:
+            except (OSError, NotImplementedError):  # no hard links here (or no follow_symlinks)
                 pause_point("write")
                 shutil.copy2(path, target, follow_symlinks=False)
         return blob
