@@ -120,3 +120,14 @@ def test_the_shared_score_options_default_to_the_rule_s_own_defaults():
 
     assert {name: getattr(ScoreRules(), name) for name in DEFAULTS} == DEFAULTS
     assert RATINGS == RATING_PLACES
+
+
+def test_tag_rules_read_clean_s_replace_table_and_the_older_pairs_alike():
+    from sdprep.config import from_dict
+
+    table = from_dict(CaptionRules, {"replace": {"1girl": "girl, solo", "smile": ""}})
+    pairs = from_dict(CaptionRules, {"replace": [["1girl", "girl, solo"], ["smile", ""]]})
+    assert table.replace == pairs.replace == {"1girl": ("girl", "solo"), "smile": ()}
+    # recorded as the pairs earlier runs recorded, so their settings still match (no re-derivation)
+    assert table.to_dict()["replace"] == [["1girl", "girl, solo"], ["smile", ""]]
+    assert CaptionRules().to_dict()["replace"] == []
