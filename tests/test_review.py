@@ -3,6 +3,7 @@ and lock rules, and Ctrl-C. The page itself is driven in a real chromium in test
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import socket
@@ -154,7 +155,6 @@ def _off():
 
 
 def test_mask_is_saved_at_the_image_size_and_a_wrong_size_is_refused(dataset):
-    import io
 
     from PIL import Image
 
@@ -313,3 +313,29 @@ def test_opens_the_page_in_the_users_browser_unless_told_not_to(dataset, tmp_pat
         time.sleep(1)
         assert server.api("/api/status")[0] == 200
     assert not seen.exists()
+
+
+def test_recursive_dataset_subfolder_images_masks_and_exclusion(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for folder in ("10_nazuna", "5_other"):
+        (root / folder).mkdir(parents=True)
+        Image.new("RGB", (1024, 1024), (200, 30, 30)).save(root / folder / "001.png")
+        (root / folder / "001.txt").write_text("nazuna, solo\n")
+    before = tree(root)
+    index = Index(root, recursive=True)
+    index.scan()
+    assert sorted(index.entries) == ["10_nazuna/001.png", "5_other/001.png"]
+    ed = Editor(index)
+    buf = io.BytesIO()
+    Image.new("L", (1024, 1024), 255).save(buf, "PNG")
+    assert ed.save_mask("5_other/001.png", buf.getvalue()) == root / "5_other" / "masks" / "001.png"
+    assert ed.exclude(["5_other/001.png"]) == 1
+    assert (root / "excluded" / "5_other" / "001.png").exists()
+    assert (root / "excluded" / "5_other" / "masks" / "001.png").exists()
+    index.scan()
+    assert sorted(index.entries) == ["10_nazuna/001.png"]  # excluded/ is not read as images
+    ed.undo()
+    ed.undo()
+    assert tree(root) == before
