@@ -27,6 +27,7 @@ from pathlib import Path
 
 from sdprep.dataset import SDPREP_KEY, Item, iter_items, join_tags, require_images, sdprep_meta, split_tags
 from sdprep.errors import ConfigError, DatasetError, SdprepError
+from sdprep.executors import Executor
 from sdprep.prep import lineage, monochrome
 from sdprep.prep.captions import CaptionWriter, DiffSink, read_existing, read_sidecar_text
 from sdprep.prep.rules import (
@@ -209,8 +210,12 @@ def run_clean(
     report: Reporter = NullReporter(),
     on_diff: DiffSink | None = None,
     chain: Sequence[str] = (),
+    executor: Executor | None = None,
 ) -> StageResult:
     """Rebuild the captions of every image under `root` from the rules; returns what changed.
+
+    Each image's new caption is planned through `executor` (threads, or a Ray cluster); captions and
+    sidecars are written here.
 
     `chain`: the caption-writing stages of the chain this run is part of, in order (`sdprep run`):
     what stages after clean built on its last output is rebuilt from clean's input (prep/lineage.py).
@@ -247,6 +252,7 @@ def run_clean(
             "clean",
             workers=_workers(opts.workers, rules.monochrome.enabled),
             total=total,
+            executor=executor,
         )
         for item, plan in plans:
             # the sidecar first: killed in between, the record still names the caption's source

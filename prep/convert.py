@@ -23,6 +23,7 @@ from PIL import Image, ImageColor
 from sdprep import state
 from sdprep.dataset import Item, dumps_json, loads_json
 from sdprep.errors import ConfigError, ImageError, unknown_choice
+from sdprep.executors import Executor
 from sdprep.fileops import Journal, Operation, atomic_write_text
 from sdprep.images import load_image, open_image, unwritable_size
 from sdprep.prep.rename import companion_pairs
@@ -268,8 +269,15 @@ def apply_plan(op: Operation, plan: Plan, data: bytes) -> None:
         op.delete(plan.src)
 
 
-def run_convert(root: Path | str, opts: ConvertOptions, *, report: Reporter = NullReporter()) -> StageResult:
-    """Re-encode the images of `root` that need it and decode the others to the end.
+def run_convert(
+    root: Path | str,
+    opts: ConvertOptions,
+    *,
+    report: Reporter = NullReporter(),
+    executor: Executor | None = None,
+) -> StageResult:
+    """Re-encode the images of `root` that need it and decode the others to the end (decoding and
+    encoding run through `executor`: threads by default, or a Ray cluster; files are written here).
 
     Originals stay in the journal until `sdprep gc`; a truncated or corrupt image is listed as failed.
     """
@@ -289,7 +297,9 @@ def run_convert(root: Path | str, opts: ConvertOptions, *, report: Reporter = Nu
 
     with Journal(root).begin("convert") as op:
         try:
-            for item, out in each_item(work, items, result, report, "convert", workers=opts.workers):
+            for item, out in each_item(
+                work, items, result, report, "convert", workers=opts.workers, executor=executor
+            ):
                 if isinstance(out, list):
                     verified[rel(item.path)] = out
                     result.skipped += 1

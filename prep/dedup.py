@@ -32,6 +32,7 @@ from sdprep.dataset import (
     unsafe_reason,
 )
 from sdprep.errors import ConfigError, DatasetError, ImageError
+from sdprep.executors import Executor
 from sdprep.fileops import Journal, Operation
 from sdprep.images import load_image
 from sdprep.lock import dataset_lock
@@ -245,11 +246,19 @@ def free_destination(root: Path, src: Path, folder: str = DUPLICATES_DIR) -> Pat
 
 
 def _fingerprints(
-    items: list[Item], opts: DedupOptions, op: Operation | None, result: StageResult, report: Reporter
+    items: list[Item],
+    opts: DedupOptions,
+    op: Operation | None,
+    result: StageResult,
+    report: Reporter,
+    executor: Executor | None = None,
 ) -> list[Fingerprint]:
     """Hash every image; new hashes are cached in the sidecars at once (nothing is held back)."""
     fps = []
-    for item, out in each_item(fingerprint, items, result, report, "dedup: hashing", workers=opts.workers):
+    hashed = each_item(
+        fingerprint, items, result, report, "dedup: hashing", workers=opts.workers, executor=executor
+    )
+    for item, out in hashed:
         if out.sidecar is not None and op is not None:
             op.write_text(item.sidecar_path, dump_sidecar(out.sidecar))
         out.sidecar = None
@@ -273,12 +282,21 @@ def _move_duplicate(op: Operation, root: Path, dup: Fingerprint, keep: Fingerpri
     return held
 
 
-def run_dedup(root: Path | str, opts: DedupOptions, *, report: Reporter = NullReporter()) -> StageResult:
-    """Group near-duplicate images of `root`; keep the best of each group, move the rest aside."""
+def run_dedup(
+    root: Path | str,
+    opts: DedupOptions,
+    *,
+    report: Reporter = NullReporter(),
+    executor: Executor | None = None,
+) -> StageResult:
+    """Group near-duplicate images of `root`; keep the best of each group, move the rest aside.
+
+    Hashing runs through `executor` (threads, or a Ray cluster); grouping sees every hash here.
+    """
     result = StageResult("dedup")
     if opts.dry_run:
         root, items = dataset_items(root, opts.recursive)
-        _dedup(root, items, opts, None, result, report)
+        _dedup(root, items, opts, None, result, report, executor)
         return result
     if not state.state_dir(root).exists():  # nothing to roll back: an empty folder fails before the lock
         require_images(root, opts.recursive)
@@ -291,14 +309,20 @@ def run_dedup(root: Path | str, opts: DedupOptions, *, report: Reporter = NullRe
             result.notes.append(f"  first undid the interrupted `{rolled[0]}` ({rolled[1]} changes)")
         root, items = dataset_items(root, opts.recursive)
         with Journal(root).begin("dedup") as op:
-            _dedup(root, items, opts, op, result, report)
+            _dedup(root, items, opts, op, result, report, executor)
     return result
 
 
 def _dedup(
-    root: Path, items: list[Item], opts: DedupOptions, op: Operation | None, result: StageResult, report
+    root: Path,
+    items: list[Item],
+    opts: DedupOptions,
+    op: Operation | None,
+    result: StageResult,
+    report: Reporter,
+    executor: Executor | None = None,
 ) -> None:
-    fps = _fingerprints(items, opts, op, result, report)
+    fps = _fingerprints(items, opts, op, result, report, executor)
     pinned = link_targets(root)
     groups = [best_first([fps[i] for i in g], pinned) for g in group([f.phash for f in fps], opts.threshold)]
     groups.sort(key=lambda g: natural_key(g[0].item.path.relative_to(root).as_posix()))

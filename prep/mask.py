@@ -30,7 +30,8 @@ from sdprep.dataset import (
     sdprep_meta,
     unsafe_reason,
 )
-from sdprep.errors import ConfigError, ImageError, SdprepError, unknown_choice
+from sdprep.errors import ConfigError, ImageError, ModelError, SdprepError, unknown_choice
+from sdprep.executors import Executor
 from sdprep.fileops import Journal
 from sdprep.images import image_size, load_image
 from sdprep.prep.masks.base import MaskMethod, MaskNotFound, MethodSettings, create_method, read_mask_image
@@ -137,6 +138,21 @@ class Made:
     png: bytes
     coverage: float
     fallback: bool
+    notes: list[str] = field(default_factory=list)  # the method's remarks, from a remote worker
+
+
+class _RemoteMask:
+    """`make_mask` in a remote worker (`--executor ray`): the method loads there, once, and its
+    remarks about each image travel back with the mask."""
+
+    def __init__(self, method: MaskMethod, opts: MaskOptions):
+        self.method, self.opts = method, opts
+
+    def __call__(self, job: Job) -> Made:
+        self.method.ready()
+        made = make_mask(job, self.method, self.opts)
+        made.notes, self.method.notes = self.method.notes, []  # one job at a time in a worker
+        return made
 
 
 def wanted_record(item: Item, method: MaskMethod, opts: MaskOptions) -> dict[str, Any]:
@@ -249,8 +265,18 @@ def make_mask(job: Job, method: MaskMethod, opts: MaskOptions) -> Made:
     return Made(encode_png(mask), coverage(to_uint8(mask).astype(np.float32) / 255.0), False)
 
 
-def run_mask(root: Path | str, opts: MaskOptions, *, report: Reporter = NullReporter()) -> StageResult:
-    """Write a mask for every image of the dataset at `root` (see the module docstring)."""
+def run_mask(
+    root: Path | str,
+    opts: MaskOptions,
+    *,
+    report: Reporter = NullReporter(),
+    executor: Executor | None = None,
+) -> StageResult:
+    """Write a mask for every image of the dataset at `root` (see the module docstring).
+
+    Masks are made through `executor` (threads, or a Ray cluster where each worker loads the
+    method's model once); masks and sidecars are written here.
+    """
     validate(opts)
     method = create_method(opts.method, opts.settings)
     result = StageResult("mask")
@@ -260,8 +286,9 @@ def run_mask(root: Path | str, opts: MaskOptions, *, report: Reporter = NullRepo
     jobs = [j for j in jobs if not j.relink]
     if not jobs and not relinks:
         return _finish(result, root, {}, [], method)
-    if jobs:
-        method.load()
+    local = executor is None or executor.local
+    if jobs and local:
+        method.ready()  # a remote worker loads its own copy
     key = meta_key(opts.out)
     coverages: dict[Path, float] = {}
     fallbacks: list[str] = []
@@ -286,7 +313,7 @@ def run_mask(root: Path | str, opts: MaskOptions, *, report: Reporter = NullRepo
             return False
 
         made_masks = each_item(
-            lambda j: make_mask(j, method, opts),
+            (lambda j: make_mask(j, method, opts)) if local else _RemoteMask(method, opts),
             jobs,
             result,
             report,
@@ -294,8 +321,12 @@ def run_mask(root: Path | str, opts: MaskOptions, *, report: Reporter = NullRepo
             workers=opts.workers if method.thread_safe else 1,
             path_of=lambda j: j.item.path,
             on_error=nothing_found,
+            stop=(ModelError,),  # a model that cannot load (in a remote worker): no one image's fault
+            executor=executor,
+            gpu=method.gpu,
         )
         for job, made in made_masks:
+            method.notes += made.notes
             if job.foreign and not _holds(job.mask_path, made.png):
                 result.fail(job.item.path, foreign_mask(job, opts.out))
                 continue

@@ -28,6 +28,7 @@ from sdprep.dataset import (
     shares_stem,
 )
 from sdprep.errors import ConfigError, ImageError, ModelError
+from sdprep.executors import Executor
 from sdprep.fileops import Journal
 from sdprep.images import image_size, load_image, open_image, unwritable_size
 from sdprep.prep.convert import GREY_MODES, save_bytes
@@ -183,6 +184,10 @@ class _LazyUpscaler:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "missing"
             self.method = f"model {path.name} sha256:{digest}"
 
+    def __getstate__(self) -> dict:
+        """Sent to a Ray worker without the loaded model: each worker loads its own, once."""
+        return {**self.__dict__, "loaded": None}
+
     def __call__(self):
         if self.opts.model is None:
             return None
@@ -196,8 +201,18 @@ class _LazyUpscaler:
         return self.loaded
 
 
-def run_upscale(root: Path | str, opts: UpscaleOptions, *, report: Reporter = NullReporter()) -> StageResult:
-    """Upscale every image of `root` below the target size; masks and sidecars follow."""
+def run_upscale(
+    root: Path | str,
+    opts: UpscaleOptions,
+    *,
+    report: Reporter = NullReporter(),
+    executor: Executor | None = None,
+) -> StageResult:
+    """Upscale every image of `root` below the target size; masks and sidecars follow.
+
+    Images are upscaled through `executor` (threads, or a Ray cluster where each worker loads the
+    model once); files are written here.
+    """
     root, items = dataset_items(root, opts.recursive)
     lazy = _LazyUpscaler(opts)
     result = StageResult("upscale")
@@ -211,6 +226,8 @@ def run_upscale(root: Path | str, opts: UpscaleOptions, *, report: Reporter = Nu
             "upscale",
             workers=workers,
             stop=(ModelError,),  # the model, not this file, is the problem: stop
+            executor=executor,
+            gpu=opts.model is not None,
         )
         for item, out in prepared:
             if out is None:

@@ -27,6 +27,18 @@ class SdprepError(Exception):
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\nHint: {self.hint}"
 
+    def __reduce__(self):
+        """Pickled with all its attributes: a per-file error travels back from a Ray worker as a value
+        (Exception's own pickling calls `cls(*args)`, which loses the hint and breaks FileError)."""
+        return (_rebuild_error, (type(self), self.args, self.__dict__))
+
+
+def _rebuild_error(cls: type[SdprepError], args: tuple, state: dict) -> SdprepError:
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, *args)
+    exc.__dict__.update(state)
+    return exc
+
 
 class ConfigError(SdprepError):
     """A configuration value, key or file is wrong."""
@@ -67,6 +79,10 @@ class StateError(JournalError):
 
 class InstallError(SdprepError):
     """The installed packages are missing or known not to work together."""
+
+
+class ClusterError(SdprepError):
+    """A Ray cluster cannot be reached, or its workers keep dying (`--executor ray`)."""
 
 
 class TrainingError(SdprepError):

@@ -11,11 +11,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sdprep.dataset import Item, OnClash, discover, require_images
 from sdprep.errors import SdprepError, from_os_error
 from sdprep.progress import Reporter
+
+if TYPE_CHECKING:
+    from sdprep.executors import Executor
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -75,6 +78,18 @@ def failure_reason(path: Path | str, exc: Exception) -> str:
 WHOLE_RUN_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
+def call_item(fn: Callable[[T], R], item: T) -> R | SdprepError:
+    """`fn(item)`, or the per-file error it raised as a value (see `map_items`)."""
+    try:
+        return fn(item)
+    except SdprepError as exc:
+        return exc
+    except OSError as exc:
+        if exc.errno in WHOLE_RUN_ERRNOS:
+            raise  # every next file would fail the same way: stop (the CLI says how to go on)
+        return from_os_error(exc, getattr(item, "path", None))
+
+
 def map_items(
     fn: Callable[[T], R], items: Iterable[T], workers: int = 1
 ) -> Iterator[tuple[T, R | SdprepError]]:
@@ -86,14 +101,7 @@ def map_items(
     """
 
     def call(item: T) -> R | SdprepError:
-        try:
-            return fn(item)
-        except SdprepError as exc:
-            return exc
-        except OSError as exc:
-            if exc.errno in WHOLE_RUN_ERRNOS:
-                raise  # every next file would fail the same way: stop (the CLI says how to go on)
-            return from_os_error(exc, getattr(item, "path", None))
+        return call_item(fn, item)
 
     if workers <= 1:
         for item in items:
@@ -148,6 +156,8 @@ def each_item(
     path_of: Callable[[T], Path] = _path_of,
     stop: tuple[type[SdprepError], ...] = (),
     on_error: Callable[[T, SdprepError], bool] | None = None,
+    executor: Executor | None = None,
+    gpu: bool = False,
 ) -> Iterator[tuple[T, R]]:
     """One pass of a stage: `fn` over `items` (`map_items`), the bar advanced per item, an error
     recorded in `result` as the failure of the file `path_of(item)`; yields (item, what fn returned)
@@ -157,18 +167,32 @@ def each_item(
     `total` defaults to `len(items)`. `on_error(item, error)` sees each error first and returns True
     when it dealt with it (then it is no failure). An error of a type in `stop` ends the run: a
     model that cannot load is no one file's fault.
+
+    `executor` (sdprep/executors.py) decides where `fn` runs: None or local = `map_items` with
+    `workers` threads; ray = batches on a Ray cluster (`gpu`: `fn` runs a model that wants a GPU),
+    with the throughput added to the result's notes.
     """
+    mapped = _mapped(fn, items, workers, executor, gpu)
     if description is None:
-        yield from _each(fn, items, result, report, workers, path_of, stop, on_error)
-        return
-    if total is None and isinstance(items, Sized):
-        total = len(items)
-    with progress(report, total, description):
-        yield from _each(fn, items, result, report, workers, path_of, stop, on_error)
+        yield from _each(mapped, result, report, path_of, stop, on_error)
+    else:
+        if total is None and isinstance(items, Sized):
+            total = len(items)
+        with progress(report, total, description):
+            yield from _each(mapped, result, report, path_of, stop, on_error)
+    line = executor.summary() if executor is not None else None
+    if line:
+        result.notes.append(line)
 
 
-def _each(fn, items, result, report, workers, path_of, stop, on_error) -> Iterator:
-    for item, out in map_items(fn, items, workers):
+def _mapped(fn, items, workers, executor, gpu) -> Iterator:
+    if executor is None or executor.local:
+        return map_items(fn, items, workers)
+    return executor.map(fn, items, workers=workers, gpu=gpu)
+
+
+def _each(mapped, result, report, path_of, stop, on_error) -> Iterator:
+    for item, out in mapped:
         report.advance()
         if not isinstance(out, SdprepError):
             yield item, out

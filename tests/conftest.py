@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The Ray tests' cluster (fixture ray_cluster), set before Ray is imported (it reads them then): every
+# socket on 127.0.0.1 (Ray takes the machine's outward address unless it thinks it runs on a laptop
+# OS), token auth with a token in the environment (child processes inherit it; nothing in $HOME).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_IMAGES = REPO / "sample_data" / "images"
@@ -89,3 +96,29 @@ def fast_tmp(tmp_path: Path):
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real Ray cluster on the loopback address for the whole session (a head node with 2 CPUs),
+    this process connected to it as the driver; yields its address for other drivers (the CLI).
+    Its environment is set at the top of this file."""
+    import logging
+    import tempfile
+
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    temp = tempfile.mkdtemp(prefix="sdprep-ray-")  # short: Ray's socket paths live under it
+    info = ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.ERROR,
+        _temp_dir=temp,
+        _node_ip_address="127.0.0.1",
+    )
+    try:
+        yield info.address_info["gcs_address"]
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)

@@ -53,13 +53,26 @@ class MaskMethod:
     name: ClassVar[str] = ""
     image_mode: ClassVar[str] = "RGB"  # how the stage loads the image for `make`
     thread_safe: ClassVar[bool] = True  # False: the stage runs it on one thread
+    gpu: ClassVar[bool] = False  # runs a model that wants a GPU (a Ray cluster's GPU actors)
 
     def __init__(self, settings: MethodSettings):
         self.settings = settings
         self.notes: list[str] = []  # short per-file remarks for the summary (list.append is atomic)
+        self._loaded = False
+
+    def __reduce__(self):
+        """Sent to another process (a Ray worker) as what builds it, not what it loaded: each
+        worker loads its own copy once (`ready`)."""
+        return (type(self), (self.settings,))
+
+    def ready(self) -> None:
+        """`load()` once in this process."""
+        if not self._loaded:
+            self.load()
+            self._loaded = True
 
     def load(self) -> None:
-        """Load models or indexes; called once before the first `make`."""
+        """Load models or indexes; called once before the first `make` (through `ready`)."""
 
     def make(self, image: Image.Image, item: Item) -> np.ndarray:
         """The raw mask of `image` (already EXIF-rotated): float32 [H, W] in 0..1."""

@@ -56,6 +56,7 @@ class ClipSegMask(MaskMethod):
 
     name = "clipseg"
     thread_safe = False
+    gpu = True
 
     def __init__(self, settings):
         super().__init__(settings)

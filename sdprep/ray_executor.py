@@ -1,0 +1,186 @@
+"""`--executor ray`: a stage's per-item function over batches of items on a pool of Ray actors.
+
+Imported only when Ray is installed and asked for (`executors.make_executor`). The driver (the
+`sdprep` process) keeps everything that writes: it sends batches of items out, gets each batch's
+results (or per-file errors) back, and yields them in the items' order to the stage, which writes
+them through its journal as a local run does. So the workers only read the dataset (a path every
+node sees, mounted at the same place), and a run is undone, resumed and checked exactly as a local
+one.
+
+Each actor receives the function once (`ray.put`) and keeps it: an object in it that holds a model
+pickles as its recipe and loads on the actor's first item, once per actor. An actor whose process
+dies (killed, out of memory, node lost) is restarted by Ray and its unfinished batches are run again,
+up to `MAX_RESTARTS` times.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sized
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from sdprep.errors import ClusterError, DatasetError, SdprepError
+from sdprep.executors import auto_batch_size, run_batch, throughput
+
+MAX_RESTARTS = 3  # per actor: a worker process killed this often means something is wrong with it
+IN_FLIGHT = 2  # batches queued per actor: one running, one ready to start
+UNCOUNTED = 1000  # what the batch size assumes of items that come as a stream
+
+
+class _Worker:
+    """One actor: the stage's function, loaded once, run over the batches sent to it."""
+
+    def __init__(self, fn: Callable, cwd: str):
+        self.fn = fn
+        self.problem: SdprepError | None = None
+        try:
+            os.chdir(cwd)  # relative paths of a local run mean the same here
+        except OSError as exc:
+            self.problem = DatasetError(
+                f"{cwd}: not found on Ray node {socket.gethostname()} ({exc.strerror})",
+                "keep the dataset on storage every node mounts at the same path (see docs/ray.md)",
+            )
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self, batch: list) -> list:
+        if self.problem is not None:
+            raise self.problem
+        return run_batch(self.fn, batch)
+
+
+_RemoteWorker = ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)(_Worker)
+
+
+def connect(address: str) -> bool:
+    """Connect this process to the cluster at `address` (`auto`, `HOST:PORT`, `ray://...`, or `local`
+    to start one here for the run); returns False when it was connected already."""
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+    except ConnectionError as exc:
+        raise ClusterError(
+            f"no Ray cluster at {address} ({str(exc).strip().splitlines()[0]})",
+            "start one with `ray start --head` (docs/ray.md), pass --ray-address HOST:PORT, "
+            "or --ray-address local to start one on this machine for this run",
+        ) from None
+    return True
+
+
+class RayExecutor:
+    """Batches of items to a pool of Ray actors (see the module docstring)."""
+
+    name = "ray"
+    local = False
+
+    def __init__(self, address: str = "auto", *, workers: int | None = None):
+        self.address = address
+        self.workers = workers
+        self._own = connect(address)
+        self._last: tuple[int, float, int, bool] | None = None
+        self.actors: list[Any] = []  # the pool of the running `map` (tests kill one)
+
+    def pool(self, gpu: bool) -> tuple[int, dict[str, float]]:
+        """How many actors, and what each asks for: a GPU each (a share when there are more actors
+        than GPUs) for a model on a cluster with GPUs, else a CPU each (or a share)."""
+        res = ray.cluster_resources()
+        gpus, cpus = res.get("GPU", 0.0), res.get("CPU", 1.0)
+        if gpu and gpus >= 1:
+            n = self.workers or int(gpus)
+            return n, {"num_gpus": min(1.0, gpus / n), "num_cpus": min(1.0, cpus / n)}
+        n = self.workers or max(1, int(cpus))
+        return n, {"num_cpus": min(1.0, cpus / n)}
+
+    def map(
+        self,
+        fn: Callable,
+        items: Iterable,
+        *,
+        workers: int = 1,
+        gpu: bool = False,
+        batch_size: int | None = None,
+    ) -> Iterator[tuple[Any, Any]]:
+        """`fn` over `items` on the actor pool; (item, result or per-file error) in the items' order.
+
+        `workers` (a local run's threads) is not used: the pool has `self.workers` actors."""
+        self._last = None
+        start, count = time.monotonic(), 0
+        n, resources = self.pool(gpu)
+        size = batch_size or auto_batch_size(len(items) if isinstance(items, Sized) else UNCOUNTED, n)
+        batches = iter(
+            lambda it=iter(items): list(itertools.islice(it, size)), []
+        )  # read as it goes, like map_items
+        first = next(batches, None)
+        if first is None:
+            return
+        fn_ref = ray.put(fn)  # pickled once; each actor unpickles its own copy once
+        self.actors = [_RemoteWorker.options(**resources).remote(fn_ref, os.getcwd()) for _ in range(n)]
+        queued = [0] * n
+        pending: deque = deque()
+        try:
+            for batch in itertools.chain([first], batches):
+                while len(pending) >= IN_FLIGHT * n:
+                    yield from self._take(pending.popleft(), queued)
+                a = min(range(n), key=queued.__getitem__)
+                pending.append((batch, self.actors[a].run.remote(batch), a))
+                queued[a] += 1
+                count += len(batch)
+            while pending:
+                yield from self._take(pending.popleft(), queued)
+        finally:
+            for actor in self.actors:
+                ray.kill(actor, no_restart=True)
+            self.actors = []
+        self._last = (count, time.monotonic() - start, n, "num_gpus" in resources)
+
+    def _take(self, entry: tuple, queued: list[int]) -> Iterator[tuple[Any, Any]]:
+        batch, ref, a = entry
+        try:
+            outs = ray.get(ref)
+        except RayTaskError as exc:  # raised by the function itself: a bug, or a whole-run error
+            cause = exc.cause
+            if isinstance(cause, SdprepError | OSError):
+                raise cause from None
+            raise
+        except RayActorError as exc:  # could not start, or died more than MAX_RESTARTS times
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise ClusterError(
+                f"a Ray worker stopped on the batch from {getattr(batch[0], 'path', batch[0])}: {first}",
+                "every node needs this sdprep version installed; the worker's log is on its node "
+                "(/tmp/ray/session_latest/logs); finished items are kept: run again to resume",
+            ) from None
+        queued[a] -= 1
+        yield from zip(batch, outs)
+
+    def worker_pids(self) -> list[int]:
+        """The process ids of the running pool's actors."""
+        return ray.get([a.pid.remote() for a in self.actors])
+
+    def summary(self) -> str | None:
+        if self._last is None:
+            return None
+        n, seconds, workers, gpu = self._last
+        where = "GPU workers" if gpu else "workers"
+        return throughput(n, seconds, "ray") + f" on {workers} {where}"
+
+    def close(self) -> None:
+        """Disconnect, when this executor connected (a process that was connected stays so)."""
+        if self._own and ray.is_initialized():
+            ray.shutdown()
+        self._own = False
+
+    def __enter__(self) -> RayExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
