@@ -27,7 +27,6 @@ NAMES = sorted(p.name for p in PRESETS.glob("*.toml"))
 # Presets that cannot pass, with the error that says why (kohya refuses them too, or sdprep does
 # not implement what they use yet).
 REFUSED = {
-    "lora - SDXL - LoRA finetuning phase 1_v1.1.toml": '"save_last_n_steps_state = 1" is not supported by sdprep',
     # the GUI writes bucket_reso_steps = 1 from this preset; kohya's SDXL scripts assert a multiple of 32
     "lora - locon-dadaptation-sdxl.toml": "bucket_reso_steps = 1: SDXL needs a multiple of 32",
 }
