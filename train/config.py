@@ -97,6 +97,7 @@ class TrainConfig:
     cache_text_encoder_outputs_to_disk: bool = False  # ...and on disk (implies cache_text_encoder_outputs)
     # -- text conditioning ---------------------------------------------------------------------
     max_token_length: int | None = None  # None/75, 150 or 225 tokens (chunks of 75, as kohya)
+    weighted_captions: bool = False  # "(word:1.3)" / "[word]" attention syntax in captions weights tokens
     clip_skip: int | None = None  # None/1: SDXL's penultimate layer; n>=2: n-1 layers further back
     # -- schedule ------------------------------------------------------------------------------
     max_train_steps: int = 1600  # optimizer steps (max_train_epochs overrides it, as kohya)

@@ -75,7 +75,6 @@ UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "v2": ((False,), "sdprep trains SDXL only"),
     "fused_optimizer_groups": ((None, 0), "not supported"),
     "block_lr": ((None, "", []), "per-block learning rates are not supported"),
-    "weighted_captions": ((False,), "prompt weighting in captions is not supported"),
     "face_crop_aug_range": ((None, ""), "face-crop augmentation is not supported"),
     "token_warmup_min": ((1,), "token warmup is not supported"),
     "token_warmup_step": ((0, 0.0), "token warmup is not supported"),

@@ -313,6 +313,8 @@ class Trainer(TrainerOutputs):
             encoder_id = None
             if cfg.cache_text_encoder_outputs_to_disk:
                 encoder_id = text_encoder_fingerprint(self.model.tokenizers, self.model.text_encoders)
+                if cfg.weighted_captions:  # the same caption encodes differently with weights
+                    encoder_id += "+weighted"
             stats = cache_text_encoder_outputs(
                 self.dataset, self._encode_fixed, self.cb_reporter(), encoder_id=encoder_id
             )
@@ -346,6 +348,7 @@ class Trainer(TrainerOutputs):
                 self.model.text_encoders,
                 self.cfg.max_token_length,
                 self.cfg.clip_skip,
+                weighted=self.cfg.weighted_captions,
             )
 
     def _build_optimizer(self) -> None:

@@ -86,6 +86,7 @@ def text_conditioning(ctx: StepContext, batch: dict) -> tuple[Any, Any]:
             ctx.model.text_encoders,
             ctx.cfg.max_token_length,
             ctx.cfg.clip_skip,
+            weighted=ctx.cfg.weighted_captions,
         )
     return embeds.to(ctx.weight_dtype), pooled.to(ctx.weight_dtype)
 

@@ -32,12 +32,17 @@ def _chunks(max_token_length: int | None) -> int:
 def tokenize(captions: Sequence[str], tokenizer: Any, max_token_length: int | None = None) -> torch.Tensor:
     """Token ids [B, chunks, 77] for one tokenizer, kohya's way (BOS/EOS per 75-token chunk)."""
     n = _chunks(max_token_length)
-    width = tokenizer.model_max_length  # 77
     ids = tokenizer(
         list(captions), padding="max_length", truncation=True, max_length=n * CHUNK + 2, return_tensors="pt"
     ).input_ids
     if n == 1:
         return ids.unsqueeze(1)
+    return split_chunks(ids, tokenizer, n)
+
+
+def split_chunks(ids: torch.Tensor, tokenizer: Any, n: int) -> torch.Tensor:
+    """[B, n*75 + 2] ids -> [B, n, 77]: each chunk its own BOS and EOS (kohya's get_input_ids)."""
+    width = tokenizer.model_max_length  # 77
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     out = []
     for row in ids:
@@ -103,11 +108,13 @@ def encode_tokens(
     *,
     eos_token_id: int,
     clip_skip: int | None = None,
+    weights: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode [B, chunks, 77] ids -> (prompt_embeds [B, L, h1+h2], pooled [B, h2]).
 
     Gradients flow when the encoders are trainable (textual inversion, TE LoRA); `eos_token_id` is
-    tokenizer 2's end-of-text id.
+    tokenizer 2's end-of-text id; `weights` (per token, from sdprep.train.prompt_weights) scale
+    each encoder's hidden states, not the pooled embedding.
     """
     te1, te2 = text_encoders
     batch, chunks, width = ids1.shape
@@ -119,6 +126,10 @@ def encode_tokens(
     hidden1 = _rejoin(out1.hidden_states[layer], batch, chunks)
     hidden2 = _rejoin(out2.hidden_states[layer], batch, chunks)
     pooled = pooled_from_eos(te2, out2.last_hidden_state, flat2, eos_token_id)[::chunks]
+    if weights is not None:
+        from sdprep.train.prompt_weights import apply_weights
+
+        hidden1, hidden2 = apply_weights(hidden1, weights[0]), apply_weights(hidden2, weights[1])
     return torch.cat([hidden1, hidden2.to(hidden1.device, hidden1.dtype)], dim=-1), pooled
 
 
@@ -128,11 +139,25 @@ def encode_prompts(
     text_encoders: Sequence[Any],
     max_token_length: int | None = None,
     clip_skip: int | None = None,
+    weighted: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Captions -> (prompt_embeds [B, 77 | 152 | 227, h1+h2], pooled [B, h2]), as kohya trains SDXL."""
-    ids1, ids2 = tokenize_sdxl(captions, tokenizers, max_token_length)
+    """Captions -> (prompt_embeds [B, 77 | 152 | 227, h1+h2], pooled [B, h2]), as kohya trains SDXL;
+    `weighted`: kohya's weighted_captions (A1111 attention syntax, sdprep.train.prompt_weights)."""
+    weights = None
+    if weighted:
+        from sdprep.train.prompt_weights import weighted_tokenize
+
+        (ids1, w1), (ids2, w2) = (weighted_tokenize(captions, t, max_token_length) for t in tokenizers)
+        weights = (w1, w2)
+    else:
+        ids1, ids2 = tokenize_sdxl(captions, tokenizers, max_token_length)
     return encode_tokens(
-        ids1, ids2, text_encoders, eos_token_id=tokenizers[1].eos_token_id, clip_skip=clip_skip
+        ids1,
+        ids2,
+        text_encoders,
+        eos_token_id=tokenizers[1].eos_token_id,
+        clip_skip=clip_skip,
+        weights=weights,
     )
 
 
