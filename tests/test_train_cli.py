@@ -167,7 +167,12 @@ def test_preflight_checks_the_real_model_without_loading_it(tiny_sdxl: Path, tmp
         {"conditioner.embedders.1.model.x": torch.zeros(1), "model.diffusion_model.y": torch.zeros(1)},
         str(xl),
     )
-    assert check(xl)[0]
+    # not SDXL's sizes: sdprep's own SDXL config cannot build it, so it needs model_config
+    ok, detail = check(xl)
+    assert not ok and "not SDXL 1.0's standard architecture" in detail
+    assert _model_check(
+        dataclasses.replace(TrainConfig(), pretrained_model_name_or_path=str(xl), model_config=tiny_sdxl)
+    )[0]
     assert check(tmp_path / "missing.safetensors") == (
         False,
         f"{tmp_path / 'missing.safetensors'}: no such file or folder",

@@ -111,3 +111,42 @@ def _tiny_single_file(tiny_sdxl: Path, tmp_path: Path, markers: tuple[str, ...] 
     path = tmp_path / "single.safetensors"
     save_file(sd, str(path))
     return path
+
+
+def test_standard_architecture_is_recognised_by_its_marker_shapes(tiny_sdxl: Path, tmp_path: Path) -> None:
+    """What preflight says before any load: a standard SDXL file needs no model_config, another
+    architecture does (the shapes are the full-size checkpoint's, from kohya's recorded list)."""
+    import types
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from sdprep.train.preflight import _model_check
+
+    kohya = json.loads(gzip.decompress((ASSETS / "sdxl_checkpoint_shapes.json.gz").read_bytes()))
+    assert sdxl_config.nonstandard_reason({k: tuple(v) for k, v in kohya.items()}) is None
+    markers = tmp_path / "markers.safetensors"  # SDXL's marker tensors only (a few MB)
+    markers_sd = {
+        k: torch.zeros(shape, dtype=torch.float16) for k, shape in sdxl_config.STANDARD_SHAPES.items()
+    }
+    save_file({**markers_sd, "conditioner.embedders.1.model.text_projection": torch.zeros(1)}, markers)
+    ok, detail = _model_check(
+        types.SimpleNamespace(pretrained_model_name_or_path=str(markers), model_config=None)
+    )
+    assert ok and "standard SDXL architecture" in detail
+
+    tiny = _tiny_single_file(tiny_sdxl, tmp_path)
+    with safe_open(str(tiny), framework="pt") as f:
+        keys = list(f.keys())
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+    assert sdxl_config.nonstandard_reason(shapes) == (
+        "model.diffusion_model.input_blocks.0.0.weight is [32, 4, 3, 3], SDXL's is [320, 4, 3, 3]"
+    )
+    ok, detail = _model_check(
+        types.SimpleNamespace(pretrained_model_name_or_path=str(tiny), model_config=None)
+    )
+    assert not ok and "not SDXL 1.0's standard architecture" in detail and "model_config" in detail
+    ok, _ = _model_check(
+        types.SimpleNamespace(pretrained_model_name_or_path=str(tiny), model_config=tiny_sdxl)
+    )
+    assert ok

@@ -157,7 +157,8 @@ Example:
     "--model_config",
     "model_config",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Local diffusers SDXL folder with the configs a single-file checkpoint needs offline.",
+    help="Local diffusers folder whose configs match a single file of another architecture "
+    "(standard SDXL files, Pony and Illustrious included, need none).",
 )
 @click.option(
     "--data",

@@ -48,7 +48,7 @@ class TrainConfig:
     # -- model ---------------------------------------------------------------------------------
     pretrained_model_name_or_path: str | None = None  # diffusers folder, single .safetensors or hub id
     vae: str | None = None  # separate VAE (file, folder or hub id)
-    model_config: Path | None = None  # sdprep: local diffusers SDXL folder for a single file, offline
+    model_config: Path | None = None  # sdprep: diffusers folder for a single file that is not standard SDXL
     trust_pickle: bool = False  # sdprep: unpickle a .ckpt/.pt/.bin in full (can run code from the file)
     method: Method | None = None  # sdprep: force lora / ti / finetune (default: from the keys, as kohya)
     v_parameterization: bool = False  # the model predicts v (v-pred SDXL finetunes)

@@ -130,6 +130,7 @@ def _single_file_check(path: Path, model_config: Any) -> tuple[bool, str]:
 
         with safe_open(str(path), framework="pt") as handle:
             keys = list(handle.keys())
+            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in keys}
     except Exception as exc:  # safetensors raises its own error types for damaged files
         return False, f"{path} cannot be read as safetensors ({exc})"
     if any(k.startswith("cond_stage_model.") for k in keys):
@@ -137,8 +138,16 @@ def _single_file_check(path: Path, model_config: Any) -> tuple[bool, str]:
     if not any(k.startswith("conditioner.embedders.1.") for k in keys):
         return False, f"{path} is not an SDXL checkpoint (no second text encoder)"
     detail = f"SDXL single file {path} ({len(keys)} tensors; not loaded: preflight trains the tiny model)"
-    if model_config is None and os.environ.get("HF_HUB_OFFLINE"):
-        detail += "; offline it also needs model_config = a local diffusers SDXL folder"
+    if model_config is None:
+        from sdprep.train.sdxl_config import nonstandard_reason
+
+        reason = nonstandard_reason(shapes)
+        if reason:
+            return False, (
+                f"{path} is not SDXL 1.0's standard architecture ({reason}): it needs model_config = a "
+                "local diffusers folder whose configs match it"
+            )
+        detail += "; standard SDXL architecture: sdprep's own SDXL config loads it offline"
     return True, detail
 
 

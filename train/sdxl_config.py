@@ -66,6 +66,29 @@ def write_base_config(folder: Path) -> Path:
     return folder
 
 
+# (key, shape) pairs that fix SDXL 1.0's sizes: U-Net width, cross-attention width (CLIP-L + bigG),
+# size-conditioning input, and both text encoders' widths
+STANDARD_SHAPES = {
+    "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+    "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (640, 2048),
+    "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
+    "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,),
+    "conditioner.embedders.1.model.ln_final.weight": (1280,),
+}
+
+
+def nonstandard_reason(shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Why a single file's `{key: shape}` is not SDXL 1.0's architecture (what the shipped config
+    builds), or None when its marker tensors have SDXL's sizes."""
+    for key, want in STANDARD_SHAPES.items():
+        got = shapes.get(key)
+        if got is None:
+            return f"it has no {key}"
+        if tuple(got) != want:
+            return f"{key} is {list(got)}, SDXL's is {list(want)}"
+    return None
+
+
 @contextlib.contextmanager
 def base_config() -> Iterator[Path]:
     """A temporary SDXL base config folder for `from_single_file(config=...)`, removed afterwards."""
