@@ -63,6 +63,20 @@ def tiny_wd14(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_wd14(tmp_path_factory.mktemp("tiny_wd14") / "wd14")
 
 
+@pytest.fixture(scope="session")
+def review_template(tmp_path_factory: pytest.TempPathFactory, tiny_wd14: Path) -> Path:
+    """The 12-image dataset the review page's tests use (tests/review_support.py), built once."""
+    from review_support import make_review_dataset
+
+    return make_review_dataset(tmp_path_factory.mktemp("review") / "data", tiny_wd14)
+
+
+@pytest.fixture
+def review_dataset(review_template: Path, tmp_path: Path) -> Path:
+    """A private copy of the review dataset."""
+    return Path(shutil.copytree(review_template, tmp_path / "data"))
+
+
 @pytest.fixture
 def cli_runner():
     from click.testing import CliRunner

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from review_support import Server, make_review_dataset, tree
+from review_support import Server, tree
 
 from sdprep.dataset import Item, read_sidecar, sdprep_meta, split_tags
 from sdprep.errors import DatasetError, JournalError
@@ -27,14 +27,9 @@ from sdprep.prep.tag import TagOptions, run_tag
 from sdprep.taggers.rules import CaptionRules, caption_from_scores
 
 
-@pytest.fixture(scope="session")
-def review_template(tmp_path_factory: pytest.TempPathFactory, tiny_wd14: Path) -> Path:
-    return make_review_dataset(tmp_path_factory.mktemp("review") / "data", tiny_wd14)
-
-
 @pytest.fixture
-def dataset(review_template: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(review_template, tmp_path / "data"))
+def dataset(review_dataset: Path) -> Path:
+    return review_dataset
 
 
 def editor(root: Path) -> Editor:

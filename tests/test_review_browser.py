@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from review_support import Server, browser_problem, chromium, make_review_dataset, tree
+from review_support import Server, browser_problem, chromium, tree
 
 from sdprep.dataset import split_tags
 from sdprep.prep.tag import TagOptions, run_tag
@@ -25,14 +25,9 @@ PROBLEM = browser_problem()
 pytestmark = pytest.mark.skipif(PROBLEM is not None, reason=PROBLEM or "")
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory, tiny_wd14: Path) -> Path:
-    return make_review_dataset(tmp_path_factory.mktemp("review_browser") / "data", tiny_wd14)
-
-
 @pytest.fixture
-def dataset(template: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(template, tmp_path / "data"))
+def dataset(review_dataset: Path) -> Path:
+    return review_dataset
 
 
 @pytest.fixture(scope="module")
