@@ -110,13 +110,14 @@ class Concept:
     fixed_repeats: int | None = None  # from a tier or an existing <N>_ folder name
     recursive: bool = False  # regularisation folders: images of subfolders too
     placed: int = 0  # images placed in OUT by this run
+    dataset: Path | None = None  # the folder it is part of (symlink rule); None: `source` itself
 
     @property
     def folder(self) -> str:
         return format_repeat_folder(self.repeats, self.token)
 
     def items(self) -> Iterator[Item]:
-        return iter_items(self.source, recursive=self.recursive)
+        return iter_items(self.source, self.recursive, dataset=self.dataset)
 
 
 # -- discovery -----------------------------------------------------------------------------------
@@ -157,7 +158,7 @@ def find_concepts(root: Path, opts: BucketOptions) -> list[Concept]:
             raise ConfigError(
                 f"{folder}: no class token for these images", "pass --token TOKEN (your trigger word)"
             )
-        concepts.append(Concept(name, token, folder, count, fixed_repeats=fixed))
+        concepts.append(Concept(name, token, folder, count, fixed_repeats=fixed, dataset=root))
     missing = set(opts.tiers) - {folder.name for folder in counts}
     if missing:
         raise ConfigError(
@@ -224,7 +225,7 @@ def _prepare(
     `alpha_mask`: the concept's masks travel in the alpha channel of PNG copies.
     """
     try:
-        header: ImageHeader = image_header(item.path)
+        header: ImageHeader = image_header(item.path, root=item.root)
         caption, multiline = _one_line(read_caption(item))
     except SdprepError as exc:
         return failure_reason(item.path, exc)  # names the caption when that is the file at fault
@@ -291,7 +292,7 @@ def _batches(concept: Concept, result: StageResult) -> Iterator[list[Item]]:
     """The concept's images in batches; those sharing a stem (kohya would read one caption for
     both) are the result's failures."""
     batch: list[Item] = []
-    for item in iter_items(concept.source, concept.recursive, on_clash=result.fail):
+    for item in iter_items(concept.source, concept.recursive, result.fail, concept.dataset):
         batch.append(item)
         if len(batch) == WRITE_BATCH:
             yield batch
@@ -386,7 +387,7 @@ def run_bucket(root: Path | str, opts: BucketOptions, *, report: Reporter = Null
                     batch = _write_files(op, batch, cond, opts, result, tally, written)
                     for p in batch:
                         outputs.add(*_records(p, out, opts.root))
-                        previews.add(p.item.path, p.assignment)
+                        previews.add(p.item.path, p.assignment, p.item.root)
                     tally.add(batch)
             _write_dataset_toml(op, out, everything, masked, opts)
             outputs.install(op, [{"image": str(f.path), "reason": f.reason} for f in result.failed])
@@ -425,7 +426,7 @@ def _write_files(
     for p in batch:
         if p.copy is not None:
             try:
-                data = png_copy(p.item.path, p.mask, p.alpha)
+                data = png_copy(p.item.path, p.mask, p.alpha, p.item.root)
             except SdprepError as exc:
                 result.fail_error(p.item.path, exc)
                 continue
@@ -468,7 +469,7 @@ def _caption(p: _Placed) -> str:
 
 
 def _check_mask_size(p: _Placed) -> None:
-    msize = image_size(p.mask)
+    msize = image_size(p.mask, root=p.item.root)
     if msize != p.size:
         raise DatasetError(
             f"{p.mask}: mask is {msize[0]}x{msize[1]} but its image {p.item.path.name} is {p.size[0]}x{p.size[1]}",

@@ -47,12 +47,13 @@ def copy_reason(header: ImageHeader, mask: Path | None, alpha_mask: bool) -> str
     return None
 
 
-def png_copy(image: Path, mask: Path | None, alpha_mask: bool) -> bytes:
+def png_copy(image: Path, mask: Path | None, alpha_mask: bool, root: str | None = None) -> bytes:
     """The PNG kohya should train: the image as displayed (EXIF applied, transparency on white), with
-    the mask's red channel as alpha when the subset reads alpha masks (full alpha without a mask)."""
-    im = load_image(image, "RGB")
+    the mask's red channel as alpha when the subset reads alpha masks (full alpha without a mask).
+    `root`: the dataset folder, for the symlink rule."""
+    im = load_image(image, "RGB", root=root)
     if alpha_mask:
-        alpha = load_image(mask, "RGB", background=(0, 0, 0)).getchannel("R") if mask else None
+        alpha = load_image(mask, "RGB", background=(0, 0, 0), root=root).getchannel("R") if mask else None
         im = im.convert("RGBA")
         im.putalpha(alpha if alpha is not None else 255)
     buf = io.BytesIO()

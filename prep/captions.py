@@ -158,10 +158,11 @@ class CaptionWriter:
         return True
 
 
-def read_existing(path: Path) -> str | None:
-    """A text file's content (None when missing); non-UTF-8 is a CaptionError and the file stays."""
+def read_existing(path: Path, root: str | None = None) -> str | None:
+    """A text file's content (None when missing); non-UTF-8 is a CaptionError and the file stays.
+    `root`: the dataset folder, for the symlink rule."""
     try:
-        return read_text_file(path)
+        return read_text_file(path, root=root)
     except SdprepError:
         if not path.exists():
             return None
@@ -171,7 +172,8 @@ def read_existing(path: Path) -> str | None:
 def read_sidecar_text(item: Item) -> tuple[dict, str | None]:
     """(sidecar dict, its current text) so a writer can skip unchanged sidecars."""
     data = read_sidecar(item)
-    return data, (read_text_file(item.sidecar_path) if os.path.exists(item.sidecar_path) else None)
+    exists = os.path.exists(item.sidecar_path)
+    return data, (read_text_file(item.sidecar_path, root=item.root) if exists else None)
 
 
 # -- which files are captions --------------------------------------------------------------------
@@ -183,6 +185,7 @@ class CaptionFile:
 
     path: Path
     image: Path | None
+    root: str | None = None  # the real path of the dataset folder (the symlink rule)
 
     @property
     def shown(self) -> Path:
@@ -274,20 +277,24 @@ def _caption_order(names: list[str]) -> tuple[bool, bool]:
     return ordered, unique
 
 
-def iter_caption_files(root: Path, recursive: bool, orphans: bool, skipped: Counter) -> Iterator[CaptionFile]:
-    """Stream the caption files under `root`, folder by folder (memory grows with one folder)."""
+def iter_caption_files(
+    root: Path, recursive: bool, orphans: bool, skipped: Counter, dataset: str | None = None
+) -> Iterator[CaptionFile]:
+    """Stream the caption files under `root`, folder by folder (memory grows with one folder);
+    `dataset`: the real path of the dataset folder (default: `root`'s)."""
+    dataset = dataset or os.path.realpath(root)
     names, subdirs, n = _folder_captions(root, orphans)
     skipped["not a caption (by name)"] += n
     for name in names:
         if _is_text(name):
-            yield CaptionFile(Path(os.path.join(root, name)), None)
+            yield CaptionFile(Path(os.path.join(root, name)), None, dataset)
         else:
             image = Path(os.path.join(root, name))
-            yield CaptionFile(image.with_suffix(CAPTION_EXT), image)
+            yield CaptionFile(image.with_suffix(CAPTION_EXT), image, dataset)
     del names
     if recursive:
         for sub in subdirs:
-            yield from iter_caption_files(Path(os.path.join(root, sub)), True, orphans, skipped)
+            yield from iter_caption_files(Path(os.path.join(root, sub)), True, orphans, skipped, dataset)
 
 
 def all_caption_files(
@@ -327,7 +334,7 @@ def _read_tags(cf: CaptionFile) -> tuple[str | None, list[str] | None]:
 
     A multi-line orphan text is not a caption: (text, None).
     """
-    text = read_existing(cf.path)
+    text = read_existing(cf.path, cf.root)
     if text is None:
         return None, None
     if cf.image is None and sum(1 for line in text.splitlines() if line.strip()) > 1:
@@ -392,7 +399,7 @@ def _sort_edit(keep_first: int | None, by: str) -> Edit:
         sidecar = {}
         if cf.image is not None and (by in ("score", "category") or keep_first is None):
             try:
-                sidecar = read_sidecar(Item(cf.image))
+                sidecar = read_sidecar(Item(cf.image, cf.root))
             except SdprepError:
                 if by in ("score", "category"):
                     raise

@@ -131,7 +131,7 @@ def count_core(
     images: Counter = Counter()
     for item in iter_items(root, recursive):
         try:
-            caption = read_existing(item.caption_path)
+            caption = read_existing(item.caption_path, item.root)
             sidecar = read_sidecar_text(item)[0]
             tags, _ = _image_tags(item, clean_input(sidecar, caption, later), sidecar, rs.rules)
         except SdprepError:
@@ -157,7 +157,7 @@ def plan_item(
 ) -> Plan:
     """Everything clean would do to one image (reads files, decodes the image if needed; writes nothing)."""
     rules = rs.rules
-    caption = read_existing(item.caption_path)
+    caption = read_existing(item.caption_path, item.root)
     sidecar, sidecar_text = read_sidecar_text(item)
     start = clean_input(sidecar, caption, later)
     tags, source = _image_tags(item, start, sidecar, rules)
@@ -165,7 +165,7 @@ def plan_item(
     if rules.monochrome.enabled:
         meta = sdprep_meta(sidecar)
         previous = meta.get("monochrome")
-        plan.label, record, measured = monochrome.detect(item.path, previous, rules.monochrome)
+        plan.label, record, measured = monochrome.detect(item.path, previous, rules.monochrome, item.root)
         plan.measured = record["measured"] if measured else None
         if record != previous:
             meta["monochrome"] = record

@@ -90,12 +90,13 @@ class Plan:
     alpha: bool  # keep an alpha channel
     grey: bool
     icc: bytes | None
+    root: str | None = None  # the dataset folder, for the symlink rule of the loader
 
 
-def plan_image(path: Path, opts: ConvertOptions) -> Plan | None:
+def plan_image(path: Path, opts: ConvertOptions, root: str | None = None) -> Plan | None:
     """Inspect the header and decide; None when the file is already as asked."""
     try:
-        with open_image(path) as im:  # links out of the dataset, bombs, unreadable files refused
+        with open_image(path, root=root) as im:  # links out of the dataset, bombs, unreadable files refused
             fmt, mode, frames, size = im.format, im.mode, getattr(im, "n_frames", 1), im.size
             orientation = _orientation(im)
             transparent = mode in ALPHA_MODES or (mode == "P" and "transparency" in im.info)
@@ -121,7 +122,7 @@ def plan_image(path: Path, opts: ConvertOptions) -> Plan | None:
     ext = {v[0]: v[1] for v in FORMATS.values()}[target]
     dst = path if fmt == target else path.with_suffix(ext)
     grey = mode in GREY_MODES and target != "WEBP"
-    return Plan(path, dst, target, tuple(reasons), keep_alpha, grey, icc)
+    return Plan(path, dst, target, tuple(reasons), keep_alpha, grey, icc, root)
 
 
 def _check_side(path: Path, size: tuple[int, int], target: str) -> None:
@@ -146,11 +147,11 @@ def encode(plan: Plan, opts: ConvertOptions) -> bytes:
     """Decode through the one safe loader (first frame, EXIF applied) and encode as planned."""
     background = opts.flatten or (255, 255, 255)
     if plan.alpha:
-        im = load_image(plan.src, "RGBA")
+        im = load_image(plan.src, "RGBA", root=plan.root)
         if plan.grey and plan.pil_format == "PNG":
             im = im.convert("LA")
     else:
-        im = load_image(plan.src, "L" if plan.grey else "RGB", background=background)
+        im = load_image(plan.src, "L" if plan.grey else "RGB", background=background, root=plan.root)
     try:
         return save_bytes(im, plan.pil_format, opts.quality, plan.icc)
     except ValueError as exc:  # an encoder's own limit: this file's failure, not the run's
@@ -207,14 +208,14 @@ def file_key(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
-def verify_image(path: Path) -> None:
+def verify_image(path: Path, root: str | None = None) -> None:
     """Check an image to its end: decode every pixel through the safe loader, read a PNG to IEND.
 
     Image.verify() alone misses a truncated JPEG; a full decode misses a PNG cut after its last
     pixel row (the tail of the zlib stream, IEND), which verify() catches.
     """
-    load_image(path, "keep").close()  # links, bombs and unreadable files refused as everywhere
-    with open_image(path) as im:
+    load_image(path, "keep", root=root).close()  # links, bombs and unreadable files refused as everywhere
+    with open_image(path, root=root) as im:
         if im.format != "PNG":
             return
         try:
@@ -227,11 +228,11 @@ def verify_image(path: Path) -> None:
 
 def _work(item: Item, opts: ConvertOptions, verified: list[int] | None) -> tuple[Plan, bytes] | list[int]:
     """The new bytes to write, or (image kept as it is) the file key it was verified under."""
-    plan = plan_image(item.path, opts)
+    plan = plan_image(item.path, opts, item.root)
     if plan is None:
         key = file_key(item.path)  # before decoding: a change meanwhile means another check next time
         if key != verified:
-            verify_image(item.path)
+            verify_image(item.path, item.root)
         return key
     data = encode(plan, opts)
     _check_free(plan, data)

@@ -94,7 +94,7 @@ def fingerprint(item: Item) -> Fingerprint:
     import imagehash
 
     # before the cache: a looping link cannot be stat-ed, a link out of the dataset is refused
-    problem = unsafe_reason(item.path)
+    problem = unsafe_reason(item.path, item.root)
     if problem:
         raise ImageError(item.path, problem, UNSAFE_HINT)
     sidecar = read_sidecar(item)
@@ -103,7 +103,7 @@ def fingerprint(item: Item) -> Fingerprint:
     if isinstance(cached, dict) and cached.get("algo") == ALGO and cached.get("file") == key:
         w, h = cached["size"]
         return Fingerprint(item, int(cached["phash"], 16), w, h, float(cached["sharpness"]))
-    im = load_image(item.path, "RGB")
+    im = load_image(item.path, "RGB", root=item.root)
     grey = im.convert("L")
     del im
     phash = int(str(imagehash.phash(grey)), 16)

@@ -201,7 +201,7 @@ def plan(items: list[Item], method: MaskMethod, opts: MaskOptions, result: Stage
             result.fail_error(item.path, exc)
             continue
         # a folder, FIFO or link out where the mask goes, or a file named like the mask folder
-        problem = folder_in_the_way(mask_path.parent) or unsafe_reason(mask_path)
+        problem = folder_in_the_way(mask_path.parent) or unsafe_reason(mask_path, item.root)
         if problem:
             where = opts.out if folder_in_the_way(mask_path.parent) else f"{opts.out}/{mask_path.name}"
             result.fail(item.path, f"{where}: {problem}; move it away, then run mask again")
@@ -224,14 +224,14 @@ def plan(items: list[Item], method: MaskMethod, opts: MaskOptions, result: Stage
 
 def _mask_fits(mask_path: Path, item: Item) -> bool:
     try:
-        return image_size(mask_path) == image_size(item.path)
+        return image_size(mask_path, root=item.root) == image_size(item.path, root=item.root)
     except ImageError:
         return False
 
 
 def make_mask(job: Job, method: MaskMethod, opts: MaskOptions) -> Made:
     """Compute one mask (runs in worker threads: no writes here)."""
-    image = load_image(job.item.path, mode=method.image_mode)  # type: ignore[arg-type]
+    image = load_image(job.item.path, mode=method.image_mode, root=job.item.root)  # type: ignore[arg-type]
     w, h = image.size
     try:
         raw = method.make(image, job.item)
@@ -246,7 +246,7 @@ def make_mask(job: Job, method: MaskMethod, opts: MaskOptions) -> Made:
         )
     existing = None
     if opts.post.combine and job.existing:
-        existing = read_mask_image(job.mask_path)
+        existing = read_mask_image(job.mask_path, root=job.item.root)
         if existing.shape != (h, w):
             raise ImageError(
                 job.item.path,

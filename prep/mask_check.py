@@ -93,8 +93,8 @@ def check_entry(item: Item, out: str) -> MaskEntry:
         entry.problem = f"no mask (expected {out}/{entry.mask_path.name})"
         return entry
     try:
-        size = image_size(item.path)
-        mask = read_mask_image(entry.mask_path)
+        size = image_size(item.path, root=item.root)
+        mask = read_mask_image(entry.mask_path, root=item.root)
     except SdprepError as exc:
         entry.problem = exc.reason
         return entry
@@ -176,14 +176,14 @@ def overlay(image: Image.Image, mask: np.ndarray | None) -> Image.Image:
 
 def _thumb(entry: MaskEntry) -> Image.Image:
     try:
-        image = load_image(entry.item.path, mode="RGB")
+        image = load_image(entry.item.path, mode="RGB", root=entry.item.root)
     except SdprepError:
         return Image.new("RGB", (CELL, CELL), (60, 0, 0))
     image.thumbnail((CELL, CELL))
     mask = None
     if entry.mask_path.is_file():
         try:
-            mask_im = Image.fromarray(read_mask_image(entry.mask_path), "L")
+            mask_im = Image.fromarray(read_mask_image(entry.mask_path, root=entry.item.root), "L")
             mask = np.asarray(mask_im.resize(image.size, Image.Resampling.BILINEAR))
         except SdprepError:
             mask = None

@@ -90,18 +90,19 @@ def needs_full_resolution(stats: HsvStats, settings: MonochromeSettings) -> bool
     return not grey and _near(stats.hue_std, settings.hue_threshold)
 
 
-def measure_full(path: Path) -> HsvStats:
-    """The seed's method: HSV statistics of every pixel at full resolution."""
-    arr = np.asarray(load_image(path, "RGB"))
+def measure_full(path: Path, root: Path | str | None = None) -> HsvStats:
+    """The seed's method: HSV statistics of every pixel at full resolution (`root`: the dataset
+    folder, for the symlink rule)."""
+    arr = np.asarray(load_image(path, "RGB", root=root))
     sat, hue = hsv_stats(arr)
     return HsvStats(sat, hue, "full", (arr.shape[1], arr.shape[0]))
 
 
-def measure_reduced(path: Path) -> HsvStats:
+def measure_reduced(path: Path, root: Path | str | None = None) -> HsvStats:
     """HSV statistics of a reduced copy (JPEG DCT scaling at most 1/4, then point sampling)."""
-    w, h = image_size(path)
+    w, h = image_size(path, root=root)
     side = max(REDUCED_SIDE, math.ceil(min(w, h) / MAX_DRAFT_SCALE))
-    arr = np.asarray(load_image(path, "RGB", draft=(side, side)))
+    arr = np.asarray(load_image(path, "RGB", draft=(side, side), root=root))
     stride = max(1, min(arr.shape[:2]) // REDUCED_SIDE)
     if stride > 1:
         arr = arr[::stride, ::stride]
@@ -109,10 +110,10 @@ def measure_reduced(path: Path) -> HsvStats:
     return HsvStats(sat, hue, "reduced", (arr.shape[1], arr.shape[0]))
 
 
-def measure(path: Path, settings: MonochromeSettings) -> HsvStats:
+def measure(path: Path, settings: MonochromeSettings, root: Path | str | None = None) -> HsvStats:
     """Reduced statistics, or full-resolution ones when the reduced ones are near a threshold."""
-    stats = measure_reduced(path)
-    return measure_full(path) if needs_full_resolution(stats, settings) else stats
+    stats = measure_reduced(path, root)
+    return measure_full(path, root) if needs_full_resolution(stats, settings) else stats
 
 
 # -- the sidecar record ------------------------------------------------------------------------
@@ -157,13 +158,14 @@ def make_record(stats: HsvStats, settings: MonochromeSettings, path: Path) -> di
 
 
 def detect(
-    path: Path, previous: Any, settings: MonochromeSettings
+    path: Path, previous: Any, settings: MonochromeSettings, root: Path | str | None = None
 ) -> tuple[str | None, dict[str, Any], bool]:
-    """(label, sidecar record, measured now?) for an image, reusing `previous` statistics when valid."""
+    """(label, sidecar record, measured now?) for an image, reusing `previous` statistics when valid;
+    `root`: the dataset folder, for the symlink rule."""
     stats = stats_from_record(previous, path)
     measured = stats is None or needs_full_resolution(stats, settings)
     if measured:
-        stats = measure(path, settings)
+        stats = measure(path, settings, root)
     record = make_record(stats, settings, path)
     return classify(stats.saturation, stats.hue_std, settings), record, measured
 

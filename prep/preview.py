@@ -56,12 +56,16 @@ class Previews:
     counts: Counter = field(default_factory=Counter)
     crops: list[int] = field(default_factory=lambda: [0] * (STEPS + 1))
     most: tuple[float, str] = (0.0, "")
+    roots: dict[Path, str] = field(default_factory=dict)  # the dataset folder of a shown image
 
-    def add(self, image: Path, a: Assignment) -> None:
+    def add(self, image: Path, a: Assignment, root: str | None = None) -> None:
+        """Count `image` (listed from the dataset folder `root`, for the symlink rule) in its bucket."""
         self.counts[a.bucket] += 1
         rows = self.shown.setdefault(a.bucket, [])
         if len(rows) < self.per_sheet:
             rows.append((image, a))
+            if root is not None:
+                self.roots[image] = root
         cut = max(0.0, min(1.0, a.cropped_fraction))
         self.crops[round(cut * STEPS)] += 1
         if cut > self.most[0]:
@@ -71,7 +75,7 @@ class Previews:
         """(file name, PNG bytes) of each bucket's sheet, the most used bucket first."""
         for bucket, n in sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0])):
             rows = sorted(self.shown[bucket], key=lambda r: r[0].name)
-            yield sheet_name(bucket), draw_sheet(bucket, rows, n)
+            yield sheet_name(bucket), draw_sheet(bucket, rows, n, self.roots)
 
     def crop_lines(self) -> list[str]:
         """The crop amounts in one line: median, 90th percentile, largest (with its image)."""
@@ -104,8 +108,13 @@ def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default()
 
 
-def draw_sheet(bucket: tuple[int, int], rows: list[tuple[Path, Assignment]], total: int) -> bytes:
-    """One bucket's contact sheet as PNG bytes."""
+def draw_sheet(
+    bucket: tuple[int, int],
+    rows: list[tuple[Path, Assignment]],
+    total: int,
+    roots: dict[Path, str] | None = None,
+) -> bytes:
+    """One bucket's contact sheet as PNG bytes (`roots`: an image's dataset folder, if known)."""
     cols = max(1, min(COLUMNS, len(rows)))
     lines = -(-len(rows) // cols)
     font = _font()
@@ -122,14 +131,20 @@ def draw_sheet(bucket: tuple[int, int], rows: list[tuple[Path, Assignment]], tot
     for k, (image, a) in enumerate(rows):
         x = PAD + (k % cols) * (CELL + PAD)
         y = TITLE_H + (k // cols) * (CELL + LABEL_H + PAD)
-        _cell(sheet, draw, font, (x, y), image, a)
+        _cell(sheet, draw, font, (x, y), image, a, (roots or {}).get(image))
     buf = io.BytesIO()
     sheet.save(buf, "PNG", optimize=False)
     return buf.getvalue()
 
 
 def _cell(
-    sheet: Image.Image, draw: ImageDraw.ImageDraw, font, at: tuple[int, int], image: Path, a: Assignment
+    sheet: Image.Image,
+    draw: ImageDraw.ImageDraw,
+    font,
+    at: tuple[int, int],
+    image: Path,
+    a: Assignment,
+    root: str | None,
 ):
     """The image as resized for its bucket, the cropped-away margins shaded, and a two-line label."""
     x, y = at
@@ -138,7 +153,7 @@ def _cell(
     w, h = max(1, round(rw * scale)), max(1, round(rh * scale))
     ox, oy = x + (CELL - w) // 2, y + (CELL - h) // 2
     try:
-        thumb = load_image(image, "RGB", draft=(w, h)).resize((w, h), Image.Resampling.BILINEAR)
+        thumb = load_image(image, "RGB", draft=(w, h), root=root).resize((w, h), Image.Resampling.BILINEAR)
     except SdprepError:
         thumb = Image.new("RGB", (w, h), (200, 200, 200))  # bucket lists unreadable images itself
     left, top, right, bottom = (round(v * scale) for v in a.crop_ltrb)

@@ -177,7 +177,7 @@ def analyse_item(item: Item, opts: ReportOptions, count_tokens, thumbs: bool) ->
     except SdprepError as exc:
         row.error(exc)
     try:
-        im = load_image(item.path)
+        im = load_image(item.path, root=item.root)
     except SdprepError as exc:
         row.error(exc)
         return row, thumb, overlay
@@ -191,7 +191,7 @@ def analyse_item(item: Item, opts: ReportOptions, count_tokens, thumbs: bool) ->
     mask = None
     if mask_path.exists():
         try:
-            mask = load_image(mask_path, mode="L")
+            mask = load_image(mask_path, mode="L", root=item.root)
             problem = mask_size_problem(mask.size, im.size)
             if problem:
                 row.problems.append(problem)

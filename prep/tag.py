@@ -218,7 +218,7 @@ class _Tagging:
             from sdprep.images import load_image
             from sdprep.taggers.wd14 import preprocess
 
-            image = load_image(item.path, "RGB", background=(255, 255, 255))
+            image = load_image(item.path, "RGB", background=(255, 255, 255), root=item.root)
             if p.need_wd14:
                 size = self.tagger.size if self.tagger.session else DEFAULT_SIZE
                 p.pixels = preprocess(image, size)
@@ -414,7 +414,7 @@ def _resize_for(p: Prepared, size: int, preprocess: Any) -> np.ndarray:
     """A model whose input is not 448: redo the preprocessing at its size (rare; the first batch only)."""
     from sdprep.images import load_image
 
-    return preprocess(load_image(p.item.path, "RGB", background=(255, 255, 255)), size)
+    return preprocess(load_image(p.item.path, "RGB", background=(255, 255, 255), root=p.item.root), size)
 
 
 def run_tag(

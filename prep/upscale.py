@@ -132,12 +132,12 @@ def _png(im: Image.Image) -> bytes:
 
 def prepare(item: Item, opts: UpscaleOptions, upscaler: Callable[[], object | None], method: str):
     """Upscale one image (and its mask) in memory; None when it is already large enough."""
-    w, h = image_size(item.path)
+    w, h = image_size(item.path, root=item.root)
     size = target_size(w, h, opts)
     if size is None:
         return None
     sidecar = read_sidecar(item)  # a broken sidecar fails this file before anything is written
-    with open_image(item.path) as probe:
+    with open_image(item.path, root=item.root) as probe:
         fmt, mode, icc = probe.format, probe.mode, probe.info.get("icc_profile")
         transparent = mode in ("RGBA", "LA", "PA") or "transparency" in probe.info
     if fmt not in WRITABLE:
@@ -150,7 +150,7 @@ def prepare(item: Item, opts: UpscaleOptions, upscaler: Callable[[], object | No
             "crop the image (so thin a strip is rarely useful), or lower --min-side / --min-area",
         )
     load_mode = "RGBA" if transparent and fmt != "JPEG" else ("L" if mode in GREY_MODES else "RGB")
-    out = upscale_image(load_image(item.path, load_mode), size, upscaler())
+    out = upscale_image(load_image(item.path, load_mode, root=item.root), size, upscaler())
     data = save_bytes(out, fmt, opts.quality, icc)
     masks, notes = [], []
     for folder in mask_dirs(item.path.parent):  # masks/ and any masks_<name>/ keep the image's size
@@ -162,7 +162,7 @@ def prepare(item: Item, opts: UpscaleOptions, upscaler: Callable[[], object | No
                     f"{folder}/{path.name} is the mask of another image with this stem too",
                     "rename one of them (sdprep rename), then upscale again",
                 )
-            mask = load_image(path, "L")
+            mask = load_image(path, "L", root=item.root)
             if mask.size != (w, h):
                 notes.append(f"  note: {folder}/{path.name} was {mask.width}x{mask.height}, not {w}x{h}")
             masks.append((path, _png(resize_mask(mask, size))))

@@ -21,7 +21,7 @@ import stat
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +80,14 @@ def is_image(path: Path | str) -> bool:
 
 @dataclass(frozen=True)
 class Item:
-    """One image of a dataset and the paths of its companions (which may not exist yet)."""
+    """One image of a dataset and the paths of its companions (which may not exist yet).
+
+    `root`: the real path of the dataset folder it was listed from (`iter_items`), which the
+    symlink rule of its readers honours (`unsafe_reason`); None for an image given on its own.
+    """
 
     path: Path
+    root: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def caption_path(self) -> Path:
@@ -147,33 +152,35 @@ def require_images(root: Path | str, recursive: bool = False) -> Path:
     )
 
 
-def iter_items(root: Path, recursive: bool = False, on_clash: OnClash | None = None) -> Iterator[Item]:
+def iter_items(
+    root: Path, recursive: bool = False, on_clash: OnClash | None = None, dataset: Path | str | None = None
+) -> Iterator[Item]:
     """Stream the images under `root` in sorted order (memory grows with one folder, not the tree).
 
     `on_clash`: stages that read or write what images share by stem (the caption `<stem>.txt`, the
     mask `masks/<stem>.png`, kohya's caption look-up) leave out images whose folder holds another
     image of the same stem (`a.png` and `a.jpg`) and report each with `on_clash(path, reason)`.
 
-    `root` becomes a dataset root for this process: symlinks inside it may point anywhere inside it.
+    Each item carries the real path of `dataset` (the dataset folder `root` belongs to; default
+    `root` itself) as its `root`: symlinks inside the dataset may point anywhere inside it.
     Only the image names of the folder being listed are held (plain strings, sorted): about 70 bytes
     per image, where a sorted list of DirEntry objects took about 450.
     """
-    add_dataset_root(root)
-    yield from _iter_folder(root, recursive, on_clash)
+    yield from _iter_folder(root, recursive, on_clash, os.path.realpath(root if dataset is None else dataset))
 
 
-def _iter_folder(root: Path, recursive: bool, on_clash: OnClash | None) -> Iterator[Item]:
+def _iter_folder(root: Path, recursive: bool, on_clash: OnClash | None, dataset: str) -> Iterator[Item]:
     names, subdirs = _list_images(root)
     if on_clash is not None:
         names = _drop_stem_clashes(root, names, on_clash)
     for name in names:
         # Symlinks (even looping or dangling ones) and special files are listed too, so the stage
         # reports them: the readers refuse what `unsafe_reason` names.
-        yield Item(Path(os.path.join(root, name)))
+        yield Item(Path(os.path.join(root, name)), dataset)
     del names
     if recursive:
         for sub in subdirs:
-            yield from _iter_folder(Path(os.path.join(root, sub)), True, on_clash)
+            yield from _iter_folder(Path(os.path.join(root, sub)), True, on_clash, dataset)
 
 
 def _stem(name: str) -> str:
@@ -235,12 +242,6 @@ def _list_images(root: Path) -> tuple[list[str], list[str]]:
 # -- which files sdprep reads -----------------------------------------------------------------
 
 FOLLOW_SYMLINKS_ENV = "SDPREP_FOLLOW_SYMLINKS"
-_DATASET_ROOTS: set[str] = set()  # real paths of the folders sdprep was pointed at (iter_items)
-
-
-def add_dataset_root(root: Path | str) -> None:
-    """Let symlinks inside `root` point anywhere inside `root` (e.g. a repeat folder linking to raw/)."""
-    _DATASET_ROOTS.add(os.path.realpath(root))
 
 
 def is_within(path: str, folder: str) -> bool:
@@ -251,14 +252,16 @@ def is_within(path: str, folder: str) -> bool:
 UNSAFE_HINT = "copy the file into the dataset, or set SDPREP_FOLLOW_SYMLINKS=1 if you trust every link in it"
 
 
-def unsafe_reason(path: Path | str) -> str | None:
+def unsafe_reason(path: Path | str, root: Path | str | None = None) -> str | None:
     """Why sdprep refuses to read `path`, or None when it may (missing files are the caller's job).
 
     A dataset may come from anywhere, so sdprep follows a symlink only when its target lies in the
-    link's own folder or below it, or in the same dataset root as the link (a folder sdprep was
-    pointed at, see `add_dataset_root`): a link to `~/.ssh/id_rsa` named `001.txt` must not end up
-    in a caption, a report or a training run. Loops, dangling links and special files (a FIFO would
-    block the reader forever) are refused too. SDPREP_FOLLOW_SYMLINKS=1 lifts the folder rule.
+    link's own folder or below it, or, when `root` (the dataset folder the file was listed from,
+    `Item.root`) holds the link, anywhere in `root` (e.g. `10_tok/a.png -> ../raw/a.png`): a link to
+    `~/.ssh/id_rsa` named `001.txt` must not end up in a caption, a report or a training run. The
+    answer depends on the arguments only, never on what was read before. Loops, dangling links and
+    special files (a FIFO would block the reader forever) are refused too.
+    SDPREP_FOLLOW_SYMLINKS=1 lifts the folder rule.
     """
     path = Path(path)
     try:
@@ -274,9 +277,10 @@ def unsafe_reason(path: Path | str) -> str | None:
             return f"broken symlink (to {os.readlink(path)})"
         real = os.path.realpath(path)
         folder = os.path.realpath(path.parent)
-        inside = is_within(real, folder) or any(
-            is_within(folder, root) and is_within(real, root) for root in _DATASET_ROOTS
-        )
+        inside = is_within(real, folder)
+        if not inside and root is not None:
+            dataset = os.path.realpath(root)
+            inside = is_within(folder, dataset) and is_within(real, dataset)
         if not inside and os.environ.get(FOLLOW_SYMLINKS_ENV) != "1":
             return f"symlink to {real}, outside the dataset: sdprep does not follow links out of it"
     if not stat.S_ISREG(st.st_mode):
@@ -303,12 +307,15 @@ def folder_in_the_way(path: Path | str) -> str | None:
 TEXT_MAX_BYTES = 16 << 20  # a caption or sidecar bigger than this is not one (and would fill memory)
 
 
-def read_text_file(path: Path, max_bytes: int | None = TEXT_MAX_BYTES) -> str:
+def read_text_file(
+    path: Path, max_bytes: int | None = TEXT_MAX_BYTES, *, root: Path | str | None = None
+) -> str:
     """Read a caption-like text file: UTF-8 (a BOM is dropped); anything else is a CaptionError.
 
-    Files over `max_bytes` are refused before reading (None: no limit, for kohya metadata files).
+    Files over `max_bytes` are refused before reading (None: no limit, for kohya metadata files);
+    `root`: the dataset folder, for the symlink rule (`unsafe_reason`).
     """
-    problem = unsafe_reason(path)
+    problem = unsafe_reason(path, root)
     if problem:
         raise CaptionError(path, problem, UNSAFE_HINT)
     try:
@@ -366,7 +373,7 @@ def read_caption(item: Item) -> str | None:
     """The caption text without its trailing newline, or None when the image has no caption file."""
     if not item.caption_path.exists():
         return None
-    return read_text_file(item.caption_path).strip()
+    return read_text_file(item.caption_path, root=item.root).strip()
 
 
 _SPACES = re.compile(r"\s+")
@@ -406,7 +413,7 @@ def read_sidecar(item: Item) -> dict[str, Any]:
                 "shorten the file name (`sdprep rename DIR` gives short sequential names)",
             ) from exc
         return {}
-    text = read_text_file(path)
+    text = read_text_file(path, root=item.root)
     try:
         data = loads_json(text) if text.strip() else {}
     except json.JSONDecodeError as exc:

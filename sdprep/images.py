@@ -26,8 +26,8 @@ FORMAT_MAX_SIDE = {"WEBP": ("WebP", 16383), "JPEG": ("JPEG", 65535)}
 Image.MAX_IMAGE_PIXELS = None
 
 
-def _open(path: Path, max_pixels: int) -> Image.Image:
-    problem = unsafe_reason(path)
+def _open(path: Path, max_pixels: int, root: Path | str | None) -> Image.Image:
+    problem = unsafe_reason(path, root)
     if problem:
         raise ImageError(path, problem, UNSAFE_HINT)
     try:
@@ -70,14 +70,18 @@ def unwritable_size(size: tuple[int, int], pil_format: str) -> str | None:
     return None
 
 
-def open_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def open_image(
+    path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS, *, root: Path | str | None = None
+) -> Image.Image:
     """Open (header only, nothing decoded) with every check of `load_image`: links, size limit, errors."""
-    return _open(Path(path), max_pixels)
+    return _open(Path(path), max_pixels, root)
 
 
-def image_size(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+def image_size(
+    path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS, *, root: Path | str | None = None
+) -> tuple[int, int]:
     """(width, height) as displayed (EXIF rotation applied), read from the header only."""
-    return image_header(path, max_pixels).size
+    return image_header(path, max_pixels, root=root).size
 
 
 @dataclass(frozen=True)
@@ -94,10 +98,12 @@ class ImageHeader:
         return self.orientation in range(2, 9)
 
 
-def image_header(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
+def image_header(
+    path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS, *, root: Path | str | None = None
+) -> ImageHeader:
     """Size as displayed, EXIF orientation and whether the image has transparency, from the header."""
     path = Path(path)
-    with _open(path, max_pixels) as im:
+    with _open(path, max_pixels, root) as im:
         w, h = im.size
         try:
             if im.format == "PNG" and "exif" not in im.info:
@@ -148,6 +154,7 @@ def load_image(
     background: tuple[int, int, int] = (255, 255, 255),
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft: tuple[int, int] | None = None,
+    root: Path | str | None = None,
 ) -> Image.Image:
     """Decode an image fully, EXIF orientation applied, first frame of animations.
 
@@ -155,10 +162,11 @@ def load_image(
     a full alpha); "L" is greyscale; "keep" returns the decoded mode (16-bit scaled to 8-bit).
     `draft=(w, h)` lets a JPEG decode at 1/2, 1/4 or 1/8 scale (DCT scaling, much faster), never
     below that size (before EXIF rotation); other formats decode at full size.
-    Any failure is an ImageError naming the file.
+    `root`: the dataset folder the image was listed from (`Item.root`), for the symlink rule
+    (`sdprep.dataset.unsafe_reason`). Any failure is an ImageError naming the file.
     """
     path = Path(path)
-    im = _open(path, max_pixels)
+    im = _open(path, max_pixels, root)
     if draft is not None and im.format == "JPEG":
         im.draft(None, draft)
     try:

@@ -55,16 +55,22 @@ def layout(tmp_path: Path) -> tuple[Path, Path]:
 def test_the_symlink_rule(layout, monkeypatch) -> None:
     data, outside = layout
     with pytest.raises(ImageError, match="outside the dataset"):
-        load_image(data / "sub" / "up.png")  # not yet known to be inside a dataset sdprep was given
-    discover(outside)  # another dataset: links from `data` into it stay refused
-    names = {i.path.relative_to(data).as_posix() for i in discover(data, recursive=True)}
-    assert names == {
+        load_image(data / "sub" / "up.png")  # given on its own: only its folder and below count
+    items = {i.path.relative_to(data).as_posix(): i for i in discover(data, recursive=True)}
+    assert set(items) == {
         "real.png", "inside.png", "down.png", "out.png", "loop.png", "gone.png", "fifo.png",
         "sub/deep.png", "sub/up.png",
     }  # fmt: skip
+    assert {i.root for i in items.values()} == {os.path.realpath(data)}
     for ok in ("real.png", "inside.png", "down.png", "sub/deep.png", "sub/up.png"):
-        assert unsafe_reason(data / ok) is None, ok
-        assert load_image(data / ok).size == (40, 30)
+        assert unsafe_reason(data / ok, data) is None, ok
+        assert load_image(data / ok, root=items[ok].root).size == (40, 30)
+    # the dataset root is passed, never remembered: listing folders changes no later answer
+    discover(outside)
+    with pytest.raises(ImageError, match="outside the dataset"):
+        load_image(data / "sub" / "up.png")
+    assert "outside the dataset" in unsafe_reason(data / "sub" / "up.png", data / "sub")
+    assert "outside the dataset" in unsafe_reason(data / "out.png", outside)  # a root not holding the link
     reasons = {
         "out.png": "outside the dataset",
         "loop.png": "symlink loop",
@@ -73,14 +79,28 @@ def test_the_symlink_rule(layout, monkeypatch) -> None:
     }
     for name, reason in reasons.items():
         with pytest.raises(ImageError, match=re.escape(reason)) as err:
-            load_image(data / name)
+            load_image(data / name, root=data)
         assert "SDPREP_FOLLOW_SYMLINKS" in str(err.value) or name in ("fifo.png",)
     with pytest.raises(CaptionError, match="outside the dataset"):
-        read_caption(Item(data / "real.png"))
+        read_caption(items["real.png"])
 
     monkeypatch.setenv("SDPREP_FOLLOW_SYMLINKS", "1")  # the user trusts the links
     assert load_image(data / "out.png").size == (40, 30)
     assert read_caption(Item(data / "real.png")) == corpus.SECRET_TEXT
+
+
+def test_a_recursive_run_follows_links_within_the_dataset_it_was_given(layout, cli_runner) -> None:
+    """`sub/up.png -> ../real.png` stays inside DIR: a recursive command over DIR reads it; links
+    out of DIR, loops and dangling links are that file's failure."""
+    data, _ = layout
+    (data / "fifo.png").unlink()
+    (data / "real.txt").unlink()
+    res = cli_runner.invoke(cli, ["-q", "mask", str(data), "-r", "--method", "full"])
+    assert res.exit_code == 1, res.output
+    lines = [line.removeprefix("  failed: ") for line in res.output.splitlines() if "  failed: " in line]
+    failed = {Path(line.split(": ")[0]).name for line in lines}
+    assert failed == {"out.png", "loop.png", "gone.png"}, res.output
+    assert (data / "sub" / "masks" / "up.png").is_file()
 
 
 def test_no_command_reads_or_writes_through_links_out_of_the_dataset(layout, cli_runner) -> None:

@@ -109,11 +109,12 @@ def create_method(name: str, settings: MethodSettings | None = None) -> MaskMeth
     return MASK_METHODS[name](settings or MethodSettings())
 
 
-def read_mask_image(path: Path | str) -> np.ndarray:
+def read_mask_image(path: Path | str, *, root: Path | str | None = None) -> np.ndarray:
     """The 8-bit mask [H, W] kohya would read from a mask file: its red channel.
 
     Greyscale files are used as they are (R = G = B); transparent pixels count as black (no loss),
-    so a mask painted as white strokes on a transparent layer means what it looks like.
+    so a mask painted as white strokes on a transparent layer means what it looks like. `root`: the
+    dataset folder, for the symlink rule (`sdprep.dataset.unsafe_reason`).
     """
-    im = load_image(path, mode="RGB", background=(0, 0, 0))
+    im = load_image(path, mode="RGB", background=(0, 0, 0), root=root)
     return np.asarray(im.getchannel("R"), dtype=np.uint8)

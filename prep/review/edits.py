@@ -198,9 +198,9 @@ class Editor:
         writes, changed = [], []
         for e in targets:
             path = e.item.caption_path
-            text = read_existing(path)
+            text = read_existing(path, e.item.root)
             tags = split_tags(text) if text else []
-            result = edit(tags, text or "", CaptionFile(path, e.path))
+            result = edit(tags, text or "", CaptionFile(path, e.path, e.item.root))
             if result != tags:
                 writes.append((path, (format_caption(join_tags(result)) if result else "").encode()))
                 changed.append(e.rel)

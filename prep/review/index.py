@@ -46,10 +46,11 @@ class Entry:
     mask_version: int = 0
     tags: list[str] = field(default_factory=list)  # the caption's tags
     keys: dict[str, str] = field(default_factory=dict)  # tag key -> the tag as written, once each
+    root: str | None = None  # the real path of the dataset folder (the symlink rule)
 
     @property
     def item(self) -> Item:
-        return Item(self.path)
+        return Item(self.path, self.root)
 
     def set_caption(self, caption: str | None) -> None:
         self.caption = caption
@@ -83,7 +84,9 @@ def _mtime(path: Path) -> int:
 
 def read_entry(root: Path, item: Item, *, settings: BucketSettings) -> Entry:
     """An image's entry, from its caption, sidecar and header (no pixel is decoded)."""
-    entry = Entry(item.path.relative_to(root).as_posix(), item.path, version=_mtime(item.path))
+    entry = Entry(
+        item.path.relative_to(root).as_posix(), item.path, version=_mtime(item.path), root=item.root
+    )
     try:
         entry.set_caption(read_caption(item))
         if entry.caption is None:
@@ -99,7 +102,7 @@ def read_entry(root: Path, item: Item, *, settings: BucketSettings) -> Entry:
     except SdprepError as exc:
         entry.problems.append(exc.reason)
     try:
-        entry.size = image_header(item.path).size
+        entry.size = image_header(item.path, root=item.root).size
     except SdprepError as exc:
         entry.problems.append(exc.reason)
         return entry
@@ -109,7 +112,7 @@ def read_entry(root: Path, item: Item, *, settings: BucketSettings) -> Entry:
     if os.path.isfile(mask):
         entry.mask, entry.mask_version = True, _mtime(mask)
         try:
-            problem = mask_size_problem(image_header(mask).size, entry.size)
+            problem = mask_size_problem(image_header(mask, root=item.root).size, entry.size)
         except SdprepError as exc:
             problem = "mask: " + exc.reason
         if problem:
@@ -123,7 +126,7 @@ _size_checks = functools.lru_cache(maxsize=4096)(size_checks)  # datasets repeat
 def mask_is_empty(entry: Entry) -> bool:
     """Whether the entry's mask is all black (decodes the mask)."""
     try:
-        return load_image(entry.item.mask_path(), "L").getextrema()[1] == 0
+        return load_image(entry.item.mask_path(), "L", root=entry.item.root).getextrema()[1] == 0
     except SdprepError:
         return False  # unreadable: already named by the header check
 
@@ -171,7 +174,9 @@ class Index:
         read = functools.partial(read_entry, self.root, settings=self.settings)
         for item, e in map_items(read, iter_items(self.root, self.recursive)):
             if not isinstance(e, Entry):  # an error about the file itself: listed, with the reason
-                e = Entry(item.path.relative_to(self.root).as_posix(), item.path, problems=[str(e)])
+                e = Entry(
+                    item.path.relative_to(self.root).as_posix(), item.path, problems=[str(e)], root=item.root
+                )
             fresh[e.rel] = e
         with self.lock:
             self.entries = fresh

@@ -201,10 +201,10 @@ def create_app(index: Index, editor: Editor, token: str, hosts: set[str] | None 
     def image(request: Request, _body: Any) -> Response:
         e = entry_of(request)
         kind = WEB_IMAGE_TYPES.get(e.path.suffix.lower())
-        if kind and not image_header(e.path).rotated:
+        if kind and not image_header(e.path, root=e.root).rotated:
             return Response(e.path.read_bytes(), media_type=kind, headers={"Cache-Control": "no-cache"})
         buf = io.BytesIO()  # other formats, and EXIF-rotated images: as displayed, in PNG
-        load_image(e.path, "RGBA").save(buf, "PNG")
+        load_image(e.path, "RGBA", root=e.root).save(buf, "PNG")
         return Response(buf.getvalue(), media_type="image/png", headers={"Cache-Control": "no-cache"})
 
     def mask(request: Request, _body: Any) -> Response:
@@ -213,7 +213,7 @@ def create_app(index: Index, editor: Editor, token: str, hosts: set[str] | None 
         if not e.mask or not path.is_file():
             return Response("no mask", 404)
         buf = io.BytesIO()
-        load_image(path, "L").save(buf, "PNG")
+        load_image(path, "L", root=e.root).save(buf, "PNG")
         return Response(buf.getvalue(), media_type="image/png", headers={"Cache-Control": "no-cache"})
 
     def post_caption(request: Request, body: dict) -> dict:

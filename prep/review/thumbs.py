@@ -26,9 +26,10 @@ def thumb_name(rel: str, path: Path, size: int) -> str:
     return hashlib.sha256(key).hexdigest()[:32] + ".jpg"
 
 
-def render_thumbnail(path: Path, size: int = THUMB_SIZE) -> bytes:
-    """A JPEG of the image (EXIF orientation applied, transparency on white) fitting size x size."""
-    im = load_image(path, "RGB", draft=(size, size))
+def render_thumbnail(path: Path, size: int = THUMB_SIZE, root: Path | None = None) -> bytes:
+    """A JPEG of the image (EXIF orientation applied, transparency on white) fitting size x size;
+    `root`: the dataset folder, for the symlink rule."""
+    im = load_image(path, "RGB", draft=(size, size), root=root)
     im.thumbnail((size, size))
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=82)
@@ -43,7 +44,7 @@ def thumbnail(root: Path, rel: str, path: Path, size: int = THUMB_SIZE) -> bytes
         return state.read_bytes(cached)
     except FileNotFoundError:
         pass
-    data = render_thumbnail(path, size)
+    data = render_thumbnail(path, size, root)
     state.check_inside(cached, folder)
     atomic_write_bytes(cached, data, sync=False)
     return data
