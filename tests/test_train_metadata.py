@@ -342,3 +342,39 @@ def test_no_metadata_keeps_kohyas_minimum() -> None:
     }
     assert minimum_metadata(full) == {"ss_v2": "False", "ss_network_dim": "4", "modelspec.title": "x"}
     assert "ss_network_args" in MINIMUM_KEYS and "ss_base_model_version" in MINIMUM_KEYS
+
+
+def test_run_facts_hash_the_base_once_and_say_so_for_a_big_file(base_file: Path, monkeypatch) -> None:
+    """The base model is hashed once per run (at the first save); a big file gets a note first."""
+    import types
+
+    from sdprep.train import outputs
+    from sdprep.train.callbacks import RecordingCallbacks
+    from sdprep.train.metadata import file_hashes
+
+    calls = []
+    monkeypatch.setattr("sdprep.train.metadata.file_hashes", lambda p: calls.append(p) or file_hashes(p))
+    monkeypatch.setattr(outputs, "HASH_NOTE_BYTES", base_file.stat().st_size - 1)
+    cfg = types.SimpleNamespace(
+        no_metadata=False, vae=None, train_batch_size=1, gradient_accumulation_steps=1
+    )
+    trainer = outputs.TrainerOutputs()
+    trainer.__dict__.update(
+        cfg=cfg,
+        cb=RecordingCallbacks(),
+        model=types.SimpleNamespace(source=str(base_file)),
+        name="x",
+        seed=1,
+        pos=types.SimpleNamespace(step=1, epoch=0),
+        num_epochs=1,
+        batches_per_epoch=1,
+        total_steps=1,
+        num_processes=1,
+        optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
+        optimizer_desc="SGD",
+    )
+    first, second = trainer._run_facts("step 1"), trainer._run_facts(None)
+    assert first["model_hashes"] == second["model_hashes"] == file_hashes(base_file)
+    assert calls == [str(base_file)]
+    assert trainer.cb.notes == ["hashing sdxl_random.safetensors for ss_sd_model_hash (as kohya)"]
+    assert (first["epoch"], second["epoch"]) == (0, 1)  # a step save: kohya's 0-based epoch; the end: epochs

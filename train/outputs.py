@@ -9,10 +9,13 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 from sdprep.errors import TrainingError
 from sdprep.train.save import config_hash
+
+HASH_NOTE_BYTES = 1 << 30  # say so when the base model hashed for the metadata is bigger
 
 
 class TrainerOutputs:
@@ -32,6 +35,9 @@ class TrainerOutputs:
             self._session_id = random.SystemRandom().randint(0, 2**32)  # kohya: a random integer
         self._mark_started()  # a save before any step (none today) still gets a time
         if not hasattr(self, "_hashes") and not cfg.no_metadata:  # once per run, as kohya at start
+            src = Path(self.model.source).expanduser()
+            if src.is_file() and src.stat().st_size > HASH_NOTE_BYTES:  # 7 GB take a while to read
+                self.cb.note(f"hashing {src.name} for ss_sd_model_hash (as kohya)")
             self._hashes = (file_hashes(self.model.source), file_hashes(cfg.vae) if cfg.vae else None)
         hashes = getattr(self, "_hashes", (None, None))
         return {
