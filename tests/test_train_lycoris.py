@@ -200,3 +200,32 @@ def test_preflight_reloads_lycoris_files_with_lycoris(trained, tiny_sdxl: Path) 
     modules = len({k.split(".")[0] for k in load_file(str(path))})
     assert reload_check(trained, path) == f"{path.name} loads with LyCORIS's own loader ({modules} modules)"
     assert trained.method.load_with_lycoris(path, load_sdxl(tiny_sdxl)) == modules
+
+
+def test_network_weights_and_loraplus(trained, tmp_path: Path) -> None:
+    """network_weights starts a LyCORIS network from a saved file (its kohya names mapped back);
+    LoRA+ puts the up weights (LyCORIS's own rule: "lora_up" in the name, so LoCon only) at lr x ratio."""
+    import dataclasses
+
+    from sdprep.train.loop import RecordingCallbacks, Trainer
+
+    path = trained.result.output
+    cfg = dataclasses.replace(
+        trained.cfg,
+        network_weights=path,
+        output_dir=tmp_path / "out",
+        loraplus_lr_ratio=4.0,
+        max_train_steps=1,
+    )
+    again = Trainer(cfg, callbacks=RecordingCallbacks())
+    again.setup()
+    saved, loaded = load_file(str(path)), again.method.export_tensors(torch.float32)
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    assert any(n.startswith("network_weights: started from") for n in again.method.notes)
+    lrs = {g["name"]: g["lr"] for g in again.method.param_groups()}
+    if trained.method.algo == "locon":
+        assert lrs["unet plus"] == pytest.approx(4 * lrs["unet"]) and lrs["te1 plus"] == pytest.approx(
+            4 * lrs["te1"]
+        )
+    else:
+        assert not any(name.endswith(" plus") for name in lrs)

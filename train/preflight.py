@@ -369,12 +369,6 @@ def reload_check(trainer: Trainer, path: Path | None) -> str:
         raise SdprepError("no final file was written")
     if trainer.method_name != "lora":
         return f"{path.name} reloaded and verified"
-    algo = getattr(trainer.method, "algo", None)  # LyCORIS
-    if algo is not None and algo not in ("lora", "locon"):
-        return (
-            f"{path.name} reloaded and verified (diffusers does not load LyCORIS {algo} files; "
-            "ComfyUI and A1111 do)"
-        )
     from sdprep.train.models import load_sdxl
 
     fresh = load_sdxl(trainer.model.source if trainer.model.source else path)
