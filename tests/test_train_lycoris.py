@@ -150,7 +150,7 @@ def test_lycoris_loads_the_file_back_into_the_trained_network(trained, tiny_sdxl
 
 def test_locon_file_merges_like_a_kohya_lora(trained, tiny_sdxl: Path) -> None:
     """LoCon is LoRA on more layers: A1111 / ComfyUI merge its lora_down / lora_up / alpha as any
-    kohya LoRA, which gives the trained U-Net."""
+    kohya LoRA, and diffusers' load_lora_weights loads it; both give the trained U-Net."""
     if trained.method.algo != "locon":
         pytest.skip("LoCon only")
     from sdprep.train.models import load_sdxl
@@ -163,6 +163,11 @@ def test_locon_file_merges_like_a_kohya_lora(trained, tiny_sdxl: Path) -> None:
     merge_kohya_file(fresh, load_file(str(trained.result.output)))
     with torch.no_grad():
         got = fresh(sample, t, enc, added_cond_kwargs=added).sample
+    assert (want - got).abs().max() < 1e-5
+    pipe = load_sdxl(tiny_sdxl).pipeline()  # and diffusers loads it as a kohya LoRA
+    pipe.load_lora_weights(str(trained.result.output))
+    with torch.no_grad():
+        got = pipe.unet(sample, t, enc, added_cond_kwargs=added).sample
     assert (want - got).abs().max() < 1e-5
 
 
