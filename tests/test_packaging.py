@@ -44,7 +44,7 @@ def test_non_editable_install_imports_every_subpackage(tmp_path):
         "app.css",
     ):  # the review page ships whole: no CDN
         assert f"sdprep/prep/review/static/{page}" in names, page
-    for data in ("unet/config.json", "tokenizer_2/tokenizer_config.json", "clip_merges.txt.gz", "NOTICE.txt"):
+    for data in ("unet/config.json", "tokenizer_2/tokenizer_config.json", "NOTICE.txt"):
         assert f"sdprep/train/sdxl_base/{data}" in names, data  # SDXL's base config, for single files
     target = tmp_path / "site"
     subprocess.run(
@@ -58,7 +58,10 @@ def test_non_editable_install_imports_every_subpackage(tmp_path):
         "import sdprep, sdprep.prep, sdprep.train, sdprep.taggers, sdprep.train.tiny, sdprep.taggers.tiny\n"
         f"assert sdprep.__file__.startswith({str(target)!r}), sdprep.__file__\n"
         "import importlib.util; assert importlib.util.find_spec('train') is None\n"
-        "from sdprep.train.sdxl_config import clip_vocab; assert len(clip_vocab()) == 49408\n"
+        "import pathlib, tempfile; from sdprep.train.sdxl_config import write_base_config\n"
+        "from transformers import CLIPTokenizer\n"
+        "d = write_base_config(pathlib.Path(tempfile.mkdtemp()))\n"
+        "assert len(CLIPTokenizer.from_pretrained(d / 'tokenizer_2')) == 49408\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True)

@@ -12,6 +12,7 @@ import torch
 
 from sdprep.errors import ModelError
 from sdprep.train import sdxl_config
+from sdprep.train.clip_vocab import VOCAB_SIZE
 from sdprep.train.models import load_sdxl
 from sdprep.train.sgm import pipeline_to_sgm
 
@@ -31,7 +32,7 @@ def test_tokenizers_are_clips(config_dir: Path) -> None:
 
     tok = CLIPTokenizer.from_pretrained(config_dir / "tokenizer")
     tok2 = CLIPTokenizer.from_pretrained(config_dir / "tokenizer_2")
-    assert len(tok) == len(tok2) == sdxl_config.CLIP_VOCAB_SIZE
+    assert len(tok) == len(tok2) == VOCAB_SIZE
     assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert tok2("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert tok.pad_token_id == 49407 and tok2.pad_token_id == 0  # SDXL's second tokenizer pads with "!"
@@ -83,7 +84,7 @@ def test_single_file_loads_without_model_config_through_the_shipped_config(
     """The shipped-config path end to end, on the tiny architecture: a base folder whose component
     configs are the tiny model's (tokenizers and the rest as shipped) stands in for SDXL's. The file
     loads with no model_config, its v-prediction markers are still read, and the tokenizers are
-    CLIP's real ones built from the shipped merges."""
+    CLIP's real ones."""
     base = tmp_path / "base"
     shutil.copytree(sdxl_config.BASE_DIR, base)
     for sub in ("unet", "vae", "text_encoder", "text_encoder_2"):
@@ -94,7 +95,7 @@ def test_single_file_loads_without_model_config_through_the_shipped_config(
     assert model.scheduler_config["prediction_type"] == "v_prediction"
     assert model.scheduler_config["rescale_betas_zero_snr"] is True
     assert any("v_pred" in n for n in model.notes)
-    assert len(model.tokenizer) == len(model.tokenizer_2) == sdxl_config.CLIP_VOCAB_SIZE
+    assert len(model.tokenizer) == len(model.tokenizer_2) == VOCAB_SIZE
     from safetensors.torch import load_file
 
     want = load_file(path)["model.diffusion_model.input_blocks.0.0.weight"]
