@@ -43,6 +43,7 @@ import tomli_w
 from PIL import Image
 
 from sdprep.buckets import Assignment, BucketSettings, assign_bucket, make_buckets
+from sdprep.config import bounded, check_bounds
 from sdprep.dataset import (
     MASK_DIR,
     Item,
@@ -73,9 +74,11 @@ WRITE_BATCH = 256  # images whose files are journalled with one sync
 class BucketOptions:
     out: Path
     token: str = ""
-    repeats: int | None = None  # fixed repeats for every concept
-    target_steps: int | None = None  # steps per epoch wanted (at batch_size); repeats derived
-    batch_size: int | None = None  # written to the dataset TOML only when set (it overrides train_batch_size)
+    repeats: int | None = bounded(None, 1)  # fixed repeats for every concept
+    target_steps: int | None = bounded(None, 1)  # steps per epoch wanted (at batch_size); repeats derived
+    batch_size: int | None = bounded(
+        None, 1
+    )  # written to the TOML only when set (overrides train_batch_size)
     tiers: dict[str, int] = field(default_factory=dict)  # subfolder name -> repeats (quality tiers)
     balance: bool = False  # concepts of different sizes contribute equally per epoch
     reg: tuple[Path, ...] = ()
@@ -87,11 +90,26 @@ class BucketOptions:
     root: str | None = None  # where OUT will be on the training machine: absolute paths from it
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         if self.mask_form not in MASK_FORMS:
             raise ConfigError(f"unknown mask form {self.mask_form!r}", "valid: " + ", ".join(MASK_FORMS))
+        step, (w, h) = self.settings.step, self.settings.resolution
+        if step < SDXL_MIN_STEP or step % SDXL_MIN_STEP:
+            raise ConfigError(f"--step {step} is not a multiple of 32", "SDXL needs bucket steps of 32 or 64")
+        if min(w, h) < MIN_RESOLUTION:
+            raise ConfigError(
+                f"--resolution {w},{h}: each side must be at least {MIN_RESOLUTION}", "e.g. --resolution 1024"
+            )
+        for name, n in self.tiers.items():
+            if n < 1:
+                raise ConfigError(
+                    f'--tier "{name}={n}": repeats must be at least 1', "e.g. --tier 'high quality=40'"
+                )
 
 
 MASK_FORMS = ("alpha", "conditioning")
+SDXL_MIN_STEP = 32  # bucket sides are multiples of this (SDXL's latent and U-Net strides)
+MIN_RESOLUTION = 64
 
 
 @dataclass

@@ -19,12 +19,12 @@ through the dataset's journal (`sdprep undo DIR` restores the previous captions 
 
 from __future__ import annotations
 
-import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdprep.config import bounded, check_bounds
 from sdprep.dataset import SDPREP_KEY, Item, iter_items, join_tags, require_images, sdprep_meta, split_tags
 from sdprep.errors import ConfigError, DatasetError, SdprepError
 from sdprep.executors import Executor
@@ -43,7 +43,7 @@ from sdprep.prep.rules import (
     sidecar_tags,
 )
 from sdprep.progress import NullReporter, Reporter
-from sdprep.stage import StageResult, each_item, progress
+from sdprep.stage import MAX_WORKERS, StageResult, each_item, progress, worker_count
 from sdprep.tags import tag_key
 
 
@@ -54,7 +54,10 @@ class CleanOptions:
     rules: CleanRules = field(default_factory=CleanRules)
     recursive: bool = False
     dry_run: bool = False
-    workers: int = 0  # 0 = auto: up to 4 threads when images are decoded (monochrome test), else 1
+    workers: int = bounded(0, 0, MAX_WORKERS)  # 0 = auto: up to 4 when images are decoded, else 1
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
 
 @dataclass
@@ -198,9 +201,7 @@ def _record(plan: Plan, start: Input, sidecar: dict, text: str | None, place: Pl
 
 def _workers(n: int, decode: bool) -> int:
     """Threads pay off for image decoding only; caption files alone are faster in one thread."""
-    if n > 0:
-        return n
-    return min(4, os.cpu_count() or 1) if decode else 1
+    return worker_count(n, None if decode else 1)
 
 
 def run_clean(

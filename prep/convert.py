@@ -21,6 +21,7 @@ from pathlib import Path
 from PIL import Image, ImageColor
 
 from sdprep import state
+from sdprep.config import bounded, check_bounds
 from sdprep.dataset import Item, dumps_json, loads_json
 from sdprep.errors import ConfigError, ImageError, unknown_choice
 from sdprep.executors import Executor
@@ -28,7 +29,7 @@ from sdprep.fileops import Journal, Operation, atomic_write_text
 from sdprep.images import load_image, open_image, unwritable_size
 from sdprep.prep.rename import companion_pairs
 from sdprep.progress import NullReporter, Reporter
-from sdprep.stage import StageResult, dataset_items, each_item
+from sdprep.stage import MAX_WORKERS, StageResult, dataset_items, each_item, worker_count
 
 # format name -> (Pillow format, extension)
 FORMATS = {"png": ("PNG", ".png"), "jpg": ("JPEG", ".jpg"), "webp": ("WEBP", ".webp")}
@@ -47,17 +48,16 @@ class ConvertOptions:
     can hold it (JPEG flattens onto white)."""
 
     format: str | None = None
-    quality: int = 95
+    quality: int = bounded(95, 1, 100)
     flatten: tuple[int, int, int] | None = None
     keep_alpha: bool = False
     recursive: bool = False
-    workers: int = 1
+    workers: int = bounded(1, 0, MAX_WORKERS)  # see sdprep.stage.WORKERS_HELP
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         if self.format is not None and self.format not in FORMATS:
             raise unknown_choice("format", self.format, FORMATS)
-        if not 1 <= self.quality <= 100:
-            raise ConfigError(f"--quality must be 1-100, got {self.quality}")
         if self.keep_alpha and self.flatten is not None:
             raise ConfigError("--keep-alpha and --flatten contradict each other", "choose one")
         if self.keep_alpha and self.format == "jpg":
@@ -299,7 +299,7 @@ def run_convert(
     with Journal(root).begin("convert") as op:
         try:
             for item, out in each_item(
-                work, items, result, report, "convert", workers=opts.workers, executor=executor
+                work, items, result, report, "convert", workers=worker_count(opts.workers), executor=executor
             ):
                 if isinstance(out, list):
                     verified[rel(item.path)] = out

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from sdprep import state
+from sdprep.config import bounded, check_bounds
 from sdprep.dataset import (
     DUPLICATES_DIR,
     UNSAFE_HINT,
@@ -31,14 +32,14 @@ from sdprep.dataset import (
     shares_stem,
     unsafe_reason,
 )
-from sdprep.errors import ConfigError, DatasetError, ImageError
+from sdprep.errors import DatasetError, ImageError
 from sdprep.executors import Executor
 from sdprep.fileops import Journal, Operation
 from sdprep.images import load_image
 from sdprep.lock import dataset_lock
 from sdprep.prep.rename import companion_pairs, mask_dirs, natural_key, symlinks
 from sdprep.progress import NullReporter, Reporter
-from sdprep.stage import StageResult, dataset_items, each_item, progress
+from sdprep.stage import MAX_WORKERS, StageResult, dataset_items, each_item, progress, worker_count
 
 ALGO = "phash-8"  # recorded with the cached hash; a change of algorithm invalidates the cache
 BLOCK = 512
@@ -49,14 +50,13 @@ MERGE_BATCH = 1 << 16  # close pairs collected before they are merged into compo
 class DedupOptions:
     """threshold: the largest Hamming distance (of 64 bits) that still counts as a duplicate."""
 
-    threshold: int = 6
+    threshold: int = bounded(6, 0, 32)
     dry_run: bool = False
     recursive: bool = False
-    workers: int = 1
+    workers: int = bounded(1, 0, MAX_WORKERS)  # see sdprep.stage.WORKERS_HELP
 
     def __post_init__(self) -> None:
-        if not 0 <= self.threshold <= 32:
-            raise ConfigError(f"--threshold must be 0-32, got {self.threshold}", "6 is a good start")
+        check_bounds(self)
 
 
 @dataclass
@@ -256,7 +256,13 @@ def _fingerprints(
     """Hash every image; new hashes are cached in the sidecars at once (nothing is held back)."""
     fps = []
     hashed = each_item(
-        fingerprint, items, result, report, "dedup: hashing", workers=opts.workers, executor=executor
+        fingerprint,
+        items,
+        result,
+        report,
+        "dedup: hashing",
+        workers=worker_count(opts.workers),
+        executor=executor,
     )
     for item, out in hashed:
         if out.sidecar is not None and op is not None:

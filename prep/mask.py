@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from sdprep.config import bounded, check_bounds
 from sdprep.dataset import (
     MASK_DIR,
     MASK_DIR_PREFIX,
@@ -37,7 +38,7 @@ from sdprep.images import image_size, load_image
 from sdprep.prep.masks.base import MaskMethod, MaskNotFound, MethodSettings, create_method, read_mask_image
 from sdprep.prep.masks.postprocess import COMBINE_MODES, PostOptions, coverage, postprocess, to_uint8
 from sdprep.progress import NullReporter, Reporter
-from sdprep.stage import StageResult, dataset_items, each_item
+from sdprep.stage import MAX_WORKERS, StageResult, dataset_items, each_item, worker_count
 
 FALLBACKS = ("full",)
 META_KEY = "mask"
@@ -59,7 +60,10 @@ class MaskOptions:
     fallback: str | None = None  # "full": an all-white mask where the method finds nothing
     force: bool = False
     recursive: bool = False
-    workers: int = 1
+    workers: int = bounded(1, 0, MAX_WORKERS)  # a method that is not thread-safe runs on one
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 def check_out_dir(out: str) -> str:
@@ -81,14 +85,8 @@ def validate(opts: MaskOptions) -> None:
         raise unknown_choice("fallback", opts.fallback, FALLBACKS)
     if post.combine is not None and post.combine not in COMBINE_MODES:
         raise unknown_choice("combine mode", post.combine, COMBINE_MODES)
-    for name, value in (("threshold", post.threshold), ("floor", post.floor)):
-        if value is not None and not 0.0 <= value <= 1.0:
-            raise ConfigError(f"--{name} must be between 0 and 1, got {value}")
-    for name, value in (("grow", post.grow), ("shrink", post.shrink), ("feather", post.feather)):
-        if value < 0:
-            raise ConfigError(f"--{name} must be 0 or more, got {value}")
-    if opts.workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {opts.workers}")
+    check_bounds(post)
+    check_bounds(opts)
 
 
 def file_sha1(path: Path) -> str:
@@ -277,7 +275,6 @@ def run_mask(
     Masks are made through `executor` (threads, or a Ray cluster where each worker loads the
     method's model once); masks and sidecars are written here.
     """
-    validate(opts)
     method = create_method(opts.method, opts.settings)
     result = StageResult("mask")
     root, items = dataset_items(root, opts.recursive, result.fail)
@@ -318,7 +315,7 @@ def run_mask(
             result,
             report,
             f"mask ({method.name})",
-            workers=opts.workers if method.thread_safe else 1,
+            workers=worker_count(opts.workers) if method.thread_safe else 1,
             path_of=lambda j: j.item.path,
             on_error=nothing_found,
             stop=(ModelError,),  # a model that cannot load (in a remote worker): no one image's fault

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdprep import state
+from sdprep.config import bounded, check_bounds
 from sdprep.dataset import MASK_DIR, Item, iter_items, parse_repeat_folder, require_images
 from sdprep.errors import ConfigError, DatasetError
 from sdprep.fileops import Journal, Operation, read_meta
@@ -40,9 +41,12 @@ class RenameOptions:
 
     pattern: str | None = None
     token: str | None = None
-    start: int = 1
+    start: int = bounded(1, 0)
     recursive: bool = False
     dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
 
 def normalise_extension(suffix: str) -> str:

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from sdprep.buckets import BucketSettings, assign_bucket
+from sdprep.config import bounded, check_bounds
 from sdprep.dataset import (
     Item,
     dumps_json,
@@ -35,7 +36,7 @@ from sdprep.dataset import (
     sdprep_meta,
     split_tags,
 )
-from sdprep.errors import SdprepError, printable
+from sdprep.errors import SdprepError, printable, unknown_choice
 from sdprep.fileops import atomic_write_stream
 from sdprep.images import load_image
 from sdprep.prep.monochrome import COLOUR
@@ -53,11 +54,21 @@ class ReportOptions:
     out: Path | None = None  # default DIR/report.html (or .json)
     format: str = "html"  # html | json
     recursive: bool = True
-    thumb_size: int = 160
-    max_thumbs: int = 5000  # beyond this the gallery lists names only (keeps the file openable)
-    duplicate_distance: int = 4  # pHash Hamming distance at or below which images count as duplicates
+    thumb_size: int = bounded(160, 16)
+    max_thumbs: int = bounded(5000, 0)  # beyond this the gallery lists names only (keeps the file openable)
+    duplicate_distance: int = bounded(
+        4, 0, 64
+    )  # pHash Hamming distance at or below which images are duplicates
     tokenizer: str | None = None  # model folder / hub id for real CLIP token counts
     settings: BucketSettings | None = None  # None: as the dataset was last bucketed, else SDXL defaults
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
+        if self.format not in REPORT_FORMATS:
+            raise unknown_choice("report format", self.format, REPORT_FORMATS)
+
+
+REPORT_FORMATS = ("html", "json")
 
 
 MAX_LISTED = 50  # unreadable files named on the terminal; the report lists them all

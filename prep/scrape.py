@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sdprep import state
+from sdprep.config import bounded, check_bounds
 from sdprep.dataset import REJECTED_DIR, Item, dump_sidecar, is_image, is_within, loads_json, sdprep_meta
 from sdprep.errors import ConfigError, DatasetError, ImageError, SdprepError
 from sdprep.fileops import Journal, Operation, atomic_write_bytes
@@ -56,21 +57,20 @@ class ScrapeOptions:
     gallery-dl's polite default for the site)."""
 
     urls: tuple[str, ...]
-    limit: int | None = None
+    limit: int | None = bounded(None, 1)
     config_file: Path | None = None
     cookies_file: Path | None = None
-    min_side: int = 0
+    min_side: int = bounded(0, 0)
     ratings: tuple[str, ...] = ()
     exclude_tags: tuple[str, ...] = ()
-    sleep_request: float | None = None
+    sleep_request: float | None = bounded(None, 0.0)
 
     def __post_init__(self) -> None:
         if not self.urls:
             raise ConfigError(
                 "no URL given", "example: sdprep scrape 'https://danbooru.donmai.us/posts?tags=x' -o data/"
             )
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"--limit must be at least 1, got {self.limit}")
+        check_bounds(self)
         for r in self.ratings:
             if r not in RATINGS:
                 raise ConfigError(f'unknown rating "{r}"', "valid: g (general), s (sensitive), q, e")

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from sdprep.config import bounded, check_bounds
 from sdprep.dataset import (
     Item,
     dump_sidecar,
@@ -35,7 +36,7 @@ from sdprep.errors import ConfigError, ModelError, SdprepError, unknown_choice
 from sdprep.prep import lineage
 from sdprep.prep.captions import CaptionWriter
 from sdprep.progress import NullReporter, Reporter
-from sdprep.stage import StageResult, dataset_items, map_items, progress
+from sdprep.stage import MAX_WORKERS, StageResult, dataset_items, map_items, progress, worker_count
 from sdprep.taggers.registry import create_tagger, load_captioner
 from sdprep.taggers.rules import MERGE_POLICIES, CaptionRules, caption_from_scores, merge_caption
 from sdprep.taggers.wd14 import DEFAULT_FLOOR, DEFAULT_MODEL, DEFAULT_SIZE, matches_record
@@ -53,8 +54,8 @@ class TagOptions:
     merge: str = "replace"
     recursive: bool = False
     shard: tuple[int, int] | None = None  # (K, N), 1-based
-    batch_size: int = 4
-    workers: int = 2
+    batch_size: int = bounded(4, 1)
+    workers: int = bounded(0, 0, MAX_WORKERS)  # 0 = auto: half a batch, at least 2, decoding ahead
     force: bool = False
     floor: float = DEFAULT_FLOOR
     device: str = "auto"
@@ -66,10 +67,9 @@ class TagOptions:
     boilerplate: tuple[str, ...] | None = None  # None = captions_text.DEFAULT_BOILERPLATE
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         if self.merge not in MERGE_POLICIES:
             raise unknown_choice("merge policy", self.merge, MERGE_POLICIES)
-        if self.batch_size < 1:
-            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
         if not 0 < self.floor < 1:
             raise ConfigError(f"score floor must be between 0 and 1, got {self.floor}")
         for name in ("general_threshold", "character_threshold"):
@@ -236,7 +236,7 @@ class _Tagging:
     # -- main thread -------------------------------------------------------------------------
     def run(self, items: list[Item]) -> StageResult:
         opts = self.opts
-        workers = max(opts.workers, -(-2 * opts.batch_size // 4))  # map_items keeps 4 per worker ahead
+        workers = worker_count(opts.workers, max(2, -(-opts.batch_size // 2)))  # 4 each ahead: 2 batches
         batch: list[Prepared] = []
         # the writer writes what is finished when the run ends, even on Ctrl-C
         with progress(self.report, len(items), "tag"), CaptionWriter(self.root, "tag") as self.writer:

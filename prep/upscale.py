@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from sdprep.config import bounded, check_bounds
 from sdprep.dataset import (
     Item,
     dump_sidecar,
@@ -34,7 +35,7 @@ from sdprep.images import image_size, load_image, open_image, unwritable_size
 from sdprep.prep.convert import GREY_MODES, save_bytes
 from sdprep.prep.rename import mask_dirs
 from sdprep.progress import NullReporter, Reporter
-from sdprep.stage import StageResult, dataset_items, each_item
+from sdprep.stage import MAX_WORKERS, StageResult, dataset_items, each_item, worker_count
 
 DEFAULT_MIN_AREA = 1024 * 1024
 WRITABLE = {"PNG", "JPEG", "WEBP", "BMP", "TIFF"}
@@ -46,22 +47,19 @@ class UpscaleOptions:
     """min_area: pixels an image must have (default 1024x1024); min_side, when given, replaces it
     with a shortest-side rule. model: a local upscaler weights file (None = Lanczos)."""
 
-    min_area: int = DEFAULT_MIN_AREA
-    min_side: int | None = None
+    min_area: int = bounded(DEFAULT_MIN_AREA, 1)
+    min_side: int | None = bounded(None, 1)
     model: Path | None = None
-    tile: int = 256
-    overlap: int = 16
+    tile: int = bounded(256, 0)
+    overlap: int = bounded(16, 0, option="--tile-overlap")
     device: str = "auto"
-    quality: int = 95
+    quality: int = bounded(95, 1, 100)
     recursive: bool = False
-    workers: int = 1
+    workers: int = bounded(1, 0, MAX_WORKERS)  # Lanczos only: a model runs on one thread
     trust_pickle: bool = False  # unpickle a .pth that holds more than tensors (can run code)
 
     def __post_init__(self) -> None:
-        if self.min_area < 1 or (self.min_side is not None and self.min_side < 1):
-            raise ConfigError("--min-area and --min-side must be positive")
-        if self.tile < 0 or self.overlap < 0:
-            raise ConfigError("--tile and --tile-overlap cannot be negative")
+        check_bounds(self)
 
 
 def parse_pixels(text: str) -> int:
@@ -216,7 +214,7 @@ def run_upscale(
     root, items = dataset_items(root, opts.recursive)
     lazy = _LazyUpscaler(opts)
     result = StageResult("upscale")
-    workers = 1 if opts.model is not None else opts.workers  # one model, one stream of tiles
+    workers = 1 if opts.model is not None else worker_count(opts.workers)  # one model, one stream of tiles
     with Journal(root).begin("upscale") as op:
         prepared = each_item(
             lambda i: prepare(i, opts, lazy, lazy.method),

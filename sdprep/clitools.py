@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+from collections.abc import Callable
+from typing import Any
+
 import click
 
 from sdprep.progress import NullReporter, Reporter, RichReporter
-from sdprep.stage import StageResult
+from sdprep.stage import WORKERS_HELP, StageResult
 
 
 def reporter(ctx: click.Context | None = None) -> Reporter:
@@ -25,3 +30,30 @@ def finish(result: StageResult) -> None:
     click.echo(result.summary())
     if result.failed:
         raise click.exceptions.Exit(1)
+
+
+class FieldOption(click.Option):
+    """An option whose default is a field's default in a stage's options class (see `field_option`)."""
+
+    def __init__(self, *args: Any, options: str, field: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.options_class, self.field_name = options, field
+
+    def get_default(self, ctx: click.Context, call: bool = True) -> Any:
+        module, _, name = self.options_class.partition(":")
+        cls = getattr(importlib.import_module(module), name)
+        found = {f.name: f for f in dataclasses.fields(cls)}[self.field_name]
+        return found.default_factory() if found.default is dataclasses.MISSING else found.default
+
+
+def field_option(options: str, field: str, *decls: str, **kwargs: Any) -> Callable:
+    """A click option for `field` of the options class `options` ("module:Class"): its default is
+    the class's (the module is imported only when the default is needed, so `sdprep --help` stays
+    light), and its value is checked by the class when the command builds it, as `sdprep run`
+    builds it from a project file, so both accept exactly the same values."""
+    return click.option(*decls, cls=FieldOption, options=options, field=field, show_default=True, **kwargs)
+
+
+def workers_option(options: str) -> Callable:
+    """`-j/--workers N`, with the one meaning it has in every command (`sdprep.stage.WORKERS_HELP`)."""
+    return field_option(options, "workers", "-j", "--workers", type=int, metavar="N", help=WORKERS_HELP)

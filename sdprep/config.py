@@ -226,6 +226,41 @@ def from_dict(
         raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
 
 
+# -- ranges of option values ---------------------------------------------------------------
+
+
+def bounded(default: Any, low: float | None = None, high: float | None = None, option: str = "") -> Any:
+    """A dataclass field whose value (when not None) must lie in [low, high]; None: no bound.
+
+    The options class checks it in `__post_init__` (`check_bounds`), so a command, a project file
+    and a caller of the library meet the same rule, with the same message. `option`: the
+    command-line name when it is not `--<field-name>`.
+    """
+    return dataclasses.field(default=default, metadata={"range": (low, high), "option": option})
+
+
+def _range_text(low: float | None, high: float | None) -> str:
+    if low is not None and high is not None:
+        whole = isinstance(low, int) and isinstance(high, int)
+        return f"{low}-{high}" if whole else f"between {low:g} and {high:g}"
+    if low is not None:
+        return "0 or more" if low == 0 else f"at least {low:g}"
+    return f"at most {high:g}"
+
+
+def check_bounds(obj: Any) -> None:
+    """A ConfigError for the first `bounded` field of the dataclass `obj` outside its range
+    (named as its command-line option: `--batch-size must be at least 1, got 0`)."""
+    for f in dataclasses.fields(obj):
+        low, high = f.metadata.get("range", (None, None))
+        value = getattr(obj, f.name)
+        if value is None or (low is None and high is None):
+            continue
+        if (low is not None and value < low) or (high is not None and value > high):
+            option = f.metadata.get("option") or "--" + f.name.replace("_", "-")
+            raise ConfigError(f"{option} must be {_range_text(low, high)}, got {value}")
+
+
 def to_dict(obj: Any) -> Any:
     """A dataclass as plain TOML/JSON-friendly values (paths as strings, tuples as lists).
 

@@ -74,6 +74,23 @@ def failure_reason(path: Path | str, exc: Exception) -> str:
     return reason
 
 
+# -- --workers: one meaning in every command ---------------------------------------------------
+
+MAX_WORKERS = 64
+WORKERS_HELP = (
+    "Images worked on at once, in threads (reading, decoding, hashing, encoding); 0 = auto "
+    "(up to 4, as the machine has cores). A model that runs one image at a time uses one."
+)
+
+
+def worker_count(workers: int, auto: int | None = None) -> int:
+    """The threads of a stage's pass for `--workers N`: N, or for 0 the stage's own choice `auto`
+    (default: up to 4, as many as the machine has cores)."""
+    if workers > 0:
+        return workers
+    return auto if auto is not None else min(4, os.cpu_count() or 1)
+
+
 # File-system errors that are about the disk, not one file: the run stops instead of listing them all.
 WHOLE_RUN_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 

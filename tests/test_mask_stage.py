@@ -171,14 +171,14 @@ def test_stem_clash_and_empty_mask_fail_per_file(tmp_path):
 
 
 def test_invalid_options():
-    for opts, message in [
-        (MaskOptions("full", post=PostOptions(threshold=2)), "--threshold must be between 0 and 1"),
-        (MaskOptions("full", post=PostOptions(grow=-1)), "--grow must be 0 or more"),
-        (MaskOptions("full", fallback="half"), 'unknown fallback "half"'),
-        (MaskOptions("clipseg"), "--method clipseg needs at least one --prompt"),
+    for make, message in [  # refused as the options are built (clipseg's prompt: as the method is)
+        (lambda: MaskOptions("full", post=PostOptions(threshold=2)), "--threshold must be between 0 and 1"),
+        (lambda: MaskOptions("full", post=PostOptions(grow=-1)), "--grow must be 0 or more"),
+        (lambda: MaskOptions("full", fallback="half"), 'unknown fallback "half"'),
+        (lambda: MaskOptions("clipseg"), "--method clipseg needs at least one --prompt"),
     ]:
         with pytest.raises(ConfigError, match=message):
-            run_mask(".", opts)
+            run_mask(".", make())
 
 
 def test_import_stage_notes_resized_masks(sample_dataset, tmp_path):

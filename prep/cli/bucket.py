@@ -7,15 +7,18 @@ from pathlib import Path
 import click
 
 from sdprep.buckets import BucketSettings
-from sdprep.clitools import finish, reporter
+from sdprep.clitools import field_option, finish, reporter
 from sdprep.errors import ConfigError
+
+OPTIONS = "sdprep.prep.bucket:BucketOptions"
+SETTINGS = "sdprep.buckets:BucketSettings"
 
 
 def _parse_tiers(values: tuple[str, ...]) -> dict[str, int]:
     tiers = {}
     for value in values:
         name, sep, n = value.rpartition("=")
-        if not sep or not name.strip() or not n.strip().isdigit() or int(n) < 1:
+        if not sep or not name.strip() or not n.strip().isdigit():  # BucketOptions checks n >= 1
             raise ConfigError(
                 f'--tier "{value}" is not of the form FOLDER=REPEATS', "e.g. --tier 'high quality=40'"
             )
@@ -33,7 +36,7 @@ def _parse_resolution(value: str) -> tuple[int, int]:
         ) from None
     if len(nums) == 1:
         nums *= 2
-    if len(nums) != 2 or min(nums) < 64:
+    if len(nums) != 2:  # BucketOptions checks the sizes
         raise ConfigError(
             f'--resolution "{value}" is not W,H or a single size', "e.g. --resolution 1024,1024"
         )
@@ -45,19 +48,22 @@ def _parse_resolution(value: str) -> tuple[int, int]:
 @click.option(
     "-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder."
 )
-@click.option(
+@field_option(
+    OPTIONS,
+    "token",
     "--token",
-    default="",
     help="Class token / trigger for the concept folder name (40_TOKEN). Default: the trigger "
     "`sdprep clean --trigger` recorded.",
 )
-@click.option("--repeats", type=click.IntRange(min=1), help="Fixed repeats for every concept.")
-@click.option(
-    "--target-steps", type=click.IntRange(min=1), help="Choose repeats so an epoch is about N steps."
+@field_option(OPTIONS, "repeats", "--repeats", type=int, help="Fixed repeats for every concept.")
+@field_option(
+    OPTIONS, "target_steps", "--target-steps", type=int, help="Choose repeats so an epoch is about N steps."
 )
-@click.option(
+@field_option(
+    OPTIONS,
+    "batch_size",
     "--batch-size",
-    type=click.IntRange(min=1),
+    type=int,
     help="Batch size for --target-steps (default 1); written to the TOML only when given, where it "
     "overrides kohya's --train_batch_size.",
 )
@@ -76,26 +82,23 @@ def _parse_resolution(value: str) -> tuple[int, int]:
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Regularisation image folder (repeatable).",
 )
-@click.option(
-    "--reg-token", default="", help="Class tokens of the regularisation images (default: folder name)."
+@field_option(
+    OPTIONS,
+    "reg_token",
+    "--reg-token",
+    help="Class tokens of the regularisation images (default: folder name).",
 )
 @click.option("--resolution", default="1024,1024", show_default=True, help="Max bucket area as W,H.")
-@click.option(
-    "--step",
-    type=click.IntRange(min=32),
-    default=64,
-    show_default=True,
-    help="Bucket step (multiple of 32 for SDXL).",
-)
-@click.option("--min-side", type=int, default=256, show_default=True, help="Smallest bucket side.")
-@click.option("--max-side", type=int, default=2048, show_default=True, help="Largest bucket side.")
+@field_option(SETTINGS, "step", "--step", type=int, help="Bucket step (multiple of 32 for SDXL).")
+@field_option(SETTINGS, "min_side", "--min-side", type=int, help="Smallest bucket side.")
+@field_option(SETTINGS, "max_side", "--max-side", type=int, help="Largest bucket side.")
 @click.option("--no-upscale", is_flag=True, help="Small images keep their size (kohya's bucket_no_upscale).")
 @click.option("--copy", is_flag=True, help="Copy files instead of hard-linking them.")
-@click.option(
+@field_option(
+    OPTIONS,
+    "mask_form",
     "--mask-form",
     type=click.Choice(["alpha", "conditioning"]),
-    default="alpha",
-    show_default=True,
     help="How masks reach kohya: baked into PNG copies' alpha channel (alpha_mask; keeps class tokens "
     "and reg images), or mask files (conditioning_data_dir; needs --masked_loss, no --reg).",
 )
@@ -144,8 +147,6 @@ def command(
     """
     from sdprep.prep.bucket import BucketOptions, run_bucket
 
-    if step % 32:
-        raise ConfigError(f"--step {step} is not a multiple of 32", "SDXL needs bucket steps of 32 or 64")
     settings = BucketSettings(_parse_resolution(resolution), step, min_side, max_side, no_upscale)
     opts = BucketOptions(
         out=out,

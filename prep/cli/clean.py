@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import finish, reporter, verbosity
+from sdprep.clitools import finish, reporter, verbosity, workers_option
 from sdprep.prep.cli.scores import score_options
 
 SORTS = ("as-tagged", "score", "alphabetical", "category")
@@ -111,7 +111,7 @@ def _patterns(values: tuple[str, ...]) -> tuple[str, ...] | None:
     help="Where tags come from.  [default: auto]",
 )
 @score_options(layered=True)
-@click.option("--workers", type=click.IntRange(0), default=0, help="Threads for image decoding (0 = auto).")
+@workers_option("sdprep.prep.clean:CleanOptions")
 @click.option(
     "--dry-run",
     is_flag=True,

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import finish, reporter
+from sdprep.clitools import field_option, finish, reporter, workers_option
+
+OPTIONS = "sdprep.prep.convert:ConvertOptions"
 
 
 @click.command("convert")
@@ -18,13 +20,11 @@ from sdprep.clitools import finish, reporter
     default=None,
     help="Re-encode every image to this format (default: keep PNG/JPEG/WebP, others become PNG).",
 )
-@click.option(
-    "--quality", default=95, show_default=True, type=click.IntRange(1, 100), help="JPEG/WebP quality."
-)
+@field_option(OPTIONS, "quality", "--quality", type=int, help="JPEG/WebP quality (1-100).")
 @click.option("--flatten", "flatten", default=None, metavar="COLOR", help="Flatten transparency onto COLOR.")
 @click.option("--keep-alpha", is_flag=True, help="Keep transparency (an error with --format jpg).")
 @click.option("-r", "--recursive", is_flag=True, help="Convert images in subfolders too.")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="Encoding threads.")
+@workers_option(OPTIONS)
 @click.pass_context
 def command(
     ctx: click.Context,

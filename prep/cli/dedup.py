@@ -6,21 +6,23 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import finish, reporter
+from sdprep.clitools import field_option, finish, reporter, workers_option
+
+OPTIONS = "sdprep.prep.dedup:DedupOptions"
 
 
 @click.command("dedup")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option(
+@field_option(
+    OPTIONS,
+    "threshold",
     "--threshold",
-    default=6,
-    show_default=True,
-    type=click.IntRange(0, 32),
-    help="Largest pHash Hamming distance (of 64 bits) counted as a duplicate; 0 = near-identical only.",
+    type=int,
+    help="Largest pHash Hamming distance (0-32 of 64 bits) counted as a duplicate; 0 = near-identical only.",
 )
 @click.option("--dry-run", is_flag=True, help="List the groups and change nothing.")
 @click.option("-r", "--recursive", is_flag=True, help="Include subfolders (duplicates across folders too).")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="Hashing threads.")
+@workers_option(OPTIONS)
 @click.pass_context
 def command(
     ctx: click.Context, directory: Path, threshold: int, dry_run: bool, recursive: bool, workers: int

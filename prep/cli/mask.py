@@ -6,7 +6,11 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import finish, reporter
+from sdprep.clitools import field_option, finish, reporter, workers_option
+
+OPTIONS = "sdprep.prep.mask:MaskOptions"
+SETTINGS = "sdprep.prep.masks.base:MethodSettings"
+POST = "sdprep.prep.masks.postprocess:PostOptions"
 
 METHODS = ("alpha", "face", "clipseg", "color", "import", "full")
 
@@ -15,25 +19,17 @@ METHODS = ("alpha", "face", "clipseg", "color", "import", "full")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-m", "--method", type=click.Choice(METHODS), help="How to make the masks.")
 @click.option("--check", is_flag=True, help="Check the masks of DIRECTORY instead and draw a preview sheet.")
-@click.option(
-    "--out", default="masks", show_default=True, help='Mask folder beside the images ("masks_<name>" too).'
-)
+@field_option(OPTIONS, "out", "--out", help='Mask folder beside the images ("masks_<name>" too).')
 @click.option(
     "-p", "--prompt", "prompts", multiple=True, help="clipseg: what to learn, e.g. head (repeatable)."
 )
-@click.option(
-    "--model", default="CIDAS/clipseg-rd64-refined", show_default=True, help="clipseg: hub id or folder."
-)
-@click.option("--cascade", default=None, help="face: cascade XML (default: OpenCV's frontal face).")
-@click.option(
-    "--pad", default=0.25, show_default=True, type=float, help="face: box padding, fraction of the box."
-)
+@field_option(SETTINGS, "model", "--model", help="clipseg: hub id or folder.")
+@field_option(SETTINGS, "cascade", "--cascade", help="face: cascade XML (default: OpenCV's frontal face).")
+@field_option(SETTINGS, "pad", "--pad", type=float, help="face: box padding, fraction of the box.")
 @click.option(
     "--color", "color", default=None, help='color: background colour ("#ffffff", "white"; default: border).'
 )
-@click.option(
-    "--tolerance", default=30.0, show_default=True, type=float, help="color: RGB distance still background."
-)
+@field_option(SETTINGS, "tolerance", "--tolerance", type=float, help="color: RGB distance still background.")
 @click.option("--border-only", is_flag=True, help="color: only background regions touching the border.")
 @click.option(
     "--from",
@@ -41,16 +37,13 @@ METHODS = ("alpha", "face", "clipseg", "color", "import", "full")
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="import: folder of painted masks (same stem as the images, red channel read).",
 )
-@click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Binarise: >= T becomes white.")
-@click.option("--grow", default=0, type=click.IntRange(min=0), help="Widen white areas by N px.")
-@click.option("--shrink", default=0, type=click.IntRange(min=0), help="Narrow white areas by N px.")
-@click.option("--feather", default=0.0, type=click.FloatRange(min=0), help="Soften edges over about R px.")
+@field_option(POST, "threshold", "--threshold", type=float, help="Binarise: >= T (0-1) becomes white.")
+@field_option(POST, "grow", "--grow", type=int, help="Widen white areas by N px.")
+@field_option(POST, "shrink", "--shrink", type=int, help="Narrow white areas by N px.")
+@field_option(POST, "feather", "--feather", type=float, help="Soften edges over about R px.")
 @click.option("--invert", is_flag=True, help="Swap learned and ignored areas.")
-@click.option(
-    "--floor",
-    default=0.0,
-    type=click.FloatRange(0, 1),
-    help="Smallest weight (OneTrainer's unmasked weight).",
+@field_option(
+    POST, "floor", "--floor", type=float, help="Smallest weight, 0-1 (OneTrainer's unmasked weight)."
 )
 @click.option(
     "--combine", type=click.Choice(["union", "intersection"]), help="Merge with the mask already there."
@@ -63,7 +56,7 @@ METHODS = ("alpha", "face", "clipseg", "color", "import", "full")
 )
 @click.option("--force", is_flag=True, help="Redo masks that are up to date.")
 @click.option("-r", "--recursive", is_flag=True, help="Include subfolders (each gets its own mask folder).")
-@click.option("-j", "--workers", default=1, show_default=True, type=click.IntRange(min=1), help="Threads.")
+@workers_option(OPTIONS)
 @click.option(
     "--preview", type=click.Path(dir_okay=False, path_type=Path), help="--check: preview sheet PNG path."
 )

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import finish, reporter
+from sdprep.clitools import field_option, finish, reporter
+
+OPTIONS = "sdprep.prep.rename:RenameOptions"
 
 
 @click.command("rename")
@@ -17,7 +19,7 @@ from sdprep.clitools import finish, reporter
     help="Name pattern over {n} (index), {token}, {stem} (old name), {folder}; default 001, 002...",
 )
 @click.option("--token", default=None, help="Value of {token} (default: the kohya folder's class tokens).")
-@click.option("--start", default=1, show_default=True, type=click.IntRange(min=0), help="First number.")
+@field_option(OPTIONS, "start", "--start", type=int, help="First number.")
 @click.option("-r", "--recursive", is_flag=True, help="Rename in subfolders too (numbered per folder).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
 @click.pass_context

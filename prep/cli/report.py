@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import reporter
+from sdprep.clitools import field_option, reporter
+
+OPTIONS = "sdprep.prep.report:ReportOptions"
 
 
 @click.command("report")
@@ -17,16 +19,12 @@ from sdprep.clitools import reporter
     type=click.Path(dir_okay=False, path_type=Path),
     help="Report file (default DIR/report.html).",
 )
-@click.option("--format", "fmt", type=click.Choice(["html", "json"]), default="html", show_default=True)
+@field_option(
+    OPTIONS, "format", "--format", "fmt", type=click.Choice(["html", "json"]), help="Report format."
+)
 @click.option("--recursive/--no-recursive", default=True, show_default=True, help="Include subfolders.")
 @click.option("--tokenizer", help="Model folder or hub id whose CLIP tokenizer counts caption tokens.")
-@click.option(
-    "--max-thumbs",
-    type=click.IntRange(min=0),
-    default=5000,
-    show_default=True,
-    help="Thumbnails for at most N images.",
-)
+@field_option(OPTIONS, "max_thumbs", "--max-thumbs", type=int, help="Thumbnails for at most N images.")
 @click.pass_context
 def command(ctx, directory, out, fmt, recursive, tokenizer, max_thumbs) -> None:
     """Write a self-contained HTML (or JSON) report of the dataset in DIRECTORY.

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import finish, reporter
+from sdprep.clitools import field_option, finish, reporter
+
+OPTIONS = "sdprep.prep.scrape:ScrapeOptions"
 
 
 def _split(values: tuple[str, ...]) -> tuple[str, ...]:
@@ -23,7 +25,7 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
     type=click.Path(file_okay=False, path_type=Path),
     help="Dataset folder.",
 )
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N files per URL.")
+@field_option(OPTIONS, "limit", "--limit", type=int, help="At most N files per URL.")
 @click.option(
     "--config",
     "config_file",
@@ -36,10 +38,11 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
     type=click.Path(dir_okay=False, path_type=Path),
     help="A cookies.txt file for sites that need a login.",
 )
-@click.option(
+@field_option(
+    OPTIONS,
+    "min_side",
     "--min-side",
-    default=0,
-    type=click.IntRange(min=0),
+    type=int,
     metavar="PX",
     help="Reject images whose shorter side is below PX.",
 )
@@ -56,10 +59,11 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
     metavar="TAG[,TAG]",
     help="Reject images with these tags (globs and re: allowed).",
 )
-@click.option(
+@field_option(
+    OPTIONS,
+    "sleep_request",
     "--sleep-request",
-    type=click.FloatRange(min=0),
-    default=None,
+    type=float,
     metavar="SECONDS",
     help="Pause between requests (default: gallery-dl's for the site).",
 )

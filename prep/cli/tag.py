@@ -7,10 +7,12 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import finish, reporter
+from sdprep.clitools import field_option, finish, reporter, workers_option
 from sdprep.prep.cli.scores import score_options
 
 DEVICES = ("auto", "cpu", "cuda", "rocm", "directml", "coreml")  # taggers.wd14.DEVICES, kept import-free
+OPTIONS = "sdprep.prep.tag:TagOptions"
+RULES = "sdprep.taggers.rules:CaptionRules"
 
 
 def _replacements(values: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
@@ -54,12 +56,12 @@ def _tag_list(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.command("tag")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-r", "--recursive", is_flag=True, help="Tag images in subfolders too.")
-@click.option(
+@field_option(
+    OPTIONS,
+    "model",
     "--model",
     "--model-dir",
     "model",
-    default="SmilingWolf/wd-swinv2-tagger-v3",
-    show_default=True,
     metavar="REPO_OR_DIR",
     help="WD14 model: a SmilingWolf hub id (v2 or v3) or a folder with model.onnx + selected_tags.csv.",
 )
@@ -89,35 +91,28 @@ def _tag_list(values: tuple[str, ...]) -> tuple[str, ...]:
     metavar="A=B",
     help="Replace tag A by B, as in clean (B may list several; empty removes), e.g. 'hatsune miku=mytoken'.",
 )
-@click.option("--separator", default=", ", show_default=True, help="Between tags.")
-@click.option(
+@field_option(RULES, "separator", "--separator", help="Between tags.")
+@field_option(
+    OPTIONS,
+    "merge",
     "--merge",
     type=click.Choice(["replace", "append", "keep"]),
-    default="replace",
-    show_default=True,
     help="With an existing caption: replace it, append new tags (deduped), or keep it.",
 )
-@click.option(
+@field_option(
+    OPTIONS,
+    "batch_size",
     "--batch-size",
-    default=4,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Images per step (on the CPU WD14 runs each image on its own: scores never depend on it; on a GPU the batch runs in one call).",
+    type=int,
+    help="Images per step (on the CPU WD14 runs each image on its own: scores never depend on it; "
+    "on a GPU the batch runs in one call).",
 )
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1), help="Decoding threads.")
-@click.option(
-    "--device",
-    type=click.Choice(DEVICES),
-    default="auto",
-    show_default=True,
-    help="onnxruntime provider for WD14.",
+@workers_option(OPTIONS)
+@field_option(
+    OPTIONS, "device", "--device", type=click.Choice(DEVICES), help="onnxruntime provider for WD14."
 )
-@click.option(
-    "--score-floor",
-    default=0.05,
-    show_default=True,
-    type=float,
-    help="Keep raw scores at or above this in the sidecar.",
+@field_option(
+    OPTIONS, "floor", "--score-floor", type=float, help="Keep raw scores at or above this in the sidecar."
 )
 @click.option(
     "--shard",
@@ -144,7 +139,7 @@ def _tag_list(values: tuple[str, ...]) -> tuple[str, ...]:
     metavar="TEMPLATE",
     help="Caption file from {trigger}, {tags}, {caption}; default {tags}, or '{trigger}, {tags}. {caption}' with --captioner.",
 )
-@click.option("--trigger", default="", help="Value of {trigger} in templates.")
+@field_option(OPTIONS, "trigger", "--trigger", help="Value of {trigger} in templates.")
 @click.option(
     "--boilerplate",
     multiple=True,

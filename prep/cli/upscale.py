@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import finish, reporter
+from sdprep.clitools import field_option, finish, reporter, workers_option
+
+OPTIONS = "sdprep.prep.upscale:UpscaleOptions"
 
 
 @click.command("upscale")
@@ -14,42 +16,24 @@ from sdprep.clitools import finish, reporter
 @click.option(
     "--min-area", default=None, metavar="PIXELS", help="Target area, e.g. 1048576 or 1024x1024 (default)."
 )
-@click.option(
-    "--min-side", default=None, type=click.IntRange(min=1), metavar="PX", help="Target shortest side instead."
-)
+@field_option(OPTIONS, "min_side", "--min-side", type=int, metavar="PX", help="Target shortest side instead.")
 @click.option(
     "--model",
     default=None,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Local upscaler weights (.safetensors/.pth): ESRGAN, Real-ESRGAN; more with spandrel.",
 )
-@click.option(
-    "--tile",
-    default=256,
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="Model tile size (0 = whole image).",
-)
-@click.option(
-    "--tile-overlap",
-    default=16,
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="Tile overlap in pixels.",
-)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, mps.")
-@click.option(
-    "--quality", default=95, show_default=True, type=click.IntRange(1, 100), help="JPEG/WebP quality."
-)
+@field_option(OPTIONS, "tile", "--tile", type=int, help="Model tile size (0 = whole image).")
+@field_option(OPTIONS, "overlap", "--tile-overlap", type=int, help="Tile overlap in pixels.")
+@field_option(OPTIONS, "device", "--device", help="auto, cpu, cuda, cuda:1, mps.")
+@field_option(OPTIONS, "quality", "--quality", type=int, help="JPEG/WebP quality (1-100).")
 @click.option(
     "--trust-pickle",
     is_flag=True,
     help="Load a .pth/.ckpt that holds pickled objects (this can run code from the file; trusted files only).",
 )
 @click.option("-r", "--recursive", is_flag=True, help="Upscale images in subfolders too.")
-@click.option(
-    "--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="Threads (Lanczos only)."
-)
+@workers_option(OPTIONS)
 @click.pass_context
 def command(
     ctx: click.Context,

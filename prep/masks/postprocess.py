@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from sdprep.config import bounded
+
 COMBINE_MODES = ("union", "intersection")
 
 
@@ -99,13 +101,13 @@ def coverage(mask: np.ndarray) -> float:
 class PostOptions:
     """The post-processing shared by every mask method (see the module docstring for the order)."""
 
-    threshold: float | None = None
+    threshold: float | None = bounded(None, 0.0, 1.0)
     invert: bool = False
-    grow: int = 0
-    shrink: int = 0
-    feather: float = 0.0
+    grow: int = bounded(0, 0)
+    shrink: int = bounded(0, 0)
+    feather: float = bounded(0.0, 0.0)
     combine: str | None = None  # "union" | "intersection" with the mask already on disk
-    floor: float = 0.0
+    floor: float = bounded(0.0, 0.0, 1.0)
 
     def record(self) -> dict:
         """The non-default settings, as recorded in the sidecar (so a change redoes the mask)."""
