@@ -83,7 +83,7 @@ class StepClock:
     """Train callbacks that timestamp every optimizer step."""
 
     def __init__(self) -> None:
-        from sdprep.train.loop import TrainCallbacks
+        from sdprep.train.loop.trainer import TrainCallbacks
 
         class _CB(TrainCallbacks):
             def step(cb_self, step, epoch, loss, lr):  # noqa: N805
@@ -123,8 +123,8 @@ class BareLoop:
 def child_overhead(model: Path, data: Path, out: Path, steps: int) -> dict:
     """sdprep's steps and bare steps INTERLEAVED (one bare step after each sdprep step, timed apart),
     so load from other processes on the machine hits both alike."""
-    from sdprep.train.config import load_train_config
-    from sdprep.train.loop import TrainCallbacks, Trainer
+    from sdprep.train.config.schema import load_train_config
+    from sdprep.train.loop.trainer import TrainCallbacks, Trainer
 
     over = {"cache_latents": True, "cache_text_encoder_outputs": True, "max_train_steps": steps}
     cfg, _ = load_train_config(None, overrides=settings(model, data, out, **over))
@@ -155,9 +155,9 @@ def child_overhead(model: Path, data: Path, out: Path, steps: int) -> dict:
 
 
 def child_sdprep(model: Path, data: Path, out: Path, epochs: int) -> dict:
-    from sdprep.train.config import load_train_config
-    from sdprep.train.loop import Trainer
-    from sdprep.train.models import load_sdxl
+    from sdprep.train.config.schema import load_train_config
+    from sdprep.train.loop.trainer import Trainer
+    from sdprep.train.models.load import load_sdxl
 
     over = {
         "cache_latents": True,
@@ -193,7 +193,7 @@ def child_baseline(model: Path, data: Path, epochs: int) -> dict:
     from PIL import Image
 
     from sdprep.train.methods.lora import UNET_BLOCKS, target_modules
-    from sdprep.train.models import load_sdxl
+    from sdprep.train.models.load import load_sdxl
 
     accelerator = Accelerator(cpu=True)
     m = load_sdxl(model)
@@ -335,7 +335,7 @@ def main() -> None:
     if args.variant:
         child(args)
         return
-    from sdprep.train.tiny import build_tiny_sdxl
+    from sdprep.train.models.tiny import build_tiny_sdxl
 
     work = Path(args.keep or tempfile.mkdtemp(prefix="sdprep-bench-train-"))
     try:

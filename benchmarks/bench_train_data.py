@@ -103,10 +103,10 @@ def main() -> None:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     from PIL import Image
 
-    from sdprep.train.cache import cache_latents
-    from sdprep.train.config import TrainConfig
-    from sdprep.train.data import build_dataset
-    from sdprep.train.tiny import build_tiny_sdxl_components
+    from sdprep.train.config.schema import TrainConfig
+    from sdprep.train.data.cache import cache_latents
+    from sdprep.train.data.pipeline import build_dataset
+    from sdprep.train.models.tiny import build_tiny_sdxl_components
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

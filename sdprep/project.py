@@ -204,7 +204,7 @@ def build_demo_models(folder: Path) -> None:
 
     if not (folder / "wd14-demo" / "model.onnx").exists():
         build_tiny_wd14(folder / "wd14-demo")
-    from sdprep.train.tiny import build_tiny_sdxl
+    from sdprep.train.models.tiny import build_tiny_sdxl
 
     build_tiny_sdxl(folder / "sdxl-demo")
 

@@ -38,7 +38,7 @@ def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     torch.set_num_threads(1)
-    from sdprep.train.tiny import build_tiny_sdxl
+    from sdprep.train.models.tiny import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl") / "model")
 
@@ -50,7 +50,7 @@ def topology_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     torch.set_num_threads(1)
-    from sdprep.train.fullsize import build_topology_sdxl
+    from sdprep.train.models.fullsize import build_topology_sdxl
 
     return build_topology_sdxl(tmp_path_factory.mktemp("topology_sdxl") / "model")
 

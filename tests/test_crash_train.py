@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from train_support import lora_settings, make_dataset
 
-from sdprep.train.save import find_states, read_state_info, resolve_resume
+from sdprep.train.save.weights import find_states, read_state_info, resolve_resume
 
 torch.set_num_threads(1)
 

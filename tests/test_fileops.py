@@ -135,7 +135,7 @@ def test_killed_in_the_fallback_swap_window_the_old_folder_comes_back(tmp_path):
 
 
 def test_resume_latest_repairs_a_state_folder_caught_mid_swap(tmp_path):
-    from sdprep.train.save import find_states
+    from sdprep.train.save.weights import find_states
 
     out = tmp_path / "out"
     _dir_with(out / ".tiny-state.old-4242", "{}")

@@ -11,8 +11,8 @@ import pytest
 import torch
 from fullsize_facts import comfyui_detects_sdxl, kohya_te_names, kohya_unet_names, single_file_keys
 
-from sdprep.train.fullsize import FULL, TOPOLOGY, build_components
-from sdprep.train.sgm import pipeline_to_sgm
+from sdprep.train.models.fullsize import FULL, TOPOLOGY, build_components
+from sdprep.train.save.sgm import pipeline_to_sgm
 
 torch.set_num_threads(1)
 
@@ -49,7 +49,7 @@ def test_topology_model_has_the_real_single_file_key_set_and_is_detected_as_sdxl
 
 def test_tiny_model_is_not_detected_as_sdxl() -> None:
     """The reason the topology-true model exists: ComfyUI refuses the tiny model."""
-    from sdprep.train.tiny import build_tiny_sdxl_components
+    from sdprep.train.models.tiny import build_tiny_sdxl_components
 
     unet, vae, te1, te2, *_ = build_tiny_sdxl_components()
     sd = pipeline_to_sgm(unet, te1, te2, vae)
@@ -95,7 +95,7 @@ def test_kohya_text_encoder_lora_modules_on_the_topology_model(topology_meta) ->
 def test_real_clip_tokenizer_from_the_bpe_file(tmp_path) -> None:
     from transformers import CLIPTokenizer
 
-    from sdprep.train.clip_vocab import BPE_FILE, BPE_SHA256, write_real_clip_tokenizer
+    from sdprep.train.models.clip_vocab import BPE_FILE, BPE_SHA256, write_real_clip_tokenizer
 
     assert hashlib.sha256(BPE_FILE.read_bytes()).hexdigest() == BPE_SHA256  # open_clip_torch 3.3.0's
     assert write_real_clip_tokenizer(tmp_path / "tok") == 49408

@@ -1,7 +1,7 @@
 """LoRA, textual inversion and a fine-tune trained on the topology-true SDXL (slow: `make test-slow`).
 
 The model has SDXL's real blocks, depths, context and conditioning sizes, CLIP-L's and bigG's real
-layer counts and hidden sizes, and CLIP's real tokenizer (sdprep.train.fullsize). The outputs are
+layer counts and hidden sizes, and CLIP's real tokenizer (sdprep.train.models.fullsize). The outputs are
 checked against facts measured on kohya sd-scripts and ComfyUI (tests/fullsize_facts.py): kohya's
 module names, ComfyUI's SDXL detection, the real single file's key set, TI tensor shapes.
 """
@@ -43,8 +43,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run(model: Path, data: Path, out: Path, *, lora: bool = True, **over):
     """Train 2 steps at 64 px on the topology-true model; returns the finished Trainer."""
-    from sdprep.train.config import load_train_config
-    from sdprep.train.loop import RecordingCallbacks, Trainer
+    from sdprep.train.config.schema import load_train_config
+    from sdprep.train.loop.trainer import RecordingCallbacks, Trainer
 
     settings = lora_settings(model, data, out, resolution="64", enable_bucket=False, max_train_steps=2)
     if not lora:

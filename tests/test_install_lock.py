@@ -131,8 +131,8 @@ def test_text_encoder_lora_trains_although_transformers_gates_peft(
     import diffusers.loaders.peft as diffusers_peft
     import transformers.integrations.peft as transformers_peft
 
-    from sdprep.train.loop import RecordingCallbacks, Trainer
-    from sdprep.train.models import load_sdxl
+    from sdprep.train.loop.trainer import RecordingCallbacks, Trainer
+    from sdprep.train.models.load import load_sdxl
 
     monkeypatch.setattr(transformers_peft, "MIN_PEFT_VERSION", "99.0")
     monkeypatch.setattr(diffusers_peft, "MIN_PEFT_VERSION", "99.0")

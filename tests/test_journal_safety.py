@@ -464,7 +464,7 @@ def test_undo_puts_back_a_symlink_that_a_write_replaced(tmp_path):
 def test_the_train_cache_beside_the_images_refuses_a_symlinked_state_folder(tmp_path):
     from types import SimpleNamespace
 
-    from sdprep.train.cache import _cache_path
+    from sdprep.train.data.cache import _cache_path
 
     (tmp_path / "outside").mkdir()
     (tmp_path / "img").mkdir()

@@ -22,7 +22,7 @@ def tiny_clipseg(tmp_path_factory) -> Path:
     import torch
     from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPTokenizer, ViTImageProcessor
 
-    from sdprep.train.tiny import write_clip_tokenizer
+    from sdprep.train.models.tiny import write_clip_tokenizer
 
     torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("clipseg") / "tiny-clipseg"

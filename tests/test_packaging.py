@@ -45,7 +45,7 @@ def test_non_editable_install_imports_every_subpackage(tmp_path):
     ):  # the review page ships whole: no CDN
         assert f"sdprep/prep/review/static/{page}" in names, page
     for data in ("unet/config.json", "tokenizer_2/tokenizer_config.json", "NOTICE.txt"):
-        assert f"sdprep/train/sdxl_base/{data}" in names, data  # SDXL's base config, for single files
+        assert f"sdprep/train/models/sdxl_base/{data}" in names, data  # SDXL's base config, for single files
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
@@ -55,10 +55,10 @@ def test_non_editable_install_imports_every_subpackage(tmp_path):
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(target)}
     code = (
-        "import sdprep, sdprep.prep, sdprep.train, sdprep.taggers, sdprep.train.tiny, sdprep.taggers.tiny\n"
+        "import sdprep, sdprep.prep, sdprep.train, sdprep.taggers, sdprep.train.models.tiny, sdprep.taggers.tiny\n"
         f"assert sdprep.__file__.startswith({str(target)!r}), sdprep.__file__\n"
         "import importlib.util; assert importlib.util.find_spec('train') is None\n"
-        "import pathlib, tempfile; from sdprep.train.sdxl_config import write_base_config\n"
+        "import pathlib, tempfile; from sdprep.train.models.sdxl_config import write_base_config\n"
         "from transformers import CLIPTokenizer\n"
         "d = write_base_config(pathlib.Path(tempfile.mkdtemp()))\n"
         "assert len(CLIPTokenizer.from_pretrained(d / 'tokenizer_2')) == 49408\n"

@@ -66,8 +66,8 @@ def test_upscale_refuses_a_pickle_unless_trusted(tmp_path: Path, cli_runner) -> 
 
 def test_training_refuses_a_pickled_checkpoint_unless_trusted(tiny_sdxl: Path, tmp_path: Path) -> None:
     from sdprep.errors import ModelError
-    from sdprep.train.models import load_sdxl
-    from sdprep.train.sgm import pipeline_to_sgm
+    from sdprep.train.models.load import load_sdxl
+    from sdprep.train.save.sgm import pipeline_to_sgm
 
     ref = load_sdxl(tiny_sdxl)
     weights = pipeline_to_sgm(ref.unet, ref.text_encoder, ref.text_encoder_2, ref.vae)

@@ -17,14 +17,14 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def base(tiny_sdxl: Path):
-    from sdprep.train.models import load_sdxl
+    from sdprep.train.models.load import load_sdxl
 
     return load_sdxl(tiny_sdxl)
 
 
 @pytest.fixture(scope="module")
 def tensors(base) -> dict:
-    from sdprep.train.checkpoint import model_tensors
+    from sdprep.train.save.checkpoint import model_tensors
 
     return model_tensors(base)
 
@@ -40,7 +40,7 @@ def same_weights(a, b) -> bool:
 
 
 def test_checkpoint_names_and_precision(base, tensors: dict) -> None:
-    from sdprep.train.checkpoint import component_to_sgm, model_tensors
+    from sdprep.train.save.checkpoint import component_to_sgm, model_tensors
 
     prefixes = {k.split(".")[0] for k in tensors}
     assert prefixes == {"model", "conditioner", "first_stage_model"}
@@ -58,7 +58,7 @@ def test_checkpoint_names_and_precision(base, tensors: dict) -> None:
 def test_single_file_loads_offline_with_a_local_config(
     base, tensors: dict, tiny_sdxl: Path, tmp_path: Path
 ) -> None:
-    from sdprep.train.models import load_sdxl
+    from sdprep.train.models.load import load_sdxl
 
     path = write(tmp_path / "model.safetensors", tensors)
     loaded = load_sdxl(path, model_config=tiny_sdxl)
@@ -72,7 +72,7 @@ def test_single_file_loads_offline_with_a_local_config(
 def test_finetune_style_extras_are_handled(base, tensors: dict, tiny_sdxl: Path, tmp_path: Path) -> None:
     """Pony/Illustrious-style files: same architecture, extra keys (sigmas, v-pred markers, float
     position ids, logit scale) and fp16 weights."""
-    from sdprep.train.models import load_sdxl
+    from sdprep.train.models.load import load_sdxl
 
     extra = {k: v.half() for k, v in tensors.items()}
     extra["denoiser.sigmas"] = torch.linspace(0.03, 14.6, 1000)
@@ -93,7 +93,7 @@ def test_finetune_style_extras_are_handled(base, tensors: dict, tiny_sdxl: Path,
 
 
 def test_missing_weights_are_a_clear_error(tensors: dict, tiny_sdxl: Path, tmp_path: Path) -> None:
-    from sdprep.train.models import load_sdxl
+    from sdprep.train.models.load import load_sdxl
 
     no_proj = {k: v for k, v in tensors.items() if not k.endswith("text_projection")}
     with pytest.raises(
@@ -120,7 +120,7 @@ def test_missing_weights_are_a_clear_error(tensors: dict, tiny_sdxl: Path, tmp_p
 
 
 def test_separate_vae_file_in_both_layouts(base, tensors: dict, tiny_sdxl: Path, tmp_path: Path) -> None:
-    from sdprep.train.models import load_sdxl
+    from sdprep.train.models.load import load_sdxl
 
     ldm = {
         k.removeprefix("first_stage_model."): v * 1.5
@@ -138,7 +138,7 @@ def test_separate_vae_file_in_both_layouts(base, tensors: dict, tiny_sdxl: Path,
 
 def test_tokenizer_without_vocabulary_is_caught(tiny_sdxl: Path, tmp_path: Path) -> None:
     """transformers 5 returns a 2-3 token tokenizer for a folder without vocabulary files."""
-    from sdprep.train.models import load_sdxl
+    from sdprep.train.models.load import load_sdxl
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_sdxl, broken)
@@ -151,7 +151,7 @@ def test_tokenizer_without_vocabulary_is_caught(tiny_sdxl: Path, tmp_path: Path)
 
 
 def test_missing_config_and_wrong_files(tensors: dict, tiny_sdxl: Path, tmp_path: Path) -> None:
-    from sdprep.train.models import load_sdxl
+    from sdprep.train.models.load import load_sdxl
 
     no_config = tmp_path / "noconfig"
     shutil.copytree(tiny_sdxl, no_config)
@@ -171,7 +171,7 @@ def test_missing_config_and_wrong_files(tensors: dict, tiny_sdxl: Path, tmp_path
 def test_diffusers_folder_in_save_precision(base, tmp_path: Path) -> None:
     from diffusers import StableDiffusionXLPipeline
 
-    from sdprep.train.checkpoint import write_diffusers
+    from sdprep.train.save.checkpoint import write_diffusers
 
     folder = write_diffusers(tmp_path / "out", base, torch.bfloat16)
     weights = load_file(next((folder / "unet").glob("*.safetensors")))
@@ -184,8 +184,8 @@ def test_diffusers_folder_in_save_precision(base, tmp_path: Path) -> None:
 
 
 def test_v_prediction_markers_round_trip(base, tensors: dict, tiny_sdxl: Path, tmp_path: Path) -> None:
-    from sdprep.train.checkpoint import prediction_markers
-    from sdprep.train.models import load_sdxl
+    from sdprep.train.models.load import load_sdxl
+    from sdprep.train.save.checkpoint import prediction_markers
 
     assert prediction_markers({"prediction_type": "epsilon"}) == {}
     assert set(prediction_markers({"prediction_type": "epsilon"}, v_parameterization=True)) == {"v_pred"}

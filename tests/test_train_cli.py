@@ -143,8 +143,8 @@ def test_preflight_checks_the_real_model_without_loading_it(tiny_sdxl: Path, tmp
 
     from safetensors.torch import save_file
 
-    from sdprep.train.config import TrainConfig
-    from sdprep.train.preflight import _model_check
+    from sdprep.train.config.preflight import _model_check
+    from sdprep.train.config.schema import TrainConfig
 
     def check(source) -> tuple[bool, str]:
         return _model_check(dataclasses.replace(TrainConfig(), pretrained_model_name_or_path=str(source)))
@@ -226,7 +226,7 @@ def test_seed_000_textual_inversion_preflight_and_short_run(
 
 
 def test_output_config_writes_the_resolved_config_and_trains_nothing(cli_runner, tmp_path: Path) -> None:
-    from sdprep.train.config import load_train_config
+    from sdprep.train.config.schema import load_train_config
 
     config = tmp_path / "config_textual_inversion.toml"
     config.write_text(SEED_000_TI)
@@ -252,8 +252,8 @@ def test_output_config_writes_the_resolved_config_and_trains_nothing(cli_runner,
 
 
 def test_list_keys_lists_every_key_the_hints_point_at(cli_runner) -> None:
-    from sdprep.train.config import known_keys
-    from sdprep.train.config_io import undocumented_fields
+    from sdprep.train.config.io import undocumented_fields
+    from sdprep.train.config.schema import known_keys
 
     result = cli_runner.invoke(cli, ["train", "--list-keys"])
     assert result.exit_code == 0
@@ -353,7 +353,7 @@ def test_what_needs_no_model_fails_before_the_model_loads(cli_runner, tmp_path: 
     if importlib.util.find_spec("prodigyopt") is None:  # the one-line missing-package error, early too
         result = cli_runner.invoke(cli, [*base, "--set", 'optimizer_type="Prodigy"'])
         assert "needs the `prodigyopt` package" in result.output and "no-model" not in result.output
-    from sdprep.train.precheck import check_optimizer
+    from sdprep.train.config.precheck import check_optimizer
 
     check_optimizer("AdamW")
     check_optimizer("torch.optim.SGD")

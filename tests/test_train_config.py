@@ -9,7 +9,8 @@ import pytest
 from seed_configs import SEED_000_TI, SEED_000_TI_RESUME, SEED_001_FINETUNE, SEED_001_LORA, SEED_003_LORA
 
 from sdprep.errors import ConfigError
-from sdprep.train.config import (
+from sdprep.train.config.kohya import ACCEPTED_IGNORED, parse_kv_args, split_kv_args
+from sdprep.train.config.schema import (
     FIELDS,
     TrainConfig,
     detect_method,
@@ -19,7 +20,6 @@ from sdprep.train.config import (
     origin_of,
     parse_kohya_flags,
 )
-from sdprep.train.kohya_args import ACCEPTED_IGNORED, parse_kv_args, split_kv_args
 
 MODEL = {"pretrained_model_name_or_path": "/models/tiny"}
 
@@ -438,7 +438,7 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("name", ["../escape", "sub/name", "..", " "])
 def test_output_name_is_a_file_name_not_a_path(name: str) -> None:
-    from sdprep.train.config import load_train_config
+    from sdprep.train.config.schema import load_train_config
 
     with pytest.raises(ConfigError, match="output_name must be a file name"):
         load_train_config(None, overrides={"output_name": name})

@@ -14,10 +14,10 @@ from PIL import Image
 from sdprep.buckets import BucketSettings, assign_bucket, make_buckets
 from sdprep.errors import ConfigError, DatasetError
 from sdprep.images import image_size
-from sdprep.train.captions import CaptionOptions, process_caption
-from sdprep.train.config import TrainConfig
-from sdprep.train.data import build_dataset, sample_rng
-from sdprep.train.transforms import kohya_crop_ltrb, size_conditioning
+from sdprep.train.config.schema import TrainConfig
+from sdprep.train.data.captions import CaptionOptions, process_caption
+from sdprep.train.data.pipeline import build_dataset, sample_rng
+from sdprep.train.data.transforms import kohya_crop_ltrb, size_conditioning
 
 torch.set_num_threads(1)
 SMALL = dict(resolution=(512, 512), min_bucket_reso=256, max_bucket_reso=1024, seed=7)
@@ -553,7 +553,7 @@ def test_one_precedence_rule_config_over_dataset_toml(tmp_path: Path):
     """command line > config > dataset TOML > defaults for the run's settings (resolution, batch,
     buckets), each override noted; an image folder's settings (captions, repeats) stay the dataset
     TOML's, the more specific place (kohya's lookup)."""
-    from sdprep.train.config import load_train_config
+    from sdprep.train.config.schema import load_train_config
 
     _img(tmp_path / "s1" / "a.png", (512, 512))
     _img(tmp_path / "f" / "1_tok" / "a.png", (512, 512))

@@ -13,15 +13,15 @@ import torch
 from PIL import Image
 
 from sdprep.errors import ConfigError
-from sdprep.train.cache import (
+from sdprep.train.config.schema import TrainConfig
+from sdprep.train.data.cache import (
     _generator,
     cache_latents,
     cache_text_encoder_outputs,
     encode_latents,
     module_fingerprint,
 )
-from sdprep.train.config import TrainConfig
-from sdprep.train.data import build_dataset
+from sdprep.train.data.pipeline import build_dataset
 
 torch.set_num_threads(1)
 BASE = dict(resolution=(256, 256), min_bucket_reso=128, max_bucket_reso=512, seed=3, train_batch_size=2)
@@ -78,7 +78,7 @@ def test_disk_cache_is_reused_and_rebuilt_when_resolution_or_image_changes(data:
 
 
 def test_a_different_vae_invalidates_the_cache(data: Path, vae):
-    from sdprep.train.tiny import build_tiny_sdxl_components
+    from sdprep.train.models.tiny import build_tiny_sdxl_components
 
     other = build_tiny_sdxl_components(seed=1)[1].eval()
     assert module_fingerprint(other) != module_fingerprint(vae)

@@ -18,7 +18,7 @@ ADAFACTOR_FIXED = ["scale_parameter=False", "relative_step=False", "warmup_init=
 
 
 def ft_cfg(model: Path, data: Path, out: Path, **over):
-    from sdprep.train.config import load_train_config
+    from sdprep.train.config.schema import load_train_config
 
     settings = lora_settings(model, data, out, resolution="64", enable_bucket=False)
     for key in ("network_module", "network_dim", "network_alpha"):
@@ -30,7 +30,7 @@ def ft_cfg(model: Path, data: Path, out: Path, **over):
 
 
 def run(cfg, resume=None):
-    from sdprep.train.loop import RecordingCallbacks, Trainer
+    from sdprep.train.loop.trainer import RecordingCallbacks, Trainer
 
     trainer = Trainer(cfg, callbacks=RecordingCallbacks(), resume=resume)
     trainer.setup()
@@ -109,7 +109,7 @@ def test_single_file_reproduces_the_trained_model_exactly(trained, tiny_sdxl: Pa
 
 
 def test_learning_rates_choose_what_trains(trained, tiny_sdxl: Path) -> None:
-    from sdprep.train.models import load_sdxl
+    from sdprep.train.models.load import load_sdxl
 
     fresh = load_sdxl(tiny_sdxl)
     groups = {g["name"]: g["lr"] for g in trained.method.param_groups()}
@@ -162,7 +162,7 @@ def test_full_bf16_with_adafactor_runs_on_cpu(tiny_sdxl: Path, data: Path, tmp_p
 def test_ema_matches_diffusers_ema_model() -> None:
     from diffusers.training_utils import EMAModel
 
-    from sdprep.train.ema import EMA
+    from sdprep.train.methods.ema import EMA
 
     torch.manual_seed(0)
     net = torch.nn.Linear(4, 3)
@@ -189,7 +189,7 @@ def test_ema_matches_diffusers_ema_model() -> None:
 
 
 def test_ema_is_saved_and_resume_continues_exactly(tiny_sdxl: Path, data: Path, tmp_path: Path) -> None:
-    from sdprep.train.sgm import UNET_PREFIX, unet_key_to_sgm
+    from sdprep.train.save.sgm import UNET_PREFIX, unet_key_to_sgm
 
     over = dict(ema=True, ema_decay=0.5, max_train_steps=3, save_every_n_steps=2, save_state=True)
     full = run(ft_cfg(tiny_sdxl, data, tmp_path / "a", **over))
@@ -209,8 +209,8 @@ def test_ema_is_saved_and_resume_continues_exactly(tiny_sdxl: Path, data: Path, 
 
 def test_untrained_checkpoint_is_refused(tiny_sdxl: Path, data: Path, tmp_path: Path) -> None:
     from sdprep.train.methods.finetune import FinetuneMethod
-    from sdprep.train.models import load_sdxl
-    from sdprep.train.save import save_weights
+    from sdprep.train.models.load import load_sdxl
+    from sdprep.train.save.weights import save_weights
 
     method = FinetuneMethod(ft_cfg(tiny_sdxl, data, tmp_path / "out"))
     method.setup(load_sdxl(tiny_sdxl), torch.float32)

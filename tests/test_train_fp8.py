@@ -10,7 +10,7 @@ import torch
 from train_support import errors_without, lora_cfg, make_dataset, unet_inputs
 
 from sdprep.errors import ConfigError
-from sdprep.train.fp8 import cast_frozen_to_fp8, check_fp8
+from sdprep.train.models.fp8 import cast_frozen_to_fp8, check_fp8
 
 torch.set_num_threads(1)
 FP8 = torch.float8_e4m3fn
@@ -36,7 +36,7 @@ def test_what_kohya_requires_is_checked() -> None:
 
 def test_frozen_weights_go_to_float8_and_trained_ones_stay(tiny_sdxl: Path, tmp_path: Path) -> None:
     from sdprep.train.methods import make_method
-    from sdprep.train.models import load_sdxl
+    from sdprep.train.models.load import load_sdxl
 
     model = load_sdxl(tiny_sdxl)
     cfg = lora_cfg(tiny_sdxl, make_dataset(tmp_path / "d"), tmp_path / "out", network_train_unet_only=False)
@@ -61,7 +61,7 @@ def test_frozen_weights_go_to_float8_and_trained_ones_stay(tiny_sdxl: Path, tmp_
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp8_base needs a CUDA GPU")
 def test_fp8_base_trains_on_cuda(tiny_sdxl: Path, tmp_path: Path) -> None:
-    from sdprep.train.loop import RecordingCallbacks, Trainer
+    from sdprep.train.loop.trainer import RecordingCallbacks, Trainer
 
     data = make_dataset(tmp_path / "data", images=["c_square.webp"], repeats=1)
     cfg = lora_cfg(

@@ -12,7 +12,7 @@ from test_train_finetune import ADAFACTOR_FIXED, ft_cfg, run
 from train_support import make_dataset
 
 from sdprep.errors import ConfigError
-from sdprep.train.fused import register_fused_step, step_parameter
+from sdprep.train.loop.fused import register_fused_step, step_parameter
 
 torch.set_num_threads(1)
 
@@ -23,7 +23,7 @@ def _model(seed: int = 0) -> torch.nn.Module:
 
 
 def _adafactor(model: torch.nn.Module, relative: bool):
-    from sdprep.train.optim import build_optimizer
+    from sdprep.train.loop.optim import build_optimizer
 
     args = {} if relative else {"scale_parameter": False, "relative_step": False, "warmup_init": False}
     groups = [

@@ -11,8 +11,8 @@ import torch
 from train_support import lora_cfg, make_dataset
 
 from sdprep.errors import ConfigError
-from sdprep.train.config import TrainConfig
-from sdprep.train.save import stale_saves
+from sdprep.train.config.schema import TrainConfig
+from sdprep.train.save.weights import stale_saves
 
 torch.set_num_threads(1)
 
@@ -44,7 +44,7 @@ class Spy:
 
     @staticmethod
     def run(cfg):
-        from sdprep.train.loop import RecordingCallbacks, Trainer
+        from sdprep.train.loop.trainer import RecordingCallbacks, Trainer
 
         class Recording(Trainer):
             def _step(self, group):
@@ -114,7 +114,7 @@ def test_initial_step_with_and_without_skipping(tiny_sdxl: Path, data: Path, tmp
 def test_initial_epoch_and_limits(tiny_sdxl: Path, data: Path, tmp_path: Path) -> None:
     later = Spy.run(lora_cfg(tiny_sdxl, data, tmp_path / "epoch", max_train_steps=6, initial_epoch=2))
     assert later.result.first_step == 4 and [s for s, _ in later.cb.losses] == [5, 6]
-    from sdprep.train.loop import RecordingCallbacks, Trainer
+    from sdprep.train.loop.trainer import RecordingCallbacks, Trainer
 
     trainer = Trainer(
         lora_cfg(tiny_sdxl, data, tmp_path / "x", max_train_steps=4, initial_step=4),

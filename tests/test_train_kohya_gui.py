@@ -17,7 +17,7 @@ import torch
 from train_support import make_dataset
 
 from sdprep.cli import cli
-from sdprep.train.optim import optimizer_module
+from sdprep.train.loop.optim import optimizer_module
 
 torch.set_num_threads(1)
 
@@ -128,8 +128,8 @@ def test_gui_preset_config_is_read_as_kohya_reads_it(
         assert result.exit_code == 1 and REFUSED[name] in result.output, result.output
         return
     assert result.exit_code == 0, result.output
-    from sdprep.train.config import load_train_config
-    from sdprep.train.data import build_dataset
+    from sdprep.train.config.schema import load_train_config
+    from sdprep.train.data.pipeline import build_dataset
 
     cfg, _ = load_train_config(tmp_path / "r.toml")
     assert len(build_dataset(cfg)) == 1

@@ -17,8 +17,8 @@ import pytest
 import tomli_w
 
 from sdprep.errors import ConfigError, SdprepError
-from sdprep.train.config import FIELDS, load_train_config
-from sdprep.train.kohya_args import ACCEPTED_IGNORED, ALIASES, UNSUPPORTED
+from sdprep.train.config.kohya import ACCEPTED_IGNORED, ALIASES, UNSUPPORTED
+from sdprep.train.config.schema import FIELDS, load_train_config
 
 OPTIONS: dict[str, dict[str, Any]] = json.loads(
     (Path(__file__).parent / "assets" / "kohya_sdxl_options.json").read_text()

@@ -10,7 +10,7 @@ import torch
 from train_support import lora_cfg, make_dataset
 
 from sdprep.errors import ConfigError, TrainingError
-from sdprep.train.loop import (
+from sdprep.train.loop.trainer import (
     RecordingCallbacks,
     Trainer,
     schedule,
@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 
 
 def _fixed_loss(trainer: Trainer, batch: dict) -> float:
-    from sdprep.train.step import batch_loss
+    from sdprep.train.loop.step import batch_loss
 
     for module in trainer.train_modules:
         module.eval()
@@ -49,7 +49,7 @@ def test_loss_on_a_fixed_batch_decreases(tiny_sdxl: Path, tmp_path: Path) -> Non
 
 
 def test_masks_are_used_and_black_pixels_get_no_gradient(tiny_sdxl: Path, tmp_path: Path) -> None:
-    from sdprep.train.step import batch_loss
+    from sdprep.train.loop.step import batch_loss
 
     data = make_dataset(
         tmp_path / "data", images=["c_square.webp"], repeats=1, masks={"c_square.webp": "left"}
@@ -161,7 +161,7 @@ def test_a_save_that_fails_its_check_stops_the_run(tiny_sdxl: Path, tmp_path: Pa
 
 
 def test_samples_and_tensorboard_events(tiny_sdxl: Path, tmp_path: Path) -> None:
-    from sdprep.train.logs import read_image_tags, read_scalars
+    from sdprep.train.loop.logs import read_image_tags, read_scalars
 
     data = make_dataset(tmp_path / "data", images=["c_square.webp", "e_sepia.jpg"], repeats=1)
     prompts = tmp_path / "prompts.txt"
@@ -195,7 +195,7 @@ def test_samples_and_tensorboard_events(tiny_sdxl: Path, tmp_path: Path) -> None
 
 
 def test_predicates_and_schedule() -> None:
-    from sdprep.train.config import TrainConfig
+    from sdprep.train.config.schema import TrainConfig
 
     cfg = TrainConfig(
         save_every_n_steps=5, save_every_n_epochs=2, sample_prompts=Path("p.txt"), sample_every_n_steps=3
@@ -214,8 +214,8 @@ def test_predicates_and_schedule() -> None:
 
 
 def test_save_last_n_removes_older_periodic_saves(tmp_path: Path) -> None:
-    from sdprep.train.config import TrainConfig
-    from sdprep.train.save import remove_saves, stale_saves
+    from sdprep.train.config.schema import TrainConfig
+    from sdprep.train.save.weights import remove_saves, stale_saves
 
     cfg = TrainConfig(
         save_every_n_steps=10, save_last_n_steps=25, save_every_n_epochs=1, save_last_n_epochs=2
@@ -235,8 +235,8 @@ def test_single_file_checkpoint_loads_offline_with_model_config(tiny_sdxl: Path,
     from train_support import unet_inputs
 
     from sdprep.errors import ModelError
-    from sdprep.train.models import load_sdxl
-    from sdprep.train.sgm import pipeline_to_sgm
+    from sdprep.train.models.load import load_sdxl
+    from sdprep.train.save.sgm import pipeline_to_sgm
 
     ref = load_sdxl(tiny_sdxl)
     single = tmp_path / "model.safetensors"
@@ -257,7 +257,7 @@ def test_single_file_checkpoint_loads_offline_with_model_config(tiny_sdxl: Path,
         load_sdxl(single)  # offline, no config: diffusers would fetch the hub's SDXL config
     assert "cannot load the single-file checkpoint" in str(err.value)
     assert "--model_config DIR" in str(err.value)
-    from sdprep.train.config import load_train_config
+    from sdprep.train.config.schema import load_train_config
 
     cfg, _ = load_train_config(None, overrides={"model_config": str(tiny_sdxl)})  # also a config key
     assert cfg.model_config == tiny_sdxl
@@ -267,7 +267,7 @@ def test_a_folder_without_tokenizer_vocabulary_is_refused(tiny_sdxl: Path, tmp_p
     import shutil
 
     from sdprep.errors import ModelError
-    from sdprep.train.models import load_sdxl
+    from sdprep.train.models.load import load_sdxl
 
     broken = tmp_path / "model"
     shutil.copytree(tiny_sdxl, broken)
@@ -280,8 +280,8 @@ def test_a_folder_without_tokenizer_vocabulary_is_refused(tiny_sdxl: Path, tmp_p
 
 
 def test_optimizers_by_kohya_name() -> None:
-    from sdprep.train.kohya_args import parse_kv_args, split_kv_args
-    from sdprep.train.optim import build_optimizer, build_scheduler, relative_adafactor
+    from sdprep.train.config.kohya import parse_kv_args, split_kv_args
+    from sdprep.train.loop.optim import build_optimizer, build_scheduler, relative_adafactor
 
     params = [torch.nn.Parameter(torch.zeros(2))]
     groups = lambda: [{"params": params, "lr": 1e-3, "name": "unet"}]  # noqa: E731
@@ -323,7 +323,7 @@ def test_optimizers_by_kohya_name() -> None:
 def test_schedulers_as_kohya_builds_them() -> None:
     """kohya's get_scheduler_fix: extra lr_scheduler_args reach the schedule (seed 002's lr_end),
     lr_scheduler_type is any scheduler class, min-lr ratio and decay steps as kohya passes them."""
-    from sdprep.train.optim import build_scheduler
+    from sdprep.train.loop.optim import build_scheduler
 
     def lrs(sched, opt, n=10):
         out = []

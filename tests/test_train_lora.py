@@ -20,7 +20,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def trained(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory):
     """One short LoRA run with U-Net conv layers and text-encoder LoRA; the trainer is kept."""
-    from sdprep.train.loop import RecordingCallbacks, Trainer
+    from sdprep.train.loop.trainer import RecordingCallbacks, Trainer
 
     root = tmp_path_factory.mktemp("lora")
     data = make_dataset(root / "data", images=["c_square.webp", "e_sepia.jpg"], repeats=1)
@@ -44,7 +44,7 @@ def trained(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory):
 
 def test_targets_are_kohyas_default_set(tiny_sdxl: Path) -> None:
     from sdprep.train.methods.lora import TE_BLOCKS, UNET_BLOCKS, target_modules
-    from sdprep.train.models import load_sdxl
+    from sdprep.train.models.load import load_sdxl
 
     model = load_sdxl(tiny_sdxl)
     targets = target_modules(model.unet, UNET_BLOCKS)
@@ -108,7 +108,7 @@ def test_saved_file_uses_sgm_names_true_alpha_and_metadata(trained) -> None:
 
 
 def test_diffusers_load_lora_weights_reproduces_trained_model(trained, tiny_sdxl: Path) -> None:
-    from sdprep.train.models import load_sdxl
+    from sdprep.train.models.load import load_sdxl
 
     model = trained.model
     for module in (model.unet, model.text_encoder, model.text_encoder_2):
@@ -136,7 +136,7 @@ def test_diffusers_load_lora_weights_reproduces_trained_model(trained, tiny_sdxl
 
 
 def test_diffusers_format_copy_loads_with_the_true_alpha(trained, tiny_sdxl: Path) -> None:
-    from sdprep.train.models import load_sdxl
+    from sdprep.train.models.load import load_sdxl
 
     copy = trained.result.output.with_name("tiny_diffusers") / "pytorch_lora_weights.safetensors"
     assert copy in trained.result.saved
@@ -156,7 +156,7 @@ def test_network_weights_continue_from_a_file_with_another_alpha(
 ) -> None:
     """Starting from a kohya file whose alpha differs gives exactly the file's function."""
     from sdprep.train.methods.lora import LoraMethod
-    from sdprep.train.models import load_sdxl
+    from sdprep.train.models.load import load_sdxl
 
     src = load_file(str(trained.result.output))
     for key in src:
@@ -181,7 +181,7 @@ def test_network_weights_continue_from_a_file_with_another_alpha(
 
 def test_network_weights_with_modules_this_config_does_not_train(trained, tiny_sdxl: Path) -> None:
     from sdprep.train.methods.lora import LoraMethod
-    from sdprep.train.models import load_sdxl
+    from sdprep.train.models.load import load_sdxl
 
     cfg = dataclasses.replace(
         trained.cfg, network_weights=trained.result.output, network_train_unet_only=True
@@ -193,7 +193,7 @@ def test_network_weights_with_modules_this_config_does_not_train(trained, tiny_s
 
 
 def test_verification_catches_bad_files(trained, tmp_path: Path) -> None:
-    from sdprep.train.save import save_weights
+    from sdprep.train.save.weights import save_weights
 
     method = trained.method
     good = method.export_tensors(torch.float32)

@@ -137,7 +137,7 @@ BLOCK_ARGS = [
 
 @pytest.fixture(scope="module")
 def block_run(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory):
-    from sdprep.train.loop import RecordingCallbacks, Trainer
+    from sdprep.train.loop.trainer import RecordingCallbacks, Trainer
 
     root = tmp_path_factory.mktemp("blocks")
     data = make_dataset(root / "data", images=["c_square.webp", "e_sepia.jpg"], repeats=1)
@@ -204,7 +204,7 @@ def test_the_trained_file_reproduces_the_merged_network(block_run, tiny_sdxl: Pa
     """Per-module ranks and alphas survive the file: merging it as A1111 / ComfyUI do gives the trained
     network's outputs. (diffusers 0.42's load_lora_weights loses per-module alphas of attention layers
     in kohya files: it warns that its alpha_pattern keys match nothing.)"""
-    from sdprep.train.models import load_sdxl
+    from sdprep.train.models.load import load_sdxl
 
     unet = block_run.model.unet
     unet.eval()  # no dropout: the network as it is saved

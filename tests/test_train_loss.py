@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sdprep.train.loss import (
+from sdprep.train.loop.loss import (
     apply_mask,
     debiased_weight,
     huber_c_for_timesteps,

@@ -25,7 +25,7 @@ ORACLE_ARGS = {"locon": [], "loha": [], "lokr": ["factor=8"]}
 
 
 def _cfg(**over):
-    from sdprep.train.config import load_train_config
+    from sdprep.train.config.schema import load_train_config
 
     settings = {"network_module": "lycoris.kohya", "network_dim": 8, "network_alpha": 4, **over}
     return load_train_config(None, overrides=settings)[0]
@@ -35,8 +35,8 @@ def _cfg(**over):
 def test_sdxl_unet_keys_are_the_ones_lycoris_writes_under_kohya(algo: str) -> None:
     """Full-size SDXL (diffusers layout, meta tensors): every saved key and shape is what LyCORIS
     writes on kohya's SGM U-Net with the same network_args, the names ComfyUI and A1111 load."""
-    from sdprep.train.fullsize import FULL, build_components
     from sdprep.train.methods import make_method
+    from sdprep.train.models.fullsize import FULL, build_components
 
     want = json.loads(gzip.decompress(ASSET.read_bytes()))[algo]
     with torch.device("meta"):
@@ -54,7 +54,7 @@ def test_sdxl_unet_keys_are_the_ones_lycoris_writes_under_kohya(algo: str) -> No
 
 @pytest.fixture(scope="module", params=["locon", "loha", "lokr"])
 def trained(request, tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory):
-    from sdprep.train.loop import RecordingCallbacks, Trainer
+    from sdprep.train.loop.trainer import RecordingCallbacks, Trainer
 
     root = tmp_path_factory.mktemp(request.param)
     data = make_dataset(root / "data", images=["c_square.webp", "e_sepia.jpg"], repeats=1)
@@ -114,8 +114,8 @@ def test_lycoris_loads_the_file_back_into_the_trained_network(trained, tiny_sdxl
     from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
 
     from sdprep.train.methods.lycoris import NOT_IN_KOHYA
-    from sdprep.train.models import load_sdxl
-    from sdprep.train.sgm import UnetLayout, kohya_lora_names
+    from sdprep.train.models.load import load_sdxl
+    from sdprep.train.save.sgm import UnetLayout, kohya_lora_names
 
     model = trained.model
     want = _outputs(model.unet.eval(), model.text_encoder.eval(), model.text_encoder_2.eval())
@@ -153,7 +153,7 @@ def test_locon_file_merges_like_a_kohya_lora(trained, tiny_sdxl: Path) -> None:
     kohya LoRA, and diffusers' load_lora_weights loads it; both give the trained U-Net."""
     if trained.method.algo != "locon":
         pytest.skip("LoCon only")
-    from sdprep.train.models import load_sdxl
+    from sdprep.train.models.load import load_sdxl
 
     unet = trained.model.unet.eval()
     sample, t, enc, added = unet_inputs()
@@ -198,8 +198,8 @@ def test_missing_lycoris_is_one_error_before_the_model_loads(cli_runner, tmp_pat
 
 def test_preflight_reloads_lycoris_files_with_lycoris(trained, tiny_sdxl: Path) -> None:
     """diffusers loads no LoHa / LoKr: preflight's reload check uses LyCORIS's loader instead."""
-    from sdprep.train.models import load_sdxl
-    from sdprep.train.preflight import reload_check
+    from sdprep.train.config.preflight import reload_check
+    from sdprep.train.models.load import load_sdxl
 
     path = trained.result.output
     modules = len({k.split(".")[0] for k in load_file(str(path))})
@@ -212,7 +212,7 @@ def test_network_weights_and_loraplus(trained, tmp_path: Path) -> None:
     LoRA+ puts the up weights (LyCORIS's own rule: "lora_up" in the name, so LoCon only) at lr x ratio."""
     import dataclasses
 
-    from sdprep.train.loop import RecordingCallbacks, Trainer
+    from sdprep.train.loop.trainer import RecordingCallbacks, Trainer
 
     path = trained.result.output
     cfg = dataclasses.replace(

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from train_support import lora_cfg, make_dataset
 
 from sdprep.errors import ConfigError
-from sdprep.train.loop import RecordingCallbacks, train
-from sdprep.train.maxnorm import apply_max_norm, lora_delta
+from sdprep.train.loop.trainer import RecordingCallbacks, train
+from sdprep.train.methods.maxnorm import apply_max_norm, lora_delta
 
 torch.set_num_threads(1)
 
@@ -86,7 +86,7 @@ def test_a_run_keeps_every_module_under_the_limit(tiny_sdxl: Path, tmp_path: Pat
 
 
 def test_scale_weight_norms_is_refused_outside_lora(tiny_sdxl: Path, tmp_path: Path) -> None:
-    from sdprep.train.config import load_train_config
+    from sdprep.train.config.schema import load_train_config
 
     cfg, _ = load_train_config(
         None,

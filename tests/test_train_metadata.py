@@ -114,7 +114,7 @@ class TimedCallbacks:
     """Records the wall time when training starts and when each step ends."""
 
     def __init__(self) -> None:
-        from sdprep.train.callbacks import RecordingCallbacks
+        from sdprep.train.loop.callbacks import RecordingCallbacks
 
         self.inner = RecordingCallbacks()
         self.start_time: float | None = None
@@ -137,8 +137,8 @@ def base_file(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     """The tiny model as a single .safetensors file named as kohya's base was (kohya hashes files)."""
     from safetensors.torch import save_file
 
-    from sdprep.train.models import load_sdxl
-    from sdprep.train.sgm import pipeline_to_sgm
+    from sdprep.train.models.load import load_sdxl
+    from sdprep.train.save.sgm import pipeline_to_sgm
 
     model = load_sdxl(tiny_sdxl)
     sd = pipeline_to_sgm(model.unet, model.text_encoder, model.text_encoder_2, model.vae)
@@ -149,8 +149,8 @@ def base_file(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 def _train(name: str, base_file: Path, tiny_sdxl: Path, root: Path, drop: tuple[str, ...] = (), **extra):
     """sdprep on kohya's run `name`; `drop`: lora_settings keys the run does not set."""
-    from sdprep.train.config import load_train_config
-    from sdprep.train.loop import Trainer
+    from sdprep.train.config.schema import load_train_config
+    from sdprep.train.loop.trainer import Trainer
 
     data = make_dataset(root / "data", images=["c_square.webp", "e_sepia.jpg"], repeats=1)
     settings = lora_settings(
@@ -215,8 +215,8 @@ def test_kohya_modelspec_options_reach_the_metadata(tmp_path: Path) -> None:
     import types
 
     from sdprep.errors import ConfigError
-    from sdprep.train.config import load_train_config
-    from sdprep.train.metadata import modelspec
+    from sdprep.train.config.schema import load_train_config
+    from sdprep.train.save.metadata import modelspec
 
     thumb = tmp_path / "thumb.png"
     thumb.write_bytes(b"\x89PNG fake")
@@ -300,7 +300,7 @@ ORACLE = {
 
 
 def test_hash_functions_give_kohyas_values(tmp_path: Path) -> None:
-    from sdprep.train.metadata import file_hashes, safetensors_hashes
+    from sdprep.train.save.metadata import file_hashes, safetensors_hashes
 
     big, small = tmp_path / "big.bin", tmp_path / "small.bin"
     big.write_bytes(bytes((i * 7 + 3) % 256 for i in range(0x120000)))
@@ -318,8 +318,8 @@ def test_hash_functions_give_kohyas_values(tmp_path: Path) -> None:
 
 
 def test_optimizer_name_as_kohya_writes_it() -> None:
-    from sdprep.train.metadata import kohya_optimizer_name
-    from sdprep.train.optim import build_optimizer
+    from sdprep.train.loop.optim import build_optimizer
+    from sdprep.train.save.metadata import kohya_optimizer_name
 
     params = [torch.nn.Parameter(torch.zeros(2))]
     opt, desc = build_optimizer(
@@ -331,7 +331,7 @@ def test_optimizer_name_as_kohya_writes_it() -> None:
 
 
 def test_no_metadata_keeps_kohyas_minimum() -> None:
-    from sdprep.train.metadata import MINIMUM_KEYS, minimum_metadata
+    from sdprep.train.save.metadata import MINIMUM_KEYS, minimum_metadata
 
     full = {
         "ss_v2": "False",
@@ -348,17 +348,17 @@ def test_run_facts_hash_the_base_once_and_say_so_for_a_big_file(base_file: Path,
     """The base model is hashed once per run (at the first save); a big file gets a note first."""
     import types
 
-    from sdprep.train import outputs
-    from sdprep.train.callbacks import RecordingCallbacks
-    from sdprep.train.metadata import file_hashes
+    from sdprep.train.loop.callbacks import RecordingCallbacks
+    from sdprep.train.save import saver
+    from sdprep.train.save.metadata import file_hashes
 
     calls = []
-    monkeypatch.setattr("sdprep.train.metadata.file_hashes", lambda p: calls.append(p) or file_hashes(p))
-    monkeypatch.setattr(outputs, "HASH_NOTE_BYTES", base_file.stat().st_size - 1)
+    monkeypatch.setattr("sdprep.train.save.metadata.file_hashes", lambda p: calls.append(p) or file_hashes(p))
+    monkeypatch.setattr(saver, "HASH_NOTE_BYTES", base_file.stat().st_size - 1)
     cfg = types.SimpleNamespace(
         no_metadata=False, vae=None, train_batch_size=1, gradient_accumulation_steps=1
     )
-    trainer = outputs.TrainerOutputs()
+    trainer = saver.TrainerOutputs()
     trainer.__dict__.update(
         cfg=cfg,
         cb=RecordingCallbacks(),

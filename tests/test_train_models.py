@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdprep.train.models import load_sdxl
+from sdprep.train.models.load import load_sdxl
 
 torch.set_num_threads(1)
 
@@ -21,7 +21,7 @@ def half_sources(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import save_file
 
-    from sdprep.train.sgm import pipeline_to_sgm
+    from sdprep.train.save.sgm import pipeline_to_sgm
 
     root = tmp_path_factory.mktemp("half")
     pipe = StableDiffusionXLPipeline.from_pretrained(
@@ -61,7 +61,7 @@ def test_float16_single_file_loads_in_float32(half_sources, tiny_sdxl: Path) -> 
 
 
 def test_to_float32_casts_only_what_needs_it() -> None:
-    from sdprep.train.models import to_float32
+    from sdprep.train.models.load import to_float32
 
     half = torch.nn.Linear(2, 2).half()
     full = torch.nn.Linear(2, 2)

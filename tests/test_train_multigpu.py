@@ -65,8 +65,8 @@ def two_processes(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(two_processes, tiny_sdxl: Path) -> None:
-    from sdprep.train.config import load_train_config
-    from sdprep.train.loop import train
+    from sdprep.train.config.schema import load_train_config
+    from sdprep.train.loop.trainer import train
 
     root, data, _ = two_processes
     cfg, _ = load_train_config(None, overrides=settings(tiny_sdxl, data, root / "one", batch=2))
@@ -116,8 +116,8 @@ def test_resume_with_two_processes_continues_to_the_same_weights(two_processes, 
 
 def test_textual_inversion_gradients_are_averaged_across_processes(two_processes, tiny_sdxl: Path) -> None:
     """TI trains text-encoder rows outside DDP: its own gradient averaging must match one process."""
-    from sdprep.train.config import load_train_config
-    from sdprep.train.loop import train
+    from sdprep.train.config.schema import load_train_config
+    from sdprep.train.loop.trainer import train
 
     root, data, _ = two_processes
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdprep.train.prompt_weights import apply_weights, parse_prompt_attention, weighted_tokenize
+from sdprep.train.data.prompt_weights import apply_weights, parse_prompt_attention, weighted_tokenize
 
 torch.set_num_threads(1)
 KOHYA = json.loads((Path(__file__).parent / "assets" / "kohya_weighted_captions.json").read_text())
@@ -26,7 +26,7 @@ def test_attention_syntax_is_parsed_as_kohya(text: str) -> None:
 
 @pytest.mark.parametrize("length", ["None", "150", "225"])
 def test_ids_and_weights_are_kohyas(tiny_sdxl: Path, length: str) -> None:
-    from sdprep.train.models import load_sdxl
+    from sdprep.train.models.load import load_sdxl
 
     want = KOHYA["tokens"][length]
     max_len = None if length == "None" else int(length)
@@ -50,8 +50,8 @@ def test_weights_scale_kohyas_positions() -> None:
 
 
 def test_weighted_encoding_scales_the_hidden_states_not_the_pooled(tiny_sdxl: Path) -> None:
-    from sdprep.train.models import load_sdxl
-    from sdprep.train.text import encode_prompts
+    from sdprep.train.data.text import encode_prompts
+    from sdprep.train.models.load import load_sdxl
 
     model = load_sdxl(tiny_sdxl)
     with torch.no_grad():
@@ -72,10 +72,10 @@ def test_weighted_encoding_scales_the_hidden_states_not_the_pooled(tiny_sdxl: Pa
 def test_a_training_step_encodes_captions_with_weights(tiny_sdxl: Path) -> None:
     from diffusers import DDPMScheduler
 
-    from sdprep.train.config import load_train_config
-    from sdprep.train.models import load_sdxl
-    from sdprep.train.step import StepContext, text_conditioning
-    from sdprep.train.text import encode_prompts
+    from sdprep.train.config.schema import load_train_config
+    from sdprep.train.data.text import encode_prompts
+    from sdprep.train.loop.step import StepContext, text_conditioning
+    from sdprep.train.models.load import load_sdxl
 
     model = load_sdxl(tiny_sdxl)
     captions = ["(red hair:1.5), [blue eyes]"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sdprep.errors import ConfigError
-from sdprep.train.prompts import (
+from sdprep.train.sample.prompts import (
     SAMPLERS,
     SamplePrompt,
     check_sampler,

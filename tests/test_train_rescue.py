@@ -15,7 +15,7 @@ from test_train_resume import RANDOM
 from train_support import lora_cfg, make_dataset
 
 from sdprep.errors import TrainingError
-from sdprep.train.loop import RecordingCallbacks, train
+from sdprep.train.loop.trainer import RecordingCallbacks, train
 
 torch.set_num_threads(1)
 

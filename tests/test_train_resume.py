@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from train_support import lora_cfg, make_dataset
 
 from sdprep.errors import TrainingError
-from sdprep.train.loop import RecordingCallbacks, train
+from sdprep.train.loop.trainer import RecordingCallbacks, train
 
 torch.set_num_threads(1)
 
@@ -80,7 +80,7 @@ def test_resume_continues_the_step_count(runs) -> None:
 
 
 def test_latest_skips_incomplete_states_and_explains_missing_ones(runs, tmp_path: Path) -> None:
-    from sdprep.train.save import read_state_info, resolve_resume
+    from sdprep.train.save.weights import read_state_info, resolve_resume
 
     root = runs[0]
     out = tmp_path / "out"
@@ -132,7 +132,7 @@ def test_a_state_with_a_code_running_pickle_is_refused_not_run(runs, tiny_sdxl: 
 
 
 def test_a_state_json_nesting_bomb_is_a_damaged_state(tmp_path: Path) -> None:
-    from sdprep.train.save import read_state_info
+    from sdprep.train.save.weights import read_state_info
 
     folder = tmp_path / "tiny-state"
     folder.mkdir()
@@ -185,7 +185,7 @@ def test_resume_latest_with_a_truncated_trainable_file_names_it_and_the_fix(
 def test_a_damaged_state_file_is_named_as_damaged_not_as_a_threat(
     runs, tmp_path: Path, name, damage, problem
 ) -> None:
-    from sdprep.train.save import load_state
+    from sdprep.train.save.weights import load_state
 
     state = _state_copy(runs, tmp_path)
     path = state / name

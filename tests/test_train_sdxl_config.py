@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from sdprep.errors import ModelError
-from sdprep.train import sdxl_config
-from sdprep.train.clip_vocab import VOCAB_SIZE
-from sdprep.train.models import load_sdxl
-from sdprep.train.sgm import pipeline_to_sgm
+from sdprep.train.models import sdxl_config
+from sdprep.train.models.clip_vocab import VOCAB_SIZE
+from sdprep.train.models.load import load_sdxl
+from sdprep.train.save.sgm import pipeline_to_sgm
 
 torch.set_num_threads(1)
 
@@ -122,7 +122,7 @@ def test_standard_architecture_is_recognised_by_its_marker_shapes(tiny_sdxl: Pat
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from sdprep.train.preflight import _model_check
+    from sdprep.train.config.preflight import _model_check
 
     kohya = json.loads(gzip.decompress((ASSETS / "sdxl_checkpoint_shapes.json.gz").read_bytes()))
     assert sdxl_config.nonstandard_reason({k: tuple(v) for k, v in kohya.items()}) is None

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from sdprep.train.sgm import (
+from sdprep.train.save.sgm import (
     TE1_PREFIX,
     TE2_PREFIX,
     UNET_PREFIX,
@@ -190,7 +190,7 @@ def test_single_file_round_trip_through_diffusers(tiny_sdxl, tmp_path, pipe):
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import save_file
 
-    from sdprep.train.tiny import build_tiny_sdxl_components
+    from sdprep.train.models.tiny import build_tiny_sdxl_components
 
     unet, vae, te1, te2, *_ = build_tiny_sdxl_components(seed=1, tokenizer_dir=tmp_path / "tok")
     sd = pipeline_to_sgm(unet, te1, te2, vae)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdprep.train.text import encode_prompts, hidden_layer_index, token_count, tokenize
+from sdprep.train.data.text import encode_prompts, hidden_layer_index, token_count, tokenize
 
 torch.set_num_threads(1)
 
@@ -134,7 +134,7 @@ def test_clip_skip_beyond_the_encoders_depth_is_a_config_error(tiny_sdxl, tmp_pa
     from train_support import lora_cfg, make_dataset
 
     from sdprep.errors import ConfigError
-    from sdprep.train.loop import train
+    from sdprep.train.loop.trainer import train
 
     data = make_dataset(tmp_path / "data", images=["a_landscape.jpg"])
     with pytest.raises(ConfigError, match="clip_skip = 4, but the text encoders have only 3 layers"):

@@ -19,7 +19,7 @@ TOKEN = "zork"
 
 
 def ti_cfg(model: Path, data: Path, out: Path, **over):
-    from sdprep.train.config import load_train_config
+    from sdprep.train.config.schema import load_train_config
 
     settings = lora_settings(model, data, out)
     for key in ("network_module", "network_dim", "network_alpha"):
@@ -33,7 +33,7 @@ def ti_cfg(model: Path, data: Path, out: Path, **over):
 @pytest.fixture(scope="module")
 def trained(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory):
     """One short 2-vector TI run (gradient checkpointing, a save at step 2 and at the end)."""
-    from sdprep.train.loop import RecordingCallbacks, Trainer
+    from sdprep.train.loop.trainer import RecordingCallbacks, Trainer
 
     root = tmp_path_factory.mktemp("ti")
     data = make_dataset(
@@ -99,7 +99,7 @@ def test_diffusers_load_textual_inversion_gives_the_trained_embeddings(trained, 
 
 
 def test_only_the_new_rows_changed(trained, tiny_sdxl: Path) -> None:
-    from sdprep.train.checkpoint import fingerprint
+    from sdprep.train.save.checkpoint import fingerprint
 
     pipe = fresh_pipeline(tiny_sdxl)
     model = trained.model
@@ -120,8 +120,8 @@ def test_only_the_new_rows_changed(trained, tiny_sdxl: Path) -> None:
 def test_an_untrained_or_empty_save_is_refused(tiny_sdxl: Path, tmp_path: Path) -> None:
     """Seed 000's failure: an empty or unchanged embedding must never be reported as a result."""
     from sdprep.train.methods.ti import TextualInversionMethod
-    from sdprep.train.models import load_sdxl
-    from sdprep.train.save import save_weights
+    from sdprep.train.models.load import load_sdxl
+    from sdprep.train.save.weights import save_weights
 
     data = make_dataset(tmp_path / "data", images=["c_square.webp"], repeats=1, side=64, token=TOKEN)
     method = TextualInversionMethod(ti_cfg(tiny_sdxl, data, tmp_path / "out"))
@@ -160,8 +160,8 @@ def test_an_untrained_or_empty_save_is_refused(tiny_sdxl: Path, tmp_path: Path) 
 
 
 def test_captions_templates_and_prompts(tiny_sdxl: Path, tmp_path: Path) -> None:
+    from sdprep.train.methods.templates import OBJECT_TEMPLATES, STYLE_TEMPLATES
     from sdprep.train.methods.ti import TextualInversionMethod
-    from sdprep.train.templates import OBJECT_TEMPLATES, STYLE_TEMPLATES
 
     data = tmp_path / "data"
     cfg = ti_cfg(tiny_sdxl, data, tmp_path / "out", num_vectors_per_token=3)
@@ -180,7 +180,7 @@ def test_captions_templates_and_prompts(tiny_sdxl: Path, tmp_path: Path) -> None
 
 
 def test_token_missing_from_every_caption_fails_before_training(tiny_sdxl: Path, tmp_path: Path) -> None:
-    from sdprep.train.loop import Trainer
+    from sdprep.train.loop.trainer import Trainer
 
     data = make_dataset(tmp_path / "data", images=["c_square.webp"], repeats=1, side=64, token="other")
     trainer = Trainer(ti_cfg(tiny_sdxl, data, tmp_path / "out"))
@@ -190,7 +190,7 @@ def test_token_missing_from_every_caption_fails_before_training(tiny_sdxl: Path,
 
 def test_bad_init_word_and_taken_token(tiny_sdxl: Path, tmp_path: Path) -> None:
     from sdprep.train.methods.ti import TextualInversionMethod
-    from sdprep.train.models import load_sdxl
+    from sdprep.train.models.load import load_sdxl
 
     model = load_sdxl(tiny_sdxl)
     data = tmp_path / "data"
@@ -204,7 +204,7 @@ def test_bad_init_word_and_taken_token(tiny_sdxl: Path, tmp_path: Path) -> None:
 
 def test_multi_token_init_word_fills_vectors_in_turn(tiny_sdxl: Path, tmp_path: Path) -> None:
     from sdprep.train.methods.ti import TextualInversionMethod
-    from sdprep.train.models import load_sdxl
+    from sdprep.train.models.load import load_sdxl
 
     model = load_sdxl(tiny_sdxl)
     reference = model.text_encoder.get_input_embeddings().weight.detach().clone()
@@ -220,7 +220,7 @@ def test_multi_token_init_word_fills_vectors_in_turn(tiny_sdxl: Path, tmp_path: 
 
 
 def test_weights_continue_from_an_embedding(trained, tiny_sdxl: Path, tmp_path: Path) -> None:
-    from sdprep.train.loop import RecordingCallbacks, Trainer
+    from sdprep.train.loop.trainer import RecordingCallbacks, Trainer
 
     data = make_dataset(tmp_path / "data", images=["c_square.webp"], repeats=1, side=64, token=TOKEN)
     start = load_file(trained.result.output)

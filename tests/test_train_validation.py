@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from train_support import lora_cfg, make_dataset
 
 from sdprep.errors import ConfigError
-from sdprep.train.validation import should_validate, split_names, validation_timesteps
+from sdprep.train.loop.validation import should_validate, split_names, validation_timesteps
 
 torch.set_num_threads(1)
 KOHYA = json.loads((Path(__file__).parent / "assets" / "kohya_validation_split.json").read_text())
@@ -49,7 +49,7 @@ def test_when_validation_runs() -> None:
 
 
 def _run(tiny_sdxl: Path, data: Path, root: Path, **over):
-    from sdprep.train.loop import RecordingCallbacks, Trainer
+    from sdprep.train.loop.trainer import RecordingCallbacks, Trainer
 
     cfg = lora_cfg(tiny_sdxl, data, root / "out", logging_dir=str(root / "logs"), max_train_steps=4, **over)
     trainer = Trainer(cfg, callbacks=RecordingCallbacks())
@@ -80,7 +80,7 @@ def test_held_out_images_do_not_train(runs) -> None:
 
 
 def test_validation_loss_is_logged_as_kohya_tags(runs) -> None:
-    from sdprep.train.logs import read_scalars
+    from sdprep.train.loop.logs import read_scalars
 
     trainer, _ = runs
     scalars = read_scalars(trainer.result.log_dir)
@@ -108,8 +108,8 @@ def test_validation_changes_nothing_in_training(runs) -> None:
 
 def test_same_weights_same_validation_loss(runs, monkeypatch) -> None:
     """Every pass sees the same noise, at kohya's timesteps, batch by batch up to max_validation_steps."""
-    import sdprep.train.step as step
-    from sdprep.train.validation import validation_loss
+    import sdprep.train.loop.step as step
+    from sdprep.train.loop.validation import validation_loss
 
     trainer, _ = runs
     seen = []
@@ -136,15 +136,15 @@ def test_same_weights_same_validation_loss(runs, monkeypatch) -> None:
 def test_bad_split_is_refused(tiny_sdxl: Path, tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data")
     with pytest.raises(ConfigError, match="validation_split must be at least 0 and below 1, got 1.0"):
-        from sdprep.train.data import build_dataset
+        from sdprep.train.data.pipeline import build_dataset
 
         build_dataset(lora_cfg(tiny_sdxl, data, tmp_path / "out", validation_split=1.0))
 
 
 def test_dataset_toml_split_and_reg_images(tmp_path: Path) -> None:
     """validation_split in [[datasets]] (kohya's place for it); regularisation images always train."""
-    from sdprep.train.config import load_train_config
-    from sdprep.train.data import build_dataset
+    from sdprep.train.config.schema import load_train_config
+    from sdprep.train.data.pipeline import build_dataset
 
     images = make_dataset(tmp_path / "img") / "2_mytoken"
     reg = make_dataset(tmp_path / "reg", token="person") / "2_person"

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdprep.train.config import load_train_config
-from sdprep.train.loss import training_loss
+from sdprep.train.config.schema import load_train_config
+from sdprep.train.loop.loss import training_loss
 
 TIMESTEPS = [0, 1, 10, 250, 500, 999]
 LOSS = [0.5, 0.25, 0.125, 1.0, 2.0, 0.75]
@@ -66,8 +66,8 @@ def test_the_options_reach_the_loss(monkeypatch) -> None:
 
     from diffusers import DDPMScheduler
 
-    import sdprep.train.loss as loss_module
-    from sdprep.train.step import StepContext, batch_loss
+    import sdprep.train.loop.loss as loss_module
+    from sdprep.train.loop.step import StepContext, batch_loss
 
     cfg, notes = load_train_config(
         None, overrides={"v_pred_like_loss": 0.2, "scale_v_pred_loss_like_noise_pred": True}

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from train_support import lora_cfg, make_dataset
 
 from sdprep.errors import ConfigError
-from sdprep.train.loop import Trainer, train
+from sdprep.train.loop.trainer import Trainer, train
 
 torch.set_num_threads(1)
 

@@ -78,7 +78,7 @@ def lora_settings(model: Path, data: Path, out: Path, **over: Any) -> dict[str, 
 
 
 def lora_cfg(model: Path, data: Path, out: Path, **over: Any):
-    from sdprep.train.config import load_train_config
+    from sdprep.train.config.schema import load_train_config
 
     cfg, _ = load_train_config(None, overrides=lora_settings(model, data, out, **over))
     return cfg
@@ -105,7 +105,7 @@ def merge_kohya_file(unet, tensors: dict) -> None:
     A1111 / ComfyUI do, with each module's own alpha)."""
     import torch
 
-    from sdprep.train.sgm import UnetLayout, kohya_lora_names
+    from sdprep.train.save.sgm import UnetLayout, kohya_lora_names
 
     layers = {n: m for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
     names = kohya_lora_names(layers, "lora_unet", UnetLayout.from_config(unet.config))

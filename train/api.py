@@ -26,7 +26,7 @@ from sdprep.config import to_dict
 from sdprep.errors import ConfigError
 from sdprep.fileops import atomic_write_text
 from sdprep.stage import StageResult
-from sdprep.train.callbacks import TrainCallbacks
+from sdprep.train.loop.callbacks import TrainCallbacks
 
 PATH_KEYS = (
     "train_data_dir",
@@ -90,7 +90,7 @@ def project_train_table(project: Any) -> tuple[Path | None, dict[str, Any]]:
 
 def check_train(project: Any) -> None:
     """Read and validate the project's training settings without loading a model (ConfigError)."""
-    from sdprep.train.config import detect_method, load_train_config
+    from sdprep.train.config.schema import detect_method, load_train_config
 
     config_path, table = project_train_table(project)
     cfg, _ = load_train_config(config_path, overrides=table, overrides_source=train_table_source(project))
@@ -137,8 +137,8 @@ def train_from_project(
     project: Any, *, echo: Callable[[str], None] = print, reporter: Any = None
 ) -> StageResult:
     """Train with the project's `[train]` settings unless this exact config already trained on this data."""
-    from sdprep.train.config import detect_method, load_train_config
-    from sdprep.train.loop import train
+    from sdprep.train.config.schema import detect_method, load_train_config
+    from sdprep.train.loop.trainer import train
 
     config_path, table = project_train_table(project)
     cfg, notes = load_train_config(config_path, overrides=table, overrides_source=train_table_source(project))

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from sdprep.train.loop import TrainCallbacks, TrainResult
+from sdprep.train.loop.trainer import TrainCallbacks, TrainResult
 
 # plain option -> TrainConfig key (kohya name)
 PLAIN = {
@@ -205,8 +205,8 @@ def command(
     """
     from sdprep.clitools import verbosity
     from sdprep.compat import check_training_stack
-    from sdprep.train.config import detect_method, load_train_config
-    from sdprep.train.config_io import describe_keys, output_config_request, write_config
+    from sdprep.train.config.io import describe_keys, output_config_request, write_config
+    from sdprep.train.config.schema import detect_method, load_train_config
 
     if list_keys:
         for name, text in describe_keys():
@@ -227,14 +227,14 @@ def command(
         click.echo(f"wrote {write_config(cfg, output_config)} (the resolved config; nothing trained)")
         return
     if preflight:
-        from sdprep.train.preflight import run_preflight
+        from sdprep.train.config.preflight import run_preflight
 
         report = run_preflight(cfg, method=chosen, callbacks=callbacks, verbose=verbosity(ctx) > 0)
         click.echo(report.summary())
         if not report.ok:
             raise click.exceptions.Exit(1)
         return
-    from sdprep.train.loop import train
+    from sdprep.train.loop.trainer import train
 
     try:
         result = train(cfg, method=chosen, callbacks=callbacks, resume=resume)

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from diffusers.loaders import single_file_utils as s
 
-from sdprep.train.fullsize import FULL, build_components
-from sdprep.train.sgm import TE1_PREFIX, TE2_PREFIX, UNET_PREFIX, VAE_PREFIX, pipeline_to_sgm
+from sdprep.train.models.fullsize import FULL, build_components
+from sdprep.train.save.sgm import TE1_PREFIX, TE2_PREFIX, UNET_PREFIX, VAE_PREFIX, pipeline_to_sgm
 
 with torch.device("meta"):
     u, v, a, b = build_components(FULL)

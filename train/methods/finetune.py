@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from sdprep.errors import ConfigError, TrainingError
-from sdprep.train.checkpoint import fingerprint, tensor_digest
 from sdprep.train.methods.base import TrainMethod, allreduce_gradients, key_differences
+from sdprep.train.save.checkpoint import fingerprint, tensor_digest
 
 COMPONENTS = ("unet", "te1", "te2")
 
@@ -62,7 +62,7 @@ class FinetuneMethod(TrainMethod):
         return {k: v for k, v in self._modules().items() if k in self.lrs}
 
     def setup(self, model: Any, weight_dtype: Any) -> None:
-        from sdprep.train.ema import ema_of
+        from sdprep.train.methods.ema import ema_of
 
         self.model = model
         model.vae.requires_grad_(False)
@@ -156,7 +156,7 @@ class FinetuneMethod(TrainMethod):
         }
 
     def export_tensors(self, dtype: Any) -> dict[str, Any]:
-        from sdprep.train.checkpoint import model_tensors, prediction_markers
+        from sdprep.train.save.checkpoint import model_tensors, prediction_markers
 
         replace: dict[str, dict[str, Any]] = {}
         if self.ema is not None:
@@ -171,7 +171,13 @@ class FinetuneMethod(TrainMethod):
     def _unfaithful(self, tensors: dict[str, Any], weights: dict[str, Any]) -> list[str]:
         """File names whose tensor is not the trained weight in the file's dtype (U-Net and text
         encoder 1, whose names map one-to-one)."""
-        from sdprep.train.sgm import TE1_PREFIX, UNET_PREFIX, UnetLayout, unet_key_to_sgm, with_text_model
+        from sdprep.train.save.sgm import (
+            TE1_PREFIX,
+            UNET_PREFIX,
+            UnetLayout,
+            unet_key_to_sgm,
+            with_text_model,
+        )
 
         layout = UnetLayout.from_config(self.model.unet.config)
         wrong = []
@@ -189,7 +195,7 @@ class FinetuneMethod(TrainMethod):
         return wrong
 
     def verify_tensors(self, tensors: dict[str, Any], trained: bool) -> list[str]:
-        from sdprep.train.checkpoint import verify_checkpoint
+        from sdprep.train.save.checkpoint import verify_checkpoint
 
         problems = verify_checkpoint(tensors, self._expected)
         weights = self._saved_weights()
@@ -222,8 +228,8 @@ class FinetuneMethod(TrainMethod):
         cfg = self.cfg
         if cfg.save_model_as not in ("diffusers", "diffusers_safetensors") and not cfg.save_diffusers_copy:
             return []
-        from sdprep.train.checkpoint import write_diffusers
-        from sdprep.train.save import save_dtype
+        from sdprep.train.save.checkpoint import write_diffusers
+        from sdprep.train.save.weights import save_dtype
 
         folder = final_path.with_suffix("")
         if self.ema is not None:

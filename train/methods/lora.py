@@ -25,7 +25,7 @@ TE_BLOCKS = ("CLIPAttention", "CLIPMLP")
 def parse_network_args(args: list[str] | tuple[str, ...] | str | None) -> tuple[dict[str, str], list[str]]:
     """kohya's `network_args` ("conv_dim=4", "block_dims=...", ...) as strings by name (as kohya
     reads them), plus notes for ignored ones."""
-    from sdprep.train.kohya_args import NETWORK_ARGS, split_kv_args
+    from sdprep.train.config.kohya import NETWORK_ARGS, split_kv_args
 
     out: dict[str, str] = {}
     notes = []
@@ -75,7 +75,7 @@ def target_modules(
 
 def kohya_name(component: str, module_name: str, layout: Any = None) -> str:
     """`lora_unet_input_blocks_4_1_proj_in` etc. for a diffusers/transformers module name."""
-    from sdprep.train.sgm import LORA_PREFIXES, SDXL_LAYOUT, kohya_lora_name
+    from sdprep.train.save.sgm import LORA_PREFIXES, SDXL_LAYOUT, kohya_lora_name
 
     return kohya_lora_name(module_name, LORA_PREFIXES[component], layout or SDXL_LAYOUT)
 
@@ -148,7 +148,7 @@ class LoraMethod(TrainMethod):
         return shapes
 
     def _layout(self) -> Any:
-        from sdprep.train.sgm import UnetLayout
+        from sdprep.train.save.sgm import UnetLayout
 
         return UnetLayout.from_config(self.model.unet.config)
 
@@ -299,7 +299,7 @@ class LoraMethod(TrainMethod):
     def after_step(self) -> None:
         if not self.max_norm:
             return
-        from sdprep.train.maxnorm import apply_max_norm
+        from sdprep.train.methods.maxnorm import apply_max_norm
 
         if self._norm_targets is None:  # (down, up, alpha / rank) per module, found once
             self._norm_targets = []
@@ -322,7 +322,7 @@ class LoraMethod(TrainMethod):
 
     def _modules(self):
         """(component, module name, kohya name, peft LoraLayer) for every adapted layer."""
-        from sdprep.train.sgm import UnetLayout
+        from sdprep.train.save.sgm import UnetLayout
 
         layout = UnetLayout.from_config(self.model.unet.config)
         for comp, module in self._components().items():

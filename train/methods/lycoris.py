@@ -104,7 +104,7 @@ def lycoris_args(items: tuple[str, ...] | list[str]) -> dict[str, str]:
     """network_args for LyCORIS as kohya passes them: `{name: value string}`; unknown names and
     unknown algos are errors."""
     from sdprep.errors import did_you_mean
-    from sdprep.train.kohya_args import split_kv_args
+    from sdprep.train.config.kohya import split_kv_args
 
     out = {}
     for item in split_kv_args(items, "network_args"):
@@ -260,7 +260,7 @@ class LycorisMethod(TrainMethod):
 
     def kohya_names(self) -> dict[str, str]:
         """LyCORIS module name -> kohya's (SGM) name, for the modules this network has."""
-        from sdprep.train.sgm import UnetLayout
+        from sdprep.train.save.sgm import UnetLayout
 
         layout = UnetLayout.from_config(self.model.unet.config)
         out = {}
@@ -318,7 +318,7 @@ class LycorisMethod(TrainMethod):
         from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
         from safetensors.torch import load_file
 
-        from sdprep.train.sgm import UnetLayout
+        from sdprep.train.save.sgm import UnetLayout
 
         layout = UnetLayout.from_config(model.unet.config)
         ours = {}

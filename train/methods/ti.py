@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from sdprep.errors import ConfigError, ModelError, TrainingError
-from sdprep.train.checkpoint import fingerprint
 from sdprep.train.methods.base import TrainMethod, allreduce_gradients
+from sdprep.train.save.checkpoint import fingerprint
 
 KEYS = ("clip_l", "clip_g")  # file keys for text encoder 1 (CLIP-L) and 2 (OpenCLIP bigG)
 
@@ -114,7 +114,7 @@ class TextualInversionMethod(TrainMethod):
     title = "textual inversion"
 
     def __init__(self, cfg: Any) -> None:
-        from sdprep.train.templates import templates_for
+        from sdprep.train.methods.templates import templates_for
 
         super().__init__(cfg)
         if not cfg.token_string or not cfg.token_string.strip():

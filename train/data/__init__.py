@@ -1,0 +1,1 @@
+"""The training data: scanning the images, captions and masks, buckets, caches, caption encoding."""

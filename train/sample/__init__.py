@@ -1,0 +1,1 @@
+"""Sample images during training from kohya prompt files."""

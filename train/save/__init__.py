@@ -1,0 +1,1 @@
+"""What training writes: weights with kohya's metadata, training states, fine-tuned single files."""
