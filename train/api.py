@@ -20,13 +20,16 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdprep.config import to_dict
 from sdprep.errors import ConfigError
 from sdprep.fileops import atomic_write_text
 from sdprep.stage import StageResult
 from sdprep.train.loop.callbacks import TrainCallbacks
+
+if TYPE_CHECKING:
+    from sdprep.train.config.schema import TrainConfig
 
 PATH_KEYS = (
     "train_data_dir",
@@ -122,7 +125,7 @@ def dataset_fingerprint(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _data_roots(cfg: Any) -> list[Path]:
+def _data_roots(cfg: TrainConfig) -> list[Path]:
     roots = []
     for key in ("train_data_dir", "reg_data_dir", "dataset_config", "in_json"):
         value = getattr(cfg, key, None)

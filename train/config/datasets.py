@@ -20,12 +20,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdprep.config import coerce, load_toml
 from sdprep.dataset import RepeatFolder, is_image, parse_repeat_folder
 from sdprep.errors import ConfigError, did_you_mean
 from sdprep.train.data.captions import CaptionOptions
+
+if TYPE_CHECKING:
+    from sdprep.train.config.schema import TrainConfig
 
 # -- kohya's schema (library/config_util.py), by level -------------------------------------------
 
@@ -187,13 +190,13 @@ RUN_KEYS = tuple(
 )
 
 
-def origin_of(cfg: Any, key: str) -> str | None:
+def origin_of(cfg: TrainConfig, key: str) -> str | None:
     """Where training-config `key` was set (a config file's path, or "the command line"); None:
     a default (or a config built in code)."""
     return dict(getattr(cfg, "origins", ())).get(key)
 
 
-def cfg_value(cfg: Any, key: str, default: Any = None) -> Any:
+def cfg_value(cfg: TrainConfig, key: str, default: Any = None) -> Any:
     """A training-config value by its kohya dataset key (None-valued fields count as unset)."""
     value = getattr(cfg, CFG_NAMES.get(key, key), None)
     return default if value is None else value
@@ -203,7 +206,7 @@ def cfg_value(cfg: Any, key: str, default: Any = None) -> Any:
 SDPREP_DEFAULTS = ("enable_bucket", "max_bucket_reso", "caption_extension")
 
 
-def _lookup(key: str, layers: list[dict], cfg: Any, findings: Findings | None = None) -> Any:
+def _lookup(key: str, layers: list[dict], cfg: TrainConfig, findings: Findings | None = None) -> Any:
     for layer in layers:
         if layer.get(key) is not None:
             return layer[key]
@@ -228,7 +231,9 @@ def _toml(value: Any) -> str:
     )
 
 
-def _run_setting(key: str, layers: list[dict], cfg: Any, where: str, findings: Findings | None) -> Any:
+def _run_setting(
+    key: str, layers: list[dict], cfg: TrainConfig, where: str, findings: Findings | None
+) -> Any:
     """A run-level setting: the training config's when it set it, else the dataset TOML's (noted when
     the two differ: kohya would take the dataset TOML's)."""
     name = CFG_NAMES.get(key, key)
@@ -291,7 +296,7 @@ def _path(value: str | None, base: Path, where: str) -> Path | None:
     return beside if beside.exists() or not path.exists() else path
 
 
-def _caption_options(layers: list[dict], cfg: Any) -> CaptionOptions:
+def _caption_options(layers: list[dict], cfg: TrainConfig) -> CaptionOptions:
     def get(k: str) -> Any:
         return _lookup(k, layers, cfg)
 
@@ -310,7 +315,7 @@ def _caption_options(layers: list[dict], cfg: Any) -> CaptionOptions:
     )
 
 
-def _check_unsupported(layers: list[dict], cfg: Any, where: str, findings: Findings) -> None:
+def _check_unsupported(layers: list[dict], cfg: TrainConfig, where: str, findings: Findings) -> None:
     """kohya features sdprep does not implement: an error when set, never silently ignored."""
     checks = {
         "face_crop_aug_range": lambda v: v is not None,
@@ -328,7 +333,7 @@ def _check_unsupported(layers: list[dict], cfg: Any, where: str, findings: Findi
 
 
 def make_subset(
-    layers: list[dict], cfg: Any, *, base: Path, where: str, findings: Findings, **fixed: Any
+    layers: list[dict], cfg: TrainConfig, *, base: Path, where: str, findings: Findings, **fixed: Any
 ) -> SubsetSpec:
     """Resolve one subset from its lookup layers (subset, dataset, general) and the training config."""
     _check_unsupported(layers, cfg, where, findings)
@@ -364,7 +369,11 @@ def make_subset(
 
 
 def make_dataset(
-    subsets: list[SubsetSpec], layers: list[dict], cfg: Any, where: str, findings: Findings | None = None
+    subsets: list[SubsetSpec],
+    layers: list[dict],
+    cfg: TrainConfig,
+    where: str,
+    findings: Findings | None = None,
 ) -> DatasetSpec:
     """Resolve one dataset's bucket settings and check them as kohya does (plus SDXL's multiple of 32)."""
 
@@ -433,7 +442,7 @@ def _check_dataset(spec: DatasetSpec, where: str) -> None:
 # -- the dataset TOML ----------------------------------------------------------------------------
 
 
-def load_dataset_toml(path: Path, cfg: Any, findings: Findings) -> list[DatasetSpec]:
+def load_dataset_toml(path: Path, cfg: TrainConfig, findings: Findings) -> list[DatasetSpec]:
     """Read a kohya dataset TOML strictly into resolved datasets."""
     path = Path(path)
     doc = load_toml(path)
@@ -507,7 +516,7 @@ def _stray_images(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_file() and is_image(p))
 
 
-def folder_subsets(root: Path, cfg: Any, *, is_reg: bool, findings: Findings) -> list[SubsetSpec]:
+def folder_subsets(root: Path, cfg: TrainConfig, *, is_reg: bool, findings: Findings) -> list[SubsetSpec]:
     """Subsets for a kohya DreamBooth folder of `<N>_<class tokens>` subfolders."""
     key = "reg_data_dir" if is_reg else "train_data_dir"
     if not root.is_dir():
@@ -551,7 +560,7 @@ def _is_bucket_output(root: Path) -> bool:
     return (root / "dataset.toml").is_file() and (root / "img").is_dir()
 
 
-def load_sources(cfg: Any, findings: Findings) -> list[DatasetSpec]:
+def load_sources(cfg: TrainConfig, findings: Findings) -> list[DatasetSpec]:
     """The datasets the training config describes (dataset_config, in_json or train_data_dir), with
     one note listing the sdprep defaults used where kohya's differ."""
     specs = _load_sources(cfg, findings)
@@ -563,7 +572,7 @@ def load_sources(cfg: Any, findings: Findings) -> list[DatasetSpec]:
     return specs
 
 
-def _load_sources(cfg: Any, findings: Findings) -> list[DatasetSpec]:
+def _load_sources(cfg: TrainConfig, findings: Findings) -> list[DatasetSpec]:
     dataset_config = cfg_value(cfg, "dataset_config")
     train_dir = cfg_value(cfg, "train_data_dir")
     reg_dir = cfg_value(cfg, "reg_data_dir")

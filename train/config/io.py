@@ -10,11 +10,14 @@ from __future__ import annotations
 import inspect
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdprep.config import to_dict
 from sdprep.errors import ConfigError
 from sdprep.fileops import atomic_write_text
+
+if TYPE_CHECKING:
+    from sdprep.train.config.schema import TrainConfig
 
 HEADER = (
     "# The resolved training config, written by `sdprep train --output-config` (kohya's --output_config).\n"
@@ -42,7 +45,7 @@ def output_config_request(flags: list[str]) -> tuple[list[str], Path | None]:
     )
 
 
-def config_values(cfg: Any) -> dict[str, Any]:
+def config_values(cfg: TrainConfig) -> dict[str, Any]:
     """The config as TOML values, unset (None) keys left out; resolution as kohya's "w,h" string."""
     out: dict[str, Any] = {}
     for key, value in to_dict(cfg).items():
@@ -54,7 +57,7 @@ def config_values(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def write_config(cfg: Any, path: Path | str) -> Path:
+def write_config(cfg: TrainConfig, path: Path | str) -> Path:
     """Write the resolved config as a flat TOML (kohya refuses to overwrite; so does this)."""
     import tomli_w
 

@@ -10,12 +10,15 @@ only after the model had loaded (20 s to minutes); `precheck` finds them in well
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdprep.errors import ConfigError, TrainingError
 
+if TYPE_CHECKING:
+    from sdprep.train.config.schema import TrainConfig
 
-def precheck(cfg: Any, *, method: str, resume: Any, output_dir: Path, name: str) -> Path | None:
+
+def precheck(cfg: TrainConfig, *, method: str, resume: Any, output_dir: Path, name: str) -> Path | None:
     """Raise the error the run would stop with later; returns the state folder to resume from."""
     folder = _resume_folder(resume, method, output_dir, name)
     check_optimizer(cfg.optimizer_type)
@@ -48,7 +51,7 @@ def check_optimizer(name: str | None) -> None:
         _torch_optimizer(str(name).strip())
 
 
-def check_scheduler(cfg: Any, total_steps: int = 1000) -> None:
+def check_scheduler(cfg: TrainConfig, total_steps: int = 1000) -> None:
     """Build the lr schedule on a stand-in optimizer: a scheduler class that does not import or
     lr_scheduler_args it does not take (kohya's TypeError) fail now. Skipped where the optimizer
     sets its own schedule (Adafactor's relative step, schedule-free optimizers)."""

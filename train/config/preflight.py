@@ -17,10 +17,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdprep.errors import SdprepError
 from sdprep.train.loop.trainer import TrainCallbacks, Trainer
+
+if TYPE_CHECKING:
+    from sdprep.train.config.schema import TrainConfig
 
 PREFLIGHT_AREA = 128 * 128  # max training area on the tiny model
 SAMPLE_AREA = 64 * 64
@@ -84,7 +87,7 @@ def scale_datasets(specs: list[Any]) -> list[Any]:
     return [scale_dataset(spec) for spec in specs]
 
 
-def _model_check(cfg: Any) -> tuple[bool, str]:
+def _model_check(cfg: TrainConfig) -> tuple[bool, str]:
     """Check the real model without loading it: the path, SDXL-ness and tokenizer files."""
     source = cfg.pretrained_model_name_or_path
     if not source:
@@ -151,7 +154,7 @@ def _single_file_check(path: Path, model_config: Any) -> tuple[bool, str]:
     return True, detail
 
 
-def _preflight_cfg(cfg: Any, work: Path, steps: int) -> Any:
+def _preflight_cfg(cfg: TrainConfig, work: Path, steps: int) -> Any:
     return dataclasses.replace(
         cfg,
         pretrained_model_name_or_path=None,
@@ -206,7 +209,7 @@ class _Quiet(TrainCallbacks):
 
 
 def run_preflight(
-    cfg: Any,
+    cfg: TrainConfig,
     *,
     method: str | None = None,
     callbacks: TrainCallbacks | None = None,
@@ -232,7 +235,7 @@ def run_preflight(
 
 
 def _run(
-    cfg: Any, method: str | None, outer: TrainCallbacks, verbose: bool, steps: int, work: Path, report
+    cfg: TrainConfig, method: str | None, outer: TrainCallbacks, verbose: bool, steps: int, work: Path, report
 ) -> None:
     from sdprep.train.data.pipeline import build_dataset
     from sdprep.train.models.load import load_sdxl

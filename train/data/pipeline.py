@@ -38,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -58,6 +58,9 @@ from sdprep.train.data.transforms import (
     size_conditioning,
 )
 
+if TYPE_CHECKING:
+    from sdprep.train.config.schema import TrainConfig
+
 CaptionTransform = Callable[[str, np.random.Generator], str]
 __all__ = ["ImageRecord", "TrainDataset", "build_dataset", "sample_rng"]
 
@@ -75,7 +78,7 @@ class TrainDataset:
 
     def __init__(
         self,
-        cfg: Any,
+        cfg: TrainConfig,
         datasets: list[DatasetSpec],
         subsets: list[SubsetSpec],
         records: list[ImageRecord],
@@ -337,7 +340,7 @@ def _stack(samples: list[dict], slots: list[tuple[int, int]], ds: TrainDataset) 
 
 
 def build_dataset(
-    cfg: Any,
+    cfg: TrainConfig,
     *,
     report: Reporter | None = None,
     seed: int | None = None,

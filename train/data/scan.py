@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdprep.buckets import Assignment, BucketSettings, assign_bucket, make_buckets
 from sdprep.dataset import MASK_DIR, discover, is_image, loads_json, read_text_file
@@ -19,6 +19,9 @@ from sdprep.progress import Reporter
 from sdprep.stage import map_items
 from sdprep.train.config.datasets import DatasetSpec, Findings, SubsetSpec, cfg_value
 from sdprep.train.data.transforms import load_mask, load_rgb
+
+if TYPE_CHECKING:
+    from sdprep.train.config.schema import TrainConfig
 
 MAX_COVERAGE_SAMPLE = 2000  # masks decoded for the mean-coverage figure (a fixed sample beyond this)
 
@@ -387,7 +390,7 @@ def _scan_dataset(d: int, dspec: DatasetSpec, scan: Scan, masked_loss: bool) -> 
         scan.records.append(rec)
 
 
-def scan_sources(datasets: list[DatasetSpec], cfg: Any, findings: Findings, report: Reporter) -> Scan:
+def scan_sources(datasets: list[DatasetSpec], cfg: TrainConfig, findings: Findings, report: Reporter) -> Scan:
     """Read every subset of `datasets` into usable image records (see the module docstring)."""
     masked_loss = bool(cfg_value(cfg, "masked_loss", False))
     scan = Scan(datasets, [], [], findings, _MaskStats())

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sdprep.train.config.schema import TrainConfig
 
 
 @dataclass
 class StepContext:
     """What computing a batch's loss needs besides the batch."""
 
-    cfg: Any
+    cfg: TrainConfig
     model: Any  # SDXLModel (vae, text encoders, tokenizers)
     unet: Any  # the (possibly accelerate-wrapped) U-Net to call
     noise_scheduler: Any  # DDPMScheduler

@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdprep.errors import ConfigError, DatasetError, SdprepError, TrainingError
 from sdprep.train.config.precheck import precheck
@@ -22,6 +22,9 @@ from sdprep.train.loop.interrupt import StopRequest
 from sdprep.train.loop.validation import should_validate
 from sdprep.train.save.saver import TrainerOutputs
 from sdprep.train.save.weights import changed_settings
+
+if TYPE_CHECKING:
+    from sdprep.train.config.schema import TrainConfig
 
 __all__ = [
     "RecordingCallbacks",
@@ -38,7 +41,7 @@ __all__ = [
 # -- predicates ----------------------------------------------------------------------------
 
 
-def should_save(cfg: Any, *, step: int | None = None, epoch: int | None = None, total: int) -> bool:
+def should_save(cfg: TrainConfig, *, step: int | None = None, epoch: int | None = None, total: int) -> bool:
     """Save after optimizer step `step` (or at the end of epoch `epoch`, 1-based) but not at the very end
     (the final `<name>` file covers that)."""
     if step is not None:
@@ -48,7 +51,7 @@ def should_save(cfg: Any, *, step: int | None = None, epoch: int | None = None, 
     return bool(n) and epoch is not None and epoch % n == 0 and epoch < total
 
 
-def should_sample(cfg: Any, *, step: int | None = None, epoch: int | None = None) -> bool:
+def should_sample(cfg: TrainConfig, *, step: int | None = None, epoch: int | None = None) -> bool:
     """kohya's rule: sample_every_n_epochs wins over sample_every_n_steps; step 0 only with sample_at_first."""
     if not cfg.sample_prompts:
         return False
@@ -65,7 +68,7 @@ def should_log(step: int, every: int = 1) -> bool:
     return step % max(1, every) == 0
 
 
-def schedule(num_batches: int, cfg: Any, num_processes: int = 1) -> tuple[int, int, int]:
+def schedule(num_batches: int, cfg: TrainConfig, num_processes: int = 1) -> tuple[int, int, int]:
     """(steps per epoch, total optimizer steps, epochs) as kohya computes them."""
     per_process = math.ceil(num_batches / num_processes)
     steps_per_epoch = max(1, math.ceil(per_process / cfg.gradient_accumulation_steps))
@@ -123,7 +126,7 @@ class Trainer(TrainerOutputs):
 
     def __init__(
         self,
-        cfg: Any,
+        cfg: TrainConfig,
         *,
         method: str | None = None,
         callbacks: TrainCallbacks | None = None,
@@ -766,14 +769,14 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _detect(cfg: Any) -> str:
+def _detect(cfg: TrainConfig) -> str:
     from sdprep.train.config.schema import detect_method
 
     return detect_method(cfg)
 
 
 def train(
-    cfg: Any,
+    cfg: TrainConfig,
     *,
     method: str | None = None,
     callbacks: TrainCallbacks | None = None,

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdprep.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sdprep.train.config.schema import TrainConfig
 
 NUM_TIMESTEPS = 4  # kohya's NUM_VALIDATION_TIMESTEPS
 
@@ -73,7 +76,7 @@ def split_records(records: list[Any], datasets: list[Any], seed: int) -> tuple[l
     return train, validation
 
 
-def should_validate(cfg: Any, *, step: int | None = None, epoch: int | None = None) -> bool:
+def should_validate(cfg: TrainConfig, *, step: int | None = None, epoch: int | None = None) -> bool:
     """kohya's rule: after step N when N % validate_every_n_steps == 0; after epoch E (1-based) when
     E % validate_every_n_epochs == 0, or every epoch when that is unset."""
     if step is not None:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sdprep.errors import unknown_choice
+
+if TYPE_CHECKING:
+    from sdprep.train.config.schema import TrainConfig
+    from sdprep.train.methods.base import TrainMethod
 
 # name -> "module:class"; textual inversion and fine-tune register here the same way.
 METHODS: dict[str, str] = {
@@ -15,7 +19,7 @@ METHODS: dict[str, str] = {
 }
 
 
-def method_class(name: str) -> type:
+def method_class(name: str) -> type[TrainMethod]:
     """The TrainMethod subclass for `name` ("lora", "ti", "finetune")."""
     if name not in METHODS:
         raise unknown_choice("training method", name, METHODS)
@@ -31,7 +35,7 @@ def method_class(name: str) -> type:
     return getattr(mod, attr)
 
 
-def make_method(name: str, cfg: Any) -> Any:
+def make_method(name: str, cfg: TrainConfig) -> TrainMethod:
     """Instantiate the method `name` for config `cfg` (LoRA with network_module "lycoris.kohya" is
     a LyCORIS network)."""
     if name == "lora" and getattr(cfg, "network_module", None) == "lycoris.kohya":

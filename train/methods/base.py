@@ -11,9 +11,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sdprep.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sdprep.train.config.schema import TrainConfig
 
 
 def key_differences(have: Iterable[str], want: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -80,7 +83,7 @@ class TrainMethod(ABC):
 
     LORA_ONLY = ("scale_weight_norms",)  # settings only LoRA training reads
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.model: Any = None
         self.notes: list[str] = []

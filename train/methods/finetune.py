@@ -15,13 +15,16 @@ file is reloaded and checked: all keys and shapes, finite, and different from th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sdprep.errors import ConfigError, TrainingError
 from sdprep.train.methods.base import TrainMethod, allreduce_gradients, key_differences
 from sdprep.train.save.checkpoint import fingerprint, tensor_digest
+
+if TYPE_CHECKING:
+    from sdprep.train.config.schema import TrainConfig
 
 COMPONENTS = ("unet", "te1", "te2")
 
@@ -31,7 +34,7 @@ class FinetuneMethod(TrainMethod):
     architecture = "stable-diffusion-xl-v1-base"
     title = "full fine-tune"
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
         base = cfg.learning_rate
         lrs = {"unet": base}

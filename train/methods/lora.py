@@ -12,10 +12,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdprep.errors import ConfigError
 from sdprep.train.methods.base import TrainMethod, allreduce_gradients, key_differences, key_problems
+
+if TYPE_CHECKING:
+    from sdprep.train.config.schema import TrainConfig
 
 UNET_BLOCKS = ("Transformer2DModel",)
 UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
@@ -85,7 +88,7 @@ class LoraMethod(TrainMethod):
     architecture = "stable-diffusion-xl-v1-base/lora"
     title = "LoRA"
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
         from sdprep.train.methods.lora_args import parse_blocks
 
@@ -426,7 +429,7 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def _ratio(cfg: Any, args: dict[str, str], key: str) -> float | None:
+def _ratio(cfg: TrainConfig, args: dict[str, str], key: str) -> float | None:
     value = getattr(cfg, key, None)
     if value is None and args.get(key) is not None:
         value = float(args[key])

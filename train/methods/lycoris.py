@@ -18,11 +18,14 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdprep.errors import ConfigError, InstallError, TrainingError
 from sdprep.train.methods.base import TrainMethod, allreduce_gradients, key_problems
 from sdprep.train.methods.lora import _num, _te_lrs, kohya_name
+
+if TYPE_CHECKING:
+    from sdprep.train.config.schema import TrainConfig
 
 MODULE = "lycoris.kohya"
 ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "dylora", "glora", "full", "diag-oft", "boft")
@@ -129,7 +132,7 @@ class LycorisMethod(TrainMethod):
     architecture = "stable-diffusion-xl-v1-base/lora"
     title = "LyCORIS"
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
         self.args = lycoris_args(cfg.network_args)
         self.algo = self.args.get("algo", "lora").lower()

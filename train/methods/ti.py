@@ -18,13 +18,16 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sdprep.errors import ConfigError, ModelError, TrainingError
 from sdprep.train.methods.base import TrainMethod, allreduce_gradients
 from sdprep.train.save.checkpoint import fingerprint
+
+if TYPE_CHECKING:
+    from sdprep.train.config.schema import TrainConfig
 
 KEYS = ("clip_l", "clip_g")  # file keys for text encoder 1 (CLIP-L) and 2 (OpenCLIP bigG)
 
@@ -113,7 +116,7 @@ class TextualInversionMethod(TrainMethod):
     architecture = "stable-diffusion-xl-v1-base/textual-inversion"
     title = "textual inversion"
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: TrainConfig) -> None:
         from sdprep.train.methods.templates import templates_for
 
         super().__init__(cfg)

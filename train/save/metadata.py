@@ -15,9 +15,12 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from sdprep.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sdprep.train.config.schema import TrainConfig
 
 SDXL_BASE_VERSION = "sdxl_base_v1-0"
 LEGACY_OFFSET = 0x100000  # the old A1111 hash: sha256 of 64 KiB read at 1 MiB, first 8 hex digits
@@ -161,7 +164,7 @@ def _dirs(subsets: list[Any], by_subset: list[list[Any]], reg: bool) -> dict[str
     }
 
 
-def _dataset_keys(cfg: Any, dataset: Any, run: Mapping[str, Any]) -> dict[str, str]:
+def _dataset_keys(cfg: TrainConfig, dataset: Any, run: Mapping[str, Any]) -> dict[str, str]:
     """The per-dataset keys kohya writes for a train_data_dir run (one dataset)."""
     spec = dataset.datasets[0] if getattr(dataset, "datasets", None) else None
     enable = spec.enable_bucket if spec is not None else cfg.enable_bucket
@@ -262,7 +265,7 @@ def _user_config_keys(dataset: Any) -> dict[str, str]:
     }
 
 
-def _model_keys(run: Mapping[str, Any], cfg: Any) -> dict[str, str]:
+def _model_keys(run: Mapping[str, Any], cfg: TrainConfig) -> dict[str, str]:
     """`ss_sd_model_name` / hashes and the VAE's, as kohya: hashes only for paths that exist."""
     meta: dict[str, str] = {}
     for prefix, source, hashes in (
@@ -279,7 +282,7 @@ def _model_keys(run: Mapping[str, Any], cfg: Any) -> dict[str, str]:
     return meta
 
 
-def kohya_metadata(run: Mapping[str, Any], method: Any, dataset: Any, cfg: Any) -> dict[str, str]:
+def kohya_metadata(run: Mapping[str, Any], method: Any, dataset: Any, cfg: TrainConfig) -> dict[str, str]:
     """kohya's `ss_*` training metadata, sdprep's own keys and the `modelspec.*` keys.
 
     `run` holds the run facts: started (unix time), session_id, name, seed, steps, epoch,
@@ -370,7 +373,7 @@ def minimum_metadata(meta: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in meta.items() if k in MINIMUM_KEYS or k.startswith("modelspec.")}
 
 
-def modelspec(cfg: Any, method: Any, run: Mapping[str, Any]) -> dict[str, str]:
+def modelspec(cfg: TrainConfig, method: Any, run: Mapping[str, Any]) -> dict[str, str]:
     """Stability AI's model spec keys (what ComfyUI/A1111/Forge show and sort by)."""
     res = cfg.resolution
     spec = {

@@ -19,13 +19,16 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdprep.dataset import loads_json
 from sdprep.errors import TrainingError
 from sdprep.faults import pause_point
 from sdprep.fileops import atomic_write_dir, give_new_file_mode, recover_dir
 from sdprep.train.methods.base import Verification
+
+if TYPE_CHECKING:
+    from sdprep.train.config.schema import TrainConfig
 
 STATE_FILE = "state.json"
 STATE_SUFFIX = "-state"
@@ -350,7 +353,7 @@ def find_states(output_dir: Path) -> list[TrainState]:
 
 
 def stale_saves(
-    cfg: Any, *, step: int | None, epoch: int | None, states: bool = False
+    cfg: TrainConfig, *, step: int | None, epoch: int | None, states: bool = False
 ) -> list[dict[str, int]]:
     """Periodic saves that kohya's save_last_n_epochs / save_last_n_steps say to remove now; with
     `states`, the training states that save_last_n_epochs_state / save_last_n_steps_state (each
