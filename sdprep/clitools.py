@@ -5,12 +5,15 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
 from sdprep.progress import NullReporter, Reporter, RichReporter
 from sdprep.stage import WORKERS_HELP, StageResult
+
+T = TypeVar("T")
 
 
 def reporter(ctx: click.Context | None = None) -> Reporter:
@@ -57,3 +60,22 @@ def field_option(options: str, field: str, *decls: str, **kwargs: Any) -> Callab
 def workers_option(options: str) -> Callable:
     """`-j/--workers N`, with the one meaning it has in every command (`sdprep.stage.WORKERS_HELP`)."""
     return field_option(options, "workers", "-j", "--workers", type=int, metavar="N", help=WORKERS_HELP)
+
+
+def options_from(cls: type[T], values: dict[str, Any], **given: Any) -> T:
+    """Build the options class `cls` from a command's parsed values, by name: each field the command
+    has an option of the same name for, then `given` (values the command parses itself)."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    return cls(**{**{k: v for k, v in values.items() if k in names}, **given})
+
+
+def dataset_argument(recursive: str | None = None) -> Callable:
+    """The DIRECTORY argument of a command over a dataset folder, and with `recursive` (its help:
+    what subfolders mean for the command) the `-r/--recursive` flag."""
+
+    def decorate(fn: Callable) -> Callable:
+        if recursive is not None:
+            fn = click.option("-r", "--recursive", is_flag=True, help=recursive)(fn)
+        return click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))(fn)
+
+    return decorate

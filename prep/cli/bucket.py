@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from sdprep.buckets import BucketSettings
-from sdprep.clitools import field_option, finish, reporter
+from sdprep.clitools import dataset_argument, field_option, finish, options_from, reporter
 from sdprep.errors import ConfigError
 
 OPTIONS = "sdprep.prep.bucket:BucketOptions"
@@ -44,7 +44,7 @@ def _parse_resolution(value: str) -> tuple[int, int]:
 
 
 @click.command("bucket")
-@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@dataset_argument()
 @click.option(
     "-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder."
 )
@@ -109,27 +109,7 @@ def _parse_resolution(value: str) -> tuple[int, int]:
     "(default: paths relative to OUT; run kohya from OUT).",
 )
 @click.pass_context
-def command(
-    ctx,
-    directory,
-    out,
-    token,
-    repeats,
-    target_steps,
-    batch_size,
-    tiers,
-    balance,
-    reg,
-    reg_token,
-    resolution,
-    step,
-    min_side,
-    max_side,
-    no_upscale,
-    copy,
-    mask_form,
-    root,
-) -> None:
+def command(ctx: click.Context, directory: Path, resolution: str, tiers: tuple[str, ...], **kw) -> None:
     """Build a training-ready folder (kohya layout, dataset TOML, metadata JSON) from DIRECTORY.
 
     Images are hard-linked (never moved), captions and masks go with them. buckets.json says where
@@ -147,20 +127,6 @@ def command(
     """
     from sdprep.prep.bucket import BucketOptions, run_bucket
 
-    settings = BucketSettings(_parse_resolution(resolution), step, min_side, max_side, no_upscale)
-    opts = BucketOptions(
-        out=out,
-        token=token,
-        repeats=repeats,
-        target_steps=target_steps,
-        batch_size=batch_size,
-        tiers=_parse_tiers(tiers),
-        balance=balance,
-        reg=tuple(reg),
-        reg_token=reg_token,
-        settings=settings,
-        copy=copy,
-        mask_form=mask_form,
-        root=root,
-    )
+    settings = options_from(BucketSettings, kw, resolution=_parse_resolution(resolution))
+    opts = options_from(BucketOptions, kw, settings=settings, tiers=_parse_tiers(tiers), reg=tuple(kw["reg"]))
     finish(run_bucket(directory, opts, report=reporter(ctx)))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import finish, reporter, verbosity, workers_option
+from sdprep.clitools import dataset_argument, finish, reporter, verbosity, workers_option
 from sdprep.prep.cli.scores import score_options
 
 SORTS = ("as-tagged", "score", "alphabetical", "category")
@@ -25,10 +25,7 @@ def _patterns(values: tuple[str, ...]) -> tuple[str, ...] | None:
 
 
 @click.command("clean")
-@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option(
-    "-r", "--recursive", is_flag=True, help="Clean images in subfolders too (kohya repeat folders)."
-)
+@dataset_argument("Clean images in subfolders too (kohya repeat folders).")
 @click.option(
     "--rules", "rules_file", type=click.Path(dir_okay=False, path_type=Path), help="Rules TOML file."
 )

@@ -6,36 +6,25 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import field_option, finish, reporter, workers_option
+from sdprep.clitools import dataset_argument, field_option, finish, options_from, reporter, workers_option
 
 OPTIONS = "sdprep.prep.convert:ConvertOptions"
 
 
 @click.command("convert")
-@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@dataset_argument("Convert images in subfolders too.")
 @click.option(
     "--format",
-    "fmt",
     type=click.Choice(["png", "jpg", "webp"]),
     default=None,
     help="Re-encode every image to this format (default: keep PNG/JPEG/WebP, others become PNG).",
 )
 @field_option(OPTIONS, "quality", "--quality", type=int, help="JPEG/WebP quality (1-100).")
-@click.option("--flatten", "flatten", default=None, metavar="COLOR", help="Flatten transparency onto COLOR.")
+@click.option("--flatten", default=None, metavar="COLOR", help="Flatten transparency onto COLOR.")
 @click.option("--keep-alpha", is_flag=True, help="Keep transparency (an error with --format jpg).")
-@click.option("-r", "--recursive", is_flag=True, help="Convert images in subfolders too.")
 @workers_option(OPTIONS)
 @click.pass_context
-def command(
-    ctx: click.Context,
-    directory: Path,
-    fmt: str | None,
-    quality: int,
-    flatten: str | None,
-    keep_alpha: bool,
-    recursive: bool,
-    workers: int,
-) -> None:
+def command(ctx: click.Context, directory: Path, flatten: str | None, **kw) -> None:
     """Normalise the images of DIRECTORY: format, first frame, EXIF rotation, transparency.
 
     Only images that need it are re-encoded (animated images keep their first frame, rotations
@@ -51,12 +40,5 @@ def command(
     """
     from sdprep.prep.convert import ConvertOptions, parse_color, run_convert
 
-    opts = ConvertOptions(
-        format=fmt,
-        quality=quality,
-        flatten=parse_color(flatten) if flatten else None,
-        keep_alpha=keep_alpha,
-        recursive=recursive,
-        workers=workers,
-    )
+    opts = options_from(ConvertOptions, kw, flatten=parse_color(flatten) if flatten else None)
     finish(run_convert(directory, opts, report=reporter(ctx)))

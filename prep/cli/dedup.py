@@ -6,13 +6,13 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import field_option, finish, reporter, workers_option
+from sdprep.clitools import dataset_argument, field_option, finish, options_from, reporter, workers_option
 
 OPTIONS = "sdprep.prep.dedup:DedupOptions"
 
 
 @click.command("dedup")
-@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@dataset_argument("Include subfolders (duplicates across folders too).")
 @field_option(
     OPTIONS,
     "threshold",
@@ -21,12 +21,9 @@ OPTIONS = "sdprep.prep.dedup:DedupOptions"
     help="Largest pHash Hamming distance (0-32 of 64 bits) counted as a duplicate; 0 = near-identical only.",
 )
 @click.option("--dry-run", is_flag=True, help="List the groups and change nothing.")
-@click.option("-r", "--recursive", is_flag=True, help="Include subfolders (duplicates across folders too).")
 @workers_option(OPTIONS)
 @click.pass_context
-def command(
-    ctx: click.Context, directory: Path, threshold: int, dry_run: bool, recursive: bool, workers: int
-) -> None:
+def command(ctx: click.Context, directory: Path, **kw) -> None:
     """Find duplicate and near-duplicate images in DIRECTORY by perceptual hash.
 
     In each group the largest image is kept (then the sharpest); the others move to
@@ -39,12 +36,12 @@ def command(
     """
     from sdprep.prep.dedup import DedupOptions, run_dedup
 
-    opts = DedupOptions(threshold=threshold, dry_run=dry_run, recursive=recursive, workers=workers)
+    opts = options_from(DedupOptions, kw)
     result = run_dedup(directory, opts, report=reporter(ctx))
     for keep, dups in result.details["groups"]:
         click.echo(f"keep {keep.relative_to(directory)}")
         for path, dist in dups:
             click.echo(
-                f"  {'duplicate' if dry_run else 'moved'} {path.relative_to(directory)} (distance {dist})"
+                f"  {'duplicate' if opts.dry_run else 'moved'} {path.relative_to(directory)} (distance {dist})"
             )
     finish(result)

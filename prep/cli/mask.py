@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import field_option, finish, reporter, workers_option
+from sdprep.clitools import dataset_argument, field_option, finish, options_from, reporter, workers_option
 
 OPTIONS = "sdprep.prep.mask:MaskOptions"
 SETTINGS = "sdprep.prep.masks.base:MethodSettings"
@@ -16,7 +16,7 @@ METHODS = ("alpha", "face", "clipseg", "color", "import", "full")
 
 
 @click.command("mask")
-@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@dataset_argument("Include subfolders (each gets its own mask folder).")
 @click.option("-m", "--method", type=click.Choice(METHODS), help="How to make the masks.")
 @click.option("--check", is_flag=True, help="Check the masks of DIRECTORY instead and draw a preview sheet.")
 @field_option(OPTIONS, "out", "--out", help='Mask folder beside the images ("masks_<name>" too).')
@@ -55,7 +55,6 @@ METHODS = ("alpha", "face", "clipseg", "color", "import", "full")
     "skipped and trained whole).",
 )
 @click.option("--force", is_flag=True, help="Redo masks that are up to date.")
-@click.option("-r", "--recursive", is_flag=True, help="Include subfolders (each gets its own mask folder).")
 @workers_option(OPTIONS)
 @click.option(
     "--preview", type=click.Path(dir_okay=False, path_type=Path), help="--check: preview sheet PNG path."
@@ -86,35 +85,9 @@ def command(ctx: click.Context, directory: Path, method: str | None, check: bool
     from sdprep.prep.masks.base import MethodSettings
     from sdprep.prep.masks.postprocess import PostOptions
 
-    settings = MethodSettings(
-        prompts=tuple(kw["prompts"]),
-        model=kw["model"],
-        cascade=kw["cascade"],
-        pad=kw["pad"],
-        color=kw["color"],
-        tolerance=kw["tolerance"],
-        border_only=kw["border_only"],
-        source=kw["source"],
-    )
-    post = PostOptions(
-        threshold=kw["threshold"],
-        invert=kw["invert"],
-        grow=kw["grow"],
-        shrink=kw["shrink"],
-        feather=kw["feather"],
-        combine=kw["combine"],
-        floor=kw["floor"],
-    )
-    opts = MaskOptions(
-        method=method,
-        settings=settings,
-        post=post,
-        out=kw["out"],
-        fallback=kw["fallback"],
-        force=kw["force"],
-        recursive=kw["recursive"],
-        workers=kw["workers"],
-    )
+    settings = options_from(MethodSettings, kw, prompts=tuple(kw["prompts"]))
+    post = options_from(PostOptions, kw)
+    opts = options_from(MaskOptions, kw, method=method, settings=settings, post=post)
     finish(run_mask(directory, opts, report=reporter(ctx)))
 
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import field_option, finish, reporter
+from sdprep.clitools import dataset_argument, field_option, finish, options_from, reporter
 
 OPTIONS = "sdprep.prep.rename:RenameOptions"
 
 
 @click.command("rename")
-@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@dataset_argument("Rename in subfolders too (numbered per folder).")
 @click.option(
     "--pattern",
     default=None,
@@ -20,18 +20,9 @@ OPTIONS = "sdprep.prep.rename:RenameOptions"
 )
 @click.option("--token", default=None, help="Value of {token} (default: the kohya folder's class tokens).")
 @field_option(OPTIONS, "start", "--start", type=int, help="First number.")
-@click.option("-r", "--recursive", is_flag=True, help="Rename in subfolders too (numbered per folder).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
 @click.pass_context
-def command(
-    ctx: click.Context,
-    directory: Path,
-    pattern: str | None,
-    token: str | None,
-    start: int,
-    recursive: bool,
-    dry_run: bool,
-) -> None:
+def command(ctx: click.Context, directory: Path, **kw) -> None:
     """Give the images of DIRECTORY sequential names; captions, sidecars and masks follow.
 
     Extensions become lower case and .jpeg becomes .jpg. The rename is two-phase (no collision can
@@ -44,9 +35,9 @@ def command(
     """
     from sdprep.prep.rename import RenameOptions, run_rename
 
-    opts = RenameOptions(pattern=pattern, token=token, start=start, recursive=recursive, dry_run=dry_run)
+    opts = options_from(RenameOptions, kw)
     result = run_rename(directory, opts, report=reporter(ctx))
-    if dry_run:
+    if opts.dry_run:
         for src, dst in result.details["plan"]:
             click.echo(f"{src.relative_to(directory)} -> {dst.relative_to(directory)}")
     finish(result)

@@ -6,27 +6,25 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import field_option, reporter
+from sdprep.clitools import dataset_argument, field_option, options_from, reporter
 
 OPTIONS = "sdprep.prep.report:ReportOptions"
 
 
 @click.command("report")
-@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@dataset_argument()
 @click.option(
     "-o",
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Report file (default DIR/report.html).",
 )
-@field_option(
-    OPTIONS, "format", "--format", "fmt", type=click.Choice(["html", "json"]), help="Report format."
-)
+@field_option(OPTIONS, "format", "--format", type=click.Choice(["html", "json"]), help="Report format.")
 @click.option("--recursive/--no-recursive", default=True, show_default=True, help="Include subfolders.")
 @click.option("--tokenizer", help="Model folder or hub id whose CLIP tokenizer counts caption tokens.")
 @field_option(OPTIONS, "max_thumbs", "--max-thumbs", type=int, help="Thumbnails for at most N images.")
 @click.pass_context
-def command(ctx, directory, out, fmt, recursive, tokenizer, max_thumbs) -> None:
+def command(ctx: click.Context, directory: Path, **kw) -> None:
     """Write a self-contained HTML (or JSON) report of the dataset in DIRECTORY.
 
     Contact sheet with captions and labelled mask overlays, tag frequencies, caption lengths,
@@ -41,7 +39,7 @@ def command(ctx, directory, out, fmt, recursive, tokenizer, max_thumbs) -> None:
     """
     from sdprep.prep.report import ReportOptions, run_report
 
-    opts = ReportOptions(out=out, format=fmt, recursive=recursive, tokenizer=tokenizer, max_thumbs=max_thumbs)
+    opts = options_from(ReportOptions, kw)
     result = run_report(directory, opts, report=reporter(ctx))
     click.echo("\n".join(result.notes))
     if result.failed:

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import click
 
+from sdprep.clitools import dataset_argument
+
 
 @click.command("review")
-@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option(
-    "-r", "--recursive", is_flag=True, help="Review images in subfolders too (kohya repeat folders)."
-)
+@dataset_argument("Review images in subfolders too (kohya repeat folders).")
 @click.option(
     "--port", default=0, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free port)."
 )

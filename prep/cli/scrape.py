@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import field_option, finish, reporter
+from sdprep.clitools import field_option, finish, options_from, reporter
 
 OPTIONS = "sdprep.prep.scrape:ScrapeOptions"
 
@@ -69,16 +69,7 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
 )
 @click.pass_context
 def command(
-    ctx: click.Context,
-    urls: tuple[str, ...],
-    out: Path,
-    limit: int | None,
-    config_file: Path | None,
-    cookies_file: Path | None,
-    min_side: int,
-    ratings: tuple[str, ...],
-    exclude_tags: tuple[str, ...],
-    sleep_request: float | None,
+    ctx: click.Context, out: Path, ratings: tuple[str, ...], exclude_tags: tuple[str, ...], **kw
 ) -> None:
     """Download the images at URLS into a dataset folder with gallery-dl.
 
@@ -95,14 +86,5 @@ def command(
     """
     from sdprep.prep.scrape import ScrapeOptions, run_scrape
 
-    opts = ScrapeOptions(
-        urls=urls,
-        limit=limit,
-        config_file=config_file,
-        cookies_file=cookies_file,
-        min_side=min_side,
-        ratings=_split(ratings),
-        exclude_tags=_split(exclude_tags),
-        sleep_request=sleep_request,
-    )
+    opts = options_from(ScrapeOptions, kw, ratings=_split(ratings), exclude_tags=_split(exclude_tags))
     finish(run_scrape(out, opts, report=reporter(ctx)))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import field_option, finish, reporter, workers_option
+from sdprep.clitools import dataset_argument, field_option, finish, options_from, reporter, workers_option
 from sdprep.prep.cli.scores import score_options
 
 DEVICES = ("auto", "cpu", "cuda", "rocm", "directml", "coreml")  # taggers.wd14.DEVICES, kept import-free
@@ -54,8 +54,7 @@ def _tag_list(values: tuple[str, ...]) -> tuple[str, ...]:
 
 
 @click.command("tag")
-@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("-r", "--recursive", is_flag=True, help="Tag images in subfolders too.")
+@dataset_argument("Tag images in subfolders too.")
 @field_option(
     OPTIONS,
     "model",
@@ -112,7 +111,12 @@ def _tag_list(values: tuple[str, ...]) -> tuple[str, ...]:
     OPTIONS, "device", "--device", type=click.Choice(DEVICES), help="onnxruntime provider for WD14."
 )
 @field_option(
-    OPTIONS, "floor", "--score-floor", type=float, help="Keep raw scores at or above this in the sidecar."
+    OPTIONS,
+    "floor",
+    "--score-floor",
+    "floor",
+    type=float,
+    help="Keep raw scores at or above this in the sidecar.",
 )
 @click.option(
     "--shard",
@@ -174,38 +178,22 @@ def command(ctx: click.Context, directory: Path, **kw) -> None:
     from sdprep.taggers.captions_text import DEFAULT_BOILERPLATE
     from sdprep.taggers.rules import CaptionRules
 
-    rules = CaptionRules(
-        general_threshold=kw["general_threshold"],
-        character_threshold=kw["character_threshold"],
-        mcut=kw["mcut"],
-        rating=kw["rating"],
-        character_first=kw["character_first"],
-        remove_underscore=kw["remove_underscore"],
-        escape_parentheses=kw["escape_parentheses"],
+    rules = options_from(
+        CaptionRules,
+        kw,
         undesired=_tag_list(kw["undesired"]),
         always_first=_tag_list(kw["always_first"]),
         replace=_replacements(kw["replace"]),
-        separator=kw["separator"],
     )
     captioner_options = parse_overrides(list(kw["caption_option"]))
     if kw["max_new_tokens"] is not None:
         captioner_options["max_new_tokens"] = kw["max_new_tokens"]
-    opts = TagOptions(
-        model=kw["model"],
+    opts = options_from(
+        TagOptions,
+        kw,
         rules=rules,
-        merge=kw["merge"],
-        recursive=kw["recursive"],
         shard=parse_shard(kw["shard"]) if kw["shard"] else None,
-        batch_size=kw["batch_size"],
-        workers=kw["workers"],
-        force=kw["force"],
-        floor=kw["score_floor"],
-        device=kw["device"],
-        captioner=kw["captioner"],
         captioner_options=captioner_options,
-        prompt=kw["prompt"],
-        caption_template=kw["caption_template"],
-        trigger=kw["trigger"],
         boilerplate=(*DEFAULT_BOILERPLATE, *kw["boilerplate"]) if kw["boilerplate"] else None,
     )
     finish(run_tag(directory, opts, report=reporter(ctx)))

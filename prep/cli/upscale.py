@@ -6,13 +6,13 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import field_option, finish, reporter, workers_option
+from sdprep.clitools import dataset_argument, field_option, finish, options_from, reporter, workers_option
 
 OPTIONS = "sdprep.prep.upscale:UpscaleOptions"
 
 
 @click.command("upscale")
-@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@dataset_argument("Upscale images in subfolders too.")
 @click.option(
     "--min-area", default=None, metavar="PIXELS", help="Target area, e.g. 1048576 or 1024x1024 (default)."
 )
@@ -24,7 +24,7 @@ OPTIONS = "sdprep.prep.upscale:UpscaleOptions"
     help="Local upscaler weights (.safetensors/.pth): ESRGAN, Real-ESRGAN; more with spandrel.",
 )
 @field_option(OPTIONS, "tile", "--tile", type=int, help="Model tile size (0 = whole image).")
-@field_option(OPTIONS, "overlap", "--tile-overlap", type=int, help="Tile overlap in pixels.")
+@field_option(OPTIONS, "overlap", "--tile-overlap", "overlap", type=int, help="Tile overlap in pixels.")
 @field_option(OPTIONS, "device", "--device", help="auto, cpu, cuda, cuda:1, mps.")
 @field_option(OPTIONS, "quality", "--quality", type=int, help="JPEG/WebP quality (1-100).")
 @click.option(
@@ -32,23 +32,9 @@ OPTIONS = "sdprep.prep.upscale:UpscaleOptions"
     is_flag=True,
     help="Load a .pth/.ckpt that holds pickled objects (this can run code from the file; trusted files only).",
 )
-@click.option("-r", "--recursive", is_flag=True, help="Upscale images in subfolders too.")
 @workers_option(OPTIONS)
 @click.pass_context
-def command(
-    ctx: click.Context,
-    directory: Path,
-    min_area: str | None,
-    min_side: int | None,
-    model: Path | None,
-    tile: int,
-    tile_overlap: int,
-    device: str,
-    quality: int,
-    trust_pickle: bool,
-    recursive: bool,
-    workers: int,
-) -> None:
+def command(ctx: click.Context, directory: Path, min_area: str | None, **kw) -> None:
     """Upscale the images of DIRECTORY whose area is below the target; never downscales.
 
     Lanczos by default; --model runs an AI upscaler from a local file, in tiles, on the GPU when
@@ -62,18 +48,7 @@ def command(
     """
     from sdprep.prep.upscale import DEFAULT_MIN_AREA, UpscaleOptions, parse_pixels, run_upscale
 
-    if min_area is not None and min_side is not None:
+    if min_area is not None and kw["min_side"] is not None:
         raise click.UsageError("use --min-area or --min-side, not both")
-    opts = UpscaleOptions(
-        min_area=parse_pixels(min_area) if min_area else DEFAULT_MIN_AREA,
-        min_side=min_side,
-        model=model,
-        tile=tile,
-        overlap=tile_overlap,
-        device=device,
-        quality=quality,
-        recursive=recursive,
-        workers=workers,
-        trust_pickle=trust_pickle,
-    )
+    opts = options_from(UpscaleOptions, kw, min_area=parse_pixels(min_area) if min_area else DEFAULT_MIN_AREA)
     finish(run_upscale(directory, opts, report=reporter(ctx)))
