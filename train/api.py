@@ -128,10 +128,10 @@ def dataset_fingerprint(paths: list[Path]) -> str:
 def _data_roots(cfg: TrainConfig) -> list[Path]:
     roots = []
     for key in ("train_data_dir", "reg_data_dir", "dataset_config", "in_json"):
-        value = getattr(cfg, key, None)
+        value = getattr(cfg, key)
         if value:
             roots.append(Path(value))
-    if getattr(cfg, "dataset_config", None):
+    if cfg.dataset_config:
         roots.append(Path(cfg.dataset_config).parent)
     return roots
 

@@ -193,7 +193,7 @@ RUN_KEYS = tuple(
 def origin_of(cfg: TrainConfig, key: str) -> str | None:
     """Where training-config `key` was set (a config file's path, or "the command line"); None:
     a default (or a config built in code)."""
-    return dict(getattr(cfg, "origins", ())).get(key)
+    return dict(cfg.origins).get(key)
 
 
 def cfg_value(cfg: TrainConfig, key: str, default: Any = None) -> Any:

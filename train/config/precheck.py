@@ -24,7 +24,7 @@ def precheck(cfg: TrainConfig, *, method: str, resume: Any, output_dir: Path, na
     check_optimizer(cfg.optimizer_type)
     check_scheduler(cfg)
     for key in ("network_weights", "weights"):
-        value = getattr(cfg, key, None)
+        value = getattr(cfg, key)
         if value and not Path(value).expanduser().is_file():
             raise ConfigError(f"{key} {value}: no such file", f"check the path, or remove {key}")
     if cfg.sample_prompts:

@@ -38,7 +38,7 @@ def method_class(name: str) -> type[TrainMethod]:
 def make_method(name: str, cfg: TrainConfig) -> TrainMethod:
     """Instantiate the method `name` for config `cfg` (LoRA with network_module "lycoris.kohya" is
     a LyCORIS network)."""
-    if name == "lora" and getattr(cfg, "network_module", None) == "lycoris.kohya":
+    if name == "lora" and cfg.network_module == "lycoris.kohya":
         from sdprep.train.methods.lycoris import LycorisMethod, require_lycoris
 
         require_lycoris()

@@ -89,7 +89,7 @@ class TrainMethod(ABC):
         self.notes: list[str] = []
         if self.name != "lora":
             for key in self.LORA_ONLY:
-                if getattr(cfg, key, None):
+                if getattr(cfg, key):
                     raise ConfigError(
                         f"{key} applies to LoRA training only, not {self.title}", f"remove {key}"
                     )

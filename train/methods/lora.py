@@ -95,15 +95,15 @@ class LoraMethod(TrainMethod):
         args, notes = parse_network_args(cfg.network_args)
         self.notes += notes
         self.network_args = args
-        self.rank = int(cfg.network_dim or 4)
-        self.alpha = float(cfg.network_alpha if cfg.network_alpha is not None else 1.0)
+        self.rank = cfg.network_dim
+        self.alpha = float(cfg.network_alpha)
         conv_dim = cfg.conv_dim if cfg.conv_dim is not None else args.get("conv_dim")
         conv_alpha = cfg.conv_alpha if cfg.conv_alpha is not None else args.get("conv_alpha", 1.0)
         self.conv_rank = int(conv_dim) if conv_dim else None
         self.conv_alpha = float(conv_alpha) if self.conv_rank else None
         self.blocks = parse_blocks(args, self.rank, self.alpha, self.conv_rank, self.conv_alpha)
         self.dropouts = tuple(
-            float(getattr(cfg, key, None) or args.get(key) or 0.0)
+            float(getattr(cfg, key) or args.get(key) or 0.0)
             for key in ("network_dropout", "rank_dropout", "module_dropout")
         )
         # kohya: a component's own ratio, else loraplus_lr_ratio (0 or unset: no LoRA+)
@@ -430,7 +430,7 @@ def _num(x: float) -> str:
 
 
 def _ratio(cfg: TrainConfig, args: dict[str, str], key: str) -> float | None:
-    value = getattr(cfg, key, None)
+    value = getattr(cfg, key)
     if value is None and args.get(key) is not None:
         value = float(args[key])
     return float(value) if value else None

@@ -137,8 +137,8 @@ class LycorisMethod(TrainMethod):
         self.args = lycoris_args(cfg.network_args)
         self.algo = self.args.get("algo", "lora").lower()
         self.title = f"LyCORIS {self.algo}"
-        self.rank = int(cfg.network_dim or 4)
-        self.alpha = float(cfg.network_alpha if cfg.network_alpha is not None else 1.0)
+        self.rank = cfg.network_dim
+        self.alpha = float(cfg.network_alpha)
         self.train_te = not cfg.network_train_unet_only
         self.max_norm = cfg.scale_weight_norms
         common = self.args.get("loraplus_lr_ratio") or cfg.loraplus_lr_ratio

@@ -397,10 +397,10 @@ def modelspec(cfg: TrainConfig, method: Any, run: Mapping[str, Any]) -> dict[str
         "merged_from",
         "is_negative_embedding",
     ):
-        value = getattr(cfg, f"metadata_{key}", None)
+        value = getattr(cfg, f"metadata_{key}")
         if value:
             spec[f"modelspec.{key}"] = str(value)
-    if getattr(cfg, "metadata_thumbnail", None):
+    if cfg.metadata_thumbnail:
         spec["modelspec.thumbnail"] = thumbnail_data_url(cfg.metadata_thumbnail)
     if cfg.clip_skip:
         spec["modelspec.encoder_layer"] = str(cfg.clip_skip)
