@@ -614,3 +614,21 @@ def test_images_sharing_a_stem_are_left_out_with_the_reason(tmp_path: Path):
         "rename one of them (sdprep rename)"
     )
     assert ds.findings.dropped == [(folder / "a.jpg", reason), (folder / "a.png", reason)]
+
+
+def test_sdprep_defaults_are_train_configs_and_kohyas_table_only_names_where_they_differ():
+    """One table of sdprep defaults (TrainConfig's); kohya's dataset-TOML defaults only fill keys
+    TrainConfig lacks and name where the two differ, in TrainConfig's order."""
+    import dataclasses
+
+    from sdprep.train.config.datasets import CFG_NAMES, KOHYA_DEFAULTS, _lookup, sdprep_defaults
+
+    assert sdprep_defaults() == {"enable_bucket": True, "max_bucket_reso": 2048, "caption_extension": ".txt"}
+    assert list(sdprep_defaults()) == ["enable_bucket", "max_bucket_reso", "caption_extension"]
+    cfg = TrainConfig()
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key, kohya in KOHYA_DEFAULTS.items():
+        name = CFG_NAMES.get(key, key)
+        expected = getattr(cfg, name) if name in fields else kohya
+        assert _lookup(key, [], cfg) == expected, key
+        assert _lookup(key, [{key: "from the TOML"}], cfg) == "from the TOML"  # a dataset TOML beats defaults

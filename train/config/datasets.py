@@ -18,6 +18,8 @@ network_multiplier) are errors when set to a non-default value, never ignored.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -83,8 +85,12 @@ FINETUNE_FORBIDDEN = ("is_reg", "class_tokens", "caption_extension", "conditioni
 # Training-config names of the dataset keys that kohya renames on the command line.
 CFG_NAMES = {"batch_size": "train_batch_size", "num_repeats": "dataset_repeats"}
 
-# kohya's defaults when neither the TOML nor the training config gives a value.
-DEFAULTS: dict[str, Any] = {
+# kohya sd-scripts' own defaults for the dataset TOML keys. Deliberately kohya's, not sdprep's: sdprep's
+# defaults are TrainConfig's field defaults (the one table of them), and a key the training config has
+# always resolves to its value (command line > config > dataset TOML > defaults). This table serves
+# only (1) the keys TrainConfig has no field for (token_warmup_*, network_multiplier, cache_info) and
+# (2) the note that names where sdprep's default differs from kohya's (sdprep_defaults()).
+KOHYA_DEFAULTS: dict[str, Any] = {
     "num_repeats": 1,
     "caption_extension": ".caption",
     "caption_separator": ",",
@@ -202,22 +208,34 @@ def cfg_value(cfg: TrainConfig, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-# Where sdprep's default (a TrainConfig default) differs from kohya's (DEFAULTS): noted once per run.
-SDPREP_DEFAULTS = ("enable_bucket", "max_bucket_reso", "caption_extension")
+@functools.cache
+def sdprep_defaults() -> dict[str, Any]:
+    """The dataset keys whose sdprep default (TrainConfig's field default) differs from kohya's
+    (KOHYA_DEFAULTS), with sdprep's value, in TrainConfig's order: derived, so the two tables cannot
+    drift apart unnoticed."""
+    from sdprep.train.config.schema import TrainConfig  # schema imports this module
+
+    kohya_key = {cfg_name: key for key, cfg_name in CFG_NAMES.items()}
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        key = kohya_key.get(f.name, f.name)
+        if key in KOHYA_DEFAULTS and f.default != KOHYA_DEFAULTS[key]:
+            out[key] = f.default
+    return out
 
 
 def _lookup(key: str, layers: list[dict], cfg: TrainConfig, findings: Findings | None = None) -> Any:
     for layer in layers:
         if layer.get(key) is not None:
             return layer[key]
-    value = cfg_value(cfg, key, DEFAULTS.get(key))
+    value = cfg_value(cfg, key, KOHYA_DEFAULTS.get(key))
     if (
         findings is not None
-        and key in SDPREP_DEFAULTS
+        and key in sdprep_defaults()
         and origin_of(cfg, key) is None
-        and value != DEFAULTS[key]
+        and value != KOHYA_DEFAULTS[key]
     ):
-        findings.kohya_defaults[key] = f"{key} = {_toml(value)} (kohya: {_toml(DEFAULTS[key])})"
+        findings.kohya_defaults[key] = f"{key} = {_toml(value)} (kohya: {_toml(KOHYA_DEFAULTS[key])})"
     return value
 
 
@@ -567,7 +585,7 @@ def load_sources(cfg: TrainConfig, findings: Findings) -> list[DatasetSpec]:
     if findings.kohya_defaults:
         findings.note(
             "note: sdprep defaults where kohya's differ (set them to choose): "
-            + "; ".join(findings.kohya_defaults[k] for k in SDPREP_DEFAULTS if k in findings.kohya_defaults)
+            + "; ".join(findings.kohya_defaults[k] for k in sdprep_defaults() if k in findings.kohya_defaults)
         )
     return specs
 
