@@ -9,6 +9,8 @@ The caption file is a pure function of those records and the options (taggers/ru
 second run with other thresholds rewrites captions without running any model, and a run with the
 same options does nothing. Decoding and preprocessing run in worker threads (`map_items`) ahead of
 inference, a bounded window at a time; results are written per batch, so an interrupted run resumes.
+With a Ray executor, reading and inference both run on the cluster's workers (`_TagWork`) and the
+results are written here the same way.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,10 +35,11 @@ from sdprep.dataset import (
     sdprep_meta,
 )
 from sdprep.errors import ConfigError, ModelError, SdprepError, unknown_choice
+from sdprep.executors import Executor
 from sdprep.prep import lineage
 from sdprep.prep.captions import CaptionWriter
 from sdprep.progress import NullReporter, Reporter
-from sdprep.stage import MAX_WORKERS, StageResult, dataset_items, map_items, progress, worker_count
+from sdprep.stage import MAX_WORKERS, StageResult, call_item, dataset_items, map_items, progress, worker_count
 from sdprep.taggers.registry import create_tagger, load_captioner
 from sdprep.taggers.rules import MERGE_POLICIES, CaptionRules, caption_from_scores, merge_caption
 from sdprep.taggers.wd14 import DEFAULT_FLOOR, DEFAULT_MODEL, DEFAULT_SIZE, matches_record
@@ -119,10 +122,138 @@ class Prepared:
     need_wd14: bool = False
     need_vlm: bool = False
     skip: bool = False
+    record: dict | None = None  # new WD14 scores (`_TagWork.infer`)
+    vlm: str | SdprepError | None = None  # the captioner's answer, or why it failed
+    notes: list[str] = field(default_factory=list)  # what ran the model (provider, warnings)
+
+
+class _TagWork:
+    """Where the models run: read an image (`prepare`, in threads), then WD14 and the captioner over a
+    batch (`infer`). Nothing is written here; `_Tagging` writes what comes back. With a remote
+    executor the whole object goes to each Ray worker (`batch`), where the tagger and captioner, sent
+    as their recipes, load once."""
+
+    def __init__(self, opts: TagOptions, tagger: Any, captioner: Any, prompt: str, settings: dict, chain):
+        self.opts, self.tagger, self.captioner = opts, tagger, captioner
+        self.prompt, self.settings = prompt, settings
+        self.model_id = tagger.model_id
+        self.earlier, self.later = lineage.around(chain, "tag")
+
+    def prepare(self, item: Item) -> Prepared:
+        """Read what an image needs; decode and preprocess it only when a model must run."""
+        from sdprep.taggers.captions_text import caption_matches
+
+        sidecar = read_sidecar(item)
+        meta = sidecar.get("sdprep") if isinstance(sidecar.get("sdprep"), dict) else {}
+        force = self.opts.force
+        p = Prepared(item, sidecar)
+        p.need_wd14 = force or not matches_record(meta.get("wd14"), self.model_id, self.opts.floor)
+        if self.captioner is not None:
+            settings = getattr(self.captioner, "settings", None)
+            done = caption_matches(meta.get("caption"), self.captioner.name, self.prompt, settings)
+            p.need_vlm = force or not done
+        previous = meta.get("tag")
+        p.caption = read_caption(item)
+        if (
+            not (p.need_wd14 or p.need_vlm)
+            and isinstance(previous, dict)
+            and previous.get("settings") == self.settings
+            and p.caption is not None
+            and not _caption_pending(previous, p.caption)
+            and self.still_mine(meta, p.caption)
+        ):
+            p.skip = True
+            return p
+        if p.need_wd14 or p.need_vlm:
+            from sdprep.images import load_image
+            from sdprep.taggers.wd14 import preprocess
+
+            image = load_image(item.path, "RGB", background=(255, 255, 255), root=item.root)
+            if p.need_wd14:
+                size = self.tagger.size if self.tagger.session else DEFAULT_SIZE
+                p.pixels = preprocess(image, size)
+            if p.need_vlm:
+                p.image = image
+        return p
+
+    def still_mine(self, meta: dict, caption: str) -> bool:
+        """False when a stage before tag in the chain rewrote the caption since tag built it: tag
+        builds on that output again. Own output, and hand edits, stay as they are."""
+        if lineage.derived_from(meta, "tag", caption, self.later):
+            return True
+        return lineage.written_by(meta, caption) not in self.earlier
+
+    def infer(self, batch: list[Prepared]) -> None:
+        """WD14 scores (`record`) and captions (`vlm`) for a batch of prepared images."""
+        todo = [p for p in batch if p.need_wd14]
+        if todo:
+            from sdprep.taggers.wd14 import preprocess, to_batch
+
+            self.tagger.load()
+            size = self.tagger.size
+            pixels = [
+                p.pixels if p.pixels.shape[0] == size else _resize_for(p, size, preprocess) for p in todo
+            ]
+            probs = self.tagger.infer(to_batch(pixels))
+            notes = [f"wd14: {self.tagger.model_id} on {self.tagger.provider}", *self.tagger.warnings]
+            for p, row in zip(todo, probs):
+                p.record = self.tagger.record(row)
+                p.pixels = None
+                p.notes = notes
+        self._caption([p for p in batch if p.need_vlm])
+
+    def _caption(self, todo: list[Prepared]) -> None:
+        """VLM answers (or errors) into `vlm`; a failed batch is retried image by image."""
+        if not todo:
+            return
+        from sdprep.taggers.captions_text import render_prompt
+
+        plain = dataclasses.replace(self.opts.rules, escape_parentheses=False)
+        prompts = []
+        for p in todo:
+            record = p.record or sdprep_meta(p.sidecar).get("wd14")
+            tags = caption_from_scores(record, plain) if record else ""
+            prompts.append(render_prompt(self.prompt, tags=tags, trigger=self.opts.trigger))
+        try:
+            for p, text in zip(todo, self.captioner.caption([p.image for p in todo], prompts)):
+                p.vlm = text
+        except SdprepError as exc:
+            partial = getattr(exc, "partial", None) or []  # answers that arrived before the failure
+            for p, text in zip(todo, partial):
+                if isinstance(text, str):
+                    p.vlm = text
+            for p, prompt in zip(todo, prompts):
+                if p.vlm is not None:
+                    continue
+                if len(todo) == 1:
+                    p.vlm = exc
+                    continue
+                try:  # one by one, so one bad image (or a flaky server) fails only itself
+                    p.vlm = self.captioner.caption([p.image], [prompt])[0]
+                except SdprepError as one:
+                    p.vlm = one
+        for p in todo:
+            p.image = None
+
+    def batch(self, items: list[Item]) -> list[Prepared | SdprepError]:
+        """`prepare` each item (per-file errors as values), then `infer` in --batch-size steps: what a
+        remote worker runs for one batch of items."""
+        got = [call_item(self.prepare, item) for item in items]
+        todo = [p for p in got if isinstance(p, Prepared) and not p.skip and (p.need_wd14 or p.need_vlm)]
+        size = self.opts.batch_size
+        for i in range(0, len(todo), size):
+            self.infer(todo[i : i + size])
+        return got
+
+    def __call__(self, item: Item) -> Prepared:
+        got = self.batch([item])[0]
+        if isinstance(got, SdprepError):
+            raise got
+        return got
 
 
 class _Tagging:
-    """The state of one `run_tag` call: options, lazily built models, the journal operation."""
+    """The state of one `run_tag` call: options, lazily built models, the caption writer."""
 
     def __init__(
         self,
@@ -132,13 +263,14 @@ class _Tagging:
         tagger: Any,
         captioner: Any,
         chain: Sequence[str] = (),
+        executor: Executor | None = None,
     ):
         self.root, self.opts, self.report = root, opts, report
-        self.earlier, self.later = lineage.around(chain, "tag")
+        self.executor = executor
+        self.later = lineage.around(chain, "tag")[1]
         self.rules = opts.rules
         if tagger is None:  # built through the registry now, loaded on the first image that needs it
             tagger = create_tagger(opts.model, device=opts.device, floor=opts.floor)
-        self.tagger = tagger
         self.model_id = tagger.model_id
         self.captioner = captioner
         if self.captioner is None and opts.captioner:
@@ -146,6 +278,7 @@ class _Tagging:
         self.template = self._template()
         self._check_templates()
         self.settings = self._settings()
+        self.work = _TagWork(opts, tagger, self.captioner, self.prompt, self.settings, chain)
         self.result = StageResult("tag")
         self.counts = {"inferred": 0, "captioned": 0, "captions_written": 0}
         self.writer: CaptionWriter | None = None
@@ -188,74 +321,53 @@ class _Tagging:
             settings["prompt"] = self.prompt
         return settings
 
-    # -- worker side (threads) ---------------------------------------------------------------
-    def prepare(self, item: Item) -> Prepared:
-        """Read what an image needs; decode and preprocess it only when a model must run."""
-        from sdprep.taggers.captions_text import caption_matches
-
-        sidecar = read_sidecar(item)
-        meta = sidecar.get("sdprep") if isinstance(sidecar.get("sdprep"), dict) else {}
-        force = self.opts.force
-        p = Prepared(item, sidecar)
-        p.need_wd14 = force or not matches_record(meta.get("wd14"), self.model_id, self.opts.floor)
-        if self.captioner is not None:
-            settings = getattr(self.captioner, "settings", None)
-            done = caption_matches(meta.get("caption"), self.captioner.name, self.prompt, settings)
-            p.need_vlm = force or not done
-        previous = meta.get("tag")
-        p.caption = read_caption(item)
-        if (
-            not (p.need_wd14 or p.need_vlm)
-            and isinstance(previous, dict)
-            and previous.get("settings") == self.settings
-            and p.caption is not None
-            and not _caption_pending(previous, p.caption)
-            and self._still_mine(meta, p.caption)
-        ):
-            p.skip = True
-            return p
-        if p.need_wd14 or p.need_vlm:
-            from sdprep.images import load_image
-            from sdprep.taggers.wd14 import preprocess
-
-            image = load_image(item.path, "RGB", background=(255, 255, 255), root=item.root)
-            if p.need_wd14:
-                size = self.tagger.size if self.tagger.session else DEFAULT_SIZE
-                p.pixels = preprocess(image, size)
-            if p.need_vlm:
-                p.image = image
-        return p
-
-    def _still_mine(self, meta: dict, caption: str) -> bool:
-        """False when a stage before tag in the chain rewrote the caption since tag built it: tag
-        builds on that output again. Own output, and hand edits, stay as they are."""
-        if lineage.derived_from(meta, "tag", caption, self.later):
-            return True
-        return lineage.written_by(meta, caption) not in self.earlier
+    # -- where the models run ----------------------------------------------------------------
+    def _done(self, items: list[Item]) -> Iterator[tuple[Item, Prepared | SdprepError]]:
+        """Each item with its models run: here (decoding in threads ahead of inference on batches,
+        images without model work as soon as they are read), or on the executor's workers."""
+        opts = self.opts
+        if self.executor is not None and not self.executor.local:
+            yield from self.executor.map(self.work, items, gpu=True, batch_size=opts.batch_size)
+            return
+        workers = worker_count(opts.workers, max(2, -(-opts.batch_size // 2)))  # 4 each ahead: 2 batches
+        batch: list[Prepared] = []
+        for item, got in map_items(self.work.prepare, items, workers):
+            if isinstance(got, SdprepError) or got.skip or not (got.need_wd14 or got.need_vlm):
+                yield item, got
+                continue
+            batch.append(got)
+            if len(batch) >= opts.batch_size:
+                self.work.infer(batch)
+                yield from ((p.item, p) for p in batch)
+                batch = []
+        if batch:
+            self.work.infer(batch)
+            yield from ((p.item, p) for p in batch)
 
     # -- main thread -------------------------------------------------------------------------
     def run(self, items: list[Item]) -> StageResult:
-        opts = self.opts
-        workers = worker_count(opts.workers, max(2, -(-opts.batch_size // 2)))  # 4 each ahead: 2 batches
-        batch: list[Prepared] = []
+        ran = 0  # images that went through a model since the writer last wrote
         # the writer writes what is finished when the run ends, even on Ctrl-C
         with progress(self.report, len(items), "tag"), CaptionWriter(self.root, "tag") as self.writer:
-            for item, got in map_items(self.prepare, items, workers):
+            for item, got in self._done(items):
                 if isinstance(got, SdprepError):
                     self._fail(item, got)
                 elif got.skip:
                     self.result.skipped += 1
                     self.report.advance()
                 elif got.need_wd14 or got.need_vlm:
-                    batch.append(got)
-                    if len(batch) >= opts.batch_size:
-                        self._run_batch(batch)
+                    self._model_done(got)
+                    ran += 1
+                    if ran >= self.opts.batch_size:
                         self.writer.flush()  # a model's work is kept batch by batch
-                        batch = []
+                        self._check_streak()
+                        ran = 0
                 else:
                     self._finish(got)
-            if batch:
-                self._run_batch(batch)
+            self._check_streak()
+        line = self.executor.summary() if self.executor is not None else None
+        if line:
+            self.result.notes.append(line)
         self._summarise()
         return self.result
 
@@ -263,75 +375,20 @@ class _Tagging:
         self.result.fail_error(item.path, exc)
         self.report.advance()
 
-    def _load_tagger(self) -> None:
-        if self.tagger.session is None:
-            self.tagger.load()
-            # in the summary only: a live note as well printed every line twice
-            self.result.notes.append(f"wd14: {self.tagger.model_id} on {self.tagger.provider}")
-            self.result.notes += self.tagger.warnings
-
-    def _run_batch(self, batch: list[Prepared]) -> None:
-        records: dict[int, dict] = {}
-        todo = [p for p in batch if p.need_wd14]
-        if todo:
-            from sdprep.taggers.wd14 import preprocess, to_batch
-
-            self._load_tagger()
-            size = self.tagger.size
-            pixels = [
-                p.pixels if p.pixels.shape[0] == size else _resize_for(p, size, preprocess) for p in todo
-            ]
-            probs = self.tagger.infer(to_batch(pixels))
-            for p, row in zip(todo, probs):
-                records[id(p)] = self.tagger.record(row)
-                p.pixels = None
-            self.counts["inferred"] += len(todo)
-        texts = self._caption_batch([p for p in batch if p.need_vlm], records)
-        for p in batch:
-            outcome = texts.get(id(p))
-            if isinstance(outcome, SdprepError):
-                if id(p) in records:  # keep the scores: the next run only needs the captioner
-                    sdprep_meta(p.sidecar)["wd14"] = records[id(p)]
-                    self.writer.write(p.item.sidecar_path, dump_sidecar(p.sidecar))
-                self._fail(p.item, outcome)
-                continue
-            self._finish(p, records.get(id(p)), outcome)
-        self._check_streak()
-
-    def _caption_batch(self, todo: list[Prepared], records: dict[int, dict]) -> dict[int, Any]:
-        """VLM answers (or errors) by Prepared id; a failed batch is retried image by image."""
-        if not todo:
-            return {}
-        from sdprep.taggers.captions_text import render_prompt
-
-        plain = dataclasses.replace(self.rules, escape_parentheses=False)
-        prompts = []
-        for p in todo:
-            record = records.get(id(p)) or sdprep_meta(p.sidecar).get("wd14")
-            tags = caption_from_scores(record, plain) if record else ""
-            prompts.append(render_prompt(self.prompt, tags=tags, trigger=self.opts.trigger))
-        out: dict[int, Any] = {}
-        try:
-            texts = self.captioner.caption([p.image for p in todo], prompts)
-            out = {id(p): t for p, t in zip(todo, texts)}
-        except SdprepError as exc:
-            partial = getattr(exc, "partial", None) or []  # answers that arrived before the failure
-            out = {id(p): t for p, t in zip(todo, partial) if isinstance(t, str)}
-            for p, prompt in zip(todo, prompts):
-                if id(p) in out:
-                    continue
-                if len(todo) == 1:
-                    out[id(p)] = exc
-                    continue
-                try:  # one by one, so one bad image (or a flaky server) fails only itself
-                    out[id(p)] = self.captioner.caption([p.image], [prompt])[0]
-                except SdprepError as one:
-                    out[id(p)] = one
-        for p in todo:
-            p.image = None
-            self._streak = self._streak + 1 if isinstance(out[id(p)], SdprepError) else 0
-        self.counts["captioned"] += sum(isinstance(v, str) for v in out.values())
-        return out
+    def _model_done(self, p: Prepared) -> None:
+        """Write what the models made of one image; a failed caption keeps the new scores."""
+        self.result.notes += [n for n in p.notes if n not in self.result.notes]
+        self.counts["inferred"] += p.record is not None
+        if p.need_vlm:
+            self.counts["captioned"] += isinstance(p.vlm, str)
+            self._streak = self._streak + 1 if isinstance(p.vlm, SdprepError) else 0
+        if isinstance(p.vlm, SdprepError):
+            if p.record is not None:  # keep the scores: the next run only needs the captioner
+                sdprep_meta(p.sidecar)["wd14"] = p.record
+                self.writer.write(p.item.sidecar_path, dump_sidecar(p.sidecar))
+            self._fail(p.item, p.vlm)
+            return
+        self._finish(p, p.record, p.vlm)
 
     def _check_streak(self) -> None:
         """Stop when the captioner keeps failing (a server that is down), instead of retrying 10,000 times."""
@@ -425,13 +482,16 @@ def run_tag(
     tagger: Any = None,
     captioner: Any = None,
     chain: Sequence[str] = (),
+    executor: Executor | None = None,
 ) -> StageResult:
     """Tag (and optionally caption) every image under `root`; see the module docstring.
 
     `tagger` / `captioner` inject ready objects (tests, embedding); by default they are built from
     `opts.model` / `opts.captioner` on first need, so a run that needs no model never loads one.
     `chain`: the caption-writing stages of the chain this run is part of, in order (`sdprep run`;
-    see prep/lineage.py).
+    see prep/lineage.py). `executor`: where the models run (sdprep/executors.py): here by default,
+    or batches of --batch-size images on a Ray cluster's workers (each loads the models once);
+    sidecars and captions are written here either way.
     """
     root = Path(root).absolute()
     opts = opts or TagOptions()
@@ -448,6 +508,6 @@ def run_tag(
         if not clashes.failed:
             clashes.notes.append(f"no images of {root} fall in shard {opts.shard[0]}/{opts.shard[1]}")
         return clashes
-    result = _Tagging(root, opts, report, tagger, captioner, chain).run(items)
+    result = _Tagging(root, opts, report, tagger, captioner, chain, executor).run(items)
     result.failed[:0] = clashes.failed
     return result

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -79,3 +80,62 @@ def dataset_argument(recursive: str | None = None) -> Callable:
         return click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))(fn)
 
     return decorate
+
+
+_EXECUTOR_KEY = "sdprep.executor"
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: object) -> None:
+    ctx.meta.setdefault(_EXECUTOR_KEY, {})[param.name] = value
+
+
+def executor_options(fn):
+    """`--executor local|ray`, `--ray-address`, `--ray-workers` (read with `executor_from`)."""
+    options = [
+        click.option(
+            "--executor",
+            type=click.Choice(["local", "ray"]),
+            default=None,
+            expose_value=False,
+            callback=_remember,
+            help="Where the per-image work runs: here (threads), or on a Ray cluster (pip install 'sdprep[ray]'; docs/ray.md). Default: local.",
+        ),
+        click.option(
+            "--ray-address",
+            default=None,
+            metavar="ADDR",
+            expose_value=False,
+            callback=_remember,
+            help="With --executor ray: the cluster's head (HOST:PORT), or 'local' to start one here for the run. Default: auto (RAY_ADDRESS, or the cluster `ray start` began on this machine).",
+        ),
+        click.option(
+            "--ray-workers",
+            default=None,
+            type=click.IntRange(min=1),
+            metavar="N",
+            expose_value=False,
+            callback=_remember,
+            help="With --executor ray: workers in the pool. Default: one per GPU for a model on a cluster with GPUs, else one per CPU.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def executor_settings(ctx: click.Context | None = None, base=None):
+    """The command line's executor settings over `base` (a project's; default: local)."""
+    from sdprep.executors import ExecutorSettings, settings_over
+
+    ctx = ctx or click.get_current_context()
+    given = ctx.meta.get(_EXECUTOR_KEY, {})
+    return settings_over(base or ExecutorSettings(), given)
+
+
+@contextmanager
+def executor_from(ctx: click.Context | None = None) -> Iterator:
+    """The executor the command line asks for (`executor_options`), closed when the command ends."""
+    from sdprep.executors import make_executor
+
+    with make_executor(executor_settings(ctx)) as executor:
+        yield executor

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from sdprep import fileops
+from sdprep.clitools import executor_options
 
 
 @click.command("undo")
@@ -65,24 +66,33 @@ def gc_command(directory: Path, keep: int) -> None:
     "--only", multiple=True, help="Run only these stages (repeatable), e.g. --only tag --only clean."
 )
 @click.option("--no-train", is_flag=True, help="Run the prep stages but not the [train] section.")
+@executor_options
 @click.pass_context
 def run_command(ctx: click.Context, project_file: Path, only: tuple[str, ...], no_train: bool) -> None:
     """Run the chain of stages (and training) described by a project file.
 
     Each stage skips work already done with the same options, so re-running after a change
-    redoes only what it affects. Exits 1 if any file failed in any stage.
+    redoes only what it affects. Exits 1 if any file failed in any stage. With --executor ray
+    (or executor = "ray" under [project]) convert, dedup, upscale, mask, tag and clean run their
+    per-image work on a Ray cluster.
 
     \b
     Example:
       sdprep init myproject/ && sdprep run myproject/project.toml
       sdprep run sample_data/project.toml --only tag --only clean
+      sdprep run myproject/project.toml --executor ray --ray-address 10.0.0.1:6379
     """
-    from sdprep.clitools import reporter
+    from sdprep.clitools import executor_settings, reporter
     from sdprep.project import load_project, run_project, run_summary
 
     project = load_project(project_file)
     results = run_project(
-        project, echo=click.echo, reporter=lambda: reporter(ctx), only=list(only), train=not no_train
+        project,
+        echo=click.echo,
+        reporter=lambda: reporter(ctx),
+        only=list(only),
+        train=not no_train,
+        executor=executor_settings(ctx, project.executor),
     )
     click.echo(run_summary(results))
     if any(r.failed for r in results):

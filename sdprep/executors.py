@@ -17,6 +17,7 @@ A function may offer `batch(items) -> list[result | SdprepError]` to handle a wh
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -94,6 +95,20 @@ class ExecutorSettings:
             raise unknown_choice("executor", self.executor, EXECUTORS)
         if self.ray_workers is not None and self.ray_workers < 1:
             raise ConfigError(f"ray workers must be at least 1, got {self.ray_workers}")
+        if self.executor == "local" and (self.ray_address != "auto" or self.ray_workers is not None):
+            raise ConfigError(
+                "a Ray address or worker count is set, but the executor is local",
+                'add --executor ray (executor = "ray" in a project file), or leave the Ray settings out',
+            )
+
+
+def settings_over(base: ExecutorSettings, given: dict[str, Any]) -> ExecutorSettings:
+    """`base` (a project's settings) with the command line's values that were `given` (not None);
+    `--executor local` runs locally whatever the project says about Ray."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if given.get("executor") == "local":
+        return ExecutorSettings(**given)
+    return dataclasses.replace(base, **given)
 
 
 def require_ray() -> Any:

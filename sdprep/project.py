@@ -3,6 +3,8 @@
     [project]
     dataset = "data"              # the working dataset folder (relative to the project file)
     source = "raw"                # optional: copied into `dataset` on the first run (originals untouched)
+    executor = "ray"              # optional: convert, dedup, upscale, mask, tag, clean on a Ray cluster
+    ray_address = "auto"          #   (with ray_workers = N); `sdprep run --executor` overrides
 
     [stages.rename]               # stages run in the order written; each table holds the stage's
     pattern = "{n:03d}"           # options, exactly the fields of its options dataclass
@@ -35,13 +37,17 @@ from typing import Any
 from sdprep import state
 from sdprep.config import from_dict, load_toml
 from sdprep.errors import ConfigError, did_you_mean
+from sdprep.executors import ExecutorSettings, make_executor
 from sdprep.fileops import atomic_write_text
 from sdprep.hub import is_path_like
 from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import StageResult
 
 STAGES = ("scrape", "convert", "rename", "dedup", "upscale", "mask", "tag", "clean", "bucket", "report")
-PROJECT_KEYS = ("dataset", "source", "demo_models")
+FOLDER_KEYS = ("dataset", "source", "demo_models")
+EXECUTOR_KEYS = ("executor", "ray_address", "ray_workers")  # sdprep.executors.ExecutorSettings
+PROJECT_KEYS = (*FOLDER_KEYS, *EXECUTOR_KEYS)
+EXECUTOR_STAGES = frozenset({"convert", "dedup", "upscale", "mask", "tag", "clean"})  # take executor=
 SECTIONS = ("project", "rules", "stages", "train")
 MAYBE_PATH_KEYS = {"model", "tokenizer", "cascade"}  # a hub id, or a local path relative to the project
 
@@ -79,6 +85,7 @@ class Project:
     stages: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     train: dict[str, Any] | None = None
     rules: SharedRules = field(default_factory=SharedRules)
+    executor: ExecutorSettings = field(default_factory=ExecutorSettings)
 
     @property
     def base(self) -> Path:
@@ -112,13 +119,16 @@ def load_project(path: Path | str) -> Project:
         raise ConfigError(f"{path}: [project] must be a table")
     if "dataset" not in proj:
         raise ConfigError(f'{path}: [project] needs dataset = "FOLDER"', "the folder the stages work on")
-    for key in PROJECT_KEYS:
+    for key in FOLDER_KEYS:
         if key in proj and not isinstance(proj[key], str):
             raise ConfigError(f"{path}: project.{key} must be a folder name in quotes, got {proj[key]!r}")
     if not all(isinstance(doc.get(key, {}), dict) for key in ("stages", "train", "rules")):
         raise ConfigError(f"{path}: [rules], [stages] and [train] must be tables")
     try:
         rules = from_dict(SharedRules, doc.get("rules", {}), where="rules")
+        executor = from_dict(
+            ExecutorSettings, {k: proj[k] for k in EXECUTOR_KEYS if k in proj}, where="project"
+        )
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc.message}", exc.hint) from None
     base = path.parent
@@ -140,6 +150,7 @@ def load_project(path: Path | str) -> Project:
         stages=stages,
         train=doc.get("train"),
         rules=rules,
+        executor=executor,
     )
 
 
@@ -260,11 +271,13 @@ def run_project(
     reporter: Callable[[], Reporter] = NullReporter,
     only: list[str] | None = None,
     train: bool = True,
+    executor: ExecutorSettings | None = None,
 ) -> list[StageResult]:
     """Run the project's stages in order (then training), printing each stage's summary.
 
     The whole project is checked first (`check_project`): a typo fails before anything is built,
-    imported or changed.
+    imported or changed. `executor` (default: the project's `[project] executor`) runs the
+    per-image work of the stages in EXECUTOR_STAGES; the others run here.
     """
     prepared = check_project(project, only=only, train=train)
     if project.demo_models:
@@ -278,11 +291,14 @@ def run_project(
     # the caption writers learn their chain, so a re-run rebuilds captions as a fresh run would
     chain = tuple(name for name, _ in project.stages if name in WRITERS)
     results = []
-    for name, run, opts in prepared:
-        extra = {"chain": chain} if name in WRITERS else {}
-        result = run(project.dataset, opts, report=reporter(), **extra)
-        results.append(result)
-        echo(result.summary())
+    with make_executor(executor or project.executor) as ex:
+        for name, run, opts in prepared:
+            extra: dict[str, Any] = {"chain": chain} if name in WRITERS else {}
+            if name in EXECUTOR_STAGES:
+                extra["executor"] = ex
+            result = run(project.dataset, opts, report=reporter(), **extra)
+            results.append(result)
+            echo(result.summary())
     if train and project.train is not None and (not only or "train" in only):
         from sdprep.train.api import train_from_project  # heavy imports only when training
 

@@ -36,10 +36,14 @@ UNCOUNTED = 1000  # what the batch size assumes of items that come as a stream
 
 
 class _Worker:
-    """One actor: the stage's function, loaded once, run over the batches sent to it."""
+    """One actor: the stage's function, fetched and unpickled once, run over the batches sent to it.
 
-    def __init__(self, fn: Callable, cwd: str):
-        self.fn = fn
+    The function comes as an object reference inside a list, which Ray leaves unresolved: the actor
+    fetches it on its first batch, and again after a restart (constructor arguments held in the
+    object store would make Ray warn that a restart may not find them)."""
+
+    def __init__(self, cwd: str):
+        self.fn: Callable | None = None
         self.problem: SdprepError | None = None
         try:
             os.chdir(cwd)  # relative paths of a local run mean the same here
@@ -52,9 +56,11 @@ class _Worker:
     def pid(self) -> int:
         return os.getpid()
 
-    def run(self, batch: list) -> list:
+    def run(self, fn: list, batch: list) -> list:
         if self.problem is not None:
             raise self.problem
+        if self.fn is None:
+            self.fn = ray.get(fn[0])
         return run_batch(self.fn, batch)
 
 
@@ -69,8 +75,9 @@ def connect(address: str) -> bool:
     try:
         ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
     except ConnectionError as exc:
+        where = "RAY_ADDRESS is not set and none was started on this machine" if address == "auto" else exc
         raise ClusterError(
-            f"no Ray cluster at {address} ({str(exc).strip().splitlines()[0]})",
+            f"no Ray cluster at {address} ({str(where).strip().splitlines()[0]})",
             "start one with `ray start --head` (docs/ray.md), pass --ray-address HOST:PORT, "
             "or --ray-address local to start one on this machine for this run",
         ) from None
@@ -123,8 +130,8 @@ class RayExecutor:
         first = next(batches, None)
         if first is None:
             return
-        fn_ref = ray.put(fn)  # pickled once; each actor unpickles its own copy once
-        self.actors = [_RemoteWorker.options(**resources).remote(fn_ref, os.getcwd()) for _ in range(n)]
+        fn_ref = [ray.put(fn)]  # pickled once; each actor unpickles its own copy once
+        self.actors = [_RemoteWorker.options(**resources).remote(os.getcwd()) for _ in range(n)]
         queued = [0] * n
         pending: deque = deque()
         try:
@@ -132,7 +139,7 @@ class RayExecutor:
                 while len(pending) >= IN_FLIGHT * n:
                     yield from self._take(pending.popleft(), queued)
                 a = min(range(n), key=queued.__getitem__)
-                pending.append((batch, self.actors[a].run.remote(batch), a))
+                pending.append((batch, self.actors[a].run.remote(fn_ref, batch), a))
                 queued[a] += 1
                 count += len(batch)
             while pending:

@@ -141,6 +141,7 @@ class HFCaptioner:
     """Natural-language captions from a transformers image-text-to-text model."""
 
     def __init__(self, source: str, options: HFOptions | None = None):
+        self.given = source
         self.source, self.local = resolve_source(source)
         self.options = options or HFOptions()
         self.name = f"hf:{self.source}"
@@ -149,6 +150,10 @@ class HFCaptioner:
         self.device = "cpu"
         self.dtype: Any = None
         self._chat_form = ""  # which message form the chat template accepts (see build_text)
+
+    def __reduce__(self):
+        """Sent to a Ray worker as what builds it, not the loaded model: each worker loads its own."""
+        return (HFCaptioner, (self.given, self.options))
 
     @property
     def settings(self) -> dict[str, Any]:

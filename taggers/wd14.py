@@ -14,6 +14,7 @@ the model again.
 from __future__ import annotations
 
 import csv
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -350,6 +351,11 @@ class WD14Tagger:
         self.input_name = ""
         self.provider = ""
         self.warnings: list[str] = []
+
+    def __reduce__(self):
+        """Sent to a Ray worker as what builds it, not the open session: each worker loads its own."""
+        args = {"device": self.device, "threads": self.threads, "floor": self.floor}
+        return (functools.partial(WD14Tagger, self.spec, **args), ())
 
     def load(self) -> None:
         """Resolve the files, open the session, read input name and size; idempotent."""

@@ -1,14 +1,39 @@
-"""`--executor ray` on a real Ray cluster on the loopback address (the session's `ray_cluster`)."""
+"""`--executor ray` on a real Ray cluster on the loopback address (the session's `ray_cluster`):
+every stage through Ray writes the same bytes as a local run, is undone the same way, survives a
+killed worker and a killed driver."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
+import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
+from test_mask_clipseg import tiny_clipseg  # noqa: F401 - a fixture
+from test_upscale import rrdb_state_dict
 
 from sdprep.errors import ImageError
-from sdprep.stage import map_items
+from sdprep.fileops import Journal, undo
+from sdprep.prep.clean import CleanOptions, run_clean
+from sdprep.prep.convert import ConvertOptions, run_convert
+from sdprep.prep.dedup import DedupOptions, run_dedup
+from sdprep.prep.mask import MaskOptions, run_mask
+from sdprep.prep.masks.base import MethodSettings
+from sdprep.prep.rules import CleanRules
+from sdprep.prep.tag import TagOptions, run_tag
+from sdprep.prep.upscale import UpscaleOptions, run_upscale
+from sdprep.progress import RecordingReporter
+from sdprep.stage import StageResult, map_items
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -19,21 +44,382 @@ def _by_value():
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
+@pytest.fixture
+def ray_executor(ray_cluster):
+    from sdprep.ray_executor import RayExecutor
+
+    return RayExecutor(ray_cluster)
+
+
+# -- a generated set ----------------------------------------------------------------------------
+
+
+def _picture(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
+    """Blocks of colour with noise: different images hash apart, as photos do."""
+    blocks = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    big = np.kron(blocks, np.ones((size[1] // 4 + 1, size[0] // 4 + 1, 1), dtype=np.uint8))
+    noise = rng.integers(-12, 13, big.shape)
+    return np.clip(big.astype(int) + noise, 0, 255).astype(np.uint8)[: size[1], : size[0]]
+
+
+def make_set(root: Path, n: int) -> Path:
+    """`n` small images: PNG, JPEG, BMP (convert makes them PNG), transparent PNGs (mask alpha),
+    a near-copy every 25th (dedup), captions on most (clean), and truncated files (failures)."""
+    rng = np.random.default_rng(22)
+    root.mkdir(parents=True)
+    previous = None
+    for i in range(n):
+        size = (40 + 8 * (i % 3), 32 + 8 * (i % 4))
+        pixels = _picture(rng, size)
+        if i % 25 == 7 and previous is not None:
+            pixels = np.clip(previous.astype(int) + 3, 0, 255).astype(np.uint8)  # a near-copy
+        previous = pixels
+        kind = i % 6
+        name = f"img{i:04d}"
+        if kind == 4:
+            rgba = np.dstack([pixels, np.full(pixels.shape[:2], 255, np.uint8)])
+            rgba[:4] = 0  # a transparent band: alpha masks find something
+            Image.fromarray(rgba, "RGBA").save(root / f"{name}.png")
+        elif kind == 5:
+            Image.fromarray(pixels).save(root / f"{name}.bmp")
+        elif kind in (1, 3):
+            Image.fromarray(pixels).save(root / f"{name}.jpg", quality=90)
+        else:
+            Image.fromarray(pixels).save(root / f"{name}.png")
+        if i % 5:
+            tags = ["1girl", "solo", "smile", "long_hair", "outdoors"][: 2 + i % 4]
+            (root / f"{name}.txt").write_text(", ".join(tags) + "\n")
+        if i % 97 == 13:  # cut short: every stage lists it as failed and goes on
+            path = next(root.glob(f"{name}.*[!t]"))
+            path.write_bytes(path.read_bytes()[:60])
+    return root
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory) -> Path:
+    return make_set(tmp_path_factory.mktemp("generated") / "set", 500)
+
+
+@pytest.fixture(scope="module")
+def tiny_esrgan(tmp_path_factory) -> Path:
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("esrgan") / "tiny_x4.safetensors"
+    save_file(rrdb_state_dict(nb=1, n_up=2), path)
+    return path
+
+
+# -- comparing runs -----------------------------------------------------------------------------
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file of a dataset (its own .sdprep/ state aside), by relative path.
+
+    The caches of dedup and clean's colour check record the image's modification time, which
+    differs between two copies whose images were written at different times (by convert or
+    upscale) however they ran: it reads as 0.
+    """
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if path.is_file() and rel.parts[0] != ".sdprep":
+            data = path.read_bytes()
+            if path.suffix == ".json" and b"sdprep" in data:
+                doc = json.loads(data)
+                meta = doc.get("sdprep", {})
+                if "dedup" in meta:
+                    meta["dedup"]["file"][1] = 0
+                if "monochrome" in meta:
+                    meta["monochrome"]["image"]["mtime_ns"] = 0
+                data = json.dumps(doc).encode()
+            out[rel.as_posix()] = data
+    return out
+
+
+def outcome(result: StageResult, root: Path) -> tuple:
+    """What a summary reports, with paths relative to the dataset (the two runs are in two folders)."""
+    failed = sorted((Path(f.path).relative_to(root).as_posix(), f.reason) for f in result.failed)
+    return result.changed, result.skipped, failed
+
+
+def differences(a: dict[str, bytes], b: dict[str, bytes]) -> list[str]:
+    names = sorted(set(a) | set(b))
+    return [n for n in names if a.get(n) != b.get(n)]
+
+
+Stage = tuple[str, Callable]
+
+
+def chain(
+    tiny_wd14: Path, *, min_side: int = 48, esrgan: Path | None = None, clipseg: Path | None = None
+) -> list[Stage]:
+    """The six stages with an executor, in a prep order (model-based upscale and mask when given)."""
+    mask = MaskOptions(method="alpha")
+    if clipseg is not None:
+        mask = MaskOptions(method="clipseg", settings=MethodSettings(prompts=("head",), model=str(clipseg)))
+    rules = CleanRules(trigger=("mytoken",), remove=("solo",))
+    return [
+        ("convert", lambda root, ex: run_convert(root, ConvertOptions(), executor=ex)),
+        ("dedup", lambda root, ex: run_dedup(root, DedupOptions(), executor=ex)),
+        (
+            "upscale",
+            lambda root, ex: run_upscale(root, UpscaleOptions(min_side=min_side, model=esrgan), executor=ex),
+        ),
+        ("mask", lambda root, ex: run_mask(root, mask, executor=ex)),
+        ("tag", lambda root, ex: run_tag(root, TagOptions(model=str(tiny_wd14)), executor=ex)),
+        ("clean", lambda root, ex: run_clean(root, CleanOptions(rules=rules), executor=ex)),
+    ]
+
+
+def compare_chain(source: Path, tmp_path: Path, stages: list[Stage], executor) -> dict[str, StageResult]:
+    """Run `stages` on two copies of `source`, locally and through `executor`; after each stage the
+    two trees hold the same bytes and the summaries report the same. Then the Ray copy is undone
+    stage by stage back to the source, byte for byte."""
+    here, there = tmp_path / "local", tmp_path / "ray"
+    shutil.copytree(source, here)
+    shutil.copytree(source, there)
+    results = {}
+    for name, run in stages:
+        want = run(here, None)
+        got = run(there, executor)
+        assert differences(tree(here), tree(there)) == [], name
+        assert outcome(got, there) == outcome(want, here), name
+        assert got.notes[-1].startswith("  ray: ") or any(n.startswith("  ray: ") for n in got.notes), name
+        results[name] = got
+    operations = len(Journal(there).operations())
+    for _ in range(operations):
+        undo(there)
+    assert differences(tree(source), tree(there)) == []
+    return results
+
+
+# -- every stage, byte for byte -----------------------------------------------------------------
+
+
+def test_every_stage_through_ray_matches_a_local_run_on_500_images(
+    generated, tmp_path, tiny_wd14, ray_executor
+):
+    results = compare_chain(generated, tmp_path, chain(tiny_wd14), ray_executor)
+    assert results["convert"].changed > 50  # the BMPs became PNGs
+    assert results["dedup"].changed >= 15  # the near-copies moved aside
+    assert results["upscale"].changed > 100 and results["mask"].changed > 50
+    assert results["tag"].changed > 400 and results["clean"].changed > 400
+    assert len(results["convert"].failed) == 6  # the truncated files, listed like a local run's
+
+
+def test_model_stages_through_ray_on_the_sample_data(
+    tmp_path,
+    tiny_wd14,
+    tiny_esrgan,
+    tiny_clipseg,  # noqa: F811 - the fixture imported above
+    ray_executor,
+):
+    """The upscaler and CLIPSeg load in each Ray worker (sent as their recipe), WD14 too."""
+    source = tmp_path / "sample"
+    shutil.copytree(REPO / "sample_data" / "images", source)
+    stages = chain(tiny_wd14, min_side=160, esrgan=tiny_esrgan, clipseg=tiny_clipseg)
+    results = compare_chain(source, tmp_path, stages, ray_executor)
+    assert results["upscale"].changed >= 1 and results["mask"].changed == 8 and results["tag"].changed == 8
+
+
+# -- the executor -------------------------------------------------------------------------------
+
+
 def _double_or_fail(n: int) -> int:
     if n % 7 == 3:
         raise ImageError(Path(f"/data/{n}.png"), f"bad {n}", "fix it")
     return n * 2
 
 
-def test_ray_map_gives_map_items_results_in_order(ray_cluster):
-    from sdprep.ray_executor import RayExecutor
-
-    ex = RayExecutor(ray_cluster)
-    got = list(ex.map(_double_or_fail, range(50), batch_size=4))
+def test_ray_map_gives_map_items_results_in_order(ray_executor):
+    got = list(ray_executor.map(_double_or_fail, range(50), batch_size=4))
     want = list(map_items(_double_or_fail, range(50)))
     assert [i for i, _ in got] == list(range(50))
     assert [(i, str(o)) for i, o in got] == [(i, str(o)) for i, o in want]
     failed = [o for _, o in got if isinstance(o, ImageError)]
     assert [(f.path, f.reason, f.hint) for f in failed][:1] == [(Path("/data/3.png"), "bad 3", "fix it")]
-    assert ex.summary().startswith("  ray: 50 items in ")
-    assert ex.summary().endswith(" on 2 workers")
+    assert ray_executor.summary().startswith("  ray: 50 items in ")
+    assert ray_executor.summary().endswith(" on 2 workers")
+
+
+def _disk_full(n: int) -> int:
+    if n == 5:
+        raise OSError(28, "No space left on device", f"/data/{n}.png")
+    return n
+
+
+def test_a_whole_run_error_in_a_worker_stops_the_run_as_locally(ray_executor):
+    with pytest.raises(OSError) as got:
+        list(ray_executor.map(_disk_full, range(20), batch_size=2))
+    assert got.value.errno == 28
+
+
+def test_one_progress_bar_on_the_driver_counts_every_image(generated, tmp_path, tiny_wd14, ray_executor):
+    folder = tmp_path / "set"
+    shutil.copytree(generated, folder)
+    report = RecordingReporter()
+    result = run_tag(folder, TagOptions(model=str(tiny_wd14)), report=report, executor=ray_executor)
+    assert report.total == report.done == 500
+    assert result.changed + result.skipped + len(result.failed) == 500
+
+
+class _KillOneWorker(RecordingReporter):
+    """Kills a worker process of the running pool once `at` images are done (on the driver)."""
+
+    def __init__(self, executor, at: int):
+        super().__init__()
+        self.executor, self.at, self.killed = executor, at, []
+
+    def advance(self, n: int = 1) -> None:
+        super().advance(n)
+        if self.done == self.at:
+            pid = self.executor.worker_pids()[0]
+            os.kill(pid, signal.SIGKILL)
+            self.killed.append(pid)
+
+
+def test_a_worker_killed_mid_run_is_restarted_and_its_images_redone(
+    generated, tmp_path, tiny_wd14, ray_executor
+):
+    here, there = tmp_path / "local", tmp_path / "ray"
+    shutil.copytree(generated, here)
+    shutil.copytree(generated, there)
+    opts = TagOptions(model=str(tiny_wd14))
+    want = run_tag(here, opts)
+    report = _KillOneWorker(ray_executor, at=60)
+    got = run_tag(there, opts, report=report, executor=ray_executor)
+    assert len(report.killed) == 1
+    assert differences(tree(here), tree(there)) == []
+    assert outcome(got, there) == outcome(want, here)
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def test_cli_tag_through_ray_prints_the_throughput(generated, tmp_path, tiny_wd14, ray_cluster, cli_runner):
+    from sdprep.cli import cli
+
+    folder = tmp_path / "set"
+    shutil.copytree(generated, folder)
+    args = ["tag", str(folder), "--model", str(tiny_wd14), "--executor", "ray", "--ray-address", ray_cluster]
+    res = cli_runner.invoke(cli, args)
+    assert res.exit_code == 1, res.output  # the truncated files
+    assert "tag: 494 changed, 0 skipped, 6 failed" in res.output
+    assert "  ray: 500 items in " in res.output and " on 2 workers" in res.output
+
+
+def _sdprep(*args: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "sdprep"), *args]
+
+
+def test_a_rerun_after_the_driver_is_killed_resumes(generated, tmp_path, tiny_wd14, ray_cluster):
+    here, there = tmp_path / "local", tmp_path / "ray"
+    shutil.copytree(generated, here)
+    shutil.copytree(generated, there)
+    run_tag(here, TagOptions(model=str(tiny_wd14)))
+    args = ["tag", str(there), "--model", str(tiny_wd14), "--batch-size", "1"]
+    args += ["--executor", "ray", "--ray-address", ray_cluster, "--ray-workers", "1"]
+    first = subprocess.Popen(_sdprep(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(there.glob("*.json"))) < 20 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    assert first.wait() == -signal.SIGKILL
+    done = len(list(there.glob("*.json")))
+    assert 20 <= done < 494
+    rerun = subprocess.run(_sdprep(*args), capture_output=True, text=True, timeout=300)
+    summary = next(line for line in rerun.stdout.splitlines() if line.startswith("tag: "))
+    changed, skipped = (int(summary.split()[k]) for k in (1, 3))
+    assert skipped >= done - 1 and changed + skipped == 494, rerun.stdout
+    assert differences(tree(here), tree(there)) == []
+
+
+def test_without_ray_the_executor_is_one_error_line(sample_dataset, cli_runner, monkeypatch):
+    from sdprep.cli import cli
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError, as when not installed
+    res = cli_runner.invoke(cli, ["dedup", str(sample_dataset), "--executor", "ray"])
+    assert res.exit_code == 1
+    assert (
+        res.output == "Error: --executor ray needs Ray, which is not installed: pip install 'sdprep[ray]'\n"
+    )
+
+
+def test_no_cluster_at_the_address_is_a_clear_error(sample_dataset, cli_runner, monkeypatch):
+    """What Ray raises when `auto` finds no cluster (no RAY_ADDRESS, no Ray process on this machine;
+    here the session's cluster runs, so Ray's answer is played back)."""
+    import ray
+
+    from sdprep.cli import cli
+
+    def no_cluster(**kwargs):
+        raise ConnectionError(
+            "Could not find any running Ray instance. Please specify the one to connect to."
+        )
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_cluster)
+    res = cli_runner.invoke(cli, ["convert", str(sample_dataset), "--executor", "ray"])
+    assert res.exit_code == 1
+    assert res.output.splitlines() == [
+        "Error: no Ray cluster at auto (RAY_ADDRESS is not set and none was started on this machine)",
+        "Hint: start one with `ray start --head` (docs/ray.md), pass --ray-address HOST:PORT, "
+        "or --ray-address local to start one on this machine for this run",
+    ]
+
+
+# -- project files ------------------------------------------------------------------------------
+
+PROJECT = """[project]
+dataset = "data"
+{executor}
+[stages.convert]
+[stages.tag]
+model = "{model}"
+[stages.clean.rules]
+trigger = ["mytoken"]
+"""
+
+
+def test_a_project_with_executor_ray_runs_its_stages_on_the_cluster(tmp_path, tiny_wd14, ray_cluster):
+    from sdprep.project import load_project, run_project
+
+    outputs = {}
+    for name, line in [("local", ""), ("ray", f'executor = "ray"\nray_address = "{ray_cluster}"')]:
+        folder = tmp_path / name
+        shutil.copytree(REPO / "sample_data" / "images", folder / "data")
+        (folder / "project.toml").write_text(PROJECT.format(executor=line, model=tiny_wd14.as_posix()))
+        printed: list[str] = []
+        results = run_project(load_project(folder / "project.toml"), echo=printed.append)
+        assert [r.ok for r in results] == [True, True, True]
+        outputs[name] = tree(folder / "data"), printed
+    assert differences(outputs["local"][0], outputs["ray"][0]) == []
+    assert not any("  ray: " in p for p in outputs["local"][1])
+    assert sum("  ray: 8 items in " in p for p in outputs["ray"][1]) == 3  # convert, tag, clean
+
+
+def test_project_executor_settings_are_read(tmp_path):
+    from sdprep.executors import ExecutorSettings
+    from sdprep.project import load_project
+
+    p = tmp_path / "p.toml"
+    p.write_text('[project]\ndataset = "d"\nexecutor = "ray"\nray_workers = 3\n')
+    assert load_project(p).executor == ExecutorSettings("ray", "auto", 3)
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ('executor = "spark"', 'unknown executor "spark"'),
+        ('ray_address = "10.0.0.1:6379"', "a Ray address or worker count is set, but the executor is local"),
+        ('executor = "ray"\nray_workers = 0', "ray workers must be at least 1, got 0"),
+    ],
+)
+def test_project_executor_settings_are_checked(tmp_path, lines, message):
+    from sdprep.errors import ConfigError
+    from sdprep.project import load_project
+
+    p = tmp_path / "p.toml"
+    p.write_text(f'[project]\ndataset = "d"\n{lines}\n')
+    with pytest.raises(ConfigError, match=message):
+        load_project(p)

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import dataset_argument, finish, reporter, verbosity, workers_option
+from sdprep.clitools import (
+    dataset_argument,
+    executor_from,
+    executor_options,
+    finish,
+    reporter,
+    verbosity,
+    workers_option,
+)
 from sdprep.prep.cli.scores import score_options
 
 SORTS = ("as-tagged", "score", "alphabetical", "category")
@@ -114,6 +122,7 @@ def _patterns(values: tuple[str, ...]) -> tuple[str, ...] | None:
     is_flag=True,
     help="Print a unified diff of what would change; write nothing (-v: diff a real run).",
 )
+@executor_options
 @click.pass_context
 def command(
     ctx: click.Context,
@@ -178,5 +187,6 @@ def command(
     options = CleanOptions(rules=rules, recursive=recursive, dry_run=dry_run, workers=workers)
     show = dry_run or verbosity(ctx) > 0
     on_diff = (lambda d: click.echo(d, nl=False)) if show else None
-    result = run_clean(directory, options, report=reporter(ctx), on_diff=on_diff)
+    with executor_from(ctx) as executor:
+        result = run_clean(directory, options, report=reporter(ctx), on_diff=on_diff, executor=executor)
     finish(result)

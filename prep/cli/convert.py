@@ -6,7 +6,16 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import dataset_argument, field_option, finish, options_from, reporter, workers_option
+from sdprep.clitools import (
+    dataset_argument,
+    executor_from,
+    executor_options,
+    field_option,
+    finish,
+    options_from,
+    reporter,
+    workers_option,
+)
 
 OPTIONS = "sdprep.prep.convert:ConvertOptions"
 
@@ -23,6 +32,7 @@ OPTIONS = "sdprep.prep.convert:ConvertOptions"
 @click.option("--flatten", default=None, metavar="COLOR", help="Flatten transparency onto COLOR.")
 @click.option("--keep-alpha", is_flag=True, help="Keep transparency (an error with --format jpg).")
 @workers_option(OPTIONS)
+@executor_options
 @click.pass_context
 def command(ctx: click.Context, directory: Path, flatten: str | None, **kw) -> None:
     """Normalise the images of DIRECTORY: format, first frame, EXIF rotation, transparency.
@@ -41,4 +51,5 @@ def command(ctx: click.Context, directory: Path, flatten: str | None, **kw) -> N
     from sdprep.prep.convert import ConvertOptions, parse_color, run_convert
 
     opts = options_from(ConvertOptions, kw, flatten=parse_color(flatten) if flatten else None)
-    finish(run_convert(directory, opts, report=reporter(ctx)))
+    with executor_from(ctx) as executor:
+        finish(run_convert(directory, opts, report=reporter(ctx), executor=executor))

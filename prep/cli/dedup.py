@@ -6,7 +6,16 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import dataset_argument, field_option, finish, options_from, reporter, workers_option
+from sdprep.clitools import (
+    dataset_argument,
+    executor_from,
+    executor_options,
+    field_option,
+    finish,
+    options_from,
+    reporter,
+    workers_option,
+)
 
 OPTIONS = "sdprep.prep.dedup:DedupOptions"
 
@@ -22,6 +31,7 @@ OPTIONS = "sdprep.prep.dedup:DedupOptions"
 )
 @click.option("--dry-run", is_flag=True, help="List the groups and change nothing.")
 @workers_option(OPTIONS)
+@executor_options
 @click.pass_context
 def command(ctx: click.Context, directory: Path, **kw) -> None:
     """Find duplicate and near-duplicate images in DIRECTORY by perceptual hash.
@@ -37,7 +47,8 @@ def command(ctx: click.Context, directory: Path, **kw) -> None:
     from sdprep.prep.dedup import DedupOptions, run_dedup
 
     opts = options_from(DedupOptions, kw)
-    result = run_dedup(directory, opts, report=reporter(ctx))
+    with executor_from(ctx) as executor:
+        result = run_dedup(directory, opts, report=reporter(ctx), executor=executor)
     for keep, dups in result.details["groups"]:
         click.echo(f"keep {keep.relative_to(directory)}")
         for path, dist in dups:

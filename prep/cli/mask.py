@@ -6,7 +6,16 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import dataset_argument, field_option, finish, options_from, reporter, workers_option
+from sdprep.clitools import (
+    dataset_argument,
+    executor_from,
+    executor_options,
+    field_option,
+    finish,
+    options_from,
+    reporter,
+    workers_option,
+)
 
 OPTIONS = "sdprep.prep.mask:MaskOptions"
 SETTINGS = "sdprep.prep.masks.base:MethodSettings"
@@ -59,6 +68,7 @@ METHODS = ("alpha", "face", "clipseg", "color", "import", "full")
 @click.option(
     "--preview", type=click.Path(dir_okay=False, path_type=Path), help="--check: preview sheet PNG path."
 )
+@executor_options
 @click.pass_context
 def command(ctx: click.Context, directory: Path, method: str | None, check: bool, **kw) -> None:
     """Write one mask per image of DIRECTORY for masked-loss training, or check them with --check.
@@ -88,7 +98,8 @@ def command(ctx: click.Context, directory: Path, method: str | None, check: bool
     settings = options_from(MethodSettings, kw, prompts=tuple(kw["prompts"]))
     post = options_from(PostOptions, kw)
     opts = options_from(MaskOptions, kw, method=method, settings=settings, post=post)
-    finish(run_mask(directory, opts, report=reporter(ctx)))
+    with executor_from(ctx) as executor:
+        finish(run_mask(directory, opts, report=reporter(ctx), executor=executor))
 
 
 def _check(ctx: click.Context, directory: Path, out: str, recursive: bool, preview: Path | None) -> None:

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import dataset_argument, field_option, finish, options_from, reporter, workers_option
+from sdprep.clitools import (
+    dataset_argument,
+    executor_from,
+    executor_options,
+    field_option,
+    finish,
+    options_from,
+    reporter,
+    workers_option,
+)
 from sdprep.prep.cli.scores import score_options
 
 DEVICES = ("auto", "cpu", "cuda", "rocm", "directml", "coreml")  # taggers.wd14.DEVICES, kept import-free
@@ -157,6 +166,7 @@ def _tag_list(values: tuple[str, ...]) -> tuple[str, ...]:
     metavar="KEY=VALUE",
     help="Other captioner option, e.g. concurrency=8, load_in_4bit=true.",
 )
+@executor_options
 @click.pass_context
 def command(ctx: click.Context, directory: Path, **kw) -> None:
     """Tag the images of DIRECTORY with a WD14 model and write `<stem>.txt` captions.
@@ -196,4 +206,5 @@ def command(ctx: click.Context, directory: Path, **kw) -> None:
         captioner_options=captioner_options,
         boilerplate=(*DEFAULT_BOILERPLATE, *kw["boilerplate"]) if kw["boilerplate"] else None,
     )
-    finish(run_tag(directory, opts, report=reporter(ctx)))
+    with executor_from(ctx) as executor:
+        finish(run_tag(directory, opts, report=reporter(ctx), executor=executor))
