@@ -34,6 +34,9 @@ test: setup  ## run the test suite (offline, one torch thread)
 test-slow: setup  ## the slow tests: LoRA, TI and fine-tune on the topology-true SDXL (2-5 min, 8 GB of RAM)
 	$(VENV)/bin/pytest -m slow
 
+test-gpu: setup  ## on a CUDA machine: the memory planner vs torch.cuda.max_memory_allocated, bf16/fp16/8-bit paths
+	$(VENV)/bin/pytest tests/test_gpu.py -v
+
 test-latest:  ## the tests against the newest releases on the index, in .venv-latest (not in CI)
 	bash .ci/test-latest
 

@@ -119,6 +119,7 @@ Example:
   sdprep train --config train.toml --set learning_rate=5e-5 --steps 2000
   sdprep train --config train.toml -- --learning_rate=5e-6 --train_batch_size=4
   sdprep train --config train.toml --preflight
+  sdprep train --config train.toml --plan
   sdprep train --config train.toml --resume latest
   sdprep train --config train.toml --output-config resolved.toml
   sdprep train --list-keys""",
@@ -142,6 +143,13 @@ Example:
 )
 @click.option(
     "--preflight", is_flag=True, help="Run the config for a few steps on a tiny model to catch errors first."
+)
+@click.option(
+    "--plan",
+    "plan",
+    is_flag=True,
+    help="Print the GPU memory this config needs on SDXL, per part, and the settings that fit 8/12/16/24 GB "
+    "cards; nothing is loaded or trained.",
 )
 @click.option(
     "--output-config",
@@ -190,6 +198,7 @@ def command(
     method: str | None,
     resume: str | None,
     preflight: bool,
+    plan: bool,
     output_config: Path | None,
     list_keys: bool,
     **plain: Any,
@@ -225,6 +234,11 @@ def command(
         callbacks.note(f"note: {note}")
     if output_config is not None:
         click.echo(f"wrote {write_config(cfg, output_config)} (the resolved config; nothing trained)")
+        return
+    if plan:
+        from sdprep.train.memory.planner import plan_config
+
+        click.echo(plan_config(cfg, chosen))
         return
     if preflight:
         from sdprep.train.config.preflight import run_preflight

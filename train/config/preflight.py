@@ -154,6 +154,13 @@ def _single_file_check(path: Path, model_config: Any) -> tuple[bool, str]:
     return True, detail
 
 
+def _memory_check(cfg: TrainConfig, method: str | None) -> str:
+    from sdprep.train.config.schema import detect_method
+    from sdprep.train.memory.planner import plan_summary
+
+    return plan_summary(cfg, method or detect_method(cfg))
+
+
 def _preflight_cfg(cfg: TrainConfig, work: Path, steps: int) -> Any:
     return dataclasses.replace(
         cfg,
@@ -223,6 +230,7 @@ def run_preflight(
     outer = callbacks or TrainCallbacks()
     ok, detail = _model_check(cfg)
     report.add("model", ok, detail)
+    report.add("memory", True, _memory_check(cfg, method))
     own_dir = work_dir is None
     work = Path(work_dir or tempfile.mkdtemp(prefix="sdprep-preflight-"))
     try:

@@ -326,6 +326,19 @@ class Trainer(TrainerOutputs):
                 cache_text_encoder_outputs(
                     self.dataset.validation, self._encode_fixed, self.cb_reporter(), encoder_id=encoder_id
                 )
+        self._offload_cached()
+
+    def _offload_cached(self) -> None:
+        """Move what the caches replace to the CPU, as kohya does: saves 1.6 GB (text encoders) and
+        0.2 GB (VAE) of GPU memory in bf16. Samples bring them back while they run."""
+        if self.device.type == "cpu":
+            return
+        parts = offloaded_parts(self.cfg, self.method.trains_text_encoders)
+        if "text_encoders" in parts:
+            for te in self.model.text_encoders:
+                te.to("cpu")
+        if "vae" in parts:
+            self.model.vae.to("cpu")
 
     def _leave_out(self, bad: list[tuple[Path, str]]) -> None:
         """Drop images that cannot be loaded: listed like the scan's drops, the rest trains."""
@@ -723,6 +736,17 @@ class Trainer(TrainerOutputs):
         self.result.steps = self.pos.step
         self.result.epochs = self.pos.epoch
         self._save(final=True)
+
+
+def offloaded_parts(cfg: Any, trains_text: bool) -> tuple[str, ...]:
+    """What a run moves off the accelerator after caching: the text encoders when their outputs are
+    cached (they cannot be while they train), the VAE when latents are cached."""
+    parts = []
+    if (cfg.cache_text_encoder_outputs or cfg.cache_text_encoder_outputs_to_disk) and not trains_text:
+        parts.append("text_encoders")
+    if cfg.cache_latents or cfg.cache_latents_to_disk:
+        parts.append("vae")
+    return tuple(parts)
 
 
 def _checkpoint_text_encoder(te: Any) -> None:

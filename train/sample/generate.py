@@ -8,8 +8,10 @@ with kohya's names: `<output_name>_<step:06d>_<i:02d>_<timestamp>_<seed>.png` (e
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +54,6 @@ def generate_samples(
     max_area: int | None = None,
 ) -> list[Path]:
     """Generate one image per prompt with the current weights; returns the written paths."""
-    import contextlib
-
     import torch
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -66,7 +66,12 @@ def generate_samples(
     written = []
     device = next(unet.parameters()).device
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), autocast or contextlib.nullcontext():
+        with (
+            on_device([model.text_encoder, model.text_encoder_2, model.vae], device),
+            torch.random.fork_rng(devices=[]),
+            torch.no_grad(),
+            autocast or contextlib.nullcontext(),
+        ):
             for i, prompt in enumerate(prompts):
                 seed = prompt.seed if prompt.seed is not None else base_seed + i
                 pipe.scheduler = make_scheduler(prompt.sampler or "ddim", model.scheduler_config)
@@ -90,3 +95,17 @@ def generate_samples(
         for m, was in zip(modules, was_training):
             m.train(was)
     return written
+
+
+@contextlib.contextmanager
+def on_device(modules: list[Any], device: Any) -> Iterator[None]:
+    """Move modules to `device` for the block and back where they were (the trainer keeps cached
+    text encoders and the VAE on the CPU; samples need them on the accelerator)."""
+    places = [(m, next(m.parameters()).device) for m in modules]
+    for m, _ in places:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m, where in places:
+            m.to(where)
