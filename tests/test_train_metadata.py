@@ -348,6 +348,7 @@ def test_run_facts_hash_the_base_once_and_say_so_for_a_big_file(base_file: Path,
     """The base model is hashed once per run (at the first save); a big file gets a note first."""
     import types
 
+    from sdprep.train.config.schema import TrainConfig
     from sdprep.train.loop.callbacks import RecordingCallbacks
     from sdprep.train.save import saver
     from sdprep.train.save.metadata import file_hashes
@@ -355,26 +356,27 @@ def test_run_facts_hash_the_base_once_and_say_so_for_a_big_file(base_file: Path,
     calls = []
     monkeypatch.setattr("sdprep.train.save.metadata.file_hashes", lambda p: calls.append(p) or file_hashes(p))
     monkeypatch.setattr(saver, "HASH_NOTE_BYTES", base_file.stat().st_size - 1)
-    cfg = types.SimpleNamespace(
-        no_metadata=False, vae=None, train_batch_size=1, gradient_accumulation_steps=1
+    cb = RecordingCallbacks()
+    facts = saver.RunFacts(
+        seed=1, num_epochs=1, batches_per_epoch=1, total_steps=1, num_processes=1, optimizer_desc="SGD"
     )
-    trainer = saver.TrainerOutputs()
-    trainer.__dict__.update(
-        cfg=cfg,
-        cb=RecordingCallbacks(),
-        model=types.SimpleNamespace(source=str(base_file)),
+    run_saver = saver.Saver(
+        TrainConfig(),
+        accelerator=None,
+        method=None,
+        method_name="lora",
+        model_source=str(base_file),
+        dataset=None,
+        output_dir=base_file.parent,
         name="x",
-        seed=1,
-        pos=types.SimpleNamespace(step=1, epoch=0),
-        num_epochs=1,
-        batches_per_epoch=1,
-        total_steps=1,
-        num_processes=1,
+        result=None,
+        callbacks=cb,
+        facts=facts,
         optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
-        optimizer_desc="SGD",
     )
-    first, second = trainer._run_facts("step 1"), trainer._run_facts(None)
+    pos = types.SimpleNamespace(step=1, epoch=0)
+    first, second = run_saver.run_facts(pos, "step 1"), run_saver.run_facts(pos, None)
     assert first["model_hashes"] == second["model_hashes"] == file_hashes(base_file)
     assert calls == [str(base_file)]
-    assert trainer.cb.notes == ["hashing sdxl_random.safetensors for ss_sd_model_hash (as kohya)"]
+    assert cb.notes == ["hashing sdxl_random.safetensors for ss_sd_model_hash (as kohya)"]
     assert (first["epoch"], second["epoch"]) == (0, 1)  # a step save: kohya's 0-based epoch; the end: epochs

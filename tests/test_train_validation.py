@@ -93,7 +93,7 @@ def test_validation_loss_is_logged_as_kohya_tags(runs) -> None:
     assert ("step", 2) in recorded and ("epoch", 1) in recorded
     loss = dict(((k, at), v) for k, at, v in trainer.result.validation)[("step", 4)]
     assert scalars["loss/validation/step_average"][1][1] == pytest.approx(loss)
-    meta_count = trainer._metadata(None)["ss_num_validation_images"]
+    meta_count = trainer.saver.metadata(trainer.pos, None)["ss_num_validation_images"]
     assert meta_count == "2"
 
 

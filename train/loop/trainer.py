@@ -9,6 +9,7 @@ TrainingError naming the step; files saved before it stay valid (every save was 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from sdprep.train.config.precheck import precheck
 from sdprep.train.loop.callbacks import RecordingCallbacks, TrainCallbacks, TrainResult
 from sdprep.train.loop.interrupt import StopRequest
 from sdprep.train.loop.validation import should_validate
-from sdprep.train.save.saver import TrainerOutputs
+from sdprep.train.save.saver import RunFacts, Saver
 from sdprep.train.save.weights import changed_settings
 
 if TYPE_CHECKING:
@@ -121,7 +122,7 @@ class Position:
     epoch_step: int = 0
 
 
-class Trainer(TrainerOutputs):
+class Trainer:
     """One training run, from a config to verified files. Use `train(cfg, ...)` unless you need parts."""
 
     def __init__(
@@ -200,6 +201,29 @@ class Trainer(TrainerOutputs):
         if cfg.initial_step or cfg.initial_epoch:
             self._start_at_initial_step()
         self._open_outputs()
+        self.saver = Saver(
+            cfg,
+            accelerator=self.accelerator,
+            method=self.method,
+            method_name=self.method_name,
+            model_source=self.model.source,
+            dataset=self.dataset,
+            output_dir=self.output_dir,
+            name=self.name,
+            result=self.result,
+            callbacks=self.cb,
+            facts=RunFacts(
+                seed=self.seed,
+                num_epochs=self.num_epochs,
+                batches_per_epoch=self.batches_per_epoch,
+                total_steps=self.total_steps,
+                num_processes=self.num_processes,
+                optimizer_desc=self.optimizer_desc,
+            ),
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            noise_generator=self.noise_generator,
+        )
 
     def _load_model(self) -> None:
         from sdprep.train.methods import make_method
@@ -646,13 +670,15 @@ class Trainer(TrainerOutputs):
             groups = _groups(batches, accum)
             while self.pos.step < self.total_steps:
                 if self.stop.requested:
-                    raise self._rescue("interrupted (Ctrl-C)", "nothing was lost")
+                    raise self.saver.rescue(self.pos, "interrupted (Ctrl-C)", "nothing was lost")
                 try:
                     group = next(groups)  # loads the images: a file may be bad or gone
                 except StopIteration:
                     break
                 except SdprepError as exc:
-                    raise self._rescue(exc.message, exc.hint or "fix or remove the file") from exc
+                    raise self.saver.rescue(
+                        self.pos, exc.message, exc.hint or "fix or remove the file"
+                    ) from exc
                 loss = self._step(group)
                 self._after_step(loss)
             if self.pos.epoch_step < self.steps_per_epoch:
@@ -677,7 +703,7 @@ class Trainer(TrainerOutputs):
 
         from sdprep.train.loop.step import batch_loss
 
-        self._mark_started()
+        self.saver.mark_started()
         total = 0.0
         for i, batch in enumerate(group):
             last = i == len(group) - 1
@@ -715,7 +741,7 @@ class Trainer(TrainerOutputs):
             self.log.scalars(step, values)
         self.cb.step(step, self.pos.epoch + 1, loss, lrs[0])
         if should_save(self.cfg, step=step, total=self.total_steps):
-            self._save(step=step)
+            self.saver.save(self.pos, step=step)
         if should_sample(self.cfg, step=step):
             self._sample(step=step, epoch=None)
         if self.dataset.validation is not None and should_validate(self.cfg, step=step):
@@ -728,14 +754,85 @@ class Trainer(TrainerOutputs):
             self._validate("epoch", epoch)
         self.epoch_losses = []
         if should_save(self.cfg, epoch=epoch, total=self.num_epochs):
-            self._save(epoch=epoch)
+            self.saver.save(self.pos, epoch=epoch)
         if should_sample(self.cfg, epoch=epoch):
             self._sample(step=self.pos.step, epoch=epoch)
 
     def _finish(self) -> None:
         self.result.steps = self.pos.step
         self.result.epochs = self.pos.epoch
-        self._save(final=True)
+        self.saver.save(self.pos, final=True)
+
+    def _validate(self, kind: str, at: int) -> None:
+        """The validation loss now ("step" after step `at`, "epoch" after epoch `at`): logged as
+        kohya's loss/validation/<kind>_average and _divergence (minus the epoch's training loss)."""
+        from sdprep.train.loop.optim import eval_mode
+        from sdprep.train.loop.validation import validation_loss
+
+        cfg = self.cfg
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            for module in self.train_modules:
+                module.eval()  # no dropout
+            ctx = dataclasses.replace(self.ctx, unet=self.accelerator.unwrap_model(self.ctx.unet))
+            seed = cfg.validation_seed if cfg.validation_seed is not None else self.seed
+            try:
+                with eval_mode(self.optimizer), self.accelerator.autocast():
+                    batches = self.dataset.validation.batches(0)
+                    loss = validation_loss(ctx, batches, max_batches=cfg.max_validation_steps, seed=seed)
+            finally:
+                for module in self.train_modules:
+                    module.train()
+            train = sum(self.epoch_losses) / len(self.epoch_losses) if self.epoch_losses else loss
+            self.log.scalars(
+                at,
+                {f"loss/validation/{kind}_average": loss, f"loss/validation/{kind}_divergence": loss - train},
+            )
+            self.result.validation.append((kind, at, loss))
+        self.accelerator.wait_for_everyone()
+
+    def _sample(self, *, step: int, epoch: int | None) -> None:
+        from sdprep.train.loop.optim import eval_mode
+
+        if not self.prompts:
+            return
+        with eval_mode(self.optimizer):
+            self._sample_now(step=step, epoch=epoch)
+
+    def _sample_now(self, *, step: int, epoch: int | None) -> None:
+        from sdprep.train.sample.generate import generate_samples
+
+        self.accelerator.wait_for_everyone()
+        for module in self.train_modules:
+            module.eval()  # no dropout in samples (a LyCORIS network is not inside the models)
+        if self.accelerator.is_main_process:
+            unet = self.accelerator.unwrap_model(self.ctx.unet)
+            prompts = [
+                dataclasses.replace(
+                    p,
+                    prompt=self.method.expand_prompt(p.prompt),
+                    negative_prompt=self.method.expand_prompt(p.negative_prompt),
+                )
+                for p in self.prompts
+            ]
+            paths = generate_samples(
+                self.model,
+                unet,
+                prompts,
+                self.sample_dir,
+                name=self.name,
+                step=step,
+                epoch=epoch,
+                base_seed=self.seed,
+                autocast=self.accelerator.autocast(),
+                log=self.log,
+                max_area=self.sample_max_area,
+            )
+            self.result.samples += paths
+            self.cb.sampled(paths)
+        self.accelerator.wait_for_everyone()
+        for module in self.train_modules:
+            module.train()
 
 
 def offloaded_parts(cfg: Any, trains_text: bool) -> tuple[str, ...]:
