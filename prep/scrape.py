@@ -32,7 +32,7 @@ from sdprep.errors import ConfigError, DatasetError, ImageError, SdprepError
 from sdprep.fileops import Journal, Operation, atomic_write_bytes
 from sdprep.images import image_size
 from sdprep.progress import NullReporter, Reporter
-from sdprep.stage import StageResult
+from sdprep.stage import StageResult, progress
 from sdprep.tags import TagMatcher
 
 CATEGORIES = ("general", "character", "copyright", "artist", "meta")
@@ -394,16 +394,15 @@ def run_scrape(root: Path | str, opts: ScrapeOptions, *, report: Reporter = Null
         with contextlib.suppress(FileNotFoundError):
             intake.url = state.read_text(current)  # its downloads keep the URL they came from
         intake.sweep()
-        report.start(total, "scrape")
         try:
             configure(gconfig, opts, incoming, scratch)
-            for url in opts.urls:
-                atomic_write_bytes(current, url.encode("utf-8", "surrogateescape"), sync=False)
-                intake.url, intake.seen = url, 0
-                _scrape_url(job_class, gexc, url, intake, logs, result)
+            with progress(report, total, "scrape"):
+                for url in opts.urls:
+                    atomic_write_bytes(current, url.encode("utf-8", "surrogateescape"), sync=False)
+                    intake.url, intake.seen = url, 0
+                    _scrape_url(job_class, gexc, url, intake, logs, result)
         finally:
             gconfig.clear()
-            report.finish()
             if scratch.exists():
                 op.write_bytes(archive, scratch.read_bytes())
                 scratch.unlink()
