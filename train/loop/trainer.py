@@ -835,7 +835,7 @@ class Trainer:
             module.train()
 
 
-def offloaded_parts(cfg: Any, trains_text: bool) -> tuple[str, ...]:
+def offloaded_parts(cfg: TrainConfig, trains_text: bool) -> tuple[str, ...]:
     """What a run moves off the accelerator after caching: the text encoders when their outputs are
     cached (they cannot be while they train), the VAE when latents are cached."""
     parts = []

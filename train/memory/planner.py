@@ -27,7 +27,10 @@ import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sdprep.train.config.schema import TrainConfig
 
 GIB = 1 << 30
 BUDGETS_GB = (8, 12, 16, 24)  # cards sold as N GB have N GiB
@@ -67,7 +70,7 @@ class Settings:
         return self.text in ("lora", "full", "ti")
 
 
-def settings_from_config(cfg: Any, method: str, device: str = "cuda") -> Settings:
+def settings_from_config(cfg: TrainConfig, method: str, device: str = "cuda") -> Settings:
     """The memory-relevant settings of a `TrainConfig` for `method` (lora / ti / finetune)."""
     from sdprep.train.methods.lora import parse_network_args
 
@@ -540,7 +543,7 @@ def report(plan: Plan, fits: dict[int, Any]) -> str:
     return "\n".join(lines)
 
 
-def plan_summary(cfg: Any, method: str, profile: Any = None) -> str:
+def plan_summary(cfg: TrainConfig, method: str, profile: Any = None) -> str:
     """One line for `--preflight`: the predicted peak on SDXL and which card sizes it fits."""
     from sdprep.train.memory.profile import full_size_profile
 
@@ -553,7 +556,7 @@ def plan_summary(cfg: Any, method: str, profile: Any = None) -> str:
     )
 
 
-def plan_config(cfg: Any, method: str, profile: Any = None) -> str:
+def plan_config(cfg: TrainConfig, method: str, profile: Any = None) -> str:
     """`sdprep train --plan`: the report for `cfg` on the full-size SDXL (or `profile`)."""
     from sdprep.train.memory.profile import full_size_profile
 

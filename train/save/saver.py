@@ -19,6 +19,7 @@ from sdprep.train.save.weights import config_hash
 if TYPE_CHECKING:
     from sdprep.train.config.schema import TrainConfig
     from sdprep.train.loop.callbacks import TrainCallbacks, TrainResult
+    from sdprep.train.loop.trainer import Position
     from sdprep.train.methods.base import TrainMethod
 
 HASH_NOTE_BYTES = 1 << 30  # say so when the base model hashed for the metadata is bigger
@@ -80,7 +81,7 @@ class Saver:
         if self.started_at is None:
             self.started_at = time.time()
 
-    def run_facts(self, pos: Any, label: str | None) -> dict[str, Any]:
+    def run_facts(self, pos: Position, label: str | None) -> dict[str, Any]:
         """What the metadata records about this run at `pos`; `label` None is the final save."""
         from sdprep.train.save.metadata import file_hashes, kohya_optimizer_name
 
@@ -114,7 +115,7 @@ class Saver:
 
     def save(
         self,
-        pos: Any,
+        pos: Position,
         *,
         step: int | None = None,
         epoch: int | None = None,
@@ -127,7 +128,9 @@ class Saver:
         with eval_mode(self.optimizer):  # a schedule-free optimizer's averaged weights are the ones saved
             self._save_now(pos, step=step, epoch=epoch, final=final, state=state)
 
-    def _save_now(self, pos: Any, *, step: int | None, epoch: int | None, final: bool, state: bool) -> None:
+    def _save_now(
+        self, pos: Position, *, step: int | None, epoch: int | None, final: bool, state: bool
+    ) -> None:
         from sdprep.train.save.weights import save_dtype, save_weights, weights_name
 
         cfg = self.cfg
@@ -155,7 +158,7 @@ class Saver:
             self._prune(step=step, epoch=epoch)
         self.accelerator.wait_for_everyone()
 
-    def rescue(self, pos: Any, why: str, hint: str) -> TrainingError:
+    def rescue(self, pos: Position, why: str, hint: str) -> TrainingError:
         """Save weights and state at the last finished step, then say how to go on (a run stopped by a
         bad file or Ctrl-C keeps its progress). One process only: others would wait in collectives."""
         step = pos.step
@@ -168,7 +171,7 @@ class Saver:
             f"{hint}, then run the same command with --resume latest",
         )
 
-    def metadata(self, pos: Any, label: str | None) -> dict[str, str]:
+    def metadata(self, pos: Position, label: str | None) -> dict[str, str]:
         from sdprep.train.save.metadata import kohya_metadata, minimum_metadata
 
         meta = kohya_metadata(self.run_facts(pos, label), self.method, self.dataset, self.cfg)
@@ -185,7 +188,7 @@ class Saver:
         return gather_object([rng_state()])
 
     def _save_state(
-        self, pos: Any, *, step: int | None, epoch: int | None, final: bool, rngs: list[dict] | None
+        self, pos: Position, *, step: int | None, epoch: int | None, final: bool, rngs: list[dict] | None
     ) -> None:
         from sdprep.config import to_dict
         from sdprep.train.save.weights import TrainState, save_state, state_dir_name
