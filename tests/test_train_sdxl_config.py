@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sdprep.errors import ModelError
+from sdprep.train.config.schema import TrainConfig
 from sdprep.train.models import sdxl_config
 from sdprep.train.models.clip_vocab import VOCAB_SIZE
 from sdprep.train.models.load import load_sdxl
@@ -117,7 +118,6 @@ def _tiny_single_file(tiny_sdxl: Path, tmp_path: Path, markers: tuple[str, ...] 
 def test_standard_architecture_is_recognised_by_its_marker_shapes(tiny_sdxl: Path, tmp_path: Path) -> None:
     """What preflight says before any load: a standard SDXL file needs no model_config, another
     architecture does (the shapes are the full-size checkpoint's, from kohya's recorded list)."""
-    import types
 
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -131,9 +131,7 @@ def test_standard_architecture_is_recognised_by_its_marker_shapes(tiny_sdxl: Pat
         k: torch.zeros(shape, dtype=torch.float16) for k, shape in sdxl_config.STANDARD_SHAPES.items()
     }
     save_file({**markers_sd, "conditioner.embedders.1.model.text_projection": torch.zeros(1)}, markers)
-    ok, detail = _model_check(
-        types.SimpleNamespace(pretrained_model_name_or_path=str(markers), model_config=None)
-    )
+    ok, detail = _model_check(TrainConfig(pretrained_model_name_or_path=str(markers), model_config=None))
     assert ok and "standard SDXL architecture" in detail
 
     tiny = _tiny_single_file(tiny_sdxl, tmp_path)
@@ -143,11 +141,7 @@ def test_standard_architecture_is_recognised_by_its_marker_shapes(tiny_sdxl: Pat
     assert sdxl_config.nonstandard_reason(shapes) == (
         "model.diffusion_model.input_blocks.0.0.weight is [32, 4, 3, 3], SDXL's is [320, 4, 3, 3]"
     )
-    ok, detail = _model_check(
-        types.SimpleNamespace(pretrained_model_name_or_path=str(tiny), model_config=None)
-    )
+    ok, detail = _model_check(TrainConfig(pretrained_model_name_or_path=str(tiny), model_config=None))
     assert not ok and "not SDXL 1.0's standard architecture" in detail and "model_config" in detail
-    ok, _ = _model_check(
-        types.SimpleNamespace(pretrained_model_name_or_path=str(tiny), model_config=tiny_sdxl)
-    )
+    ok, _ = _model_check(TrainConfig(pretrained_model_name_or_path=str(tiny), model_config=tiny_sdxl))
     assert ok

@@ -38,12 +38,12 @@ def test_kohyas_validation_timesteps() -> None:
 
 
 def test_when_validation_runs() -> None:
-    from types import SimpleNamespace
+    from sdprep.train.config.schema import TrainConfig
 
-    cfg = SimpleNamespace(validate_every_n_steps=3, validate_every_n_epochs=None)
+    cfg = TrainConfig(validate_every_n_steps=3, validate_every_n_epochs=None)
     assert [s for s in range(1, 10) if should_validate(cfg, step=s)] == [3, 6, 9]
     assert all(should_validate(cfg, epoch=e) for e in (1, 2, 3))  # every epoch by default (kohya)
-    cfg = SimpleNamespace(validate_every_n_steps=None, validate_every_n_epochs=2)
+    cfg = TrainConfig(validate_every_n_steps=None, validate_every_n_epochs=2)
     assert not any(should_validate(cfg, step=s) for s in range(1, 10))
     assert [e for e in range(1, 6) if should_validate(cfg, epoch=e)] == [2, 4]
 
