@@ -21,6 +21,7 @@ from sdprep.errors import ConfigError
 
 if TYPE_CHECKING:
     from sdprep.train.config.schema import TrainConfig
+    from sdprep.train.methods.base import TrainMethod
 
 SDXL_BASE_VERSION = "sdxl_base_v1-0"
 LEGACY_OFFSET = 0x100000  # the old A1111 hash: sha256 of 64 KiB read at 1 MiB, first 8 hex digits
@@ -282,7 +283,9 @@ def _model_keys(run: Mapping[str, Any], cfg: TrainConfig) -> dict[str, str]:
     return meta
 
 
-def kohya_metadata(run: Mapping[str, Any], method: Any, dataset: Any, cfg: TrainConfig) -> dict[str, str]:
+def kohya_metadata(
+    run: Mapping[str, Any], method: TrainMethod, dataset: Any, cfg: TrainConfig
+) -> dict[str, str]:
     """kohya's `ss_*` training metadata, sdprep's own keys and the `modelspec.*` keys.
 
     `run` holds the run facts: started (unix time), session_id, name, seed, steps, epoch,
@@ -373,7 +376,7 @@ def minimum_metadata(meta: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in meta.items() if k in MINIMUM_KEYS or k.startswith("modelspec.")}
 
 
-def modelspec(cfg: TrainConfig, method: Any, run: Mapping[str, Any]) -> dict[str, str]:
+def modelspec(cfg: TrainConfig, method: TrainMethod, run: Mapping[str, Any]) -> dict[str, str]:
     """Stability AI's model spec keys (what ComfyUI/A1111/Forge show and sort by)."""
     res = cfg.resolution
     spec = {

@@ -29,6 +29,7 @@ from sdprep.train.methods.base import Verification
 
 if TYPE_CHECKING:
     from sdprep.train.config.schema import TrainConfig
+    from sdprep.train.methods.base import TrainMethod
 
 STATE_FILE = "state.json"
 STATE_SUFFIX = "-state"
@@ -81,7 +82,7 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def verify_file(path: Path, method: Any, trained: bool) -> Verification:
+def verify_file(path: Path, method: TrainMethod, trained: bool) -> Verification:
     """Reload a saved safetensors file from disk and check it with the method's rules."""
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -103,7 +104,7 @@ def verify_file(path: Path, method: Any, trained: bool) -> Verification:
 
 
 def save_weights(
-    method: Any, path: Path, metadata: dict[str, str], dtype: Any, trained: bool
+    method: TrainMethod, path: Path, metadata: dict[str, str], dtype: Any, trained: bool
 ) -> Verification:
     """Write the method's output file atomically, verified BEFORE it replaces anything."""
     from safetensors.torch import save_file
@@ -248,7 +249,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_state(
     folder: Path,
     state: TrainState,
-    method: Any,
+    method: TrainMethod,
     optimizer: Any,
     lr_scheduler: Any,
     extra_rng: dict[str, Any] | None = None,
@@ -314,7 +315,9 @@ def read_state_info(folder: Path) -> TrainState:
         raise TrainingError(f"{info_path} is damaged ({exc})", "resume from another state folder") from exc
 
 
-def load_state(folder: Path, method: Any, optimizer: Any, lr_scheduler: Any) -> tuple[TrainState, dict]:
+def load_state(
+    folder: Path, method: TrainMethod, optimizer: Any, lr_scheduler: Any
+) -> tuple[TrainState, dict]:
     """Restore tensors, optimizer and scheduler from a state folder; returns (state, rng states)."""
     from sdprep.train.save.state_files import load_tensors, load_torch
 
