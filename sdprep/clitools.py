@@ -139,3 +139,22 @@ def executor_from(ctx: click.Context | None = None) -> Iterator:
 
     with make_executor(executor_settings(ctx)) as executor:
         yield executor
+
+
+def parallel_options(options: str) -> Callable:
+    """Where and how parallel a stage's per-image work runs: `-j/--workers` (threads here; a field
+    of the options class `options`) and `--executor local|ray` with its Ray settings."""
+
+    def decorate(fn: Callable) -> Callable:
+        return workers_option(options)(executor_options(fn))
+
+    return decorate
+
+
+def run_stage(
+    ctx: click.Context, run: Callable[..., StageResult], directory: Path, opts: Any, **extra: Any
+) -> StageResult:
+    """Run a stage function as every stage command does: with the command's progress reporter
+    (`sdprep -q` silences it) and the executor its command line asks for (`parallel_options`)."""
+    with executor_from(ctx) as executor:
+        return run(directory, opts, report=reporter(ctx), executor=executor, **extra)

@@ -6,15 +6,7 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import (
-    dataset_argument,
-    executor_from,
-    executor_options,
-    finish,
-    reporter,
-    verbosity,
-    workers_option,
-)
+from sdprep.clitools import dataset_argument, finish, parallel_options, run_stage, verbosity
 from sdprep.prep.cli.scores import score_options
 
 SORTS = ("as-tagged", "score", "alphabetical", "category")
@@ -116,13 +108,12 @@ def _patterns(values: tuple[str, ...]) -> tuple[str, ...] | None:
     help="Where tags come from.  [default: auto]",
 )
 @score_options(layered=True)
-@workers_option("sdprep.prep.clean:CleanOptions")
+@parallel_options("sdprep.prep.clean:CleanOptions")
 @click.option(
     "--dry-run",
     is_flag=True,
     help="Print a unified diff of what would change; write nothing (-v: diff a real run).",
 )
-@executor_options
 @click.pass_context
 def command(
     ctx: click.Context,
@@ -187,6 +178,5 @@ def command(
     options = CleanOptions(rules=rules, recursive=recursive, dry_run=dry_run, workers=workers)
     show = dry_run or verbosity(ctx) > 0
     on_diff = (lambda d: click.echo(d, nl=False)) if show else None
-    with executor_from(ctx) as executor:
-        result = run_clean(directory, options, report=reporter(ctx), on_diff=on_diff, executor=executor)
+    result = run_stage(ctx, run_clean, directory, options, on_diff=on_diff)
     finish(result)

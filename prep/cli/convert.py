@@ -6,16 +6,7 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import (
-    dataset_argument,
-    executor_from,
-    executor_options,
-    field_option,
-    finish,
-    options_from,
-    reporter,
-    workers_option,
-)
+from sdprep.clitools import dataset_argument, field_option, finish, options_from, parallel_options, run_stage
 
 OPTIONS = "sdprep.prep.convert:ConvertOptions"
 
@@ -31,8 +22,7 @@ OPTIONS = "sdprep.prep.convert:ConvertOptions"
 @field_option(OPTIONS, "quality", "--quality", type=int, help="JPEG/WebP quality (1-100).")
 @click.option("--flatten", default=None, metavar="COLOR", help="Flatten transparency onto COLOR.")
 @click.option("--keep-alpha", is_flag=True, help="Keep transparency (an error with --format jpg).")
-@workers_option(OPTIONS)
-@executor_options
+@parallel_options(OPTIONS)
 @click.pass_context
 def command(ctx: click.Context, directory: Path, flatten: str | None, **kw) -> None:
     """Normalise the images of DIRECTORY: format, first frame, EXIF rotation, transparency.
@@ -51,5 +41,4 @@ def command(ctx: click.Context, directory: Path, flatten: str | None, **kw) -> N
     from sdprep.prep.convert import ConvertOptions, parse_color, run_convert
 
     opts = options_from(ConvertOptions, kw, flatten=parse_color(flatten) if flatten else None)
-    with executor_from(ctx) as executor:
-        finish(run_convert(directory, opts, report=reporter(ctx), executor=executor))
+    finish(run_stage(ctx, run_convert, directory, opts))

@@ -6,16 +6,7 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import (
-    dataset_argument,
-    executor_from,
-    executor_options,
-    field_option,
-    finish,
-    options_from,
-    reporter,
-    workers_option,
-)
+from sdprep.clitools import dataset_argument, field_option, finish, options_from, parallel_options, run_stage
 
 OPTIONS = "sdprep.prep.dedup:DedupOptions"
 
@@ -30,8 +21,7 @@ OPTIONS = "sdprep.prep.dedup:DedupOptions"
     help="Largest pHash Hamming distance (0-32 of 64 bits) counted as a duplicate; 0 = near-identical only.",
 )
 @click.option("--dry-run", is_flag=True, help="List the groups and change nothing.")
-@workers_option(OPTIONS)
-@executor_options
+@parallel_options(OPTIONS)
 @click.pass_context
 def command(ctx: click.Context, directory: Path, **kw) -> None:
     """Find duplicate and near-duplicate images in DIRECTORY by perceptual hash.
@@ -47,8 +37,7 @@ def command(ctx: click.Context, directory: Path, **kw) -> None:
     from sdprep.prep.dedup import DedupOptions, run_dedup
 
     opts = options_from(DedupOptions, kw)
-    with executor_from(ctx) as executor:
-        result = run_dedup(directory, opts, report=reporter(ctx), executor=executor)
+    result = run_stage(ctx, run_dedup, directory, opts)
     for keep, dups in result.details["groups"]:
         click.echo(f"keep {keep.relative_to(directory)}")
         for path, dist in dups:

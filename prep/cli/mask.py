@@ -8,13 +8,12 @@ import click
 
 from sdprep.clitools import (
     dataset_argument,
-    executor_from,
-    executor_options,
     field_option,
     finish,
     options_from,
+    parallel_options,
     reporter,
-    workers_option,
+    run_stage,
 )
 
 OPTIONS = "sdprep.prep.mask:MaskOptions"
@@ -64,11 +63,10 @@ METHODS = ("alpha", "face", "clipseg", "color", "import", "full")
     "skipped and trained whole).",
 )
 @click.option("--force", is_flag=True, help="Redo masks that are up to date.")
-@workers_option(OPTIONS)
+@parallel_options(OPTIONS)
 @click.option(
     "--preview", type=click.Path(dir_okay=False, path_type=Path), help="--check: preview sheet PNG path."
 )
-@executor_options
 @click.pass_context
 def command(ctx: click.Context, directory: Path, method: str | None, check: bool, **kw) -> None:
     """Write one mask per image of DIRECTORY for masked-loss training, or check them with --check.
@@ -98,8 +96,7 @@ def command(ctx: click.Context, directory: Path, method: str | None, check: bool
     settings = options_from(MethodSettings, kw, prompts=tuple(kw["prompts"]))
     post = options_from(PostOptions, kw)
     opts = options_from(MaskOptions, kw, method=method, settings=settings, post=post)
-    with executor_from(ctx) as executor:
-        finish(run_mask(directory, opts, report=reporter(ctx), executor=executor))
+    finish(run_stage(ctx, run_mask, directory, opts))
 
 
 def _check(ctx: click.Context, directory: Path, out: str, recursive: bool, preview: Path | None) -> None:

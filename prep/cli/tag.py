@@ -7,16 +7,7 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import (
-    dataset_argument,
-    executor_from,
-    executor_options,
-    field_option,
-    finish,
-    options_from,
-    reporter,
-    workers_option,
-)
+from sdprep.clitools import dataset_argument, field_option, finish, options_from, parallel_options, run_stage
 from sdprep.prep.cli.scores import score_options
 
 DEVICES = ("auto", "cpu", "cuda", "rocm", "directml", "coreml")  # taggers.wd14.DEVICES, kept import-free
@@ -115,7 +106,7 @@ def _tag_list(values: tuple[str, ...]) -> tuple[str, ...]:
     help="Images per step (on the CPU WD14 runs each image on its own: scores never depend on it; "
     "on a GPU the batch runs in one call).",
 )
-@workers_option(OPTIONS)
+@parallel_options(OPTIONS)
 @field_option(
     OPTIONS, "device", "--device", type=click.Choice(DEVICES), help="onnxruntime provider for WD14."
 )
@@ -166,7 +157,6 @@ def _tag_list(values: tuple[str, ...]) -> tuple[str, ...]:
     metavar="KEY=VALUE",
     help="Other captioner option, e.g. concurrency=8, load_in_4bit=true.",
 )
-@executor_options
 @click.pass_context
 def command(ctx: click.Context, directory: Path, **kw) -> None:
     """Tag the images of DIRECTORY with a WD14 model and write `<stem>.txt` captions.
@@ -206,5 +196,4 @@ def command(ctx: click.Context, directory: Path, **kw) -> None:
         captioner_options=captioner_options,
         boilerplate=(*DEFAULT_BOILERPLATE, *kw["boilerplate"]) if kw["boilerplate"] else None,
     )
-    with executor_from(ctx) as executor:
-        finish(run_tag(directory, opts, report=reporter(ctx), executor=executor))
+    finish(run_stage(ctx, run_tag, directory, opts))

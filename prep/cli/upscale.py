@@ -6,16 +6,7 @@ from pathlib import Path
 
 import click
 
-from sdprep.clitools import (
-    dataset_argument,
-    executor_from,
-    executor_options,
-    field_option,
-    finish,
-    options_from,
-    reporter,
-    workers_option,
-)
+from sdprep.clitools import dataset_argument, field_option, finish, options_from, parallel_options, run_stage
 
 OPTIONS = "sdprep.prep.upscale:UpscaleOptions"
 
@@ -41,8 +32,7 @@ OPTIONS = "sdprep.prep.upscale:UpscaleOptions"
     is_flag=True,
     help="Load a .pth/.ckpt that holds pickled objects (this can run code from the file; trusted files only).",
 )
-@workers_option(OPTIONS)
-@executor_options
+@parallel_options(OPTIONS)
 @click.pass_context
 def command(ctx: click.Context, directory: Path, min_area: str | None, **kw) -> None:
     """Upscale the images of DIRECTORY whose area is below the target; never downscales.
@@ -61,5 +51,4 @@ def command(ctx: click.Context, directory: Path, min_area: str | None, **kw) -> 
     if min_area is not None and kw["min_side"] is not None:
         raise click.UsageError("use --min-area or --min-side, not both")
     opts = options_from(UpscaleOptions, kw, min_area=parse_pixels(min_area) if min_area else DEFAULT_MIN_AREA)
-    with executor_from(ctx) as executor:
-        finish(run_upscale(directory, opts, report=reporter(ctx), executor=executor))
+    finish(run_stage(ctx, run_upscale, directory, opts))
