@@ -142,13 +142,14 @@ def test_a_png_copy_never_overwrites_another_image(tmp_path):
     data.mkdir()
     _rotated_jpeg(data / "a.jpg")
     Image.new("RGB", (80, 120)).save(data / "a.png")
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
     res = run_bucket(data, BucketOptions(out=tmp_path / "out", token="t"))
-    assert [(f.path.name, f.reason) for f in res.failed] == [
-        (
-            "a.jpg",
-            "needs a PNG copy (EXIF-rotated) named a.png, but a.png is another image beside it: rename one",
-        )
-    ]
+    # a.png is where a.jpg's rotated copy would go: the stem clash leaves both out before any copy
+    clash = 'a.jpg and a.png share the stem "a", so they would share one caption file and one mask'
+    assert sorted(f.path.name for f in res.failed) == ["a.jpg", "a.png"]
+    assert all(f.reason.startswith(clash) for f in res.failed)
+    assert {p.name: p.read_bytes() for p in data.iterdir() if p.is_file()} == before
+    assert not list((tmp_path / "out").rglob("a.*"))  # no copy written anywhere
 
 
 def test_multi_line_captions_are_written_as_kohya_trains_them_and_reported(tmp_path):

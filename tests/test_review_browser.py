@@ -230,8 +230,10 @@ def test_keyboard_filters_exclude_and_rules_preview(dataset, page):
 def test_thumbnails_are_cached_in_sdprep_state(dataset, page):
     with Server(dataset) as server:
         page.goto(server.url)
+        # all 12 cells, each image loaded ([].every is true before the grid renders)
         page.wait_for_function(
-            "[...document.querySelectorAll('.cell img')].every(i => i.complete && i.naturalWidth)"
+            "(() => { const imgs = [...document.querySelectorAll('.cell img')];"
+            " return imgs.length === 12 && imgs.every(i => i.complete && i.naturalWidth); })()"
         )
         cached = sorted((dataset / ".sdprep" / "thumbs").glob("*.jpg"))
         assert len(cached) == 12
