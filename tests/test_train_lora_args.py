@@ -173,7 +173,7 @@ def test_block_dims_alphas_and_lr_weights_shape_the_network(block_run) -> None:
         assert float(tensors[f"{name}.alpha"]) == (2.0 if block_index(name) <= 9 else 1.0)
     te = [k for k in downs if k.startswith("lora_te")]
     assert te and all(downs[k].shape[0] == 4 and float(tensors[f"{k}.alpha"]) == 2.0 for k in te)
-    meta_args = json.loads(block_run._metadata(None)["ss_network_args"])
+    meta_args = json.loads(block_run.saver.metadata(block_run.pos, None)["ss_network_args"])
     assert meta_args["rank_dropout"] == "0.1" and meta_args["loraplus_lr_ratio"] == "16"
 
 

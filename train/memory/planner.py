@@ -72,11 +72,13 @@ class Settings:
 
 def settings_from_config(cfg: TrainConfig, method: str, device: str = "cuda") -> Settings:
     """The memory-relevant settings of a `TrainConfig` for `method` (lora / ti / finetune)."""
-    from sdprep.train.methods.lora import parse_network_args
+    from sdprep.train.config.kohya import parse_kv_args
 
     conv = None
     if method == "lora":
-        args, _ = parse_network_args(cfg.network_args)
+        # conv_dim as networks.lora and LyCORIS both name it (networks.lora's own parser refuses
+        # LyCORIS's algo= / preset=, so it is not the one to read a LyCORIS config with)
+        args = parse_kv_args(cfg.network_args or [])
         conv = cfg.conv_dim if cfg.conv_dim is not None else args.get("conv_dim")
         conv = int(conv) if conv else None
         unet = "lora_conv" if conv else "lora"
@@ -95,8 +97,6 @@ def settings_from_config(cfg: TrainConfig, method: str, device: str = "cuda") ->
     w, h = cfg.resolution
     args = {}
     if cfg.optimizer_args:
-        from sdprep.train.config.kohya import parse_kv_args
-
         args = parse_kv_args(cfg.optimizer_args)
     return Settings(
         method=method,
