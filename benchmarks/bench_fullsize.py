@@ -107,6 +107,7 @@ def run(model, data: Path, out: Path, side: int, steps: int, measure: bool) -> d
             "output_name": "bench",
             "network_module": "networks.lora",
             "network_dim": 8,
+            "network_train_unet_only": True,
             "network_alpha": 8,
             "resolution": f"{side},{side}",
             "enable_bucket": False,
