@@ -192,9 +192,12 @@ def test_keyboard_filters_exclude_and_rules_preview(dataset, page):
         page.check("#f-mask")
         page.wait_for_function("document.getElementById('count').textContent === '2 images'")
         page.uncheck("#f-mask")
+        page.wait_for_function("document.getElementById('count').textContent === '12 images'")
         page.check("#f-problems")
         page.wait_for_function("document.getElementById('count').textContent !== '12 images'")
-        assert "g_tiny.png" in page.locator(".cell").evaluate_all("cs => cs.map(c => c.dataset.path)")
+        page.wait_for_selector('.cell[data-path="g_tiny.png"]')
+        shown = page.locator(".cell").evaluate_all("cs => cs.map(c => c.dataset.path)")
+        assert "g_tiny.png" in shown and len(shown) < 12
         page.uncheck("#f-problems")
         page.fill("#search", "extra")
         page.wait_for_function("document.getElementById('count').textContent === '4 images'")

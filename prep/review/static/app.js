@@ -98,7 +98,9 @@ function reload() {
   state.loading.clear();
   for (const cell of state.cells.values()) cell.remove();
   state.cells.clear();
+  const gen = state.generation;
   return call("/api/items", { params: { ...filterParams(), offset: 0, limit: PAGE } }).then((data) => {
+    if (gen !== state.generation) return; // a newer filter's answer is (or will be) shown instead
     state.total = data.total;
     state.pages.set(0, data.items);
     state.focus = Math.min(state.focus, Math.max(0, state.total - 1));
