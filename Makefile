@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 
 LOCK := constraints.txt
 
-.PHONY: help setup demo test test-slow test-gpu test-latest lock lint format bench clean
+.PHONY: help setup demo test typecheck test-slow test-gpu test-latest lock lint format bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ demo: setup  ## run the whole pipeline on sample_data, offline, with a tiny demo
 
 test: setup  ## run the test suite (offline, one torch thread)
 	$(VENV)/bin/pytest
+
+typecheck: setup  ## mypy --strict on sdprep/, prep/, train/, taggers/ (pyproject.toml's [tool.mypy])
+	VENV=$(VENV) bash .ci/typecheck
 
 test-slow: setup  ## the slow tests: LoRA, TI and fine-tune on the topology-true SDXL (2-5 min, 8 GB of RAM)
 	$(VENV)/bin/pytest -m slow
