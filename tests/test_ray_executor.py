@@ -254,21 +254,27 @@ def test_a_whole_run_error_in_a_worker_stops_the_run_as_locally(ray_executor):
     assert got.value.errno == 28
 
 
-def test_one_progress_bar_on_the_driver_counts_every_image(generated, tmp_path, tiny_wd14, ray_executor):
-    folder = tmp_path / "set"
-    shutil.copytree(generated, folder)
+def test_one_progress_bar_on_the_driver_counts_every_image(sample_dataset, tiny_wd14, ray_executor):
     report = RecordingReporter()
-    result = run_tag(folder, TagOptions(model=str(tiny_wd14)), report=report, executor=ray_executor)
-    assert report.total == report.done == 500
-    assert result.changed + result.skipped + len(result.failed) == 500
+    result = run_tag(sample_dataset, TagOptions(model=str(tiny_wd14)), report=report, executor=ray_executor)
+    assert report.total == report.done == result.changed == 8
+
+
+@pytest.fixture(scope="module")
+def tagged_here(generated, tiny_wd14, tmp_path_factory) -> tuple[Path, StageResult]:
+    """The generated set tagged by a local run: what the Ray runs below must give."""
+    here = tmp_path_factory.mktemp("tagged") / "local"
+    shutil.copytree(generated, here)
+    return here, run_tag(here, TagOptions(model=str(tiny_wd14)))
 
 
 class _KillOneWorker(RecordingReporter):
-    """Kills a worker process of the running pool once `at` images are done (on the driver)."""
+    """Kills a worker process of the running pool once `at` images are done (here, on the driver),
+    and looks at the pool's processes again 100 images later."""
 
     def __init__(self, executor, at: int):
         super().__init__()
-        self.executor, self.at, self.killed = executor, at, []
+        self.executor, self.at, self.killed, self.later = executor, at, [], []
 
     def advance(self, n: int = 1) -> None:
         super().advance(n)
@@ -276,19 +282,20 @@ class _KillOneWorker(RecordingReporter):
             pid = self.executor.worker_pids()[0]
             os.kill(pid, signal.SIGKILL)
             self.killed.append(pid)
+        if self.done == self.at + 100:
+            self.later = self.executor.worker_pids()
 
 
 def test_a_worker_killed_mid_run_is_restarted_and_its_images_redone(
-    generated, tmp_path, tiny_wd14, ray_executor
+    generated, tagged_here, tmp_path, tiny_wd14, ray_executor
 ):
-    here, there = tmp_path / "local", tmp_path / "ray"
-    shutil.copytree(generated, here)
+    here, want = tagged_here
+    there = tmp_path / "ray"
     shutil.copytree(generated, there)
-    opts = TagOptions(model=str(tiny_wd14))
-    want = run_tag(here, opts)
     report = _KillOneWorker(ray_executor, at=60)
-    got = run_tag(there, opts, report=report, executor=ray_executor)
+    got = run_tag(there, TagOptions(model=str(tiny_wd14)), report=report, executor=ray_executor)
     assert len(report.killed) == 1
+    assert len(report.later) == 2 and report.killed[0] not in report.later  # Ray started another
     assert differences(tree(here), tree(there)) == []
     assert outcome(got, there) == outcome(want, here)
 
@@ -296,27 +303,27 @@ def test_a_worker_killed_mid_run_is_restarted_and_its_images_redone(
 # -- the command line ---------------------------------------------------------------------------
 
 
-def test_cli_tag_through_ray_prints_the_throughput(generated, tmp_path, tiny_wd14, ray_cluster, cli_runner):
+def test_cli_tag_through_ray_prints_the_throughput(sample_dataset, tiny_wd14, ray_cluster, cli_runner):
     from sdprep.cli import cli
 
-    folder = tmp_path / "set"
-    shutil.copytree(generated, folder)
-    args = ["tag", str(folder), "--model", str(tiny_wd14), "--executor", "ray", "--ray-address", ray_cluster]
-    res = cli_runner.invoke(cli, args)
-    assert res.exit_code == 1, res.output  # the truncated files
-    assert "tag: 494 changed, 0 skipped, 6 failed" in res.output
-    assert "  ray: 500 items in " in res.output and " on 2 workers" in res.output
+    args = ["tag", str(sample_dataset), "--model", str(tiny_wd14)]
+    res = cli_runner.invoke(
+        cli, [*args, "--executor", "ray", "--ray-address", ray_cluster, "--ray-workers", "1"]
+    )
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0] == "tag: 8 changed, 0 skipped, 0 failed"
+    assert any(line.startswith("  ray: 8 items in ") and line.endswith(" on 1 workers") for line in lines)
 
 
 def _sdprep(*args: str) -> list[str]:
     return [str(Path(sys.executable).parent / "sdprep"), *args]
 
 
-def test_a_rerun_after_the_driver_is_killed_resumes(generated, tmp_path, tiny_wd14, ray_cluster):
-    here, there = tmp_path / "local", tmp_path / "ray"
-    shutil.copytree(generated, here)
+def test_a_rerun_after_the_driver_is_killed_resumes(generated, tagged_here, tmp_path, tiny_wd14, ray_cluster):
+    here = tagged_here[0]
+    there = tmp_path / "ray"
     shutil.copytree(generated, there)
-    run_tag(here, TagOptions(model=str(tiny_wd14)))
     args = ["tag", str(there), "--model", str(tiny_wd14), "--batch-size", "1"]
     args += ["--executor", "ray", "--ray-address", ray_cluster, "--ray-workers", "1"]
     first = subprocess.Popen(_sdprep(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
