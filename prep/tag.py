@@ -39,7 +39,7 @@ from sdprep.executors import Executor
 from sdprep.prep import lineage
 from sdprep.prep.captions import CaptionWriter
 from sdprep.progress import NullReporter, Reporter
-from sdprep.stage import MAX_WORKERS, StageResult, call_item, dataset_items, map_items, progress, worker_count
+from sdprep.stage import MAX_WORKERS, StageResult, dataset_items, map_items, progress, worker_count
 from sdprep.taggers.registry import create_tagger, load_captioner
 from sdprep.taggers.rules import MERGE_POLICIES, CaptionRules, caption_from_scores, merge_caption
 from sdprep.taggers.wd14 import DEFAULT_FLOOR, DEFAULT_MODEL, DEFAULT_SIZE, matches_record
@@ -235,10 +235,15 @@ class _TagWork:
         for p in todo:
             p.image = None
 
+    def threads(self) -> int:
+        """Decoding threads: --workers, or by default half a batch and at least 2 (4 images each
+        ahead: two batches)."""
+        return worker_count(self.opts.workers, max(2, -(-self.opts.batch_size // 2)))
+
     def batch(self, items: list[Item]) -> list[Prepared | SdprepError]:
         """`prepare` each item (per-file errors as values), then `infer` in --batch-size steps: what a
         remote worker runs for one batch of items."""
-        got = [call_item(self.prepare, item) for item in items]
+        got = [out for _, out in map_items(self.prepare, items, self.threads())]
         todo = [p for p in got if isinstance(p, Prepared) and not p.skip and (p.need_wd14 or p.need_vlm)]
         size = self.opts.batch_size
         for i in range(0, len(todo), size):
@@ -329,7 +334,7 @@ class _Tagging:
         if self.executor is not None and not self.executor.local:
             yield from self.executor.map(self.work, items, gpu=True, batch_size=opts.batch_size)
             return
-        workers = worker_count(opts.workers, max(2, -(-opts.batch_size // 2)))  # 4 each ahead: 2 batches
+        workers = self.work.threads()
         batch: list[Prepared] = []
         for item, got in map_items(self.work.prepare, items, workers):
             if isinstance(got, SdprepError) or got.skip or not (got.need_wd14 or got.need_vlm):

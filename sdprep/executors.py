@@ -47,7 +47,8 @@ class Executor(Protocol):
         batch_size: int | None = None,
     ) -> Iterator[tuple[T, R | SdprepError]]:
         """`workers`: threads of a local run (remote executors size their own pool); `gpu`: the
-        function runs a model that wants a GPU; `batch_size`: items per remote call (None: auto)."""
+        function runs a model that wants a GPU; `batch_size`: a remote call carries a multiple of
+        this many items (a model's batch; None: any number)."""
         ...
 
     def summary(self) -> str | None:

@@ -67,6 +67,12 @@ class _Worker:
 _RemoteWorker = ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)(_Worker)
 
 
+def _share(cpus: float, n: int) -> float:
+    """CPUs per actor when `n` actors share `cpus`: whole CPUs, or a fraction when fewer than one
+    each (Ray takes fractions below 1 only)."""
+    return float(int(cpus // n)) if cpus >= n else cpus / n
+
+
 def connect(address: str) -> bool:
     """Connect this process to the cluster at `address` (`auto`, `HOST:PORT`, `ray://...`, or `local`
     to start one here for the run); returns False when it was connected already."""
@@ -98,15 +104,16 @@ class RayExecutor:
         self.actors: list[Any] = []  # the pool of the running `map` (tests kill one)
 
     def pool(self, gpu: bool) -> tuple[int, dict[str, float]]:
-        """How many actors, and what each asks for: a GPU each (a share when there are more actors
-        than GPUs) for a model on a cluster with GPUs, else a CPU each (or a share)."""
+        """How many actors, and what each asks for: for a model on a cluster with GPUs a GPU each
+        (a share when there are more actors than GPUs) and the CPUs that go with it (its decoding
+        threads use them); else a CPU each (or a share)."""
         res = ray.cluster_resources()
         gpus, cpus = res.get("GPU", 0.0), res.get("CPU", 1.0)
         if gpu and gpus >= 1:
             n = self.workers or int(gpus)
-            return n, {"num_gpus": min(1.0, gpus / n), "num_cpus": min(1.0, cpus / n)}
+            return n, {"num_gpus": min(1.0, gpus / n), "num_cpus": _share(cpus, n)}
         n = self.workers or max(1, int(cpus))
-        return n, {"num_cpus": min(1.0, cpus / n)}
+        return n, {"num_cpus": _share(cpus, n)}
 
     def map(
         self,
@@ -123,7 +130,8 @@ class RayExecutor:
         self._last = None
         start, count = time.monotonic(), 0
         n, resources = self.pool(gpu)
-        size = batch_size or auto_batch_size(len(items) if isinstance(items, Sized) else UNCOUNTED, n)
+        auto = auto_batch_size(len(items) if isinstance(items, Sized) else UNCOUNTED, n)
+        size = auto if batch_size is None else batch_size * max(1, auto // batch_size)
         batches = iter(
             lambda it=iter(items): list(itertools.islice(it, size)), []
         )  # read as it goes, like map_items

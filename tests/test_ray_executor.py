@@ -430,3 +430,23 @@ def test_project_executor_settings_are_checked(tmp_path, lines, message):
     p.write_text(f'[project]\ndataset = "d"\n{lines}\n')
     with pytest.raises(ConfigError, match=message):
         load_project(p)
+
+
+@pytest.mark.parametrize(
+    "workers, gpu, want",
+    [
+        (None, True, (2, {"num_gpus": 1.0, "num_cpus": 8.0})),  # a GPU each, with its share of CPUs
+        (4, True, (4, {"num_gpus": 0.5, "num_cpus": 4.0})),
+        (None, False, (16, {"num_cpus": 1.0})),  # no model: a CPU each
+        (32, False, (32, {"num_cpus": 0.5})),
+    ],
+)
+def test_the_pool_takes_a_gpu_per_model_worker_when_the_cluster_has_gpus(monkeypatch, workers, gpu, want):
+    """A 16-CPU, 2-GPU cluster, as Ray reports it (this machine has no GPU)."""
+    import ray
+
+    from sdprep.ray_executor import RayExecutor
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 2.0})
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    assert RayExecutor("auto", workers=workers).pool(gpu) == want
