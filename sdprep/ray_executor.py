@@ -78,6 +78,7 @@ def connect(address: str) -> bool:
     to start one here for the run); returns False when it was connected already."""
     if ray.is_initialized():
         return False
+    _check_reachable(os.environ.get("RAY_ADDRESS", "") if address == "auto" else address)
     try:
         ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
     except ConnectionError as exc:
@@ -88,6 +89,22 @@ def connect(address: str) -> bool:
             "or --ray-address local to start one on this machine for this run",
         ) from None
     return True
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail at once when a HOST:PORT address has nothing listening: Ray itself retries for minutes
+    before it gives up. Other forms (`ray://`, `local`, none) are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ClusterError(
+            f"no Ray cluster at {address} (nothing answers there: {exc.strerror or exc})",
+            "start one with `ray start --head` on that machine (docs/ray.md), check the address "
+            "`ray status` prints there, or --ray-address local to start one on this machine for this run",
+        ) from None
 
 
 class RayExecutor:

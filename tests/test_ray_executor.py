@@ -375,6 +375,37 @@ def test_no_cluster_at_the_address_is_a_clear_error(sample_dataset, cli_runner, 
     ]
 
 
+def test_an_address_with_nothing_listening_fails_at_once(sample_dataset, cli_runner, monkeypatch):
+    """HOST:PORT with no cluster: Ray would retry for minutes; sdprep checks the port first and
+    never calls ray.init. The same through RAY_ADDRESS when the address is `auto`."""
+    import socket
+
+    import ray
+
+    from sdprep.cli import cli
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def must_not_run(**kwargs):
+        raise AssertionError("ray.init was called for an address with nothing listening")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", must_not_run)
+    before = sorted(p.name for p in sample_dataset.iterdir())
+    res = cli_runner.invoke(
+        cli, ["convert", str(sample_dataset), "--executor", "ray", "--ray-address", f"127.0.0.1:{port}"]
+    )
+    assert res.exit_code == 1, res.output
+    assert res.output.startswith(f"Error: no Ray cluster at 127.0.0.1:{port} (nothing answers there: ")
+    assert "Hint: start one with `ray start --head` on that machine" in res.output
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    res = cli_runner.invoke(cli, ["convert", str(sample_dataset), "--executor", "ray"])
+    assert res.exit_code == 1 and f"no Ray cluster at 127.0.0.1:{port}" in res.output, res.output
+    assert sorted(p.name for p in sample_dataset.iterdir()) == before
+
+
 # -- project files ------------------------------------------------------------------------------
 
 PROJECT = """[project]
