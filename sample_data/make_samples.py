@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -77,160 +78,136 @@ def _sidecar(
     }
 
 
-def build() -> list[Path]:
-    OUT.mkdir(parents=True, exist_ok=True)
-    specs = []
+CHARACTER = "nazuna_(yofukashi_no_uta)"
+COPYRIGHT = "yofukashi_no_uta"
+PINK = (240, 150, 190)
 
-    im = _gradient(768, 512, (120, 170, 240), (60, 140, 60))
-    _figure(im, 0.5, 0.35, 1.0, (240, 150, 190), (240, 240, 250))
-    specs.append(
-        (
-            "a_landscape.jpg",
-            im,
-            "1girl solo pink_hair blue_eyes smile outdoors sky dress",
-            "nazuna_(yofukashi_no_uta)",
-            "yofukashi_no_uta",
-            "artist_one",
-            "g",
-        )
-    )
 
-    im = _gradient(512, 768, (250, 250, 250), (220, 220, 230))
-    _figure(im, 0.5, 0.3, 1.2, (240, 150, 190), (30, 30, 40))
-    specs.append(
-        (
-            "b_portrait.png",
-            im,
-            "1girl solo pink_hair blue_eyes looking_at_viewer simple_background white_background shirt upper_body",
-            "nazuna_(yofukashi_no_uta)",
-            "yofukashi_no_uta",
-            "artist_two",
-            "s",
-        )
-    )
+class Sample(NamedTuple):
+    """One sample image and the Danbooru tags its sidecar lists (all show the same character)."""
 
-    im = _gradient(640, 640, (200, 60, 60), (250, 200, 120))
-    _figure(im, 0.45, 0.4, 1.0, (240, 150, 190), (200, 40, 40))
-    specs.append(
-        (
-            "c_square.webp",
-            im,
-            "1girl solo pink_hair blue_eyes red_theme smile open_mouth",
-            "nazuna_(yofukashi_no_uta)",
-            "yofukashi_no_uta",
-            "artist_one",
-            "g",
-        )
-    )
+    name: str
+    image: Image.Image
+    general: str
+    artist: str
+    rating: str
+    meta: str = ""
 
-    im = _gradient(512, 640, (240, 240, 240), (90, 90, 90))
-    _figure(im, 0.5, 0.35, 1.0, (60, 60, 60), (180, 180, 180))
-    im = im.convert("L").convert("RGB")
-    specs.append(
-        (
-            "d_greyscale.png",
-            im,
-            "1girl solo long_hair greyscale monochrome simple_background",
-            "nazuna_(yofukashi_no_uta)",
-            "yofukashi_no_uta",
-            "artist_two",
-            "g",
-            "sketch",
-        )
-    )
 
-    base = _gradient(600, 600, (230, 230, 230), (60, 60, 60))
-    _figure(base, 0.5, 0.4, 1.1, (90, 90, 90), (200, 200, 200))
+def _drawn(
+    size: tuple[int, int], top: tuple, bottom: tuple, at: tuple[float, float, float], hair: tuple, body: tuple
+) -> Image.Image:
+    """A gradient background with one figure at (cx, cy, scale)."""
+    im = _gradient(*size, top, bottom)
+    _figure(im, *at, hair, body)
+    return im
+
+
+def _greyscale() -> Image.Image:
+    im = _drawn((512, 640), (240, 240, 240), (90, 90, 90), (0.5, 0.35, 1.0), (60, 60, 60), (180, 180, 180))
+    return im.convert("L").convert("RGB")
+
+
+def _sepia() -> Image.Image:
+    base = _drawn((600, 600), (230, 230, 230), (60, 60, 60), (0.5, 0.4, 1.1), (90, 90, 90), (200, 200, 200))
     grey = np.asarray(base.convert("L"), dtype=np.float64)[..., None] / 255.0
     sepia = grey * np.array([255.0, 204.0, 153.0])  # one hue (and saturation), varying value: monochrome
-    im = Image.fromarray(np.clip(sepia, 0, 255).astype(np.uint8), "RGB")
-    specs.append(
-        (
-            "e_sepia.jpg",
-            im,
-            "1girl solo monochrome brown_theme portrait",
-            "nazuna_(yofukashi_no_uta)",
-            "yofukashi_no_uta",
-            "artist_one",
-            "g",
-        )
-    )
+    return Image.fromarray(np.clip(sepia, 0, 255).astype(np.uint8), "RGB")
 
+
+def _transparent() -> Image.Image:
     rgba = Image.new("RGBA", (512, 512), (0, 0, 0, 0))
     fig = Image.new("RGB", (512, 512), (255, 255, 255))
-    _figure(fig, 0.5, 0.35, 1.1, (240, 150, 190), (60, 120, 200))
+    _figure(fig, 0.5, 0.35, 1.1, PINK, (60, 120, 200))
     mask = Image.new("L", (512, 512), 0)
     md = ImageDraw.Draw(mask)
     md.ellipse([150, 40, 362, 300], fill=255)
     md.rectangle([180, 220, 332, 500], fill=255)
     rgba.paste(fig, (0, 0), mask)
-    specs.append(
-        (
-            "f_transparent.png",
-            rgba,
-            "1girl solo pink_hair blue_eyes no_background transparent_background",
-            "nazuna_(yofukashi_no_uta)",
-            "yofukashi_no_uta",
-            "artist_two",
-            "g",
-        )
-    )
+    return rgba
 
-    im = _gradient(200, 150, (100, 100, 200), (200, 100, 100))
-    _figure(im, 0.5, 0.4, 1.0, (240, 150, 190), (80, 160, 80))
-    specs.append(
-        (
-            "g_tiny.png",
-            im,
-            "1girl solo pink_hair chibi",
-            "nazuna_(yofukashi_no_uta)",
-            "yofukashi_no_uta",
-            "artist_one",
-            "q",
-            "lowres",
-        )
-    )
 
+def _night() -> Image.Image:
     im = _gradient(900, 400, (20, 20, 60), (120, 60, 160))
     d = ImageDraw.Draw(im)
     for i in range(30):
         x, y = (i * 97) % 900, (i * 53) % 200
         d.ellipse([x, y, x + 4, y + 4], fill=(255, 255, 220))
-    _figure(im, 0.3, 0.45, 0.9, (240, 150, 190), (40, 40, 40))
-    specs.append(
-        (
+    _figure(im, 0.3, 0.45, 0.9, PINK, (40, 40, 40))
+    return im
+
+
+def samples() -> list[Sample]:
+    return [
+        Sample(
+            "a_landscape.jpg",
+            _drawn((768, 512), (120, 170, 240), (60, 140, 60), (0.5, 0.35, 1.0), PINK, (240, 240, 250)),
+            "1girl solo pink_hair blue_eyes smile outdoors sky dress",
+            "artist_one",
+            "g",
+        ),
+        Sample(
+            "b_portrait.png",
+            _drawn((512, 768), (250, 250, 250), (220, 220, 230), (0.5, 0.3, 1.2), PINK, (30, 30, 40)),
+            "1girl solo pink_hair blue_eyes looking_at_viewer simple_background white_background shirt upper_body",
+            "artist_two",
+            "s",
+        ),
+        Sample(
+            "c_square.webp",
+            _drawn((640, 640), (200, 60, 60), (250, 200, 120), (0.45, 0.4, 1.0), PINK, (200, 40, 40)),
+            "1girl solo pink_hair blue_eyes red_theme smile open_mouth",
+            "artist_one",
+            "g",
+        ),
+        Sample(
+            "d_greyscale.png",
+            _greyscale(),
+            "1girl solo long_hair greyscale monochrome simple_background",
+            "artist_two",
+            "g",
+            "sketch",
+        ),
+        Sample("e_sepia.jpg", _sepia(), "1girl solo monochrome brown_theme portrait", "artist_one", "g"),
+        Sample(
+            "f_transparent.png",
+            _transparent(),
+            "1girl solo pink_hair blue_eyes no_background transparent_background",
+            "artist_two",
+            "g",
+        ),
+        Sample(
+            "g_tiny.png",
+            _drawn((200, 150), (100, 100, 200), (200, 100, 100), (0.5, 0.4, 1.0), PINK, (80, 160, 80)),
+            "1girl solo pink_hair chibi",
+            "artist_one",
+            "q",
+            "lowres",
+        ),
+        Sample(
             "h_wide.jpg",
-            im,
+            _night(),
             "1girl solo pink_hair night night_sky star_(sky) outdoors",
-            "nazuna_(yofukashi_no_uta)",
-            "yofukashi_no_uta",
             "artist_one",
             "s",
-        )
-    )
+        ),
+    ]
 
+
+def build() -> list[Path]:
+    OUT.mkdir(parents=True, exist_ok=True)
     paths = []
-    for post_id, spec in enumerate(specs, start=1001):
-        name, im, general, character, copyright_, artist, rating, *meta = spec
-        path = OUT / name
-        kwargs = {"quality": 90} if name.endswith((".jpg", ".webp")) else {}
-        if name.endswith(".png"):
+    for post_id, s in enumerate(samples(), start=1001):
+        path = OUT / s.name
+        kwargs = {"quality": 90} if s.name.endswith((".jpg", ".webp")) else {}
+        if s.name.endswith(".png"):
             kwargs = {"optimize": False}
-        im.save(path, **kwargs)
+        s.image.save(path, **kwargs)
         data = path.read_bytes()
         sidecar = _sidecar(
-            name,
-            data,
-            im.size,
-            post_id,
-            general,
-            character,
-            copyright_,
-            artist,
-            rating,
-            meta[0] if meta else "",
+            s.name, data, s.image.size, post_id, s.general, CHARACTER, COPYRIGHT, s.artist, s.rating, s.meta
         )
-        (OUT / (name + ".json")).write_text(json.dumps(sidecar, indent=2) + "\n")
+        (OUT / (s.name + ".json")).write_text(json.dumps(sidecar, indent=2) + "\n")
         paths.append(path)
     return paths
 
