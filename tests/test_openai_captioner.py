@@ -9,9 +9,9 @@ import logging
 import socket
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from loopback import Loopback, Request, Response
 from PIL import Image
 
 from sdprep.dataset import sdprep_meta
@@ -48,64 +48,39 @@ class FakeServer:
         with self.lock:
             return self.script.pop(0) if self.script else Reply(delay=self.hold)
 
-
-def make_handler(state: FakeServer):
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):  # keep test output quiet
-            pass
-
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            with state.lock:
-                state.requests.append({"path": self.path, "headers": dict(self.headers), "json": body})
-                state.in_flight += 1
-                state.max_in_flight = max(state.max_in_flight, state.in_flight)
-            try:
-                reply = state.next_reply()
-                if reply.delay:
-                    state.stop.wait(reply.delay)
-                if reply.body is None:
-                    prompt = body["messages"][-1]["content"][1]["text"]
-                    answer = {
-                        "choices": [
-                            {"message": {"role": "assistant", "content": f"The image shows {prompt}"}}
-                        ]
-                    }
-                    data = json.dumps(answer).encode()
-                else:
-                    data = (
-                        reply.body.encode()
-                        if isinstance(reply.body, str)
-                        else json.dumps(reply.body).encode()
-                    )
-                self.send_response(reply.status)
-                for name, value in reply.headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client gave up (timeout test)
-            finally:
-                with state.lock:
-                    state.in_flight -= 1
-
-    return Handler
+    def answer(self, request: Request) -> Response:
+        """POST /v1/chat/completions: the next scripted reply, else the prompt echoed back."""
+        body = request.json()
+        with self.lock:
+            self.requests.append({"path": request.path, "headers": dict(request.headers), "json": body})
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            reply = self.next_reply()
+            if reply.delay:
+                self.stop.wait(reply.delay)
+            if reply.body is None:
+                prompt = body["messages"][-1]["content"][1]["text"]
+                echo = {
+                    "choices": [{"message": {"role": "assistant", "content": f"The image shows {prompt}"}}]
+                }
+                return Response.json(reply.status, echo, reply.headers)
+            if isinstance(reply.body, str):
+                return Response(reply.status, reply.body.encode(), headers=reply.headers)
+            return Response.json(reply.status, reply.body, reply.headers)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
 
 
 @pytest.fixture
 def server():
     state = FakeServer()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    loopback = Loopback(state.answer)
+    state.url = loopback.url
     yield state
     state.stop.set()
-    httpd.shutdown()
-    httpd.server_close()
+    loopback.close()
 
 
 def fast(**options):

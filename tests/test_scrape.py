@@ -4,12 +4,11 @@ import hashlib
 import io
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
+from loopback import Loopback, Request, Response
 from PIL import Image
 
 from sdprep import fileops
@@ -54,23 +53,8 @@ class FakeBooru:
 
     def __init__(self) -> None:
         self.requests: list[str] = []
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                fake.requests.append(self.path)
-                status, body, ctype = fake.answer(self.path)
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
+        self.server = Loopback(self.serve)
+        self.port = self.server.port
         self.posts = {
             42: post(self.port, 42, "/data/42.png"),
             43: post(self.port, 43, "/data/43.png", rating="e"),
@@ -79,14 +63,17 @@ class FakeBooru:
             46: post(self.port, 46, "/data/46.png"),
             47: post(self.port, 47, "/data/" + "x" * 300 + ".png"),
         }
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
     def booru(self, path: str) -> str:
         return f"Danbooru:http://127.0.0.1:{self.port}{path}"
+
+    def serve(self, request: Request) -> Response:
+        self.requests.append(request.path)
+        status, body, ctype = self.answer(request.path)
+        return Response(status, body, ctype)
 
     def answer(self, raw: str) -> tuple[int, bytes, str]:
         u = urlparse(raw)
@@ -108,9 +95,7 @@ class FakeBooru:
         return [r for r in self.requests if r.startswith(("/data/", "/img/"))]
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+        self.server.close()
 
 
 @pytest.fixture

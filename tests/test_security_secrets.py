@@ -14,11 +14,10 @@ import json
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from loopback import Loopback, Request, Response
 from test_scrape import FakeBooru
 from train_support import lora_settings, make_dataset
 
@@ -54,32 +53,16 @@ class ChatServer:
 
     def __init__(self) -> None:
         self.auth: list[str] = []
-        srv = self
+        self.server = Loopback(self.refuse)
+        self.url = self.server.url + "/v1"
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                self.rfile.read(int(self.headers["Content-Length"]))
-                srv.auth.append(self.headers.get("Authorization", ""))
-                key = self.headers.get("Authorization")
-                status, body = 401, {"error": {"message": f"invalid key {key}"}}
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+    def refuse(self, request: Request) -> Response:
+        key = request.headers.get("Authorization")
+        self.auth.append(key or "")
+        return Response.json(401, {"error": {"message": f"invalid key {key}"}})
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.close()
 
 
 def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:

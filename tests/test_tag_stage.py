@@ -334,36 +334,26 @@ def test_write_many_journals_first_and_undoes(tmp_path):
 @pytest.fixture
 def chat_server():
     """A loopback OpenAI-compatible server answering with the prompt's length; records requests."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from loopback import Loopback, Request, Response
 
     requests: list[dict] = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            requests.append(body)
-            text = body["messages"][-1]["content"][1]["text"]
-            answer = {
+    def answer(request: Request) -> Response:
+        body = request.json()
+        requests.append(body)
+        text = body["messages"][-1]["content"][1]["text"]
+        return Response.json(
+            200,
+            {
                 "choices": [
                     {"message": {"role": "assistant", "content": f"In this image, {len(text)} chars."}}
                 ]
-            }
-            data = json.dumps(answer).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            },
+        )
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1", requests
-    server.shutdown()
+    server = Loopback(answer)
+    yield server.url + "/v1", requests
+    server.close()
 
 
 def test_cli_with_an_openai_compatible_captioner(sample_dataset, model, cli_runner, chat_server):
