@@ -24,7 +24,7 @@ from sdprep.train.memory.planner import (
     predict,
     settings_from_config,
 )
-from sdprep.train.memory.profile import Profile, _adafactor_elements, full_size_profile
+from sdprep.train.memory.profile import Profile, _adafactor_elements, full_size_profile, size_fit
 
 MIB = 1 << 20
 SIZE = {"batch": 1, "height": 1024, "width": 1024}
@@ -46,16 +46,13 @@ def toy_profile() -> Profile:
         for gc in (True, False):
             act = (1000 if gc else 4000) * MIB * (1 if half else 2)
             for mode in ("frozen", "full"):
-                p.unet[f"{mode}/{'half' if half else 'fp32'}/{'gc' if gc else 'nogc'}"] = {
-                    **SIZE,
-                    "bytes": act,
-                    "grads_at_peak": 0,
-                    "tail": 0,
-                }
+                p.unet[f"{mode}/{'half' if half else 'fp32'}/{'gc' if gc else 'nogc'}"] = [
+                    {**SIZE, "bytes": act, "grads_at_peak": 0, "tail": 0}
+                ]
             for mode in ("lora", "lora_conv"):
                 for rank, extra in ((8, 0), (64, 56 * MIB)):
                     key = f"{mode}/{'half' if half else 'fp32'}/{'gc' if gc else 'nogc'}/r{rank}"
-                    p.unet[key] = {**SIZE, "bytes": act + extra, "grads_at_peak": 0, "tail": 0}
+                    p.unet[key] = [{**SIZE, "bytes": act + extra, "grads_at_peak": 0, "tail": 0}]
             for mode in ("lora", "full", "ti"):
                 key = f"{mode}/{'half' if half else 'fp32'}/{'gc' if gc else 'nogc'}"
                 p.text[key] = {"batch": 1, "chunks": 1, "kept": 100 * MIB, "peak": 150 * MIB}
@@ -65,7 +62,7 @@ def toy_profile() -> Profile:
             "kept": 0,
             "peak": 50 * MIB,
         }
-        p.vae["half" if half else "fp32"] = {**SIZE, "bytes": 2000 * MIB}
+        p.vae["half" if half else "fp32"] = [{**SIZE, "bytes": 2000 * MIB}]
     return p
 
 
@@ -169,6 +166,146 @@ def test_activations_follow_batch_area_checkpointing_and_rank() -> None:
     assert part(predict(Settings(rank=8, gc=False), p), "activations: U-Net") == 4 * base
     assert part(predict(Settings(rank=36), p), "activations: U-Net") == base + 28 * MIB  # interpolated
     assert part(predict(Settings(rank=8, half=False, vae_half=False), p), "activations: U-Net") == 2 * base
+
+
+# -- the size model ----------------------------------------------------------------------------
+
+
+def test_size_fit_through_one_point_is_proportional_to_pixels() -> None:
+    assert size_fit([(1000, 300)], 1000) == 300
+    assert size_fit([(1000, 300)], 250) == 75
+    assert size_fit([(1000, 300)], 4000) == 1200
+
+
+def test_size_fit_through_two_points_is_exact_at_both_and_affine() -> None:
+    # y = 100 + 0.2 x through (1000, 300) and (4000, 900), given in either order
+    for pts in ([(1000, 300), (4000, 900)], [(4000, 900), (1000, 300)]):
+        assert size_fit(pts, 1000) == 300
+        assert size_fit(pts, 4000) == 900
+        assert size_fit(pts, 2500) == 600  # linear in between
+        assert size_fit(pts, 8000) == 1700  # and beyond
+        assert size_fit(pts, 0) == 100  # the part that does not grow with the image
+    assert size_fit([(1000, 100), (2000, 1100)], 100) == 0  # never below zero
+
+
+def test_size_fit_through_more_points_uses_the_neighbouring_pair() -> None:
+    pts = [(100, 10), (200, 30), (400, 40)]
+    assert [size_fit(pts, x) for x in (100, 200, 400)] == [10, 30, 40]
+    assert size_fit(pts, 150) == 20
+    assert size_fit(pts, 300) == 35
+    assert size_fit(pts, 800) == 60  # the last segment, extended
+    assert size_fit(pts, 75) == 5  # the first one, extended
+
+
+def two_size_profile() -> Profile:
+    """The toy profile with its half-precision checkpointed LoRA measured at 512 px too: 400 MiB
+    where scaling 1024 px's 1000 MiB by area would say 250 (200 MiB do not grow with the image)."""
+    p = toy_profile()
+    for rank, extra in ((8, 0), (64, 28 * MIB)):
+        p.unet[f"lora/half/gc/r{rank}"].insert(
+            0,
+            {
+                "batch": 1,
+                "height": 512,
+                "width": 512,
+                "bytes": 400 * MIB + extra,
+                "grads_at_peak": 0,
+                "tail": 0,
+            },
+        )
+    return p
+
+
+def test_activations_are_affine_in_batch_times_area_through_two_sizes() -> None:
+    p = two_size_profile()
+
+    def act(**kw) -> int:
+        return part(predict(Settings(**{"rank": 8, **kw}), p), "activations: U-Net")
+
+    assert act() == 1000 * MIB  # measured sizes are reproduced
+    assert act(width=512, height=512) == 400 * MIB
+    assert act(width=768, height=768) == 650 * MIB  # 200 MiB + 200 MiB per 512 x 512 pixels
+    assert act(width=512, height=512, batch=2) == 600 * MIB
+    assert act(batch=2) == 1800 * MIB
+    assert act(width=512, height=512, rank=36) == 414 * MIB  # ranks still interpolate
+    assert not predict(Settings(rank=8, width=768, height=768), p).notes
+
+
+def test_plan_says_when_activations_are_scaled_from_one_size() -> None:
+    p = toy_profile()  # one size: 1024 px
+    assert not predict(Settings(rank=8), p).notes  # the measured size: nothing scaled
+    notes = predict(Settings(rank=8, width=512, height=512, latents_cached=False), p).notes
+    assert any("U-Net and VAE encoding activations" in n and "one image size" in n for n in notes)
+    notes = predict(Settings(rank=8, width=512, height=512, latents_cached=False), two_size_profile()).notes
+    assert any(n.startswith("VAE encoding activations") for n in notes)
+
+
+def test_measuring_a_further_size_keeps_the_stored_points(monkeypatch) -> None:
+    from sdprep.train.memory import trace
+    from sdprep.train.memory.profile import measure_profile
+
+    calls = []
+
+    def fake_unet(spec, *, mode, batch, height, width, **kw) -> trace.UnetTrace:
+        calls.append((mode, height))
+        return trace.UnetTrace(batch * height * width + 7, 5, 3, 0, 0)
+
+    def fake_vae(spec, *, half, batch, height, width) -> int:
+        calls.append(("vae", height))
+        return batch * height * width
+
+    monkeypatch.setattr(trace, "trace_unet", fake_unet)
+    monkeypatch.setattr(trace, "trace_vae_encode", fake_vae)
+    p = toy_profile()
+    stored = p.unet["lora/half/gc/r8"][0]
+    settings = [
+        Settings(rank=8, width=512, height=512),
+        Settings(rank=8, width=512, height=512, latents_cached=False),
+    ]
+    messages = []
+    measure_profile(None, settings, progress=lambda m, _: messages.append(m), profile=p)
+    assert calls == [("lora", 512), ("vae", 512)]
+    assert messages == ["U-Net lora/half/gc/r8 at 512x512, batch 1", "VAE half at 512x512, batch 1"]
+    assert p.unet["lora/half/gc/r8"] == [
+        {"batch": 1, "height": 512, "width": 512, "bytes": 512 * 512 + 7, "grads_at_peak": 5, "tail": 3},
+        stored,
+    ]
+    assert p.vae["half"][0]["bytes"] == 512 * 512
+    measure_profile(None, settings, profile=p)  # measured already: nothing traced again
+    assert len(calls) == 2
+    assert Profile.from_json(p.to_json()) == p
+
+
+def test_profile_command_adds_a_size_to_the_stored_file(monkeypatch, tmp_path: Path) -> None:
+    """`python -m sdprep.train.memory.profile --sizes 512` traces every image key at 512 px and
+    keeps what is stored (the 1024 px points, the text encoders): nothing at 1024 is traced again."""
+    import torch
+
+    from sdprep.train.memory import profile as P
+    from sdprep.train.memory import trace
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # keep this process's threads
+    traced = []
+
+    def fake_unet(spec, *, mode, batch, height, width, **kw) -> trace.UnetTrace:
+        traced.append(height)
+        return trace.UnetTrace(height, 0, 0, 0, 0)
+
+    monkeypatch.setattr(trace, "trace_unet", fake_unet)
+    monkeypatch.setattr(trace, "trace_vae_encode", lambda spec, **kw: traced.append(kw["height"]) or 1)
+    monkeypatch.setattr(trace, "trace_text_encoders", lambda *a, **kw: pytest.fail("text traced again"))
+    stored = toy_profile()
+    monkeypatch.setattr(P, "PROFILE_FILE", tmp_path / "profile.json")
+    P.PROFILE_FILE.write_text(stored.to_json())
+    P.main(["--sizes", "512"])
+    after = Profile.from_json(P.PROFILE_FILE.read_text())
+    assert len(traced) == len(stored.unet) + len(stored.vae) and set(traced) == {512}
+    assert after.text == stored.text and after.stats == stored.stats
+    for table in ("unet", "vae"):
+        for key, points in getattr(after, table).items():
+            assert [m["width"] for m in points] == [512, 1024]
+            assert points[1] == getattr(stored, table)[key][0]
+    assert not (tmp_path / "profile.partial.json").exists()
 
 
 def test_encoding_phase_when_nothing_is_cached() -> None:

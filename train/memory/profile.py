@@ -2,19 +2,25 @@
 
 A profile is what `sdprep.train.memory.planner.predict` needs about a model: parameter counts per component,
 LoRA sizes per rank, Adafactor's factored state sizes, and activation bytes measured by
-`sdprep.train.memory.trace` (U-Net forward + backward, text encoders, VAE encoding) at a reference
-batch and size, scaled by batch x area for other settings.
+`sdprep.train.memory.trace` (U-Net forward + backward, text encoders, VAE encoding). Image
+activations are measured at one or more sizes per key and modelled as affine in batch x area
+(`size_fit`): part of the peak does not grow with the image (per-block tensors, LoRA and autocast
+temporaries, a checkpointed block's recompute), so scaling one measurement by area is low for
+smaller images; a key measured at one size only falls back to that scaling.
 
 The full-size SDXL's profile is stored (`sdxl_memory_profile.json`, tracing it takes many
 minutes on a CPU): `full_size_profile()` reads it. `measure_profile(spec, settings)` measures
 what a list of settings needs on any architecture (the tiny and topology-true test models); run
-this module to regenerate the stored profile:
+this module to regenerate the stored profile, or to add measurements at other sizes to it
+(keys already measured at a size are kept):
 
-    python -m sdprep.train.memory.profile
+    python -m sdprep.train.memory.profile                # 1024 px
+    python -m sdprep.train.memory.profile --sizes 512    # adds the 512 px points
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -41,15 +47,26 @@ class Profile:
 
     name: str
     stats: dict
-    unet: dict = field(default_factory=dict)  # unet_key -> {"batch", "height", "width", "bytes"}
+    # unet_key -> measurements at one or more sizes: [{"batch", "height", "width", "bytes", ...}]
+    unet: dict = field(default_factory=dict)
     text: dict = field(default_factory=dict)  # text_key -> {"batch", "chunks", "kept", "peak"}
-    vae: dict = field(default_factory=dict)  # "half" / "fp32" -> {"batch", "height", "width", "bytes"}
+    vae: dict = field(default_factory=dict)  # "half" / "fp32" -> [{"batch", "height", "width", "bytes"}]
 
-    # -- lookups (scaled to the settings) --------------------------------------------------
+    # -- lookups (fitted to the settings' batch and size) ------------------------------------
 
     def unet_activations(self, s: Any) -> tuple[int, int, int]:
         """(activation peak, gradients stored by then, activations left when all gradients are),
         for the U-Net's forward + backward at the settings' batch and size."""
+        entries = self._unet_entries(s)
+
+        def at(name: str, sized: bool) -> int:
+            points = [(r, _at_size(e, s, name) if sized else _nearest(e, s)[name]) for r, e in entries]
+            return _interpolate(points, s.rank)
+
+        return at("bytes", True), at("grads_at_peak", False), at("tail", True)
+
+    def _unet_entries(self, s: Any) -> list[tuple[int, list[dict]]]:
+        """(rank, measurements) of the U-Net key of `s` (LoRA: each measured rank)."""
         prefix = unet_key(s.unet, s.half, s.gc)
         entries = [
             (int(k.rsplit("/r", 1)[1]), e) for k, e in self.unet.items() if k.startswith(prefix + "/r")
@@ -58,13 +75,18 @@ class Profile:
             entries = [(0, self.unet[prefix])] if prefix in self.unet else []
         if not entries:
             raise KeyError(f"{self.name}: no measurement for {prefix}")
-        entries.sort(key=lambda item: item[0])
+        return sorted(entries, key=lambda item: item[0])
 
-        def at(name: str, scaled: bool) -> int:
-            points = [(r, _scaled(e, s, name) if scaled else e[name]) for r, e in entries]
-            return _interpolate(points, s.rank)
-
-        return at("bytes", True), at("grads_at_peak", False), at("tail", True)
+    def area_scaled(self, s: Any) -> list[str]:
+        """The parts whose activations for `s` come from one measured size scaled by area (not
+        fitted through two sizes): the planner says so in its notes."""
+        out = []
+        if any(_area_only(e, s) for _, e in self._unet_entries(s)):
+            out.append("U-Net")
+        vae = "half" if s.vae_half else "fp32"
+        if not s.latents_cached and vae in self.vae and _area_only(self.vae[vae], s):
+            out.append("VAE encoding")
+        return out
 
     def text_activations(self, s: Any) -> tuple[int, int]:
         key = text_key(s.text, s.half, s.gc)
@@ -78,7 +100,7 @@ class Profile:
         key = "half" if s.vae_half else "fp32"
         if key not in self.vae:
             raise KeyError(f"{self.name}: no measurement for VAE encoding in {key}")
-        return _scaled(self.vae[key], s, "bytes")
+        return _at_size(self.vae[key], s, "bytes")
 
     # -- storage ---------------------------------------------------------------------------
 
@@ -95,11 +117,40 @@ class Profile:
         return cls(d["name"], d["stats"], d["unet"], d["text"], d["vae"])
 
 
-def _scaled(entry: dict, s: Any, field_name: str) -> int:
-    """Activations scale with batch x image area (convolutions, norms and flash attention are linear
-    in the number of pixels and tokens)."""
-    scale = (s.batch * s.height * s.width) / (entry["batch"] * entry["height"] * entry["width"])
-    return round(entry[field_name] * scale)
+def pixels(m: Any) -> int:
+    """Batch x height x width of a measurement (a dict) or of settings."""
+    if isinstance(m, dict):
+        return m["batch"] * m["height"] * m["width"]
+    return m.batch * m.height * m.width
+
+
+def size_fit(points: list[tuple[int, int]], x: int) -> int:
+    """Activation bytes at `x` pixels (batch x height x width) from measurements (pixels, bytes):
+    through one point, proportional to the pixels; through two, the affine a + b * pixels that
+    passes through both (exact at each, linear in between and beyond); through more, the segment
+    between the neighbouring points (the end segments beyond them). Never below zero."""
+    pts = sorted(dict(points).items())
+    if len(pts) == 1:
+        (x0, y0) = pts[0]
+        return max(0, round(y0 * x / x0))
+    i = 0
+    while i < len(pts) - 2 and x > pts[i + 1][0]:
+        i += 1
+    (x0, y0), (x1, y1) = pts[i], pts[i + 1]
+    return max(0, round(y0 + (y1 - y0) * (x - x0) / (x1 - x0)))
+
+
+def _at_size(entry: list[dict], s: Any, field_name: str) -> int:
+    return size_fit([(pixels(m), m[field_name]) for m in entry], pixels(s))
+
+
+def _nearest(entry: list[dict], s: Any) -> dict:
+    """The measurement closest to the settings' batch x area."""
+    return min(entry, key=lambda m: abs(pixels(m) - pixels(s)))
+
+
+def _area_only(entry: list[dict], s: Any) -> bool:
+    return len({pixels(m) for m in entry}) == 1 and pixels(entry[0]) != pixels(s)
 
 
 def _interpolate(points: list[tuple[int, int]], x: int) -> int:
@@ -171,14 +222,23 @@ def measure_profile(
     spec: Any, settings: list[Any], progress: Any = None, profile: Profile | None = None
 ) -> Profile:
     """Measure what `settings` (a list of `plan.Settings`) need on `spec`, at their own batch and size;
-    measurements already in `profile` are kept. `progress(message, profile)` is called before each."""
+    measurements already in `profile` are kept (image activations: per key and size).
+    `progress(message, profile)` is called before each."""
     profile = profile or Profile(spec.name, parameter_stats(spec))
 
-    def measure(table: dict, key: str, label: str, run: Any) -> None:
-        if key not in table:
+    def measure(table: dict, key: str, label: str, run: Any, size: dict | None = None) -> None:
+        if size is None:  # text encoders: one measurement per key
+            if key not in table:
+                if progress:
+                    progress(f"{label} {key}", profile)
+                table[key] = run()
+            return
+        points = table.setdefault(key, [])
+        if not any(pixels(m) == pixels(size) for m in points):
             if progress:
-                progress(f"{label} {key}", profile)
-            table[key] = run()
+                progress(f"{label} {key} at {size['width']}x{size['height']}, batch {size['batch']}", profile)
+            points.append(run())
+            points.sort(key=pixels)
 
     for s in settings:
         _measure_settings(spec, s, profile, measure)
@@ -204,7 +264,8 @@ def _measure_settings(spec: Any, s: Any, profile: Profile, measure: Any) -> None
         r = T.trace_text_encoders(spec, mode=s.text, rank=s.rank, batch=s.batch, chunks=s.chunks, **common)
         return {"batch": s.batch, "chunks": s.chunks, "kept": r.kept, "peak": r.peak}
 
-    measure(profile.unet, unet_key(s.unet, s.half, s.gc, s.rank if lora else None), "U-Net", unet)
+    key = unet_key(s.unet, s.half, s.gc, s.rank if lora else None)
+    measure(profile.unet, key, "U-Net", unet, size)
     if s.text != "cached":
         measure(profile.text, text_key(s.text, s.half, s.gc), "text encoders", text)
     if not s.latents_cached:
@@ -214,37 +275,57 @@ def _measure_settings(spec: Any, s: Any, profile: Profile, measure: Any) -> None
             vae,
             "VAE",
             lambda: {**size, "bytes": T.trace_vae_encode(spec, half=s.vae_half, **size)},
+            size,
         )
 
 
-def full_size_settings() -> list[Any]:
-    """Every combination the stored full-size profile holds (at the reference size)."""
+def full_size_settings(side: int = REFERENCE["width"]) -> list[Any]:
+    """Every combination the stored full-size profile holds, at `side` x `side` px and batch 1; the
+    ones most configs use come first (LoRA, fine-tune and TI with mixed precision and
+    checkpointing), so an interrupted run at a further size has measured those."""
     from sdprep.train.memory.planner import Settings
 
+    size = {"width": side, "height": side}
     out = []
     for half in (True, False):
         for gc in (True, False):
-            for unet in ("lora", "lora_conv"):
-                for rank in LORA_RANKS:
-                    out.append(Settings(unet=unet, half=half, gc=gc, rank=rank, conv_rank=rank))
-            out.append(Settings(method="finetune", unet="full", half=half, gc=gc))
-            out.append(Settings(method="ti", unet="frozen", text="ti", half=half, gc=gc))
-            out.append(Settings(method="lora", text="lora", half=half, gc=gc, rank=LORA_RANKS[0]))
-            out.append(Settings(method="finetune", unet="full", text="full", half=half, gc=gc))
+            for unet, rank in itertools.product(("lora", "lora_conv"), LORA_RANKS):
+                out.append(Settings(unet=unet, half=half, gc=gc, rank=rank, conv_rank=rank, **size))
+            out.insert(-2, Settings(method="finetune", unet="full", half=half, gc=gc, **size))
+            out.insert(-2, Settings(method="ti", unet="frozen", text="ti", half=half, gc=gc, **size))
+            out.append(Settings(method="lora", text="lora", half=half, gc=gc, rank=LORA_RANKS[0], **size))
+            out.append(Settings(method="finetune", unet="full", text="full", half=half, gc=gc, **size))
         out.append(
-            Settings(text="frozen", latents_cached=False, half=half, vae_half=half, rank=LORA_RANKS[0])
+            Settings(
+                text="frozen", latents_cached=False, half=half, vae_half=half, rank=LORA_RANKS[0], **size
+            )
         )
     return out
 
 
-def main() -> None:
-    """Regenerate the stored full-size profile (tens of minutes on a CPU; allocates little)."""
+def main(argv: list[str] | None = None) -> None:
+    """Regenerate the stored full-size profile, or add measurements at further sizes to it (tens of
+    minutes per size on a CPU; allocates little). An interrupted run resumes where it stopped."""
+    import argparse
     import time
 
     import torch
 
     from sdprep.train.models.fullsize import FULL
 
+    parser = argparse.ArgumentParser(
+        prog="python -m sdprep.train.memory.profile",
+        description=main.__doc__,
+        epilog="example: python -m sdprep.train.memory.profile --sizes 512",
+    )
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        metavar="PX",
+        help="square sizes to measure at, kept with the stored ones (default: regenerate at 1024)",
+    )
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     started = time.perf_counter()
     partial = PROFILE_FILE.with_suffix(".partial.json")  # survives an interruption: resumed from
@@ -253,8 +334,14 @@ def main() -> None:
         partial.write_text(profile.to_json() + "\n")
         print(f"[{time.perf_counter() - started:6.0f} s] {message}", flush=True)
 
-    kept = Profile.from_json(partial.read_text()) if partial.exists() else None
-    profile = measure_profile(FULL, full_size_settings(), progress=progress, profile=kept)
+    if partial.exists():
+        kept = Profile.from_json(partial.read_text())
+    elif args.sizes:
+        kept = full_size_profile()
+    else:
+        kept = None
+    settings = [s for side in args.sizes or [REFERENCE["width"]] for s in full_size_settings(side)]
+    profile = measure_profile(FULL, settings, progress=progress, profile=kept)
     PROFILE_FILE.write_text(profile.to_json() + "\n")
     partial.unlink(missing_ok=True)
     print(f"wrote {PROFILE_FILE} in {time.perf_counter() - started:.0f} s")
