@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -109,7 +110,9 @@ def _parse_resolution(value: str) -> tuple[int, int]:
     "(default: paths relative to OUT; run kohya from OUT).",
 )
 @click.pass_context
-def command(ctx: click.Context, directory: Path, resolution: str, tiers: tuple[str, ...], **kw) -> None:
+def command(
+    ctx: click.Context, /, directory: Path, resolution: str, tiers: tuple[str, ...], **kw: Any
+) -> None:
     """Build a training-ready folder (kohya layout, dataset TOML, metadata JSON) from DIRECTORY.
 
     Images are hard-linked (never moved), captions and masks go with them. buckets.json says where

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
 from sdprep.clitools import finish, reporter, verbosity
+from sdprep.stage import StageResult
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _common(edit: bool = True):
+def _common(edit: bool = True) -> Callable[[F], F]:
     """Options every subcommand shares."""
 
-    def wrap(fn):
+    def wrap(fn: F) -> F:
         fn = click.option("-r", "--recursive", is_flag=True, help="Include subfolders.")(fn)
         fn = click.option(
             "--orphans/--no-orphans",
@@ -42,7 +47,17 @@ def _split_tags_and_dirs(args: tuple[str, ...], tags: tuple[str, ...]) -> tuple[
     return tag_args, dirs
 
 
-def _edit(ctx: click.Context, action: str, dirs, args=(), *, dry_run, recursive, orphans, **kw) -> None:
+def _edit(
+    ctx: click.Context,
+    action: str,
+    dirs: tuple[Path, ...] | list[Path],
+    args: tuple[str, ...] | list[str] = (),
+    *,
+    dry_run: bool,
+    recursive: bool,
+    orphans: bool,
+    **kw: Any,
+) -> None:
     from sdprep.prep.captions import CaptionsOptions, make_edit, run_edit
 
     edit = make_edit(action, tuple(args), **kw)
@@ -88,7 +103,16 @@ _DIRS = click.argument(
 @click.option("--substring", "mode", flag_value="substring", help="Replace OLD inside tags, as plain text.")
 @_common()
 @click.pass_context
-def replace_cmd(ctx, old, new, dirs, mode, dry_run, recursive, orphans) -> None:
+def replace_cmd(
+    ctx: click.Context,
+    old: str,
+    new: str,
+    dirs: tuple[Path, ...],
+    mode: str | None,
+    dry_run: bool,
+    recursive: bool,
+    orphans: bool,
+) -> None:
     """Replace the tag OLD by NEW (NEW may be several tags, or "" to remove).
 
     By default whole tags are replaced (`blue eyes` does not change `light blue eyes`);
@@ -110,13 +134,20 @@ def replace_cmd(ctx, old, new, dirs, mode, dry_run, recursive, orphans) -> None:
     )
 
 
-def _tag_command(action: str, doc: str):
+def _tag_command(action: str, doc: str) -> click.Command:
     @command.command(action, help=doc)
     @click.argument("args", nargs=-1, required=True)
     @click.option("-t", "--tag", "tags", multiple=True, help="A tag (then every argument is a folder).")
     @_common()
     @click.pass_context
-    def cmd(ctx, args, tags, dry_run, recursive, orphans) -> None:
+    def cmd(
+        ctx: click.Context,
+        args: tuple[str, ...],
+        tags: tuple[str, ...],
+        dry_run: bool,
+        recursive: bool,
+        orphans: bool,
+    ) -> None:
         tag_args, dirs = _split_tags_and_dirs(args, tags)  # run_edit checks that they are folders
         _edit(ctx, action, dirs, tag_args, dry_run=dry_run, recursive=recursive, orphans=orphans)
 
@@ -159,7 +190,9 @@ _tag_command(
 @_DIRS
 @_common()
 @click.pass_context
-def dedupe_cmd(ctx, dirs, dry_run, recursive, orphans) -> None:
+def dedupe_cmd(
+    ctx: click.Context, dirs: tuple[Path, ...], dry_run: bool, recursive: bool, orphans: bool
+) -> None:
     """Drop repeated tags (compared case- and underscore-insensitively), keeping the first.
 
     \b
@@ -187,7 +220,15 @@ def dedupe_cmd(ctx, dirs, dry_run, recursive, orphans) -> None:
 )
 @_common()
 @click.pass_context
-def sort_cmd(ctx, dirs, by, keep_first, dry_run, recursive, orphans) -> None:
+def sort_cmd(
+    ctx: click.Context,
+    dirs: tuple[Path, ...],
+    by: str,
+    keep_first: int | None,
+    dry_run: bool,
+    recursive: bool,
+    orphans: bool,
+) -> None:
     """Sort the tags of every caption, keeping the trigger first.
 
     \b
@@ -214,7 +255,14 @@ def sort_cmd(ctx, dirs, by, keep_first, dry_run, recursive, orphans) -> None:
 )
 @_common(edit=False)
 @click.pass_context
-def stats_cmd(ctx, dirs, top, tokenizer, recursive, orphans) -> None:
+def stats_cmd(
+    ctx: click.Context,
+    dirs: tuple[Path, ...],
+    top: int,
+    tokenizer: str | None,
+    recursive: bool,
+    orphans: bool,
+) -> None:
     """Tag frequencies, images without captions and (with --tokenizer) CLIP token lengths.
 
     \b
@@ -237,7 +285,7 @@ def stats_cmd(ctx, dirs, top, tokenizer, recursive, orphans) -> None:
 @click.argument("tag")
 @_DIRS
 @_common(edit=False)
-def find_cmd(tag, dirs, recursive, orphans) -> None:
+def find_cmd(tag: str, dirs: tuple[Path, ...], recursive: bool, orphans: bool) -> None:
     """Print the images whose caption has TAG (exact, glob or `re:REGEX`), one per line.
 
     \b
@@ -251,7 +299,7 @@ def find_cmd(tag, dirs, recursive, orphans) -> None:
     _print(result)
 
 
-def _print(result) -> None:
+def _print(result: StageResult) -> None:
     """stats / find: their notes are the result; failures listed; exit 1 if any file failed."""
     for line in result.notes:
         click.echo(line)

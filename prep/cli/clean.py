@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from sdprep.clitools import dataset_argument, finish, parallel_options, run_stage, verbosity
-from sdprep.prep.cli.scores import score_options
+from sdprep.prep.cli.scores import replace_option, score_options, tag_list
 
 SORTS = ("as-tagged", "score", "alphabetical", "category")
-
-
-def _tags(values: tuple[str, ...]) -> tuple[str, ...] | None:
-    """Repeatable options that also take comma-separated lists -> one tuple (None when not given)."""
-    out = tuple(t.strip() for v in values for t in v.split(",") if t.strip())
-    return out or None
 
 
 def _patterns(values: tuple[str, ...]) -> tuple[str, ...] | None:
@@ -47,9 +42,7 @@ def _patterns(values: tuple[str, ...]) -> tuple[str, ...] | None:
     type=click.Path(path_type=Path),
     help="File of tags to remove, one per line.",
 )
-@click.option(
-    "--replace", multiple=True, metavar="A=B", help="Replace tag A by B (B may list several; empty removes)."
-)
+@replace_option()
 @click.option("--keep", multiple=True, metavar="TAG", help="Never prune or trim this tag (pattern).")
 @click.option("--keep-first", type=int, help="Keep the first N tags (after the trigger) in place.")
 @click.option("--sort", type=click.Choice(SORTS), help="Order of the other tags.  [default: as-tagged]")
@@ -117,12 +110,13 @@ def _patterns(values: tuple[str, ...]) -> tuple[str, ...] | None:
 @click.pass_context
 def command(
     ctx: click.Context,
+    /,
     directory: Path,
     recursive: bool,
     rules_file: Path | None,
     dry_run: bool,
     workers: int,
-    **opts,
+    **opts: Any,
 ) -> None:
     """Rebuild the captions of DIRECTORY from rules: trigger first, tags removed or replaced,
     core tags pruned, sorted, greyscale / monochrome appended, trimmed to a CLIP token budget.
@@ -148,7 +142,7 @@ def command(
     }
     mono = MonochromeSettings(**{**mono.__dict__, **{k: v for k, v in mono_over.items() if v is not None}})
     overrides = {
-        "trigger": _tags(opts["trigger"]),
+        "trigger": tag_list(opts["trigger"]) or None,
         "trigger_from_folder": opts["trigger_from_folder"],
         "remove": _patterns(opts["remove"]),
         "remove_files": tuple(opts["remove_file"]) or None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -24,7 +25,7 @@ OPTIONS = "sdprep.prep.convert:ConvertOptions"
 @click.option("--keep-alpha", is_flag=True, help="Keep transparency (an error with --format jpg).")
 @parallel_options(OPTIONS)
 @click.pass_context
-def command(ctx: click.Context, directory: Path, flatten: str | None, **kw) -> None:
+def command(ctx: click.Context, /, directory: Path, flatten: str | None, **kw: Any) -> None:
     """Normalise the images of DIRECTORY: format, first frame, EXIF rotation, transparency.
 
     Only images that need it are re-encoded (animated images keep their first frame, rotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -23,7 +24,7 @@ OPTIONS = "sdprep.prep.dedup:DedupOptions"
 @click.option("--dry-run", is_flag=True, help="List the groups and change nothing.")
 @parallel_options(OPTIONS)
 @click.pass_context
-def command(ctx: click.Context, directory: Path, **kw) -> None:
+def command(ctx: click.Context, /, directory: Path, **kw: Any) -> None:
     """Find duplicate and near-duplicate images in DIRECTORY by perceptual hash.
 
     In each group the largest image is kept (then the sharpest); the others move to

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -68,7 +69,7 @@ METHODS = ("alpha", "face", "clipseg", "color", "import", "full")
     "--preview", type=click.Path(dir_okay=False, path_type=Path), help="--check: preview sheet PNG path."
 )
 @click.pass_context
-def command(ctx: click.Context, directory: Path, method: str | None, check: bool, **kw) -> None:
+def command(ctx: click.Context, /, directory: Path, method: str | None, check: bool, **kw: Any) -> None:
     """Write one mask per image of DIRECTORY for masked-loss training, or check them with --check.
 
     Masks are greyscale PNGs in DIRECTORY/masks/<stem>.png, the image's pixel size: white = full

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -22,7 +23,7 @@ OPTIONS = "sdprep.prep.rename:RenameOptions"
 @field_option(OPTIONS, "start", "--start", type=int, help="First number.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")
 @click.pass_context
-def command(ctx: click.Context, directory: Path, **kw) -> None:
+def command(ctx: click.Context, /, directory: Path, **kw: Any) -> None:
     """Give the images of DIRECTORY sequential names; captions, sidecars and masks follow.
 
     Extensions become lower case and .jpeg becomes .jpg. The rename is two-phase (no collision can

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -24,7 +25,7 @@ OPTIONS = "sdprep.prep.report:ReportOptions"
 @click.option("--tokenizer", help="Model folder or hub id whose CLIP tokenizer counts caption tokens.")
 @field_option(OPTIONS, "max_thumbs", "--max-thumbs", type=int, help="Thumbnails for at most N images.")
 @click.pass_context
-def command(ctx: click.Context, directory: Path, **kw) -> None:
+def command(ctx: click.Context, /, directory: Path, **kw: Any) -> None:
     """Write a self-contained HTML (or JSON) report of the dataset in DIRECTORY.
 
     Contact sheet with captions and labelled mask overlays, tag frequencies, caption lengths,

@@ -1,23 +1,31 @@
-"""The score-rule options `sdprep tag` and `sdprep clean` share (taggers/rules.py ScoreRules)."""
+"""The caption-rule options `sdprep tag` and `sdprep clean` share: score rules (taggers/rules.py
+ScoreRules), `--replace A=B`, and comma-separated tag lists."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
+F = TypeVar("F", bound=Callable[..., Any])
+
 RATINGS = ("first", "last", "none")  # taggers.rules.RATING_PLACES, kept import-free
-DEFAULTS = {"general_threshold": 0.35, "character_threshold": 0.85, "rating": "none"}  # ScoreRules()
+DEFAULTS: dict[str, float | str] = {
+    "general_threshold": 0.35,
+    "character_threshold": 0.85,
+    "rating": "none",
+}  # ScoreRules()
 
 
-def score_options(layered: bool) -> Callable:
+def score_options(layered: bool) -> Callable[[F], F]:
     """Threshold, MCut, rating and order options. `layered`: defaults are None (not given), so the
     values of a rules file stay unless an option is given (clean); otherwise the defaults (tag)."""
 
-    def default(name: str):
+    def default(name: str) -> float | str | None:
         return None if layered else DEFAULTS[name]
 
-    def flag(name: str, text: str) -> Callable:
+    def flag(name: str, text: str) -> Callable[[F], F]:
         return click.option(name, is_flag=True, default=None if layered else False, help=text)
 
     def shown(name: str) -> str:
@@ -50,9 +58,24 @@ def score_options(layered: bool) -> Callable:
         flag("--character-first", "Character tags before general tags."),
     ]
 
-    def decorate(fn: Callable) -> Callable:
+    def decorate(fn: F) -> F:
         for option in reversed(options):
             fn = option(fn)
         return fn
 
     return decorate
+
+
+def replace_option() -> Callable[[F], F]:
+    """`--replace A=B` (repeatable), one syntax in tag and clean (prep/rules.py `parse_pairs`)."""
+    return click.option(
+        "--replace",
+        multiple=True,
+        metavar="A=B",
+        help="Replace tag A by B (B may list several; empty removes), e.g. 'hatsune miku=mytoken'.",
+    )
+
+
+def tag_list(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Repeatable options that also take comma-separated lists -> one tuple of tags."""
+    return tuple(t.strip() for value in values for t in value.split(",") if t.strip())

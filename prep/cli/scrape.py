@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -69,7 +70,7 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
 )
 @click.pass_context
 def command(
-    ctx: click.Context, out: Path, ratings: tuple[str, ...], exclude_tags: tuple[str, ...], **kw
+    ctx: click.Context, /, out: Path, ratings: tuple[str, ...], exclude_tags: tuple[str, ...], **kw: Any
 ) -> None:
     """Download the images at URLS into a dataset folder with gallery-dl.
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import click
 
 from sdprep.clitools import dataset_argument, field_option, finish, options_from, parallel_options, run_stage
-from sdprep.prep.cli.scores import score_options
+from sdprep.prep.cli.scores import replace_option, score_options, tag_list
 
 DEVICES = ("auto", "cpu", "cuda", "rocm", "directml", "coreml")  # taggers.wd14.DEVICES, kept import-free
 OPTIONS = "sdprep.prep.tag:TagOptions"
@@ -48,11 +49,6 @@ def _replacements(values: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     return table
 
 
-def _tag_list(values: tuple[str, ...]) -> tuple[str, ...]:
-    """Repeatable, comma-separated tag options -> one tuple."""
-    return tuple(t.strip() for value in values for t in value.split(",") if t.strip())
-
-
 @click.command("tag")
 @dataset_argument("Tag images in subfolders too.")
 @field_option(
@@ -84,12 +80,7 @@ def _tag_list(values: tuple[str, ...]) -> tuple[str, ...]:
     metavar="TAGS",
     help="Comma-separated tags moved to the front when present.",
 )
-@click.option(
-    "--replace",
-    multiple=True,
-    metavar="A=B",
-    help="Replace tag A by B, as in clean (B may list several; empty removes), e.g. 'hatsune miku=mytoken'.",
-)
+@replace_option()
 @field_option(RULES, "separator", "--separator", help="Between tags.")
 @field_option(
     OPTIONS,
@@ -158,7 +149,7 @@ def _tag_list(values: tuple[str, ...]) -> tuple[str, ...]:
     help="Other captioner option, e.g. concurrency=8, load_in_4bit=true.",
 )
 @click.pass_context
-def command(ctx: click.Context, directory: Path, **kw) -> None:
+def command(ctx: click.Context, /, directory: Path, **kw: Any) -> None:
     """Tag the images of DIRECTORY with a WD14 model and write `<stem>.txt` captions.
 
     The raw scores of every tag above --score-floor are kept in each image's sidecar, so running
@@ -181,8 +172,8 @@ def command(ctx: click.Context, directory: Path, **kw) -> None:
     rules = options_from(
         CaptionRules,
         kw,
-        undesired=_tag_list(kw["undesired"]),
-        always_first=_tag_list(kw["always_first"]),
+        undesired=tag_list(kw["undesired"]),
+        always_first=tag_list(kw["always_first"]),
         replace=_replacements(kw["replace"]),
     )
     captioner_options = parse_overrides(list(kw["caption_option"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -34,7 +35,7 @@ OPTIONS = "sdprep.prep.upscale:UpscaleOptions"
 )
 @parallel_options(OPTIONS)
 @click.pass_context
-def command(ctx: click.Context, directory: Path, min_area: str | None, **kw) -> None:
+def command(ctx: click.Context, /, directory: Path, min_area: str | None, **kw: Any) -> None:
     """Upscale the images of DIRECTORY whose area is below the target; never downscales.
 
     Lanczos by default; --model runs an AI upscaler from a local file, in tiles, on the GPU when
