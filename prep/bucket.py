@@ -233,7 +233,7 @@ def _prepare(
     concept: Concept,
     base: Path,
     opts: BucketOptions,
-    buckets: list,
+    buckets: list[tuple[int, int]],
     names: set[str] | None = None,
     alpha_mask: bool = False,
 ) -> _Placed | str:
@@ -247,8 +247,8 @@ def _prepare(
         caption, multiline = _one_line(read_caption(item))
     except SdprepError as exc:
         return failure_reason(item.path, exc)  # names the caption when that is the file at fault
-    mask: Path | None = item.mask_path()
-    mask = mask if mask.exists() else None
+    own = item.mask_path()
+    mask = own if own.exists() else None
     why = copy_reason(header, mask, alpha_mask)
     name = item.path.stem + ".png" if why else item.name
     if names is not None:
@@ -273,7 +273,7 @@ def _prepare(
     return p
 
 
-def _has_own_mask(concept: Concept, opts: BucketOptions, buckets: list) -> bool:
+def _has_own_mask(concept: Concept, opts: BucketOptions, buckets: list[tuple[int, int]]) -> bool:
     """Whether the build will place at least one image of `concept` with its own mask.
 
     A cheap first pass (stops at the first such image, holds nothing per image): a concept with one
@@ -450,7 +450,7 @@ def _write_files(
                 continue
             changed[id(p)] = op.write_many([(p.dest, data)]) > 0
         kept.append(p)
-    writes: list[tuple[Path, bytes]] = []
+    writes: list[tuple[Path | str, bytes]] = []  # as Operation.write_many takes them
     masks: list[tuple[_Placed, Path, Path]] = []
     for p in kept:
         cap = p.dest.with_suffix(".txt")
@@ -487,6 +487,8 @@ def _caption(p: _Placed) -> str:
 
 
 def _check_mask_size(p: _Placed) -> None:
+    if p.mask is None:
+        return
     msize = image_size(p.mask, root=p.item.root)
     if msize != p.size:
         raise DatasetError(
@@ -510,9 +512,12 @@ def _write_dataset_toml(
     s = opts.settings
     conditioning = opts.mask_form == "conditioning"
 
-    def subset(c: Concept) -> dict:
+    def subset(c: Concept) -> dict[str, str | int | bool]:
         folder = _output_folder(out, c)
-        sub: dict = {"image_dir": toml_path(out, folder, opts.root), "num_repeats": c.repeats}
+        sub: dict[str, str | int | bool] = {
+            "image_dir": toml_path(out, folder, opts.root),
+            "num_repeats": c.repeats,
+        }
         if id(c) in with_masks and conditioning:  # kohya's mask schema: no class_tokens, no is_reg
             sub["caption_extension"] = ".txt"
             sub["conditioning_data_dir"] = toml_path(out, folder / MASK_DIR, opts.root)
@@ -557,7 +562,7 @@ def _write_dataset_toml(
     op.write_text(out / "dataset.toml", header + tomli_w.dumps(doc))
 
 
-def _records(p: _Placed, out: Path, root: str | None) -> tuple[str, dict, dict]:
+def _records(p: _Placed, out: Path, root: str | None) -> tuple[str, dict[str, object], dict[str, object]]:
     """An image's metadata.json key and entry, and its buckets.json row (see sdprep.prep.bucket_json).
 
     metadata.json keys are paths relative to OUT with the extension (`image_dir = OUT` makes them
@@ -565,13 +570,13 @@ def _records(p: _Placed, out: Path, root: str | None) -> tuple[str, dict, dict]:
     `caption` holds the caption as written and `tags` is empty, because kohya appends `tags` to it.
     """
     a = p.assignment
-    entry = {
+    entry: dict[str, object] = {
         "caption": _caption(p),
         "tags": "",
         "image_size": list(p.size),
         "train_resolution": list(a.bucket),
     }
-    row = {
+    row: dict[str, object] = {
         "image": str(p.item.path),
         "dest": str(p.dest),
         "size": list(p.size),

@@ -65,14 +65,14 @@ class BucketJson:
         self.rows = _Members(self.files["buckets.json"], 1)
         return self
 
-    def add(self, key: str, entry: dict, row: dict) -> None:
+    def add(self, key: str, entry: dict[str, object], row: dict[str, object]) -> None:
         """One image: its metadata.json entry under `key`, its buckets.json row."""
         with naming(self.out / "metadata.json"):  # a full disk fails the write with no file name
             self.meta.add(dumps_json(key) + ": " + _nested(entry, 1, False))
         with naming(self.out / "buckets.json"):
             self.rows.add(_nested(row, 2, True))
 
-    def install(self, op: Operation, dropped: list[dict]) -> None:
+    def install(self, op: Operation, dropped: list[dict[str, str]]) -> None:
         """Finish both files (buckets.json lists `dropped`) and put them in place through `op`."""
         with naming(self.out / "metadata.json"):
             self.meta.close("}")

@@ -35,7 +35,7 @@ class _Names:
 class Tally:
     """What the summary needs, kept across batches: counts and a few names, nothing per image."""
 
-    buckets: Counter = field(default_factory=Counter)
+    buckets: Counter[tuple[int, int]] = field(default_factory=Counter)
     upscaled: _Names = field(default_factory=_Names)
     cropped: _Names = field(default_factory=_Names)
     white_masks: _Names = field(default_factory=_Names)
@@ -61,7 +61,7 @@ class Tally:
                 self.cropped.add(f"{p.item.path.name} {a.cropped_fraction:.0%}")
 
 
-def bucket_table(counts: Counter) -> list[str]:
+def bucket_table(counts: Counter[tuple[int, int]]) -> list[str]:
     """`  w x h  images` lines, the most used bucket first."""
     return [f"  {w:>5}x{h:<5} {n:>6}" for (w, h), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
 

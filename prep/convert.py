@@ -73,7 +73,7 @@ def parse_color(text: str) -> tuple[int, int, int]:
             parts = tuple(int(p) for p in text.split(","))
             if len(parts) != 3 or not all(0 <= p <= 255 for p in parts):
                 raise ValueError
-            return parts  # type: ignore[return-value]
+            return parts
         return ImageColor.getrgb(text)[:3]
     except ValueError:
         raise ConfigError(f"unknown colour {text!r}", "use a name (white), #rrggbb or r,g,b") from None
@@ -293,7 +293,7 @@ def run_convert(
     names = {rel(i.path) for i in items}
     verified = {k: v for k, v in known.items() if k not in names}  # files this run does not look at
 
-    def work(item: Item):
+    def work(item: Item) -> tuple[Plan, bytes] | list[int]:
         return _work(item, opts, known.get(rel(item.path)))
 
     with Journal(root).begin("convert") as op:

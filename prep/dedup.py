@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,7 +69,7 @@ class Fingerprint:
     width: int
     height: int
     sharpness: float
-    sidecar: dict | None = field(default=None, repr=False)  # set when the cache in it is new
+    sidecar: dict[str, Any] | None = field(default=None, repr=False)  # set when the cache in it is new
 
     @property
     def area(self) -> int:
@@ -122,9 +123,11 @@ def fingerprint(item: Item) -> Fingerprint:
 def popcount(x: np.ndarray) -> np.ndarray:
     """Number of set bits of each uint64."""
     if hasattr(np, "bitwise_count"):
-        return np.bitwise_count(x)
+        counted: np.ndarray = np.bitwise_count(x)
+        return counted
     table = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-    return table[x.view(np.uint8)].reshape(*x.shape, 8).sum(axis=-1)
+    summed: np.ndarray = table[x.view(np.uint8)].reshape(*x.shape, 8).sum(axis=-1)
+    return summed
 
 
 def _tiles(n: int) -> Iterator[tuple[slice, slice]]:
@@ -164,7 +167,8 @@ def _merge(root: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray]]) -> np.n
     _, label = connected_components(graph, directed=False)
     least = nodes[np.unique(label, return_index=True)[1]]  # nodes are sorted: first of a label = least
     root[nodes] = least[label]
-    return root[root]  # members of a merged component follow their old root to the new one
+    merged: np.ndarray = root[root]
+    return merged  # members of a merged component follow their old root to the new one
 
 
 def _components(hashes: np.ndarray, threshold: int) -> np.ndarray:

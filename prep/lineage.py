@@ -71,7 +71,9 @@ def kept_head(meta: Mapping[str, Any], tags: list[str]) -> int:
     """How many leading tags of a caption are the head `clean` placed (trigger, prefixes, kept tags),
     when the caption still starts with them; 0 without a clean record."""
     rec = record(meta, "clean")
-    n = rec.get("head") if rec is not None else None
+    if rec is None:
+        return 0
+    n = rec.get("head")
     if not isinstance(n, int) or n <= 0:
         return 0
     head = split_tags(rec["written"])[:n]

@@ -15,7 +15,7 @@ import hashlib
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 from PIL import Image
@@ -174,7 +174,7 @@ def _folder(record: dict[str, Any]) -> str:
     return str(record.get("path", "")).rpartition("/")[0]
 
 
-def _same(old: Any, new: dict[str, Any]) -> bool:
+def _same(old: object, new: dict[str, Any]) -> TypeGuard[dict[str, Any]]:
     """Same method, options and inputs; the path may differ in its file name (the image was renamed)."""
     if not isinstance(old, dict) or _folder(old) != _folder(new):
         return False

@@ -79,9 +79,9 @@ class CheckReport:
         lines += self.notes
         return "\n".join(lines)
 
-    def _rel(self, path: Path) -> str:
+    def _rel(self, path: Path | str) -> str:
         try:
-            return path.relative_to(self.root).as_posix()
+            return Path(path).relative_to(self.root).as_posix()
         except ValueError:
             return str(path)
 

@@ -164,7 +164,7 @@ def detect(
     `root`: the dataset folder, for the symlink rule."""
     stats = stats_from_record(previous, path)
     measured = stats is None or needs_full_resolution(stats, settings)
-    if measured:
+    if stats is None or measured:
         stats = measure(path, settings, root)
     record = make_record(stats, settings, path)
     return classify(stats.saturation, stats.hue_std, settings), record, measured

@@ -53,7 +53,7 @@ class Previews:
 
     per_sheet: int = MAX_PER_SHEET
     shown: dict[tuple[int, int], list[tuple[Path, Assignment]]] = field(default_factory=dict)
-    counts: Counter = field(default_factory=Counter)
+    counts: Counter[tuple[int, int]] = field(default_factory=Counter)
     crops: list[int] = field(default_factory=lambda: [0] * (STEPS + 1))
     most: tuple[float, str] = (0.0, "")
     roots: dict[Path, str] = field(default_factory=dict)  # the dataset folder of a shown image
@@ -140,12 +140,12 @@ def draw_sheet(
 def _cell(
     sheet: Image.Image,
     draw: ImageDraw.ImageDraw,
-    font,
+    font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
     at: tuple[int, int],
     image: Path,
     a: Assignment,
     root: str | None,
-):
+) -> None:
     """The image as resized for its bucket, the cropped-away margins shaded, and a two-line label."""
     x, y = at
     rw, rh = a.resized
@@ -232,8 +232,9 @@ def bucketed_with(root: Path) -> Bucketed | None:
     try:
         doc = loads_json(state.read_text(state.file(root, RECORD)))
         s = doc["settings"]
+        width, height = (int(v) for v in s["resolution"])
         settings = BucketSettings(
-            tuple(int(v) for v in s["resolution"]),
+            (width, height),
             int(s["step"]),
             int(s["min_side"]),
             int(s["max_side"]),

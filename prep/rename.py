@@ -73,7 +73,7 @@ def companion_pairs(src: Path, dst: Path, masks: tuple[str, ...] = (MASK_DIR,)) 
     return [(src, dst)] + [(a, b) for a, b in candidates if a != b and os.path.exists(a)]
 
 
-def natural_key(name: str) -> list:
+def natural_key(name: str) -> list[int | str]:
     """Sort key that orders `2.png` before `10.png`, so renamed folders keep their order."""
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
@@ -140,7 +140,8 @@ def plan_folder(folder: Path, items: list[Item], opts: RenameOptions) -> list[tu
     width = max(3, len(str(opts.start + len(items) - 1)))
     pattern = opts.pattern or f"{{n:0{width}d}}"
     token = _folder_token(folder, opts.token)
-    plan, seen = [], {}
+    plan: list[tuple[Path, Path]] = []
+    seen: dict[str, str] = {}
     for index, item in enumerate(items, start=opts.start):
         stem = _render(pattern, n=index, token=token, stem=item.path.stem, folder=folder.name)
         new = folder / (stem + normalise_extension(item.path.suffix))
@@ -275,7 +276,7 @@ def _apply(root: Path, moves: list[tuple[Path, Path]], report: Reporter) -> None
     """Phase 1: every file to a unique temporary name; phase 2: temporary names to final names."""
     run_id = uuid.uuid4().hex[:8]
     temps = [old.parent / f"{TEMP_PREFIX}{run_id}-{k}{old.suffix}" for k, (old, _) in enumerate(moves)]
-    phases = [
+    phases: list[list[tuple[Path | str, Path | str]]] = [  # as Operation.move_many takes them
         [(old, t) for (old, _), t in zip(moves, temps)],
         [(t, new) for (_, new), t in zip(moves, temps)],
     ]

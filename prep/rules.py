@@ -245,7 +245,7 @@ def format_tag(tag: str, underscores: str, escape: bool) -> str:
 
 
 def core_tags(
-    counts: Counter, images: int, percent: float, protected: Callable[[str], bool]
+    counts: Counter[str], images: int, percent: float, protected: Callable[[str], bool]
 ) -> list[tuple[str, float]]:
     """Tags (by key) present in at least `percent`% of a concept's images, most frequent first."""
     if images <= 0:
@@ -334,7 +334,7 @@ def clean_tags(
     result.tokens = count_tokens(", ".join(result.tags))
     if rules.max_tokens is None or result.tokens <= rules.max_tokens:
         return result
-    trimmed = _trim(head, rest, tail, rs, place, info, count_tokens)
+    trimmed = _trim(head, rest, tail, rs, place, info, count_tokens, rules.max_tokens)
     trimmed.head = result.head
     return trimmed
 
@@ -344,13 +344,21 @@ def _join(head: list[str], rest: list[str], tail: list[str], unique: bool) -> li
     return dedupe(tags) if unique else tags
 
 
-def _trim(head, rest, tail, rs: RuleSet, place: Placement, info: TagInfo, count_tokens) -> Cleaned:
-    """Drop the lowest-ranked removable tags until the caption fits `max_tokens`.
+def _trim(
+    head: list[str],
+    rest: list[str],
+    tail: list[str],
+    rs: RuleSet,
+    place: Placement,
+    info: TagInfo,
+    count_tokens: Callable[[str], int],
+    budget: int,
+) -> Cleaned:
+    """Drop the lowest-ranked removable tags until the caption fits `budget` (`max_tokens`).
 
     Rank: WD14 score when known (an unscored tag counts as certain, e.g. one a person added);
     among equals, the later tag goes first. Trigger, prefix/suffix, label, kept and fixed tags stay.
     """
-    budget = rs.rules.max_tokens
     order = sorted(
         (i for i, t in enumerate(rest) if not rs.protected(t, place.trigger)),
         key=lambda i: (info.scores.get(tag_key(rest[i]), 1.0), -i),

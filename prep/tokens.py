@@ -12,9 +12,13 @@ import heapq
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sdprep.errors import ModelError
 from sdprep.hub import hub_offline, hub_reachable, is_hub_id
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_TOKENIZER = "stabilityai/stable-diffusion-xl-base-1.0"
 LIMITS = (75, 150, 225)
@@ -31,7 +35,7 @@ _HINT = (
 class TokenCounter:
     """Counts caption tokens (no start/end tokens) with a loaded CLIP tokenizer; thread-safe."""
 
-    def __init__(self, tokenizer, source: str):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, source: str) -> None:
         self.tokenizer = tokenizer
         self.source = source
         self._lock = threading.Lock()
@@ -45,7 +49,7 @@ def _has_vocab(folder: Path) -> bool:
     return any((folder / name).is_file() for name in _VOCAB_FILES)
 
 
-def _check(tokenizer, source: str) -> TokenCounter:
+def _check(tokenizer: PreTrainedTokenizerBase, source: str) -> TokenCounter:
     size = len(tokenizer)
     if size < MIN_VOCAB:
         raise ModelError(
@@ -86,7 +90,7 @@ def load_tokenizer(spec: str | Path | None = None) -> TokenCounter:
     unreachable = not offline and not hub_reachable()  # look in the cache only: no ~23 s of retries
     errors = []
     for sub in ("tokenizer", None):
-        kwargs = {"subfolder": sub} if sub else {}
+        kwargs: dict[str, Any] = {"subfolder": sub} if sub else {}
         try:
             tok = CLIPTokenizer.from_pretrained(spec, local_files_only=offline or unreachable, **kwargs)
         except Exception as exc:  # noqa: BLE001 - hub, HTTP and parsing errors of many kinds
@@ -140,7 +144,7 @@ class TokenAudit:
             lines += [f"  {n} tokens: {p}" for n, p in top if n > self.limits[0]]
         return lines
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "captions": self.captions,
             "over": {str(k): self.over.get(k, 0) for k in self.limits},

@@ -60,7 +60,7 @@ class MaskMethod:
         self.notes: list[str] = []  # short per-file remarks for the summary (list.append is atomic)
         self._loaded = False
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[MaskMethod], tuple[MethodSettings]]:
         """Sent to another process (a Ray worker) as what builds it, not what it loaded: each
         worker loads its own copy once (`ready`)."""
         return (type(self), (self.settings,))

@@ -19,7 +19,7 @@ from PIL import Image
 
 from sdprep.dataset import Item
 from sdprep.errors import ConfigError, ModelError
-from sdprep.prep.masks.base import MaskMethod, register
+from sdprep.prep.masks.base import MaskMethod, MethodSettings, register
 
 DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
 MIN_VOCAB = 100  # a tokenizer loaded from a folder without vocab files has 2-3 tokens
@@ -58,7 +58,7 @@ class ClipSegMask(MaskMethod):
     thread_safe = False
     gpu = True
 
-    def __init__(self, settings):
+    def __init__(self, settings: MethodSettings) -> None:
         super().__init__(settings)
         self.prompts = [p.strip() for p in settings.prompts if p.strip()]
         if not self.prompts:
@@ -90,9 +90,10 @@ class ClipSegMask(MaskMethod):
                     "pass a folder written by save_pretrained, or a hub id such as " + DEFAULT_MODEL,
                 )
             name = str(folder)
-        hf_logging.disable_progress_bar()
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # unannotated in transformers
         previous = logging.getLogger("transformers").level
-        hf_logging.set_verbosity_error()  # the torchvision fallback notice is not for our users
+        # the torchvision fallback notice is not for our users
+        hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # unannotated in transformers
         try:
             self.processor = CLIPSegProcessor.from_pretrained(name)
             self.model = CLIPSegForImageSegmentation.from_pretrained(name)
@@ -123,5 +124,5 @@ class ClipSegMask(MaskMethod):
         w, h = image.size
         return np.clip(cv2.resize(probs, (w, h), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
 
-    def options(self) -> dict:
+    def options(self) -> dict[str, Any]:
         return {"model": self.model_name, "prompts": list(self.prompts)}

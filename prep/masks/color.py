@@ -8,13 +8,15 @@ border count, so a white shirt inside a white-background picture stays learned.
 
 from __future__ import annotations
 
+from typing import Any
+
 import cv2
 import numpy as np
 from PIL import Image, ImageColor
 
 from sdprep.dataset import Item
 from sdprep.errors import ConfigError
-from sdprep.prep.masks.base import MaskMethod, register
+from sdprep.prep.masks.base import MaskMethod, MethodSettings, register
 
 RGB = tuple[int, int, int]
 
@@ -24,12 +26,13 @@ def parse_color(text: str) -> RGB:
     value = text.strip()
     parts = [p.strip() for p in value.split(",")]
     if len(parts) == 3 and all(p.isdigit() for p in parts):
-        rgb = tuple(int(p) for p in parts)
-        if all(0 <= c <= 255 for c in rgb):
-            return rgb  # type: ignore[return-value]
+        r, g, b = (int(p) for p in parts)
+        if all(0 <= c <= 255 for c in (r, g, b)):
+            return r, g, b
     else:
         try:
-            return ImageColor.getrgb(value)[:3]  # type: ignore[return-value]
+            rgba = ImageColor.getrgb(value)
+            return rgba[0], rgba[1], rgba[2]
         except ValueError:
             pass
     raise ConfigError(
@@ -50,13 +53,14 @@ def border_color(rgb: np.ndarray, width: int = 2) -> RGB:
             rgb[:, -width:].reshape(-1, 3),
         ]
     )
-    return tuple(int(v) for v in np.median(frame, axis=0))  # type: ignore[return-value]
+    r, g, b = (int(v) for v in np.median(frame, axis=0))
+    return r, g, b
 
 
 def background(rgb: np.ndarray, color: RGB, tolerance: float, border_only: bool = False) -> np.ndarray:
     """Boolean [H, W]: pixels within `tolerance` (RGB distance) of `color`."""
     diff = rgb.astype(np.int32) - np.asarray(color, dtype=np.int32)
-    bg = np.einsum("hwc,hwc->hw", diff, diff) <= tolerance * tolerance
+    bg: np.ndarray = np.einsum("hwc,hwc->hw", diff, diff) <= tolerance * tolerance
     if border_only and bg.any():
         n, labels = cv2.connectedComponents(bg.astype(np.uint8), connectivity=8)
         edge = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
@@ -73,7 +77,7 @@ class ColorMask(MaskMethod):
 
     name = "color"
 
-    def __init__(self, settings):
+    def __init__(self, settings: MethodSettings) -> None:
         super().__init__(settings)
         self.color = parse_color(settings.color) if settings.color else None
         if settings.tolerance < 0:
@@ -85,7 +89,7 @@ class ColorMask(MaskMethod):
         bg = background(rgb, color, self.settings.tolerance, self.settings.border_only)
         return (~bg).astype(np.float32)
 
-    def options(self) -> dict:
+    def options(self) -> dict[str, Any]:
         return {
             "color": "#{:02x}{:02x}{:02x}".format(*self.color) if self.color else "border",
             "tolerance": self.settings.tolerance,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -17,7 +18,7 @@ from PIL import Image
 
 from sdprep.dataset import Item
 from sdprep.errors import ConfigError, ModelError
-from sdprep.prep.masks.base import MaskMethod, MaskNotFound, register
+from sdprep.prep.masks.base import MaskMethod, MaskNotFound, MethodSettings, register
 
 DEFAULT_CASCADE = "haarcascade_frontalface_default.xml"
 # Detection runs on a copy no larger than this (boxes are scaled back): 2-3x faster than at 1024 px,
@@ -71,7 +72,7 @@ class FaceMask(MaskMethod):
 
     name = "face"
 
-    def __init__(self, settings):
+    def __init__(self, settings: MethodSettings) -> None:
         super().__init__(settings)
         if settings.pad < 0:
             raise ConfigError(f"--pad must be 0 or more, got {settings.pad}")
@@ -116,7 +117,7 @@ class FaceMask(MaskMethod):
         if not boxes:
             raise MaskNotFound(
                 item.path,
-                f"no face found (cascade {self.cascade_path.name})",
+                f"no face found (cascade {Path(self.settings.cascade or DEFAULT_CASCADE).name})",
                 "use --fallback full to train on such images whole, or another --cascade / --method",
             )
         mask = np.zeros((h, w), dtype=np.float32)
@@ -125,5 +126,5 @@ class FaceMask(MaskMethod):
             mask[y0:y1, x0:x1] = 1.0
         return mask
 
-    def options(self) -> dict:
+    def options(self) -> dict[str, Any]:
         return {"cascade": self.settings.cascade or DEFAULT_CASCADE, "pad": self.settings.pad}

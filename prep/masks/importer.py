@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -18,7 +19,7 @@ from PIL import Image
 
 from sdprep.dataset import Item, is_image
 from sdprep.errors import ConfigError, ImageError
-from sdprep.prep.masks.base import MaskMethod, MaskNotFound, read_mask_image, register
+from sdprep.prep.masks.base import MaskMethod, MaskNotFound, MethodSettings, read_mask_image, register
 
 ASPECT_TOLERANCE = 0.01
 
@@ -50,7 +51,7 @@ class ImportMask(MaskMethod):
 
     name = "import"
 
-    def __init__(self, settings):
+    def __init__(self, settings: MethodSettings) -> None:
         super().__init__(settings)
         if settings.source is None:
             raise ConfigError("--method import needs --from DIR, the folder of painted masks")
@@ -96,10 +97,10 @@ class ImportMask(MaskMethod):
             )
         return mask.astype(np.float32) / 255.0
 
-    def options(self) -> dict:
+    def options(self) -> dict[str, Any]:
         return {"from": str(self.source.resolve())}
 
-    def inputs(self, item: Item) -> dict:
+    def inputs(self, item: Item) -> dict[str, Any]:
         try:
             path = self.find(item)
         except ImageError:

@@ -78,17 +78,17 @@ def floor(mask: np.ndarray, value: float) -> np.ndarray:
     """Raise every value to at least `value` (OneTrainer's unmasked weight: ignored areas still teach a bit)."""
     if value <= 0:
         return mask
-    return np.maximum(mask, np.float32(value))
+    out: np.ndarray = np.maximum(mask, np.float32(value))
+    return out
 
 
 def combine(mask: np.ndarray, existing: np.ndarray, mode: str) -> np.ndarray:
     """Merge with an existing mask of the same size: union = max, intersection = min."""
     if mask.shape != existing.shape:
         raise ValueError(f"cannot combine masks of shapes {mask.shape} and {existing.shape}")
-    if mode == "union":
-        return np.maximum(mask, existing)
-    if mode == "intersection":
-        return np.minimum(mask, existing)
+    if mode in ("union", "intersection"):
+        out: np.ndarray = (np.maximum if mode == "union" else np.minimum)(mask, existing)
+        return out
     raise ValueError(f"unknown combine mode {mode!r}; valid: {', '.join(COMBINE_MODES)}")
 
 
@@ -109,7 +109,7 @@ class PostOptions:
     combine: str | None = None  # "union" | "intersection" with the mask already on disk
     floor: float = bounded(0.0, 0.0, 1.0)
 
-    def record(self) -> dict:
+    def record(self) -> dict[str, float | str | None]:
         """The non-default settings, as recorded in the sidecar (so a change redoes the mask)."""
         defaults = PostOptions()
         return {k: v for k, v in self.__dict__.items() if v != getattr(defaults, k)}
