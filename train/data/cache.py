@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,13 +37,20 @@ from sdprep import state
 from sdprep.errors import ConfigError, DatasetError, SdprepError
 from sdprep.fileops import atomic_write_bytes
 from sdprep.progress import NullReporter, Reporter
-from sdprep.train.config.datasets import cfg_value
 from sdprep.train.data.pipeline import TrainDataset
-from sdprep.train.data.scan import ImageRecord
+from sdprep.train.data.scan import ImageRecord, LatentEntry
 from sdprep.train.data.transforms import crop_offsets
+
+if TYPE_CHECKING:
+    from diffusers.models.autoencoders.autoencoder_kl import (
+        AutoencoderKL,
+    )  # not diffusers.X (a placeholder to mypy)
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from transformers import PreTrainedTokenizerBase
 
 CACHE_VERSION = 1
 EncodeFn = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
+Loaded = tuple[np.ndarray, np.ndarray | None]  # an image (HxWx3 uint8) and its mask (HxW uint8)
 
 
 @dataclass
@@ -65,11 +72,11 @@ class CacheStats:
 # -- identities --------------------------------------------------------------------------------
 
 
-def _digest(obj: Any) -> str:
+def _digest(obj: object) -> str:
     return hashlib.blake2b(json.dumps(obj, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
 
 
-def module_fingerprint(*modules: Any) -> str:
+def module_fingerprint(*modules: torch.nn.Module) -> str:
     """A hash of modules' class, config and every weight (bytes, dtype, shape): their identity."""
     h = hashlib.blake2b(digest_size=16)
     for module in modules:
@@ -85,7 +92,9 @@ def module_fingerprint(*modules: Any) -> str:
     return h.hexdigest()
 
 
-def text_encoder_fingerprint(tokenizers: list[Any], text_encoders: list[Any]) -> str:
+def text_encoder_fingerprint(
+    tokenizers: Sequence[PreTrainedTokenizerBase], text_encoders: Sequence[torch.nn.Module]
+) -> str:
     """Identity of a pair of SDXL text encoders and their tokenizers (for `encoder_id`)."""
     vocab = [sorted(t.get_vocab().items()) for t in tokenizers]
     return _digest([module_fingerprint(*text_encoders), vocab])
@@ -98,7 +107,7 @@ def _cache_path(rec: ImageRecord, kind: str, cache_dir: Path | None) -> Path:
     return Path(cache_dir) / kind / folder / (rec.path.name + ".safetensors")
 
 
-def _file_id(path: Path) -> list:
+def _file_id(path: Path) -> list[str | int]:
     st = path.stat()
     return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
@@ -151,7 +160,7 @@ def _valid_file(
     return None
 
 
-def _write(path: Path, tensors: dict[str, torch.Tensor], key: str) -> None:
+def _write(path: Path, tensors: dict[str, torch.Tensor | None], key: str) -> None:
     from safetensors.torch import save
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,14 +170,16 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], key: str) -> None:
     )
 
 
-def read_latent_file(path: Path) -> dict:
+def read_latent_file(path: Path) -> LatentEntry:
     """A latent cache entry: latents, latents_flipped (when flip_aug), mask (uint8 HxW, optional)."""
     from safetensors.torch import load_file
 
     entry = load_file(str(path))
-    entry.setdefault("latents_flipped", None)
-    entry.setdefault("mask", None)
-    return entry
+    return {
+        "latents": entry["latents"],
+        "latents_flipped": entry.get("latents_flipped"),
+        "mask": entry.get("mask"),
+    }
 
 
 def read_te_file(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,12 +193,12 @@ def read_te_file(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def encode_latents(
-    vae: Any, pixels: torch.Tensor, generators: list[torch.Generator] | None = None
+    vae: AutoencoderKL, pixels: torch.Tensor, generators: list[torch.Generator] | None = None
 ) -> torch.Tensor:
     """Raw (unscaled) latents of pixels in [-1, 1]: a sample of the VAE's latent distribution."""
     param = next(vae.parameters())
     with torch.no_grad():
-        dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
+        dist: DiagonalGaussianDistribution = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
         if generators is None:
             return dist.sample().float().cpu()
         noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=g) for g in generators])
@@ -209,9 +220,10 @@ def _check_latent_cacheable(ds: TrainDataset) -> None:
 
 def _load_group(
     ds: TrainDataset, group: list[tuple[int, str]], bad: list[tuple[Path, str]]
-) -> tuple[list[tuple[int, str]], list]:
+) -> tuple[list[tuple[int, str]], list[Loaded]]:
     """Load the images of a group; one that cannot be loaded goes to `bad` (all are listed at the end)."""
-    kept, loaded = [], []
+    kept: list[tuple[int, str]] = []
+    loaded: list[Loaded] = []
     for i, key in group:
         try:
             loaded.append(ds.load_sample(i, crop_offsets(ds.records[i].assignment)))
@@ -232,7 +244,9 @@ def _unloadable(bad: list[tuple[Path, str]], to_disk: bool) -> DatasetError:
     )
 
 
-def _encode_group(ds: TrainDataset, vae: Any, group: list[tuple[int, str]], loaded: list) -> list[dict]:
+def _encode_group(
+    ds: TrainDataset, vae: AutoencoderKL, group: list[tuple[int, str]], loaded: list[Loaded]
+) -> list[LatentEntry]:
     """Encode records of one bucket: latents, flipped latents when flip_aug, processed mask."""
     pixels = torch.stack([torch.from_numpy(np.ascontiguousarray(p)).permute(2, 0, 1) for p, _ in loaded])
     pixels = pixels.float() / 127.5 - 1.0
@@ -241,12 +255,12 @@ def _encode_group(ds: TrainDataset, vae: Any, group: list[tuple[int, str]], load
     flipped = None
     if any(flips):
         flipped = encode_latents(vae, pixels.flip(-1), [_generator(key, 1) for _, key in group])
-    out = []
+    out: list[LatentEntry] = []
     for j, (_, mask) in enumerate(loaded):
         out.append(
             {
                 "latents": latents[j].clone(),
-                "latents_flipped": flipped[j].clone() if flips[j] else None,
+                "latents_flipped": flipped[j].clone() if flipped is not None and flips[j] else None,
                 "mask": None if mask is None else torch.from_numpy(np.ascontiguousarray(mask)),
             }
         )
@@ -255,8 +269,8 @@ def _encode_group(ds: TrainDataset, vae: Any, group: list[tuple[int, str]], load
 
 def cache_latents(
     dataset: TrainDataset,
-    vae: Any,
-    device: Any = "cpu",
+    vae: AutoencoderKL,
+    device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     report: Reporter | None = None,
     *,
@@ -278,14 +292,15 @@ def cache_latents(
     report = report or NullReporter()
     cfg = dataset.cfg
     _check_latent_cacheable(dataset)
-    to_disk = bool(cfg_value(cfg, "cache_latents_to_disk", False)) if to_disk is None else to_disk
-    if cfg_value(cfg, "no_half_vae", False):
+    to_disk = cfg.cache_latents_to_disk if to_disk is None else to_disk
+    if cfg.no_half_vae:
         dtype = torch.float32
     param = next(vae.parameters())
     if param.dtype != dtype or param.device != torch.device(device):
-        vae.to(device=device, dtype=dtype)
+        module: torch.nn.Module = vae  # ModelMixin.to is @wraps(Module.to), which mypy misreads
+        module.to(device=device, dtype=dtype)
     vae_id = f"{vae_id or module_fingerprint(vae)}:{dtype}"
-    cache_dir = cfg_value(cfg, "cache_dir")
+    cache_dir = cfg.cache_dir
     stats = CacheStats("latents")
     todo: list[tuple[int, str]] = []
     for i, rec in enumerate(dataset.records):
@@ -325,7 +340,12 @@ def cache_latents(
             rec = dataset.records[i]
             if to_disk:
                 path = _cache_path(rec, "latents", cache_dir)
-                _write(path, entry, key)
+                flipped = entry["latents_flipped"]
+                _write(
+                    path,
+                    {"latents": entry["latents"], "latents_flipped": flipped, "mask": entry["mask"]},
+                    key,
+                )
                 rec.latents, rec.latents_file = None, path
             else:
                 rec.latents = {**entry, "key": key}
@@ -365,15 +385,13 @@ def cache_text_encoder_outputs(
             f"text-encoder outputs cannot be cached: {', '.join(moving)} changes captions between epochs",
             "turn off cache_text_encoder_outputs or the caption augmentation",
         )
-    to_disk = (
-        bool(cfg_value(cfg, "cache_text_encoder_outputs_to_disk", False)) if to_disk is None else to_disk
-    )
+    to_disk = cfg.cache_text_encoder_outputs_to_disk if to_disk is None else to_disk
     if to_disk and not encoder_id:
         raise ValueError(
             "cache_text_encoder_outputs(to_disk=True) needs encoder_id (see text_encoder_fingerprint)"
         )
-    settings = [encoder_id or "in-memory", cfg_value(cfg, "max_token_length"), cfg_value(cfg, "clip_skip")]
-    cache_dir = cfg_value(cfg, "cache_dir")
+    settings = [encoder_id or "in-memory", cfg.max_token_length, cfg.clip_skip]
+    cache_dir = cfg.cache_dir
     stats = CacheStats("text-encoder")
     pending: dict[str, list[tuple[int, str]]] = {}  # caption -> [(record, key)]
     for i, rec in enumerate(dataset.records):

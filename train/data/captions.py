@@ -71,8 +71,8 @@ def _apply_wildcards(caption: str, rng: np.random.Generator) -> str:
         close_mark += "\u2986"
     caption = caption.replace("{{", open_mark).replace("}}", close_mark)
 
-    def choose(match: re.Match) -> str:
-        options = match.group(1).split("|")
+    def choose(match: re.Match[str]) -> str:
+        options: list[str] = match.group(1).split("|")
         return options[int(rng.integers(len(options)))]
 
     caption = _WILDCARD.sub(choose, caption)

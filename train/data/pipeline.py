@@ -36,16 +36,16 @@ exactly the batches an uninterrupted run sees after its first s batches of epoch
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 import torch
 
 from sdprep.errors import DatasetError
 from sdprep.progress import NullReporter, Reporter
-from sdprep.train.config.datasets import DatasetSpec, Findings, SubsetSpec, cfg_value, load_sources
+from sdprep.train.config.datasets import DatasetSpec, Findings, SubsetSpec, load_sources
 from sdprep.train.data.captions import process_caption, tag_frequency
 from sdprep.train.data.scan import ImageRecord, scan_sources
 from sdprep.train.data.summary import DataSummary, summarize
@@ -62,7 +62,40 @@ if TYPE_CHECKING:
     from sdprep.train.config.schema import TrainConfig
 
 CaptionTransform = Callable[[str, np.random.Generator], str]
-__all__ = ["ImageRecord", "TrainDataset", "build_dataset", "sample_rng"]
+Slot = tuple[int, int]  # (image index, repeat)
+__all__ = ["Batch", "ImageRecord", "TrainDataset", "build_dataset", "sample_rng"]
+
+
+class Batch(TypedDict):
+    """One batch (see the module docstring for shapes and meaning)."""
+
+    pixels: torch.Tensor | None
+    latents: torch.Tensor | None
+    mask: torch.Tensor | None
+    captions: list[str]
+    prompt_embeds: torch.Tensor | None
+    pooled_prompt_embeds: torch.Tensor | None
+    original_size: torch.Tensor
+    crop_top_left: torch.Tensor
+    target_size: torch.Tensor
+    time_ids: torch.Tensor
+    loss_weight: torch.Tensor
+    is_reg: torch.Tensor
+    flipped: list[bool]
+    paths: list[Path]
+    slots: list[Slot]
+
+
+class _Sample(TypedDict):
+    """One sample of a batch, before stacking."""
+
+    pixels: torch.Tensor | None
+    latents: torch.Tensor | None
+    mask: torch.Tensor | None
+    te: tuple[torch.Tensor, torch.Tensor] | None  # cached text-encoder outputs
+    caption: str
+    cond: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # SDXL size conditioning
+    flipped: bool
 
 
 def sample_rng(seed: int, *keys: int) -> np.random.Generator:
@@ -93,7 +126,7 @@ class TrainDataset:
         self.findings = findings
         self.seed = seed
         self.caption_transform = caption_transform
-        self.prior_loss_weight = float(cfg_value(cfg, "prior_loss_weight", 1.0))
+        self.prior_loss_weight = float(cfg.prior_loss_weight)
         self._summary: DataSummary | None = None
         self.validation: TrainDataset | None = None  # the held-out images (validation_split)
 
@@ -192,40 +225,44 @@ class TrainDataset:
             mask = fit_to_bucket(mask, rec.assignment, offset, interp)
         return pixels, mask
 
-    def _sample(self, slot: tuple[int, int], epoch: int) -> dict:
+    def _sample(self, slot: Slot, epoch: int) -> _Sample:
         index, repeat = slot
         rec = self.records[index]
         flipped, offset = self._augment(index, repeat, epoch)
-        out: dict[str, Any] = {"pixels": None, "latents": None, "mask": None}
+        pixels_t: torch.Tensor | None = None
+        latents: torch.Tensor | None = None
+        mask_t: torch.Tensor | None = None
         cached = _cached_latents(rec, flipped)
         if cached is not None:
-            out["latents"], out["mask"] = cached
+            latents, mask_t = cached
         else:
             pixels, mask = self.load_sample(index, offset)
             if self.subsets[rec.subset].color_aug:
                 pixels = color_aug(pixels, sample_rng(self.seed, _RNG_COLOR, epoch, index, repeat))
             if flipped:
                 pixels, mask = pixels[:, ::-1], None if mask is None else mask[:, ::-1]
-            out["pixels"] = (
-                torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float() / 127.5 - 1.0
-            )
+            pixels_t = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float() / 127.5 - 1.0
             if mask is not None:
-                out["mask"] = torch.from_numpy(np.ascontiguousarray(mask)).float().div_(255.0)
+                mask_t = torch.from_numpy(np.ascontiguousarray(mask)).float().div_(255.0)
         te = _cached_te(rec)
-        out["te"] = te
-        out["caption"] = self.fixed_caption(index) if te is not None else self.caption(index, repeat, epoch)
-        out["cond"] = size_conditioning(rec.size, rec.assignment.bucket, flipped)
-        out["flipped"] = flipped
-        return out
+        return {
+            "pixels": pixels_t,
+            "latents": latents,
+            "mask": mask_t,
+            "te": te,
+            "caption": self.fixed_caption(index) if te is not None else self.caption(index, repeat, epoch),
+            "cond": size_conditioning(rec.size, rec.assignment.bucket, flipped),
+            "flipped": flipped,
+        }
 
-    def collate(self, slots: list[tuple[int, int]], epoch: int) -> dict:
+    def collate(self, slots: list[Slot], epoch: int) -> Batch:
         """Build the batch dict for these (image index, repeat) slots."""
         samples = [self._sample(s, epoch) for s in slots]
         return _stack(samples, slots, self)
 
     # -- planning ----------------------------------------------------------------------------------
 
-    def plan(self, epoch: int, *, num_shards: int = 1, shard: int = 0) -> list[list[tuple[int, int]]]:
+    def plan(self, epoch: int, *, num_shards: int = 1, shard: int = 0) -> list[list[Slot]]:
         """This process's batches of `epoch` as lists of (image index, repeat) slots, in order.
 
         Samples are grouped by dataset and bucket into global batches of `batch_size * num_shards`
@@ -235,9 +272,9 @@ class TrainDataset:
         """
         if not 0 <= shard < num_shards:
             raise ValueError(f"shard {shard} is not in 0..{num_shards - 1}")
-        batches: list[list[tuple[int, int]]] = []
+        batches: list[list[Slot]] = []
         for d, spec in enumerate(self.datasets):
-            by_bucket: dict[tuple[int, int], list[tuple[int, int]]] = {}
+            by_bucket: dict[tuple[int, int], list[Slot]] = {}
             for i, rec in enumerate(self.records):
                 if rec.dataset == d:
                     slots = by_bucket.setdefault(rec.assignment.bucket, [])
@@ -253,7 +290,7 @@ class TrainDataset:
 
     def batches(
         self, epoch: int, skip: int = 0, *, num_shards: int = 1, shard: int = 0, prefetch: int = 0
-    ) -> Iterator[dict]:
+    ) -> Iterator[Batch]:
         """Yield the batch dicts of `epoch` (0-based) after skipping the first `skip` batches.
 
         `prefetch` > 0 loads that many batches ahead in background threads (decode and resize
@@ -265,7 +302,7 @@ class TrainDataset:
                 yield self.collate(slots, epoch)
             return
         with ThreadPoolExecutor(max_workers=prefetch) as pool:
-            window = []
+            window: list[Future[Batch]] = []
             for slots in plan:
                 window.append(pool.submit(self.collate, slots, epoch))
                 if len(window) > prefetch:
@@ -274,7 +311,7 @@ class TrainDataset:
                 yield fut.result()
 
 
-def _shard_part(batch: list, num_shards: int, shard: int) -> list:
+def _shard_part(batch: list[Slot], num_shards: int, shard: int) -> list[Slot]:
     if num_shards == 1:
         return batch
     parts = [list(p) for p in np.array_split(np.arange(len(batch)), num_shards)]
@@ -292,6 +329,8 @@ def _cached_latents(rec: ImageRecord, flipped: bool) -> tuple[torch.Tensor, torc
     if entry is None:
         return None
     latents = entry["latents_flipped"] if flipped else entry["latents"]
+    if latents is None:  # pragma: no cover - a flip_aug entry is encoded flipped too (its key says so)
+        raise DatasetError(f"{rec.path}: its latent cache entry has no flipped latents", "delete the cache")
     mask = entry.get("mask")
     if mask is not None:
         mask = mask.flip(-1) if flipped else mask
@@ -299,7 +338,7 @@ def _cached_latents(rec: ImageRecord, flipped: bool) -> tuple[torch.Tensor, torc
     return latents, mask
 
 
-def _cached_te(rec: ImageRecord) -> tuple | None:
+def _cached_te(rec: ImageRecord) -> tuple[torch.Tensor, torch.Tensor] | None:
     if rec.te is not None:
         return rec.te
     if rec.te_file is not None:
@@ -309,34 +348,50 @@ def _cached_te(rec: ImageRecord) -> tuple | None:
     return None
 
 
-def _stack(samples: list[dict], slots: list[tuple[int, int]], ds: TrainDataset) -> dict:
+def _stack(samples: list[_Sample], slots: list[Slot], ds: TrainDataset) -> Batch:
     recs = [ds.records[i] for i, _ in slots]
-    batch: dict[str, Any] = {"pixels": None, "latents": None, "mask": None}
-    key = "latents" if all(s["latents"] is not None for s in samples) else "pixels"
-    if key == "pixels" and any(s["pixels"] is None for s in samples):  # pragma: no cover - defensive
+    cached = [s["latents"] for s in samples]
+    images = [s["pixels"] for s in samples]
+    latents: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    if all(t is not None for t in cached):
+        latents = torch.stack([t for t in cached if t is not None])
+    elif all(t is not None for t in images):
+        pixels = torch.stack([t for t in images if t is not None])
+    else:  # pragma: no cover - defensive
         raise DatasetError("internal error: a batch mixes cached latents and images")
-    batch[key] = torch.stack([s[key] for s in samples])
     if any(s["mask"] is not None for s in samples):
         h, w = recs[0].assignment.bucket[1], recs[0].assignment.bucket[0]
-        masks = [s["mask"] if s["mask"] is not None else torch.ones(h, w) for s in samples]
-        batch["mask"] = torch.stack(masks).unsqueeze(1)
-    batch["captions"] = [s["caption"] for s in samples]
-    if all(s["te"] is not None for s in samples):
-        batch["prompt_embeds"] = torch.stack([s["te"][0] for s in samples])
-        batch["pooled_prompt_embeds"] = torch.stack([s["te"][1] for s in samples])
-    else:
-        batch["prompt_embeds"] = batch["pooled_prompt_embeds"] = None
+        masks = [m if (m := s["mask"]) is not None else torch.ones(h, w) for s in samples]
+        mask = torch.stack(masks).unsqueeze(1)
+    te = [s["te"] for s in samples]
+    embeds: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    if all(t is not None for t in te):
+        embeds = torch.stack([t[0] for t in te if t is not None])
+        pooled = torch.stack([t[1] for t in te if t is not None])
     conds = [s["cond"] for s in samples]
-    batch["original_size"] = torch.tensor([c[0] for c in conds], dtype=torch.long)
-    batch["crop_top_left"] = torch.tensor([c[1] for c in conds], dtype=torch.long)
-    batch["target_size"] = torch.tensor([c[2] for c in conds], dtype=torch.long)
-    batch["time_ids"] = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], 1)
-    batch["loss_weight"] = torch.tensor([ds.prior_loss_weight if r.is_reg else 1.0 for r in recs])
-    batch["is_reg"] = torch.tensor([r.is_reg for r in recs], dtype=torch.bool)
-    batch["flipped"] = [s["flipped"] for s in samples]
-    batch["paths"] = [r.path for r in recs]
-    batch["slots"] = list(slots)
-    return batch
+    original_size = torch.tensor([c[0] for c in conds], dtype=torch.long)
+    crop_top_left = torch.tensor([c[1] for c in conds], dtype=torch.long)
+    target_size = torch.tensor([c[2] for c in conds], dtype=torch.long)
+    return {
+        "pixels": pixels,
+        "latents": latents,
+        "mask": mask,
+        "captions": [s["caption"] for s in samples],
+        "prompt_embeds": embeds,
+        "pooled_prompt_embeds": pooled,
+        "original_size": original_size,
+        "crop_top_left": crop_top_left,
+        "target_size": target_size,
+        "time_ids": torch.cat([original_size, crop_top_left, target_size], 1),
+        "loss_weight": torch.tensor([ds.prior_loss_weight if r.is_reg else 1.0 for r in recs]),
+        "is_reg": torch.tensor([r.is_reg for r in recs], dtype=torch.bool),
+        "flipped": [s["flipped"] for s in samples],
+        "paths": [r.path for r in recs],
+        "slots": list(slots),
+    }
 
 
 def build_dataset(
@@ -363,11 +418,12 @@ def build_dataset(
         specs = datasets_transform(specs)
     scan = scan_sources(specs, cfg, findings, report)
     if seed is None:
-        seed = cfg_value(cfg, "seed")
+        seed = cfg.seed
     if seed is None:
         seed = 0
         findings.note("note: seed is not set: the data order uses seed 0")
-    records, held = scan.records, []
+    records = scan.records
+    held: list[ImageRecord] = []
     if any(d.validation_split > 0 for d in scan.datasets):
         from sdprep.train.loop.validation import split_records
 

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 ROUND, SQUARE = 1.1, 1 / 1.1
 _TOKEN = re.compile(
@@ -21,21 +26,29 @@ _TOKEN = re.compile(
 )
 
 
+@dataclass
+class _Run:
+    """A piece of caption text and its attention weight (scaled in place as brackets close)."""
+
+    text: str
+    weight: float
+
+
 def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
     """`"a (b:1.3) [c]"` -> `[("a ", 1.0), ("b", 1.3), (" ", 1.0), ("c", 1/1.1)]`: text runs and their
     attention weights; unclosed brackets apply to the end, runs of equal weight are merged."""
-    runs: list[list] = []
+    runs: list[_Run] = []
     rounds: list[int] = []
     squares: list[int] = []
 
     def scale(start: int, factor: float) -> None:
         for run in runs[start:]:
-            run[1] *= factor
+            run.weight *= factor
 
     for match in _TOKEN.finditer(text):
         piece, weight = match.group(0), match.group(1)
         if piece.startswith("\\"):
-            runs.append([piece[1:], 1.0])
+            runs.append(_Run(piece[1:], 1.0))
         elif piece == "(":
             rounds.append(len(runs))
         elif piece == "[":
@@ -47,26 +60,28 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
         elif piece == "]" and squares:
             scale(squares.pop(), SQUARE)
         else:
-            runs.append([piece, 1.0])
+            runs.append(_Run(piece, 1.0))
     for start in rounds:
         scale(start, ROUND)
     for start in squares:
         scale(start, SQUARE)
-    merged: list[list] = []
-    for run in runs or [["", 1.0]]:
-        if merged and merged[-1][1] == run[1]:
-            merged[-1][0] += run[0]
+    merged: list[_Run] = []
+    for run in runs or [_Run("", 1.0)]:
+        if merged and merged[-1].weight == run.weight:
+            merged[-1].text += run.text
         else:
-            merged.append(list(run))
-    return [(t, w) for t, w in merged]
+            merged.append(_Run(run.text, run.weight))
+    return [(r.text, r.weight) for r in merged]
 
 
-def _weighted_ids(text: str, tokenizer: Any, length: int) -> tuple[list[int], list[float]]:
+def _weighted_ids(
+    text: str, tokenizer: PreTrainedTokenizerBase, length: int
+) -> tuple[list[int], list[float]]:
     """One caption's ids and weights, `length` long with BOS, EOS and padding (weight 1)."""
     ids: list[int] = []
     weights: list[float] = []
     for run, weight in parse_prompt_attention(text):
-        tokens = tokenizer(run).input_ids[1:-1]
+        tokens: list[int] = tokenizer(run).input_ids[1:-1]
         ids += tokens
         weights += [weight] * len(tokens)
         if len(ids) > length - 2:
@@ -80,8 +95,8 @@ def _weighted_ids(text: str, tokenizer: Any, length: int) -> tuple[list[int], li
 
 
 def weighted_tokenize(
-    captions: Sequence[str], tokenizer: Any, max_token_length: int | None = None
-) -> tuple[Any, Any]:
+    captions: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_token_length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, weights), each [B, chunks, 77], with kohya's 75-token chunks (sdprep.train.data.text.tokenize)."""
     import torch
 
@@ -101,7 +116,7 @@ def weighted_tokenize(
     return chunked, per_chunk
 
 
-def apply_weights(hidden: Any, weights: Any) -> Any:
+def apply_weights(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Multiply re-joined hidden states [B, L, h] by per-token weights [B, chunks, 77] (kohya's
     encode_tokens_with_weights: all 77 positions for one chunk; each chunk's 75 tokens otherwise)."""
     weights = weights.to(hidden.device, hidden.dtype)

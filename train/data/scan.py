@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, NotRequired, TypedDict
 
 from sdprep.buckets import Assignment, BucketSettings, assign_bucket, make_buckets
 from sdprep.dataset import MASK_DIR, discover, is_image, loads_json, read_text_file
@@ -17,13 +17,24 @@ from sdprep.errors import CaptionError, ConfigError, DatasetError, SdprepError
 from sdprep.images import image_size
 from sdprep.progress import Reporter
 from sdprep.stage import map_items
-from sdprep.train.config.datasets import DatasetSpec, Findings, SubsetSpec, cfg_value
+from sdprep.train.config.datasets import DatasetSpec, Findings, SubsetSpec
 from sdprep.train.data.transforms import load_mask, load_rgb
 
 if TYPE_CHECKING:
+    import torch
+
     from sdprep.train.config.schema import TrainConfig
 
 MAX_COVERAGE_SAMPLE = 2000  # masks decoded for the mean-coverage figure (a fixed sample beyond this)
+
+
+class LatentEntry(TypedDict):
+    """One image's latent cache entry (sdprep.train.data.cache): raw VAE samples at its bucket."""
+
+    latents: torch.Tensor
+    latents_flipped: torch.Tensor | None  # when the subset has flip_aug
+    mask: torch.Tensor | None  # uint8 HxW, cut to the bucket
+    key: NotRequired[str]  # in memory: the cache key it was encoded under
 
 
 @dataclass
@@ -42,9 +53,9 @@ class ImageRecord:
     alpha_mask: bool = False
     coverage: float | None = None
     # filled by sdprep.train.data.cache
-    latents: dict | None = None  # in-memory latent cache entry
+    latents: LatentEntry | None = None  # in-memory latent cache entry
     latents_file: Path | None = None
-    te: tuple | None = None  # (prompt_embeds [L,2048], pooled [1280]) in memory
+    te: tuple[torch.Tensor, torch.Tensor] | None = None  # (prompt_embeds [L,2048], pooled [1280]) in memory
     te_file: Path | None = None
     te_key: str | None = None
 
@@ -59,9 +70,16 @@ class _Found:
     caption: str
     mask: Path | None = None
     alpha: bool = False
-    size: tuple[int, int] | None = None
-    assignment: Assignment | None = None
     train_resolution: tuple[int, int] | None = None  # from a metadata JSON entry
+
+
+@dataclass
+class _Placed:
+    """A found image with its size and bucket."""
+
+    found: _Found
+    size: tuple[int, int]
+    assignment: Assignment
 
 
 @dataclass
@@ -125,7 +143,7 @@ def _db_images(spec: SubsetSpec, findings: Findings) -> list[_Found]:
     return found
 
 
-def _metadata_caption(md: Any, sep: str) -> str:
+def _metadata_caption(md: object, sep: str) -> str:
     if not isinstance(md, dict):
         raise ValueError("entry is not a JSON object")
     caption, tags = md.get("caption"), md.get("tags")
@@ -154,9 +172,8 @@ def _resolve_key(key: str, image_dir: Path | None) -> tuple[Path | None, bool]:
     return None, False
 
 
-def _ft_images(spec: SubsetSpec, findings: Findings) -> list[_Found]:
-    """A fine-tuning subset: captions from the metadata JSON; unlisted images are reported."""
-    path = spec.metadata_file
+def _ft_images(spec: SubsetSpec, path: Path, findings: Findings) -> list[_Found]:
+    """A fine-tuning subset (`path`: its metadata JSON): captions from it; unlisted images are reported."""
     try:
         data = loads_json(read_text_file(path, max_bytes=None))
     except (CaptionError, FileNotFoundError) as exc:
@@ -242,7 +259,7 @@ def _bucket_settings(spec: DatasetSpec) -> tuple[BucketSettings, list[tuple[int,
     return settings, None if spec.bucket_no_upscale else make_buckets(settings)
 
 
-def _size_and_bucket(found: list[_Found], spec: DatasetSpec, findings: Findings) -> list[_Found]:
+def _size_and_bucket(found: list[_Found], spec: DatasetSpec, findings: Findings) -> list[_Placed]:
     settings, buckets = _bucket_settings(spec)
     usable = []
     for f, size in map_items(lambda f: image_size(f.path), found, workers=4):
@@ -253,13 +270,16 @@ def _size_and_bucket(found: list[_Found], spec: DatasetSpec, findings: Findings)
         if a.dropped:
             findings.drop(f.path, a.dropped)
             continue
-        f.size, f.assignment = size, a
-        usable.append(f)
-    differ = [f for f in usable if f.train_resolution and tuple(f.train_resolution) != f.assignment.bucket]
+        usable.append(_Placed(f, size, a))
+    differ = [
+        p
+        for p in usable
+        if p.found.train_resolution and tuple(p.found.train_resolution) != p.assignment.bucket
+    ]
     if differ:
         findings.note(
             f"note: {len(differ)} metadata entries give a train_resolution other than the bucket this config "
-            f"computes (first: {differ[0].path.name}); sdprep buckets from the image and these settings"
+            f"computes (first: {differ[0].found.path.name}); sdprep buckets from the image and these settings"
         )
     return usable
 
@@ -357,42 +377,48 @@ class Scan:
 def _scan_dataset(d: int, dspec: DatasetSpec, scan: Scan, masked_loss: bool) -> None:
     findings, subsets = scan.findings, scan.subsets
     seen: set[Path] = set()
-    rows: list[tuple[_Found, int]] = []
+    rows: list[tuple[_Placed, int]] = []
     for sspec in dspec.subsets:
-        key = (sspec.metadata_file or sspec.image_dir).resolve()
+        source = sspec.metadata_file or sspec.image_dir
+        if source is None:
+            raise ConfigError(f"{sspec.origin}: image_dir is required", 'add image_dir = "path/to/images"')
+        key = source.resolve()
         if key in seen:
             findings.note(
                 f"note: {sspec.origin}: same folder as an earlier subset of this dataset: ignored (kohya's rule)"
             )
             continue
         seen.add(key)
-        found = _ft_images(sspec, findings) if sspec.is_finetune else _db_images(sspec, findings)
+        if sspec.metadata_file is not None:
+            found = _ft_images(sspec, sspec.metadata_file, findings)
+        else:
+            found = _db_images(sspec, findings)
         if sspec.num_repeats < 1:
             for f in found:
                 findings.drop(f.path, f"{sspec.origin}: num_repeats is {sspec.num_repeats}")
             continue
         _attach_masks(sspec, found, masked_loss, scan.mask_stats)
-        found = _size_and_bucket(found, dspec, findings)
+        placed = _size_and_bucket(found, dspec, findings)
         subsets.append(sspec)
-        rows += [(f, len(subsets) - 1) for f in found]
+        rows += [(p, len(subsets) - 1) for p in placed]
     repeats = [subsets[s].num_repeats for _, s in rows]
     train = [i for i, (_, s) in enumerate(rows) if not subsets[s].is_reg]
     reg = [i for i, (_, s) in enumerate(rows) if subsets[s].is_reg]
     used = _rebalance_reg(train, reg, repeats) if reg else set()
-    for i, (f, s) in enumerate(rows):
-        is_reg = subsets[s].is_reg
+    for i, (p, s) in enumerate(rows):
+        f, is_reg = p.found, subsets[s].is_reg
         if is_reg and i not in used:
             findings.drop(
                 f.path, "regularisation image not needed: reg samples already match the training samples"
             )
             continue
-        rec = ImageRecord(f.path, d, s, f.caption, f.size, f.assignment, repeats[i], is_reg, f.mask, f.alpha)
+        rec = ImageRecord(f.path, d, s, f.caption, p.size, p.assignment, repeats[i], is_reg, f.mask, f.alpha)
         scan.records.append(rec)
 
 
 def scan_sources(datasets: list[DatasetSpec], cfg: TrainConfig, findings: Findings, report: Reporter) -> Scan:
     """Read every subset of `datasets` into usable image records (see the module docstring)."""
-    masked_loss = bool(cfg_value(cfg, "masked_loss", False))
+    masked_loss = cfg.masked_loss
     scan = Scan(datasets, [], [], findings, _MaskStats())
     report.start(len(datasets), "reading images")
     for d, dspec in enumerate(datasets):

@@ -92,8 +92,8 @@ class DataSummary:
 def summarize(ds: TrainDataset) -> DataSummary:
     """Build the DataSummary of a TrainDataset."""
     recs = ds.records
-    images: Counter = Counter()
-    samples: Counter = Counter()
+    images: Counter[tuple[int, int]] = Counter()
+    samples: Counter[tuple[int, int]] = Counter()
     for r in recs:
         images[r.assignment.bucket] += 1
         samples[r.assignment.bucket] += r.num_repeats

@@ -14,9 +14,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
+
+    TextEncoders = tuple[CLIPTextModel, CLIPTextModelWithProjection]  # SDXL's (TE1, TE2)
 
 CHUNK = 75
 
@@ -29,10 +34,12 @@ def _chunks(max_token_length: int | None) -> int:
     return max_token_length // CHUNK
 
 
-def tokenize(captions: Sequence[str], tokenizer: Any, max_token_length: int | None = None) -> torch.Tensor:
+def tokenize(
+    captions: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_token_length: int | None = None
+) -> torch.Tensor:
     """Token ids [B, chunks, 77] for one tokenizer, kohya's way (BOS/EOS per 75-token chunk)."""
     n = _chunks(max_token_length)
-    ids = tokenizer(
+    ids: torch.Tensor = tokenizer(
         list(captions), padding="max_length", truncation=True, max_length=n * CHUNK + 2, return_tensors="pt"
     ).input_ids
     if n == 1:
@@ -40,7 +47,7 @@ def tokenize(captions: Sequence[str], tokenizer: Any, max_token_length: int | No
     return split_chunks(ids, tokenizer, n)
 
 
-def split_chunks(ids: torch.Tensor, tokenizer: Any, n: int) -> torch.Tensor:
+def split_chunks(ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase, n: int) -> torch.Tensor:
     """[B, n*75 + 2] ids -> [B, n, 77]: each chunk its own BOS and EOS (kohya's get_input_ids)."""
     width = tokenizer.model_max_length  # 77
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -60,7 +67,9 @@ def split_chunks(ids: torch.Tensor, tokenizer: Any, n: int) -> torch.Tensor:
 
 
 def tokenize_sdxl(
-    captions: Sequence[str], tokenizers: Sequence[Any], max_token_length: int | None = None
+    captions: Sequence[str],
+    tokenizers: Sequence[PreTrainedTokenizerBase],
+    max_token_length: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids1, ids2), each [B, chunks, 77], for SDXL's two tokenizers."""
     return tokenize(captions, tokenizers[0], max_token_length), tokenize(
@@ -90,7 +99,10 @@ def _rejoin(hidden: torch.Tensor, batch: int, chunks: int) -> torch.Tensor:
 
 
 def pooled_from_eos(
-    text_encoder: Any, last_hidden_state: torch.Tensor, ids: torch.Tensor, eos_token_id: int
+    text_encoder: CLIPTextModelWithProjection,
+    last_hidden_state: torch.Tensor,
+    ids: torch.Tensor,
+    eos_token_id: int,
 ) -> torch.Tensor:
     """Text projection of the hidden state at each row's first EOS token (kohya's pool_workaround)."""
     index = torch.argmax((ids == eos_token_id).int(), dim=1).to(last_hidden_state.device)
@@ -98,13 +110,14 @@ def pooled_from_eos(
         torch.arange(last_hidden_state.shape[0], device=last_hidden_state.device), index
     ]
     proj = text_encoder.text_projection
-    return proj(pooled.to(proj.weight.dtype)).to(last_hidden_state.dtype)
+    projected: torch.Tensor = proj(pooled.to(proj.weight.dtype))
+    return projected.to(last_hidden_state.dtype)
 
 
 def encode_tokens(
     ids1: torch.Tensor,
     ids2: torch.Tensor,
-    text_encoders: Sequence[Any],
+    text_encoders: TextEncoders,
     *,
     eos_token_id: int,
     clip_skip: int | None = None,
@@ -135,8 +148,8 @@ def encode_tokens(
 
 def encode_prompts(
     captions: Sequence[str],
-    tokenizers: Sequence[Any],
-    text_encoders: Sequence[Any],
+    tokenizers: Sequence[PreTrainedTokenizerBase],
+    text_encoders: TextEncoders,
     max_token_length: int | None = None,
     clip_skip: int | None = None,
     weighted: bool = False,
@@ -161,6 +174,6 @@ def encode_prompts(
     )
 
 
-def token_count(caption: str, tokenizer: Any) -> int:
+def token_count(caption: str, tokenizer: PreTrainedTokenizerBase) -> int:
     """Tokens a caption uses, without BOS/EOS (for "over 75 / 225 tokens" reports)."""
     return len(tokenizer(caption, add_special_tokens=False, truncation=False).input_ids)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal, overload
 
 import cv2
 import numpy as np
@@ -39,14 +40,15 @@ _CV2_FLAGS = {
 def resize(arr: np.ndarray, size: tuple[int, int], interpolation: str | None = None) -> np.ndarray:
     """Resize an HxW or HxWxC uint8 array to `size` (w, h) with kohya's interpolation choice."""
     h, w = arr.shape[:2]
-    if (w, h) == tuple(size):
+    target = (int(size[0]), int(size[1]))
+    if (w, h) == target:
         return arr
     if interpolation is None:
         interpolation = "area" if w >= size[0] and h >= size[1] else "lanczos"
     if interpolation in _PIL_FILTERS:
-        out = Image.fromarray(arr).resize(tuple(size), resample=_PIL_FILTERS[interpolation])
+        out = Image.fromarray(arr).resize(target, resample=_PIL_FILTERS[interpolation])
         return np.asarray(out)
-    return cv2.resize(arr, tuple(size), interpolation=_CV2_FLAGS[interpolation])
+    return cv2.resize(arr, target, interpolation=_CV2_FLAGS[interpolation])
 
 
 def crop_offsets(a: Assignment, rng: np.random.Generator | None = None) -> tuple[int, int]:
@@ -75,6 +77,8 @@ def kohya_crop_ltrb(bucket: tuple[int, int], original: tuple[int, int]) -> tuple
     """kohya's `BucketManager.get_crop_ltrb(bucket_reso, image_size)` (floats, as there)."""
     bucket_ar = bucket[0] / bucket[1]
     image_ar = original[0] / original[1]
+    rw: float
+    rh: float
     if bucket_ar > image_ar:
         rw, rh = bucket[1] * image_ar, bucket[1]
     else:
@@ -94,6 +98,10 @@ def size_conditioning(
     return (int(original[1]), int(original[0])), (int(top), int(left)), (int(bucket[1]), int(bucket[0]))
 
 
+@overload
+def load_rgb(path: Path, with_alpha: Literal[True]) -> tuple[np.ndarray, np.ndarray]: ...
+@overload
+def load_rgb(path: Path, with_alpha: bool) -> tuple[np.ndarray, np.ndarray | None]: ...
 def load_rgb(path: Path, with_alpha: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """The image as HxWx3 uint8 and, when asked, its alpha channel as the loss mask.
 
@@ -129,4 +137,5 @@ def color_aug(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         hsv[..., 0] = ((hsv[..., 0].astype(np.float32) + shift) % 180.0).astype(np.uint8)
         return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
     gamma = rng.uniform(0.95, 1.05)
-    return np.clip(rgb.astype(np.float32) ** gamma, 0, 255).astype(np.uint8)
+    out: np.ndarray = np.clip(rgb.astype(np.float32) ** gamma, 0, 255).astype(np.uint8)
+    return out

@@ -14,9 +14,15 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdprep.errors import ModelError
+
+if TYPE_CHECKING:
+    # the modules themselves: mypy reads `diffusers.X` as the no-torch placeholder classes
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
 MIN_VOCAB = 256  # a byte-level BPE has at least 256 symbols; broken loads give 2-3
@@ -27,24 +33,24 @@ HUB_SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 class SDXLModel:
     """The SDXL components the trainer works with, plus where they came from."""
 
-    unet: Any
-    vae: Any
-    text_encoder: Any
-    text_encoder_2: Any
-    tokenizer: Any
-    tokenizer_2: Any
-    scheduler_config: dict
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModelWithProjection
+    tokenizer: PreTrainedTokenizerBase
+    tokenizer_2: PreTrainedTokenizerBase
+    scheduler_config: dict[str, Any]  # the noise scheduler's diffusers config (JSON values)
     source: str
     is_tiny: bool = False
     notes: list[str] = field(default_factory=list)  # what loading found (v-prediction markers...)
 
     @property
-    def tokenizers(self) -> list:
-        return [self.tokenizer, self.tokenizer_2]
+    def tokenizers(self) -> tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase]:
+        return self.tokenizer, self.tokenizer_2
 
     @property
-    def text_encoders(self) -> list:
-        return [self.text_encoder, self.text_encoder_2]
+    def text_encoders(self) -> tuple[CLIPTextModel, CLIPTextModelWithProjection]:
+        return self.text_encoder, self.text_encoder_2
 
     def pipeline(self, scheduler: Any = None, unet: Any = None):
         """A StableDiffusionXLPipeline sharing these modules (no copies), e.g. for samples."""
@@ -205,7 +211,9 @@ def file_markers(path: Path) -> dict[str, bool]:
 
 def _reference_vae(model_config: Path | None, exc: MissingVaeError) -> Any:
     """An AutoencoderKL with the model's VAE config (to read a separate VAE file against)."""
-    from diffusers import AutoencoderKL
+    from diffusers.models.autoencoders.autoencoder_kl import (
+        AutoencoderKL,
+    )  # not diffusers.X (a placeholder to mypy)
 
     from sdprep.train.models.sdxl_config import BASE_DIR
 
@@ -296,7 +304,9 @@ def _load_pipeline(
 
 def load_vae(vae: str | Path, reference: Any, base: str):
     """Load a separate VAE (diffusers folder or single file), configured like `reference` when needed."""
-    from diffusers import AutoencoderKL
+    from diffusers.models.autoencoders.autoencoder_kl import (
+        AutoencoderKL,
+    )  # not diffusers.X (a placeholder to mypy)
 
     path = Path(os.path.expanduser(str(vae)))
     try:
