@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -36,6 +37,10 @@ from sdprep.prep.convert import GREY_MODES, save_bytes
 from sdprep.prep.rename import mask_dirs
 from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import MAX_WORKERS, StageResult, dataset_items, each_item, worker_count
+
+if TYPE_CHECKING:
+    from sdprep.images import Mode
+    from sdprep.prep.upscale_models import Upscaler
 
 DEFAULT_MIN_AREA = 1024 * 1024
 WRITABLE = {"PNG", "JPEG", "WEBP", "BMP", "TIFF"}
@@ -87,13 +92,13 @@ def resize_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Hard (0/255) masks stay hard (nearest); soft masks are resized smoothly (bilinear)."""
     colours = mask.getcolors(256) or []
     hard = all(value in (0, 255) for _, value in colours)
-    return mask.resize(size, Image.NEAREST if hard else Image.BILINEAR)
+    return mask.resize(size, Image.Resampling.NEAREST if hard else Image.Resampling.BILINEAR)
 
 
-def upscale_image(im: Image.Image, size: tuple[int, int], upscaler=None) -> Image.Image:
+def upscale_image(im: Image.Image, size: tuple[int, int], upscaler: Upscaler | None = None) -> Image.Image:
     """Resize `im` to `size`: Lanczos, or model passes then Lanczos to the exact size."""
     if upscaler is None:
-        return im.resize(size, Image.LANCZOS)
+        return im.resize(size, Image.Resampling.LANCZOS)
     alpha = im.getchannel("A") if im.mode == "RGBA" else None
     rgb = np.asarray(im.convert("RGB"))
     while True:
@@ -103,11 +108,11 @@ def upscale_image(im: Image.Image, size: tuple[int, int], upscaler=None) -> Imag
             break
     out = Image.fromarray(rgb)
     if out.size != size:
-        out = out.resize(size, Image.LANCZOS)
+        out = out.resize(size, Image.Resampling.LANCZOS)
     if im.mode == "L":
         out = out.convert("L")
     if alpha is not None:
-        out.putalpha(alpha.resize(size, Image.LANCZOS))
+        out.putalpha(alpha.resize(size, Image.Resampling.LANCZOS))
     return out
 
 
@@ -128,7 +133,9 @@ def _png(im: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def prepare(item: Item, opts: UpscaleOptions, upscaler: Callable[[], object | None], method: str):
+def prepare(
+    item: Item, opts: UpscaleOptions, upscaler: Callable[[], Upscaler | None], method: str
+) -> Prepared | None:
     """Upscale one image (and its mask) in memory; None when it is already large enough."""
     w, h = image_size(item.path, root=item.root)
     size = target_size(w, h, opts)
@@ -147,10 +154,11 @@ def prepare(item: Item, opts: UpscaleOptions, upscaler: Callable[[], object | No
             f"upscaled, {w}x{h} would become {size[0]:,}x{size[1]:,}: that {too_large}",
             "crop the image (so thin a strip is rarely useful), or lower --min-side / --min-area",
         )
-    load_mode = "RGBA" if transparent and fmt != "JPEG" else ("L" if mode in GREY_MODES else "RGB")
+    load_mode: Mode = "RGBA" if transparent and fmt != "JPEG" else ("L" if mode in GREY_MODES else "RGB")
     out = upscale_image(load_image(item.path, load_mode, root=item.root), size, upscaler())
     data = save_bytes(out, fmt, opts.quality, icc)
-    masks, notes = [], []
+    masks: list[tuple[Path, bytes]] = []
+    notes: list[str] = []
     for folder in mask_dirs(item.path.parent):  # masks/ and any masks_<name>/ keep the image's size
         path = item.mask_path(folder)
         if path.exists():
@@ -175,24 +183,24 @@ class _LazyUpscaler:
 
     def __init__(self, opts: UpscaleOptions) -> None:
         self.opts = opts
-        self.loaded = None
+        self.loaded: Upscaler | None = None
         self.method = "lanczos"
         if opts.model is not None:
             path = Path(opts.model)
             digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "missing"
             self.method = f"model {path.name} sha256:{digest}"
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         """Sent to a Ray worker without the loaded model: each worker loads its own, once."""
         return {**self.__dict__, "loaded": None}
 
-    def __call__(self):
-        if self.opts.model is None:
+    def __call__(self) -> Upscaler | None:
+        o = self.opts
+        if o.model is None:
             return None
         if self.loaded is None:
             from sdprep.prep.upscale_models import load_upscaler
 
-            o = self.opts
             self.loaded = load_upscaler(
                 o.model, device=o.device, tile=o.tile, overlap=o.overlap, trust_pickle=o.trust_pickle
             )

@@ -17,26 +17,32 @@ from __future__ import annotations
 import math
 import pickle
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sdprep.errors import ModelError
 
+if TYPE_CHECKING:
+    import torch
+
 WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model", "net")
+# what runs the tiles: an nn.Module, or a spandrel ImageModelDescriptor (spandrel ships no types)
+TileModel = Callable[["torch.Tensor"], "torch.Tensor"]
 
 
-def _torch():
+def _need_torch() -> None:
+    """Check that PyTorch imports (each user imports it where needed: this module stays light)."""
     try:
-        import torch
+        import torch  # noqa: F401
     except ImportError as exc:
         raise ModelError(
             "--model needs PyTorch, which is not installed",
             'install it (pip install "sdprep[train]"), or upscale with Lanczos (no --model)',
         ) from exc
-    return torch
 
 
 # -- reading weights ---------------------------------------------------------------------------
@@ -51,7 +57,9 @@ def read_state_dict(path: Path | str, *, trust_pickle: bool = False) -> dict[str
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: no such model file", "pass the path of a .safetensors or .pth file")
-    torch = _torch()
+    _need_torch()
+    import torch
+
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
 
@@ -84,28 +92,36 @@ def read_state_dict(path: Path | str, *, trust_pickle: bool = False) -> dict[str
 # -- architectures ------------------------------------------------------------------------------
 
 
-def _build_rrdbnet(torch, in_nc: int, out_nc: int, nf: int, nb: int, gc: int, n_up: int, unshuffle: int):
-    nn, F = torch.nn, torch.nn.functional
+def _build_rrdbnet(
+    in_nc: int, out_nc: int, nf: int, nb: int, gc: int, n_up: int, unshuffle: int
+) -> torch.nn.Module:
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
 
     class RDB(nn.Module):
+        conv5: nn.Conv2d  # conv1..conv5 are set by name below
+
         def __init__(self) -> None:
             super().__init__()
             for i in range(5):
                 setattr(self, f"conv{i + 1}", nn.Conv2d(nf + i * gc, nf if i == 4 else gc, 3, 1, 1))
 
-        def forward(self, x):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
             feats = [x]
             for i in range(1, 5):
                 feats.append(F.leaky_relu(getattr(self, f"conv{i}")(torch.cat(feats, 1)), 0.2))
-            return self.conv5(torch.cat(feats, 1)) * 0.2 + x
+            last: torch.Tensor = self.conv5(torch.cat(feats, 1))
+            return last * 0.2 + x
 
     class RRDB(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.rdb1, self.rdb2, self.rdb3 = RDB(), RDB(), RDB()
 
-        def forward(self, x):
-            return self.rdb3(self.rdb2(self.rdb1(x))) * 0.2 + x
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y: torch.Tensor = self.rdb3(self.rdb2(self.rdb1(x)))
+            return y * 0.2 + x
 
     class RRDBNet(nn.Module):
         def __init__(self) -> None:
@@ -118,37 +134,38 @@ def _build_rrdbnet(torch, in_nc: int, out_nc: int, nf: int, nb: int, gc: int, n_
             self.conv_hr = nn.Conv2d(nf, nf, 3, 1, 1)
             self.conv_last = nn.Conv2d(nf, out_nc, 3, 1, 1)
 
-        def forward(self, x):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
             h, w = x.shape[-2:]
             if unshuffle > 1:  # Real-ESRGAN x2/x1: the input must divide by the unshuffle factor
                 pad_h, pad_w = (-h) % unshuffle, (-w) % unshuffle
                 x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect") if pad_h or pad_w else x
                 x = F.pixel_unshuffle(x, unshuffle)
-            feat = self.conv_first(x)
+            feat: torch.Tensor = self.conv_first(x)
             feat = feat + self.conv_body(self.body(feat))
             for i in range(n_up):
                 up = F.interpolate(feat, scale_factor=2, mode="nearest")
                 feat = F.leaky_relu(getattr(self, f"conv_up{i + 1}")(up), 0.2)
-            out = self.conv_last(F.leaky_relu(self.conv_hr(feat), 0.2))
+            out: torch.Tensor = self.conv_last(F.leaky_relu(self.conv_hr(feat), 0.2))
             scale = 2**n_up // unshuffle
             return out[..., : h * scale, : w * scale]
 
     return RRDBNet()
 
 
-def _build_compact(torch, in_nc: int, out_nc: int, nf: int, num_conv: int, scale: int):
-    nn, F = torch.nn, torch.nn.functional
+def _build_compact(in_nc: int, out_nc: int, nf: int, num_conv: int, scale: int) -> torch.nn.Module:
+    from torch import nn
+    from torch.nn import functional as F
 
     class SRVGGNetCompact(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            layers = [nn.Conv2d(in_nc, nf, 3, 1, 1), nn.PReLU(nf)]
+            layers: list[nn.Module] = [nn.Conv2d(in_nc, nf, 3, 1, 1), nn.PReLU(nf)]
             for _ in range(num_conv):
                 layers += [nn.Conv2d(nf, nf, 3, 1, 1), nn.PReLU(nf)]
             layers.append(nn.Conv2d(nf, out_nc * scale * scale, 3, 1, 1))
             self.body = nn.ModuleList(layers)
 
-        def forward(self, x):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
             out = x
             for layer in self.body:
                 out = layer(out)
@@ -250,7 +267,7 @@ def detect_architecture(sd: dict[str, Any]) -> tuple[str, dict[str, int]]:
 class Upscaler:
     """A loaded model: `upscale(rgb)` maps an HxWx3 uint8 array to (H*scale)x(W*scale)x3."""
 
-    model: Any
+    model: TileModel
     scale: int
     name: str
     device: str
@@ -262,7 +279,9 @@ class Upscaler:
 
 
 def pick_device(device: str = "auto") -> str:
-    torch = _torch()
+    _need_torch()
+    import torch
+
     if device != "auto":
         return device
     if torch.cuda.is_available():
@@ -271,15 +290,15 @@ def pick_device(device: str = "auto") -> str:
     return "mps" if mps is not None and mps.is_available() else "cpu"
 
 
-def build_model(sd: dict[str, Any]) -> tuple[Any, int, str]:
+def build_model(sd: dict[str, Any]) -> tuple[torch.nn.Module, int, str]:
     """An nn.Module with the weights loaded, its scale, and the architecture name."""
-    torch = _torch()
+    _need_torch()
     arch, hp = detect_architecture(sd)
     scale = hp.pop("scale")
     if arch == "rrdbnet":
-        model, weights = _build_rrdbnet(torch, **hp), to_new_rrdb_keys(sd)
+        model, weights = _build_rrdbnet(**hp), to_new_rrdb_keys(sd)
     else:
-        model, weights = _build_compact(torch, scale=scale, **hp), sd
+        model, weights = _build_compact(scale=scale, **hp), sd
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
@@ -314,9 +333,13 @@ def load_upscaler(
     return Upscaler(model.to(dev), scale, f"{path.name} ({arch} x{scale})", dev, tile, overlap)
 
 
-def run_tiled(model: Any, rgb: np.ndarray, scale: int, device: str, tile: int, overlap: int) -> np.ndarray:
+def run_tiled(
+    model: TileModel, rgb: np.ndarray, scale: int, device: str, tile: int, overlap: int
+) -> np.ndarray:
     """Run `model` over overlapping tiles; each tile's centre is kept (tile=0 means one pass)."""
-    torch = _torch()
+    _need_torch()
+    import torch
+
     h, w = rgb.shape[:2]
     tile = tile if tile > 0 else max(h, w)
     out = np.empty((h * scale, w * scale, 3), dtype=np.uint8)
