@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchutil import peak_rss_mb
+from benchutil import empty_folder, peak_rss_mb, random_caption
 
 PER_FOLDER = 1000
 WORK = Path(os.environ.get("SDPREP_BENCH_DIR", Path(tempfile.gettempdir()) / "sdprep-bench-captions"))
@@ -35,9 +35,7 @@ def make_dataset(root: Path, n: int) -> None:
     """n images (hard links) with captions of 15-40 tags, in folders of PER_FOLDER."""
     from PIL import Image
 
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
+    empty_folder(root)
     rng = random.Random(0)
     for i in range(n):
         folder = root / f"{10 + i // PER_FOLDER}_concept{i // PER_FOLDER}"
@@ -46,8 +44,7 @@ def make_dataset(root: Path, n: int) -> None:
             folder.mkdir()
             Image.new("RGB", (8, 8)).save(png)
         os.link(png, folder / f"{i:06d}.png")
-        tags = ["1girl", "solo", *rng.sample(VOCAB, rng.randint(13, 38))]
-        (folder / f"{i:06d}.txt").write_text(", ".join(tags) + "\n")
+        (folder / f"{i:06d}.txt").write_text(random_caption(rng, VOCAB, 38))
 
 
 def baseline(root: Path) -> None:

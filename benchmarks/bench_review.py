@@ -26,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+from benchutil import empty_folder, random_caption  # noqa: E402
 from review_support import Server, browser_problem, chromium  # noqa: E402
 
 WORK = Path(os.environ.get("SDPREP_BENCH_DIR", Path(tempfile.gettempdir()) / "sdprep-bench-review"))
@@ -43,17 +44,14 @@ def make_dataset(root: Path, n: int) -> None:
     """n JPEGs of SDXL bucket sizes (a few distinct pictures, each file its own) with captions."""
     from PIL import Image, ImageDraw
 
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
+    empty_folder(root)
     rng = random.Random(0)
     for i in range(n):
         w, h = SIZES[i % len(SIZES)]
         im = Image.new("RGB", (w, h), tuple(rng.randrange(40, 220) for _ in range(3)))
         ImageDraw.Draw(im).ellipse([w // 4, h // 4, 3 * w // 4, 3 * h // 4], fill=(250, 220, 200))
         im.save(root / f"{i:06d}.jpg", quality=70)
-        tags = ["1girl", "solo", *rng.sample(VOCAB, rng.randint(13, 30))]
-        (root / f"{i:06d}.txt").write_text(", ".join(tags) + "\n")
+        (root / f"{i:06d}.txt").write_text(random_caption(rng, VOCAB, 30))
 
 
 def rss_mb(pid: int) -> float:

@@ -93,16 +93,8 @@ GOLDEN_FROM_SIDECARS = {
 
 def test_captions_from_sidecars_golden_idempotent_and_undo(cli_runner, sample_dataset: Path):
     sidecars = {p.name: p.read_bytes() for p in sample_dataset.glob("*.json")}
-    args = [
-        "clean",
-        str(sample_dataset),
-        "--trigger",
-        "nazuna",
-        "--remove",
-        "blue eyes",
-        "--remove",
-        "pink hair",
-    ]
+    args = ["clean", str(sample_dataset), "--trigger", "nazuna", "--remove", "blue eyes"]
+    args += ["--remove", "pink hair"]
     res = cli_runner.invoke(cli, args)
     assert res.exit_code == 0, res.output
     assert res.output.splitlines() == [
@@ -142,19 +134,8 @@ def test_undo_restores_original_caption_bytes(sample_dataset: Path):
 def test_dry_run_prints_a_diff_and_writes_nothing(cli_runner, sample_dataset: Path):
     (sample_dataset / "a_landscape.txt").write_text("1girl, blue eyes, smile\n")
     before = sorted(p.name for p in sample_dataset.iterdir())
-    res = cli_runner.invoke(
-        cli,
-        [
-            "clean",
-            str(sample_dataset),
-            "--trigger",
-            "nazuna",
-            "--remove",
-            "blue eyes",
-            "--dry-run",
-            "--no-monochrome",
-        ],
-    )
+    args = ["clean", str(sample_dataset), "--trigger", "nazuna", "--remove", "blue eyes"]
+    res = cli_runner.invoke(cli, [*args, "--dry-run", "--no-monochrome"])
     assert res.exit_code == 0, res.output
     assert res.output.startswith(
         f"--- {sample_dataset}/a_landscape.txt\n"

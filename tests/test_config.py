@@ -53,19 +53,22 @@ def test_layering_and_overrides(tmp_path):
     assert (cfg.steps, cfg.name, cfg.inner.rate, cfg.inner.mode) == (5, "cli", 0.1, "b")
 
 
-def test_bad_toml_names_file(tmp_path):
-    p = tmp_path / "bad.toml"
-    p.write_text("x = = 1\n")
-    with pytest.raises(ConfigError, match="bad.toml: invalid TOML"):
-        load_toml(p)
-
-
-def test_a_toml_nested_too_deeply_is_a_config_error(tmp_path):
-    from sdprep.config import load_toml
-
-    path = tmp_path / "bomb.toml"
-    path.write_text("a = " + "[" * 100_000 + "]" * 100_000 + "\n")
-    with pytest.raises(ConfigError, match="bomb.toml: invalid TOML: arrays or tables nested too deeply"):
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("bad.toml", "x = = 1\n", "bad.toml: invalid TOML"),
+        (
+            "bomb.toml",
+            "a = " + "[" * 100_000 + "]" * 100_000 + "\n",
+            "bomb.toml: invalid TOML: arrays or tables nested too deeply",
+        ),
+    ],
+    ids=["syntax", "nested-too-deeply"],
+)
+def test_bad_toml_is_a_config_error_naming_the_file(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
         load_toml(path)
 
 

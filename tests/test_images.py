@@ -8,30 +8,29 @@ from sdprep.errors import ImageError
 from sdprep.images import has_transparency, image_size, load_image
 
 
-def test_zero_byte_file(tmp_path):
-    p = tmp_path / "empty.png"
-    p.write_bytes(b"")
-    with pytest.raises(ImageError, match="empty.png: empty file") as exc:
-        load_image(p)
-    assert exc.value.path == p
-
-
-def test_text_named_png(tmp_path):
-    p = tmp_path / "notes.png"
-    p.write_text("this is not an image")
-    with pytest.raises(ImageError, match="notes.png: not an image"):
-        load_image(p)
-
-
-def test_truncated_jpeg(tmp_path):
+def half_a_jpeg() -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(
         buf, "JPEG"
     )
-    p = tmp_path / "cut.jpg"
-    p.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-    with pytest.raises(ImageError, match="cut.jpg: truncated or corrupt"):
+    return buf.getvalue()[: len(buf.getvalue()) // 2]
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "message"),
+    [
+        ("empty.png", b"", "empty.png: empty file"),
+        ("notes.png", b"this is not an image", "notes.png: not an image"),
+        ("cut.jpg", half_a_jpeg(), "cut.jpg: truncated or corrupt"),
+    ],
+    ids=["zero-byte", "text-named-png", "truncated-jpeg"],
+)
+def test_a_bad_file_is_an_image_error_naming_it(tmp_path, name, data, message):
+    p = tmp_path / name
+    p.write_bytes(data)
+    with pytest.raises(ImageError, match=message) as exc:
         load_image(p)
+    assert exc.value.path == p
 
 
 def test_decompression_bomb_refused_before_decoding(tmp_path):

@@ -234,13 +234,6 @@ CASES: dict[str, Case] = {
 }
 
 
-@pytest.fixture(scope="module")
-def wd14(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sdprep.taggers.tiny import build_tiny_wd14
-
-    return build_tiny_wd14(tmp_path_factory.mktemp("wd14") / "wd14")
-
-
 def assert_reported(case: Case, c: corpus.Corpus, output: str) -> None:
     assert "Traceback" not in output, output
     if case.lines == "any":
@@ -257,14 +250,14 @@ def assert_reported(case: Case, c: corpus.Corpus, output: str) -> None:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_command_over_hostile_corpus(name: str, tmp_path: Path, wd14: Path, tiny_sdxl: Path) -> None:
+def test_command_over_hostile_corpus(name: str, tmp_path: Path, tiny_wd14: Path, tiny_sdxl: Path) -> None:
     case = CASES[name]
     c = corpus.build(tmp_path / "data")
     if case.prepare:
         case.prepare(c)
     before, outside_before = corpus.snapshot(c.root), corpus.snapshot(c.outside)
 
-    done, output = run_case(case, c, tmp_path, wd14, tiny_sdxl)
+    done, output = run_case(case, c, tmp_path, tiny_wd14, tiny_sdxl)
     expected_exit = case.exit_code if case.exit_code is not None else (1 if case.bad else 0)
     assert done.returncode == expected_exit, output
     assert_reported(case, c, output)

@@ -18,13 +18,6 @@ from test_reliability_corpus import CASES, failure_paths, run_case
 LONG = "x" * 250 + ".png"  # 254 bytes: its sidecar name is 259
 
 
-@pytest.fixture(scope="module")
-def wd14(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sdprep.taggers.tiny import build_tiny_wd14
-
-    return build_tiny_wd14(tmp_path_factory.mktemp("wd14") / "wd14")
-
-
 def build(root: Path) -> corpus.Corpus:
     c = corpus.plain(root)
     (root / LONG).write_bytes(corpus._encode(corpus.variant(corpus.SAMPLE_NAMES[5], 3), "PNG"))
@@ -38,12 +31,12 @@ NAMES = [n for n in CASES if n not in ("mask-check", "bucket-mask")]
 
 @pytest.mark.parametrize("name", NAMES)
 def test_command_with_an_overlong_companion_name(
-    name: str, tmp_path: Path, wd14: Path, tiny_sdxl: Path
+    name: str, tmp_path: Path, tiny_wd14: Path, tiny_sdxl: Path
 ) -> None:
     case = CASES[name]
     c = build(tmp_path / "data")
     before = corpus.snapshot(c.root)
-    done, output = run_case(case, c, tmp_path, wd14, tiny_sdxl)
+    done, output = run_case(case, c, tmp_path, tiny_wd14, tiny_sdxl)
     assert "Traceback" not in output, output
     assert done.returncode in (0, 1), output
     aborted = [line for line in output.splitlines() if line.startswith("Error:") and "too long" in line]

@@ -72,43 +72,32 @@ def test_masks_are_used_and_black_pixels_get_no_gradient(tiny_sdxl: Path, tmp_pa
             outputs["pred"] = out.sample
             return out
 
-    trainer.ctx.unet = Spy()
-    with torch.random.fork_rng():  # the VAE samples latents from the global RNG
-        torch.manual_seed(0)
-        trainer.ctx.generator.manual_seed(0)
-        batch_loss(trainer.ctx, batch).backward()
-    grad = outputs["pred"].grad[0]
+    def pred_grad(ctx, batch: dict) -> torch.Tensor:
+        """d loss / d prediction of the first sample, with the same noise and timestep every call."""
+        ctx.unet = Spy()
+        with torch.random.fork_rng():  # the VAE samples latents from the global RNG
+            torch.manual_seed(0)
+            ctx.generator.manual_seed(0)
+            batch_loss(ctx, batch).backward()
+        return outputs["pred"].grad[0]
+
+    grad = pred_grad(trainer.ctx, batch)
     half = grad.shape[-1] // 2
     assert grad[..., half:].abs().max() == 0  # right half black: no gradient at all
     assert grad[..., :half].abs().min() > 0
 
     unmasked = dataclasses.replace(trainer.ctx, cfg=dataclasses.replace(cfg, masked_loss=False))
-    unmasked.unet = Spy()
-    with torch.random.fork_rng():  # the VAE samples latents from the global RNG
-        torch.manual_seed(0)
-        unmasked.generator.manual_seed(0)
-        batch_loss(unmasked, dict(batch, mask=None)).backward()  # masked_loss off: no mask file is attached
-    full = outputs["pred"].grad[0]
+    full = pred_grad(unmasked, dict(batch, mask=None))  # masked_loss off: no mask file is attached
     assert full[..., half:].abs().max() > 0
     assert torch.allclose(grad[..., :half], full[..., :half])  # white: the plain loss
 
     # kohya: a mask in the batch (alpha_mask without masked_loss) weights the loss all the same
-    unmasked.unet = Spy()
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        unmasked.generator.manual_seed(0)
-        batch_loss(unmasked, batch).backward()
-    assert torch.equal(outputs["pred"].grad[0], grad)
+    assert torch.equal(pred_grad(unmasked, batch), grad)
 
     # grey (128/255) halves the gradient: same noise, same timestep, mask replaced
     grey = dict(batch, mask=batch["mask"].clone())
     grey["mask"][..., grey["mask"].shape[-1] // 2 :] = 128 / 255
-    trainer.ctx.unet = Spy()
-    with torch.random.fork_rng():  # the VAE samples latents from the global RNG
-        torch.manual_seed(0)
-        trainer.ctx.generator.manual_seed(0)
-        batch_loss(trainer.ctx, grey).backward()
-    halved = outputs["pred"].grad[0]
+    halved = pred_grad(trainer.ctx, grey)
     assert torch.allclose(halved[..., half:], full[..., half:] * 128 / 255, rtol=1e-4, atol=1e-9)
 
 

@@ -10,7 +10,14 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from train_support import lora_cfg, make_dataset, unet_inputs
+from train_support import (
+    PAIR,
+    lora_cfg,
+    make_dataset,
+    run_trainer,
+    set_up_method,
+    unet_inputs,
+)
 
 from sdprep.errors import ConfigError, TrainingError
 
@@ -20,10 +27,8 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def trained(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory):
     """One short LoRA run with U-Net conv layers and text-encoder LoRA; the trainer is kept."""
-    from sdprep.train.loop.trainer import RecordingCallbacks, Trainer
-
     root = tmp_path_factory.mktemp("lora")
-    data = make_dataset(root / "data", images=["c_square.webp", "e_sepia.jpg"], repeats=1)
+    data = make_dataset(root / "data", images=PAIR, repeats=1)
     cfg = lora_cfg(
         tiny_sdxl,
         data,
@@ -36,10 +41,7 @@ def trained(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory):
         cache_latents=False,
         save_diffusers_copy=True,
     )
-    trainer = Trainer(cfg, callbacks=RecordingCallbacks())
-    trainer.setup()
-    trainer.run()
-    return trainer
+    return run_trainer(cfg)
 
 
 def test_targets_are_kohyas_default_set(tiny_sdxl: Path) -> None:
@@ -165,8 +167,7 @@ def test_network_weights_continue_from_a_file_with_another_alpha(
     other = tmp_path / "other.safetensors"
     save_file(src, str(other))
     cfg = dataclasses.replace(trained.cfg, network_weights=other)
-    method = LoraMethod(cfg)
-    method.setup(load_sdxl(tiny_sdxl), torch.float32)
+    method = set_up_method(LoraMethod, cfg, tiny_sdxl)
     method.load_initial_weights()
     assert "started from other.safetensors" in method.notes[-1]
     ref = load_sdxl(tiny_sdxl).pipeline()
@@ -181,13 +182,11 @@ def test_network_weights_continue_from_a_file_with_another_alpha(
 
 def test_network_weights_with_modules_this_config_does_not_train(trained, tiny_sdxl: Path) -> None:
     from sdprep.train.methods.lora import LoraMethod
-    from sdprep.train.models.load import load_sdxl
 
     cfg = dataclasses.replace(
         trained.cfg, network_weights=trained.result.output, network_train_unet_only=True
     )
-    method = LoraMethod(cfg)
-    method.setup(load_sdxl(tiny_sdxl), torch.float32)
+    method = set_up_method(LoraMethod, cfg, tiny_sdxl)
     with pytest.raises(ConfigError, match="not trained by this config"):
         method.load_initial_weights()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_support import lora_cfg, make_dataset, merge_kohya_file, unet_inputs
+from train_support import PAIR, lora_cfg, make_dataset, merge_kohya_file, run_trainer, unet_inputs
 
 from sdprep.train.methods.lora_args import (
     SDXL_BLOCKS,
@@ -137,10 +137,8 @@ BLOCK_ARGS = [
 
 @pytest.fixture(scope="module")
 def block_run(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory):
-    from sdprep.train.loop.trainer import RecordingCallbacks, Trainer
-
     root = tmp_path_factory.mktemp("blocks")
-    data = make_dataset(root / "data", images=["c_square.webp", "e_sepia.jpg"], repeats=1)
+    data = make_dataset(root / "data", images=PAIR, repeats=1)
     cfg = lora_cfg(
         tiny_sdxl,
         data,
@@ -154,10 +152,7 @@ def block_run(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory):
         text_encoder_lr=5e-4,
         max_train_steps=3,
     )
-    trainer = Trainer(cfg, callbacks=RecordingCallbacks())
-    trainer.setup()
-    trainer.run()
-    return trainer
+    return run_trainer(cfg)
 
 
 def test_block_dims_alphas_and_lr_weights_shape_the_network(block_run) -> None:

@@ -223,27 +223,11 @@ def test_training_loss_combines_weights_in_kohya_order():
     mask = torch.ones(2, 1, 2, 2)
     mask[0, 0, 0, 0] = 0.0  # sample 0: mean(4 * [0,1,1,1]) = 3
     weights = t([1.0, 0.5])  # sample 1 is a regularisation image with prior_loss_weight 0.5
-    per_sample = training_loss(
-        pred,
-        target,
-        timesteps=steps,
-        noise_scheduler=sched,
-        mask=mask,
-        loss_weights=weights,
-        min_snr_gamma=5.0,
-        reduction="none",
-    )
+    inputs = dict(timesteps=steps, noise_scheduler=sched, mask=mask, loss_weights=weights, min_snr_gamma=5.0)
+    per_sample = training_loss(pred, target, **inputs, reduction="none")
     # sample 0: 3 * 1 * min(9,5)/9 ; sample 1: 1 * 0.5 * min(1,5)/1
     assert per_sample.tolist() == pytest.approx([3 * 5 / 9, 0.5], rel=1e-5)
-    total = training_loss(
-        pred,
-        target,
-        timesteps=steps,
-        noise_scheduler=sched,
-        mask=mask,
-        loss_weights=weights,
-        min_snr_gamma=5.0,
-    )
+    total = training_loss(pred, target, **inputs)  # the mean over the batch
     assert total.item() == pytest.approx((3 * 5 / 9 + 0.5) / 2, rel=1e-5)
 
 

@@ -14,7 +14,15 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from train_support import errors_without, lora_cfg, make_dataset, merge_kohya_file, unet_inputs
+from train_support import (
+    PAIR,
+    errors_without,
+    lora_cfg,
+    make_dataset,
+    merge_kohya_file,
+    run_trainer,
+    unet_inputs,
+)
 
 from sdprep.errors import ConfigError
 
@@ -54,10 +62,8 @@ def test_sdxl_unet_keys_are_the_ones_lycoris_writes_under_kohya(algo: str) -> No
 
 @pytest.fixture(scope="module", params=["locon", "loha", "lokr"])
 def trained(request, tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory):
-    from sdprep.train.loop.trainer import RecordingCallbacks, Trainer
-
     root = tmp_path_factory.mktemp(request.param)
-    data = make_dataset(root / "data", images=["c_square.webp", "e_sepia.jpg"], repeats=1)
+    data = make_dataset(root / "data", images=PAIR, repeats=1)
     cfg = lora_cfg(
         tiny_sdxl,
         data,
@@ -70,9 +76,7 @@ def trained(request, tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory):
         learning_rate=5e-3,
         max_train_steps=3,
     )
-    trainer = Trainer(cfg, callbacks=RecordingCallbacks())
-    trainer.setup()
-    trainer.run()
+    trainer = run_trainer(cfg)
     trainer.method.network.eval()
     return trainer
 

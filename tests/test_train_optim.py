@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_support import errors_without, lora_cfg, make_dataset
+from train_support import PAIR, errors_without, lora_cfg, make_dataset
 
 from sdprep.errors import InstallError
 from sdprep.train.loop.optim import build_optimizer, eval_mode, is_schedule_free, require_optimizer
@@ -149,7 +149,7 @@ def test_eval_mode_swaps_in_the_schedule_free_average_and_back() -> None:
 def test_schedule_free_lora_saves_the_averaged_weights(tiny_sdxl: Path, tmp_path: Path) -> None:
     from sdprep.train.loop.trainer import RecordingCallbacks, Trainer
 
-    data = make_dataset(tmp_path / "data", images=["c_square.webp", "e_sepia.jpg"], repeats=1)
+    data = make_dataset(tmp_path / "data", images=PAIR, repeats=1)
     cfg = lora_cfg(
         tiny_sdxl,
         data,

@@ -10,9 +10,15 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from train_support import lora_settings, make_dataset
+from train_support import (
+    assert_untrained_save_refused,
+    lora_settings,
+    make_dataset,
+    run_trainer,
+    set_up_method,
+)
 
-from sdprep.errors import ConfigError, ModelError, TrainingError
+from sdprep.errors import ConfigError, ModelError
 
 torch.set_num_threads(1)
 TOKEN = "zork"
@@ -33,8 +39,6 @@ def ti_cfg(model: Path, data: Path, out: Path, **over):
 @pytest.fixture(scope="module")
 def trained(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory):
     """One short 2-vector TI run (gradient checkpointing, a save at step 2 and at the end)."""
-    from sdprep.train.loop.trainer import RecordingCallbacks, Trainer
-
     root = tmp_path_factory.mktemp("ti")
     data = make_dataset(
         root / "data", images=["c_square.webp", "b_portrait.png"], repeats=1, side=64, token=TOKEN
@@ -42,10 +46,7 @@ def trained(tiny_sdxl: Path, tmp_path_factory: pytest.TempPathFactory):
     cfg = ti_cfg(
         tiny_sdxl, data, root / "out", max_train_steps=3, save_every_n_steps=2, gradient_checkpointing=True
     )
-    trainer = Trainer(cfg, callbacks=RecordingCallbacks())
-    trainer.setup()
-    trainer.run()
-    return trainer
+    return run_trainer(cfg)
 
 
 def fresh_pipeline(model: Path):
@@ -120,16 +121,12 @@ def test_only_the_new_rows_changed(trained, tiny_sdxl: Path) -> None:
 def test_an_untrained_or_empty_save_is_refused(tiny_sdxl: Path, tmp_path: Path) -> None:
     """Seed 000's failure: an empty or unchanged embedding must never be reported as a result."""
     from sdprep.train.methods.ti import TextualInversionMethod
-    from sdprep.train.models.load import load_sdxl
-    from sdprep.train.save.weights import save_weights
 
     data = make_dataset(tmp_path / "data", images=["c_square.webp"], repeats=1, side=64, token=TOKEN)
-    method = TextualInversionMethod(ti_cfg(tiny_sdxl, data, tmp_path / "out"))
-    method.setup(load_sdxl(tiny_sdxl), torch.float32)
-    path = tmp_path / "out" / "emb.safetensors"
-    with pytest.raises(TrainingError, match="every vector still equal their initial value"):
-        save_weights(method, path, {}, torch.float32, trained=True)
-    assert not path.exists()
+    method = set_up_method(TextualInversionMethod, ti_cfg(tiny_sdxl, data, tmp_path / "out"), tiny_sdxl)
+    assert_untrained_save_refused(
+        method, tmp_path / "out" / "emb.safetensors", "every vector still equal their initial value"
+    )
     assert method.verify_tensors({}, trained=True) == ["the file has no tensors (an empty embedding)"]
     vectors = method.export_tensors(torch.float32)
     wrong = {"clip_l": torch.zeros(2, 32), "clip_g": vectors["clip_g"]}

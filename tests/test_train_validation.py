@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_support import lora_cfg, make_dataset
+from train_support import lora_cfg, make_dataset, run_trainer
 
 from sdprep.errors import ConfigError
 from sdprep.train.loop.validation import should_validate, split_names, validation_timesteps
@@ -49,13 +49,8 @@ def test_when_validation_runs() -> None:
 
 
 def _run(tiny_sdxl: Path, data: Path, root: Path, **over):
-    from sdprep.train.loop.trainer import RecordingCallbacks, Trainer
-
     cfg = lora_cfg(tiny_sdxl, data, root / "out", logging_dir=str(root / "logs"), max_train_steps=4, **over)
-    trainer = Trainer(cfg, callbacks=RecordingCallbacks())
-    trainer.setup()
-    trainer.run()
-    return trainer
+    return run_trainer(cfg)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "sample_data" / "images"
 IMAGES = ["a_landscape.jpg", "b_portrait.png", "c_square.webp", "e_sepia.jpg"]
+PAIR = ["c_square.webp", "e_sepia.jpg"]  # the two images of the short module-wide runs
 
 
 def make_dataset(
@@ -82,6 +83,41 @@ def lora_cfg(model: Path, data: Path, out: Path, **over: Any):
 
     cfg, _ = load_train_config(None, overrides=lora_settings(model, data, out, **over))
     return cfg
+
+
+def run_trainer(cfg, resume: Path | None = None):
+    """Set up and run a Trainer on `cfg` (callbacks recorded, optionally resumed); returns it."""
+    from sdprep.train.loop.trainer import RecordingCallbacks, Trainer
+
+    trainer = Trainer(cfg, callbacks=RecordingCallbacks(), resume=resume)
+    trainer.setup()
+    trainer.run()
+    return trainer
+
+
+def set_up_method(method_cls, cfg, model: Path):
+    """A training method (`method_cls(cfg)`) set up in float32 on the model at `model`, untrained."""
+    import torch
+
+    from sdprep.train.models.load import load_sdxl
+
+    method = method_cls(cfg)
+    method.setup(load_sdxl(model), torch.float32)
+    return method
+
+
+def assert_untrained_save_refused(method, path: Path, match: str) -> None:
+    """Saving `method` as trained while its weights are still their starting values raises a
+    TrainingError matching `match`, and no file is written."""
+    import pytest
+    import torch
+
+    from sdprep.errors import TrainingError
+    from sdprep.train.save.weights import save_weights
+
+    with pytest.raises(TrainingError, match=match):
+        save_weights(method, path, {}, torch.float32, trained=True)
+    assert not path.exists()
 
 
 def unet_inputs(seed: int = 0, batch: int = 1, size: int = 16):
