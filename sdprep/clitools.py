@@ -7,14 +7,20 @@ import importlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from sdprep.progress import NullReporter, Reporter, RichReporter
 from sdprep.stage import WORKERS_HELP, StageResult
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+    from sdprep.executors import Executor, ExecutorSettings
+
+D = TypeVar("D", bound="DataclassInstance")
+F = TypeVar("F", bound=Callable[..., Any])  # a click command's function, before click.command
 
 
 def reporter(ctx: click.Context | None = None) -> Reporter:
@@ -47,10 +53,14 @@ class FieldOption(click.Option):
         module, _, name = self.options_class.partition(":")
         cls = getattr(importlib.import_module(module), name)
         found = {f.name: f for f in dataclasses.fields(cls)}[self.field_name]
-        return found.default_factory() if found.default is dataclasses.MISSING else found.default
+        if found.default is not dataclasses.MISSING:
+            return found.default
+        if found.default_factory is not dataclasses.MISSING:
+            return found.default_factory()
+        return None  # a field without a default: the option has none either
 
 
-def field_option(options: str, field: str, *decls: str, **kwargs: Any) -> Callable:
+def field_option(options: str, field: str, *decls: str, **kwargs: Any) -> Callable[[F], F]:
     """A click option for `field` of the options class `options` ("module:Class"): its default is
     the class's (the module is imported only when the default is needed, so `sdprep --help` stays
     light), and its value is checked by the class when the command builds it, as `sdprep run`
@@ -58,23 +68,23 @@ def field_option(options: str, field: str, *decls: str, **kwargs: Any) -> Callab
     return click.option(*decls, cls=FieldOption, options=options, field=field, show_default=True, **kwargs)
 
 
-def workers_option(options: str) -> Callable:
+def workers_option(options: str) -> Callable[[F], F]:
     """`-j/--workers N`, with the one meaning it has in every command (`sdprep.stage.WORKERS_HELP`)."""
     return field_option(options, "workers", "-j", "--workers", type=int, metavar="N", help=WORKERS_HELP)
 
 
-def options_from(cls: type[T], values: dict[str, Any], **given: Any) -> T:
+def options_from(cls: type[D], values: dict[str, Any], **given: Any) -> D:
     """Build the options class `cls` from a command's parsed values, by name: each field the command
     has an option of the same name for, then `given` (values the command parses itself)."""
-    names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
     return cls(**{**{k: v for k, v in values.items() if k in names}, **given})
 
 
-def dataset_argument(recursive: str | None = None) -> Callable:
+def dataset_argument(recursive: str | None = None) -> Callable[[F], F]:
     """The DIRECTORY argument of a command over a dataset folder, and with `recursive` (its help:
     what subfolders mean for the command) the `-r/--recursive` flag."""
 
-    def decorate(fn: Callable) -> Callable:
+    def decorate(fn: F) -> F:
         if recursive is not None:
             fn = click.option("-r", "--recursive", is_flag=True, help=recursive)(fn)
         return click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))(fn)
@@ -89,7 +99,7 @@ def _remember(ctx: click.Context, param: click.Parameter, value: object) -> None
     ctx.meta.setdefault(_EXECUTOR_KEY, {})[param.name] = value
 
 
-def executor_options(fn):
+def executor_options(fn: F) -> F:
     """`--executor local|ray`, `--ray-address`, `--ray-workers` (read with `executor_from`)."""
     options = [
         click.option(
@@ -123,17 +133,19 @@ def executor_options(fn):
     return fn
 
 
-def executor_settings(ctx: click.Context | None = None, base=None):
+def executor_settings(
+    ctx: click.Context | None = None, base: ExecutorSettings | None = None
+) -> ExecutorSettings:
     """The command line's executor settings over `base` (a project's; default: local)."""
     from sdprep.executors import ExecutorSettings, settings_over
 
     ctx = ctx or click.get_current_context()
-    given = ctx.meta.get(_EXECUTOR_KEY, {})
+    given: dict[str, Any] = ctx.meta.get(_EXECUTOR_KEY, {})
     return settings_over(base or ExecutorSettings(), given)
 
 
 @contextmanager
-def executor_from(ctx: click.Context | None = None) -> Iterator:
+def executor_from(ctx: click.Context | None = None) -> Iterator[Executor]:
     """The executor the command line asks for (`executor_options`), closed when the command ends."""
     from sdprep.executors import make_executor
 
@@ -141,11 +153,11 @@ def executor_from(ctx: click.Context | None = None) -> Iterator:
         yield executor
 
 
-def parallel_options(options: str) -> Callable:
+def parallel_options(options: str) -> Callable[[F], F]:
     """Where and how parallel a stage's per-image work runs: `-j/--workers` (threads here; a field
     of the options class `options`) and `--executor local|ray` with its Ray settings."""
 
-    def decorate(fn: Callable) -> Callable:
+    def decorate(fn: F) -> F:
         return workers_option(options)(executor_options(fn))
 
     return decorate

@@ -15,7 +15,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from sdprep.errors import ConfigError, did_you_mean
 
@@ -24,7 +24,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def load_toml(path: Path | str) -> dict[str, Any]:
@@ -194,7 +197,7 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a table, got {value!r}")
         kt, vt = get_args(tp) or (Any, Any)
         return {coerce(k, kt, where): coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
@@ -248,7 +251,7 @@ def _range_text(low: float | None, high: float | None) -> str:
     return f"at most {high:g}"
 
 
-def check_bounds(obj: Any) -> None:
+def check_bounds(obj: DataclassInstance) -> None:
     """A ConfigError for the first `bounded` field of the dataclass `obj` outside its range
     (named as its command-line option: `--batch-size must be at least 1, got 0`)."""
     for f in dataclasses.fields(obj):

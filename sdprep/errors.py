@@ -5,8 +5,9 @@ from __future__ import annotations
 import codecs
 import contextlib
 import difflib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, TextIO
 
 
 class SdprepError(Exception):
@@ -27,13 +28,13 @@ class SdprepError(Exception):
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\nHint: {self.hint}"
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Callable[..., SdprepError], tuple[Any, ...]]:
         """Pickled with all its attributes: a per-file error travels back from a Ray worker as a value
         (Exception's own pickling calls `cls(*args)`, which loses the hint and breaks FileError)."""
         return (_rebuild_error, (type(self), self.args, self.__dict__))
 
 
-def _rebuild_error(cls: type[SdprepError], args: tuple, state: dict) -> SdprepError:
+def _rebuild_error(cls: type[SdprepError], args: tuple[Any, ...], state: dict[str, Any]) -> SdprepError:
     exc = cls.__new__(cls)
     Exception.__init__(exc, *args)
     exc.__dict__.update(state)
@@ -165,7 +166,7 @@ NAME_ESCAPES = "sdprep-escape"
 codecs.register_error(NAME_ESCAPES, _escape_unencodable)
 
 
-def escape_unencodable_output(*streams) -> None:
+def escape_unencodable_output(*streams: TextIO) -> None:
     """Make text streams (stdout, stderr) write what they cannot encode as escapes: never raising
     (errors="strict"), never raw bytes that make the output invalid UTF-8 ("surrogateescape")."""
     for stream in streams:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 from sdprep.errors import ConfigError, InstallError, SdprepError, unknown_choice
 
@@ -55,6 +55,14 @@ class Executor(Protocol):
         """One line about the last `map` (throughput), or None."""
         ...
 
+    def close(self) -> None:
+        """Let go of what the executor holds (a cluster connection it made)."""
+        ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
 
 class LocalExecutor:
     """Today's behaviour: `map_items` in this process, serially or in a thread pool."""
@@ -62,7 +70,15 @@ class LocalExecutor:
     name = "local"
     local = True
 
-    def map(self, fn, items, *, workers=1, gpu=False, batch_size=None):
+    def map(
+        self,
+        fn: Callable[[T], R],
+        items: Iterable[T],
+        *,
+        workers: int = 1,
+        gpu: bool = False,
+        batch_size: int | None = None,
+    ) -> Iterator[tuple[T, R | SdprepError]]:
         from sdprep.stage import map_items
 
         return map_items(fn, items, workers)
@@ -121,7 +137,7 @@ def require_ray() -> Any:
     return ray
 
 
-def make_executor(settings: ExecutorSettings | None = None) -> Any:
+def make_executor(settings: ExecutorSettings | None = None) -> Executor:
     """The executor `settings` name: `LOCAL`, or a `RayExecutor` connected to its cluster."""
     settings = settings or ExecutorSettings()
     if settings.executor == "local":
@@ -138,7 +154,8 @@ def run_batch(fn: Callable[[T], R], batch: list[T]) -> list[R | SdprepError]:
 
     many = getattr(fn, "batch", None)
     if many is not None:
-        return many(batch)
+        results: list[R | SdprepError] = many(batch)
+        return results
     return [call_item(fn, item) for item in batch]
 
 

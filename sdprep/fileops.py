@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from sdprep import state
 from sdprep.dataset import is_within, loads_json
@@ -71,7 +71,9 @@ def naming(path: Path | str) -> Iterator[None]:
         raise
 
 
-def _replace_atomically(path: Path, write: Callable, *, binary: bool, sync: bool, keep_same: bool) -> bool:
+def _replace_atomically(
+    path: Path, write: Callable[[IO[Any]], object], *, binary: bool, sync: bool, keep_same: bool
+) -> bool:
     """Write a temporary file beside `path` with `write(file)`, then rename it over `path`.
 
     The temporary name carries the pid (`.sdprep-tmp-<pid>-...`): a killed run's leftovers are
@@ -144,7 +146,7 @@ def _exchange(a: Path, b: Path) -> bool:
     except (OSError, AttributeError):  # an old glibc
         return False
     at_fdcwd, rename_exchange = -100, 2
-    done = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    done: int = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
     return done == 0
 
 
@@ -163,7 +165,7 @@ def recover_dir(final: Path) -> bool:
     return True
 
 
-def atomic_write_dir(final: Path, write) -> None:
+def atomic_write_dir(final: Path, write: Callable[[Path], object]) -> None:
     """Build a folder under a temporary name with `write(tmp)`, then put it at `final` atomically.
 
     Readers see the old folder or the whole new one. An existing `final` is swapped with the new one
@@ -306,18 +308,32 @@ class Operation:
                 shutil.copy2(path, target, follow_symlinks=False)
         return blob
 
+    def _write_entries(
+        self, path: Path, new: bytes | Path, made: set[Path] | None = None
+    ) -> list[Entry] | None:
+        """The journal entries for giving `path` the content `new` (bytes, or a finished file's): the
+        old content kept for undo, or for a new file its missing folders (see `_parents`) and its
+        creation. None when `path` is a regular file that holds that content already: nothing to do."""
+        same: Callable[[], bool]
+        if isinstance(new, Path):
+            sig, same = file_sig(new), lambda: filecmp.cmp(new, path, shallow=False)  # streamed
+        else:
+            sig, same = sha256_sig(new), lambda: path.read_bytes() == new
+        if os.path.lexists(path):
+            if path.is_file() and not path.is_symlink() and same():
+                return None
+            return [Entry("write", self._rel(path), blob=self._keep(path), sig=sig)]
+        return [*self._parents(path, made), Entry("create", self._rel(path), sig=sig)]
+
     # -- changes -----------------------------------------------------------------------------
     def write_bytes(self, path: Path | str, data: bytes) -> None:
         """Atomically write `path`, keeping its previous content (if any) for undo."""
         path = Path(path).absolute()
-        sig = sha256_sig(data)
-        if os.path.lexists(path):
-            if path.is_file() and not path.is_symlink() and path.read_bytes() == data:
-                return
-            self._record(Entry("write", self._rel(path), blob=self._keep(path), sig=sig))
-        else:
-            self._record_many([*self._parents(path), Entry("create", self._rel(path), sig=sig)])
-            path.parent.mkdir(parents=True, exist_ok=True)
+        entries = self._write_entries(path, data)
+        if entries is None:
+            return
+        self._record_many(entries)
+        path.parent.mkdir(parents=True, exist_ok=True)
         pause_point("change")
         atomic_write_bytes(path, data)
 
@@ -332,14 +348,11 @@ class Operation:
         Returns whether `path` changed.
         """
         tmp, path = Path(tmp), Path(path).absolute()
-        sig = file_sig(tmp)
-        if os.path.lexists(path):
-            if path.is_file() and not path.is_symlink() and filecmp.cmp(tmp, path, shallow=False):
-                os.unlink(tmp)
-                return False
-            self._record(Entry("write", self._rel(path), blob=self._keep(path), sig=sig))
-        else:
-            self._record_many([*self._parents(path), Entry("create", self._rel(path), sig=sig)])
+        entries = self._write_entries(path, tmp)
+        if entries is None:
+            os.unlink(tmp)
+            return False
+        self._record_many(entries)
         give_mode(tmp, path)
         with open(tmp, "rb") as f, naming(tmp):
             os.fsync(f.fileno())
@@ -355,16 +368,15 @@ class Operation:
         journal still restores the old one. Files that already hold `data` are left alone. Returns
         the number of files written.
         """
-        todo, entries, made = [], [], set()
-        for path, data in files:
-            path = Path(path).absolute()
-            sig = sha256_sig(data)
-            if os.path.lexists(path):
-                if path.is_file() and not path.is_symlink() and path.read_bytes() == data:
-                    continue
-                entries.append(Entry("write", self._rel(path), blob=self._keep(path), sig=sig))
-            else:
-                entries += [*self._parents(path, made), Entry("create", self._rel(path), sig=sig)]
+        todo: list[tuple[Path, bytes]] = []
+        entries: list[Entry] = []
+        made: set[Path] = set()
+        for name, data in files:
+            path = Path(name).absolute()
+            new = self._write_entries(path, data, made)
+            if new is None:
+                continue
+            entries += new
             todo.append((path, data))
         if not todo:
             return 0
@@ -384,18 +396,18 @@ class Operation:
 
         Refuses before changing anything when a destination exists or is named twice.
         """
-        pairs = [(Path(s).absolute(), Path(d).absolute()) for s, d in pairs]
+        moves = [(Path(s).absolute(), Path(d).absolute()) for s, d in pairs]
         seen: set[Path] = set()
-        for src, dst in pairs:
+        for src, dst in moves:
             if dst.exists() or dst.is_symlink() or dst in seen:
                 raise JournalError(f"refusing to move {src} over existing {dst}", "remove or rename it first")
             seen.add(dst)
         entries: list[Entry] = []
         made: set[Path] = set()
-        for src, dst in pairs:
+        for src, dst in moves:
             entries += [*self._parents(dst, made), Entry("move", self._rel(src), dest=self._rel(dst))]
         self._record_many(entries)
-        for src, dst in pairs:
+        for src, dst in moves:
             dst.parent.mkdir(parents=True, exist_ok=True)
             pause_point("change")
             os.rename(src, dst)
@@ -619,7 +631,7 @@ class Journal:
         return " ".join(parts) + status
 
 
-def read_meta(folder: Path) -> dict | None:
+def read_meta(folder: Path) -> dict[str, Any] | None:
     """An operation's meta.json, or None when it is missing, unreadable or not sdprep's."""
     try:
         meta = loads_json(state.read_text(folder / "meta.json"))

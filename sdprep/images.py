@@ -6,10 +6,11 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL.PngImagePlugin import PngImageFile
 
 from sdprep.dataset import UNSAFE_HINT, unsafe_reason
 from sdprep.errors import ImageError
@@ -105,8 +106,9 @@ def image_header(
     path = Path(path)
     with _open(path, max_pixels, root) as im:
         w, h = im.size
+        orientation: object  # what the EXIF block holds (a broken one may hold anything)
         try:
-            if im.format == "PNG" and "exif" not in im.info:
+            if isinstance(im, PngImageFile) and im.fp is not None and "exif" not in im.info:
                 orientation = _png_orientation(im.fp)  # Pillow's getexif would decode every pixel
             else:
                 orientation = im.getexif().get(0x0112, 1)
@@ -119,7 +121,7 @@ def image_header(
     return ImageHeader(size, orientation, has_alpha)
 
 
-def _png_orientation(fp) -> int:
+def _png_orientation(fp: IO[bytes]) -> object:
     """The EXIF orientation of a PNG whose eXIf chunk may come after the pixel data: chunk headers
     are read and the data skipped, so nothing is decompressed (a few seeks instead of a decode)."""
     fp.seek(8)  # after the signature
@@ -210,4 +212,5 @@ def has_transparency(im: Image.Image) -> bool:
         im = im.convert("RGBA")
     if im.mode not in ("RGBA", "LA", "PA"):
         return False
-    return im.getchannel("A").getextrema()[0] < 255
+    lowest = im.getchannel("A").getextrema()[0]  # one band: (lowest, highest) numbers
+    return isinstance(lowest, (int, float)) and lowest < 255

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:  # rich is imported when a bar is made (`sdprep --help` stays light)
+    from rich.console import Console
+    from rich.progress import Progress, ProgressColumn, TaskID
 
 
 class Reporter(Protocol):
@@ -48,6 +52,31 @@ class RecordingReporter(NullReporter):
         self.notes.append(message)
 
 
+def rich_bar(console: Console, title: str, *middle: ProgressColumn, **kwargs: Any) -> Progress:
+    """sdprep's progress bar: `title`, the bar, done/total, the `middle` columns (e.g. the loss),
+    elapsed time and ETA; `kwargs` go to rich's Progress. Not started yet."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn(title),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *middle,
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        **kwargs,
+    )
+
+
 class RichReporter:
     """A rich progress bar on stderr with counts, rate and ETA; notes are printed above it."""
 
@@ -56,30 +85,16 @@ class RichReporter:
 
         self.console = Console(stderr=True, highlight=False)
         self.quiet = quiet
-        self._progress = None
-        self._task = None
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
 
     def start(self, total: int | None, description: str) -> None:
         self.finish()
         if self.quiet:
             return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=self.console,
+        self._progress = rich_bar(
+            self.console,
+            "{task.description}",
             transient=False,
             disable=not self.console.is_terminal,  # no bar in logs or pipes
         )
@@ -87,7 +102,7 @@ class RichReporter:
         self._task = self._progress.add_task(description, total=total)
 
     def advance(self, n: int = 1) -> None:
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             self._progress.advance(self._task, n)
 
     def note(self, message: str) -> None:

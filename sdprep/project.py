@@ -162,8 +162,8 @@ def _resolve_paths(cls: type, table: dict[str, Any], base: Path) -> dict[str, An
         tp = hints.get(key)
         if tp is None:
             continue  # unknown keys are reported by from_dict
-        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
-        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        inner = [a for a in typing.get_args(tp) if isinstance(a, type) and dataclasses.is_dataclass(a)]
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(value, dict):
             out[key] = _resolve_paths(tp, value, base)
         elif inner and isinstance(value, dict):
             out[key] = _resolve_paths(inner[0], value, base)
@@ -178,7 +178,7 @@ def _resolve_paths(cls: type, table: dict[str, Any], base: Path) -> dict[str, An
     return out
 
 
-def stage_options(name: str, table: dict[str, Any], base: Path) -> tuple[Callable, Any]:
+def stage_options(name: str, table: dict[str, Any], base: Path) -> tuple[Callable[..., StageResult], Any]:
     """(run function, options instance) for a stage table; paths are relative to `base`."""
     module = importlib.import_module(f"sdprep.prep.{name}")
     run = getattr(module, f"run_{name}")
@@ -238,7 +238,7 @@ def check_only(project: Project, only: list[str] | None) -> None:
 
 def check_project(
     project: Project, *, only: list[str] | None = None, train: bool = True
-) -> list[tuple[str, Callable, Any]]:
+) -> list[tuple[str, Callable[..., StageResult], Any]]:
     """Everything about the project file that can be checked before a file changes: `--only`, every
     stage's options, the source and dataset folders, and the [train] settings when training runs.
 

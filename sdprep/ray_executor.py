@@ -22,9 +22,10 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sized
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
+from ray import ObjectRef
 from ray.exceptions import RayActorError, RayTaskError
 
 from sdprep.errors import ClusterError, DatasetError, SdprepError
@@ -33,6 +34,9 @@ from sdprep.executors import auto_batch_size, run_batch, throughput
 MAX_RESTARTS = 3  # per actor: a worker process killed this often means something is wrong with it
 IN_FLIGHT = 2  # batches queued per actor: one running, one ready to start
 UNCOUNTED = 1000  # what the batch size assumes of items that come as a stream
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class _Worker:
@@ -43,7 +47,7 @@ class _Worker:
     object store would make Ray warn that a restart may not find them)."""
 
     def __init__(self, cwd: str):
-        self.fn: Callable | None = None
+        self.fn: Callable[[Any], Any] | None = None
         self.problem: SdprepError | None = None
         try:
             os.chdir(cwd)  # relative paths of a local run mean the same here
@@ -56,7 +60,7 @@ class _Worker:
     def pid(self) -> int:
         return os.getpid()
 
-    def run(self, fn: list, batch: list) -> list:
+    def run(self, fn: list[ObjectRef[Callable[[Any], Any]]], batch: list[Any]) -> list[Any]:
         if self.problem is not None:
             raise self.problem
         if self.fn is None:
@@ -124,7 +128,8 @@ class RayExecutor:
         """How many actors, and what each asks for: for a model on a cluster with GPUs a GPU each
         (a share when there are more actors than GPUs) and the CPUs that go with it (its decoding
         threads use them); else a CPU each (or a share)."""
-        res = ray.cluster_resources()
+        # ray.cluster_resources() has no annotations (it returns {resource name: amount})
+        res: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
         gpus, cpus = res.get("GPU", 0.0), res.get("CPU", 1.0)
         if gpu and gpus >= 1:
             n = self.workers or int(gpus)
@@ -134,13 +139,13 @@ class RayExecutor:
 
     def map(
         self,
-        fn: Callable,
-        items: Iterable,
+        fn: Callable[[T], R],
+        items: Iterable[T],
         *,
         workers: int = 1,
         gpu: bool = False,
         batch_size: int | None = None,
-    ) -> Iterator[tuple[Any, Any]]:
+    ) -> Iterator[tuple[T, R | SdprepError]]:
         """`fn` over `items` on the actor pool; (item, result or per-file error) in the items' order.
 
         `workers` (a local run's threads) is not used: the pool has `self.workers` actors."""
@@ -149,16 +154,15 @@ class RayExecutor:
         n, resources = self.pool(gpu)
         auto = auto_batch_size(len(items) if isinstance(items, Sized) else UNCOUNTED, n)
         size = auto if batch_size is None else batch_size * max(1, auto // batch_size)
-        batches = iter(
-            lambda it=iter(items): list(itertools.islice(it, size)), []
-        )  # read as it goes, like map_items
+        source = iter(items)
+        batches = iter(lambda: list(itertools.islice(source, size)), [])  # read as it goes, like map_items
         first = next(batches, None)
         if first is None:
             return
         fn_ref = [ray.put(fn)]  # pickled once; each actor unpickles its own copy once
         self.actors = [_RemoteWorker.options(**resources).remote(os.getcwd()) for _ in range(n)]
         queued = [0] * n
-        pending: deque = deque()
+        pending: deque[tuple[list[T], ObjectRef[list[R | SdprepError]], int]] = deque()
         try:
             for batch in itertools.chain([first], batches):
                 while len(pending) >= IN_FLIGHT * n:
@@ -175,7 +179,9 @@ class RayExecutor:
             self.actors = []
         self._last = (count, time.monotonic() - start, n, "num_gpus" in resources)
 
-    def _take(self, entry: tuple, queued: list[int]) -> Iterator[tuple[Any, Any]]:
+    def _take(
+        self, entry: tuple[list[T], ObjectRef[list[R | SdprepError]], int], queued: list[int]
+    ) -> Iterator[tuple[T, R | SdprepError]]:
         batch, ref, a = entry
         try:
             outs = ray.get(ref)

@@ -9,6 +9,7 @@ only the types of what is there are checked, and a record that is null counts as
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,7 +96,8 @@ def _kind(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, NUMBER):
         return "a number"
-    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+    names: dict[type, str] = {str: "a string", list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _expected(spec: Any) -> str:
@@ -117,8 +119,10 @@ def _check(value: Any, spec: Any, where: str) -> str | None:
         if None in problems:
             return None
         shallow = f"{where} is {_kind(value)}, expected "
-        inner = [p for p in problems if not p.startswith(shallow)]  # the right kind, a wrong part
-        return inner[0] if inner else shallow + _expected(spec)
+        deeper = [
+            p for p in problems if p is not None and not p.startswith(shallow)
+        ]  # the right kind, a wrong part
+        return deeper[0] if deeper else shallow + _expected(spec)
     if isinstance(spec, Hex):
         ok = isinstance(value, str) and value != "" and all(c in "0123456789abcdefABCDEF" for c in value)
     elif isinstance(spec, (Record, MapOf)):
@@ -129,6 +133,7 @@ def _check(value: Any, spec: Any, where: str) -> str | None:
         ok = isinstance(value, spec) and not (isinstance(value, bool) and bool not in _types(spec))
     if not ok:
         return f"{where} is {_kind(value)}, expected {_expected(spec)}"
+    inner: Iterator[tuple[str, Any, Any]]  # (key, value, its spec)
     if isinstance(spec, Record):
         inner = ((k, v, spec.fields[k]) for k, v in value.items() if k in spec.fields)
     elif isinstance(spec, MapOf):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable, Iterable, Iterator, Sized
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +39,7 @@ class StageResult:
     skipped: int = 0
     failed: list[Failure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    details: dict = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)  # a stage's own data for its command (JSON-like)
 
     def fail(self, path: Path | str, reason: str) -> None:
         keep = isinstance(path, str) and "://" in path  # a URL is not a path: Path() would mangle it
@@ -125,7 +125,7 @@ def map_items(
             yield item, call(item)
         return
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        window: list = []
+        window: list[tuple[T, Future[R | SdprepError]]] = []
         for item in items:
             window.append((item, pool.submit(call, item)))
             if len(window) >= workers * 4:
@@ -158,7 +158,8 @@ def progress(report: Reporter, total: int | None, description: str) -> Iterator[
 
 
 def _path_of(item: Any) -> Path:
-    return item.path
+    path: Path = item.path  # an Item, or anything else with a path
+    return path
 
 
 def each_item(
@@ -202,13 +203,22 @@ def each_item(
         result.notes.append(line)
 
 
-def _mapped(fn, items, workers, executor, gpu) -> Iterator:
+def _mapped(
+    fn: Callable[[T], R], items: Iterable[T], workers: int, executor: Executor | None, gpu: bool
+) -> Iterator[tuple[T, R | SdprepError]]:
     if executor is None or executor.local:
         return map_items(fn, items, workers)
     return executor.map(fn, items, workers=workers, gpu=gpu)
 
 
-def _each(mapped, result, report, path_of, stop, on_error) -> Iterator:
+def _each(
+    mapped: Iterator[tuple[T, R | SdprepError]],
+    result: StageResult,
+    report: Reporter,
+    path_of: Callable[[T], Path],
+    stop: tuple[type[SdprepError], ...],
+    on_error: Callable[[T, SdprepError], bool] | None,
+) -> Iterator[tuple[T, R]]:
     for item, out in mapped:
         report.advance()
         if not isinstance(out, SdprepError):

@@ -128,7 +128,7 @@ def write_new(path: Path | str, data: bytes) -> None:
         raise
 
 
-def entries(path: Path | str) -> list[os.DirEntry]:
+def entries(path: Path | str) -> list[os.DirEntry[str]]:
     """The entries of a checked state folder, sorted by name ([] when it does not exist)."""
     try:
         with os.scandir(path) as it:

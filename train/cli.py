@@ -54,24 +54,14 @@ class RichCallbacks(TrainCallbacks):
     def start(self, total_steps: int, first_step: int, steps_per_epoch: int) -> None:
         if self.quiet:
             return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        from rich.progress import TextColumn
 
-        self.progress = Progress(
-            TextColumn("training"),
-            BarColumn(),
-            MofNCompleteColumn(),
+        from sdprep.progress import rich_bar
+
+        self.progress = rich_bar(
+            self.console,
+            "training",
             TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  epoch {task.fields[epoch]}"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=self.console,
         )
         self.progress.start()
         self.task = self.progress.add_task(
