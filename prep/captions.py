@@ -28,6 +28,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
+from typing import Any
 
 from sdprep import fileops
 from sdprep.dataset import (
@@ -108,16 +110,18 @@ class CaptionWriter:
         self.sidecars = 0
         self._stack = contextlib.ExitStack()
         self._op: fileops.Operation | None = None
-        self._pending: list[tuple[Path, bytes]] = []
+        self._pending: list[tuple[Path | str, bytes]] = []  # as Operation.write_many takes them
 
     def __enter__(self) -> CaptionWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         try:
             self.flush()
         finally:
-            self._stack.__exit__(*exc)
+            self._stack.__exit__(exc_type, exc, tb)
 
     def write(self, path: Path, text: str) -> None:
         """Queue a file write (journalled and written with its batch; nothing in a dry run)."""
@@ -149,7 +153,7 @@ class CaptionWriter:
         self.write(path, new)
         return True
 
-    def write_sidecar(self, path: Path, data: dict, old_text: str | None) -> bool:
+    def write_sidecar(self, path: Path, data: dict[str, Any], old_text: str | None) -> bool:
         new = dump_sidecar(data)
         if old_text == new:
             return False
@@ -169,7 +173,7 @@ def read_existing(path: Path, root: str | None = None) -> str | None:
         raise
 
 
-def read_sidecar_text(item: Item) -> tuple[dict, str | None]:
+def read_sidecar_text(item: Item) -> tuple[dict[str, Any], str | None]:
     """(sidecar dict, its current text) so a writer can skip unchanged sidecars."""
     data = read_sidecar(item)
     exists = os.path.exists(item.sidecar_path)
@@ -217,7 +221,7 @@ def _has_image(images: list[str], stem: str) -> bool:
     return False
 
 
-def _scan(folder: Path) -> Iterator[tuple[str, os.DirEntry]]:
+def _scan(folder: Path) -> Iterator[tuple[str, os.DirEntry[str]]]:
     """The folder's visible entries (name, entry); listing errors are DatasetErrors."""
     try:
         with os.scandir(folder) as entries:
@@ -278,7 +282,7 @@ def _caption_order(names: list[str]) -> tuple[bool, bool]:
 
 
 def iter_caption_files(
-    root: Path, recursive: bool, orphans: bool, skipped: Counter, dataset: str | None = None
+    root: Path, recursive: bool, orphans: bool, skipped: Counter[str], dataset: str | None = None
 ) -> Iterator[CaptionFile]:
     """Stream the caption files under `root`, folder by folder (memory grows with one folder);
     `dataset`: the real path of the dataset folder (default: `root`'s)."""
@@ -298,7 +302,7 @@ def iter_caption_files(
 
 
 def all_caption_files(
-    roots: Iterable[Path], opts: CaptionsOptions, skipped: Counter
+    roots: Iterable[Path], opts: CaptionsOptions, skipped: Counter[str]
 ) -> Iterator[CaptionFile]:
     """The caption files under each of `roots` (checked first: `check_roots`), one root after another."""
     for root in check_roots(roots, opts.recursive):
@@ -410,7 +414,7 @@ def _sort_edit(keep_first: int | None, by: str) -> Edit:
     return sort
 
 
-def leading(tags: list[str], cf: CaptionFile, sidecar: dict) -> int:
+def leading(tags: list[str], cf: CaptionFile, sidecar: dict[str, Any]) -> int:
     """How many first tags are a head that must stay first (kohya's keep_tokens counts them): the
     trigger and the tags `clean` placed before the others, as it recorded them, or the class tokens
     of the kohya `<N>_<tokens>` folder the caption is in."""
@@ -435,19 +439,21 @@ def run_edit(
 ) -> StageResult:
     """Apply `edit` to every caption file under each root; each root journalled on its own."""
     result = StageResult("captions" + (" (dry run)" if opts.dry_run else ""))
-    skipped: Counter = Counter()
+    skipped: Counter[str] = Counter()
     changed_roots: list[Path] = []
 
     def edited(cf: CaptionFile) -> tuple[str | None, list[str] | None, list[str] | None]:
         text, tags = _read_tags(cf)
-        return text, tags, None if tags is None else edit(tags, text, cf)
+        if text is None or tags is None:  # no caption, or not one (tags are None then)
+            return text, None, None
+        return text, tags, edit(tags, text, cf)
 
     with progress(report, None, command):
         for root in check_roots(roots, opts.recursive):
             with CaptionWriter(root, command, dry_run=opts.dry_run, on_diff=on_diff) as writer:
                 files = iter_caption_files(root, opts.recursive, opts.orphans, skipped)
                 for cf, (text, tags, new) in each_item(edited, files, result, report, None):
-                    if tags is None:
+                    if tags is None or new is None:  # both None, or neither
                         skipped["no caption file" if text is None else "not a caption (several lines)"] += 1
                     elif new == tags or not writer.write_caption(cf.path, text, new):
                         result.skipped += 1
@@ -461,7 +467,7 @@ def run_edit(
     return result
 
 
-def _skip_notes(result: StageResult, skipped: Counter) -> None:
+def _skip_notes(result: StageResult, skipped: Counter[str]) -> None:
     for reason, n in sorted(skipped.items()):
         if n:
             result.notes.append(f"  skipped {n}: {reason}")
@@ -479,7 +485,7 @@ class CaptionStats:
     uncaptioned: int = 0
     orphans: int = 0
     empty: int = 0
-    tags: Counter = field(default_factory=Counter)
+    tags: Counter[str] = field(default_factory=Counter)
     spelling: dict[str, str] = field(default_factory=dict)  # key -> first spelling seen
     tag_total: int = 0
 
@@ -510,7 +516,7 @@ def run_stats(
     from sdprep.prep.tokens import TokenAudit
 
     result = StageResult("captions stats")
-    stats, audit, skipped = CaptionStats(), TokenAudit(), Counter()
+    stats, audit, skipped = CaptionStats(), TokenAudit(), Counter[str]()
 
     def files() -> Iterator[CaptionFile]:
         for cf in all_caption_files(roots, opts, skipped):
@@ -556,7 +562,7 @@ def run_find(
     if not matcher:
         raise ConfigError("find needs a tag", 'e.g. sdprep captions find "blue eyes" data/')
     result = StageResult("captions find")
-    searched, skipped = 0, Counter()
+    searched, skipped = 0, Counter[str]()
     files = all_caption_files(roots, opts, skipped)
     for cf, (_, tags) in each_item(_read_tags, files, result, NullReporter(), None):
         if tags is None:

@@ -20,10 +20,11 @@ import os
 import re
 import shutil
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, Protocol
 
 from sdprep import state
 from sdprep.config import bounded, check_bounds
@@ -162,7 +163,7 @@ def _strip_forced(conf: Any) -> Any:
     return conf
 
 
-def _load_user_config(gconfig, path: Path) -> None:
+def _load_user_config(gconfig: ModuleType, path: Path) -> None:
     """Load a gallery-dl config file (logins, site options) minus the keys sdprep controls."""
     try:
         loads_json(path.read_text(encoding="utf-8"))
@@ -174,7 +175,7 @@ def _load_user_config(gconfig, path: Path) -> None:
     gconfig.load([str(path)], strict=False, loads=lambda text: _strip_forced(loads_json(text)))
 
 
-def configure(gconfig, opts: ScrapeOptions, incoming: Path, archive: Path) -> None:
+def configure(gconfig: ModuleType, opts: ScrapeOptions, incoming: Path, archive: Path) -> None:
     """Reset gallery-dl's global config and set sdprep's: flat safe names, archive, metadata JSON."""
     gconfig.clear()
     if opts.config_file is not None:
@@ -227,27 +228,45 @@ def _captured_logs() -> Iterator[_Logs]:
         root.removeHandler(handler)
 
 
-def _job_class(gjob, gexc):
-    class SdprepJob(gjob.DownloadJob):
+class _Job(Protocol):
+    def run(self) -> int: ...
+
+
+class _JobClass(Protocol):
+    """What `_job_class` returns: builds the job that downloads one URL into `intake`."""
+
+    def __call__(self, url: str, *, intake: Intake) -> _Job: ...
+
+
+def _job_class() -> _JobClass:
+    from gallery_dl import exception as gexc
+    from gallery_dl.job import DownloadJob
+
+    class SdprepJob(DownloadJob):  # type: ignore[misc]  # gallery-dl ships no type information
         """gallery-dl's DownloadJob with sdprep's hooks: a path guard, per-file intake, skip count."""
 
-        def __init__(self, url, parent=None, intake=None):
-            super().__init__(url, parent)
-            self.intake = intake if parent is None else parent.intake
+        hooks: dict[str, list[Callable[[Any], None]]]  # gallery-dl's, by event; arguments: a PathFormat
 
-        def initialize(self, kwdict=None):
+        def __init__(self, url: str, parent: SdprepJob | None = None, intake: Intake | None = None) -> None:
+            super().__init__(url, parent)
+            given = intake if parent is None else parent.intake
+            if given is None:
+                raise TypeError("an SdprepJob needs an intake, or a parent job that has one")
+            self.intake: Intake = given
+
+        def initialize(self, kwdict: dict[str, Any] | None = None) -> None:
             super().initialize(kwdict)
             if not self.hooks:
                 self.hooks = collections.defaultdict(list)
             self.hooks["prepare-after"].append(self._guard)
             self.hooks["after"].append(lambda pathfmt: self.intake.take(Path(pathfmt.realpath)))
 
-        def _guard(self, pathfmt):
+        def _guard(self, pathfmt: Any) -> None:  # gallery-dl's PathFormat
             if not inside(pathfmt.realpath, self.intake.incoming):
                 self.intake.refuse(pathfmt.realpath)
                 raise gexc.StopExtraction()
 
-        def handle_skip(self):
+        def handle_skip(self) -> None:
             self.intake.skipped()
             super().handle_skip()
 
@@ -269,7 +288,7 @@ class Intake:
     report: Reporter
     url: str = ""
     seen: int = 0
-    rejected: Counter = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         self.matcher = TagMatcher(self.opts.exclude_tags)
@@ -282,7 +301,7 @@ class Intake:
     def refuse(self, path: str) -> None:
         self.result.fail(self.root, f"{self.url}: refused to write {path!r} outside {self.incoming}")
 
-    def verdict(self, path: Path, booru: dict | None) -> tuple[str, str] | None:
+    def verdict(self, path: Path, booru: dict[str, Any] | None) -> tuple[str, str] | None:
         """(kind, reason) when a download is rejected, None when it joins the dataset."""
         if not is_image(path):
             return "not an image", f"not an image ({path.suffix or 'no extension'})"
@@ -324,7 +343,9 @@ class Intake:
                     if inside(p, self.incoming):
                         p.unlink()
 
-    def _place(self, path: Path, meta: dict, booru: dict | None, verdict: tuple[str, str] | None) -> None:
+    def _place(
+        self, path: Path, meta: dict[str, Any], booru: dict[str, Any] | None, verdict: tuple[str, str] | None
+    ) -> None:
         folder = self.root if verdict is None else self.root / REJECTED_DIR
         data = path.read_bytes()
         dest, present = _free_name(folder, safe_name(path.name), data)
@@ -373,14 +394,12 @@ def _status_reason(status: int, messages: list[str]) -> str:
 def run_scrape(root: Path | str, opts: ScrapeOptions, *, report: Reporter = NullReporter()) -> StageResult:
     """Download every URL of `opts` into the dataset folder `root` (created when missing)."""
     from gallery_dl import config as gconfig
-    from gallery_dl import exception as gexc
-    from gallery_dl import job as gjob
 
     root = Path(root).absolute()
     root.mkdir(parents=True, exist_ok=True)
     result = StageResult("scrape")
     total = opts.limit * len(opts.urls) if opts.limit else None
-    job_class = _job_class(gjob, gexc)
+    job_class = _job_class()
     with Journal(root).begin("scrape") as op, _captured_logs() as logs:
         # sdprep's own folders, none of them a symlink (a linked `incoming` would be swept out)
         incoming = state.folder(root, *SCRAPE_DIR, "incoming", create=True)
@@ -400,7 +419,7 @@ def run_scrape(root: Path | str, opts: ScrapeOptions, *, report: Reporter = Null
                 for url in opts.urls:
                     atomic_write_bytes(current, url.encode("utf-8", "surrogateescape"), sync=False)
                     intake.url, intake.seen = url, 0
-                    _scrape_url(job_class, gexc, url, intake, logs, result)
+                    _scrape_url(job_class, url, intake, logs, result)
         finally:
             gconfig.clear()
             if scratch.exists():
@@ -411,7 +430,9 @@ def run_scrape(root: Path | str, opts: ScrapeOptions, *, report: Reporter = Null
     return result
 
 
-def _scrape_url(job_class, gexc, url: str, intake: Intake, logs: _Logs, result: StageResult) -> None:
+def _scrape_url(job_class: _JobClass, url: str, intake: Intake, logs: _Logs, result: StageResult) -> None:
+    from gallery_dl import exception as gexc
+
     try:
         job = job_class(url, intake=intake)
     except gexc.NoExtractorError:
