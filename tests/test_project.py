@@ -23,25 +23,32 @@ def test_init_template_is_valid_for_every_stage(tmp_path, cli_runner):
     assert again.exit_code == 1 and "already exists" in again.output
 
 
-def test_unknown_stage_and_keys_are_errors(tmp_path):
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[project]\ndataset = "d"\n[stages.clen]\n',
+            r'unknown stage \[stages.clen\][\s\S]*did you mean "clean"\?',
+        ),
+        ('[project]\ndatset = "d"\n', 'did you mean "dataset"'),
+        ("[project]\ndataset = 5\n", "project.dataset must be a folder name in quotes, got 5"),
+        ('train = 3\n[project]\ndataset = "d"\n', r"\[stages\] and \[train\] must be tables"),
+    ],
+    ids=["unknown-stage", "unknown-key", "dataset-not-a-string", "stages-not-a-table"],
+)
+def test_a_bad_project_file_is_an_error(tmp_path, text, message):
     p = tmp_path / "p.toml"
-    p.write_text('[project]\ndataset = "d"\n[stages.clen]\n')
-    with pytest.raises(ConfigError, match=r"unknown stage \[stages.clen\]") as exc:
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=message):
         load_project(p)
-    assert 'did you mean "clean"?' in str(exc.value)
+
+
+def test_an_unknown_key_in_a_stage_is_an_error(tmp_path):
+    p = tmp_path / "p.toml"
     p.write_text('[project]\ndataset = "d"\n[stages.rename]\npatern = "{n}"\n')
     project = load_project(p)
     with pytest.raises(ConfigError, match='unknown key "stages.rename.patern"'):
         stage_options("rename", project.stages[0][1], project.base)
-    p.write_text('[project]\ndatset = "d"\n')
-    with pytest.raises(ConfigError, match='did you mean "dataset"'):
-        load_project(p)
-    p.write_text("[project]\ndataset = 5\n")
-    with pytest.raises(ConfigError, match="project.dataset must be a folder name in quotes, got 5"):
-        load_project(p)
-    p.write_text('train = 3\n[project]\ndataset = "d"\n')
-    with pytest.raises(ConfigError, match=r"\[stages\] and \[train\] must be tables"):
-        load_project(p)
 
 
 def test_rules_section_is_listed_once_and_reaches_tag_and_clean(tmp_path):

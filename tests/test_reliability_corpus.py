@@ -62,6 +62,19 @@ def run_case(
     return done, done.stdout + done.stderr
 
 
+def assert_kept_or_undone(root: Path, before: dict, changes: bool) -> None:
+    """A command that is not meant to change the dataset at `root` left every byte as it was (the
+    `before` snapshot); one that is changed something, and `sdprep undo` puts every byte back."""
+    after = corpus.snapshot(root)
+    if not changes:
+        assert after == before, "the dataset changed"
+        return
+    assert after != before, "nothing changed"
+    undone = run_cli(["undo", str(root)])
+    assert undone.returncode == 0, undone.stdout + undone.stderr
+    assert corpus.snapshot(root) == before, "undo did not restore every byte"
+
+
 def failure_paths(output: str) -> list[str]:
     """Paths named on `  failed: PATH: reason` lines (a path may hold a newline)."""
     blocks = output.split("\n  failed: ")[1:]
@@ -265,12 +278,4 @@ def test_command_over_hostile_corpus(name: str, tmp_path: Path, tiny_wd14: Path,
         case.check(c, tmp_path)
     assert corpus.SECRET_TEXT not in output
     assert corpus.snapshot(c.outside) == outside_before, "a file outside the dataset changed"
-
-    after = corpus.snapshot(c.root)
-    if not case.changes:
-        assert after == before, "the dataset changed"
-        return
-    assert after != before, "nothing changed"
-    undone = run_cli(["undo", str(c.root)])
-    assert undone.returncode == 0, undone.stdout + undone.stderr
-    assert corpus.snapshot(c.root) == before, "undo did not restore every byte"
+    assert_kept_or_undone(c.root, before, case.changes)
