@@ -29,13 +29,13 @@ from sdprep.prep.monochrome import LABELS, MonochromeSettings
 from sdprep.taggers.rules import ScoreRules, score_tags
 from sdprep.tags import (
     TagMatcher,
-    TagPattern,
     add_underscore,
     dedupe,
     escape_parentheses,
     remove_matching,
     remove_underscore,
     replace_tags,
+    replacement_patterns,
     tag_key,
 )
 
@@ -191,7 +191,7 @@ class RuleSet:
             patterns += read_tag_file(path)
         self.remove = TagMatcher(patterns)
         self.keep = TagMatcher(rules.keep)
-        self.replacements = [(TagPattern(k), v) for k, v in rules.replace.items() if k.strip()]
+        self.replacements = replacement_patterns(rules.replace)
         self._placed_anywhere = {tag_key(t) for tags in rules.prefix.values() for t in tags}
         self._placed_anywhere |= {tag_key(t) for tags in rules.suffix.values() for t in tags}
         self._placed_anywhere |= {tag_key(t) for t in rules.trigger} | set(LABELS)

@@ -13,7 +13,7 @@ import fnmatch
 import functools
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from sdprep.errors import ConfigError
@@ -121,6 +121,12 @@ class TagMatcher:
 
     def __bool__(self) -> bool:
         return bool(self.patterns)
+
+
+def replacement_patterns(table: Mapping[str, tuple[str, ...]]) -> list[tuple[TagPattern, tuple[str, ...]]]:
+    """A replacement table (`{"old tag": ("new", "tags")}`, keys are patterns) ready for `replace_tags`;
+    blank keys name nothing and are left out."""
+    return [(TagPattern(k), v) for k, v in table.items() if k.strip()]
 
 
 def replace_tags(tags: Iterable[str], replacements: list[tuple[TagPattern, tuple[str, ...]]]) -> list[str]:

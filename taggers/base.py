@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from PIL import Image
 
@@ -23,6 +23,8 @@ CATEGORY_COPYRIGHT = "copyright"
 CATEGORY_ARTIST = "artist"
 CATEGORY_META = "meta"
 
+T = TypeVar("T")  # what a registry's factories make
+
 
 @dataclass
 class TagScores:
@@ -31,7 +33,7 @@ class TagScores:
     scores: dict[str, float]
     categories: dict[str, str]
     model: str
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # more of the sidecar record (rating, mcut...)
 
 
 @runtime_checkable
@@ -50,14 +52,14 @@ class Captioner(Protocol):
     def caption(self, images: list[Image.Image], prompts: list[str]) -> list[str]: ...
 
 
-class Registry:
+class Registry(Generic[T]):
     """Factories keyed by a scheme name (`wd14`, `hf`, `openai`); duplicate names raise."""
 
     def __init__(self, kind: str):
         self.kind = kind
-        self._factories: dict[str, Callable[..., object]] = {}
+        self._factories: dict[str, Callable[..., T]] = {}
 
-    def register(self, name: str, factory: Callable[..., object]) -> None:
+    def register(self, name: str, factory: Callable[..., T]) -> None:
         if name in self._factories:
             raise ConfigError(f"{self.kind} {name!r} is already registered")
         self._factories[name] = factory
@@ -65,7 +67,7 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._factories)
 
-    def create(self, spec: str, **kwargs) -> object:
+    def create(self, spec: str, **kwargs: Any) -> T:
         """Create from `scheme:argument` (e.g. `hf:llava-hf/llava-1.5-7b-hf`)."""
         scheme, _, arg = spec.partition(":")
         if scheme not in self._factories:
@@ -73,5 +75,5 @@ class Registry:
         return self._factories[scheme](arg, **kwargs)
 
 
-TAGGERS = Registry("tagger")
-CAPTIONERS = Registry("captioner")
+TAGGERS: Registry[Tagger] = Registry("tagger")
+CAPTIONERS: Registry[Captioner] = Registry("captioner")

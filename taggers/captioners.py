@@ -13,13 +13,16 @@ Options (None values are ignored, so a CLI can pass every flag it has):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sdprep.config import from_dict
 from sdprep.errors import ConfigError, did_you_mean
 from sdprep.taggers.base import CAPTIONERS, Captioner
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 SCHEMES = {"hf": "hf:REPO_ID or hf:/path/to/model-folder", "openai": "openai:http://HOST:PORT/v1[#model]"}
 
@@ -41,7 +44,7 @@ def load_captioner(spec: str, **options: Any) -> Captioner:
         raise ConfigError(f'unknown captioner "{spec}"', hint)
     _register_backends()
     given = {k: v for k, v in options.items() if v is not None}
-    return CAPTIONERS.create(spec, **given)  # type: ignore[return-value]
+    return CAPTIONERS.create(spec, **given)
 
 
 def option_names() -> dict[str, list[str]]:
@@ -57,7 +60,7 @@ def option_names() -> dict[str, list[str]]:
 
 def parse_options(cls: type[T], options: dict[str, Any], scheme: str) -> T:
     """Strictly build an options dataclass; an option of the other backend gets a clear message."""
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    names = [f.name for f in dataclasses.fields(cls)]
     known = {name for names_ in option_names().values() for name in names_}
     for key in options:
         if key in names:

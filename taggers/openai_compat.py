@@ -235,14 +235,12 @@ class OpenAICaptioner:
             for future in sorted(done, key=futures.__getitem__):
                 if future.exception() is None:
                     results[futures[future]] = future.result()
-            failed = sorted(
-                (
-                    (futures[f], f.exception())
-                    for f in done
-                    if f.exception() and not isinstance(f.exception(), _Cancelled)
-                ),
-                key=lambda x: x[0],
-            )
+            failed: list[tuple[int, BaseException]] = []
+            for f in done:
+                exc = f.exception()
+                if exc is not None and not isinstance(exc, _Cancelled):
+                    failed.append((futures[f], exc))
+            failed.sort(key=lambda x: x[0])
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
         if failed:

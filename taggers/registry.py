@@ -22,7 +22,7 @@ def create_tagger(spec: str, **options: Any) -> Tagger:
         spec = f"wd14:{spec}"
         scheme = "wd14"
     importlib.import_module(TAGGER_MODULES[scheme])
-    return TAGGERS.create(spec, **options)  # type: ignore[return-value]
+    return TAGGERS.create(spec, **options)
 
 
 def load_captioner(spec: str, **options: Any) -> Captioner:

@@ -32,6 +32,7 @@ from sdprep.tags import (
     remove_matching,
     remove_underscore,
     replace_tags,
+    replacement_patterns,
     tag_key,
 )
 
@@ -114,10 +115,15 @@ class CaptionRules:
         """A JSON-able form recorded with the caption, to know later whether the rules changed."""
         from sdprep.config import to_dict
 
-        d = to_dict(self)
+        d: dict[str, Any] = to_dict(self)  # a dataclass gives a dict
         # pairs, as before the table form (so settings recorded by earlier runs still match)
-        d["replace"] = [[src, ", ".join(dst)] for src, dst in self.replace.items()]
+        d["replace"] = [[src, ", ".join(dst)] for src, dst in self.replacements.items()]
         return d
+
+    @property
+    def replacements(self) -> Replacements:
+        """`replace` as the table `__post_init__` made of it (whichever form it was given in)."""
+        return self.replace if isinstance(self.replace, dict) else replacement_table(self.replace)
 
 
 def _f32(x: float) -> np.float32:
@@ -160,7 +166,8 @@ def rating_tag(record: Mapping[str, Any]) -> str | None:
     rating = record.get("rating") or {}
     if not rating:
         return None
-    return max(rating, key=lambda name: rating[name])  # max keeps the first of equal scores, like argmax
+    best: str = max(rating, key=lambda name: rating[name])  # max keeps the first of equal scores, like argmax
+    return best
 
 
 def score_tags(record: Mapping[str, Any], rules: ScoreRules) -> list[str]:
@@ -177,14 +184,16 @@ def score_tags(record: Mapping[str, Any], rules: ScoreRules) -> list[str]:
 
 
 @functools.lru_cache(maxsize=64)
-def _patterns(replace: tuple[tuple[str, tuple[str, ...]], ...], undesired: tuple[str, ...]):
-    return [(TagPattern(k), v) for k, v in replace if k], TagMatcher(undesired)
+def _patterns(
+    replace: tuple[tuple[str, tuple[str, ...]], ...], undesired: tuple[str, ...]
+) -> tuple[list[tuple[TagPattern, tuple[str, ...]]], TagMatcher]:
+    return replacement_patterns(dict(replace)), TagMatcher(undesired)
 
 
 def caption_tags(record: Mapping[str, Any], rules: CaptionRules) -> list[str]:
     """The caption's tags, in order, for one image's score record."""
     ordered = score_tags(record, rules.scores)
-    replacements, undesired = _patterns(tuple(rules.replace.items()), rules.undesired)
+    replacements, undesired = _patterns(tuple(rules.replacements.items()), rules.undesired)
     if replacements:
         ordered = replace_tags(ordered, replacements)
     ordered = remove_matching(ordered, undesired)

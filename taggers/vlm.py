@@ -15,12 +15,16 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from sdprep.errors import ConfigError, ModelError, unknown_choice
 from sdprep.taggers.base import CAPTIONERS
+
+if TYPE_CHECKING:  # imported for real in load(): never at module import
+    import torch
+    from transformers import BitsAndBytesConfig
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +99,7 @@ def pick_device(device: str) -> str:
     return device
 
 
-def pick_dtype(dtype: str, device: str) -> Any:
+def pick_dtype(dtype: str, device: str) -> torch.dtype:
     """`auto` -> bfloat16 (or float16) on GPUs, float32 on CPU."""
     import torch
 
@@ -103,10 +107,11 @@ def pick_dtype(dtype: str, device: str) -> Any:
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float16 if device == "mps" else torch.float32
-    return getattr(torch, dtype)
+    chosen: torch.dtype = getattr(torch, dtype)  # one of DTYPES, checked by HFOptions
+    return chosen
 
 
-def quantization_config(dtype: Any, device: str) -> Any:
+def quantization_config(dtype: torch.dtype, device: str) -> BitsAndBytesConfig:
     """A 4-bit (nf4) BitsAndBytesConfig; a clear ModelError when bitsandbytes or a GPU is missing."""
     missing = []
     if not device.startswith("cuda"):
@@ -121,7 +126,8 @@ def quantization_config(dtype: Any, device: str) -> Any:
         )
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(
+    # transformers leaves BitsAndBytesConfig.__init__ unannotated
+    return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype=dtype,
@@ -148,10 +154,10 @@ class HFCaptioner:
         self.model: Any = None
         self.processor: Any = None
         self.device = "cpu"
-        self.dtype: Any = None
+        self.dtype: torch.dtype | None = None
         self._chat_form = ""  # which message form the chat template accepts (see build_text)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[HFCaptioner], tuple[str, HFOptions]]:
         """Sent to a Ray worker as what builds it, not the loaded model: each worker loads its own."""
         return (HFCaptioner, (self.given, self.options))
 
@@ -184,15 +190,17 @@ class HFCaptioner:
             model_kwargs["quantization_config"] = quantization_config(self.dtype, self.device)
             model_kwargs["device_map"] = {"": self.device}
         try:
-            processor = AutoProcessor.from_pretrained(self.source, **kwargs)
+            # transformers leaves AutoProcessor.from_pretrained unannotated
+            processor = AutoProcessor.from_pretrained(self.source, **kwargs)  # type: ignore[no-untyped-call]
             model = AutoModelForImageTextToText.from_pretrained(self.source, **kwargs, **model_kwargs)
         except (OSError, ValueError, KeyError, ImportError) as exc:
             raise self._load_error(exc) from exc
         if getattr(processor, "image_processor", None) is None:
             raise ModelError(f"{self.name}: the processor has no image processor; is this a vision model?")
+        # transformers' @wraps(nn.Module.to) / unannotated eval(): its types do not describe these calls
         if not o.load_in_4bit:
-            model = model.to(self.device)
-        model.eval()
+            model = model.to(self.device)  # type: ignore[arg-type]
+        model.eval()  # type: ignore[no-untyped-call]
         tokenizer = getattr(processor, "tokenizer", None)
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         if tokenizer is not None:
@@ -273,7 +281,8 @@ class HFCaptioner:
 
     def _marks_image(self, text: str, prompt: str) -> bool:
         """True when the rendered text holds one more image marker than the user's prompt."""
-        markers = {getattr(self.processor, n, None) for n in ("image_token", "boi_token")} - {None, ""}
+        found = (getattr(self.processor, n, None) for n in ("image_token", "boi_token"))
+        markers = {m for m in found if isinstance(m, str) and m}
         return any(text.count(m) > prompt.count(m) for m in markers)
 
     def _render_chat(self, prompt: str, form: str, image_token: str | None) -> str | None:

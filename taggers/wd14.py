@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import csv
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -34,6 +36,9 @@ from sdprep.taggers.base import (
     TagScores,
 )
 from sdprep.taggers.rules import mcut_threshold
+
+if TYPE_CHECKING:
+    import onnxruntime as ort  # no type information: these names are Any to mypy
 
 OWNER = "SmilingWolf"
 V3_MODELS = (
@@ -283,7 +288,7 @@ def choose_providers(device: str, available: list[str]) -> list[str]:
     return [GPU_PROVIDERS[device], CPU_PROVIDER]
 
 
-def session_options(threads: int = 0):
+def session_options(threads: int = 0) -> ort.SessionOptions:
     """onnxruntime options for WD14 (also used by the benchmark's baseline, so both run alike).
 
     Threads do not spin-wait between operators: the decoding threads of `sdprep tag` (and anything
@@ -345,17 +350,19 @@ class WD14Tagger:
         self.device = device
         self.threads = threads
         self.floor = floor
-        self.session = None
+        self.session: ort.InferenceSession | None = None
         self.vocab: Vocabulary | None = None
         self.size = DEFAULT_SIZE
         self.input_name = ""
         self.provider = ""
         self.warnings: list[str] = []
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Callable[[], WD14Tagger], tuple[()]]:
         """Sent to a Ray worker as what builds it, not the open session: each worker loads its own."""
-        args = {"device": self.device, "threads": self.threads, "floor": self.floor}
-        return (functools.partial(WD14Tagger, self.spec, **args), ())
+        build = functools.partial(
+            WD14Tagger, self.spec, device=self.device, threads=self.threads, floor=self.floor
+        )
+        return (build, ())
 
     def load(self) -> None:
         """Resolve the files, open the session, read input name and size; idempotent."""
@@ -405,16 +412,20 @@ class WD14Tagger:
         is where a GPU's throughput comes from; `--batch-size 1` makes GPU scores batch-independent.
         """
         self.load()
+        session, vocab = self.session, self.vocab
+        assert session is not None and vocab is not None  # load() sets both or raises
         if len(batch) == 0:
-            return np.zeros((0, len(self.vocab.names)), np.float32)
+            return np.zeros((0, len(vocab.names)), np.float32)
         if self.provider != CPU_PROVIDER:
-            return self.session.run(None, {self.input_name: batch})[0]
-        rows = [self.session.run(None, {self.input_name: batch[i : i + 1]})[0] for i in range(len(batch))]
+            scores: np.ndarray = session.run(None, {self.input_name: batch})[0]
+            return scores
+        rows = [session.run(None, {self.input_name: batch[i : i + 1]})[0] for i in range(len(batch))]
         return np.concatenate(rows)
 
-    def record(self, probs: np.ndarray) -> dict:
-        """The sidecar record of one image's scores (see the module docstring)."""
+    def record(self, probs: np.ndarray) -> dict[str, Any]:
+        """The sidecar record of one image's scores (see the module docstring); after `load()`."""
         vocab = self.vocab
+        assert vocab is not None, "load() first"
         probs = np.asarray(probs, dtype=np.float32)
         kept = self._tags[probs[self._tags] >= np.float32(self.floor)]
         scores = {vocab.names[i]: short_float(probs[i]) for i in kept}
