@@ -23,6 +23,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sdprep.config import bounded, check_bounds
 from sdprep.dataset import SDPREP_KEY, Item, iter_items, join_tags, require_images, sdprep_meta, split_tags
@@ -45,6 +46,9 @@ from sdprep.prep.rules import (
 from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import MAX_WORKERS, StageResult, each_item, progress, worker_count
 from sdprep.tags import tag_key
+
+if TYPE_CHECKING:
+    from sdprep.prep.tokens import TokenAudit
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,7 @@ class Plan:
     source: str
     label: str | None = None
     measured: str | None = None  # "reduced" / "full" when the image was decoded this run
-    sidecar: dict | None = None
+    sidecar: dict[str, Any] | None = None
     sidecar_text: str | None = None
     trimmed: list[str] = field(default_factory=list)
     tokens: int | None = None
@@ -91,7 +95,7 @@ class Input:
     derived: bool = False  # the caption file is clean's own output (or built on it by `later` stages)
 
 
-def clean_input(sidecar: dict, caption: str | None, later: Collection[str] = ()) -> Input:
+def clean_input(sidecar: dict[str, Any], caption: str | None, later: Collection[str] = ()) -> Input:
     """Clean's input: the caption file, unless it is clean's own earlier output (see prep/lineage.py)."""
     meta = sidecar.get(SDPREP_KEY)
     meta = meta if isinstance(meta, dict) else {}
@@ -102,7 +106,9 @@ def clean_input(sidecar: dict, caption: str | None, later: Collection[str] = ())
     return Input(caption)
 
 
-def _image_tags(item: Item, start: Input, sidecar: dict, rules: CleanRules) -> tuple[list[str], str]:
+def _image_tags(
+    item: Item, start: Input, sidecar: dict[str, Any], rules: CleanRules
+) -> tuple[list[str], str]:
     """(tags, where they came from) following the documented precedence."""
     if start.base is not None and rules.source in ("auto", "caption"):
         return split_tags(",".join(start.base.splitlines())), "caption"  # a line break separates tags
@@ -127,11 +133,12 @@ def _concept(rs: RuleSet, root: Path, item: Item, place: Placement) -> str:
 
 
 def count_core(
-    root: Path, rs: RuleSet, recursive: bool, later: Collection[str] = ()
-) -> tuple[dict[str, list], dict[str, int]]:
-    """First pass of core-tag pruning: per concept, the tags in at least `prune_core`% of images."""
-    counts: dict[str, Counter] = defaultdict(Counter)
-    images: Counter = Counter()
+    root: Path, rs: RuleSet, recursive: bool, percent: float, later: Collection[str] = ()
+) -> tuple[dict[str, list[tuple[str, float]]], dict[str, int]]:
+    """First pass of core-tag pruning: per concept, the tags in at least `percent`% (the rules'
+    `prune_core`) of images."""
+    counts: dict[str, Counter[str]] = defaultdict(Counter)
+    images: Counter[str] = Counter()
     for item in iter_items(root, recursive):
         try:
             caption = read_existing(item.caption_path, item.root)
@@ -143,10 +150,7 @@ def count_core(
         concept = _concept(rs, root, item, place)
         images[concept] += 1
         counts[concept].update({tag_key(t) for t in body_tags(tags, rs, place)})
-    pruned = {
-        concept: core_tags(counts[concept], n, rs.rules.prune_core, rs.protected)
-        for concept, n in images.items()
-    }
+    pruned = {concept: core_tags(counts[concept], n, percent, rs.protected) for concept, n in images.items()}
     return pruned, dict(images)
 
 
@@ -182,7 +186,9 @@ def plan_item(
     return plan
 
 
-def _record(plan: Plan, start: Input, sidecar: dict, text: str | None, place: Placement, head: int) -> None:
+def _record(
+    plan: Plan, start: Input, sidecar: dict[str, Any], text: str | None, place: Placement, head: int
+) -> None:
     """Note in the sidecar what clean writes and from what (prep/lineage.py); or leave the caption
     as it is when a later stage built it on this very result."""
     written = join_tags(plan.tags)
@@ -191,8 +197,13 @@ def _record(plan: Plan, start: Input, sidecar: dict, text: str | None, place: Pl
         plan.keep = plan.old_caption is not None and plan.old_caption.strip() != written
         if plan.keep:
             return
-    record = {"base": start.base, "source": plan.source, "written": written, "trigger": list(place.trigger)}
-    record["head"] = head
+    record: dict[str, str | list[str] | int | None] = {
+        "base": start.base,
+        "source": plan.source,
+        "written": written,
+        "trigger": list(place.trigger),
+        "head": head,
+    }
     meta = sdprep_meta(sidecar)
     if meta.get("clean") != record:
         meta["clean"] = record
@@ -239,7 +250,7 @@ def run_clean(
     pruned: dict[str, frozenset[str]] = {}
     if rules.prune_core is not None:
         with progress(report, None, "counting tags"):
-            found, images = count_core(root, rs, opts.recursive, later)
+            found, images = count_core(root, rs, opts.recursive, rules.prune_core, later)
         pruned = {c: frozenset(k for k, _ in tags) for c, tags in found.items()}
         _prune_notes(result, found, images, rules.prune_core)
     total = sum(1 for _ in iter_items(root, opts.recursive))
@@ -269,7 +280,9 @@ def run_clean(
     return result
 
 
-def _prune_notes(result: StageResult, found: dict[str, list], images: dict[str, int], pct: float) -> None:
+def _prune_notes(
+    result: StageResult, found: dict[str, list[tuple[str, float]]], images: dict[str, int], pct: float
+) -> None:
     result.details["pruned"] = {c: [(k, round(f, 4)) for k, f in tags] for c, tags in found.items()}
     for concept, tags in sorted(found.items()):
         listing = ", ".join(f"{k} ({f * 100:.0f}%)" for k, f in tags) or "none"
@@ -282,11 +295,11 @@ def _prune_notes(result: StageResult, found: dict[str, list], images: dict[str, 
 class _Tally:
     """Counters for the summary lines."""
 
-    sources: Counter = field(default_factory=Counter)
-    labels: Counter = field(default_factory=Counter)
-    measured: Counter = field(default_factory=Counter)
+    sources: Counter[str] = field(default_factory=Counter)
+    labels: Counter[str] = field(default_factory=Counter)
+    measured: Counter[str] = field(default_factory=Counter)
     trimmed: int = 0
-    audit: object = None
+    audit: TokenAudit | None = None
     multiline: list[str] = field(default_factory=list)  # the first few names
     multiline_count: int = 0
 

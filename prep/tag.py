@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,9 +40,10 @@ from sdprep.prep import lineage
 from sdprep.prep.captions import CaptionWriter
 from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import MAX_WORKERS, StageResult, dataset_items, map_items, progress, worker_count
+from sdprep.taggers.base import Captioner
 from sdprep.taggers.registry import create_tagger, load_captioner
 from sdprep.taggers.rules import MERGE_POLICIES, CaptionRules, caption_from_scores, merge_caption
-from sdprep.taggers.wd14 import DEFAULT_FLOOR, DEFAULT_MODEL, DEFAULT_SIZE, matches_record
+from sdprep.taggers.wd14 import DEFAULT_FLOOR, DEFAULT_MODEL, DEFAULT_SIZE, WD14Tagger, matches_record
 
 TAGS_ONLY_TEMPLATE = "{tags}"
 MAX_CAPTION_FAILURES = 8  # in a row: the captioner is down, stop
@@ -115,14 +116,14 @@ class Prepared:
     """One image, read by a worker thread: its sidecar, caption, and pixels when a model must run."""
 
     item: Item
-    sidecar: dict
+    sidecar: dict[str, Any]
     caption: str | None = None
     pixels: np.ndarray | None = None  # WD14 input (uint8 HWC, BGR)
     image: Image.Image | None = None  # for the captioner
     need_wd14: bool = False
     need_vlm: bool = False
     skip: bool = False
-    record: dict | None = None  # new WD14 scores (`_TagWork.infer`)
+    record: dict[str, Any] | None = None  # new WD14 scores (`_TagWork.infer`)
     vlm: str | SdprepError | None = None  # the captioner's answer, or why it failed
     notes: list[str] = field(default_factory=list)  # what ran the model (provider, warnings)
 
@@ -133,7 +134,15 @@ class _TagWork:
     executor the whole object goes to each Ray worker (`batch`), where the tagger and captioner, sent
     as their recipes, load once."""
 
-    def __init__(self, opts: TagOptions, tagger: Any, captioner: Any, prompt: str, settings: dict, chain):
+    def __init__(
+        self,
+        opts: TagOptions,
+        tagger: WD14Tagger,
+        captioner: Captioner | None,
+        prompt: str,
+        settings: dict[str, Any],
+        chain: Sequence[str],
+    ) -> None:
         self.opts, self.tagger, self.captioner = opts, tagger, captioner
         self.prompt, self.settings = prompt, settings
         self.model_id = tagger.model_id
@@ -144,7 +153,8 @@ class _TagWork:
         from sdprep.taggers.captions_text import caption_matches
 
         sidecar = read_sidecar(item)
-        meta = sidecar.get("sdprep") if isinstance(sidecar.get("sdprep"), dict) else {}
+        found = sidecar.get("sdprep")
+        meta: dict[str, Any] = found if isinstance(found, dict) else {}
         force = self.opts.force
         p = Prepared(item, sidecar)
         p.need_wd14 = force or not matches_record(meta.get("wd14"), self.model_id, self.opts.floor)
@@ -176,7 +186,7 @@ class _TagWork:
                 p.image = image
         return p
 
-    def still_mine(self, meta: dict, caption: str) -> bool:
+    def still_mine(self, meta: dict[str, Any], caption: str) -> bool:
         """False when a stage before tag in the chain rewrote the caption since tag built it: tag
         builds on that output again. Own output, and hand edits, stay as they are."""
         if lineage.derived_from(meta, "tag", caption, self.later):
@@ -192,7 +202,10 @@ class _TagWork:
             self.tagger.load()
             size = self.tagger.size
             pixels = [
-                p.pixels if p.pixels.shape[0] == size else _resize_for(p, size, preprocess) for p in todo
+                p.pixels
+                if p.pixels is not None and p.pixels.shape[0] == size
+                else _resize_for(p, size, preprocess)
+                for p in todo
             ]
             probs = self.tagger.infer(to_batch(pixels))
             notes = [f"wd14: {self.tagger.model_id} on {self.tagger.provider}", *self.tagger.warnings]
@@ -204,10 +217,14 @@ class _TagWork:
 
     def _caption(self, todo: list[Prepared]) -> None:
         """VLM answers (or errors) into `vlm`; a failed batch is retried image by image."""
-        if not todo:
+        captioner = self.captioner
+        if not todo or captioner is None:  # an image needs the captioner only when there is one
             return
         from sdprep.taggers.captions_text import render_prompt
 
+        images = [p.image for p in todo if p.image is not None]  # `prepare` decoded each one
+        if len(images) != len(todo):
+            raise RuntimeError("tag: an image to caption was not decoded")
         plain = dataclasses.replace(self.opts.rules, escape_parentheses=False)
         prompts = []
         for p in todo:
@@ -215,21 +232,21 @@ class _TagWork:
             tags = caption_from_scores(record, plain) if record else ""
             prompts.append(render_prompt(self.prompt, tags=tags, trigger=self.opts.trigger))
         try:
-            for p, text in zip(todo, self.captioner.caption([p.image for p in todo], prompts)):
+            for p, text in zip(todo, captioner.caption(images, prompts)):
                 p.vlm = text
         except SdprepError as exc:
             partial = getattr(exc, "partial", None) or []  # answers that arrived before the failure
             for p, text in zip(todo, partial):
                 if isinstance(text, str):
                     p.vlm = text
-            for p, prompt in zip(todo, prompts):
+            for p, image, prompt in zip(todo, images, prompts):
                 if p.vlm is not None:
                     continue
                 if len(todo) == 1:
                     p.vlm = exc
                     continue
                 try:  # one by one, so one bad image (or a flaky server) fails only itself
-                    p.vlm = self.captioner.caption([p.image], [prompt])[0]
+                    p.vlm = captioner.caption([image], [prompt])[0]
                 except SdprepError as one:
                     p.vlm = one
         for p in todo:
@@ -265,17 +282,20 @@ class _Tagging:
         root: Path,
         opts: TagOptions,
         report: Reporter,
-        tagger: Any,
-        captioner: Any,
+        tagger: WD14Tagger | None,
+        captioner: Captioner | None,
         chain: Sequence[str] = (),
         executor: Executor | None = None,
-    ):
+    ) -> None:
         self.root, self.opts, self.report = root, opts, report
         self.executor = executor
         self.later = lineage.around(chain, "tag")[1]
         self.rules = opts.rules
         if tagger is None:  # built through the registry now, loaded on the first image that needs it
-            tagger = create_tagger(opts.model, device=opts.device, floor=opts.floor)
+            made = create_tagger(opts.model, device=opts.device, floor=opts.floor)
+            if not isinstance(made, WD14Tagger):  # tag reads WD14's scores, sizes and sidecar record
+                raise ConfigError(f"--model {opts.model}: sdprep tag runs WD14 models only ({made.name})")
+            tagger = made
         self.model_id = tagger.model_id
         self.captioner = captioner
         if self.captioner is None and opts.captioner:
@@ -286,7 +306,7 @@ class _Tagging:
         self.work = _TagWork(opts, tagger, self.captioner, self.prompt, self.settings, chain)
         self.result = StageResult("tag")
         self.counts = {"inferred": 0, "captioned": 0, "captions_written": 0}
-        self.writer: CaptionWriter | None = None
+        self.writer = CaptionWriter(root, "tag")
         self._streak = 0  # captioner failures in a row
 
     # -- options -----------------------------------------------------------------------------
@@ -353,7 +373,7 @@ class _Tagging:
     def run(self, items: list[Item]) -> StageResult:
         ran = 0  # images that went through a model since the writer last wrote
         # the writer writes what is finished when the run ends, even on Ctrl-C
-        with progress(self.report, len(items), "tag"), CaptionWriter(self.root, "tag") as self.writer:
+        with progress(self.report, len(items), "tag"), self.writer:
             for item, got in self._done(items):
                 if isinstance(got, SdprepError):
                     self._fail(item, got)
@@ -397,14 +417,14 @@ class _Tagging:
 
     def _check_streak(self) -> None:
         """Stop when the captioner keeps failing (a server that is down), instead of retrying 10,000 times."""
-        if self._streak >= MAX_CAPTION_FAILURES:
+        if self._streak >= MAX_CAPTION_FAILURES and self.captioner is not None:  # streaks need one
             last = self.result.failed[-1].reason if self.result.failed else "?"
             raise ModelError(
                 f"captioner {self.captioner.name} failed {self._streak} images in a row (last: {last})",
                 "check that the server or model works; finished images are kept, run again to resume",
             )
 
-    def _finish(self, p: Prepared, record: dict | None = None, vlm_text: str | None = None) -> None:
+    def _finish(self, p: Prepared, record: dict[str, Any] | None = None, vlm_text: str | None = None) -> None:
         """Store new records, derive the caption file, queue what changed (caption before sidecar)."""
         from sdprep.taggers.captions_text import caption_record
 
@@ -413,14 +433,14 @@ class _Tagging:
         old = {key: meta.get(key) for key in ("wd14", "caption", "tag")}
         if record is not None:
             meta["wd14"] = record
-        if vlm_text is not None:
+        if vlm_text is not None and self.captioner is not None:  # only a captioner gives vlm_text
             settings = getattr(self.captioner, "settings", None)
             meta["caption"] = caption_record(vlm_text, self.captioner.name, self.prompt, settings)
         text = derived_caption(meta, self.rules, self.template, self.opts.trigger, self.boilerplate)
         previous = old["tag"] if isinstance(old["tag"], dict) else {}
         base = previous.get("base") if mine else p.caption
         new = merge_caption(base, text, self.opts.merge, self.rules.separator)
-        if mine and new == previous.get("written") and p.caption != new:
+        if mine and p.caption is not None and new == previous.get("written") and p.caption != new:
             new = p.caption  # a later stage built on this same output: leave its caption
         else:
             meta["tag"] = {"settings": self.settings, "written": new}
@@ -453,7 +473,11 @@ class _Tagging:
 
 
 def derived_caption(
-    meta: dict, rules: CaptionRules, template: str, trigger: str, boilerplate: Sequence[str]
+    meta: dict[str, Any],
+    rules: CaptionRules,
+    template: str,
+    trigger: str,
+    boilerplate: tuple[str, ...] | list[str],
 ) -> str:
     """The caption `tag` derives from an image's stored records (WD14 scores through the one
     score rule, the VLM caption), before it is merged with an existing caption."""
@@ -465,14 +489,14 @@ def derived_caption(
     return combine_caption(template, trigger=trigger, tags=tags, caption=vlm)
 
 
-def _caption_pending(previous: dict, caption: str) -> bool:
+def _caption_pending(previous: dict[str, Any], caption: str) -> bool:
     """True when a run stopped between writing the sidecar and the caption: the caption file still
     holds the text the recorded caption replaces (a hand edit would differ from both)."""
     base = previous.get("base")
     return base is not None and base != previous.get("written") and caption == base
 
 
-def _resize_for(p: Prepared, size: int, preprocess: Any) -> np.ndarray:
+def _resize_for(p: Prepared, size: int, preprocess: Callable[[Image.Image, int], np.ndarray]) -> np.ndarray:
     """A model whose input is not 448: redo the preprocessing at its size (rare; the first batch only)."""
     from sdprep.images import load_image
 
@@ -484,8 +508,8 @@ def run_tag(
     opts: TagOptions | None = None,
     *,
     report: Reporter | None = None,
-    tagger: Any = None,
-    captioner: Any = None,
+    tagger: WD14Tagger | None = None,
+    captioner: Captioner | None = None,
     chain: Sequence[str] = (),
     executor: Executor | None = None,
 ) -> StageResult:
@@ -510,7 +534,7 @@ def run_tag(
     _, found = dataset_items(root, opts.recursive, clash)
     items = [it for it in found if in_shard(it, root, opts.shard)]
     if not items:
-        if not clashes.failed:
+        if not clashes.failed and opts.shard is not None:
             clashes.notes.append(f"no images of {root} fall in shard {opts.shard[0]}/{opts.shard[1]}")
         return clashes
     result = _Tagging(root, opts, report, tagger, captioner, chain, executor).run(items)
