@@ -12,7 +12,7 @@ The hash is cached in the sidecar with the file's size and mtime, so a rerun dec
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,7 +196,7 @@ def _components(hashes: np.ndarray, threshold: int) -> np.ndarray:
     return _merge(root, pending) if pending else root
 
 
-def group(hashes: list[int], threshold: int) -> list[list[int]]:
+def group(hashes: Sequence[int], threshold: int) -> list[list[int]]:
     """Indices of the connected components of "within threshold" (transitive), two or more each.
 
     Members ascending, groups ordered by their first member. Identical hashes are merged first (one

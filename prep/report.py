@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import dataclasses
 import html
 import io
 import os
 import tempfile
 from array import array
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, TYPE_CHECKING, TypedDict
 
 import numpy as np
 from PIL import Image
@@ -46,7 +47,44 @@ from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import StageResult, progress
 from sdprep.tags import tag_key
 
+if TYPE_CHECKING:
+    from sdprep.prep.tokens import TokenCounter
+
 SMALL_AREA = 512 * 512
+Counts = list[tuple[str, int]]  # (label, images) rows of a summary table
+
+
+class BucketingRecord(TypedDict):
+    """`Bucketing.as_dict`: the report's bucket settings, where they come from, the preview sheets."""
+
+    source: str
+    description: str
+    out: str | None
+    resolution: list[int]
+    step: int
+    min_side: int
+    max_side: int
+    no_upscale: bool
+    sheets: list[list[str]]
+
+
+class ReportSummary(TypedDict):
+    """The report's summary (`Summary.as_dict`): the JSON report's "summary", the HTML tables."""
+
+    images: int
+    captioned: int
+    with_mask: int
+    problems: int
+    tags: Counts
+    tag_count_per_caption: Counts
+    token_lengths: Counts
+    resolution_mp: Counts
+    aspect: Counts
+    buckets: Counts
+    monochrome: dict[str, int]
+    monochrome_disagreeing_captions: int
+    duplicates: list[list[str]]
+    bucketing: BucketingRecord
 
 
 @dataclass(frozen=True)
@@ -133,7 +171,7 @@ def _phash(im: Image.Image) -> int:
     return int(str(imagehash.phash(im)), 16)
 
 
-def _token_counter(spec: str | None):
+def _token_counter(spec: str | None) -> TokenCounter | None:
     """The clean stage's token counter (caption tokens without start/end), or None without a spec."""
     if not spec:
         return None
@@ -163,8 +201,15 @@ def mask_size_problem(mask_size: tuple[int, int], size: tuple[int, int]) -> str 
     return f"mask {mask_size[0]}x{mask_size[1]} differs from image size"
 
 
-def analyse_item(item: Item, opts: ReportOptions, count_tokens, thumbs: bool) -> tuple[ImageRow, str, str]:
-    """Inspect one image; returns its row and thumbnail data URIs (image, mask overlay) or ""."""
+def analyse_item(
+    item: Item,
+    opts: ReportOptions,
+    settings: BucketSettings,
+    count_tokens: Callable[[str], int] | None,
+    thumbs: bool,
+) -> tuple[ImageRow, str, str]:
+    """Inspect one image (its bucket by `settings`); returns its row and thumbnail data URIs (image,
+    mask overlay) or ""."""
     row = ImageRow(str(item.path))
     thumb = overlay = ""
     try:
@@ -193,7 +238,7 @@ def analyse_item(item: Item, opts: ReportOptions, count_tokens, thumbs: bool) ->
         row.error(exc)
         return row, thumb, overlay
     row.size = im.size
-    row.bucket, problems = size_checks(im.size, opts.settings)
+    row.bucket, problems = size_checks(im.size, settings)
     row.problems += problems
     small = im.copy()
     small.thumbnail((256, 256))
@@ -230,7 +275,7 @@ def find_duplicates(hashes: list[tuple[int, int]], max_distance: int) -> list[li
     return [[idx[k] for k in g] for g in _groups([h for _, h in hashes], max_distance)]
 
 
-def _groups(hashes, max_distance: int) -> list[list[int]]:
+def _groups(hashes: Sequence[int], max_distance: int) -> list[list[int]]:
     """Positions in `hashes` (a list or an array('Q')) of the duplicate groups, sorted."""
     from sdprep.prep.dedup import group
 
@@ -240,7 +285,7 @@ def _groups(hashes, max_distance: int) -> list[list[int]]:
 class Histogram:
     """Counts of values per range: `edges[i] <= v < edges[i + 1]` is `labels[i]`, the last is open."""
 
-    def __init__(self, edges: list[float], labels: list[str]):
+    def __init__(self, edges: list[float], labels: list[str]) -> None:
         self.edges, self.labels, self.counts = edges, labels, [0] * len(labels)
 
     def add(self, v: float) -> None:
@@ -254,7 +299,7 @@ class Histogram:
 class _Paths:
     """Strings kept in a temporary file and read back by index (8 bytes of memory each)."""
 
-    def __init__(self, file):
+    def __init__(self, file: IO[bytes]) -> None:
         self.file, self.starts, self.end = file, array("Q"), 0
 
     def append(self, text: str) -> None:
@@ -277,9 +322,9 @@ class Summary:
     pHashes 8 bytes each in an array, and the paths of hashed images in a temporary file.
     """
 
-    def __init__(self, path_file):
+    def __init__(self, path_file: IO[bytes]) -> None:
         self.images = self.captioned = self.with_mask = self.problems = 0
-        self.tags: Counter = Counter()
+        self.tags: Counter[str] = Counter()
         self.tag_count = Histogram([0, 1, 10, 20, 40, 1e9], ["0", "1-9", "10-19", "20-39", "40+"])
         self.tokens = Histogram([0, 76, 151, 226, 1e9], ["<=75", "76-150", "151-225", ">225"])
         self.any_tokens = False
@@ -287,8 +332,8 @@ class Summary:
         self.aspect = Histogram(
             [0, 0.6, 0.9, 1.12, 1.7, 1e9], ["tall <0.6", "portrait", "square", "landscape", "wide >1.7"]
         )
-        self.buckets: Counter = Counter()
-        self.mono: Counter = Counter()
+        self.buckets: Counter[str] = Counter()
+        self.mono: Counter[str] = Counter()
         self.mono_disagree = 0
         self.hashes = array("Q")
         self.hashed = _Paths(path_file)
@@ -317,7 +362,7 @@ class Summary:
             self.hashes.append(r.phash)
             self.hashed.append(r.path)
 
-    def as_dict(self, opts: ReportOptions) -> dict:
+    def as_dict(self, opts: ReportOptions, bucketing: Bucketing) -> ReportSummary:
         dup = _groups(self.hashes, opts.duplicate_distance)
         return {
             "images": self.images,
@@ -333,6 +378,7 @@ class Summary:
             "monochrome": dict(self.mono),
             "monochrome_disagreeing_captions": self.mono_disagree,
             "duplicates": [[self.hashed[k] for k in g] for g in dup],
+            "bucketing": bucketing.as_dict(),
         }
 
 
@@ -343,8 +389,11 @@ table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;p
 .bad{border-color:#c33;background:#fee}.lbl{color:#666;font-size:11px;margin-bottom:4px}.cap{max-height:6em;overflow:auto;color:#444}.sec{display:flex;gap:3em;flex-wrap:wrap}"""
 
 
-def _table(title: str, rows: list[tuple], headers: tuple[str, ...], bar: bool = False) -> str:
-    top = max((r[1] for r in rows), default=1) or 1
+def _table(
+    title: str, rows: Sequence[tuple[object, ...]], headers: tuple[str, ...], bar: bool = False
+) -> str:
+    """A table of `rows`; with `bar`, each row's second cell (a count) is drawn as a bar too."""
+    top = max((r[1] for r in rows if isinstance(r[1], int)), default=1) or 1
     return _table_head(title, headers) + "".join(_table_row(r, bar, top) for r in rows) + _TABLE_END
 
 
@@ -353,9 +402,9 @@ def _table_head(title: str, headers: tuple[str, ...]) -> str:
     return f"<div><h2>{html.escape(title)}</h2><table><tr>{cells}</tr>"
 
 
-def _table_row(r: tuple, bar: bool = False, top: int = 1) -> str:
+def _table_row(r: tuple[object, ...], bar: bool = False, top: int = 1) -> str:
     cells = "".join(f"<td>{html.escape(str(c))}</td>" for c in r)
-    if bar:
+    if bar and isinstance(r[1], int):
         cells += f'<td><span class="bar" style="width:{int(200 * r[1] / top)}px"></span></td>'
     return f"<tr>{cells}</tr>"
 
@@ -399,7 +448,7 @@ class Bucketing:
     out: str | None = None  # the bucket output folder (when bucketed)
     sheets: tuple[tuple[str, str], ...] = ()  # (bucket "WxH", link relative to the report)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> BucketingRecord:
         s = self.settings
         return {
             "source": self.source,
@@ -447,7 +496,6 @@ def run_report(root: Path | str, opts: ReportOptions, *, report: Reporter = Null
     root = require_images(root, opts.recursive)
     out = Path(opts.out) if opts.out else root / ("report." + ("json" if opts.format == "json" else "html"))
     bucketing = _bucketing(root, opts, out)
-    opts = dataclasses.replace(opts, settings=bucketing.settings)
     result = StageResult("report")
     count_tokens = _token_counter(opts.tokenizer)
     unreadable: list[str] = []
@@ -458,7 +506,9 @@ def run_report(root: Path | str, opts: ReportOptions, *, report: Reporter = Null
         with progress(report, None, "report"):
             for n, item in enumerate(iter_items(root, opts.recursive)):
                 thumbs = opts.format == "html" and n < opts.max_thumbs
-                row, thumb, overlay = analyse_item(item, opts, count_tokens, thumbs=thumbs)
+                row, thumb, overlay = analyse_item(
+                    item, opts, bucketing.settings, count_tokens, thumbs=thumbs
+                )
                 stats.add(row)
                 if opts.format == "json":
                     gallery.write((",\n  " if n else "") + _json_text(_row_json(row)).replace("\n", "\n  "))
@@ -473,8 +523,7 @@ def run_report(root: Path | str, opts: ReportOptions, *, report: Reporter = Null
                     if len(unreadable) < MAX_LISTED:
                         unreadable.append(f"  unreadable: {Path(row.path).parent / e}")
                 report.advance()
-        summary = stats.as_dict(opts)
-        summary["bucketing"] = bucketing.as_dict()
+        summary = stats.as_dict(opts, bucketing)
         gallery.seek(0)
         problems.seek(0)
         if opts.format == "json":
@@ -496,17 +545,17 @@ def run_report(root: Path | str, opts: ReportOptions, *, report: Reporter = Null
     return result
 
 
-def _json_text(data) -> str:
+def _json_text(data: object) -> str:
     return dumps_json(data, indent=1)
 
 
-def _row_json(r: ImageRow) -> dict:
+def _row_json(r: ImageRow) -> dict[str, object]:
     d = {k: v for k, v in r.__dict__.items() if k != "phash"}
     d["phash"] = f"{r.phash:016x}" if r.phash is not None else None
     return d
 
 
-def _write_json(f, root: Path, summary: dict, rows) -> None:
+def _write_json(f: IO[str], root: Path, summary: ReportSummary, rows: IO[str]) -> None:
     """The JSON document `json.dumps(doc, indent=1)` would give, with the rows copied from `rows`."""
     head = _json_text({"dataset": str(root), "summary": summary})[: -len("\n}")] + ',\n "images": ['
     first = rows.read(1 << 20)
@@ -518,7 +567,9 @@ def _write_json(f, root: Path, summary: dict, rows) -> None:
     f.write("\n ]\n}\n")
 
 
-def _write_html(f, root: Path, summary: dict, problems, gallery, opts: ReportOptions) -> None:
+def _write_html(
+    f: IO[str], root: Path, summary: ReportSummary, problems: IO[str], gallery: IO[str], opts: ReportOptions
+) -> None:
     title = html.escape(printable(f"sdprep report: {root}"))
     f.write(
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"/><title>{title}</title><style>{CSS}</style></head><body>'
@@ -562,7 +613,7 @@ def _write_html(f, root: Path, summary: dict, problems, gallery, opts: ReportOpt
     f.write("</body></html>\n")
 
 
-def _bucket_table(summary: dict) -> str:
+def _bucket_table(summary: ReportSummary) -> str:
     """The bucket histogram; each bucket links to its contact sheet when `sdprep bucket` drew one."""
     b = summary["bucketing"]
     links = dict(b["sheets"])
@@ -585,7 +636,7 @@ def _bucket_table(summary: dict) -> str:
     )
 
 
-def _copy(src, dst) -> bool:
+def _copy(src: IO[str], dst: IO[str]) -> bool:
     """Copy a text file into another in chunks; False when `src` was empty."""
     copied = False
     while chunk := src.read(1 << 20):
