@@ -81,7 +81,7 @@ def _replace_atomically(
     """
     with naming(path):
         fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix=".tmp", dir=path.parent)
-        try:
+        with removed_on_error(tmp):
             f = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")
             with f:
                 give_mode(f.fileno(), path)
@@ -95,11 +95,19 @@ def _replace_atomically(
                 return False
             pause_point("write")
             os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
     return True
+
+
+@contextlib.contextmanager
+def removed_on_error(tmp: Path | str) -> Iterator[None]:
+    """Delete the temporary file `tmp` when the block fails in any way (an error, Ctrl-C), then let
+    the failure go on: a file that was never put in place leaves nothing behind."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def give_mode(target: int | Path | str, like: Path) -> None:
@@ -434,12 +442,8 @@ class Operation:
         tmp = path.with_name(f"{temp_prefix()}{os.urandom(4).hex()}.tmp")
         pause_point("change")
         os.symlink(target, tmp)
-        try:
+        with removed_on_error(tmp):
             os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
         return True
 
     def place(self, src: Path | str, dst: Path | str, *, copy: bool = False) -> bool:

@@ -21,6 +21,26 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["caption.txt"]
 
 
+def test_relink_interrupted_leaves_no_temporary_link(tmp_path, monkeypatch):
+    (tmp_path / "a.png").write_bytes(b"a")
+    link = tmp_path / "latest.png"
+    link.symlink_to("a.png")
+
+    def boom(src, dst):
+        raise KeyboardInterrupt("killed before the link was replaced")
+
+    with fileops.Journal(tmp_path).begin("test", []) as op:
+        monkeypatch.setattr(os, "replace", boom)
+        with pytest.raises(KeyboardInterrupt):
+            op.relink(link, "b.png")
+        monkeypatch.undo()
+    assert os.readlink(link) == "a.png"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".sdprep") == [
+        "a.png",
+        "latest.png",
+    ]
+
+
 def test_undo_restores_moved_and_overwritten_files_byte_for_byte(tmp_path):
     a = tmp_path / "a.png"
     b = tmp_path / "b.txt"
