@@ -1,6 +1,8 @@
 """The planner against real runs on the CPU: its figure for the same config must be within 10 % of
 the peak of live tensor bytes measured while the run steps (sdprep.train.memory.memtrack counts every
-storage alive). On the CPU nothing moves off the device, so the plan is made for device "cpu"."""
+storage alive). On the CPU nothing moves off the device, so the plan is made for device "cpu".
+The stored full-size profile is checked against fresh traces: its points exactly, its fit through
+two sizes at a third size and at batch 2."""
 
 from __future__ import annotations
 
@@ -113,16 +115,44 @@ def test_plan_matches_topology_true_runs(topology_sdxl: Path, tmp_path: Path, ca
     check(*measured_and_planned(topology_sdxl, tmp_path, 64, **case))
 
 
-@pytest.mark.slow
-def test_stored_full_size_profile_is_reproduced_and_scales_with_area() -> None:
-    """A fresh trace of the full-size U-Net at 512 px matches the stored 1024 px measurement
-    scaled by area (the planner's assumption) within 5 %."""
-    from sdprep.train.memory.planner import Settings
-    from sdprep.train.memory.profile import full_size_profile
+FULL_SIZE_KEY = "lora/half/gc/r8"  # a checkpointed bf16 LoRA of rank 8
+
+
+def full_size_trace(side: int, batch: int = 1):
     from sdprep.train.memory.trace import trace_unet
     from sdprep.train.models.fullsize import FULL
 
-    s = Settings(rank=8, width=512, height=512)
-    stored, _, _ = full_size_profile().unet_activations(s)
-    fresh = trace_unet(FULL, mode="lora", half=True, gc=True, rank=8, height=512, width=512).peak
-    assert abs(fresh / stored - 1) < 0.05, (fresh, stored)
+    return trace_unet(FULL, mode="lora", half=True, gc=True, rank=8, batch=batch, height=side, width=side)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("side", [512, 1024])
+def test_stored_full_size_points_are_reproduced(side: int) -> None:
+    """A fresh trace of the full-size U-Net gives exactly what the stored profile holds at each
+    size it was measured at."""
+    from sdprep.train.memory.profile import full_size_profile
+
+    stored = {m["width"]: m for m in full_size_profile().unet[FULL_SIZE_KEY]}
+    assert sorted(stored) == [512, 1024]
+    fresh = full_size_trace(side)
+    assert (fresh.peak, fresh.grads_at_peak, fresh.tail) == (
+        stored[side]["bytes"],
+        stored[side]["grads_at_peak"],
+        stored[side]["tail"],
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("side", "batch"), [(768, 1), (512, 2)], ids=["768px", "512px-batch2"])
+def test_full_size_profile_predicts_sizes_it_does_not_hold(side: int, batch: int) -> None:
+    """The stored profile's fit (a + b x batch x area through 512 and 1024 px, batch 1) predicts a
+    fresh trace of the full-size U-Net at a size and a batch it does not hold within 5 %."""
+    from sdprep.train.memory.planner import Settings
+    from sdprep.train.memory.profile import full_size_profile, pixels
+
+    profile = full_size_profile()
+    s = Settings(rank=8, batch=batch, width=side, height=side)
+    assert pixels(s) not in {pixels(m) for m in profile.unet[FULL_SIZE_KEY]}
+    predicted, _, _ = profile.unet_activations(s)
+    fresh = full_size_trace(side, batch).peak
+    assert abs(predicted / fresh - 1) < 0.05, (predicted, fresh)
