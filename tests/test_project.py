@@ -7,6 +7,7 @@ import pytest
 
 from sdprep.cli import cli
 from sdprep.errors import ConfigError
+from sdprep.progress import NullReporter
 from sdprep.project import load_project, run_project, stage_options, write_init
 
 REPO = Path(__file__).resolve().parent.parent
@@ -121,7 +122,14 @@ def test_demo_training_runs_once_then_is_up_to_date(tmp_path):
     (tmp_path / "sample_data" / "project.toml").write_text(text)
     project = load_project(tmp_path / "sample_data" / "project.toml")
     lines: list[str] = []
-    results = run_project(project, echo=lines.append, only=["mask", "bucket", "train"])
+    shown: list[str] = []
+
+    class Shown(NullReporter):
+        def start(self, total: int | None, description: str) -> None:
+            shown.append(description)
+
+    results = run_project(project, echo=lines.append, only=["mask", "bucket", "train"], reporter=Shown)
+    assert "reading images" in shown  # the training's data scan reports through the runner's reporter
     train = results[-1]
     assert train.stage == "train" and train.changed == 1 and not train.failed
     lora = tmp_path / "demo_output" / "lora" / "nazuna_demo.safetensors"

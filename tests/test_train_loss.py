@@ -27,7 +27,7 @@ torch.set_num_threads(1)
 def fake_scheduler(alphas_cumprod, total=1000):
     return SimpleNamespace(
         alphas_cumprod=torch.tensor(alphas_cumprod, dtype=torch.float32),
-        config=SimpleNamespace(num_train_timesteps=total),
+        config={"num_train_timesteps": total},
     )
 
 

@@ -75,7 +75,7 @@ def test_the_options_reach_the_loss(monkeypatch) -> None:
     assert not any("v_pred" in n for n in notes)
     seen = {}
     monkeypatch.setattr(loss_module, "training_loss", lambda *a, **kw: seen.update(kw) or torch.tensor(0.0))
-    model = SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=0.13)))
+    model = SimpleNamespace(vae=SimpleNamespace(config={"scaling_factor": 0.13}))
     unet = lambda x, *a, **kw: SimpleNamespace(sample=x)  # noqa: E731
     ctx = StepContext(
         cfg,

@@ -25,11 +25,14 @@ from typing import TYPE_CHECKING, Any
 from sdprep.config import to_dict
 from sdprep.errors import ConfigError
 from sdprep.fileops import atomic_write_text
+from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import StageResult
 from sdprep.train.loop.callbacks import TrainCallbacks
 
 if TYPE_CHECKING:
+    from sdprep.project import Project
     from sdprep.train.config.schema import TrainConfig
+    from sdprep.train.methods.base import Verification
 
 PATH_KEYS = (
     "train_data_dir",
@@ -51,11 +54,16 @@ FINGERPRINT = ".sdprep-train.json"
 
 
 class EchoCallbacks(TrainCallbacks):
-    """Reports the loop's notes and saves through `echo` (the project runner's printer)."""
+    """Reports the loop's notes and saves through `echo` (the project runner's printer), the data
+    scan's and the caches' progress through the runner's reporters."""
 
-    def __init__(self, echo: Callable[[str], None]) -> None:
+    def __init__(self, echo: Callable[[str], None], reporter: Callable[[], Reporter] = NullReporter) -> None:
         self.echo = echo
+        self.make_reporter = reporter
         self.last: tuple[int, float] | None = None
+
+    def reporter(self) -> Reporter:
+        return self.make_reporter()
 
     def note(self, message: str) -> None:
         self.echo(message)
@@ -63,11 +71,11 @@ class EchoCallbacks(TrainCallbacks):
     def step(self, step: int, epoch: int, loss: float, lr: float) -> None:
         self.last = (step, loss)
 
-    def saved(self, verification: Any) -> None:
+    def saved(self, verification: Verification) -> None:
         self.echo(f"saved {verification.path} ({verification.summary().split(': ', 1)[1]})")
 
 
-def project_train_table(project: Any) -> tuple[Path | None, dict[str, Any]]:
+def project_train_table(project: Project) -> tuple[Path | None, dict[str, Any]]:
     """The `[train]` table with paths resolved against the project file and bucket defaults filled in."""
     table = dict(project.train or {})
     base: Path = project.base
@@ -91,7 +99,7 @@ def project_train_table(project: Any) -> tuple[Path | None, dict[str, Any]]:
     return config_path, table
 
 
-def check_train(project: Any) -> None:
+def check_train(project: Project) -> None:
     """Read and validate the project's training settings without loading a model (ConfigError)."""
     from sdprep.train.config.schema import detect_method, load_train_config
 
@@ -100,7 +108,7 @@ def check_train(project: Any) -> None:
     detect_method(cfg)
 
 
-def train_table_source(project: Any) -> str:
+def train_table_source(project: Project) -> str:
     """How notes and errors name the project's [train] table."""
     return f"{project.path} [train]"
 
@@ -137,7 +145,7 @@ def _data_roots(cfg: TrainConfig) -> list[Path]:
 
 
 def train_from_project(
-    project: Any, *, echo: Callable[[str], None] = print, reporter: Any = None
+    project: Project, *, echo: Callable[[str], None] = print, reporter: Callable[[], Reporter] = NullReporter
 ) -> StageResult:
     """Train with the project's `[train]` settings unless this exact config already trained on this data."""
     from sdprep.train.config.schema import detect_method, load_train_config
@@ -167,7 +175,7 @@ def train_from_project(
             result.skipped = 1
             result.notes.append(f"  up to date: {output} (same config, same data)")
             return result
-    callbacks = EchoCallbacks(echo)
+    callbacks = EchoCallbacks(echo, reporter)
     trained = train(cfg, method=method, callbacks=callbacks)
     result.changed = 1
     result.notes.append("  " + trained.summary().replace("\n", "\n  "))

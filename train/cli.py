@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from sdprep.train.loop.trainer import TrainCallbacks, TrainResult
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
+    from sdprep.progress import Reporter
+    from sdprep.train.methods.base import Verification
 
 # plain option -> TrainConfig key (kohya name)
 PLAIN = {
@@ -39,10 +45,10 @@ class RichCallbacks(TrainCallbacks):
 
         self.console = Console(stderr=True, highlight=False)
         self.quiet = quiet
-        self.progress: Any = None
-        self.task: Any = None
+        self.progress: Progress | None = None
+        self.task: TaskID | None = None
 
-    def reporter(self) -> Any:
+    def reporter(self) -> Reporter:
         from sdprep.progress import NullReporter, RichReporter
 
         return NullReporter() if self.quiet else RichReporter()
@@ -69,10 +75,10 @@ class RichCallbacks(TrainCallbacks):
         )
 
     def step(self, step: int, epoch: int, loss: float, lr: float) -> None:
-        if self.progress is not None:
+        if self.progress is not None and self.task is not None:
             self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=epoch)
 
-    def saved(self, verification: Any) -> None:
+    def saved(self, verification: Verification) -> None:
         self._print(f"saved {verification.path} (verified: {verification.summary().split(': ', 1)[1]})")
 
     def sampled(self, paths: list[Path]) -> None:
@@ -183,6 +189,7 @@ Example:
 @click.pass_context
 def command(
     ctx: click.Context,
+    /,
     config_path: Path | None,
     sets: tuple[str, ...],
     method: str | None,

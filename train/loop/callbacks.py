@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+from sdprep.progress import NullReporter, Reporter
+
+if TYPE_CHECKING:
+    from sdprep.train.methods.base import Verification
 
 
 class TrainCallbacks:
@@ -17,13 +22,17 @@ class TrainCallbacks:
     def note(self, message: str) -> None:
         """A line of information (start banner, notes about the config, save reports)."""
 
+    def reporter(self) -> Reporter:
+        """Where the data scan and the caches report their progress (default: nowhere)."""
+        return NullReporter()
+
     def start(self, total_steps: int, first_step: int, steps_per_epoch: int) -> None:
         """Training begins (after model, data and caches are ready)."""
 
     def step(self, step: int, epoch: int, loss: float, lr: float) -> None:
         """An optimizer step finished (`step` counts from 1)."""
 
-    def saved(self, verification: Any) -> None:
+    def saved(self, verification: Verification) -> None:
         """A weights file was written AND verified."""
 
     def sampled(self, paths: list[Path]) -> None:
@@ -40,7 +49,7 @@ class RecordingCallbacks(TrainCallbacks):
         self.notes: list[str] = []
         self.losses: list[tuple[int, float]] = []
         self.lrs: list[float] = []
-        self.saves: list[Any] = []
+        self.saves: list[Verification] = []
         self.samples: list[Path] = []
         self.started: tuple[int, int, int] | None = None
         self.result: TrainResult | None = None
@@ -55,7 +64,7 @@ class RecordingCallbacks(TrainCallbacks):
         self.losses.append((step, loss))
         self.lrs.append(lr)
 
-    def saved(self, verification: Any) -> None:
+    def saved(self, verification: Verification) -> None:
         self.saves.append(verification)
 
     def sampled(self, paths: list[Path]) -> None:

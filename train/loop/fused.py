@@ -12,9 +12,13 @@ stochastically; sdprep rounds as the unfused step does).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdprep.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.hooks import RemovableHandle
 
 
 def check_fused(
@@ -52,7 +56,7 @@ def check_fused(
         )
 
 
-def step_parameter(optimizer: Any, group: dict, param: Any) -> None:
+def step_parameter(optimizer: torch.optim.Optimizer, group: dict[str, Any], param: torch.Tensor) -> None:
     """One parameter's optimizer step with the optimizer's own rule: `step()` on its group narrowed
     to this parameter (every other group hidden), then the group restored."""
     groups, params = optimizer.param_groups, group["params"]
@@ -65,20 +69,20 @@ def step_parameter(optimizer: Any, group: dict, param: Any) -> None:
         optimizer.param_groups = groups
 
 
-def register_fused_step(optimizer: Any, max_grad_norm: float) -> list[Any]:
+def register_fused_step(optimizer: torch.optim.Optimizer, max_grad_norm: float) -> list[RemovableHandle]:
     """Hook every trained parameter of `optimizer` (accelerate's wrapper or a torch optimizer) so
     it is clipped, stepped and its gradient freed the moment its gradient is accumulated; returns
     the hook handles."""
     import torch
 
-    inner = getattr(optimizer, "optimizer", optimizer)
+    inner: torch.optim.Optimizer = getattr(optimizer, "optimizer", optimizer)
     handles = []
     for group in inner.param_groups:
         for param in group["params"]:
             if not param.requires_grad:
                 continue
 
-            def hook(tensor: Any, group: dict = group) -> None:
+            def hook(tensor: torch.Tensor, group: dict[str, Any] = group) -> None:
                 if max_grad_norm:
                     torch.nn.utils.clip_grad_norm_([tensor], max_grad_norm)
                 step_parameter(inner, group, tensor)

@@ -6,6 +6,7 @@ import contextlib
 import signal
 import threading
 from collections.abc import Iterator
+from types import FrameType
 
 
 class StopRequest:
@@ -25,7 +26,7 @@ class StopRequest:
             return
         previous = signal.getsignal(signal.SIGINT)
 
-        def first(signum, frame) -> None:
+        def first(signum: int, frame: FrameType | None) -> None:
             self.requested = True
             signal.signal(signal.SIGINT, signal.default_int_handler)  # the second one is not polite
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 class NullLog:
@@ -19,7 +22,7 @@ class NullLog:
     def scalars(self, step: int, values: dict[str, float]) -> None:
         pass
 
-    def image(self, tag: str, image: Any, step: int) -> None:
+    def image(self, tag: str, image: Image.Image, step: int) -> None:
         pass
 
     def text(self, tag: str, text: str, step: int) -> None:
@@ -43,7 +46,7 @@ class TensorBoardLog(NullLog):
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
 
-    def image(self, tag: str, image: Any, step: int) -> None:
+    def image(self, tag: str, image: Image.Image, step: int) -> None:
         import numpy as np
 
         self.writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
@@ -58,7 +61,7 @@ class TensorBoardLog(NullLog):
 
 def open_log(
     logging_dir: Path | str | None, log_with: str | None, prefix: str | None = None
-) -> tuple[Any, list[str]]:
+) -> tuple[NullLog, list[str]]:
     """The run's log (TensorBoard or none) and notes about what was chosen."""
     notes = []
     if not logging_dir:

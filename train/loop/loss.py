@@ -6,13 +6,14 @@ per-element loss (l2 / l1 / huber / smooth_l1) -> times the mask (area-resized t
 -> times the min-SNR weight -> batch mean. Every step is exposed so tests can check it by hand.
 
 `noise_scheduler` is anything with `alphas_cumprod` (a tensor over the training timesteps) and
-`config.num_train_timesteps`, e.g. diffusers' DDPMScheduler / EulerDiscreteScheduler.
+`config["num_train_timesteps"]` (`NoiseSchedule`), e.g. diffusers' DDPMScheduler / EulerDiscreteScheduler.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,15 @@ LossType = Literal["l2", "l1", "huber", "smooth_l1"]
 HuberSchedule = Literal["constant", "exponential", "snr"]
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
+
+
+class NoiseSchedule(Protocol):
+    """What the loss maths reads of a diffusers noise scheduler."""
+
+    alphas_cumprod: torch.Tensor
+
+    @property
+    def config(self) -> Mapping[str, Any]: ...  # num_train_timesteps
 
 
 def _per_sample(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
@@ -54,12 +64,12 @@ def per_element_loss(
     raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
 
 
-def _alphas_cumprod(noise_scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
+def _alphas_cumprod(noise_scheduler: NoiseSchedule, timesteps: torch.Tensor) -> torch.Tensor:
     ac = torch.as_tensor(noise_scheduler.alphas_cumprod, dtype=torch.float64)
     return ac[timesteps.long().cpu()].to(timesteps.device)
 
 
-def snr(timesteps: torch.Tensor, noise_scheduler: Any) -> torch.Tensor:
+def snr(timesteps: torch.Tensor, noise_scheduler: NoiseSchedule) -> torch.Tensor:
     """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep (float32, [B])."""
     ac = _alphas_cumprod(noise_scheduler, timesteps)
     return (ac / (1.0 - ac)).float()
@@ -69,7 +79,7 @@ def huber_c_for_timesteps(
     timesteps: torch.Tensor,
     schedule: HuberSchedule,
     huber_c: float,
-    noise_scheduler: Any = None,
+    noise_scheduler: NoiseSchedule | None = None,
     *,
     huber_scale: float = 1.0,
 ) -> torch.Tensor:
@@ -81,7 +91,7 @@ def huber_c_for_timesteps(
     if schedule == "constant":
         return torch.full(timesteps.shape, huber_c * huber_scale, device=timesteps.device)
     if schedule == "exponential":
-        total = noise_scheduler.config.num_train_timesteps if noise_scheduler is not None else 1000
+        total = noise_scheduler.config["num_train_timesteps"] if noise_scheduler is not None else 1000
         alpha = -math.log(huber_c) / total
         return torch.exp(-alpha * timesteps.float()) * huber_scale
     if schedule == "snr":
@@ -110,7 +120,7 @@ def apply_mask(
     little), `normalize` divides by the mask's mean so a small mask is not a small loss.
     """
     if mask.shape[-2:] != loss.shape[-2:]:
-        mask = resize_mask_to_latent(mask, loss.shape[-2:])
+        mask = resize_mask_to_latent(mask, (loss.shape[-2], loss.shape[-1]))
     mask = mask.to(loss.dtype)
     if unmasked_weight > 0:
         mask = mask.clamp(min=unmasked_weight, max=1.0)
@@ -122,7 +132,7 @@ def apply_mask(
 
 
 def min_snr_weight(
-    timesteps: torch.Tensor, noise_scheduler: Any, gamma: float, prediction_type: str = "epsilon"
+    timesteps: torch.Tensor, noise_scheduler: NoiseSchedule, gamma: float, prediction_type: str = "epsilon"
 ) -> torch.Tensor:
     """Min-SNR-gamma weight per sample: min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v-prediction)."""
     s = snr(timesteps, noise_scheduler)
@@ -131,7 +141,7 @@ def min_snr_weight(
 
 
 def debiased_weight(
-    timesteps: torch.Tensor, noise_scheduler: Any, prediction_type: str = "epsilon"
+    timesteps: torch.Tensor, noise_scheduler: NoiseSchedule, prediction_type: str = "epsilon"
 ) -> torch.Tensor:
     """kohya's debiased estimation weight 1 / sqrt(SNR), 1 / (SNR + 1) for v-prediction (SNR capped
     at 1000)."""
@@ -139,7 +149,7 @@ def debiased_weight(
     return 1 / (s + 1) if prediction_type == "v_prediction" else 1 / torch.sqrt(s)
 
 
-def snr_scale(timesteps: torch.Tensor, noise_scheduler: Any) -> torch.Tensor:
+def snr_scale(timesteps: torch.Tensor, noise_scheduler: NoiseSchedule) -> torch.Tensor:
     """kohya's get_snr_scale: SNR / (SNR + 1) with SNR capped at 1000, the factor that turns a
     noise-prediction loss into a v-prediction-like one."""
     s = torch.clamp(snr(timesteps, noise_scheduler), max=1000)
@@ -210,7 +220,7 @@ def training_loss(
     target: torch.Tensor,
     *,
     timesteps: torch.Tensor,
-    noise_scheduler: Any,
+    noise_scheduler: NoiseSchedule,
     loss_type: LossType = "l2",
     huber_c: float = 0.1,
     huber_schedule: HuberSchedule = "snr",

@@ -17,10 +17,17 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, cast
 
 from sdprep.errors import ConfigError, InstallError, unknown_choice
+
+if TYPE_CHECKING:
+    import torch
+    from torch.optim.lr_scheduler import LRScheduler
+
+    SchedulerFactory = Callable[..., LRScheduler]  # (optimizer, **kwargs) -> scheduler
 
 SCHEDULERS = (
     "constant",
@@ -85,7 +92,7 @@ def _missing(optimizer: str, package: str) -> InstallError:
     )
 
 
-def _optional(module: str, package: str, optimizer: str) -> Any:
+def _optional(module: str, package: str, optimizer: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
@@ -125,14 +132,19 @@ def require_optimizer(name: str | None) -> None:
         raise _missing(str(name).strip(), need[1])
 
 
-def is_schedule_free(optimizer: Any) -> bool:
+def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
     """True for the schedule-free optimizers: they set their own schedule (kohya's dummy scheduler)
     and must be in eval mode while weights are saved or sampled."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
     return "ScheduleFree" in type(inner).__name__ and callable(getattr(inner, "eval", None))
 
 
-def _torch_optimizer(name: str) -> Any:
+def schedule_free_mode(optimizer: torch.optim.Optimizer, mode: str) -> None:
+    """Call a schedule-free optimizer's `train()` or `eval()` (`mode`): their own API, not torch's."""
+    getattr(optimizer, mode)()
+
+
+def _torch_optimizer(name: str) -> type[torch.optim.Optimizer]:
     import torch
 
     by_lower = {
@@ -142,11 +154,13 @@ def _torch_optimizer(name: str) -> Any:
         and issubclass(getattr(torch.optim, n), torch.optim.Optimizer)
     }
     if name.lower() in by_lower:
-        return by_lower[name.lower()]
+        found: type[torch.optim.Optimizer] = by_lower[name.lower()]
+        return found
     if "." in name:
         module, _, attr = name.rpartition(".")
         try:
-            return getattr(importlib.import_module(module), attr)
+            dotted: type[torch.optim.Optimizer] = getattr(importlib.import_module(module), attr)
+            return dotted
         except ImportError as exc:
             top = module.split(".")[0]
             if top in EXTRA_PACKAGES and getattr(exc, "name", None) in (top, module):
@@ -158,7 +172,9 @@ def _torch_optimizer(name: str) -> Any:
     raise unknown_choice("optimizer_type", name, known)
 
 
-def build_optimizer(name: str | None, groups: list[dict], lr: float, args: dict[str, Any]) -> tuple[Any, str]:
+def build_optimizer(
+    name: str | None, groups: list[dict[str, Any]], lr: float, args: dict[str, Any]
+) -> tuple[torch.optim.Optimizer, str]:
     """The optimizer for `groups` and a one-line description (name and arguments)."""
     import torch
 
@@ -167,6 +183,8 @@ def build_optimizer(name: str | None, groups: list[dict], lr: float, args: dict[
     kwargs = dict(args)
     fixed: dict[str, Any] = {}
     groups = [{k: v for k, v in g.items() if k != "name"} for g in groups]
+    cls: type[torch.optim.Optimizer]
+    rate: float | None = lr  # None: the optimizer sets its own
     if key == "adamw":
         cls = torch.optim.AdamW
     elif key in OPTIONAL:
@@ -182,7 +200,7 @@ def build_optimizer(name: str | None, groups: list[dict], lr: float, args: dict[
         if kwargs.get("warmup_init") and not kwargs["relative_step"]:
             kwargs["relative_step"] = True  # as kohya: warmup_init needs relative_step
         if kwargs["relative_step"]:
-            lr = None  # Adafactor computes its own learning rate; see relative_adafactor()
+            rate = None  # Adafactor computes its own learning rate; see relative_adafactor()
             for g in groups:
                 g.pop("lr", None)
     elif key == "sgdnesterov":
@@ -191,42 +209,45 @@ def build_optimizer(name: str | None, groups: list[dict], lr: float, args: dict[
         kwargs.setdefault("momentum", 0.9)
     else:
         cls = _torch_optimizer(name)
+    make: Callable[..., torch.optim.Optimizer] = cls  # each class has its own keyword arguments
     try:
         optimizer = (
-            cls(groups, lr=lr, **fixed, **kwargs) if lr is not None else cls(groups, **fixed, **kwargs)
+            make(groups, lr=rate, **fixed, **kwargs) if rate is not None else make(groups, **fixed, **kwargs)
         )
     except TypeError as exc:
         raise ConfigError(
             f"optimizer_args do not fit {cls.__name__}: {exc}", "check the names in optimizer_args"
         ) from exc
     if is_schedule_free(optimizer):
-        optimizer.train()  # as kohya: train mode while stepping, eval mode to save and sample
+        schedule_free_mode(
+            optimizer, "train"
+        )  # as kohya: train mode while stepping, eval mode to save and sample
     described = ", ".join(f"{k}={v}" for k, v in kwargs.items())
     return optimizer, f"{cls.__name__}({described})" if described else cls.__name__
 
 
 @contextlib.contextmanager
-def eval_mode(optimizer: Any) -> Iterator[None]:
+def eval_mode(optimizer: torch.optim.Optimizer) -> Iterator[None]:
     """Put a schedule-free optimizer in eval mode (the weights become its average, the ones to save
     and sample, as kohya) for the block, and back in train mode after it; a no-op for the others."""
     if not is_schedule_free(optimizer):
         yield
         return
-    optimizer.eval()
+    schedule_free_mode(optimizer, "eval")
     try:
         yield
     finally:
-        optimizer.train()
+        schedule_free_mode(optimizer, "train")
 
 
-def relative_adafactor(optimizer: Any) -> bool:
+def relative_adafactor(optimizer: torch.optim.Optimizer) -> bool:
     """True for Adafactor with relative_step: its lr is its own and the schedule is kohya's `adafactor`."""
     return type(optimizer).__name__ == "Adafactor" and bool(optimizer.defaults.get("relative_step"))
 
 
 def build_scheduler(
     name: str | None,
-    optimizer: Any,
+    optimizer: torch.optim.Optimizer,
     *,
     warmup_steps: int,
     total_steps: int,
@@ -237,7 +258,7 @@ def build_scheduler(
     timescale: int | None = None,
     decay_steps: int | float = 0,
     scheduler_type: str | None = None,
-) -> Any:
+) -> LRScheduler:
     """A learning-rate scheduler stepped once per optimizer step, built as kohya's get_scheduler_fix:
     `scheduler_type` (a class) with `args` as its keyword arguments; otherwise the schedule
     function of `name` with `args` added (e.g. polynomial's lr_end), cosine_with_min_lr and
@@ -262,10 +283,12 @@ def build_scheduler(
         from diffusers.optimization import get_piecewise_constant_schedule
 
         return _call_scheduler(get_piecewise_constant_schedule, name, optimizer, extra)
-    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+    from transformers.trainer_utils import SchedulerType
 
-    fn = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]
-    steps = {"num_warmup_steps": warmup_steps, "num_training_steps": total_steps}
+    # transformers' table is untyped; its schedule functions return LambdaLR (documented)
+    fn = cast("SchedulerFactory", TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)])
+    steps: dict[str, float | None] = {"num_warmup_steps": warmup_steps, "num_training_steps": total_steps}
     if name == "constant":
         steps = {}
     elif name in ("constant_with_warmup", "inverse_sqrt"):
@@ -296,7 +319,7 @@ def build_scheduler(
     return _call_scheduler(fn, name, optimizer, {**steps, **extra})
 
 
-def scheduler_class(name: str) -> Any:
+def scheduler_class(name: str) -> SchedulerFactory:
     """kohya's lr_scheduler_type: a torch.optim.lr_scheduler class by name, or module.Class."""
     import torch
 
@@ -311,10 +334,13 @@ def scheduler_class(name: str) -> Any:
         ) from None
     if not callable(cls):
         raise ConfigError(f'lr_scheduler_type "{name}" is not a class')
-    return cls
+    factory: SchedulerFactory = cls
+    return factory
 
 
-def _call_scheduler(fn: Any, name: str, optimizer: Any, kwargs: dict[str, Any]) -> Any:
+def _call_scheduler(
+    fn: SchedulerFactory, name: str, optimizer: torch.optim.Optimizer, kwargs: dict[str, Any]
+) -> LRScheduler:
     try:
         return fn(optimizer, **kwargs)
     except (TypeError, ValueError) as exc:

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import torch
+    from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+
     from sdprep.train.config.schema import TrainConfig
+    from sdprep.train.data.pipeline import Batch
+    from sdprep.train.models.load import SDXLModel
 
 
 @dataclass
@@ -19,15 +24,15 @@ class StepContext:
     """What computing a batch's loss needs besides the batch."""
 
     cfg: TrainConfig
-    model: Any  # SDXLModel (vae, text encoders, tokenizers)
-    unet: Any  # the (possibly accelerate-wrapped) U-Net to call
-    noise_scheduler: Any  # DDPMScheduler
-    device: Any
-    weight_dtype: Any
-    vae_dtype: Any
+    model: SDXLModel  # vae, text encoders, tokenizers
+    unet: torch.nn.Module  # the (possibly accelerate-wrapped) U-Net to call
+    noise_scheduler: DDPMScheduler
+    device: torch.device
+    weight_dtype: torch.dtype
+    vae_dtype: torch.dtype
     train_text: bool  # text encoders get gradients (LoRA-TE, TI, fine-tune with TE)
     prediction_type: str = "epsilon"
-    generator: Any = None  # the run's noise generator (CPU), same state on every process
+    generator: torch.Generator | None = None  # the run's noise generator (CPU), same state on every process
     rank: int = 0  # this process, of `world` data-parallel processes
     world: int = 1
     fixed_timestep: int | None = None  # validation: every sample at this timestep
@@ -40,27 +45,30 @@ class StepContext:
         hi = (
             self.cfg.max_timestep
             if self.cfg.max_timestep is not None
-            else self.noise_scheduler.config.num_train_timesteps
+            else self.noise_scheduler.config["num_train_timesteps"]
         )
         return int(lo), int(hi)
 
 
-def latents_of(ctx: StepContext, batch: dict) -> Any:
+def latents_of(ctx: StepContext, batch: Batch) -> torch.Tensor:
     """Scaled latents of a batch: cached raw latents, or the VAE's encoding of its pixels."""
     import torch
 
-    scale = ctx.model.vae.config.scaling_factor
-    if batch.get("latents") is not None:
-        return batch["latents"].to(ctx.device, dtype=torch.float32) * scale
+    scale: float = ctx.model.vae.config["scaling_factor"]
+    cached = batch.get("latents")
+    if cached is not None:
+        return cached.to(ctx.device, dtype=torch.float32) * scale
+    if batch["pixels"] is None:
+        raise ValueError("a batch needs pixels or cached latents")
     with torch.no_grad():
         pixels = batch["pixels"].to(ctx.device, dtype=ctx.vae_dtype)
-        latents = ctx.model.vae.encode(pixels).latent_dist.sample()
+        latents: torch.Tensor = ctx.model.vae.encode(pixels).latent_dist.sample()
     if not torch.isfinite(latents).all():
         raise_vae_nan(batch)
     return latents.to(torch.float32) * scale
 
 
-def raise_vae_nan(batch: dict) -> None:
+def raise_vae_nan(batch: Batch) -> None:
     from sdprep.errors import TrainingError
 
     names = ", ".join(str(p) for p in batch.get("paths", [])[:4])
@@ -70,14 +78,15 @@ def raise_vae_nan(batch: dict) -> None:
     )
 
 
-def text_conditioning(ctx: StepContext, batch: dict) -> tuple[Any, Any]:
+def text_conditioning(ctx: StepContext, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt_embeds [B,77k,2048], pooled [B,1280]) from the cache or the text encoders."""
     from sdprep.train.data.text import encode_prompts
 
-    if batch.get("prompt_embeds") is not None:
+    cached, pooled_cached = batch.get("prompt_embeds"), batch.get("pooled_prompt_embeds")
+    if cached is not None and pooled_cached is not None:
         return (
-            batch["prompt_embeds"].to(ctx.device, dtype=ctx.weight_dtype),
-            batch["pooled_prompt_embeds"].to(ctx.device, dtype=ctx.weight_dtype),
+            cached.to(ctx.device, dtype=ctx.weight_dtype),
+            pooled_cached.to(ctx.device, dtype=ctx.weight_dtype),
         )
     import torch
 
@@ -94,7 +103,7 @@ def text_conditioning(ctx: StepContext, batch: dict) -> tuple[Any, Any]:
     return embeds.to(ctx.weight_dtype), pooled.to(ctx.weight_dtype)
 
 
-def draw_noise(ctx: StepContext, latents: Any) -> tuple[Any, Any, Any]:
+def draw_noise(ctx: StepContext, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(noise, input noise, timesteps) for this process's part of the step's GLOBAL batch.
 
     Everything is drawn from the run's noise generator for the whole global batch (all processes
@@ -139,7 +148,7 @@ def draw_noise(ctx: StepContext, latents: Any) -> tuple[Any, Any, Any]:
     return noise[part], input_noise[part], timesteps.long()
 
 
-def batch_loss(ctx: StepContext, batch: dict) -> Any:
+def batch_loss(ctx: StepContext, batch: Batch) -> torch.Tensor:
     """The training loss of one batch (a scalar tensor with grad)."""
     import torch
 
@@ -149,16 +158,17 @@ def batch_loss(ctx: StepContext, batch: dict) -> Any:
     latents = latents_of(ctx, batch)
     embeds, pooled = text_conditioning(ctx, batch)
     noise, input_noise, timesteps = draw_noise(ctx, latents)
-    noisy = ctx.noise_scheduler.add_noise(latents, input_noise, timesteps)
+    # diffusers annotates timesteps as the legacy torch.IntTensor, which no tensor op returns
+    noisy = ctx.noise_scheduler.add_noise(latents, input_noise, timesteps)  # type: ignore[arg-type]
     time_ids = batch["time_ids"].to(ctx.device, dtype=torch.float32)  # sizes like 1023 are not exact in bf16
-    pred = ctx.unet(
+    pred: torch.Tensor = ctx.unet(
         noisy.to(ctx.weight_dtype),
         timesteps,
         embeds,
         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
     ).sample
     if ctx.prediction_type == "v_prediction":
-        target = ctx.noise_scheduler.get_velocity(latents, noise, timesteps)
+        target = ctx.noise_scheduler.get_velocity(latents, noise, timesteps)  # type: ignore[arg-type]
     else:
         target = noise
     # kohya: masked_loss weights by mask images or alpha; alpha masks apply even without it (with

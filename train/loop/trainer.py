@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,12 +21,25 @@ from sdprep.errors import ConfigError, DatasetError, SdprepError, TrainingError
 from sdprep.train.config.precheck import precheck
 from sdprep.train.loop.callbacks import RecordingCallbacks, TrainCallbacks, TrainResult
 from sdprep.train.loop.interrupt import StopRequest
+from sdprep.train.loop.optim import schedule_free_mode
 from sdprep.train.loop.validation import should_validate
 from sdprep.train.save.saver import RunFacts, Saver
 from sdprep.train.save.weights import changed_settings
 
 if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+    from torch.optim.lr_scheduler import LRScheduler
+    from transformers import PreTrainedModel
+
+    from sdprep.progress import Reporter
+    from sdprep.train.config.datasets import DatasetSpec
     from sdprep.train.config.schema import TrainConfig
+    from sdprep.train.data.pipeline import Batch, TrainDataset
+    from sdprep.train.data.scan import ImageRecord
+    from sdprep.train.models.load import SDXLModel
+
+    ModelArg = SDXLModel | str | Path | None  # a loaded model, or where to load one from
 
 __all__ = [
     "RecordingCallbacks",
@@ -47,9 +61,9 @@ def should_save(cfg: TrainConfig, *, step: int | None = None, epoch: int | None 
     (the final `<name>` file covers that)."""
     if step is not None:
         n = cfg.save_every_n_steps
-        return bool(n) and step % n == 0 and step < total
+        return n is not None and n != 0 and step % n == 0 and step < total
     n = cfg.save_every_n_epochs
-    return bool(n) and epoch is not None and epoch % n == 0 and epoch < total
+    return n is not None and n != 0 and epoch is not None and epoch % n == 0 and epoch < total
 
 
 def should_sample(cfg: TrainConfig, *, step: int | None = None, epoch: int | None = None) -> bool:
@@ -93,13 +107,13 @@ def check_finite(loss: float, step: int) -> None:
 # -- the run -------------------------------------------------------------------------------
 
 
-def _dtype(name: str) -> Any:
+def _dtype(name: str) -> torch.dtype:
     import torch
 
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(name, torch.float32)
 
 
-def make_accelerator(mixed_precision: str, notes: list[str]) -> Any:
+def make_accelerator(mixed_precision: str, notes: list[str]) -> Accelerator:
     """An Accelerator for this process (CPU when no GPU); resets accelerate's process-wide singleton."""
     import torch
     from accelerate import Accelerator
@@ -132,7 +146,7 @@ class Trainer:
         method: str | None = None,
         callbacks: TrainCallbacks | None = None,
         resume: str | Path | None = None,
-        model: Any = None,
+        model: ModelArg = None,
         model_config: str | Path | None = None,
         sample_max_area: int | None = None,
     ) -> None:
@@ -147,9 +161,11 @@ class Trainer:
         self.pos = Position()
         self.result = TrainResult(method=self.method_name, output=None)
         self.stop = StopRequest()
-        self._rng_to_restore: dict | None = None
-        self.record_filter: Any = None  # preflight: train on a subset of the images
-        self.datasets_transform: Any = None  # preflight: scale every dataset's resolution down
+        self._rng_to_restore: dict[str, Any] | None = None
+        # preflight: train on a subset of the images
+        self.record_filter: Callable[[list[ImageRecord]], list[ImageRecord]] | None = None
+        # preflight: scale every dataset's resolution down
+        self.datasets_transform: Callable[[list[DatasetSpec]], list[DatasetSpec]] | None = None
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -188,7 +204,7 @@ class Trainer:
         self.accelerator = make_accelerator(cfg.mixed_precision, self.notes)
         if not self.accelerator.is_main_process:
             self.cb = TrainCallbacks()  # one process reports
-        self.device = self.accelerator.device
+        self.device: torch.device = self.accelerator.device
         self.weight_dtype = _dtype(self.accelerator.mixed_precision)
         self.vae_dtype = torch.float32 if cfg.no_half_vae else self.weight_dtype
         self.noise_generator = torch.Generator().manual_seed(self.seed)
@@ -197,7 +213,7 @@ class Trainer:
         self._build_optimizer()
         self._prepare()
         if self.resume_arg:
-            self._resume()
+            self._resume(self.resume_arg)
         if cfg.initial_step or cfg.initial_epoch:
             self._start_at_initial_step()
         self._open_outputs()
@@ -262,9 +278,8 @@ class Trainer:
                 for te in self.model.text_encoders:
                     cast += cast_frozen_to_fp8(te, keep=("embeddings.", "text_model.embeddings."))
             self.notes.append(f"fp8_base: {cast} frozen weights stored as float8_e4m3fn")
-        self.model.vae.to(self.device, dtype=self.vae_dtype)
-        for module in (self.model.unet, self.model.text_encoder, self.model.text_encoder_2):
-            module.to(self.device)
+        _to(self.device, self.model.vae, dtype=self.vae_dtype)
+        _to(self.device, self.model.unet, self.model.text_encoder, self.model.text_encoder_2)
         self.method.move_to(self.device)
         self.method.load_initial_weights()
         self.notes += self.method.notes
@@ -297,13 +312,8 @@ class Trainer:
             )
         self._cache()
 
-    def cb_reporter(self) -> Any:
-        getter = getattr(self.cb, "reporter", None)
-        if getter is not None:
-            return getter()
-        from sdprep.progress import NullReporter
-
-        return NullReporter()
+    def cb_reporter(self) -> Reporter:
+        return self.cb.reporter()
 
     def _cache(self) -> None:
         cfg = self.cfg
@@ -359,10 +369,9 @@ class Trainer:
             return
         parts = offloaded_parts(self.cfg, self.method.trains_text_encoders)
         if "text_encoders" in parts:
-            for te in self.model.text_encoders:
-                te.to("cpu")
+            _to("cpu", *self.model.text_encoders)
         if "vae" in parts:
-            self.model.vae.to("cpu")
+            _to("cpu", self.model.vae)
 
     def _leave_out(self, bad: list[tuple[Path, str]]) -> None:
         """Drop images that cannot be loaded: listed like the scan's drops, the rest trains."""
@@ -376,7 +385,7 @@ class Trainer:
             f"{n} image{'s' if n > 1 else ''} cannot be loaded: left out (listed under dropped)"
         )
 
-    def _encode_fixed(self, captions: list[str]) -> tuple[Any, Any]:
+    def _encode_fixed(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
 
         from sdprep.train.data.text import encode_prompts
@@ -455,7 +464,7 @@ class Trainer:
         )
 
     def _prepare(self) -> None:
-        from diffusers import DDPMScheduler
+        from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
         from sdprep.train.loop.step import StepContext
 
@@ -500,7 +509,7 @@ class Trainer:
             # kohya's fix_noise_scheduler_betas_for_zero_terminal_snr is diffusers' rescale; the
             # model's own config carries it so samples and saved checkpoints (ztsnr key) agree
             config["rescale_betas_zero_snr"] = True
-        self.noise_scheduler = DDPMScheduler.from_config(dict(config), clip_sample=False)
+        self.noise_scheduler: DDPMScheduler = DDPMScheduler.from_config(dict(config), clip_sample=False)
         self.ctx = StepContext(
             cfg=self.cfg,
             model=self.model,
@@ -517,15 +526,16 @@ class Trainer:
         )
         self.params = self.method.trainable_parameters()
 
-    def _config_dict(self) -> dict:
+    def _config_dict(self) -> dict[str, Any]:
         from sdprep.config import to_dict
 
-        return to_dict(self.cfg)
+        values: dict[str, Any] = to_dict(self.cfg)
+        return values
 
-    def _resume(self) -> None:
+    def _resume(self, resume: str | Path) -> None:
         from sdprep.train.save.weights import load_state, resolve_resume
 
-        folder = self.resume_folder or resolve_resume(self.resume_arg, self.output_dir, self.name)
+        folder = self.resume_folder or resolve_resume(resume, self.output_dir, self.name)
         state, rng = load_state(folder, self.method, self.optimizer, self.lr_scheduler)
         if state.step >= self.total_steps:
             raise TrainingError(
@@ -555,11 +565,12 @@ class Trainer:
         exactly the batch an uninterrupted run would train next. The lr schedule is not moved (as
         kohya: it starts from 0 unless a state is resumed)."""
         cfg = self.cfg
-        n = (
-            cfg.initial_step
-            if cfg.initial_step is not None
-            else (cfg.initial_epoch - 1) * self.steps_per_epoch
-        )
+        if cfg.initial_step is not None:
+            n = cfg.initial_step
+        elif cfg.initial_epoch is not None:
+            n = (cfg.initial_epoch - 1) * self.steps_per_epoch
+        else:
+            return
         if n >= self.total_steps:
             raise ConfigError(
                 f"initial_step {n} is not below the run's {self.total_steps} steps: nothing to train",
@@ -646,7 +657,7 @@ class Trainer:
         from sdprep.train.save.weights import set_rng_state
 
         if is_schedule_free(self.optimizer):
-            self.optimizer.train()  # a resumed state was saved in eval mode
+            schedule_free_mode(self.optimizer, "train")  # a resumed state was saved in eval mode
         self.cb.start(self.total_steps, self.pos.step, self.steps_per_epoch)
         if self.pos.step == 0 and should_sample(self.cfg, step=0):
             self._sample(step=0, epoch=None)
@@ -698,7 +709,7 @@ class Trainer:
         cached = all(r.latents is not None or r.latents_file is not None for r in self.dataset.records)
         return 0 if cached else min(max(workers, 0), 4)
 
-    def _step(self, group: list[dict]) -> float:
+    def _step(self, group: list[Batch]) -> float:
         import contextlib
 
         from sdprep.train.loop.step import batch_loss
@@ -731,7 +742,7 @@ class Trainer:
         self.pos.step += 1
         self.pos.epoch_step += 1
         step = self.pos.step
-        lrs = self.lr_scheduler.get_last_lr()
+        lrs = [float(lr) for lr in self.lr_scheduler.get_last_lr()]
         self.result.last_loss = loss
         self.epoch_losses.append(loss)
         if self.accelerator.is_main_process:
@@ -745,13 +756,13 @@ class Trainer:
         if should_sample(self.cfg, step=step):
             self._sample(step=step, epoch=None)
         if self.dataset.validation is not None and should_validate(self.cfg, step=step):
-            self._validate("step", step)
+            self._validate(self.dataset.validation, "step", step)
 
     def _after_epoch(self, epoch: int) -> None:
         if self.accelerator.is_main_process and self.epoch_losses:
             self.log.scalars(epoch, {"loss/epoch": sum(self.epoch_losses) / len(self.epoch_losses)})
         if self.dataset.validation is not None and should_validate(self.cfg, epoch=epoch):
-            self._validate("epoch", epoch)
+            self._validate(self.dataset.validation, "epoch", epoch)
         self.epoch_losses = []
         if should_save(self.cfg, epoch=epoch, total=self.num_epochs):
             self.saver.save(self.pos, epoch=epoch)
@@ -763,7 +774,7 @@ class Trainer:
         self.result.epochs = self.pos.epoch
         self.saver.save(self.pos, final=True)
 
-    def _validate(self, kind: str, at: int) -> None:
+    def _validate(self, validation: TrainDataset, kind: str, at: int) -> None:
         """The validation loss now ("step" after step `at`, "epoch" after epoch `at`): logged as
         kohya's loss/validation/<kind>_average and _divergence (minus the epoch's training loss)."""
         from sdprep.train.loop.optim import eval_mode
@@ -778,7 +789,7 @@ class Trainer:
             seed = cfg.validation_seed if cfg.validation_seed is not None else self.seed
             try:
                 with eval_mode(self.optimizer), self.accelerator.autocast():
-                    batches = self.dataset.validation.batches(0)
+                    batches = validation.batches(0)
                     loss = validation_loss(ctx, batches, max_batches=cfg.max_validation_steps, seed=seed)
             finally:
                 for module in self.train_modules:
@@ -846,7 +857,17 @@ def offloaded_parts(cfg: TrainConfig, trains_text: bool) -> tuple[str, ...]:
     return tuple(parts)
 
 
-def _checkpoint_text_encoder(te: Any) -> None:
+def _to(device: torch.device | str, *modules: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
+    """Move modules (and cast them when `dtype` is given). diffusers' and transformers' own `.to`
+    are `@wraps(nn.Module.to)`, whose signature mypy misreads; as `nn.Module`s they check."""
+    for module in modules:
+        if dtype is None:
+            module.to(device)
+        else:
+            module.to(device, dtype=dtype)
+
+
+def _checkpoint_text_encoder(te: PreTrainedModel) -> None:
     """Activation checkpointing for a transformers text encoder (non-reentrant: LoRA grads flow)."""
     kwargs = {"use_reentrant": False}
     if hasattr(te, "activation_checkpointing_enable"):  # transformers 5
@@ -855,9 +876,9 @@ def _checkpoint_text_encoder(te: Any) -> None:
         te.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _groups(batches: Any, size: int) -> Any:
+def _groups(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
     """Consecutive groups of `size` batches (the last may be shorter): one optimizer step each."""
-    group: list[dict] = []
+    group: list[Batch] = []
     for batch in batches:
         group.append(batch)
         if len(group) == size:
@@ -867,7 +888,7 @@ def _groups(batches: Any, size: int) -> Any:
         yield group
 
 
-def _sync_scheduler_lr(lr_scheduler: Any, optimizer: Any) -> None:
+def _sync_scheduler_lr(lr_scheduler: LRScheduler, optimizer: torch.optim.Optimizer) -> None:
     """After a resume, set each group's lr from THIS run's schedule at the restored step (the saved
     optimizer holds the lr of the old schedule, which differs when max_train_steps changed)."""
     lambdas = getattr(lr_scheduler, "lr_lambdas", None)
@@ -902,7 +923,7 @@ def train(
     method: str | None = None,
     callbacks: TrainCallbacks | None = None,
     resume: str | Path | None = None,
-    model: Any = None,
+    model: ModelArg = None,
     model_config: str | Path | None = None,
     sample_max_area: int | None = None,
 ) -> TrainResult:

@@ -20,12 +20,17 @@ from __future__ import annotations
 
 import math
 import random
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from sdprep.errors import ConfigError
 
 if TYPE_CHECKING:
+    from sdprep.train.config.datasets import DatasetSpec
     from sdprep.train.config.schema import TrainConfig
+    from sdprep.train.data.pipeline import Batch
+    from sdprep.train.data.scan import ImageRecord
+    from sdprep.train.loop.step import StepContext
 
 NUM_TIMESTEPS = 4  # kohya's NUM_VALIDATION_TIMESTEPS
 
@@ -54,12 +59,14 @@ def check_split(split: float, where: str) -> None:
         )
 
 
-def split_records(records: list[Any], datasets: list[Any], seed: int) -> tuple[list[Any], list[Any]]:
+def split_records(
+    records: list[ImageRecord], datasets: list[DatasetSpec], seed: int
+) -> tuple[list[ImageRecord], list[ImageRecord]]:
     """Training records and validation records (each once, repeats 1) for datasets with a
     validation_split; regularisation images always train."""
     import dataclasses
 
-    groups: dict[tuple[int, int], list[Any]] = {}
+    groups: dict[tuple[int, int], list[ImageRecord]] = {}
     for rec in records:
         spec = datasets[rec.dataset]
         if spec.validation_split > 0 and not rec.is_reg:
@@ -81,12 +88,14 @@ def should_validate(cfg: TrainConfig, *, step: int | None = None, epoch: int | N
     E % validate_every_n_epochs == 0, or every epoch when that is unset."""
     if step is not None:
         n = cfg.validate_every_n_steps
-        return bool(n) and step % n == 0
+        return n is not None and n != 0 and step % n == 0
     n = cfg.validate_every_n_epochs
     return epoch is not None and (not n or epoch % n == 0)
 
 
-def validation_loss(ctx: Any, batches: Any, *, max_batches: int | None, seed: int) -> float:
+def validation_loss(
+    ctx: StepContext, batches: Iterable[Batch], *, max_batches: int | None, seed: int
+) -> float:
     """The mean loss over the validation batches and kohya's timesteps (no gradients)."""
     import dataclasses
 

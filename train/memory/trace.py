@@ -174,9 +174,7 @@ def trace_unet(
     pooled_dim = spec.te2["projection_dim"]
     ctx = StepContext(
         cfg=cfg,
-        model=types.SimpleNamespace(
-            vae=types.SimpleNamespace(config=types.SimpleNamespace(scaling_factor=0.13))
-        ),
+        model=types.SimpleNamespace(vae=types.SimpleNamespace(config={"scaling_factor": 0.13})),
         unet=unet,
         noise_scheduler=DDPMScheduler.from_config({**SCHEDULER, "prediction_type": prediction}),
         device=torch.device("cpu"),

@@ -13,9 +13,15 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sdprep.train.sample.prompts import SamplePrompt, load_prompts, make_scheduler
+
+if TYPE_CHECKING:
+    import torch
+
+    from sdprep.train.loop.logs import NullLog
+    from sdprep.train.models.load import SDXLModel
 
 
 def sample_name(name: str | None, i: int, seed: int, *, step: int, epoch: int | None) -> str:
@@ -40,8 +46,8 @@ def read_prompts(path: Path, default_sampler: str) -> list[SamplePrompt]:
 
 
 def generate_samples(
-    model: Any,
-    unet: Any,
+    model: SDXLModel,
+    unet: torch.nn.Module,
     prompts: list[SamplePrompt],
     out_dir: Path,
     *,
@@ -49,8 +55,8 @@ def generate_samples(
     step: int,
     epoch: int | None,
     base_seed: int,
-    autocast: Any = None,
-    log: Any = None,
+    autocast: contextlib.AbstractContextManager[object] | None = None,
+    log: NullLog | None = None,
     max_area: int | None = None,
 ) -> list[Path]:
     """Generate one image per prompt with the current weights; returns the written paths."""
@@ -59,11 +65,11 @@ def generate_samples(
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe = model.pipeline(unet=unet)
     pipe.set_progress_bar_config(disable=True)
-    modules = [unet, model.text_encoder, model.text_encoder_2, model.vae]
+    modules: list[torch.nn.Module] = [unet, model.text_encoder, model.text_encoder_2, model.vae]
     was_training = [m.training for m in modules]
     for m in modules:
         m.eval()
-    written = []
+    written: list[Path] = []
     device = next(unet.parameters()).device
     try:
         with (
@@ -98,7 +104,7 @@ def generate_samples(
 
 
 @contextlib.contextmanager
-def on_device(modules: list[Any], device: Any) -> Iterator[None]:
+def on_device(modules: list[torch.nn.Module], device: torch.device) -> Iterator[None]:
     """Move modules to `device` for the block and back where they were (the trainer keeps cached
     text encoders and the VAE on the CPU; samples need them on the accelerator)."""
     places = [(m, next(m.parameters()).device) for m in modules]

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdprep.dataset import loads_json
 from sdprep.errors import ConfigError, did_you_mean, unknown_choice
+
+if TYPE_CHECKING:
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 # kohya sampler name -> (diffusers scheduler class, extra config)
 SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -217,7 +221,7 @@ def load_prompts(path: Path | str, *, defaults: SamplePrompt | None = None) -> l
         raise ConfigError(f"{path}: {exc.message}", exc.hint) from None
 
 
-def make_scheduler(name: str, base_scheduler_config: Any):
+def make_scheduler(name: str, base_scheduler_config: Mapping[str, Any]) -> SchedulerMixin:
     """A diffusers scheduler for kohya sampler `name`, configured like the model's own scheduler.
 
     `base_scheduler_config` is the model scheduler's `.config` (or a dict); its betas, timestep
@@ -229,4 +233,5 @@ def make_scheduler(name: str, base_scheduler_config: Any):
     cls = getattr(diffusers, cls_name)
     # extras go as keyword arguments: diffusers ignores some keys of a config dict made by
     # another scheduler class (final_sigmas_type stayed "zero" when passed in the dict)
-    return cls.from_config(dict(base_scheduler_config), **extra)
+    scheduler: SchedulerMixin = cls.from_config(dict(base_scheduler_config), **extra)
+    return scheduler
