@@ -205,7 +205,7 @@ def caption_record(
     return record
 
 
-def caption_matches(record: Any, model: str, prompt: str, settings: dict[str, Any] | None = None) -> bool:
+def caption_matches(record: object, model: str, prompt: str, settings: dict[str, Any] | None = None) -> bool:
     """True when a stored record was produced by this model and prompt (and settings), so skip it."""
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
         return False

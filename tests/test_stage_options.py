@@ -102,6 +102,14 @@ def test_option_defaults_come_from_the_options_classes() -> None:
             assert field.metadata["range"] != (None, None)
 
 
+def test_field_option_default_of_a_factory_field_and_of_a_field_without_one() -> None:
+    ctx = click.Context(cli)
+    made = FieldOption(["--failed"], options="sdprep.stage:StageResult", field="failed")
+    assert made.get_default(ctx) == []  # default_factory=list
+    required = FieldOption(["--reason"], options="sdprep.stage:Failure", field="reason")
+    assert required.get_default(ctx) is None  # no default: none (was a TypeError calling MISSING)
+
+
 def test_every_bounded_field_of_a_command_is_one_of_its_field_options() -> None:
     """A bounded value set from the command line goes through its FieldOption (no second default)."""
     by_command: dict[str, set[tuple[str, str]]] = {}
