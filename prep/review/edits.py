@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdprep.config import from_dict
 from sdprep.dataset import (
@@ -34,6 +34,9 @@ from sdprep.prep.captions import CaptionFile, make_edit, read_existing
 from sdprep.prep.review.index import Entry, Index
 from sdprep.taggers.rules import CaptionRules, caption_from_scores, merge_caption
 from sdprep.tags import tag_key
+
+if TYPE_CHECKING:
+    from sdprep.prep.rules import CleanRules
 
 TAG_ACTIONS = {"add": "append", "remove": "remove", "rename": "replace"}
 MAX_CHANGES_SHOWN = 500
@@ -127,7 +130,7 @@ def recaption_text(meta: dict[str, Any], caption: str | None, opts: Recaption) -
     return merge_caption(base, text, str(settings.get("merge", "replace")), rules.separator)
 
 
-def clean_rules_from_text(text: str):
+def clean_rules_from_text(text: str) -> CleanRules:
     """A `sdprep clean` rules file, or a project file (its [stages.clean.rules] and [rules])."""
     import tomllib
 
@@ -195,7 +198,8 @@ class Editor:
         targets = self.entries(rels)
         if rels is None and action != "add":
             targets = [e for e in targets if tag_key(tag) in e.keys]
-        writes, changed = [], []
+        writes: list[tuple[Path | str, bytes]] = []  # as Operation.write_many takes them
+        changed: list[str] = []
         for e in targets:
             path = e.item.caption_path
             text = read_existing(path, e.item.root)
@@ -221,7 +225,10 @@ class Editor:
         with self._operation("exclude", *rels) as op:
             for e in targets:
                 dest = free_destination(self.root, e.path, EXCLUDED_DIR)
-                op.move_many(companion_pairs(e.path, dest, mask_dirs(e.path.parent)))
+                pairs: list[tuple[Path | str, Path | str]] = [
+                    *companion_pairs(e.path, dest, mask_dirs(e.path.parent))
+                ]
+                op.move_many(pairs)
         self.index.refresh(rels)
         return len(targets)
 
@@ -250,7 +257,9 @@ class Editor:
         return path
 
     # -- captions from stored scores, and rules ------------------------------------------------
-    def recaption(self, opts: Recaption, rels: list[str] | None = None, apply: bool = False) -> dict:
+    def recaption(
+        self, opts: Recaption, rels: list[str] | None = None, apply: bool = False
+    ) -> dict[str, Any]:
         """What the stored WD14 scores give with these thresholds: per-image changes; `apply` writes them."""
         changes: list[Change] = []
         without = 0
@@ -281,7 +290,7 @@ class Editor:
             f"merge={opts.merge}",
         ]
 
-    def rules(self, text: str, apply: bool = False) -> dict:
+    def rules(self, text: str, apply: bool = False) -> dict[str, Any]:
         """Run `sdprep clean` with these rules over the dataset: a dry run's per-image diff, or the run."""
         from sdprep.prep.clean import CleanOptions, run_clean
 
@@ -323,7 +332,7 @@ class Editor:
         return journal.describe(ops[-1]) if ops else None
 
 
-def _listing(changes: list[Change], extra: dict) -> dict:
+def _listing(changes: list[Change], extra: dict[str, Any]) -> dict[str, Any]:
     return {
         "count": len(changes),
         "changes": [c.to_json() for c in changes[:MAX_CHANGES_SHOWN]],

@@ -225,7 +225,7 @@ class Index:
 
     def tag_counts(self, entries: list[Entry], keep: str = "") -> list[tuple[str, int]]:
         """(tag, images) of these entries, most frequent first; `keep` stays listed (the active filter)."""
-        counts: Counter = Counter()
+        counts: Counter[str] = Counter()
         shown: dict[str, str] = {}
         for e in entries:
             counts.update(e.keys.keys())

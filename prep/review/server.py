@@ -16,9 +16,9 @@ import secrets
 import socket
 import threading
 import webbrowser
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote
 
 from sdprep.buckets import assign_bucket
@@ -29,6 +29,14 @@ from sdprep.images import image_header, load_image
 from sdprep.prep.review.edits import Editor, Recaption
 from sdprep.prep.review.index import Entry, Filter, Index
 from sdprep.prep.review.thumbs import thumbnail
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
+Json = dict[str, Any]  # a request's JSON body, or an answer's
 
 STATIC = Path(__file__).parent / "static"
 JS = "text/javascript; charset=utf-8"
@@ -62,10 +70,10 @@ def require_web_stack() -> None:
 class Guard:
     """ASGI middleware: 403 without the token, or with a Host header the server does not answer to."""
 
-    def __init__(self, app: Any, token: str, hosts: set[str] | None):
+    def __init__(self, app: ASGIApp, token: str, hosts: set[str] | None) -> None:
         self.app, self.token, self.hosts = app, token, hosts
 
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not self.allowed(scope):
             from starlette.responses import PlainTextResponse
 
@@ -73,7 +81,7 @@ class Guard:
             return
         await self.app(scope, receive, send)
 
-    def allowed(self, scope: dict) -> bool:
+    def allowed(self, scope: Scope) -> bool:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if self.hosts is not None and headers.get("host", "") not in self.hosts:
             return False
@@ -103,7 +111,8 @@ def detail(entry: Entry, index: Index) -> dict[str, Any]:
         meta = sdprep_meta(read_sidecar(entry.item))
     except SdprepError:
         meta = {}
-    wd14 = meta.get("wd14") if isinstance(meta.get("wd14"), dict) else {}
+    found = meta.get("wd14")
+    wd14: Json = found if isinstance(found, dict) else {}
     scores = wd14.get("scores") or {}
     categories = wd14.get("categories") or {}
     top = sorted(scores.items(), key=lambda kv: -kv[1])[:SCORES_SHOWN]
@@ -124,15 +133,14 @@ def detail(entry: Entry, index: Index) -> dict[str, Any]:
     return out
 
 
-def create_app(index: Index, editor: Editor, token: str, hosts: set[str] | None = None):
+def create_app(index: Index, editor: Editor, token: str, hosts: set[str] | None = None) -> Starlette:
     """The ASGI app of the review page for one dataset."""
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
-    from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    def api(fn: Callable) -> Callable:
+    def api(fn: Callable[[Request, Any], Response | Json]) -> Callable[[Request], Awaitable[Response]]:
         """Library errors become JSON with the message and hint (409 while the dataset is busy)."""
 
         @functools.wraps(fn)
@@ -170,7 +178,7 @@ def create_app(index: Index, editor: Editor, token: str, hosts: set[str] | None 
             return Response("not found", 404)
         return Response((STATIC / name).read_bytes(), media_type=STATIC_TYPES[name])
 
-    def items(request: Request, _body: Any) -> dict:
+    def items(request: Request, _body: Any) -> Json:
         p = request.query_params
         found = index.query(_filter(p))
         offset, limit = _int(p, "offset", 0, len(found)), _int(p, "limit", 100, 1000)
@@ -180,17 +188,17 @@ def create_app(index: Index, editor: Editor, token: str, hosts: set[str] | None 
             "items": [e.to_json() for e in found[offset : offset + limit]],
         }
 
-    def paths(request: Request, _body: Any) -> dict:
+    def paths(request: Request, _body: Any) -> Json:
         return {"paths": [e.rel for e in index.query(_filter(request.query_params))]}
 
-    def tags(request: Request, _body: Any) -> dict:
+    def tags(request: Request, _body: Any) -> Json:
         flt = _filter(request.query_params)
         return {"tags": index.tag_counts(index.query(flt), keep=flt.tag)}
 
-    def status(request: Request, _body: Any) -> dict:
+    def status(request: Request, _body: Any) -> Json:
         return {"images": len(index.entries), "root": str(index.root), "last": editor.last_operation()}
 
-    def item(request: Request, _body: Any) -> dict:
+    def item(request: Request, _body: Any) -> Json:
         return detail(entry_of(request), index)
 
     def thumb(request: Request, _body: Any) -> Response:
@@ -216,30 +224,30 @@ def create_app(index: Index, editor: Editor, token: str, hosts: set[str] | None 
         load_image(path, "L", root=e.root).save(buf, "PNG")
         return Response(buf.getvalue(), media_type="image/png", headers={"Cache-Control": "no-cache"})
 
-    def post_caption(request: Request, body: dict) -> dict:
+    def post_caption(request: Request, body: Json) -> Json:
         return editor.set_caption(body.get("path", ""), str(body.get("caption", ""))).to_json()
 
-    def post_tags(request: Request, body: dict) -> dict:
+    def post_tags(request: Request, body: Json) -> Json:
         rels = body.get("paths")
         n = editor.edit_tags(body.get("action", ""), body.get("tag", ""), body.get("new", ""), rels)
         return {"changed": n}
 
-    def post_exclude(request: Request, body: dict) -> dict:
+    def post_exclude(request: Request, body: Json) -> Json:
         return {"moved": editor.exclude(list(body.get("paths") or []))}
 
-    def post_mask(request: Request, body: bytes) -> dict:
+    def post_mask(request: Request, body: bytes) -> Json:
         e = entry_of(request)
         editor.save_mask(e.rel, body)
         return editor.entry(e.rel).to_json()
 
-    def post_recaption(request: Request, body: dict) -> dict:
+    def post_recaption(request: Request, body: Json) -> Json:
         opts = from_dict(Recaption, {k: body[k] for k in RECAPTION_KEYS if k in body}, where="recaption")
         return editor.recaption(opts, body.get("paths"), apply=bool(body.get("apply")))
 
-    def post_rules(request: Request, body: dict) -> dict:
+    def post_rules(request: Request, body: Json) -> Json:
         return editor.rules(str(body.get("toml", "")), apply=bool(body.get("apply")))
 
-    def post_undo(request: Request, body: dict) -> dict:
+    def post_undo(request: Request, body: Json) -> Json:
         return {"message": editor.undo()}
 
     routes = [
