@@ -65,7 +65,7 @@ from sdprep.prep.lineage import recorded_trigger
 from sdprep.prep.preview import Bucketed, Previews, record_bucketing, write_previews
 from sdprep.prep.repeats import balance_reg_repeats, compute_repeats
 from sdprep.progress import NullReporter, Reporter
-from sdprep.stage import StageResult, failure_reason, progress
+from sdprep.stage import StageResult, chunked, failure_reason, progress
 
 WRITE_BATCH = 256  # images whose files are journalled with one sync
 
@@ -309,14 +309,9 @@ def _check_output_folders(concepts: list[Concept], out: Path) -> None:
 def _batches(concept: Concept, result: StageResult) -> Iterator[list[Item]]:
     """The concept's images in batches; those sharing a stem (kohya would read one caption for
     both) are the result's failures."""
-    batch: list[Item] = []
-    for item in iter_items(concept.source, concept.recursive, result.fail, concept.dataset):
-        batch.append(item)
-        if len(batch) == WRITE_BATCH:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+    yield from chunked(
+        iter_items(concept.source, concept.recursive, result.fail, concept.dataset), WRITE_BATCH
+    )
 
 
 def _plan(root: Path, out: Path, opts: BucketOptions) -> tuple[list[Concept], set[int]]:

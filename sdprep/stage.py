@@ -83,6 +83,18 @@ WORKERS_HELP = (
 )
 
 
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of `size` items (the last may be shorter), read from `items` as they are needed."""
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def worker_count(workers: int, auto: int | None = None) -> int:
     """The threads of a stage's pass for `--workers N`: N, or for 0 the stage's own choice `auto`
     (default: up to 4, as many as the machine has cores)."""

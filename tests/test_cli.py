@@ -107,6 +107,16 @@ def test_an_os_error_on_one_file_is_that_files_failure(tmp_path):
         list(map_items(full, items))
 
 
+def test_chunked_reads_lazily_and_keeps_a_short_last_chunk():
+    import itertools
+
+    from sdprep.stage import chunked
+
+    assert list(chunked(range(5), 2)) == [[0, 1], [2, 3], [4]]
+    assert list(chunked([], 3)) == []
+    assert next(chunked(itertools.count(), 3)) == [0, 1, 2]  # an endless source: only what is needed
+
+
 def test_usage_error_exit_2(cli_runner, tmp_path):
     assert cli_runner.invoke(cli, ["nosuchcommand"]).exit_code == 2
     typo = cli_runner.invoke(cli, ["tagg", "data/"])

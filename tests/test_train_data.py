@@ -632,3 +632,15 @@ def test_sdprep_defaults_are_train_configs_and_kohyas_table_only_names_where_the
         expected = getattr(cfg, name) if name in fields else kohya
         assert _lookup(key, [], cfg) == expected, key
         assert _lookup(key, [{key: "from the TOML"}], cfg) == "from the TOML"  # a dataset TOML beats defaults
+
+
+def test_a_subset_without_image_dir_or_metadata_file_is_a_config_error():
+    """Only a programmatic spec can lack both (the TOML loader requires image_dir): a named error,
+    not an AttributeError on None."""
+    from sdprep.progress import NullReporter
+    from sdprep.train.config.datasets import DatasetSpec, Findings, SubsetSpec
+    from sdprep.train.data.scan import scan_sources
+
+    spec = DatasetSpec(subsets=(SubsetSpec(image_dir=None, origin="subset 1"),), resolution=(64, 64))
+    with pytest.raises(ConfigError, match="subset 1: image_dir is required"):
+        scan_sources([spec], TrainConfig(), Findings(), NullReporter())

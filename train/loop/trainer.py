@@ -12,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdprep.errors import ConfigError, DatasetError, SdprepError, TrainingError
+from sdprep.stage import chunked
 from sdprep.train.config.precheck import precheck
 from sdprep.train.loop.callbacks import RecordingCallbacks, TrainCallbacks, TrainResult
 from sdprep.train.loop.interrupt import StopRequest
@@ -678,7 +679,7 @@ class Trainer:
             batches = self.dataset.batches(
                 epoch, skip=skip, num_shards=self.num_processes, shard=self.rank, prefetch=self._prefetch()
             )
-            groups = _groups(batches, accum)
+            groups = chunked(batches, accum)  # one optimizer step each
             while self.pos.step < self.total_steps:
                 if self.stop.requested:
                     raise self.saver.rescue(self.pos, "interrupted (Ctrl-C)", "nothing was lost")
@@ -874,18 +875,6 @@ def _checkpoint_text_encoder(te: PreTrainedModel) -> None:
         te.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         te.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def _groups(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
-    """Consecutive groups of `size` batches (the last may be shorter): one optimizer step each."""
-    group: list[Batch] = []
-    for batch in batches:
-        group.append(batch)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group
 
 
 def _sync_scheduler_lr(lr_scheduler: LRScheduler, optimizer: torch.optim.Optimizer) -> None:
