@@ -460,3 +460,17 @@ def test_run_tag_builds_its_tagger_through_the_registry(sample_dataset, model, m
     result = run_tag(sample_dataset, TagOptions(model=str(model), device="cpu", floor=0.1))
     assert (result.changed, result.failed) == (8, [])
     assert made == [(str(model), {"device": "cpu", "floor": 0.1})]
+
+
+def test_a_model_that_is_not_wd14_is_refused_before_any_image(sample_dataset, monkeypatch):
+    """tag reads WD14's input size and sidecar record: a registry answer of another kind is a
+    ConfigError naming the model, and nothing is written."""
+
+    class OtherTagger:
+        name = "other:model"
+
+    monkeypatch.setattr("sdprep.prep.tag.create_tagger", lambda spec, **kw: OtherTagger())
+    before = sorted(p.name for p in sample_dataset.iterdir())
+    with pytest.raises(ConfigError, match="--model other:model: sdprep tag runs WD14 models only"):
+        run_tag(sample_dataset, TagOptions(model="other:model"))
+    assert sorted(p.name for p in sample_dataset.iterdir()) == before
