@@ -229,7 +229,7 @@ def _mask_fits(mask_path: Path, item: Item) -> bool:
 
 def make_mask(job: Job, method: MaskMethod, opts: MaskOptions) -> Made:
     """Compute one mask (runs in worker threads: no writes here)."""
-    image = load_image(job.item.path, mode=method.image_mode, root=job.item.root)  # type: ignore[arg-type]
+    image = load_image(job.item.path, mode=method.image_mode, root=job.item.root)
     w, h = image.size
     try:
         raw = method.make(image, job.item)

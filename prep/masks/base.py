@@ -18,7 +18,7 @@ from PIL import Image
 
 from sdprep.dataset import Item
 from sdprep.errors import ImageError, unknown_choice
-from sdprep.images import load_image
+from sdprep.images import Mode, load_image
 
 
 class MaskNotFound(ImageError):
@@ -51,7 +51,7 @@ class MaskMethod:
     """Base class of mask methods; subclasses set `name` and implement `make`."""
 
     name: ClassVar[str] = ""
-    image_mode: ClassVar[str] = "RGB"  # how the stage loads the image for `make`
+    image_mode: ClassVar[Mode] = "RGB"  # how the stage loads the image for `make`
     thread_safe: ClassVar[bool] = True  # False: the stage runs it on one thread
     gpu: ClassVar[bool] = False  # runs a model that wants a GPU (a Ray cluster's GPU actors)
 

@@ -109,7 +109,11 @@ class FaceMask(MaskMethod):
         found = self._classifier().detectMultiScale(
             small, scaleFactor=SCALE_FACTOR, minNeighbors=MIN_NEIGHBORS, minSize=(MIN_FACE, MIN_FACE)
         )
-        return [tuple(int(round(v / scale)) for v in box) for box in found]  # type: ignore[misc]
+
+        def scaled(v: float) -> int:
+            return int(round(v / scale))
+
+        return [(scaled(x), scaled(y), scaled(w), scaled(h)) for x, y, w, h in found]
 
     def make(self, image: Image.Image, item: Item) -> np.ndarray:
         w, h = image.size

@@ -16,7 +16,7 @@ import secrets
 import socket
 import threading
 import webbrowser
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote
@@ -31,6 +31,7 @@ from sdprep.prep.review.index import Entry, Filter, Index
 from sdprep.prep.review.thumbs import thumbnail
 
 if TYPE_CHECKING:
+    import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import Response
@@ -90,14 +91,14 @@ class Guard:
         return secrets.compare_digest(given.encode(), self.token.encode())
 
 
-def _filter(params: Any) -> Filter:
+def _filter(params: Mapping[str, str]) -> Filter:
     def flag(name: str) -> bool:
         return params.get(name, "") in ("1", "true", "on")
 
     return Filter(params.get("tag", ""), params.get("q", ""), flag("mask"), flag("mono"), flag("problems"))
 
 
-def _int(params: Any, name: str, default: int, top: int) -> int:
+def _int(params: Mapping[str, str], name: str, default: int, top: int) -> int:
     try:
         return max(0, min(top, int(params.get(name, default))))
     except ValueError:
@@ -349,7 +350,7 @@ def serve(
     echo("review: stopped")
 
 
-def _open_when_up(server: Any, url: str) -> None:
+def _open_when_up(server: uvicorn.Server, url: str) -> None:
     import time
 
     for _ in range(200):
