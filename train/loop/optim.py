@@ -19,7 +19,7 @@ import contextlib
 import importlib
 from collections.abc import Callable, Iterator
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from sdprep.errors import ConfigError, InstallError, unknown_choice
 
@@ -139,7 +139,7 @@ def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
     return "ScheduleFree" in type(inner).__name__ and callable(getattr(inner, "eval", None))
 
 
-def schedule_free_mode(optimizer: torch.optim.Optimizer, mode: str) -> None:
+def schedule_free_mode(optimizer: torch.optim.Optimizer, mode: Literal["train", "eval"]) -> None:
     """Call a schedule-free optimizer's `train()` or `eval()` (`mode`): their own API, not torch's."""
     getattr(optimizer, mode)()
 
