@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train_finetune import ADAFACTOR_FIXED, ft_cfg, run
-from train_support import make_dataset
+from test_train_finetune import ADAFACTOR_FIXED, ft_cfg
+from train_support import make_dataset, run_trainer
 
 from sdprep.errors import ConfigError
 from sdprep.train.loop.fused import register_fused_step, step_parameter
@@ -85,8 +85,8 @@ def test_a_fused_fine_tune_saves_the_unfused_weights(
     tiny_sdxl: Path, data: Path, tmp_path: Path, settings
 ) -> None:
     common = dict(optimizer_type="Adafactor", max_grad_norm=0.0, max_train_steps=2, **settings)
-    plain = run(ft_cfg(tiny_sdxl, data, tmp_path / "plain", **common))
-    fused = run(ft_cfg(tiny_sdxl, data, tmp_path / "fused", fused_backward_pass=True, **common))
+    plain = run_trainer(ft_cfg(tiny_sdxl, data, tmp_path / "plain", **common))
+    fused = run_trainer(ft_cfg(tiny_sdxl, data, tmp_path / "fused", fused_backward_pass=True, **common))
     a, b = load_file(str(plain.result.output)), load_file(str(fused.result.output))
     assert a.keys() == b.keys()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
