@@ -131,3 +131,59 @@ def test_tag_rules_read_clean_s_replace_table_and_the_older_pairs_alike():
     # recorded as the pairs earlier runs recorded, so their settings still match (no re-derivation)
     assert table.to_dict()["replace"] == [["1girl", "girl, solo"], ["smile", ""]]
     assert CaptionRules().to_dict()["replace"] == []
+
+
+def test_a_regex_in_a_comma_separated_tag_list_is_kept_whole():
+    """`tag --undesired "smile, re:(blue|red) eyes{1,2}"` reads as clean --remove does: the regex
+    holds a comma and stays one pattern (it was cut into `re:...{1` and `2}`)."""
+    from sdprep.prep.cli.scores import tag_list
+
+    assert tag_list(("smile, re:^(blue|red) eyes{1,2}$", "solo,1girl")) == (
+        "smile",
+        "re:^(blue|red) eyes{1,2}$",
+        "solo",
+        "1girl",
+    )
+    assert tag_list(("a,b", " , ")) == ("a", "b")
+
+
+def test_tag_undesired_with_a_comma_regex_removes_what_clean_remove_does(
+    scored, tmp_path, cli_runner, tiny_wd14
+):
+    by_tag = _copy_without_captions(scored, tmp_path / "tag")
+    by_clean = _copy_without_captions(scored, tmp_path / "clean")
+    pattern = "re:^.{1,6} hair$"
+    res = cli_runner.invoke(
+        cli,
+        [
+            "-q",
+            "tag",
+            str(by_tag),
+            "--model",
+            str(tiny_wd14),
+            "--general-threshold",
+            "0.15",
+            "--undesired",
+            f"solo, {pattern}",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    res = cli_runner.invoke(
+        cli,
+        [
+            "-q",
+            "clean",
+            str(by_clean),
+            "--source",
+            "wd14",
+            "--no-monochrome",
+            "--general-threshold",
+            "0.15",
+            "--remove",
+            "solo",
+            "--remove",
+            pattern,
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert _captions(by_clean) == _captions(by_tag)

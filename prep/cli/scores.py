@@ -77,5 +77,15 @@ def replace_option() -> Callable[[F], F]:
 
 
 def tag_list(values: tuple[str, ...]) -> tuple[str, ...]:
-    """Repeatable options that also take comma-separated lists -> one tuple of tags."""
-    return tuple(t.strip() for value in values for t in value.split(",") if t.strip())
+    """Repeatable options that also take comma-separated lists -> one tuple of tags. A `re:`
+    pattern takes the rest of its value whole (a regex may hold commas: `re:x{1,2}`)."""
+    tags: list[str] = []
+    for value in values:
+        pieces = value.split(",")
+        for i, piece in enumerate(pieces):
+            if piece.strip().startswith("re:"):
+                tags.append(",".join(pieces[i:]).strip())
+                break
+            if piece.strip():
+                tags.append(piece.strip())
+    return tuple(tags)

@@ -72,7 +72,7 @@ def _replacements(values: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     "--undesired",
     multiple=True,
     metavar="TAGS",
-    help="Comma-separated tags never to write, as clean --remove (globs and re: allowed).",
+    help="Comma-separated tags never to write, as clean --remove (globs allowed; re:REGEX takes the rest of the value).",
 )
 @click.option(
     "--always-first",
