@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageColor
+from PIL import Image
 
 from sdprep import state
 from sdprep.config import bounded, check_bounds
@@ -64,19 +64,6 @@ class ConvertOptions:
             raise ConfigError(
                 "JPEG cannot keep an alpha channel", "use --format png or webp, or --flatten COLOR"
             )
-
-
-def parse_color(text: str) -> tuple[int, int, int]:
-    """A colour name, `#rrggbb` or `r,g,b` as an RGB tuple."""
-    try:
-        if "," in text:
-            parts = tuple(int(p) for p in text.split(","))
-            if len(parts) != 3 or not all(0 <= p <= 255 for p in parts):
-                raise ValueError
-            return parts
-        return ImageColor.getrgb(text)[:3]
-    except ValueError:
-        raise ConfigError(f"unknown colour {text!r}", "use a name (white), #rrggbb or r,g,b") from None
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -368,7 +368,7 @@ class Operation:
         os.replace(tmp, path)
         return True
 
-    def write_many(self, files: list[tuple[Path | str, bytes]]) -> int:
+    def write_many(self, files: Sequence[tuple[Path | str, bytes]]) -> int:
         """Write many small files, in order, with one journal sync instead of two syncs per file.
 
         Every entry (and the old content) is in the journal before the first write; the writes are
@@ -399,7 +399,7 @@ class Operation:
         """Rename `src` to `dst`; refuses to overwrite an existing `dst`."""
         self.move_many([(src, dst)])
 
-    def move_many(self, pairs: list[tuple[Path | str, Path | str]]) -> None:
+    def move_many(self, pairs: Sequence[tuple[Path | str, Path | str]]) -> None:
         """Rename many files with one journal sync (every entry is durable before the first rename).
 
         Refuses before changing anything when a destination exists or is named twice.
@@ -465,7 +465,7 @@ class Operation:
         self.write_bytes(dst, src.read_bytes())
         return True
 
-    def place_many(self, pairs: list[tuple[Path | str, Path | str]], *, copy: bool = False) -> list[bool]:
+    def place_many(self, pairs: Sequence[tuple[Path | str, Path | str]], *, copy: bool = False) -> list[bool]:
         """`place` for many files; new hard links cost one journal sync in all, not one each.
 
         Returns, per pair, whether `dst` changed.

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import IO, Literal
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngImageFile
 
 from sdprep.dataset import UNSAFE_HINT, unsafe_reason
-from sdprep.errors import ImageError
+from sdprep.errors import ConfigError, ImageError
 
 # The decompression-bomb guard: refuse images above this many pixels (about 16k x 16k) unless raised.
 DEFAULT_MAX_PIXELS = int(os.environ.get("SDPREP_MAX_PIXELS", 268_435_456))
@@ -214,3 +214,24 @@ def has_transparency(im: Image.Image) -> bool:
         return False
     lowest = im.getchannel("A").getextrema()[0]  # one band: (lowest, highest) numbers
     return isinstance(lowest, (int, float)) and lowest < 255
+
+
+def parse_color(text: str) -> tuple[int, int, int]:
+    """A colour as the user writes it ('#fff', '#ffffff', 'white' or '255,255,255') -> (r, g, b):
+    the one reading of `convert --flatten` and the colour mask method."""
+    value = text.strip()
+    parts = [p.strip() for p in value.split(",")]
+    if len(parts) == 3 and all(p.isdigit() for p in parts):
+        r, g, b = (int(p) for p in parts)
+        if all(0 <= c <= 255 for c in (r, g, b)):
+            return r, g, b
+    else:
+        try:
+            rgba = ImageColor.getrgb(value)
+            return rgba[0], rgba[1], rgba[2]
+        except ValueError:
+            pass
+    raise ConfigError(
+        f'cannot read the colour "{text}"',
+        'give "#rrggbb", "#rgb", a colour name such as "white", or "r,g,b" with values 0-255',
+    )

@@ -9,8 +9,9 @@ from PIL import Image
 from sdprep import fileops
 from sdprep.cli import cli
 from sdprep.errors import ConfigError
+from sdprep.images import parse_color
 from sdprep.prep import convert
-from sdprep.prep.convert import ConvertOptions, parse_color, run_convert
+from sdprep.prep.convert import ConvertOptions, run_convert
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -34,7 +35,7 @@ def test_options_and_colours():
     assert parse_color("white") == (255, 255, 255)
     assert parse_color("#102030") == (16, 32, 48)
     assert parse_color("1,2,3") == (1, 2, 3)
-    with pytest.raises(ConfigError, match="unknown colour 'nocolour'"):
+    with pytest.raises(ConfigError, match='cannot read the colour "nocolour"'):
         parse_color("nocolour")
     with pytest.raises(ConfigError, match="JPEG cannot keep an alpha channel"):
         ConvertOptions(format="jpg", keep_alpha=True)

@@ -39,7 +39,8 @@ def command(ctx: click.Context, /, directory: Path, flatten: str | None, **kw: A
       sdprep convert data/ --format png
       sdprep convert data/ --format jpg --quality 92 --flatten white
     """
-    from sdprep.prep.convert import ConvertOptions, parse_color, run_convert
+    from sdprep.images import parse_color
+    from sdprep.prep.convert import ConvertOptions, run_convert
 
     opts = options_from(ConvertOptions, kw, flatten=parse_color(flatten) if flatten else None)
     finish(run_stage(ctx, run_convert, directory, opts))

@@ -12,33 +12,14 @@ from typing import Any
 
 import cv2
 import numpy as np
-from PIL import Image, ImageColor
+from PIL import Image
 
 from sdprep.dataset import Item
 from sdprep.errors import ConfigError
+from sdprep.images import parse_color
 from sdprep.prep.masks.base import MaskMethod, MethodSettings, register
 
 RGB = tuple[int, int, int]
-
-
-def parse_color(text: str) -> RGB:
-    """'#fff', '#ffffff', 'white' or '255,255,255' -> (r, g, b)."""
-    value = text.strip()
-    parts = [p.strip() for p in value.split(",")]
-    if len(parts) == 3 and all(p.isdigit() for p in parts):
-        r, g, b = (int(p) for p in parts)
-        if all(0 <= c <= 255 for c in (r, g, b)):
-            return r, g, b
-    else:
-        try:
-            rgba = ImageColor.getrgb(value)
-            return rgba[0], rgba[1], rgba[2]
-        except ValueError:
-            pass
-    raise ConfigError(
-        f'cannot read the colour "{text}"',
-        'give "#rrggbb", "#rgb", a colour name such as "white", or "r,g,b" with values 0-255',
-    )
 
 
 def border_color(rgb: np.ndarray, width: int = 2) -> RGB:
