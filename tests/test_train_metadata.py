@@ -243,6 +243,18 @@ def test_kohya_modelspec_options_reach_the_metadata(tmp_path: Path) -> None:
         modelspec(missing, types.SimpleNamespace(architecture="a"), {"name": "x"})
 
 
+def test_precheck_reads_the_thumbnail_before_the_model_loads(tmp_path: Path) -> None:
+    """A missing metadata_thumbnail is found by precheck, as the other files are (it imported the
+    reader from the wrong module: every run with a thumbnail stopped with an ImportError)."""
+    from sdprep.errors import ConfigError
+    from sdprep.train.config.precheck import precheck
+    from sdprep.train.config.schema import load_train_config
+
+    missing, _ = load_train_config(None, overrides={"metadata_thumbnail": str(tmp_path / "none.png")})
+    with pytest.raises(ConfigError, match="metadata_thumbnail .*none.png: cannot read"):
+        precheck(missing, method="lora", resume=None, output_dir=tmp_path, name="x")
+
+
 @pytest.mark.parametrize("name", ["A", "B", "C"])
 def test_same_keys_values_and_forms_as_kohya(name: str, request) -> None:
     trainer, _ = request.getfixturevalue({"A": "run", "B": "run_b", "C": "run_c"}[name])
@@ -372,7 +384,9 @@ def test_run_facts_hash_the_base_once_and_say_so_for_a_big_file(base_file: Path,
         result=None,
         callbacks=cb,
         facts=facts,
-        optimizer=torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
+        optimizer=(sgd := torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)),
+        lr_scheduler=torch.optim.lr_scheduler.ConstantLR(sgd),
+        noise_generator=torch.Generator(),
     )
     pos = types.SimpleNamespace(step=1, epoch=0)
     first, second = run_saver.run_facts(pos, "step 1"), run_saver.run_facts(pos, None)

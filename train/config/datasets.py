@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,6 +119,9 @@ KOHYA_DEFAULTS: dict[str, Any] = {
     "cache_info": False,
 }
 INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
+# one lookup layer of a dataset TOML (a [[datasets.subsets]], [[datasets]] or [general] table, its
+# keys checked against the table of allowed keys and coerced): key -> value
+Layer = dict[str, Any]
 
 
 @dataclass
@@ -224,7 +228,7 @@ def sdprep_defaults() -> dict[str, Any]:
     return out
 
 
-def _lookup(key: str, layers: list[dict], cfg: TrainConfig, findings: Findings | None = None) -> Any:
+def _lookup(key: str, layers: list[Layer], cfg: TrainConfig, findings: Findings | None = None) -> Any:
     for layer in layers:
         if layer.get(key) is not None:
             return layer[key]
@@ -250,7 +254,7 @@ def _toml(value: Any) -> str:
 
 
 def _run_setting(
-    key: str, layers: list[dict], cfg: TrainConfig, where: str, findings: Findings | None
+    key: str, layers: list[Layer], cfg: TrainConfig, where: str, findings: Findings | None
 ) -> Any:
     """A run-level setting: the training config's when it set it, else the dataset TOML's (noted when
     the two differ: kohya would take the dataset TOML's)."""
@@ -264,7 +268,9 @@ def _run_setting(
         ours, theirs = tuple(ours), _resolution(theirs, key)
     if ours != theirs and findings is not None:
         shown, their_shown = (
-            ("{}x{}".format(*ours), "{}x{}".format(*theirs)) if key == "resolution" else (ours, theirs)
+            ("{}x{}".format(*ours), "{}x{}".format(*(theirs or ())))
+            if key == "resolution"
+            else (ours, theirs)
         )
         findings.note(
             f"note: {name} = {shown} from {source} overrides {where}'s {key} = {their_shown} (command line > "
@@ -280,13 +286,14 @@ def _resolution(value: Any, where: str) -> tuple[int, int] | None:
         return (value, value)
     if isinstance(value, str) and "," not in value:
         value = [value, value]
-    return coerce(value, tuple[int, int], where)
+    res: tuple[int, int] = coerce(value, tuple[int, int], where)
+    return res
 
 
-def _check_keys(table: Any, allowed: dict[str, Any], where: str, source: Path) -> dict:
+def _check_keys(table: Any, allowed: dict[str, Any], where: str, source: Path) -> Layer:
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: {where} must be a table")
-    out = {}
+    out: Layer = {}
     for key, value in table.items():
         dotted = f"{where}.{key}"
         if key not in allowed:
@@ -314,7 +321,7 @@ def _path(value: str | None, base: Path, where: str) -> Path | None:
     return beside if beside.exists() or not path.exists() else path
 
 
-def _caption_options(layers: list[dict], cfg: TrainConfig) -> CaptionOptions:
+def _caption_options(layers: list[Layer], cfg: TrainConfig) -> CaptionOptions:
     def get(k: str) -> Any:
         return _lookup(k, layers, cfg)
 
@@ -333,9 +340,9 @@ def _caption_options(layers: list[dict], cfg: TrainConfig) -> CaptionOptions:
     )
 
 
-def _check_unsupported(layers: list[dict], cfg: TrainConfig, where: str, findings: Findings) -> None:
+def _check_unsupported(layers: list[Layer], cfg: TrainConfig, where: str, findings: Findings) -> None:
     """kohya features sdprep does not implement: an error when set, never silently ignored."""
-    checks = {
+    checks: dict[str, Callable[[Any], bool]] = {
         "face_crop_aug_range": lambda v: v is not None,
         "token_warmup_step": lambda v: float(v) > 0,
     }
@@ -351,7 +358,7 @@ def _check_unsupported(layers: list[dict], cfg: TrainConfig, where: str, finding
 
 
 def make_subset(
-    layers: list[dict], cfg: TrainConfig, *, base: Path, where: str, findings: Findings, **fixed: Any
+    layers: list[Layer], cfg: TrainConfig, *, base: Path, where: str, findings: Findings, **fixed: Any
 ) -> SubsetSpec:
     """Resolve one subset from its lookup layers (subset, dataset, general) and the training config."""
     _check_unsupported(layers, cfg, where, findings)
@@ -388,7 +395,7 @@ def make_subset(
 
 def make_dataset(
     subsets: list[SubsetSpec],
-    layers: list[dict],
+    layers: list[Layer],
     cfg: TrainConfig,
     where: str,
     findings: Findings | None = None,
@@ -561,8 +568,8 @@ def folder_subsets(root: Path, cfg: TrainConfig, *, is_reg: bool, findings: Find
                 is_reg=is_reg,
             )
         )
-    if not subsets and parse_folder(root.name) and _stray_images(root):
-        parsed = parse_folder(root.name)
+    parsed = parse_folder(root.name)
+    if not subsets and parsed and _stray_images(root):
         findings.note(
             f"note: {key} {root} is itself a repeat folder; using it as one subset "
             f"({parsed.repeats} repeats). kohya expects its parent folder here."

@@ -10,7 +10,7 @@ only after the model had loaded (20 s to minutes); `precheck` finds them in well
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sdprep.errors import ConfigError, TrainingError
 
@@ -18,7 +18,9 @@ if TYPE_CHECKING:
     from sdprep.train.config.schema import TrainConfig
 
 
-def precheck(cfg: TrainConfig, *, method: str, resume: Any, output_dir: Path, name: str) -> Path | None:
+def precheck(
+    cfg: TrainConfig, *, method: str, resume: str | Path | None, output_dir: Path, name: str
+) -> Path | None:
     """Raise the error the run would stop with later; returns the state folder to resume from."""
     folder = _resume_folder(resume, method, output_dir, name)
     check_optimizer(cfg.optimizer_type)
@@ -32,7 +34,7 @@ def precheck(cfg: TrainConfig, *, method: str, resume: Any, output_dir: Path, na
 
         read_prompts(Path(cfg.sample_prompts), cfg.sample_sampler)
     if cfg.metadata_thumbnail:
-        from sdprep.train.save.weights import thumbnail_data_url
+        from sdprep.train.save.metadata import thumbnail_data_url
 
         thumbnail_data_url(cfg.metadata_thumbnail)
     from sdprep.train.config.datasets import Findings, load_sources
@@ -80,7 +82,7 @@ def check_scheduler(cfg: TrainConfig, total_steps: int = 1000) -> None:
     )
 
 
-def _resume_folder(resume: Any, method: str, output_dir: Path, name: str) -> Path | None:
+def _resume_folder(resume: str | Path | None, method: str, output_dir: Path, name: str) -> Path | None:
     if not resume:
         return None
     from sdprep.train.save.weights import read_state_info, resolve_resume

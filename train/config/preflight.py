@@ -15,15 +15,24 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeVar
 
 from sdprep.errors import SdprepError
+from sdprep.train.loop.callbacks import TrainResult
 from sdprep.train.loop.trainer import TrainCallbacks, Trainer
 
 if TYPE_CHECKING:
+    from sdprep.progress import Reporter
+    from sdprep.train.config.datasets import DatasetSpec
     from sdprep.train.config.schema import TrainConfig
+    from sdprep.train.data.pipeline import TrainDataset
+    from sdprep.train.data.scan import ImageRecord
+    from sdprep.train.methods.base import Verification
+
+T = TypeVar("T")
 
 PREFLIGHT_AREA = 128 * 128  # max training area on the tiny model
 SAMPLE_AREA = 64 * 64
@@ -63,7 +72,7 @@ def tiny_model_dir() -> Path:
 SCALE_STEP = 32  # bucket step of the scaled-down datasets (SDXL's smallest)
 
 
-def scale_dataset(spec: Any, area: int = PREFLIGHT_AREA) -> Any:
+def scale_dataset(spec: DatasetSpec, area: int = PREFLIGHT_AREA) -> DatasetSpec:
     """One resolved dataset (dataset TOML or folders) scaled down to `area`: its resolution and
     bucket limits by one factor, so every relation the real run checks (min <= resolution <= max)
     still holds, with the aspect and the bucket structure kept."""
@@ -83,7 +92,7 @@ def scale_dataset(spec: Any, area: int = PREFLIGHT_AREA) -> Any:
     )
 
 
-def scale_datasets(specs: list[Any]) -> list[Any]:
+def scale_datasets(specs: list[DatasetSpec]) -> list[DatasetSpec]:
     return [scale_dataset(spec) for spec in specs]
 
 
@@ -125,7 +134,7 @@ def _folder_check(path: Path) -> tuple[bool, str]:
     return True, f"diffusers SDXL folder {path} (not loaded: preflight trains the tiny model)"
 
 
-def _single_file_check(path: Path, model_config: Any) -> tuple[bool, str]:
+def _single_file_check(path: Path, model_config: Path | None) -> tuple[bool, str]:
     if path.suffix.lower() not in (".safetensors", ".sft"):
         return True, f"checkpoint {path} exists (not a .safetensors file: contents not checked)"
     try:
@@ -161,7 +170,7 @@ def _memory_check(cfg: TrainConfig, method: str | None) -> str:
     return plan_summary(cfg, method or detect_method(cfg))
 
 
-def _preflight_cfg(cfg: TrainConfig, work: Path, steps: int) -> Any:
+def _preflight_cfg(cfg: TrainConfig, work: Path, steps: int) -> TrainConfig:
     return dataclasses.replace(
         cfg,
         pretrained_model_name_or_path=None,
@@ -194,10 +203,10 @@ class _Quiet(TrainCallbacks):
     def __init__(self, outer: TrainCallbacks, verbose: bool) -> None:
         self.outer, self.verbose = outer, verbose
         self.losses: list[float] = []
-        self.saves: list[Any] = []
+        self.saves: list[Verification] = []
         self.samples: list[Path] = []
 
-    def reporter(self) -> Any:
+    def reporter(self) -> Reporter | None:
         getter = getattr(self.outer, "reporter", None)
         return getter() if getter else None
 
@@ -208,7 +217,7 @@ class _Quiet(TrainCallbacks):
     def step(self, step: int, epoch: int, loss: float, lr: float) -> None:
         self.losses.append(loss)
 
-    def saved(self, verification: Any) -> None:
+    def saved(self, verification: Verification) -> None:
         self.saves.append(verification)
 
     def sampled(self, paths: list[Path]) -> None:
@@ -243,14 +252,20 @@ def run_preflight(
 
 
 def _run(
-    cfg: TrainConfig, method: str | None, outer: TrainCallbacks, verbose: bool, steps: int, work: Path, report
+    cfg: TrainConfig,
+    method: str | None,
+    outer: TrainCallbacks,
+    verbose: bool,
+    steps: int,
+    work: Path,
+    report: PreflightReport,
 ) -> None:
     from sdprep.train.data.pipeline import build_dataset
     from sdprep.train.models.load import load_sdxl
 
-    built: dict[str, Any] = {}
+    built: dict[str, TrainDataset] = {}
 
-    def read_data():
+    def read_data() -> TrainDataset:
         dataset = build_dataset(cfg, report=getattr(outer, "reporter", lambda: None)())
         for line in str(dataset.summary()).splitlines():
             outer.note(line)
@@ -302,7 +317,7 @@ def _run(
     resumed.record_filter = lambda records: spread(records, MAX_IMAGES)
     resumed.datasets_transform = scale_datasets
 
-    def resume_run():
+    def resume_run() -> TrainResult:
         resumed.setup()
         return resumed.run()
 
@@ -314,14 +329,14 @@ def _run(
     )
 
 
-def decode_check(dataset: Any, listed: int = 50) -> str:
+def decode_check(dataset: TrainDataset, listed: int = 50) -> str:
     """Decode every image and mask of the dataset (JPEGs at reduced scale), so that every truncated
     or corrupt file is named now, all at once, not one per run when training reaches it."""
     from sdprep.errors import DatasetError
     from sdprep.images import load_image
     from sdprep.stage import map_items
 
-    def decode(rec: Any) -> None:
+    def decode(rec: ImageRecord) -> None:
         load_image(rec.path, "RGB", draft=(64, 64))
         if rec.mask_path is not None:
             load_image(rec.mask_path, "L")
@@ -342,12 +357,12 @@ def decode_check(dataset: Any, listed: int = 50) -> str:
     return f"all {len(dataset.records)} images (and their masks) decode"
 
 
-def spread(records: list, limit: int) -> list:
+def spread(records: list[ImageRecord], limit: int) -> list[ImageRecord]:
     """Up to `limit` records taken round-robin over buckets (masked images first), in dataset order."""
-    by_bucket: dict[Any, list] = {}
+    by_bucket: dict[tuple[int, int], list[ImageRecord]] = {}
     for rec in sorted(records, key=lambda r: not r.has_mask):
         by_bucket.setdefault(rec.assignment.bucket, []).append(rec)
-    picked: list = []
+    picked: list[ImageRecord] = []
     while len(picked) < limit and any(by_bucket.values()):
         for queue in by_bucket.values():
             if queue and len(picked) < limit:
@@ -356,7 +371,7 @@ def spread(records: list, limit: int) -> list:
     return [r for r in records if id(r) in keep]
 
 
-def _stage(report: PreflightReport, name: str, fn: Any, describe: Any) -> bool:
+def _stage(report: PreflightReport, name: str, fn: Callable[[], T], describe: Callable[[T], str]) -> bool:
     try:
         value = fn()
     except SdprepError as exc:
@@ -366,7 +381,7 @@ def _stage(report: PreflightReport, name: str, fn: Any, describe: Any) -> bool:
     return True
 
 
-def _setup_detail(trainer: Trainer, small: Any) -> str:
+def _setup_detail(trainer: Trainer, small: TrainConfig) -> str:
     sizes = sorted({"{}x{}".format(*d.resolution) for d in trainer.dataset.datasets})
     return (
         f"{trainer.method.title} on {len(trainer.dataset)} images at {', '.join(sizes)} max area "
@@ -383,7 +398,9 @@ def reload_check(trainer: Trainer, path: Path | None) -> str:
     from sdprep.train.models.load import load_sdxl
 
     fresh = load_sdxl(trainer.model.source if trainer.model.source else path)
-    if trainer.cfg.network_module == "lycoris.kohya":  # diffusers loads no LoHa / LoKr: LyCORIS's loader
+    from sdprep.train.methods.lycoris import LycorisMethod
+
+    if isinstance(trainer.method, LycorisMethod):  # diffusers loads no LoHa / LoKr: LyCORIS's loader
         modules = trainer.method.load_with_lycoris(path, fresh)
         return f"{path.name} loads with LyCORIS's own loader ({modules} modules)"
     pipe = fresh.pipeline()

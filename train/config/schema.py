@@ -257,7 +257,7 @@ class TrainConfig:
         return 1 if self.max_token_length in (None, 75) else self.max_token_length // 75
 
 
-FIELDS: dict[str, dataclasses.Field] = {
+FIELDS: dict[str, dataclasses.Field[Any]] = {
     f.name: f for f in dataclasses.fields(TrainConfig) if not f.metadata.get("internal")
 }
 _HINTS = typing.get_type_hints(TrainConfig)
@@ -367,9 +367,9 @@ def _check_keys(raw: dict[str, Any], source: str, notes: list[str]) -> dict[str,
             else:
                 raise ConfigError(f'{source}: "{key} = {value!r}" is not supported by sdprep', hint)
         else:
-            hint = did_you_mean(key, known_keys())
+            guess = did_you_mean(key, known_keys())
             raise ConfigError(
-                f'unknown key "{key}" in {source}', f"{hint} ({LIST_KEYS_HINT})" if hint else LIST_KEYS_HINT
+                f'unknown key "{key}" in {source}', f"{guess} ({LIST_KEYS_HINT})" if guess else LIST_KEYS_HINT
             )
     return out
 

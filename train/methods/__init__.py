@@ -32,7 +32,12 @@ def method_class(name: str) -> type[TrainMethod]:
         from sdprep.errors import ConfigError
 
         raise ConfigError(f'training method "{name}" is not available in this version of sdprep') from exc
-    return getattr(mod, attr)
+    from sdprep.train.methods.base import TrainMethod
+
+    cls = getattr(mod, attr)
+    if not (isinstance(cls, type) and issubclass(cls, TrainMethod)):
+        raise TypeError(f"{METHODS[name]} is not a TrainMethod")  # a wrong entry in METHODS
+    return cls
 
 
 def make_method(name: str, cfg: TrainConfig) -> TrainMethod:

@@ -79,7 +79,7 @@ class TrainMethod(ABC):
 
     name: ClassVar[str]
     architecture: ClassVar[str]  # modelspec.architecture, e.g. "stable-diffusion-xl-v1-base/lora"
-    title: ClassVar[str]  # for the start banner
+    title: str  # for the start banner (LyCORIS names its algorithm per instance)
 
     LORA_ONLY = ("scale_weight_norms",)  # settings only LoRA training reads
 
@@ -104,7 +104,7 @@ class TrainMethod(ABC):
         """Move trainable modules that live outside the SDXL models (e.g. a LyCORIS network)."""
 
     @abstractmethod
-    def param_groups(self) -> list[dict]:
+    def param_groups(self) -> list[dict[str, Any]]:
         """Optimizer parameter groups with their learning rates (`{"params": [...], "lr": x}`)."""
 
     @property

@@ -21,10 +21,11 @@ import torch
 
 from sdprep.errors import ConfigError, TrainingError
 from sdprep.train.methods.base import TrainMethod, allreduce_gradients, key_differences
-from sdprep.train.save.checkpoint import fingerprint, tensor_digest
+from sdprep.train.save.checkpoint import Fingerprint, fingerprint, tensor_digest
 
 if TYPE_CHECKING:
     from sdprep.train.config.schema import TrainConfig
+    from sdprep.train.methods.ema import EMA
 
 COMPONENTS = ("unet", "te1", "te2")
 
@@ -49,10 +50,10 @@ class FinetuneMethod(TrainMethod):
             self.notes.append(f"learning rate 0: {', '.join(frozen)} stays frozen (as kohya)")
         if not self.lrs:
             raise ConfigError("every learning rate is 0: nothing would train", "set learning_rate > 0")
-        self.ema: Any = None
-        self._initial: dict[str, tuple] = {}
+        self.ema: EMA | None = None
+        self._initial: dict[str, tuple[int, int, int]] = {}
         self._expected: dict[str, tuple[int, ...]] = {}
-        self._vae_print: dict[str, tuple] = {}
+        self._vae_print: Fingerprint = {}
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -88,7 +89,7 @@ class FinetuneMethod(TrainMethod):
         self._initial = {k: tensor_digest(t) for k, t in self._saved_weights().items()}
         self._vae_print = fingerprint({"vae": model.vae}, set())
 
-    def param_groups(self) -> list[dict]:
+    def param_groups(self) -> list[dict[str, Any]]:
         return [
             {"params": [p for p in module.parameters() if p.requires_grad], "lr": self.lrs[key], "name": key}
             for key, module in self.trained().items()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,11 @@ from sdprep.errors import ConfigError
 from sdprep.train.methods.base import TrainMethod, allreduce_gradients, key_differences, key_problems
 
 if TYPE_CHECKING:
+    import torch
+    from peft import LoraConfig
+
     from sdprep.train.config.schema import TrainConfig
+    from sdprep.train.methods.maxnorm import NormStats
 
 UNET_BLOCKS = ("Transformer2DModel",)
 UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
@@ -121,10 +126,10 @@ class LoraMethod(TrainMethod):
         # component -> {module name: kind}, {module name: (rank, alpha)} and LoraConfig; filled in setup()
         self.targets: dict[str, dict[str, str]] = {}
         self.shapes: dict[str, dict[str, tuple[int, float]]] = {}
-        self.lora_configs: dict[str, Any] = {}
+        self.lora_configs: dict[str, LoraConfig] = {}
         self.max_norm = cfg.scale_weight_norms  # kohya's max-norm regularisation (None: off)
-        self._norm_targets: list[tuple[Any, Any, float]] | None = None
-        self._norms = None
+        self._norm_targets: list[tuple[torch.Tensor, torch.Tensor, float]] | None = None
+        self._norms: NormStats | None = None
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -144,8 +149,14 @@ class LoraMethod(TrainMethod):
         for name, kind in targets.items():
             if comp == "unet" and self.blocks is not None:
                 shape = self.blocks.rank_alpha(kohya_name(comp, name, layout), kind)
-            else:
-                shape = (self.conv_rank, self.conv_alpha) if kind == "conv" else (self.rank, self.alpha)
+            elif kind != "conv":
+                shape = (self.rank, self.alpha)
+            else:  # conv layers are targets only with a conv_dim
+                shape = (
+                    (self.conv_rank, self.conv_alpha)
+                    if self.conv_rank and self.conv_alpha is not None
+                    else None
+                )
             if shape is not None:
                 shapes[name] = shape
         return shapes
@@ -155,14 +166,14 @@ class LoraMethod(TrainMethod):
 
         return UnetLayout.from_config(self.model.unet.config)
 
-    def _lora_config(self, shapes: dict[str, tuple[int, float]]):
+    def _lora_config(self, shapes: dict[str, tuple[int, float]]) -> LoraConfig:
         from peft import LoraConfig
 
         # exact-name patterns: PEFT matches rank_pattern keys as regexes against module names
         odd = {n: s for n, s in shapes.items() if s != (self.rank, self.alpha)}
         return LoraConfig(
             r=self.rank,
-            lora_alpha=self.alpha,
+            lora_alpha=self.alpha,  # type: ignore[arg-type]  # peft says int; it divides by r, a float works
             lora_dropout=0.0,  # kohya's dropout acts on the down output: lora_args.add_dropout
             init_lora_weights=True,
             target_modules=sorted(shapes),
@@ -214,7 +225,7 @@ class LoraMethod(TrainMethod):
         module = self._components()[comp]
         return [(n, p) for n, p in module.named_parameters() if p.requires_grad and "lora_" in n]
 
-    def param_groups(self) -> list[dict]:
+    def param_groups(self) -> list[dict[str, Any]]:
         """As kohya's prepare_optimizer_params: per component (per SDXL block with block lr weights),
         the LoRA+ up weights in a `... plus` group at lr * ratio."""
         from sdprep.train.methods.lora_args import plus_groups
@@ -323,7 +334,7 @@ class LoraMethod(TrainMethod):
 
     # -- outputs ---------------------------------------------------------------------------
 
-    def _modules(self):
+    def _modules(self) -> Iterator[tuple[str, str, str, Any]]:
         """(component, module name, kohya name, peft LoraLayer) for every adapted layer."""
         from sdprep.train.save.sgm import UnetLayout
 
@@ -367,13 +378,13 @@ class LoraMethod(TrainMethod):
             "ss_network_module": "networks.lora",
             "ss_network_dim": str(self.rank),
             "ss_network_alpha": str(float(self.alpha)),  # kohya: argparse float, "1.0"
-            "ss_network_dropout": str(getattr(self.cfg, "network_dropout", None)),
+            "ss_network_dropout": str(self.cfg.network_dropout),
             "ss_scale_weight_norms": str(self.max_norm),
             "ss_network_train_unet_only": str(not self.train_te),
             "ss_network_train_text_encoder_only": str(not self.train_unet),
         }
-        args = dict(self.network_args)
-        if self.conv_rank:
+        args: dict[str, str | float | None] = dict(self.network_args)
+        if self.conv_rank and self.conv_alpha is not None:
             args.update(conv_dim=str(self.conv_rank), conv_alpha=_num(self.conv_alpha))
         for key, value in zip(("rank_dropout", "module_dropout"), self.dropouts[1:]):
             if value:
@@ -382,7 +393,7 @@ class LoraMethod(TrainMethod):
             if getattr(self.cfg, key, None):
                 args[key] = _num(getattr(self.cfg, key))
         if args:
-            args.setdefault("dropout", getattr(self.cfg, "network_dropout", None))  # kohya adds it last
+            args.setdefault("dropout", self.cfg.network_dropout)  # kohya adds it last
             meta["ss_network_args"] = json.dumps(args)  # as kohya: the network_args strings by name
         return meta
 
@@ -392,12 +403,12 @@ class LoraMethod(TrainMethod):
         return [save_diffusers_copy(self, final_path)]
 
     def load_initial_weights(self) -> None:
-        path = getattr(self.cfg, "network_weights", None)
+        path = self.cfg.network_weights
         if path:
             self.notes.append(load_kohya_lora(self, Path(path)))
 
 
-def inject_lora(module: Any, config: Any) -> Any:
+def inject_lora(module: torch.nn.Module, config: LoraConfig) -> LoraConfig:
     """Put LoRA layers (adapter "default") into `module` with peft's own API; returns the config.
 
     Not `module.add_adapter`: diffusers' and transformers' integrations gate that on the peft
@@ -531,6 +542,6 @@ def save_diffusers_copy(method: LoraMethod, final_path: Path) -> Path:
     names = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
     for comp, module in comps.items():
         kwargs[f"{names[comp]}_lora_layers"] = lora_state_dict(module)
-        kwargs[f"{names[comp]}_lora_adapter_metadata"] = method.lora_configs[comp].to_dict()
+        kwargs[f"{names[comp]}_lora_adapter_metadata"] = method.lora_configs[comp].to_dict()  # type: ignore[no-untyped-call]  # peft leaves to_dict unannotated
     StableDiffusionXLPipeline.save_lora_weights(out_dir, safe_serialization=True, **kwargs)
     return out_dir / "pytorch_lora_weights.safetensors"

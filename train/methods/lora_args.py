@@ -12,11 +12,13 @@ LoRA+ gives the up (B) weights `lr * ratio` in their own parameter group.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sdprep.errors import ConfigError
+
+N = TypeVar("N", int, float)
 
 SDXL_BLOCKS = 23  # 1 (embeddings) + 9 (input) + 3 (middle) + 9 (output) + 1 (out)
 SDXL_IN_OUT = 9
@@ -38,7 +40,7 @@ def block_index(kohya_name: str) -> int:
     return 22 if name.startswith("out_") else -1
 
 
-def _numbers(key: str, value: str, kind: type, count: int) -> list:
+def _numbers(key: str, value: str, kind: Callable[[str], N], count: int) -> list[N]:
     try:
         values = [kind(s) for s in str(value).split(",")]
     except ValueError:
@@ -160,7 +162,7 @@ def plus_groups(
     groups = []
     if base:
         groups.append({"params": base, "lr": lr, "name": name})
-    if plus:
+    if plus and ratio:
         groups.append({"params": plus, "lr": lr * ratio, "name": f"{name} plus"})
     return groups
 

@@ -25,6 +25,8 @@ from sdprep.train.methods.base import TrainMethod, allreduce_gradients, key_prob
 from sdprep.train.methods.lora import _num, _te_lrs, kohya_name
 
 if TYPE_CHECKING:
+    import torch
+
     from sdprep.train.config.schema import TrainConfig
 
 MODULE = "lycoris.kohya"
@@ -153,7 +155,8 @@ class LycorisMethod(TrainMethod):
         self.names: dict[str, tuple[str, str]] = {}  # LyCORIS module name -> (component, module path)
         self._initial: dict[str, Any] = {}
         self._expected: dict[str, tuple[int, ...]] = {}
-        self._norms: tuple | None = None
+        # LyCORIS's apply_max_norm_regularization: (keys scaled, mean norm, max norm)
+        self._norms: tuple[int, torch.Tensor | float, torch.Tensor | float] | None = None
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -203,7 +206,7 @@ class LycorisMethod(TrainMethod):
             out.setdefault(comp, []).append((name, param))
         return out
 
-    def param_groups(self) -> list[dict]:
+    def param_groups(self) -> list[dict[str, Any]]:
         from sdprep.train.methods.lora_args import plus_groups
 
         cfg = self.cfg

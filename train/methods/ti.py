@@ -24,7 +24,7 @@ import torch
 
 from sdprep.errors import ConfigError, ModelError, TrainingError
 from sdprep.train.methods.base import TrainMethod, allreduce_gradients
-from sdprep.train.save.checkpoint import fingerprint
+from sdprep.train.save.checkpoint import Fingerprint, fingerprint
 
 if TYPE_CHECKING:
     from sdprep.train.config.schema import TrainConfig
@@ -37,7 +37,7 @@ def token_names(token: str, n: int) -> list[str]:
     return [token] + [f"{token}{i}" for i in range(1, n)]
 
 
-def token_pattern(token: str) -> re.Pattern:
+def token_pattern(token: str) -> re.Pattern[str]:
     """The token as a whole word (case-insensitive, as the CLIP tokenizer lower-cases)."""
     return re.compile(rf"(?<![\w]){re.escape(token)}(?![\w])", re.IGNORECASE)
 
@@ -135,7 +135,7 @@ class TextualInversionMethod(TrainMethod):
         self.pattern = token_pattern(self.token)
         self.layers: list[TokenVectors] = []
         self.initial: dict[str, torch.Tensor] = {}
-        self._frozen: dict[str, tuple] = {}
+        self._frozen: Fingerprint = {}
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -176,12 +176,12 @@ class TextualInversionMethod(TrainMethod):
     def _remember_initial(self) -> None:
         self.initial = {key: layer.vectors.detach().clone().cpu() for key, layer in zip(KEYS, self.layers)}
 
-    def _fingerprint(self) -> dict[str, tuple]:
+    def _fingerprint(self) -> Fingerprint:
         m = self.model
         modules = {"unet": m.unet, "vae": m.vae, "te1": m.text_encoder, "te2": m.text_encoder_2}
         return fingerprint(modules, {id(layer.vectors) for layer in self.layers})
 
-    def param_groups(self) -> list[dict]:
+    def param_groups(self) -> list[dict[str, Any]]:
         lr = self.cfg.learning_rate
         # weight decay 0: nothing but the token's own vectors is in the group, and they should not shrink
         return [

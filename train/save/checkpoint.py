@@ -14,6 +14,7 @@ temporary name and renamed into place, its weights cast to the save precision fi
 from __future__ import annotations
 
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -147,12 +148,15 @@ def tensor_digest(t: Any, chunk: int = 1 << 22) -> tuple[int, int, int]:
     return s1 % 2**64, s2 % 2**64, s3 % 2**64
 
 
-def fingerprint(modules: Mapping[str, Any], skip: set[int] = frozenset()) -> dict[str, tuple]:
+Fingerprint = dict[str, tuple[int, int, int, tuple[int, ...]]]  # name -> (tensor_digest, shape)
+
+
+def fingerprint(modules: Mapping[str, Any], skip: AbstractSet[int] = frozenset()) -> Fingerprint:
     """`tensor_digest` and shape of every floating parameter and buffer of `modules` ({prefix: module})
     except those whose id is in `skip`; equal fingerprints mean unchanged weights."""
     import torch
 
-    out: dict[str, tuple] = {}
+    out: Fingerprint = {}
     with torch.no_grad():
         for prefix, module in modules.items():
             for name, t in [*module.named_parameters(), *module.named_buffers()]:

@@ -20,7 +20,12 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from sdprep.errors import ConfigError
 
 if TYPE_CHECKING:
+    import torch
+
+    from sdprep.train.config.datasets import SubsetSpec
     from sdprep.train.config.schema import TrainConfig
+    from sdprep.train.data.pipeline import TrainDataset
+    from sdprep.train.data.scan import ImageRecord
     from sdprep.train.methods.base import TrainMethod
 
 SDXL_BASE_VERSION = "sdxl_base_v1-0"
@@ -111,7 +116,7 @@ def _split_top_level(text: str) -> list[str]:
     return [p for p in parts if p]
 
 
-def kohya_optimizer_name(optimizer: Any, description: str) -> str:
+def kohya_optimizer_name(optimizer: torch.optim.Optimizer, description: str) -> str:
     """`ss_optimizer` as kohya writes it: module.Class plus "(k=v,k=v)" when it has arguments.
 
     `description` is sdprep's "Class(k=v, k=v)" from `build_optimizer` (the arguments after kohya's
@@ -124,14 +129,15 @@ def kohya_optimizer_name(optimizer: Any, description: str) -> str:
     return f"{name}({','.join(args)})" if args else name
 
 
-def bucket_info(records: list[Any], enable_bucket: bool) -> dict | None:
+def bucket_info(records: list[ImageRecord], enable_bucket: bool) -> dict[str, Any] | None:
     """kohya's `bucket_info`: used buckets sorted by (width, height) with their image counts
     (repeats included), and the mean |aspect-ratio error| over images; None without buckets."""
     if not enable_bucket:
         return None
     counts: dict[tuple[int, int], int] = {}
     for r in records:
-        bucket = tuple(r.assignment.bucket)
+        w, h = r.assignment.bucket
+        bucket = (w, h)
         counts[bucket] = counts.get(bucket, 0) + r.num_repeats
     buckets = {
         str(i): {"resolution": list(reso), "count": counts[reso]} for i, reso in enumerate(sorted(counts))
@@ -140,14 +146,11 @@ def bucket_info(records: list[Any], enable_bucket: bool) -> dict | None:
     return {"buckets": buckets, "mean_img_ar_error": sum(errors) / len(errors) if errors else 0}
 
 
-def _reg_images(dataset: Any, members: list[int]) -> int:
+def _reg_images(dataset: TrainDataset, members: list[int]) -> int:
     """kohya's num_reg_images: each reg subset's declared repeats x its images, before reg balancing
     changes the repeats (images balancing left unused count too, as kohya counts the folder)."""
     by_subset = dataset.by_subset()
-    findings = getattr(dataset, "findings", None)
-    unused = [
-        p for p, why in (findings.dropped if findings else []) if why.startswith("regularisation image")
-    ]
+    unused = [p for p, why in dataset.findings.dropped if why.startswith("regularisation image")]
     total = 0
     for i in members:
         spec = dataset.subsets[i]
@@ -157,7 +160,9 @@ def _reg_images(dataset: Any, members: list[int]) -> int:
     return total
 
 
-def _dirs(subsets: list[Any], by_subset: list[list[Any]], reg: bool) -> dict[str, dict[str, int]]:
+def _dirs(
+    subsets: list[SubsetSpec], by_subset: list[list[ImageRecord]], reg: bool
+) -> dict[str, dict[str, int]]:
     return {
         spec.name: {"n_repeats": spec.num_repeats, "img_count": len(recs)}
         for spec, recs in zip(subsets, by_subset)
@@ -165,9 +170,9 @@ def _dirs(subsets: list[Any], by_subset: list[list[Any]], reg: bool) -> dict[str
     }
 
 
-def _dataset_keys(cfg: TrainConfig, dataset: Any, run: Mapping[str, Any]) -> dict[str, str]:
+def _dataset_keys(cfg: TrainConfig, dataset: TrainDataset, run: Mapping[str, Any]) -> dict[str, str]:
     """The per-dataset keys kohya writes for a train_data_dir run (one dataset)."""
-    spec = dataset.datasets[0] if getattr(dataset, "datasets", None) else None
+    spec = dataset.datasets[0] if dataset.datasets else None
     enable = spec.enable_bucket if spec is not None else cfg.enable_bucket
     res = spec.resolution if spec is not None else cfg.resolution
     by_subset = dataset.by_subset()
@@ -191,7 +196,7 @@ def _dataset_keys(cfg: TrainConfig, dataset: Any, run: Mapping[str, Any]) -> dic
     }
 
 
-def _subset_entry(spec: Any, recs: list[Any], dreambooth: bool) -> dict[str, Any]:
+def _subset_entry(spec: SubsetSpec, recs: list[ImageRecord], dreambooth: bool) -> dict[str, Any]:
     cap = spec.captions
     entry: dict[str, Any] = {
         "img_count": len(recs),
@@ -213,18 +218,20 @@ def _subset_entry(spec: Any, recs: list[Any], dreambooth: bool) -> dict[str, Any
     if dreambooth:
         entry["class_tokens"] = spec.class_tokens
         entry["is_reg"] = spec.is_reg
-    else:
+    elif spec.metadata_file is not None:  # a fine-tuning dataset (a dataset does not mix kinds)
         entry["metadata_file"] = spec.metadata_file.name
     return entry
 
 
-def _user_config_keys(dataset: Any) -> dict[str, str]:
+def _user_config_keys(dataset: TrainDataset) -> dict[str, str]:
     """What kohya writes for a `dataset_config` run: `ss_datasets` (one entry per dataset, its
     subsets and bucket table) instead of the flat per-dataset keys, and merged dirs and tags."""
     from sdprep.train.data.captions import tag_frequency
 
     by_subset = dataset.by_subset()
-    datasets, tags, dirs = [], {}, {}
+    datasets: list[dict[str, Any]] = []
+    tags: dict[str, dict[str, int]] = {}
+    dirs: dict[str, dict[str, int]] = {}
     for d, spec in enumerate(dataset.datasets):
         members = [i for i, sub in enumerate(dataset.subsets) if any(sub is s for s in spec.subsets)]
         recs = [r for r in dataset.records if r.dataset == d]
@@ -284,7 +291,7 @@ def _model_keys(run: Mapping[str, Any], cfg: TrainConfig) -> dict[str, str]:
 
 
 def kohya_metadata(
-    run: Mapping[str, Any], method: TrainMethod, dataset: Any, cfg: TrainConfig
+    run: Mapping[str, Any], method: TrainMethod, dataset: TrainDataset, cfg: TrainConfig
 ) -> dict[str, str]:
     """kohya's `ss_*` training metadata, sdprep's own keys and the `modelspec.*` keys.
 

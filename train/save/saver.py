@@ -14,10 +14,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdprep.errors import TrainingError
-from sdprep.train.save.weights import config_hash
+from sdprep.train.save.weights import Resumable, config_hash
 
 if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+
     from sdprep.train.config.schema import TrainConfig
+    from sdprep.train.data.pipeline import TrainDataset
     from sdprep.train.loop.callbacks import TrainCallbacks, TrainResult
     from sdprep.train.loop.trainer import Position
     from sdprep.train.methods.base import TrainMethod
@@ -44,19 +48,19 @@ class Saver:
         self,
         cfg: TrainConfig,
         *,
-        accelerator: Any,
+        accelerator: Accelerator,
         method: TrainMethod,
         method_name: str,
         model_source: str,
-        dataset: Any,
+        dataset: TrainDataset,
         output_dir: Path,
         name: str,
         result: TrainResult,
         callbacks: TrainCallbacks,
         facts: RunFacts,
-        optimizer: Any,
-        lr_scheduler: Any = None,
-        noise_generator: Any = None,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Resumable,
+        noise_generator: torch.Generator,
     ) -> None:
         self.cfg = cfg
         self.accelerator = accelerator
@@ -74,7 +78,7 @@ class Saver:
         self.noise_generator = noise_generator
         self.started_at: float | None = None
         self.session_id = random.SystemRandom().randint(0, 2**32)  # kohya: a random integer
-        self._hashes: tuple[Any, Any] | None = None
+        self._hashes: tuple[tuple[str, str] | None, tuple[str, str] | None] | None = None
 
     def mark_started(self) -> None:
         """Remember when the first optimizer step of this process began (`ss_training_started_at`)."""
@@ -177,7 +181,7 @@ class Saver:
         meta = kohya_metadata(self.run_facts(pos, label), self.method, self.dataset, self.cfg)
         return minimum_metadata(meta) if self.cfg.no_metadata else meta
 
-    def _gather_rng(self) -> list[dict]:
+    def _gather_rng(self) -> list[dict[str, Any]]:
         """Every process's global RNG state, in rank order (dropout streams differ per process)."""
         from sdprep.train.save.weights import rng_state
 
@@ -185,10 +189,17 @@ class Saver:
             return [rng_state()]
         from accelerate.utils import gather_object
 
-        return gather_object([rng_state()])
+        gathered: list[dict[str, Any]] = gather_object([rng_state()])
+        return gathered
 
     def _save_state(
-        self, pos: Position, *, step: int | None, epoch: int | None, final: bool, rngs: list[dict] | None
+        self,
+        pos: Position,
+        *,
+        step: int | None,
+        epoch: int | None,
+        final: bool,
+        rngs: list[dict[str, Any]] | None,
     ) -> None:
         from sdprep.config import to_dict
         from sdprep.train.save.weights import TrainState, save_state, state_dir_name

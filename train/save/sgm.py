@@ -129,7 +129,8 @@ def sgm_to_unet_diffusers(state_dict: Mapping[str, Any], config: Mapping[str, An
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     sd = {k if k.startswith(UNET_PREFIX) else UNET_PREFIX + k: v for k, v in state_dict.items()}
-    return convert_ldm_unet_checkpoint(sd, dict(config))
+    out: dict[str, Any] = convert_ldm_unet_checkpoint(sd, dict(config))
+    return out
 
 
 # -- text encoders ---------------------------------------------------------------------------

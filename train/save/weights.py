@@ -19,7 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sdprep.dataset import loads_json
 from sdprep.errors import TrainingError
@@ -28,8 +28,20 @@ from sdprep.fileops import atomic_write_dir, give_new_file_mode, recover_dir
 from sdprep.train.methods.base import Verification
 
 if TYPE_CHECKING:
+    import torch
+
     from sdprep.train.config.schema import TrainConfig
     from sdprep.train.methods.base import TrainMethod
+
+
+class Resumable(Protocol):
+    """What a training state saves and restores of a learning-rate scheduler (any torch
+    LRScheduler, or a `lr_scheduler_type` class with the same two methods)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
 
 STATE_FILE = "state.json"
 STATE_SUFFIX = "-state"
@@ -39,7 +51,7 @@ HASH_LIMIT = 1 << 30  # `sshs_*` hashes (kohya: LoRA files) only below 1 GB: LoR
 SAVE_DTYPES = {None: "float32", "float": "float32", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def save_dtype(precision: str | None) -> Any:
+def save_dtype(precision: str | None) -> torch.dtype:
     """torch dtype for kohya's `save_precision` (float / fp16 / bf16; None = float32)."""
     import torch
 
@@ -48,7 +60,8 @@ def save_dtype(precision: str | None) -> Any:
         from sdprep.errors import unknown_choice
 
         raise unknown_choice("save_precision", str(precision), [k for k in SAVE_DTYPES if k])
-    return getattr(torch, SAVE_DTYPES[key])
+    dtype: torch.dtype = getattr(torch, SAVE_DTYPES[key])
+    return dtype
 
 
 def clean_output_name(name: str | None) -> str:
@@ -61,7 +74,7 @@ def clean_output_name(name: str | None) -> str:
 
 
 def weights_name(
-    name: str, *, epoch: int | None = None, step: int | None = None, suffix=".safetensors"
+    name: str, *, epoch: int | None = None, step: int | None = None, suffix: str = ".safetensors"
 ) -> str:
     """`<name>.safetensors`, `<name>-000003.safetensors` (epoch) or `<name>-step00000500.safetensors`."""
     if epoch is not None:
@@ -104,7 +117,7 @@ def verify_file(path: Path, method: TrainMethod, trained: bool) -> Verification:
 
 
 def save_weights(
-    method: TrainMethod, path: Path, metadata: dict[str, str], dtype: Any, trained: bool
+    method: TrainMethod, path: Path, metadata: dict[str, str], dtype: torch.dtype, trained: bool
 ) -> Verification:
     """Write the method's output file atomically, verified BEFORE it replaces anything."""
     from safetensors.torch import save_file
@@ -184,13 +197,13 @@ RESUME_NEUTRAL = {
 }
 
 
-def config_hash(cfg_dict: dict) -> str:
+def config_hash(cfg_dict: dict[str, Any]) -> str:
     """A hash of the settings that shape the training trajectory (for resume checks)."""
     relevant = {k: v for k, v in sorted(cfg_dict.items()) if k not in RESUME_NEUTRAL}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def changed_settings(old: dict, new: dict) -> list[str]:
+def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     keys = sorted((set(old) | set(new)) - RESUME_NEUTRAL)
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
@@ -203,7 +216,7 @@ class TrainState:
     epoch: int
     epoch_step: int
     method: str
-    config: dict
+    config: dict[str, Any]
     config_hash: str
     dataset_batches: int
     path: Path | None = None
@@ -214,7 +227,9 @@ def rng_state() -> dict[str, Any]:
     import numpy as np
     import torch
 
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    legacy = np.random.get_state(legacy=True)
+    assert isinstance(legacy, tuple)  # legacy=True: the ("MT19937", keys, pos, has_gauss, cached) form
+    name, keys, pos, has_gauss, cached = legacy
     state = {
         "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
         "numpy": {
@@ -250,8 +265,8 @@ def save_state(
     folder: Path,
     state: TrainState,
     method: TrainMethod,
-    optimizer: Any,
-    lr_scheduler: Any,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Resumable,
     extra_rng: dict[str, Any] | None = None,
 ) -> Path:
     """Write everything needed to continue the run exactly: tensors, optimizer, scheduler, RNG, counters."""
@@ -316,8 +331,8 @@ def read_state_info(folder: Path) -> TrainState:
 
 
 def load_state(
-    folder: Path, method: TrainMethod, optimizer: Any, lr_scheduler: Any
-) -> tuple[TrainState, dict]:
+    folder: Path, method: TrainMethod, optimizer: torch.optim.Optimizer, lr_scheduler: Resumable
+) -> tuple[TrainState, dict[str, Any]]:
     """Restore tensors, optimizer and scheduler from a state folder; returns (state, rng states)."""
     from sdprep.train.save.state_files import load_tensors, load_torch
 
@@ -341,7 +356,7 @@ def load_state(
 
 def find_states(output_dir: Path) -> list[TrainState]:
     """Complete state folders under `output_dir`, oldest step first."""
-    found = []
+    found: list[TrainState] = []
     if not output_dir.is_dir():
         return found
     for old in output_dir.glob(f".*{STATE_SUFFIX}.old-*"):  # a save killed while swapping folders
