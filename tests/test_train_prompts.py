@@ -159,14 +159,9 @@ EXPECTED = {
 def test_every_kohya_sampler_makes_its_diffusers_scheduler():
     from diffusers import EulerDiscreteScheduler
 
-    base = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        timestep_spacing="leading",
-        prediction_type="v_prediction",
-    ).config
+    from sdprep.train.models.fullsize import SCHEDULER
+
+    base = EulerDiscreteScheduler(**{**SCHEDULER, "prediction_type": "v_prediction"}).config
     assert set(SAMPLERS) == set(EXPECTED)
     for name, cls_name in EXPECTED.items():
         sched = make_scheduler(name.upper() if name == "euler_a" else name, base)

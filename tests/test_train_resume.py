@@ -221,3 +221,26 @@ def test_a_state_with_nan_weights_is_refused_at_resume_naming_it(
         train(cfg, resume=state)
     assert err.value.message.startswith(f"{path}: 1 tensors hold NaN or infinite values (e.g. ")
     assert state.name in err.value.hint
+
+
+def test_restore_tensors_checks_names_and_shapes_and_copies_in_place() -> None:
+    """A method's trainable state goes back into its own tensors (cast to their dtype); other names
+    or shapes are refused with the method's hint, prefixes in `skip` are checked but not copied."""
+    from sdprep.train.methods.base import restore_tensors
+
+    mine = {"unet/a": torch.zeros(2, dtype=torch.bfloat16), "ema/unet/a": torch.zeros(2)}
+    state = {"unet/a": torch.tensor([1.0, 2.0]), "ema/unet/a": torch.tensor([3.0, 4.0])}
+    restore_tensors(state, mine, what="fine-tune", hint="same settings", skip=("ema/",))
+    assert mine["unet/a"].dtype == torch.bfloat16 and mine["unet/a"].tolist() == [1.0, 2.0]
+    assert mine["ema/unet/a"].tolist() == [0.0, 0.0]  # skipped: the EMA restores its own copy
+
+    with pytest.raises(
+        TrainingError, match=r"does not match this fine-tune \(1 missing, 0 unexpected"
+    ) as err:
+        restore_tensors({"unet/a": state["unet/a"]}, mine, what="fine-tune", hint="same settings")
+    assert err.value.hint == "same settings"
+    with pytest.raises(TrainingError, match=r"training state unet/a: shape \(3,\) != \(2,\)") as err:
+        restore_tensors(
+            {"unet/a": torch.zeros(3)}, {"unet/a": torch.zeros(2)}, what="x", hint="h", shape_hint="dims"
+        )
+    assert err.value.hint == "dims"

@@ -25,46 +25,19 @@ from sdprep.train.save.sgm import (
 
 torch.set_num_threads(1)
 
-SDXL_UNET = dict(
-    sample_size=128,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
 TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
 @pytest.fixture(scope="module")
 def sdxl_meta():
-    """The real SDXL U-Net and text encoders, on the meta device (no memory, no download)."""
+    """The real SDXL U-Net and text encoders (fullsize.FULL), on the meta device (no memory, no download)."""
     from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdprep.train.models.fullsize import FULL, build_text_encoders, build_unet
 
     with init_empty_weights():
-        unet = UNet2DConditionModel(**SDXL_UNET)
-        te1 = CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12
-            )
-        )
-        te2 = CLIPTextModelWithProjection(
-            CLIPTextConfig(
-                hidden_size=1280,
-                intermediate_size=5120,
-                num_hidden_layers=32,
-                num_attention_heads=20,
-                projection_dim=1280,
-            )
-        )
+        unet = build_unet(FULL.unet)
+        te1, te2 = build_text_encoders(FULL)
     return unet, te1, te2
 
 

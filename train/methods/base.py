@@ -13,10 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from sdprep.errors import ConfigError
+from sdprep.errors import ConfigError, TrainingError
 
 if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
     from sdprep.train.config.schema import TrainConfig
+    from sdprep.train.data.pipeline import TrainDataset
+    from sdprep.train.models.load import SDXLModel
 
 
 def key_differences(have: Iterable[str], want: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -34,6 +39,39 @@ def key_problems(tensors: Mapping[str, Any], expected: Iterable[str]) -> list[st
     if extra:
         problems.append(f"{len(extra)} unexpected tensors (e.g. {extra[0]})")
     return problems
+
+
+def restore_tensors(
+    state: Mapping[str, Any],
+    mine: Mapping[str, Any],
+    *,
+    what: str,
+    hint: str,
+    shape_hint: str | None = None,
+    skip: tuple[str, ...] = (),
+) -> None:
+    """Copy a saved training state into this run's tensors `mine` by name (resume): the names must
+    be the same sets and every shape equal, else a TrainingError about "this `what`" with `hint`
+    (and `shape_hint` for a shape). Names starting with a `skip` prefix are checked, not copied."""
+    import torch
+
+    missing, extra = key_differences(state, mine)
+    if missing or extra:
+        raise TrainingError(
+            f"the saved training state does not match this {what} ({len(missing)} missing, "
+            f"{len(extra)} unexpected tensors, e.g. {(missing or extra)[0]})",
+            hint,
+        )
+    with torch.no_grad():
+        for key, target in mine.items():
+            if key.startswith(skip):
+                continue
+            if tuple(state[key].shape) != tuple(target.shape):
+                raise TrainingError(
+                    f"training state {key}: shape {tuple(state[key].shape)} != {tuple(target.shape)}",
+                    shape_hint,
+                )
+            target.copy_(state[key])  # copy_ casts to the target's dtype
 
 
 @dataclass
@@ -65,7 +103,7 @@ def allreduce_gradients(params: list[Any]) -> None:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return
 
-    def hook(param: Any) -> None:
+    def hook(param: torch.Tensor) -> None:
         if param.grad is not None:
             dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
             param.grad.div_(dist.get_world_size())
@@ -97,10 +135,10 @@ class TrainMethod(ABC):
     # -- setup -----------------------------------------------------------------------------
 
     @abstractmethod
-    def setup(self, model: Any, weight_dtype: Any) -> None:
+    def setup(self, model: SDXLModel, weight_dtype: torch.dtype) -> None:
         """Freeze what does not train, add/unfreeze what does; frozen parts cast to `weight_dtype`."""
 
-    def move_to(self, device: Any) -> None:  # noqa: B027 - optional hook
+    def move_to(self, device: torch.device) -> None:  # noqa: B027 - optional hook
         """Move trainable modules that live outside the SDXL models (e.g. a LyCORIS network)."""
 
     @abstractmethod
@@ -139,7 +177,7 @@ class TrainMethod(ABC):
     # -- outputs ---------------------------------------------------------------------------
 
     @abstractmethod
-    def export_tensors(self, dtype: Any) -> dict[str, Any]:
+    def export_tensors(self, dtype: torch.dtype) -> dict[str, Any]:
         """The user-facing file's tensors (e.g. kohya LoRA names), cast to the save precision."""
 
     @abstractmethod
@@ -162,11 +200,11 @@ class TrainMethod(ABC):
 
     # -- optional hooks the loop calls -----------------------------------------------------
 
-    def caption_transform(self) -> Callable[[str, Any], str] | None:
+    def caption_transform(self) -> Callable[[str, np.random.Generator], str] | None:
         """A function (caption, rng) -> caption applied after kohya's caption processing, or None."""
         return None
 
-    def check_dataset(self, dataset: Any) -> None:  # noqa: B027 - optional hook
+    def check_dataset(self, dataset: TrainDataset) -> None:  # noqa: B027 - optional hook
         """Refuse a dataset this method cannot learn from (raise ConfigError), before any caching."""
 
     def after_step(self) -> None:  # noqa: B027 - optional hook

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sdprep.errors import ConfigError, TrainingError
-from sdprep.train.methods.base import TrainMethod, allreduce_gradients, key_differences
+from sdprep.errors import ConfigError
+from sdprep.train.methods.base import TrainMethod, allreduce_gradients, restore_tensors
 from sdprep.train.save.checkpoint import Fingerprint, fingerprint, tensor_digest
 
 if TYPE_CHECKING:
     from sdprep.train.config.schema import TrainConfig
     from sdprep.train.methods.ema import EMA
+    from sdprep.train.models.load import SDXLModel
 
 COMPONENTS = ("unet", "te1", "te2")
 
@@ -65,7 +66,7 @@ class FinetuneMethod(TrainMethod):
         """The modules that train, by component name."""
         return {k: v for k, v in self._modules().items() if k in self.lrs}
 
-    def setup(self, model: Any, weight_dtype: Any) -> None:
+    def setup(self, model: SDXLModel, weight_dtype: torch.dtype) -> None:
         from sdprep.train.methods.ema import ema_of
 
         self.model = model
@@ -125,23 +126,13 @@ class FinetuneMethod(TrainMethod):
         return out
 
     def load_trainable_state(self, state: dict[str, Any]) -> None:
-        mine = self.trainable_state()
-        missing, extra = key_differences(state, mine)
-        if missing or extra:
-            raise TrainingError(
-                f"the saved training state does not match this fine-tune ({len(missing)} missing, "
-                f"{len(extra)} unexpected tensors, e.g. {(missing or extra)[0]})",
-                "resume with the same train_text_encoder, learning rates (0 freezes a part) and ema settings",
-            )
-        with torch.no_grad():
-            for key, target in mine.items():
-                if key.startswith("ema/"):
-                    continue
-                if tuple(state[key].shape) != tuple(target.shape):
-                    raise TrainingError(
-                        f"training state {key}: shape {tuple(state[key].shape)} != {tuple(target.shape)}"
-                    )
-                target.copy_(state[key].to(target.dtype))
+        restore_tensors(
+            state,
+            self.trainable_state(),
+            what="fine-tune",
+            hint="resume with the same train_text_encoder, learning rates (0 freezes a part) and ema settings",
+            skip=("ema/",),  # the EMA copy is restored by the EMA
+        )
         if self.ema is not None:
             self.ema.load_state_dict(state)
 
@@ -159,7 +150,7 @@ class FinetuneMethod(TrainMethod):
             if p.requires_grad
         }
 
-    def export_tensors(self, dtype: Any) -> dict[str, Any]:
+    def export_tensors(self, dtype: torch.dtype) -> dict[str, Any]:
         from sdprep.train.save.checkpoint import model_tensors, prediction_markers
 
         replace: dict[str, dict[str, Any]] = {}

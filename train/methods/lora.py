@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdprep.errors import ConfigError
-from sdprep.train.methods.base import TrainMethod, allreduce_gradients, key_differences, key_problems
+from sdprep.train.methods.base import TrainMethod, allreduce_gradients, key_problems, restore_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
     from sdprep.train.config.schema import TrainConfig
     from sdprep.train.methods.maxnorm import NormStats
+    from sdprep.train.models.load import SDXLModel
+    from sdprep.train.save.sgm import UnetLayout
 
 UNET_BLOCKS = ("Transformer2DModel",)
 UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
@@ -51,7 +53,7 @@ def parse_network_args(args: list[str] | tuple[str, ...] | str | None) -> tuple[
     return out, notes
 
 
-def _is_target_layer(module: Any, conv_ok: bool) -> str | None:
+def _is_target_layer(module: torch.nn.Module, conv_ok: bool) -> str | None:
     """ "linear" for Linear / 1x1 conv, "conv" for larger convs (when enabled), else None."""
     import torch
 
@@ -65,7 +67,7 @@ def _is_target_layer(module: Any, conv_ok: bool) -> str | None:
 
 
 def target_modules(
-    root: Any, block_classes: tuple[str, ...], conv_blocks: tuple[str, ...] = ()
+    root: torch.nn.Module, block_classes: tuple[str, ...], conv_blocks: tuple[str, ...] = ()
 ) -> dict[str, str]:
     """Module name -> "linear" / "conv" for every layer kohya's LoRA would adapt under `root`."""
     found: dict[str, str] = {}
@@ -81,7 +83,7 @@ def target_modules(
     return found
 
 
-def kohya_name(component: str, module_name: str, layout: Any = None) -> str:
+def kohya_name(component: str, module_name: str, layout: UnetLayout | None = None) -> str:
     """`lora_unet_input_blocks_4_1_proj_in` etc. for a diffusers/transformers module name."""
     from sdprep.train.save.sgm import LORA_PREFIXES, SDXL_LAYOUT, kohya_lora_name
 
@@ -161,7 +163,7 @@ class LoraMethod(TrainMethod):
                 shapes[name] = shape
         return shapes
 
-    def _layout(self) -> Any:
+    def _layout(self) -> UnetLayout:
         from sdprep.train.save.sgm import UnetLayout
 
         return UnetLayout.from_config(self.model.unet.config)
@@ -181,7 +183,7 @@ class LoraMethod(TrainMethod):
             alpha_pattern={f"^{_re_escape(n)}$": a for n, (_, a) in odd.items()},
         )
 
-    def setup(self, model: Any, weight_dtype: Any) -> None:
+    def setup(self, model: SDXLModel, weight_dtype: torch.dtype) -> None:
         import torch
 
         self.model = model
@@ -281,32 +283,18 @@ class LoraMethod(TrainMethod):
         return out
 
     def load_trainable_state(self, state: dict[str, Any]) -> None:
-        import torch
-
         mine = {}
         for comp, module in self._components().items():
             for name, param in module.named_parameters():
                 if param.requires_grad:
                     mine[f"{comp}/{name}"] = param
-        missing, extra = key_differences(state, mine)
-        if missing or extra:
-            from sdprep.errors import TrainingError
-
-            raise TrainingError(
-                f"the saved training state does not match this LoRA setup ({len(missing)} missing, "
-                f"{len(extra)} unexpected tensors, e.g. {(missing or extra)[0]})",
-                "resume with the same network_dim, network_args and network_train_unet_only as the run that saved it",
-            )
-        with torch.no_grad():
-            for key, param in mine.items():
-                if state[key].shape != param.shape:
-                    from sdprep.errors import TrainingError
-
-                    raise TrainingError(
-                        f"training state {key}: shape {tuple(state[key].shape)} != {tuple(param.shape)}",
-                        "resume with the same network_dim / conv_dim as the run that saved it",
-                    )
-                param.copy_(state[key])
+        restore_tensors(
+            state,
+            mine,
+            what="LoRA setup",
+            hint="resume with the same network_dim, network_args and network_train_unet_only as the run that saved it",
+            shape_hint="resume with the same network_dim / conv_dim as the run that saved it",
+        )
 
     # -- per step ---------------------------------------------------------------------------
 
@@ -347,7 +335,7 @@ class LoraMethod(TrainMethod):
     def module_alpha(self, comp: str, name: str) -> float:
         return self.shapes[comp][name][1]
 
-    def export_tensors(self, dtype: Any) -> dict[str, Any]:
+    def export_tensors(self, dtype: torch.dtype) -> dict[str, Any]:
         import torch
 
         out: dict[str, Any] = {}
@@ -447,7 +435,7 @@ def _ratio(cfg: TrainConfig, args: dict[str, str], key: str) -> float | None:
     return float(value) if value else None
 
 
-def _te_lrs(value: Any, base: float) -> tuple[float, float]:
+def _te_lrs(value: float | list[float] | tuple[float, ...] | None, base: float) -> tuple[float, float]:
     if value is None:
         return base, base
     if isinstance(value, (list, tuple)):

@@ -14,9 +14,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sdprep.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 N = TypeVar("N", int, float)
 
@@ -180,7 +183,11 @@ def add_dropout(layer: Any, dropout: float, rank_dropout: float, module_dropout:
     down = layer.lora_A["default"]
     if dropout or rank_dropout:
 
-        def on_down(module: Any, inputs: Any, lx: Any) -> Any:
+        def on_down(
+            module: Any,  # the down Linear / Conv2d (out_features or out_channels read below)
+            inputs: tuple[torch.Tensor, ...],
+            lx: torch.Tensor,
+        ) -> torch.Tensor:
             if not module.training:
                 return lx
             if dropout:
@@ -198,7 +205,7 @@ def add_dropout(layer: Any, dropout: float, rank_dropout: float, module_dropout:
         down.register_forward_hook(on_down)
     if module_dropout:
 
-        def on_layer(module: Any, inputs: Any) -> None:
+        def on_layer(module: Any, inputs: tuple[torch.Tensor, ...]) -> None:  # peft's LoraLayer
             # peft's own switch: a disabled layer computes only its base layer (no LoRA, no gradient)
             module._disable_adapters = bool(module.training and torch.rand(1) < module_dropout)
 

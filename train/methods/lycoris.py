@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import torch
 
     from sdprep.train.config.schema import TrainConfig
+    from sdprep.train.models.load import SDXLModel
 
 MODULE = "lycoris.kohya"
 ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "dylora", "glora", "full", "diag-oft", "boft")
@@ -160,7 +161,7 @@ class LycorisMethod(TrainMethod):
 
     # -- setup -----------------------------------------------------------------------------
 
-    def setup(self, model: Any, weight_dtype: Any) -> None:
+    def setup(self, model: SDXLModel, weight_dtype: torch.dtype) -> None:
         import torch
         from lycoris import kohya as lycoris_kohya
 
@@ -196,7 +197,7 @@ class LycorisMethod(TrainMethod):
         allreduce_gradients(list(net.parameters()))  # the network is not inside a DDP-wrapped module
         self._initial = {k: v.detach().clone() for k, v in net.state_dict().items()}
 
-    def move_to(self, device: Any) -> None:
+    def move_to(self, device: torch.device) -> None:
         self.network.to(device)
 
     def _by_component(self) -> dict[str, list[tuple[str, Any]]]:
@@ -275,7 +276,7 @@ class LycorisMethod(TrainMethod):
             out[module.lora_name] = kohya_name(comp, path, layout)
         return out
 
-    def export_tensors(self, dtype: Any) -> dict[str, Any]:
+    def export_tensors(self, dtype: torch.dtype) -> dict[str, Any]:
         names = self.kohya_names()
         out = {}
         for key, tensor in self.network.state_dict().items():
@@ -316,7 +317,7 @@ class LycorisMethod(TrainMethod):
             "ss_network_train_text_encoder_only": "False",
         }
 
-    def load_with_lycoris(self, path: Path, model: Any) -> int:
+    def load_with_lycoris(self, path: Path, model: SDXLModel) -> int:
         """Load a saved file into a fresh `model` with LyCORIS's own loader (create_network_from_weights,
         as kohya and LyCORIS's tools load files), each kohya name mapped to the module it names;
         returns the number of modules. Raises TrainingError when the file does not fit."""

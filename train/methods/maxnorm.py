@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -21,7 +24,7 @@ class NormStats:
     max_norm: float  # largest norm after scaling (`max_key_norm`)
 
 
-def lora_delta(down: Any, up: Any, scale: float) -> Any:
+def lora_delta(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
     """The weight change a LoRA module adds: linear, 1x1 conv or 3x3 conv, times alpha / rank."""
     import torch
 

@@ -27,7 +27,12 @@ from sdprep.train.methods.base import TrainMethod, allreduce_gradients
 from sdprep.train.save.checkpoint import Fingerprint, fingerprint
 
 if TYPE_CHECKING:
+    import numpy as np
+    from transformers import PreTrainedTokenizerBase
+
     from sdprep.train.config.schema import TrainConfig
+    from sdprep.train.data.pipeline import TrainDataset
+    from sdprep.train.models.load import SDXLModel
 
 KEYS = ("clip_l", "clip_g")  # file keys for text encoder 1 (CLIP-L) and 2 (OpenCLIP bigG)
 
@@ -73,7 +78,7 @@ class TokenVectors(torch.nn.Module):
         return torch.where(new.unsqueeze(-1), picked, out)
 
 
-def _add_tokens(tokenizer: Any, tokens: list[str], which: str) -> list[int]:
+def _add_tokens(tokenizer: PreTrainedTokenizerBase, tokens: list[str], which: str) -> list[int]:
     """Append the tokens to the tokenizer; their ids must follow its vocabulary."""
     vocab = tokenizer.get_vocab()
     taken = [t for t in tokens if t in vocab or t.lower() in vocab]
@@ -84,7 +89,8 @@ def _add_tokens(tokenizer: Any, tokens: list[str], which: str) -> list[int]:
         )
     first = len(tokenizer)
     tokenizer.add_tokens(tokens)
-    ids = tokenizer.convert_tokens_to_ids(tokens)
+    converted = tokenizer.convert_tokens_to_ids(tokens)  # a list for a list
+    ids = [converted] if isinstance(converted, int) else converted
     if list(ids) != list(range(first, first + len(tokens))):
         raise ModelError(f"{which}: the new token ids {ids} do not follow the vocabulary ({first} tokens)")
     for token, tid in zip(tokens, ids):
@@ -97,7 +103,7 @@ def _add_tokens(tokenizer: Any, tokens: list[str], which: str) -> list[int]:
 
 
 def _init_vectors(
-    tokenizer: Any, weight: torch.Tensor, init_word: str | None, n: int, which: str
+    tokenizer: PreTrainedTokenizerBase, weight: torch.Tensor, init_word: str | None, n: int, which: str
 ) -> torch.Tensor:
     """The starting vectors: init_word's token embeddings in turn, or the mean embedding when unset."""
     if init_word is None:
@@ -139,7 +145,7 @@ class TextualInversionMethod(TrainMethod):
 
     # -- setup -----------------------------------------------------------------------------
 
-    def setup(self, model: Any, weight_dtype: Any) -> None:
+    def setup(self, model: SDXLModel, weight_dtype: torch.dtype) -> None:
         self.model = model
         for module in (model.unet, model.vae, model.text_encoder, model.text_encoder_2):
             module.requires_grad_(False)
@@ -207,10 +213,10 @@ class TextualInversionMethod(TrainMethod):
             return text
         return self.pattern.sub(" ".join(self.tokens), text)
 
-    def caption_transform(self) -> Callable[[str, Any], str]:
+    def caption_transform(self) -> Callable[[str, np.random.Generator], str]:
         templates, token = self.templates, self.token
 
-        def transform(caption: str, rng: Any) -> str:
+        def transform(caption: str, rng: np.random.Generator) -> str:
             if templates is not None:
                 caption = templates[int(rng.integers(len(templates)))].format(token)
             return self.expand(caption)
@@ -220,7 +226,7 @@ class TextualInversionMethod(TrainMethod):
     def expand_prompt(self, prompt: str) -> str:
         return self.expand(prompt)
 
-    def check_dataset(self, dataset: Any) -> None:
+    def check_dataset(self, dataset: TrainDataset) -> None:
         """Fail before training when no caption names the token (it would never train)."""
         if self.templates is not None:
             return
@@ -272,7 +278,7 @@ class TextualInversionMethod(TrainMethod):
 
     # -- outputs ---------------------------------------------------------------------------
 
-    def export_tensors(self, dtype: Any) -> dict[str, Any]:
+    def export_tensors(self, dtype: torch.dtype) -> dict[str, Any]:
         return {
             key: layer.vectors.detach().to(dtype).contiguous().cpu() for key, layer in zip(KEYS, self.layers)
         }

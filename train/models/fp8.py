@@ -11,9 +11,12 @@ is not what limits a CPU run, so it is refused there with that reason.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sdprep.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 FP8_DTYPE = "float8_e4m3fn"
 
@@ -39,7 +42,7 @@ def check_fp8(key: str, device_type: str, mixed_precision: str, method: str) -> 
         )
 
 
-def cast_frozen_to_fp8(module: Any, keep: tuple[str, ...] = ()) -> int:
+def cast_frozen_to_fp8(module: torch.nn.Module, keep: tuple[str, ...] = ()) -> int:
     """Store every frozen floating parameter of `module` as float8, except those whose name starts
     with one of `keep`; returns how many were cast."""
     import torch

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdprep.train.models.clip_vocab import VOCAB_SIZE
+
+if TYPE_CHECKING:
+    from sdprep.train.models.load import SDXLModel
 
 BOS, EOS = VOCAB_SIZE - 2, VOCAB_SIZE - 1
 MARKER = "SDPREP_TOPOLOGY_TEST_MODEL.txt"
@@ -86,16 +89,16 @@ class SdxlSpec:
     """The constructor arguments of the four SDXL models (diffusers / transformers configs)."""
 
     name: str
-    unet: dict = field(default_factory=dict)
-    te1: dict = field(default_factory=dict)
-    te2: dict = field(default_factory=dict)
-    vae: dict = field(default_factory=dict)
+    unet: dict[str, Any] = field(default_factory=dict)
+    te1: dict[str, Any] = field(default_factory=dict)
+    te2: dict[str, Any] = field(default_factory=dict)
+    vae: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_model(cls, model: Any, name: str = "model") -> SdxlSpec:
+    def from_model(cls, model: SDXLModel, name: str = "model") -> SdxlSpec:
         """The spec of a loaded `SDXLModel` (its modules' configs)."""
 
-        def public(config: Any) -> dict:
+        def public(config: Any) -> dict[str, Any]:
             items = config.items() if hasattr(config, "items") else config.to_dict().items()
             return {k: v for k, v in items if not k.startswith("_")}
 
@@ -119,7 +122,7 @@ TOPOLOGY = replace(
 )
 
 
-def build_unet(config: dict) -> Any:
+def build_unet(config: dict[str, Any]) -> Any:
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel.from_config(config)
@@ -130,13 +133,13 @@ def build_text_encoders(spec: SdxlSpec) -> tuple[Any, Any]:
 
     known = set(CLIPTextConfig().to_dict())
 
-    def config(values: dict) -> Any:
+    def config(values: dict[str, Any]) -> Any:
         return CLIPTextConfig(**{k: v for k, v in values.items() if k in known})
 
     return CLIPTextModel(config(spec.te1)), CLIPTextModelWithProjection(config(spec.te2))
 
 
-def build_vae(config: dict) -> Any:
+def build_vae(config: dict[str, Any]) -> Any:
     from diffusers import AutoencoderKL
 
     return AutoencoderKL.from_config(config)
@@ -180,7 +183,7 @@ def build_topology_sdxl(out_dir: Path | str, seed: int = 0, spec: SdxlSpec = TOP
         unet=unet,
         scheduler=EulerDiscreteScheduler(**SCHEDULER),
     )
-    pipe.save_pretrained(out_dir, safe_serialization=True)
+    pipe.save_pretrained(out_dir, safe_serialization=True)  # type: ignore[attr-defined]  # mypy cannot read diffusers' pipeline MRO
     (out_dir / MARKER).write_text(
         f"{spec.name}: SDXL's topology with RANDOM weights, made by sdprep for tests. It produces noise.\n"
     )

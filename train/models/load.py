@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from sdprep.errors import ModelError
 
 if TYPE_CHECKING:
+    import torch
+
     # the modules themselves: mypy reads `diffusers.X` as the no-torch placeholder classes
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
@@ -52,7 +54,7 @@ class SDXLModel:
     def text_encoders(self) -> tuple[CLIPTextModel, CLIPTextModelWithProjection]:
         return self.text_encoder, self.text_encoder_2
 
-    def pipeline(self, scheduler: Any = None, unet: Any = None):
+    def pipeline(self, scheduler: Any = None, unet: Any = None) -> Any:
         """A StableDiffusionXLPipeline sharing these modules (no copies), e.g. for samples."""
         from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
@@ -78,7 +80,7 @@ def quiet_libraries() -> None:
     tlog.set_verbosity_error()
 
 
-def check_tokenizer(tokenizer: Any, name: str, source: str) -> None:
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, name: str, source: str) -> None:
     """Fail when a tokenizer is missing its vocabulary (transformers 5 returns a near-empty one)."""
     size = len(tokenizer)
     if size < MIN_VOCAB:
@@ -104,11 +106,12 @@ PICKLE_HINT = (
 )
 
 
-def _refused_pickle(source: str, exc: BaseException) -> ModelError | None:
+def _refused_pickle(source: str, error: BaseException) -> ModelError | None:
     """The clear error for a checkpoint `torch.load(weights_only=True)` refused, else None."""
     import pickle
 
     seen = 0
+    exc: BaseException | None = error
     while exc is not None and seen < 10:
         if isinstance(exc, pickle.UnpicklingError):
             return ModelError(
@@ -223,7 +226,7 @@ def _reference_vae(model_config: Path | None, exc: MissingVaeError) -> Any:
     return AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
 
 
-def _f32() -> Any:
+def _f32() -> torch.dtype:
     import torch
 
     return torch.float32
@@ -302,7 +305,7 @@ def _load_pipeline(
         raise _wrap_load(source, exc, False) from exc
 
 
-def load_vae(vae: str | Path, reference: Any, base: str):
+def load_vae(vae: str | Path, reference: AutoencoderKL, base: str) -> AutoencoderKL:
     """Load a separate VAE (diffusers folder or single file), configured like `reference` when needed."""
     from diffusers.models.autoencoders.autoencoder_kl import (
         AutoencoderKL,

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 TINY_H1 = 32  # CLIP-L stand-in hidden size
 TINY_H2 = 64  # CLIP-G stand-in hidden size
@@ -128,13 +132,17 @@ def write_tokenizer_files(
     return len(vocab)
 
 
-def build_tiny_sdxl_components(seed: int = 0, tokenizer_dir: Path | None = None):
+def build_tiny_sdxl_components(
+    seed: int = 0, tokenizer_dir: Path | None = None
+) -> tuple[Any, Any, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPTokenizer, Any]:
     """Build the tiny pipeline's components in memory: (unet, vae, te1, te2, tok1, tok2, scheduler)."""
     import tempfile
 
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from sdprep.train.models.fullsize import SCHEDULER
 
     torch.manual_seed(seed)
     tmp = Path(tokenizer_dir or tempfile.mkdtemp(prefix="sdprep-tok-"))
@@ -191,15 +199,7 @@ def build_tiny_sdxl_components(seed: int = 0, tokenizer_dir: Path | None = None)
         sample_size=128,
         scaling_factor=0.13025,
     )
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        timestep_spacing="leading",
-        prediction_type="epsilon",
-    )
+    scheduler = EulerDiscreteScheduler(**SCHEDULER)  # SDXL base's
     return unet, vae, te1, te2, tok1, tok2, scheduler
 
 
@@ -229,7 +229,7 @@ def build_tiny_sdxl(out_dir: Path | str, seed: int = 0) -> Path:
         unet=unet,
         scheduler=scheduler,
     )
-    pipe.save_pretrained(out_dir, safe_serialization=True)
+    pipe.save_pretrained(out_dir, safe_serialization=True)  # type: ignore[attr-defined]  # mypy cannot read diffusers' pipeline MRO
     (out_dir / MARKER).write_text(
         "A tiny SDXL-architecture model with RANDOM weights, made by sdprep for tests and demos.\n"
         "It produces noise. Pass a real SDXL model (diffusers folder or .safetensors) for real training.\n"

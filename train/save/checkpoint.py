@@ -16,15 +16,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdprep.fileops import atomic_write_dir
 from sdprep.train.methods.base import key_problems
 
+if TYPE_CHECKING:
+    import torch
+
+    from sdprep.train.models.load import SDXLModel
+
 SINGLE_FILE_ARCHITECTURE = "stable-diffusion-xl-v1-base"
 
 
-def _cast(t: Any, dtype: Any) -> Any:
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     t = t.detach()
     if t.is_floating_point() and dtype is not None:
         t = t.to(dtype)
@@ -105,7 +110,7 @@ def prediction_markers(
     return out
 
 
-def cast_weight_files(folder: Path, dtype: Any) -> None:
+def cast_weight_files(folder: Path, dtype: torch.dtype) -> None:
     """Cast every floating tensor in the `*.safetensors` files under `folder` to `dtype`, file by file
     (metadata kept)."""
     from safetensors import safe_open
@@ -120,7 +125,7 @@ def cast_weight_files(folder: Path, dtype: Any) -> None:
         save_file({k: _cast(v, dtype) for k, v in tensors.items()}, str(path), metadata=meta)
 
 
-def write_diffusers(folder: Path, model: Any, dtype: Any = None) -> Path:
+def write_diffusers(folder: Path, model: SDXLModel, dtype: torch.dtype | None = None) -> Path:
     """Save `model` as a diffusers StableDiffusionXLPipeline folder (atomically), weights in `dtype`."""
 
     def write(tmp: Path) -> None:
@@ -132,7 +137,7 @@ def write_diffusers(folder: Path, model: Any, dtype: Any = None) -> Path:
     return Path(folder)
 
 
-def tensor_digest(t: Any, chunk: int = 1 << 22) -> tuple[int, int, int]:
+def tensor_digest(t: torch.Tensor, chunk: int = 1 << 22) -> tuple[int, int, int]:
     """An exact, device- and order-independent digest of a tensor's values: the float64 bit patterns
     summed (and their halves squared and summed) with wrap-around int64 arithmetic, chunk by chunk."""
     import torch
