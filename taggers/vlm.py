@@ -126,8 +126,7 @@ def quantization_config(dtype: torch.dtype, device: str) -> BitsAndBytesConfig:
         )
     from transformers import BitsAndBytesConfig
 
-    # transformers leaves BitsAndBytesConfig.__init__ unannotated
-    return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+    return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype=dtype,
@@ -190,17 +189,16 @@ class HFCaptioner:
             model_kwargs["quantization_config"] = quantization_config(self.dtype, self.device)
             model_kwargs["device_map"] = {"": self.device}
         try:
-            # transformers leaves AutoProcessor.from_pretrained unannotated
-            processor = AutoProcessor.from_pretrained(self.source, **kwargs)  # type: ignore[no-untyped-call]
+            processor = AutoProcessor.from_pretrained(self.source, **kwargs)
             model = AutoModelForImageTextToText.from_pretrained(self.source, **kwargs, **model_kwargs)
         except (OSError, ValueError, KeyError, ImportError) as exc:
             raise self._load_error(exc) from exc
         if getattr(processor, "image_processor", None) is None:
             raise ModelError(f"{self.name}: the processor has no image processor; is this a vision model?")
-        # transformers' @wraps(nn.Module.to) / unannotated eval(): its types do not describe these calls
+        # transformers' @wraps(nn.Module.to): its type does not describe this call
         if not o.load_in_4bit:
             model = model.to(self.device)  # type: ignore[arg-type]
-        model.eval()  # type: ignore[no-untyped-call]
+        model.eval()
         tokenizer = getattr(processor, "tokenizer", None)
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         if tokenizer is not None:

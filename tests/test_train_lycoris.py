@@ -8,7 +8,6 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -45,13 +44,12 @@ def test_sdxl_unet_keys_are_the_ones_lycoris_writes_under_kohya(algo: str) -> No
     writes on kohya's SGM U-Net with the same network_args, the names ComfyUI and A1111 load."""
     from sdprep.train.methods import make_method
     from sdprep.train.models.fullsize import FULL, build_components
+    from sdprep.train.models.load import SDXLModel
 
     want = json.loads(gzip.decompress(ASSET.read_bytes()))[algo]
     with torch.device("meta"):
         unet, vae, te1, te2 = build_components(FULL)
-    model = SimpleNamespace(
-        unet=unet, vae=vae, text_encoder=te1, text_encoder_2=te2, text_encoders=[te1, te2]
-    )
+    model = SDXLModel(unet, vae, te1, te2, None, None, scheduler_config={}, source="meta")  # no tokenizers
     args = [f"algo={algo}", "conv_dim=4", "conv_alpha=2", *ORACLE_ARGS[algo]]
     method = make_method("lora", _cfg(network_args=args, network_train_unet_only=True))
     method.setup(model, torch.float32)

@@ -90,10 +90,10 @@ class ClipSegMask(MaskMethod):
                     "pass a folder written by save_pretrained, or a hub id such as " + DEFAULT_MODEL,
                 )
             name = str(folder)
-        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # unannotated in transformers
+        hf_logging.disable_progress_bar()
         previous = logging.getLogger("transformers").level
         # the torchvision fallback notice is not for our users
-        hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # unannotated in transformers
+        hf_logging.set_verbosity_error()
         try:
             self.processor = CLIPSegProcessor.from_pretrained(name)
             self.model = CLIPSegForImageSegmentation.from_pretrained(name)

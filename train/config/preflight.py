@@ -206,9 +206,8 @@ class _Quiet(TrainCallbacks):
         self.saves: list[Verification] = []
         self.samples: list[Path] = []
 
-    def reporter(self) -> Reporter | None:
-        getter = getattr(self.outer, "reporter", None)
-        return getter() if getter else None
+    def reporter(self) -> Reporter:
+        return self.outer.reporter()
 
     def note(self, message: str) -> None:
         if self.verbose or message.startswith("warning"):
@@ -266,7 +265,7 @@ def _run(
     built: dict[str, TrainDataset] = {}
 
     def read_data() -> TrainDataset:
-        dataset = build_dataset(cfg, report=getattr(outer, "reporter", lambda: None)())
+        dataset = build_dataset(cfg, report=outer.reporter())
         for line in str(dataset.summary()).splitlines():
             outer.note(line)
         built["dataset"] = dataset

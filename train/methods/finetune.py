@@ -70,8 +70,9 @@ class FinetuneMethod(TrainMethod):
         from sdprep.train.methods.ema import ema_of
 
         self.model = model
-        model.vae.requires_grad_(False)
-        model.vae.to(dtype=weight_dtype)
+        vae: torch.nn.Module = model.vae  # diffusers' `.to` is @wraps(Module.to), which mypy misreads
+        vae.requires_grad_(False)
+        vae.to(dtype=weight_dtype)
         full = self.cfg.full_bf16 or self.cfg.full_fp16
         for key, module in self._modules().items():
             trains = key in self.lrs

@@ -187,9 +187,7 @@ class LoraMethod(TrainMethod):
         import torch
 
         self.model = model
-        for module in (model.unet, model.vae, model.text_encoder, model.text_encoder_2):
-            module.requires_grad_(False)
-            module.to(dtype=weight_dtype)
+        model.freeze(weight_dtype)
         for comp, module in self._components().items():
             if comp == "unet":
                 targets = target_modules(module, UNET_BLOCKS, UNET_CONV_BLOCKS if self.conv_rank else ())

@@ -166,9 +166,7 @@ class LycorisMethod(TrainMethod):
         from lycoris import kohya as lycoris_kohya
 
         self.model = model
-        for module in (model.unet, model.vae, model.text_encoder, model.text_encoder_2):
-            module.requires_grad_(False)
-            module.to(dtype=weight_dtype)
+        model.freeze(weight_dtype)
         tes = [model.text_encoder, model.text_encoder_2]
         for comp, root in (("unet", model.unet), ("te1", tes[0]), ("te2", tes[1])):
             for path, _ in root.named_modules():

@@ -28,7 +28,7 @@ from sdprep.train.save.checkpoint import Fingerprint, fingerprint
 
 if TYPE_CHECKING:
     import numpy as np
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from sdprep.train.config.schema import TrainConfig
     from sdprep.train.data.pipeline import TrainDataset
@@ -117,6 +117,16 @@ def _init_vectors(
     return torch.stack([weight[ids[i % len(ids)]].float() for i in range(n)])
 
 
+def _embedding(encoder: PreTrainedModel, which: str) -> torch.nn.Embedding:
+    """The text encoder's token embedding layer (a CLIP text model's is an `nn.Embedding`)."""
+    layer = encoder.get_input_embeddings()
+    if not isinstance(layer, torch.nn.Embedding):
+        raise ModelError(
+            f"{which}: the text encoder's input embeddings are a {type(layer).__name__}, not an Embedding"
+        )
+    return layer
+
+
 class TextualInversionMethod(TrainMethod):
     name = "ti"
     architecture = "stable-diffusion-xl-v1-base/textual-inversion"
@@ -147,9 +157,7 @@ class TextualInversionMethod(TrainMethod):
 
     def setup(self, model: SDXLModel, weight_dtype: torch.dtype) -> None:
         self.model = model
-        for module in (model.unet, model.vae, model.text_encoder, model.text_encoder_2):
-            module.requires_grad_(False)
-            module.to(dtype=weight_dtype)
+        model.freeze(weight_dtype)
         init_word = self.cfg.init_word.strip() if self.cfg.init_word is not None else None
         if init_word is None:
             self.notes.append("init_word is not set: the token starts from the mean of all embeddings")
@@ -165,11 +173,11 @@ class TextualInversionMethod(TrainMethod):
                         "its token embeddings are used in turn (as kohya)"
                     )
             ids = _add_tokens(tokenizer, self.tokens, which)
-            base = encoder.get_input_embeddings()
+            base = _embedding(encoder, which)
             vectors = _init_vectors(tokenizer, base.weight.detach(), init_word, self.n, which)
             if ids[-1] >= base.num_embeddings:
                 encoder.resize_token_embeddings(ids[-1] + 1, mean_resizing=False)
-                base = encoder.get_input_embeddings()
+                base = _embedding(encoder, which)
             with torch.no_grad():
                 base.weight[ids[0] : ids[-1] + 1] = vectors.to(base.weight.dtype)
             layer = TokenVectors(base, ids[0], vectors)

@@ -160,7 +160,10 @@ def build_topology_sdxl(out_dir: Path | str, seed: int = 0, spec: SdxlSpec = TOP
 
     Built once: a folder that already holds a finished build is returned as it is.
     """
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import EulerDiscreteScheduler
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+        StableDiffusionXLPipeline,  # not diffusers.X (a placeholder to mypy)
+    )
     from transformers import CLIPTokenizer
 
     from sdprep.train.models.clip_vocab import write_real_clip_tokenizer
@@ -181,9 +184,9 @@ def build_topology_sdxl(out_dir: Path | str, seed: int = 0, spec: SdxlSpec = TOP
         tokenizer=CLIPTokenizer.from_pretrained(out_dir / ".tok" / "tokenizer"),
         tokenizer_2=CLIPTokenizer.from_pretrained(out_dir / ".tok" / "tokenizer_2"),
         unet=unet,
-        scheduler=EulerDiscreteScheduler(**SCHEDULER),
+        scheduler=EulerDiscreteScheduler(**SCHEDULER),  # type: ignore[arg-type]  # diffusers annotates it as an enum
     )
-    pipe.save_pretrained(out_dir, safe_serialization=True)  # type: ignore[attr-defined]  # mypy cannot read diffusers' pipeline MRO
+    pipe.save_pretrained(out_dir, safe_serialization=True)
     (out_dir / MARKER).write_text(
         f"{spec.name}: SDXL's topology with RANDOM weights, made by sdprep for tests. It produces noise.\n"
     )

@@ -54,8 +54,18 @@ class SDXLModel:
     def text_encoders(self) -> tuple[CLIPTextModel, CLIPTextModelWithProjection]:
         return self.text_encoder, self.text_encoder_2
 
+    def freeze(self, dtype: torch.dtype) -> None:
+        """No weight of the four networks trains, each stored in `dtype` (a training method then
+        unfreezes what it trains). As `nn.Module`s: diffusers' own `.to` is `@wraps(nn.Module.to)`,
+        whose signature mypy misreads."""
+        networks: tuple[torch.nn.Module, ...] = (self.unet, self.vae, self.text_encoder, self.text_encoder_2)
+        for module in networks:
+            module.requires_grad_(False)
+            module.to(dtype=dtype)
+
     def pipeline(self, scheduler: Any = None, unet: Any = None) -> Any:
-        """A StableDiffusionXLPipeline sharing these modules (no copies), e.g. for samples."""
+        """A StableDiffusionXLPipeline sharing these modules (no copies), e.g. for samples. (Any: the
+        pipeline's annotations are narrower than what it takes, e.g. the scheduler as an enum.)"""
         from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
         return StableDiffusionXLPipeline(
@@ -315,12 +325,16 @@ def load_vae(vae: str | Path, reference: AutoencoderKL, base: str) -> Autoencode
     try:
         if path.is_dir():
             sub = "vae" if (path / "vae" / "config.json").exists() else None
-            return AutoencoderKL.from_pretrained(path, subfolder=sub, local_files_only=True)
+            loaded: AutoencoderKL = AutoencoderKL.from_pretrained(path, subfolder=sub, local_files_only=True)
+            return loaded
         if not path.is_file():
             raise ModelError(f"vae {path}: no such file or folder", "check the `vae` setting")
         with tempfile.TemporaryDirectory(prefix="sdprep-vae-") as tmp:
             reference.save_config(tmp)
-            return AutoencoderKL.from_single_file(str(path), config=tmp, local_files_only=True)
+            single: AutoencoderKL = AutoencoderKL.from_single_file(
+                str(path), config=tmp, local_files_only=True
+            )
+            return single
     except ModelError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:

@@ -211,7 +211,8 @@ def build_tiny_sdxl(out_dir: Path | str, seed: int = 0) -> Path:
     transformers_logging.set_verbosity_error()  # no torchvision fallback notices for a demo build
     transformers_logging.disable_progress_bar()
     diffusers_logging.disable_progress_bar()
-    from diffusers import StableDiffusionXLPipeline
+    # the module itself: mypy reads `diffusers.X` as the no-torch placeholder classes
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
 
     out_dir = Path(out_dir)
     if (out_dir / "model_index.json").exists() and (out_dir / MARKER).exists():
@@ -229,7 +230,7 @@ def build_tiny_sdxl(out_dir: Path | str, seed: int = 0) -> Path:
         unet=unet,
         scheduler=scheduler,
     )
-    pipe.save_pretrained(out_dir, safe_serialization=True)  # type: ignore[attr-defined]  # mypy cannot read diffusers' pipeline MRO
+    pipe.save_pretrained(out_dir, safe_serialization=True)
     (out_dir / MARKER).write_text(
         "A tiny SDXL-architecture model with RANDOM weights, made by sdprep for tests and demos.\n"
         "It produces noise. Pass a real SDXL model (diffusers folder or .safetensors) for real training.\n"
