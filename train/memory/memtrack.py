@@ -27,11 +27,11 @@ from torch.utils._pytree import tree_flatten
 _DEVICE = torch.ops.prim.device.default
 
 
-class LiveBytes(TorchDispatchMode):
+class LiveBytes(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch leaves the mode's __init_subclass__ unannotated
     """Live and peak storage bytes of the tensors created (or `add`ed) while active."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # unannotated in torch
         self._sizes: dict[int, int] = {}
         self._grads: set[int] = set()
         self.now = 0

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sdprep.train.config.schema import TrainConfig
+    from sdprep.train.memory.profile import Stats
 
 GIB = 1 << 30
 BUDGETS_GB = (8, 12, 16, 24)  # cards sold as N GB have N GiB
@@ -220,7 +221,7 @@ class Plan:
 
     @property
     def peak_phase(self) -> str:
-        return max(self.phases, key=self.phases.get) if self.phases else ""
+        return max(self.phases, key=lambda phase: self.phases[phase]) if self.phases else ""
 
     @property
     def margin(self) -> int:
@@ -305,7 +306,7 @@ def predict(s: Settings, profile: Any) -> Plan:
     return plan
 
 
-def _resident_weights(s: Settings, st: dict) -> list[tuple[str, int, str]]:
+def _resident_weights(s: Settings, st: Stats) -> list[tuple[str, int, str]]:
     """The U-Net's, text encoders' and VAE's weights on the device (cached ones move to the CPU,
     except in a CPU run, which has one memory)."""
     frozen_b, trained_b = (2 if s.half else 4), (2 if s.half_trained else 4)
@@ -333,7 +334,7 @@ def _dtype_note(nbytes: int) -> str:
     return "fp32" if nbytes == 4 else "fp16/bf16"
 
 
-def trainable_params(s: Settings, st: dict) -> tuple[int, list[int], int]:
+def trainable_params(s: Settings, st: Stats) -> tuple[int, list[int], int]:
     """(trainable weights, weights per optimizer group, largest single weight tensor)."""
     if s.method == "lora":
         lora = st["lora"]
@@ -362,11 +363,11 @@ def trainable_params(s: Settings, st: dict) -> tuple[int, list[int], int]:
     return sum(groups), groups, largest
 
 
-def adafactor_elements(s: Settings, st: dict) -> int:
+def adafactor_elements(s: Settings, st: Stats) -> int:
     """fp32 values of Adafactor's factored second moment for what trains."""
-    ada = st["adafactor"]
+    ada: dict[str, int] = st["adafactor"]
     if s.method == "lora":
-        lora = st["lora"]
+        lora: dict[str, dict[str, int]] = st["lora"]
         # a LoRA pair [r, in] + [out, r] keeps rows and columns: in + out + 2r values
         comps = (
             ["unet"]
@@ -375,7 +376,8 @@ def adafactor_elements(s: Settings, st: dict) -> int:
         )
         return sum(lora[c]["per_rank"] + 2 * s.rank * lora[c]["modules"] for c in comps)
     if s.method == "ti":
-        return s.vectors * (st["hidden"]["te1"] + st["hidden"]["te2"])
+        hidden: dict[str, int] = st["hidden"]
+        return s.vectors * (hidden["te1"] + hidden["te2"])
     return ada["unet"] + (ada["te1"] + ada["te2"] if s.text == "full" else 0)
 
 

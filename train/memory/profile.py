@@ -25,7 +25,16 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
+
+if TYPE_CHECKING:
+    from sdprep.train.memory.planner import Settings
+    from sdprep.train.models.fullsize import SdxlSpec
+
+# one trace: batch, height, width and bytes (the U-Net's also grads_at_peak and tail; the text
+# encoders' batch, chunks, kept and peak)
+Measurement = dict[str, int]
+Stats = dict[str, Any]  # parameter_stats: counts per component, LoRA sizes (JSON)
 
 PROFILE_FILE = Path(__file__).resolve().parent / "sdxl_memory_profile.json"
 REFERENCE = {"batch": 1, "height": 1024, "width": 1024, "chunks": 1}
@@ -46,15 +55,19 @@ class Profile:
     """Parameter statistics and activation measurements of one architecture."""
 
     name: str
-    stats: dict
+    stats: Stats
     # unet_key -> measurements at one or more sizes: [{"batch", "height", "width", "bytes", ...}]
-    unet: dict = field(default_factory=dict)
-    text: dict = field(default_factory=dict)  # text_key -> {"batch", "chunks", "kept", "peak"}
-    vae: dict = field(default_factory=dict)  # "half" / "fp32" -> [{"batch", "height", "width", "bytes"}]
+    unet: dict[str, list[Measurement]] = field(default_factory=dict)
+    text: dict[str, Measurement] = field(
+        default_factory=dict
+    )  # text_key -> {"batch", "chunks", "kept", "peak"}
+    vae: dict[str, list[Measurement]] = field(
+        default_factory=dict
+    )  # "half" / "fp32" -> [{"batch", "height", "width", "bytes"}]
 
     # -- lookups (fitted to the settings' batch and size) ------------------------------------
 
-    def unet_activations(self, s: Any) -> tuple[int, int, int]:
+    def unet_activations(self, s: Settings) -> tuple[int, int, int]:
         """(activation peak, gradients stored by then, activations left when all gradients are),
         for the U-Net's forward + backward at the settings' batch and size."""
         entries = self._unet_entries(s)
@@ -65,7 +78,7 @@ class Profile:
 
         return at("bytes", True), at("grads_at_peak", False), at("tail", True)
 
-    def _unet_entries(self, s: Any) -> list[tuple[int, list[dict]]]:
+    def _unet_entries(self, s: Settings) -> list[tuple[int, list[Measurement]]]:
         """(rank, measurements) of the U-Net key of `s` (LoRA: each measured rank)."""
         prefix = unet_key(s.unet, s.half, s.gc)
         entries = [
@@ -77,7 +90,7 @@ class Profile:
             raise KeyError(f"{self.name}: no measurement for {prefix}")
         return sorted(entries, key=lambda item: item[0])
 
-    def area_scaled(self, s: Any) -> list[str]:
+    def area_scaled(self, s: Settings) -> list[str]:
         """The parts whose activations for `s` come from one measured size scaled by area (not
         fitted through two sizes): the planner says so in its notes."""
         out = []
@@ -88,7 +101,7 @@ class Profile:
             out.append("VAE encoding")
         return out
 
-    def text_activations(self, s: Any) -> tuple[int, int]:
+    def text_activations(self, s: Settings) -> tuple[int, int]:
         key = text_key(s.text, s.half, s.gc)
         if key not in self.text:
             raise KeyError(f"{self.name}: no measurement for text encoders {key}")
@@ -96,7 +109,7 @@ class Profile:
         scale = (s.batch * s.chunks) / (entry["batch"] * entry["chunks"])
         return round(entry["kept"] * scale), round(entry["peak"] * scale)
 
-    def vae_activations(self, s: Any) -> int:
+    def vae_activations(self, s: Settings) -> int:
         key = "half" if s.vae_half else "fp32"
         if key not in self.vae:
             raise KeyError(f"{self.name}: no measurement for VAE encoding in {key}")
@@ -117,7 +130,7 @@ class Profile:
         return cls(d["name"], d["stats"], d["unet"], d["text"], d["vae"])
 
 
-def pixels(m: Any) -> int:
+def pixels(m: Measurement | Settings) -> int:
     """Batch x height x width of a measurement (a dict) or of settings."""
     if isinstance(m, dict):
         return m["batch"] * m["height"] * m["width"]
@@ -140,16 +153,16 @@ def size_fit(points: list[tuple[int, int]], x: int) -> int:
     return max(0, round(y0 + (y1 - y0) * (x - x0) / (x1 - x0)))
 
 
-def _at_size(entry: list[dict], s: Any, field_name: str) -> int:
+def _at_size(entry: list[Measurement], s: Settings, field_name: str) -> int:
     return size_fit([(pixels(m), m[field_name]) for m in entry], pixels(s))
 
 
-def _nearest(entry: list[dict], s: Any) -> dict:
+def _nearest(entry: list[Measurement], s: Settings) -> Measurement:
     """The measurement closest to the settings' batch x area."""
     return min(entry, key=lambda m: abs(pixels(m) - pixels(s)))
 
 
-def _area_only(entry: list[dict], s: Any) -> bool:
+def _area_only(entry: list[Measurement], s: Settings) -> bool:
     return len({pixels(m) for m in entry}) == 1 and pixels(entry[0]) != pixels(s)
 
 
@@ -168,7 +181,7 @@ def full_size_profile() -> Profile:
 # -- measuring -----------------------------------------------------------------------------
 
 
-def parameter_stats(spec: Any) -> dict:
+def parameter_stats(spec: SdxlSpec) -> Stats:
     """Parameter counts, LoRA sizes per rank and Adafactor state sizes of `spec`, on the meta device."""
     import torch
 
@@ -204,7 +217,7 @@ def _adafactor_elements(shape: tuple[int, ...]) -> int:
     return math.prod(shape[:-1]) + math.prod(shape[:-2] + shape[-1:])
 
 
-def _lora_sizes(modules: dict, targets: dict) -> dict:
+def _lora_sizes(modules: dict[str, Any], targets: dict[str, str]) -> dict[str, int]:
     """Per rank: LoRA weights (down [r, in*k*k] + up [out, r]) summed and largest, and the count."""
     per_rank, largest = 0, 0
     for name in targets:
@@ -219,14 +232,16 @@ def _lora_sizes(modules: dict, targets: dict) -> dict:
 
 
 def measure_profile(
-    spec: Any, settings: list[Any], progress: Any = None, profile: Profile | None = None
+    spec: SdxlSpec, settings: list[Settings], progress: Any = None, profile: Profile | None = None
 ) -> Profile:
     """Measure what `settings` (a list of `plan.Settings`) need on `spec`, at their own batch and size;
     measurements already in `profile` are kept (image activations: per key and size).
     `progress(message, profile)` is called before each."""
     profile = profile or Profile(spec.name, parameter_stats(spec))
 
-    def measure(table: dict, key: str, label: str, run: Any, size: dict | None = None) -> None:
+    def measure(
+        table: dict[str, Any], key: str, label: str, run: Any, size: Measurement | None = None
+    ) -> None:
         if size is None:  # text encoders: one measurement per key
             if key not in table:
                 if progress:
@@ -245,23 +260,41 @@ def measure_profile(
     return profile
 
 
-def _measure_settings(spec: Any, s: Any, profile: Profile, measure: Any) -> None:
+def _measure_settings(spec: SdxlSpec, s: Settings, profile: Profile, measure: Any) -> None:
     """Trace what settings `s` need that `profile` does not hold yet."""
     from sdprep.train.memory import trace as T
 
-    size = {"batch": s.batch, "height": s.height, "width": s.width}
-    common = {"half": s.half, "gc": s.gc, "half_trained": s.half_trained}
+    size: Measurement = {"batch": s.batch, "height": s.height, "width": s.width}
     lora = s.unet in ("lora", "lora_conv")
 
-    def unet() -> dict:
+    def unet() -> Measurement:
         rank = s.rank if lora else 4
         r = T.trace_unet(
-            spec, mode=s.unet, rank=rank, conv_rank=s.conv_rank, chunks=s.chunks, **common, **size
+            spec,
+            mode=s.unet,
+            rank=rank,
+            conv_rank=s.conv_rank,
+            chunks=s.chunks,
+            half=s.half,
+            gc=s.gc,
+            half_trained=s.half_trained,
+            batch=s.batch,
+            height=s.height,
+            width=s.width,
         )
         return {**size, "bytes": r.peak, "grads_at_peak": r.grads_at_peak, "tail": r.tail}
 
-    def text() -> dict:
-        r = T.trace_text_encoders(spec, mode=s.text, rank=s.rank, batch=s.batch, chunks=s.chunks, **common)
+    def text() -> Measurement:
+        r = T.trace_text_encoders(
+            spec,
+            mode=s.text,
+            rank=s.rank,
+            batch=s.batch,
+            chunks=s.chunks,
+            half=s.half,
+            gc=s.gc,
+            half_trained=s.half_trained,
+        )
         return {"batch": s.batch, "chunks": s.chunks, "kept": r.kept, "peak": r.peak}
 
     key = unet_key(s.unet, s.half, s.gc, s.rank if lora else None)
@@ -274,18 +307,28 @@ def _measure_settings(spec: Any, s: Any, profile: Profile, measure: Any) -> None
             profile.vae,
             vae,
             "VAE",
-            lambda: {**size, "bytes": T.trace_vae_encode(spec, half=s.vae_half, **size)},
+            lambda: {
+                **size,
+                "bytes": T.trace_vae_encode(
+                    spec, half=s.vae_half, batch=s.batch, height=s.height, width=s.width
+                ),
+            },
             size,
         )
 
 
-def full_size_settings(side: int = REFERENCE["width"]) -> list[Any]:
+class _Side(TypedDict):
+    width: int
+    height: int
+
+
+def full_size_settings(side: int = REFERENCE["width"]) -> list[Settings]:
     """Every combination the stored full-size profile holds, at `side` x `side` px and batch 1; the
     ones most configs use come first (LoRA, fine-tune and TI with mixed precision and
     checkpointing), so an interrupted run at a further size has measured those."""
     from sdprep.train.memory.planner import Settings
 
-    size = {"width": side, "height": side}
+    size: _Side = {"width": side, "height": side}
     out = []
     for half in (True, False):
         for gc in (True, False):

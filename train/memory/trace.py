@@ -21,7 +21,11 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from sdprep.train.data.pipeline import Batch
+    from sdprep.train.models.load import SDXLModel
 
 UNET_MODES = ("frozen", "lora", "lora_conv", "full")  # which U-Net weights train (frozen: TI)
 TE_MODES = ("frozen", "lora", "full", "ti")  # frozen: encoded without gradient each step
@@ -89,7 +93,9 @@ def _dtypes(half: bool, half_trained: bool) -> tuple[Any, Any]:
     return frozen, (torch.bfloat16 if half and half_trained else torch.float32)
 
 
-def _add_lora(module: Any, blocks: tuple, conv_blocks: tuple, rank: int, conv_rank: int | None) -> None:
+def _add_lora(
+    module: Any, blocks: tuple[str, ...], conv_blocks: tuple[str, ...], rank: int, conv_rank: int | None
+) -> None:
     """LoRA as `sdprep.train.methods.lora` injects it (same targets, same PEFT call)."""
     from peft import LoraConfig
 
@@ -148,7 +154,7 @@ def trace_unet(
     import types
 
     import torch
-    from diffusers import DDPMScheduler
+    from diffusers.schedulers.scheduling_ddpm import DDPMScheduler  # not diffusers.X (a placeholder to mypy)
 
     from sdprep.train.config.schema import TrainConfig
     from sdprep.train.loop.step import StepContext, batch_loss
@@ -174,7 +180,10 @@ def trace_unet(
     pooled_dim = spec.te2["projection_dim"]
     ctx = StepContext(
         cfg=cfg,
-        model=types.SimpleNamespace(vae=types.SimpleNamespace(config={"scaling_factor": 0.13})),
+        # a stand-in: with latents given, batch_loss reads only the VAE's scaling factor
+        model=cast(
+            "SDXLModel", types.SimpleNamespace(vae=types.SimpleNamespace(config={"scaling_factor": 0.13}))
+        ),
         unet=unet,
         noise_scheduler=DDPMScheduler.from_config({**SCHEDULER, "prediction_type": prediction}),
         device=torch.device("cpu"),
@@ -196,8 +205,8 @@ def trace_unet(
         }
         live.reset_peak()
         with _autocast(half):
-            loss = batch_loss(ctx, batch_dict)
-        loss.backward()
+            loss = batch_loss(ctx, cast("Batch", batch_dict))  # the keys it reads with latents and embeds
+        loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
         tail = live.now - live.grad_bytes - static
     return UnetTrace(live.peak_without_grads - static, live.grads_at_peak, tail, live.grad_bytes, live.ops)
 
@@ -250,7 +259,7 @@ def trace_text_encoders(
             embeds, pooled = encode_tokens(ids, ids, (te1, te2), eos_token_id=eos)
         kept = live.now - static
         if mode != "frozen":
-            (embeds.float().sum() + pooled.float().sum()).backward()
+            (embeds.float().sum() + pooled.float().sum()).backward()  # type: ignore[no-untyped-call]  # as above
     return TextTrace(kept, live.peak_without_grads - static, live.ops)
 
 
