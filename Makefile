@@ -34,7 +34,7 @@ test: setup  ## run the test suite (offline, one torch thread)
 typecheck: setup  ## mypy --strict on sdprep/, prep/, train/, taggers/ (pyproject.toml's [tool.mypy])
 	VENV=$(VENV) bash .ci/typecheck
 
-test-slow: setup  ## the slow tests: LoRA, TI and fine-tune on the topology-true SDXL (2-5 min, 8 GB of RAM)
+test-slow: setup  ## the slow tests: LoRA, TI and fine-tune on the topology-true SDXL, the planner vs real runs and full-size traces (5-10 min, 8 GB of RAM)
 	$(VENV)/bin/pytest -m slow
 
 test-gpu: setup  ## on a CUDA machine: the memory planner vs torch.cuda.max_memory_allocated, bf16/fp16/8-bit paths
