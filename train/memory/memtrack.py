@@ -43,7 +43,7 @@ class LiveBytes(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch le
 
     # -- registration ----------------------------------------------------------------------
 
-    def add(self, tensor: Any) -> None:
+    def add(self, tensor: torch.Tensor) -> None:
         """Count a tensor's storage (once; a storage already counted is ignored)."""
         storage = tensor.untyped_storage()
         key = id(storage)
@@ -87,7 +87,7 @@ class LiveBytes(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch le
                     seen.add(id(ref))
                     todo.append(ref)
 
-    def add_optimizer(self, optimizer: Any) -> None:
+    def add_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Count an optimizer's state tensors."""
         for state in getattr(optimizer, "state", {}).values():
             self.add_all(v for v in state.values() if isinstance(v, torch.Tensor))
@@ -98,11 +98,14 @@ class LiveBytes(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch le
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(self._grad_stored)
 
-    def _grad_stored(self, param: Any) -> None:
-        storage = param.grad.untyped_storage()
+    def _grad_stored(self, param: torch.Tensor) -> None:
+        grad = param.grad  # set: torch calls the hook after accumulating it
+        if grad is None:
+            return
+        storage = grad.untyped_storage()
         key = id(storage)
         if key not in self._sizes:
-            self.add(param.grad)
+            self.add(grad)
         if key not in self._grads:
             self._grads.add(key)
             self.grad_bytes += self._sizes[key]
@@ -142,7 +145,7 @@ class LiveBytes(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch le
         return out
 
 
-def peak_during_steps(trainer: Any) -> int:
+def peak_during_steps(trainer: Any) -> int:  # a Trainer (Any: its callbacks' step is replaced)
     """Run a set-up `Trainer` to the end and return the peak of live tensor bytes up to its last
     training step (the final save's copies are not training memory): every tensor alive at the
     start (weights, caches, EMA copies) plus everything the steps create."""

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sdprep.train.config.schema import TrainConfig
-    from sdprep.train.memory.profile import Stats
+    from sdprep.train.memory.profile import Profile, Stats
 
 GIB = 1 << 30
 BUDGETS_GB = (8, 12, 16, 24)  # cards sold as N GB have N GiB
@@ -237,7 +237,7 @@ def margin_bytes(tensors: int) -> int:
     return MARGIN_FIXED + int(MARGIN_FRACTION * tensors)
 
 
-def predict(s: Settings, profile: Any) -> Plan:
+def predict(s: Settings, profile: Profile) -> Plan:
     """Predict the peak memory of settings `s` on the architecture `profile` describes."""
     st = profile.stats
     plan = Plan(s, profile.name)
@@ -472,7 +472,7 @@ def _batch_and_resolution(s: Settings) -> list[tuple[Settings, list[str], int]]:
     return out
 
 
-def fitting_settings(s: Settings, profile: Any, budget_gb: int) -> tuple[list[str], Plan] | None:
+def fitting_settings(s: Settings, profile: Profile, budget_gb: int) -> tuple[list[str], Plan] | None:
     """The cheapest set of changes (fewest and least intrusive) whose plan fits `budget_gb` GiB;
     ([], plan) when the settings fit as they are, None when nothing tried fits."""
     budget = budget_gb * GIB
@@ -553,7 +553,7 @@ def report(plan: Plan, fits: dict[int, Any]) -> str:
     return "\n".join(lines)
 
 
-def plan_summary(cfg: TrainConfig, method: str, profile: Any = None) -> str:
+def plan_summary(cfg: TrainConfig, method: str, profile: Profile | None = None) -> str:
     """One line for `--preflight`: the predicted peak on SDXL and which card sizes it fits."""
     from sdprep.train.memory.profile import full_size_profile
 
@@ -566,7 +566,7 @@ def plan_summary(cfg: TrainConfig, method: str, profile: Any = None) -> str:
     )
 
 
-def plan_config(cfg: TrainConfig, method: str, profile: Any = None) -> str:
+def plan_config(cfg: TrainConfig, method: str, profile: Profile | None = None) -> str:
     """`sdprep train --plan`: the report for `cfg` on the full-size SDXL (or `profile`)."""
     from sdprep.train.memory.profile import full_size_profile
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from sdprep.train.data.pipeline import Batch
+    from sdprep.train.models.fullsize import SdxlSpec
     from sdprep.train.models.load import SDXLModel
 
 UNET_MODES = ("frozen", "lora", "lora_conv", "full")  # which U-Net weights train (frozen: TI)
@@ -134,7 +135,7 @@ def _set_trainable(
 
 
 def trace_unet(
-    spec: Any,
+    spec: SdxlSpec,
     *,
     mode: str = "lora",
     half: bool = True,
@@ -212,7 +213,7 @@ def trace_unet(
 
 
 def trace_text_encoders(
-    spec: Any,
+    spec: SdxlSpec,
     *,
     mode: str = "frozen",
     half: bool = True,
@@ -276,7 +277,7 @@ def _add_token_vectors(te: Any, dtype: Any) -> None:
 
 
 def trace_vae_encode(
-    spec: Any, *, half: bool = False, batch: int = 1, height: int = 1024, width: int = 1024
+    spec: SdxlSpec, *, half: bool = False, batch: int = 1, height: int = 1024, width: int = 1024
 ) -> int:
     """The activation peak of encoding a batch of images with the VAE (no gradient), in bytes."""
     import torch

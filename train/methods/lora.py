@@ -407,7 +407,7 @@ def inject_lora(module: torch.nn.Module, config: LoraConfig) -> LoraConfig:
     return config
 
 
-def lora_state_dict(module: Any) -> dict[str, Any]:
+def lora_state_dict(module: torch.nn.Module) -> dict[str, Any]:
     """The injected adapter's tensors under peft's saved names (`...to_q.lora_A.weight`)."""
     return {
         name.replace(".default.", "."): tensor

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     # the modules themselves: mypy reads `diffusers.X` as the no-torch placeholder classes
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
@@ -101,7 +102,7 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase, name: str, source: str) 
         )
 
 
-def _check_sdxl(pipe: Any, source: str) -> None:
+def _check_sdxl(pipe: StableDiffusionXLPipeline, source: str) -> None:
     unet_cfg = pipe.unet.config
     if getattr(pipe, "text_encoder_2", None) is None or unet_cfg.get("addition_embed_type") != "text_time":
         raise ModelError(
@@ -197,7 +198,7 @@ def _missing_component(source: str, exc: Exception) -> ModelError:
     )
 
 
-def check_complete(pipe: Any, source: str) -> None:
+def check_complete(pipe: StableDiffusionXLPipeline, source: str) -> None:
     """Fail when a component was built with weights missing from the file (left on the meta device)."""
     for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
         module = getattr(pipe, name, None)
@@ -251,7 +252,9 @@ def to_float32(*modules: Any) -> None:
             module.to(torch.float32)
 
 
-def _load_single_file(path: Path, model_config: Path | None, vae: Any, trust_pickle: bool) -> Any:
+def _load_single_file(
+    path: Path, model_config: Path | None, vae: AutoencoderKL | None, trust_pickle: bool
+) -> Any:
     """An A1111/ComfyUI single file, configured by `model_config` or else by SDXL's shipped base config."""
     from sdprep.train.models.sdxl_config import base_config
 
@@ -267,7 +270,9 @@ def _load_single_file(path: Path, model_config: Path | None, vae: Any, trust_pic
         return _from_single_file(path, shipped, vae, trust_pickle, shipped=True)
 
 
-def _from_single_file(path: Path, config: Path, vae: Any, trust_pickle: bool, shipped: bool) -> Any:
+def _from_single_file(
+    path: Path, config: Path, vae: AutoencoderKL | None, trust_pickle: bool, shipped: bool
+) -> Any:
     from diffusers import StableDiffusionXLPipeline
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
@@ -287,8 +292,8 @@ def _from_single_file(path: Path, config: Path, vae: Any, trust_pickle: bool, sh
 
 
 def _load_pipeline(
-    source: str, model_config: Path | None, vae: Any = None, trust_pickle: bool = False
-) -> tuple[Any, bool]:
+    source: str, model_config: Path | None, vae: AutoencoderKL | None = None, trust_pickle: bool = False
+) -> tuple[StableDiffusionXLPipeline, bool]:
     """Load a StableDiffusionXLPipeline from any supported source; returns (pipe, is_single_file)."""
     from diffusers import StableDiffusionXLPipeline
 

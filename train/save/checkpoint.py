@@ -57,7 +57,7 @@ def checkpoint_tensors(
     text_encoder: Mapping[str, Any],
     text_encoder_2: Mapping[str, Any],
     vae: Mapping[str, Any],
-    dtype: Any = None,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Diffusers/transformers state dicts of the four SDXL models -> one SGM-named state dict.
 
@@ -72,7 +72,7 @@ def checkpoint_tensors(
 
 
 def model_tensors(
-    model: Any, dtype: Any = None, replace: Mapping[str, Mapping[str, Any]] | None = None
+    model: SDXLModel, dtype: torch.dtype | None = None, replace: Mapping[str, Mapping[str, Any]] | None = None
 ) -> dict[str, Any]:
     """An `SDXLModel`'s single-file state dict; `replace` swaps in tensors by component and parameter
     name (e.g. `{"unet": ema_weights}`) without touching the model."""

@@ -17,7 +17,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    # the modules themselves: mypy reads `diffusers.X` as the no-torch placeholder classes
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 UNET_PREFIX = "model.diffusion_model."
 TE1_PREFIX = "conditioner.embedders.0.transformer."
@@ -166,7 +174,7 @@ _TE2_TOP = {
 }
 
 
-def te2_to_sgm(state_dict: Mapping[str, Any], logit_scale: Any = None) -> dict[str, Any]:
+def te2_to_sgm(state_dict: Mapping[str, Any], logit_scale: torch.Tensor | None = None) -> dict[str, Any]:
     """OpenCLIP bigG (CLIPTextModelWithProjection) -> `conditioner.embedders.1.model.*`: q/k/v fused
     into `attn.in_proj_*`, `text_projection` transposed (OpenCLIP multiplies x @ P)."""
     import torch
@@ -249,7 +257,12 @@ def vae_to_sgm(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def pipeline_to_sgm(unet: Any, text_encoder: Any, text_encoder_2: Any, vae: Any) -> dict[str, Any]:
+def pipeline_to_sgm(
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    text_encoder_2: CLIPTextModelWithProjection,
+    vae: AutoencoderKL,
+) -> dict[str, Any]:
     """The four SDXL models -> one single-file state dict as A1111 / ComfyUI load it."""
     sd: dict[str, Any] = {}
     sd.update(unet_diffusers_to_sgm(unet.state_dict(), UnetLayout.from_config(unet.config)))
