@@ -376,8 +376,9 @@ class LoraMethod(TrainMethod):
             if value:
                 args[key] = _num(value)
         for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
-            if getattr(self.cfg, key, None):
-                args[key] = _num(getattr(self.cfg, key))
+            ratio = getattr(self.cfg, key)  # a float field of TrainConfig, None when unset
+            if ratio:
+                args[key] = _num(ratio)
         if args:
             args.setdefault("dropout", self.cfg.network_dropout)  # kohya adds it last
             meta["ss_network_args"] = json.dumps(args)  # as kohya: the network_args strings by name

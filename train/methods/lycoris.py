@@ -309,7 +309,7 @@ class LycorisMethod(TrainMethod):
             "ss_network_dim": str(self.rank),
             "ss_network_alpha": _num(self.alpha),
             "ss_network_args": json.dumps(self.args),  # as kohya: the network_args strings by name
-            "ss_network_dropout": str(getattr(self.cfg, "network_dropout", None)),
+            "ss_network_dropout": str(self.cfg.network_dropout),
             "ss_scale_weight_norms": str(self.max_norm),
             "ss_network_train_unet_only": str(not self.train_te),
             "ss_network_train_text_encoder_only": "False",
