@@ -28,7 +28,8 @@ setup: $(VENV)/.installed  ## create .venv and install sdprep with all extras
 demo: setup  ## run the whole pipeline on sample_data, offline, with a tiny demo model
 	$(SDPREP) run sample_data/project.toml
 
-test: setup  ## run the test suite (offline, one torch thread)
+test: setup  ## the type checker (mypy --strict), then the test suite (offline, one torch thread)
+	VENV=$(VENV) bash .ci/typecheck
 	$(VENV)/bin/pytest
 
 typecheck: setup  ## mypy --strict on sdprep/, prep/, train/, taggers/ (pyproject.toml's [tool.mypy])
