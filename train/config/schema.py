@@ -38,7 +38,8 @@ from sdprep.train.config.kohya import (
 )
 
 Method = Literal["lora", "ti", "finetune"]
-METHODS: tuple[str, ...] = ("lora", "ti", "finetune")
+_METHOD: dict[str, Method] = {"lora": "lora", "ti": "ti", "finetune": "finetune"}  # a name -> its Literal
+METHODS: tuple[str, ...] = tuple(_METHOD)
 
 
 @dataclass(frozen=True)
@@ -592,9 +593,9 @@ def detect_method(cfg: TrainConfig, override: str | None = None) -> Method:
     ti, neither -> finetune. `override` (or `cfg.method`) wins."""
     chosen = override or cfg.method
     if chosen is not None:
-        if chosen not in METHODS:
+        if chosen not in _METHOD:
             raise unknown_choice("method", chosen, METHODS)
-        return chosen  # type: ignore[return-value]
+        return _METHOD[chosen]
     if cfg.network_module and cfg.token_string:
         raise ConfigError(
             "both network_module (LoRA) and token_string (textual inversion) are set",

@@ -118,9 +118,9 @@ class Blocks:
         """(rank, alpha) of a U-Net module, None when its block gets no LoRA."""
         i = block_index(kohya_name)
         if kind == "conv":
-            if self.conv_dims is None or not self.conv_dims[i]:
+            if self.conv_dims is None or self.conv_alphas is None or not self.conv_dims[i]:
                 return None
-            return self.conv_dims[i], self.conv_alphas[i]  # type: ignore[index]
+            return self.conv_dims[i], self.conv_alphas[i]
         return (self.dims[i], self.alphas[i]) if self.dims[i] else None
 
 

@@ -23,13 +23,14 @@ def clip_bpe(path: Path = BPE_FILE) -> tuple[list[str], list[tuple[str, str]]]:
     from sdprep.train.models.tiny import bytes_to_unicode
 
     lines = gzip.decompress(Path(path).read_bytes()).decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]
-    if len(merges) != NUM_MERGES or any(len(m) != 2 for m in merges):
+    pairs = [line.split() for line in lines[1 : NUM_MERGES + 1]]
+    if len(pairs) != NUM_MERGES or any(len(m) != 2 for m in pairs):
         raise ValueError(f"{path}: not CLIP's BPE file (expected {NUM_MERGES} merge lines)")
+    merges = [(a, b) for a, b in pairs]
     chars = list(bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    return vocab, merges  # type: ignore[return-value]
+    return vocab, merges
 
 
 def write_real_clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> int:

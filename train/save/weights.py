@@ -419,7 +419,7 @@ def resolve_resume(resume: str | Path, output_dir: Path, name: str) -> Path:
     """`latest` -> the newest complete state for `name` in output_dir; a path must be a state folder."""
     if str(resume) == "latest":
         states = find_states(output_dir)
-        mine = [s for s in states if s.path and _state_owner(s.path.name) == name]
+        mine = [s.path for s in states if s.path and _state_owner(s.path.name) == name]
         if not mine:
             others = sorted({_state_owner(s.path.name) for s in states if s.path})
             raise TrainingError(
@@ -428,7 +428,7 @@ def resolve_resume(resume: str | Path, output_dir: Path, name: str) -> Path:
                 if others
                 else "a run saves its state when save_state = true (every save, and at the end)",
             )
-        return mine[-1].path  # type: ignore[return-value]
+        return mine[-1]
     folder = Path(resume).expanduser()
     if not folder.is_dir():
         raise TrainingError(f"--resume {folder}: no such folder", "pass a *-state folder or `latest`")
