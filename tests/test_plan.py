@@ -18,6 +18,7 @@ from sdprep.train.config.schema import load_train_config
 from sdprep.train.memory.planner import (
     GIB,
     Settings,
+    _batch_and_resolution,
     fitting_settings,
     optimizer_state_bytes,
     optimizer_step_bytes,
@@ -165,7 +166,7 @@ def test_activations_follow_batch_area_checkpointing_and_rank() -> None:
     assert part(predict(Settings(rank=8, width=512, height=512), p), "activations: U-Net") == base // 4
     assert part(predict(Settings(rank=8, gc=False), p), "activations: U-Net") == 4 * base
     assert part(predict(Settings(rank=36), p), "activations: U-Net") == base + 28 * MIB  # interpolated
-    assert part(predict(Settings(rank=8, half=False, vae_half=False), p), "activations: U-Net") == 2 * base
+    assert part(predict(Settings(rank=8, half=False), p), "activations: U-Net") == 2 * base
 
 
 # -- the size model ----------------------------------------------------------------------------
@@ -195,6 +196,33 @@ def test_size_fit_through_more_points_uses_the_neighbouring_pair() -> None:
     assert size_fit(pts, 300) == 35
     assert size_fit(pts, 800) == 60  # the last segment, extended
     assert size_fit(pts, 75) == 5  # the first one, extended
+
+
+def test_size_fit_needs_sizes_apart_to_fit_a_slope() -> None:
+    # two nearly equal sizes would give a nearly vertical line (47 GB at twice the size):
+    # scaled by area from the nearest point instead
+    near = [(524176, 500_000_000), (524288, 510_000_000)]
+    assert size_fit(near, 1048576) == 1_020_000_000
+    assert size_fit(near, 524176) == 500_000_000  # still exact where measured
+    # a near-equal pair and a third point: the line goes through points apart in size
+    pts = [(100, 10), (101, 12), (200, 30)]
+    assert size_fit(pts, 150) == round(12 + 18 * 49 / 99)  # 101 .. 200
+    assert size_fit(pts, 300) == round(12 + 18 * 199 / 99)  # 101 .. 200, extended
+    assert size_fit(pts, 80) == round(10 + 20 * -20 / 100)  # 100 .. 200, extended
+    # the threshold: a ratio of 1.2 is a slope, less is not
+    assert size_fit([(1000, 300), (1200, 340)], 2000) == 500  # 100 + 0.2 x
+    assert size_fit([(1000, 300), (1190, 340)], 2380) == 680  # twice the nearest
+
+
+def test_plan_says_when_near_equal_sizes_are_scaled_by_area() -> None:
+    p = toy_profile()
+    for rank in (8, 64):  # a second measurement 0.4 % larger than 1024 x 1024
+        p.unet[f"lora/half/gc/r{rank}"].append(
+            {"batch": 1, "height": 1024, "width": 1028, "bytes": 1001 * MIB, "grads_at_peak": 0, "tail": 0}
+        )
+    plan = predict(Settings(rank=8, width=512, height=512), p)
+    assert part(plan, "activations: U-Net") == 250 * MIB
+    assert any(n.startswith("U-Net activations") and "one image size" in n for n in plan.notes)
 
 
 def two_size_profile() -> Profile:
@@ -460,3 +488,48 @@ def test_fitting_settings_stops_text_encoder_training_then_caches() -> None:
     s = Settings(rank=8, text="lora")
     keys, _ = fitting_settings(s, toy_profile(), 4)
     assert keys[:2] == ["network_train_unet_only = true", "cache_text_encoder_outputs = true"]
+
+
+def test_smaller_batches_keep_the_effective_batch() -> None:
+    """Only divisors of the batch are offered: accumulation x batch is the batch configured."""
+    for batch, expected in ((5, [1]), (6, [3, 2, 1]), (7, [1]), (8, [4, 2, 1])):
+        offered = []
+        for variant, keys, _ in _batch_and_resolution(Settings(batch=batch)):
+            if keys and keys[0].startswith("train_batch_size"):
+                steps = int(keys[0].rsplit("x", 1)[1].rstrip(")"))
+                assert keys[0] == f"train_batch_size = {variant.batch} (gradient_accumulation_steps x{steps})"
+                assert variant.batch * steps == batch, keys[0]
+                offered.append(variant.batch)
+        assert sorted(set(offered), reverse=True) == expected, batch
+    keys, plan = fitting_settings(Settings(rank=8, batch=5), toy_profile(), 4)
+    assert "train_batch_size = 1 (gradient_accumulation_steps x5)" in keys
+    assert plan.settings.batch == 1
+
+
+def test_suggested_mixed_precision_keeps_no_half_vae(tmp_path: Path) -> None:
+    """A config with no_half_vae keeps its VAE in fp32 when the plan suggests bf16: the figure is
+    the one that config runs at, and turning no_half_vae off is a change of its own."""
+    cfg = dataclasses.replace(
+        seed003_cfg(tmp_path),
+        mixed_precision="no",
+        no_half_vae=True,
+        cache_latents=False,
+        cache_latents_to_disk=False,
+        color_aug=True,  # latents cannot be cached
+        optimizer_type="AdamW8bit",
+        train_batch_size=1,
+    )
+    s = settings_from_config(cfg, "lora")
+    assert (s.half, s.no_half_vae, s.vae_half, s.latents_cached) == (False, True, False, False)
+    p = full_size_profile()
+    keys, plan = fitting_settings(s, p, 12)
+    assert keys == ['mixed_precision = "bf16"']
+    assert (
+        not plan.settings.vae_half
+        and part(plan, "VAE") == 4 * p.stats["params"]["vae"] + p.stats["buffers"]["vae"]
+    )
+    assert plan.total == predict(dataclasses.replace(s, half=True), p).total  # what the changed config runs
+    keys, plan = fitting_settings(s, p, 8)
+    assert keys[0] == 'mixed_precision = "bf16"' and keys[1].startswith("no_half_vae = false")
+    assert plan.settings.vae_half and plan.total <= 8 * GIB
+    assert predict(dataclasses.replace(plan.settings, no_half_vae=True), p).total > 8 * GIB

@@ -50,7 +50,7 @@ class Settings:
     latents_cached: bool = True
     half: bool = True  # mixed precision (fp16 / bf16): frozen weights and activations in 2 bytes
     half_trained: bool = False  # full_bf16 / full_fp16: trained weights and gradients in 2 bytes
-    vae_half: bool = True  # the VAE in half precision (mixed precision without no_half_vae)
+    no_half_vae: bool = False  # the VAE stays in fp32 under mixed precision (see `vae_half`)
     gc: bool = True
     batch: int = 1
     width: int = 1024
@@ -70,6 +70,12 @@ class Settings:
     @property
     def trains_text(self) -> bool:
         return self.text in ("lora", "full", "ti")
+
+    @property
+    def vae_half(self) -> bool:
+        """The VAE in half precision: mixed precision without no_half_vae (which a suggested
+        mixed_precision change leaves in the user's config)."""
+        return self.half and not self.no_half_vae
 
 
 def settings_from_config(cfg: TrainConfig, method: str, device: str = "cuda") -> Settings:
@@ -107,7 +113,7 @@ def settings_from_config(cfg: TrainConfig, method: str, device: str = "cuda") ->
         latents_cached=bool(cfg.cache_latents or cfg.cache_latents_to_disk),
         half=half,
         half_trained=half and bool(cfg.full_bf16 or cfg.full_fp16),
-        vae_half=half and not cfg.no_half_vae,
+        no_half_vae=bool(cfg.no_half_vae),
         gc=bool(cfg.gradient_checkpointing),
         batch=int(cfg.train_batch_size),
         width=int(w),
@@ -427,7 +433,13 @@ def _changes(s: Settings) -> list[Change]:
             lambda t: t.text == "frozen" and t.captions_fixed,
             text="cached",
         ),
-        change('mixed_precision = "bf16"', 2, lambda t: not t.half, half=True, vae_half=True),
+        change('mixed_precision = "bf16"', 2, lambda t: not t.half, half=True),
+        change(
+            'no_half_vae = false (with mixed_precision = "bf16": the SDXL VAE overflows in fp16)',
+            3,
+            lambda t: t.half and t.no_half_vae and not t.latents_cached,
+            no_half_vae=False,
+        ),
         change(
             'optimizer_type = "AdamW8bit"',
             2,
@@ -450,9 +462,10 @@ def _changes(s: Settings) -> list[Change]:
 
 
 def _batch_and_resolution(s: Settings) -> list[tuple[Settings, list[str], int]]:
-    """Smaller batches (gradient accumulation keeps the effective batch) and, last, smaller images."""
+    """Smaller batches (gradient accumulation keeps the effective batch: only divisors of the
+    batch, so accumulation x batch is the batch configured) and, last, smaller images."""
     out = []
-    batches = sorted({b for b in (s.batch, s.batch // 2, s.batch // 4, 1) if b >= 1}, reverse=True)
+    batches = [b for b in range(s.batch, 0, -1) if s.batch % b == 0]
     for b in batches:
         keys, cost = [], 0
         if b != s.batch:

@@ -137,19 +137,38 @@ def pixels(m: Measurement | Settings) -> int:
     return m.batch * m.height * m.width
 
 
+MIN_SIZE_RATIO = 1.2  # two measurements closer in pixels than this do not define a slope
+
+
+def fit_pair(points: list[tuple[int, int]], x: int) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """The measurements (pixels, bytes) `size_fit` draws its line through at `x` pixels: the one
+    nearest `x`, and its partner: the nearest on the other side of `x` whose pixels differ from the
+    first's by a ratio of at least MIN_SIZE_RATIO, else the nearest such on the far side of the
+    first (the end segment, extended). No partner (None) when every other point is as close in pixels as
+    that: two nearly equal sizes give a nearly vertical line, not a slope."""
+    pts = sorted(dict(points).items())
+    near = min(pts, key=lambda p: abs(p[0] - x))
+    x0 = near[0]
+    apart = [p for p in pts if max(p[0], x0) >= MIN_SIZE_RATIO * min(p[0], x0)]
+    above, below = [p for p in apart if p[0] > x0], [p for p in apart if p[0] < x0]
+    # nothing lies between `near` and `x` (it is the nearest): prefer a partner beyond `x`
+    if x0 < x:
+        partner = above[0] if above else (below[-1] if below else None)
+    else:
+        partner = below[-1] if below else (above[0] if above else None)
+    return near, partner
+
+
 def size_fit(points: list[tuple[int, int]], x: int) -> int:
     """Activation bytes at `x` pixels (batch x height x width) from measurements (pixels, bytes):
-    through one point, proportional to the pixels; through two, the affine a + b * pixels that
-    passes through both (exact at each, linear in between and beyond); through more, the segment
-    between the neighbouring points (the end segments beyond them). Never below zero."""
-    pts = sorted(dict(points).items())
-    if len(pts) == 1:
-        (x0, y0) = pts[0]
+    the affine a + b * pixels through the pair `fit_pair` chooses (exact at each measured point,
+    linear between neighbouring sizes, the end segments extended beyond them); proportional to the
+    pixels from the nearest point when there is one point, or no other whose size differs enough.
+    Never below zero."""
+    (x0, y0), partner = fit_pair(points, x)
+    if partner is None:
         return max(0, round(y0 * x / x0))
-    i = 0
-    while i < len(pts) - 2 and x > pts[i + 1][0]:
-        i += 1
-    (x0, y0), (x1, y1) = pts[i], pts[i + 1]
+    x1, y1 = partner
     return max(0, round(y0 + (y1 - y0) * (x - x0) / (x1 - x0)))
 
 
@@ -163,7 +182,9 @@ def _nearest(entry: list[Measurement], s: Settings) -> Measurement:
 
 
 def _area_only(entry: list[Measurement], s: Settings) -> bool:
-    return len({pixels(m) for m in entry}) == 1 and pixels(entry[0]) != pixels(s)
+    """Whether `size_fit` scales one measurement by area for `s` (no second size to fit through)."""
+    (x0, _), partner = fit_pair([(pixels(m), 0) for m in entry], pixels(s))
+    return partner is None and x0 != pixels(s)
 
 
 def _interpolate(points: list[tuple[int, int]], x: int) -> int:
@@ -338,11 +359,7 @@ def full_size_settings(side: int = REFERENCE["width"]) -> list[Settings]:
             out.insert(-2, Settings(method="ti", unet="frozen", text="ti", half=half, gc=gc, **size))
             out.append(Settings(method="lora", text="lora", half=half, gc=gc, rank=LORA_RANKS[0], **size))
             out.append(Settings(method="finetune", unet="full", text="full", half=half, gc=gc, **size))
-        out.append(
-            Settings(
-                text="frozen", latents_cached=False, half=half, vae_half=half, rank=LORA_RANKS[0], **size
-            )
-        )
+        out.append(Settings(text="frozen", latents_cached=False, half=half, rank=LORA_RANKS[0], **size))
     return out
 
 
