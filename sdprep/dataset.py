@@ -261,13 +261,21 @@ def unsafe_reason(path: Path | str, root: Path | str | None = None) -> str | Non
     `~/.ssh/id_rsa` named `001.txt` must not end up in a caption, a report or a training run. The
     answer depends on the arguments only, never on what was read before. Loops, dangling links and
     special files (a FIFO would block the reader forever) are refused too.
-    SDPREP_FOLLOW_SYMLINKS=1 lifts the folder rule.
+    With `root`, a file whose real location is outside `root`'s is refused even when only a folder
+    on its way is a link (`masks -> /elsewhere` makes `masks/a.png` unsafe); a linked folder that
+    stays inside the dataset is followed. SDPREP_FOLLOW_SYMLINKS=1 lifts the folder rule.
     """
     path = Path(path)
     try:
         st = os.lstat(path)
     except OSError:
         return None
+    trusted = os.environ.get(FOLLOW_SYMLINKS_ENV) == "1"
+    if root is not None and not trusted:
+        real = os.path.realpath(path)
+        if not is_within(real, os.path.realpath(root)):
+            via = "symlink to" if stat.S_ISLNK(st.st_mode) else "reached through a linked folder at"
+            return f"{via} {real}, outside the dataset: sdprep does not follow links out of it"
     if stat.S_ISLNK(st.st_mode):
         try:
             st = os.stat(path)
@@ -281,7 +289,7 @@ def unsafe_reason(path: Path | str, root: Path | str | None = None) -> str | Non
         if not inside and root is not None:
             dataset = os.path.realpath(root)
             inside = is_within(folder, dataset) and is_within(real, dataset)
-        if not inside and os.environ.get(FOLLOW_SYMLINKS_ENV) != "1":
+        if not inside and not trusted:
             return f"symlink to {real}, outside the dataset: sdprep does not follow links out of it"
     if not stat.S_ISREG(st.st_mode):
         return "not a regular file (a folder, FIFO or device)"

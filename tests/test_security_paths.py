@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import threading
 from pathlib import Path
 
@@ -199,3 +200,35 @@ def test_archives_are_never_extracted(tmp_path: Path, monkeypatch) -> None:
         "rejected/directlink_frames.zip"
     ]
     assert not any("escaped" in p.name for p in files), files
+
+
+def test_a_folder_linked_out_of_the_dataset_is_outside_it(tmp_path, monkeypatch) -> None:
+    """Only the last component used to be checked: `masks -> /elsewhere` served /elsewhere/a.png as
+    a.png's mask. The real location decides; a linked folder that stays inside the dataset is fine."""
+    from sdprep.prep.bucket import BucketOptions, run_bucket
+
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    (data / "store").mkdir(parents=True)
+    outside.mkdir()
+    Image.new("RGB", (512, 512), (200, 30, 30)).save(data / "a.png")
+    Image.new("L", (512, 512), 255).save(outside / "a.png")
+    image(data / "store" / "b.png")
+    (data / "masks").symlink_to(outside)  # a mask folder leading out of the dataset
+    (data / "linked").symlink_to("store")  # a folder link that stays inside
+    root = os.path.realpath(data)
+    assert unsafe_reason(data / "linked" / "b.png", root) is None
+    assert load_image(data / "linked" / "b.png", root=root).size == (40, 30)
+    reason = unsafe_reason(data / "masks" / "a.png", root)
+    assert reason is not None and f"{outside / 'a.png'}, outside the dataset" in reason
+    with pytest.raises(ImageError, match="outside the dataset"):
+        load_image(data / "masks" / "a.png", root=root)
+    # a stage reading the mask drops the image with the reason, and copies nothing from outside
+    (data / "linked").unlink()
+    shutil.rmtree(data / "store")  # (a subfolder would be a concept of its own)
+    res = run_bucket(data, BucketOptions(out=tmp_path / "o", token="t"))
+    assert [f.path.name for f in res.failed] == ["a.png"]
+    assert "outside the dataset" in res.failed[0].reason
+    assert not [p for p in (tmp_path / "o").rglob("a.png")]
+    # the user who trusts the links gets the old behaviour
+    monkeypatch.setenv("SDPREP_FOLLOW_SYMLINKS", "1")
+    assert unsafe_reason(data / "masks" / "a.png", root) is None

@@ -131,7 +131,22 @@ def recaption_text(meta: dict[str, Any], caption: str | None, opts: Recaption) -
 
 
 def clean_rules_from_text(text: str) -> CleanRules:
-    """A `sdprep clean` rules file, or a project file (its [stages.clean.rules] and [rules])."""
+    """A `sdprep clean` rules file, or a project file (its [stages.clean.rules] and [rules]).
+
+    Rules that name a file on the server (`remove_files`, `tokenizer`) are refused: the page must
+    not let whoever types the rules probe files outside the dataset.
+    """
+    rules = _clean_rules(text)
+    named = [k for k, v in (("remove_files", rules.remove_files), ("tokenizer", rules.tokenizer)) if v]
+    if named:
+        raise ConfigError(
+            f"the review page's rules cannot name files on the server ({', '.join(named)})",
+            "list the tags in remove = [...] here, or run `sdprep clean DIR --rules FILE.toml` in a terminal",
+        )
+    return rules
+
+
+def _clean_rules(text: str) -> CleanRules:
     import tomllib
 
     from sdprep.prep.rules import CleanRules

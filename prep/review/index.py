@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from sdprep.buckets import BucketSettings
-from sdprep.dataset import Item, iter_items, read_caption, read_sidecar, sdprep_meta, split_tags
+from sdprep.dataset import (
+    Item,
+    iter_items,
+    read_caption,
+    read_sidecar,
+    sdprep_meta,
+    split_tags,
+    unsafe_reason,
+)
 from sdprep.errors import SdprepError
 from sdprep.images import image_header, load_image
 from sdprep.prep.monochrome import LABELS
@@ -109,7 +117,10 @@ def read_entry(root: Path, item: Item, *, settings: BucketSettings) -> Entry:
     entry.bucket, problems = _size_checks(entry.size, settings)
     entry.problems += problems
     mask = item.mask_path()
-    if os.path.isfile(mask):
+    unsafe = os.path.isfile(mask) and unsafe_reason(mask, item.root)
+    if unsafe:  # e.g. masks/ linked out of the dataset: never shown
+        entry.problems.append(f"mask: {unsafe}")
+    elif os.path.isfile(mask):
         entry.mask, entry.mask_version = True, _mtime(mask)
         try:
             problem = mask_size_problem(image_header(mask, root=item.root).size, entry.size)

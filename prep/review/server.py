@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, quote
 from sdprep.buckets import assign_bucket
 from sdprep.config import from_dict
 from sdprep.dataset import read_sidecar, sdprep_meta
-from sdprep.errors import InstallError, JournalError, SdprepError
+from sdprep.errors import ConfigError, InstallError, JournalError, SdprepError
 from sdprep.images import image_header, load_image
 from sdprep.prep.review.edits import Editor, Recaption
 from sdprep.prep.review.index import Entry, Filter, Index
@@ -55,6 +55,34 @@ TOKEN_HEADER = "x-sdprep-token"
 MAX_BODY = 256 << 20  # a painted mask of a very large image
 SCORES_SHOWN = 80
 RECAPTION_KEYS = ("general_threshold", "character_threshold", "mcut", "merge")
+
+
+# The JSON bodies' fields and what each must be (a missing field takes the handler's default).
+# `paths`: a list of dataset-relative paths, or null for "every image".
+BODY_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "text": (lambda v: isinstance(v, str), "a string"),
+    "flag": (lambda v: isinstance(v, bool), "true or false"),
+    "paths": (
+        lambda v: v is None or (isinstance(v, list) and all(isinstance(p, str) for p in v)),
+        "a list of paths or null",
+    ),
+}
+
+
+def check_body(body: Any, fields: Mapping[str, str]) -> Json:
+    """`body` when it is a JSON object whose `fields` (name -> a BODY_FIELDS kind) have their types;
+    otherwise a ConfigError (answered 400) naming the field."""
+    if not isinstance(body, dict):
+        raise ConfigError(f"the request body must be a JSON object, got {type(body).__name__}")
+    for name, kind in fields.items():
+        if name in body:
+            ok, wanted = BODY_FIELDS[kind]
+            if not ok(body[name]):
+                got = json.dumps(body[name])
+                raise ConfigError(
+                    f"{name}: expected {wanted}, got {got[:60]}{'...' if len(got) > 60 else ''}"
+                )
+    return body
 
 
 def require_web_stack() -> None:
@@ -141,8 +169,13 @@ def create_app(index: Index, editor: Editor, token: str, hosts: set[str] | None 
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    def api(fn: Callable[[Request, Any], Response | Json]) -> Callable[[Request], Awaitable[Response]]:
-        """Library errors become JSON with the message and hint (409 while the dataset is busy)."""
+    def api(
+        fn: Callable[[Request, Any], Response | Json], fields: Mapping[str, str] | None = None
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """Library errors become JSON with the message and hint (409 while the dataset is busy).
+
+        `fields`: the JSON body's fields and their kinds (`check_body`); a body of another shape is 400.
+        """
 
         @functools.wraps(fn)
         async def endpoint(request: Request) -> Response:
@@ -154,6 +187,8 @@ def create_app(index: Index, editor: Editor, token: str, hosts: set[str] | None 
                     raw = await request.body()
                     image = request.headers.get("content-type", "").startswith("image/")
                     body = raw if image else json.loads(raw or b"{}")
+                    if not image and fields is not None:
+                        body = check_body(body, fields)
                 out = await run_in_threadpool(fn, request, body)
             except SdprepError as exc:
                 status = 409 if isinstance(exc, JournalError) else 400
@@ -226,7 +261,7 @@ def create_app(index: Index, editor: Editor, token: str, hosts: set[str] | None 
         return Response(buf.getvalue(), media_type="image/png", headers={"Cache-Control": "no-cache"})
 
     def post_caption(request: Request, body: Json) -> Json:
-        return editor.set_caption(body.get("path", ""), str(body.get("caption", ""))).to_json()
+        return editor.set_caption(body.get("path", ""), body.get("caption", "")).to_json()
 
     def post_tags(request: Request, body: Json) -> Json:
         rels = body.get("paths")
@@ -237,6 +272,8 @@ def create_app(index: Index, editor: Editor, token: str, hosts: set[str] | None 
         return {"moved": editor.exclude(list(body.get("paths") or []))}
 
     def post_mask(request: Request, body: bytes) -> Json:
+        if not isinstance(body, bytes):
+            raise ConfigError("the mask must be sent as an image (Content-Type: image/png)")
         e = entry_of(request)
         editor.save_mask(e.rel, body)
         return editor.entry(e.rel).to_json()
@@ -262,13 +299,17 @@ def create_app(index: Index, editor: Editor, token: str, hosts: set[str] | None 
         Route("/api/tags", api(tags)),
         Route("/api/status", api(status)),
         Route("/api/item", api(item)),
-        Route("/api/caption", api(post_caption), methods=["POST"]),
-        Route("/api/tags", api(post_tags), methods=["POST"]),
-        Route("/api/exclude", api(post_exclude), methods=["POST"]),
+        Route("/api/caption", api(post_caption, {"path": "text", "caption": "text"}), methods=["POST"]),
+        Route(
+            "/api/tags",
+            api(post_tags, {"action": "text", "tag": "text", "new": "text", "paths": "paths"}),
+            methods=["POST"],
+        ),
+        Route("/api/exclude", api(post_exclude, {"paths": "paths"}), methods=["POST"]),
         Route("/api/mask", api(post_mask), methods=["POST"]),
-        Route("/api/recaption", api(post_recaption), methods=["POST"]),
-        Route("/api/rules", api(post_rules), methods=["POST"]),
-        Route("/api/undo", api(post_undo), methods=["POST"]),
+        Route("/api/recaption", api(post_recaption, {"paths": "paths", "apply": "flag"}), methods=["POST"]),
+        Route("/api/rules", api(post_rules, {"toml": "text", "apply": "flag"}), methods=["POST"]),
+        Route("/api/undo", api(post_undo, {}), methods=["POST"]),
     ]
     middleware = [Middleware(Guard, token=token, hosts=hosts)]
     return Starlette(routes=routes, middleware=middleware, max_body_size=MAX_BODY)
@@ -289,8 +330,6 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        from sdprep.errors import ConfigError
-
         raise ConfigError(
             f"cannot listen on {host}:{port} ({exc.strerror})", "choose another --port"
         ) from None
