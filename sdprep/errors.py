@@ -86,6 +86,10 @@ class ClusterError(SdprepError):
     """A Ray cluster cannot be reached, or its workers keep dying (`--executor ray`)."""
 
 
+class BatchError(SdprepError):
+    """A stage's batch function returned a different number of results than it was given items."""
+
+
 class TrainingError(SdprepError):
     """Training stopped (NaN loss, failed save check, bad resume state...)."""
 

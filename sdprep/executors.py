@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, Self, TypeVar
 
-from sdprep.errors import ConfigError, InstallError, SdprepError, unknown_choice
+from sdprep.errors import BatchError, ConfigError, InstallError, SdprepError, unknown_choice
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -155,8 +155,28 @@ def run_batch(fn: Callable[[T], R], batch: list[T]) -> list[R | SdprepError]:
     many = getattr(fn, "batch", None)
     if many is not None:
         results: list[R | SdprepError] = many(batch)
+        check_results(fn_name(fn), batch, results)
         return results
     return [call_item(fn, item) for item in batch]
+
+
+def fn_name(fn: Callable[..., Any]) -> str:
+    """What errors call a stage's function: `module.name`, or `module.Class.batch` for an object
+    that handles whole batches."""
+    if getattr(fn, "batch", None) is not None:
+        return f"{type(fn).__module__}.{type(fn).__qualname__}.batch"
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{getattr(fn, '__module__', None) or type(fn).__module__}.{name}"
+
+
+def check_results(name: str, batch: list[Any], results: list[Any]) -> None:
+    """A BatchError unless there is one result per item (pairing them up would lose items silently)."""
+    if len(results) != len(batch):
+        raise BatchError(
+            f"{name} gave {len(results)} results for a batch of {len(batch)} items",
+            "a bug in that function: it must return one result (or per-file error) per item, in order; "
+            "nothing of this batch was written",
+        )
 
 
 def auto_batch_size(n_items: int, workers: int) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import socket
 import time
@@ -28,12 +29,14 @@ import ray
 from ray import ObjectRef
 from ray.exceptions import RayActorError, RayTaskError
 
-from sdprep.errors import ClusterError, DatasetError, SdprepError
-from sdprep.executors import auto_batch_size, run_batch, throughput
+from sdprep.errors import ClusterError, ConfigError, DatasetError, SdprepError
+from sdprep.executors import auto_batch_size, check_results, fn_name, run_batch, throughput
 
 MAX_RESTARTS = 3  # per actor: a worker process killed this often means something is wrong with it
 IN_FLIGHT = 2  # batches queued per actor: one running, one ready to start
 UNCOUNTED = 1000  # what the batch size assumes of items that come as a stream
+START_TIMEOUT = 120.0  # seconds for the pool's actors to be placed and started (SDPREP_RAY_START_TIMEOUT)
+UNIT = 10_000  # Ray counts resources in steps of 1/10000
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -71,10 +74,57 @@ class _Worker:
 _RemoteWorker = ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)(_Worker)
 
 
-def _share(cpus: float, n: int) -> float:
-    """CPUs per actor when `n` actors share `cpus`: whole CPUs, or a fraction when fewer than one
-    each (Ray takes fractions below 1 only)."""
-    return float(int(cpus // n)) if cpus >= n else cpus / n
+def _split(amount: float, k: int) -> float:
+    """`amount` of a resource split between `k` actors: whole units when each gets one or more, else
+    a fraction rounded down to Ray's step (so `k` of them fit in `amount`)."""
+    each = amount / k
+    return float(int(each)) if each >= 1 else math.floor(each * UNIT) / UNIT
+
+
+def _per_actor(capacities: list[float], n: int) -> float:
+    """The largest amount that `n` actors can each ask for of a resource the nodes have `capacities`
+    of, every actor on one node: whole units when there are enough, else 1/k of one."""
+    whole = sum(int(c) for c in capacities)
+    if whole == 0:
+        return 0.0
+    for each in range(int(sum(capacities) // n), 0, -1):
+        if sum(int(c // each) for c in capacities) >= n:
+            return float(each)
+    return _split(1.0, -(-n // whole))
+
+
+def plan_pool(nodes: list[dict[str, float]], gpu: bool, workers: int | None) -> tuple[int, dict[str, float]]:
+    """How many actors, and what each asks for, on alive `nodes` ({resource: amount} each), so that
+    every actor fits on one node. A model on a cluster with GPUs: a GPU each, or 1/k of one when
+    there are more actors than GPUs (k to a GPU), and the CPUs per GPU of the GPU node that has
+    fewest, split the same way. Else a CPU each, or what the nodes' CPUs pack."""
+    gpu_nodes = [r for r in nodes if int(r.get("GPU", 0.0)) >= 1]
+    if gpu and gpu_nodes:
+        gpus = sum(int(r["GPU"]) for r in gpu_nodes)
+        n = workers or gpus
+        k = -(-n // gpus)  # actors to a GPU
+        cpus = min(r.get("CPU", 0.0) / int(r["GPU"]) for r in gpu_nodes)
+        return n, {"num_gpus": _split(1.0, k), "num_cpus": _split(cpus, k)}
+    capacities = [r.get("CPU", 0.0) for r in nodes]
+    n = workers or max(1, sum(int(c) for c in capacities))
+    return n, {"num_cpus": _per_actor(capacities, n)}
+
+
+def _alive_nodes() -> list[dict[str, float]]:
+    """The resources of each alive node of the cluster."""
+    # ray.nodes() has no annotations (a list of dicts with "Alive" and "Resources" among the keys)
+    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]  # type: ignore[no-untyped-call]
+
+
+def _start_timeout() -> float:
+    value = os.environ.get("SDPREP_RAY_START_TIMEOUT", "")
+    try:
+        return float(value) if value else START_TIMEOUT
+    except ValueError:
+        raise ConfigError(
+            f"SDPREP_RAY_START_TIMEOUT must be a number of seconds, got {value!r}",
+            f"unset it for the default ({START_TIMEOUT:.0f} s)",
+        ) from None
 
 
 def connect(address: str) -> bool:
@@ -122,20 +172,30 @@ class RayExecutor:
         self.workers = workers
         self._own = connect(address)
         self._last: tuple[int, float, int, bool] | None = None
+        self._fn_name = ""  # the running `map`'s function, for errors
         self.actors: list[Any] = []  # the pool of the running `map` (tests kill one)
 
     def pool(self, gpu: bool) -> tuple[int, dict[str, float]]:
-        """How many actors, and what each asks for: for a model on a cluster with GPUs a GPU each
-        (a share when there are more actors than GPUs) and the CPUs that go with it (its decoding
-        threads use them); else a CPU each (or a share)."""
-        # ray.cluster_resources() has no annotations (it returns {resource name: amount})
-        res: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
-        gpus, cpus = res.get("GPU", 0.0), res.get("CPU", 1.0)
-        if gpu and gpus >= 1:
-            n = self.workers or int(gpus)
-            return n, {"num_gpus": min(1.0, gpus / n), "num_cpus": _share(cpus, n)}
-        n = self.workers or max(1, int(cpus))
-        return n, {"num_cpus": _share(cpus, n)}
+        """How many actors, and what each asks for (`plan_pool` on the cluster's alive nodes): for a
+        model a GPU or a share of one, with the CPUs that go with it (its decoding threads use them)."""
+        return plan_pool(_alive_nodes(), gpu, self.workers)
+
+    def _wait_started(self, resources: dict[str, float]) -> None:
+        """Every actor of the pool placed and started, or a ClusterError (Ray would keep the batches
+        of an actor no node can take waiting for ever)."""
+        timeout = _start_timeout()
+        _, waiting = ray.wait(
+            [a.pid.remote() for a in self.actors], num_returns=len(self.actors), timeout=timeout
+        )
+        if waiting:
+            asked = ", ".join(f"{v:g} {'GPU' if k == 'num_gpus' else 'CPU'}" for k, v in resources.items())
+            raise ClusterError(
+                f"{len(waiting)} of {len(self.actors)} Ray workers did not start within {timeout:g} s "
+                f"(each asks for {asked})",
+                "`ray status` shows what the nodes have free; pass fewer --ray-workers, free the "
+                "cluster's busy resources, or set SDPREP_RAY_START_TIMEOUT (seconds) when nodes are "
+                "still being added",
+            )
 
     def map(
         self,
@@ -163,7 +223,9 @@ class RayExecutor:
         self.actors = [_RemoteWorker.options(**resources).remote(os.getcwd()) for _ in range(n)]
         queued = [0] * n
         pending: deque[tuple[list[T], ObjectRef[list[R | SdprepError]], int]] = deque()
+        self._fn_name = fn_name(fn)
         try:
+            self._wait_started(resources)
             for batch in itertools.chain([first], batches):
                 while len(pending) >= IN_FLIGHT * n:
                     yield from self._take(pending.popleft(), queued)
@@ -198,6 +260,7 @@ class RayExecutor:
                 "(/tmp/ray/session_latest/logs); finished items are kept: run again to resume",
             ) from None
         queued[a] -= 1
+        check_results(self._fn_name, batch, outs)
         yield from zip(batch, outs)
 
     def worker_pids(self) -> list[int]:

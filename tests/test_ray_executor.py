@@ -463,6 +463,33 @@ def test_project_executor_settings_are_checked(tmp_path, lines, message):
         load_project(p)
 
 
+ONE_NODE = [{"CPU": 16.0, "GPU": 2.0}]  # a 16-CPU, 2-GPU machine
+MIXED = [{"CPU": 16.0}, {"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}]  # CPU-only head, 2 GPU nodes
+
+
+def _fake_cluster(monkeypatch, nodes: list[dict[str, float]]) -> None:
+    """`nodes` as Ray reports them (this machine has no GPU), with a dead node that must not count."""
+    import ray
+
+    dead = {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}
+    listed = [{"Alive": True, "Resources": {**r, "memory": 1e10, "node:10.0.0.1": 1.0}} for r in nodes]
+    monkeypatch.setattr(ray, "nodes", lambda: [dead, *listed])
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+
+
+def _placed(nodes: list[dict[str, float]], n: int, asks: dict[str, float]) -> int:
+    """How many of `n` actors asking `asks` Ray can place, each on one node (in its 1/10000 steps)."""
+    names = {"num_cpus": "CPU", "num_gpus": "GPU"}
+    per_node = [
+        min(
+            (round(r.get(names[k], 0.0) * 10000) // round(v * 10000) for k, v in asks.items() if v > 0),
+            default=n,
+        )
+        for r in nodes
+    ]
+    return min(n, sum(per_node))
+
+
 @pytest.mark.parametrize(
     "workers, gpu, want",
     [
@@ -474,10 +501,95 @@ def test_project_executor_settings_are_checked(tmp_path, lines, message):
 )
 def test_the_pool_takes_a_gpu_per_model_worker_when_the_cluster_has_gpus(monkeypatch, workers, gpu, want):
     """A 16-CPU, 2-GPU cluster, as Ray reports it (this machine has no GPU)."""
-    import ray
-
     from sdprep.ray_executor import RayExecutor
 
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 2.0})
-    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    _fake_cluster(monkeypatch, ONE_NODE)
     assert RayExecutor("auto", workers=workers).pool(gpu) == want
+    assert _placed(ONE_NODE, *want) == want[0]
+
+
+@pytest.mark.parametrize(
+    "nodes, workers, gpu, want",
+    [
+        # 3 workers on 2 GPUs: half a GPU each (0.667 each would leave the third unplaced for ever)
+        ([{"CPU": 2.0, "GPU": 2.0}], 3, True, (3, {"num_gpus": 0.5, "num_cpus": 0.5})),
+        ([{"CPU": 8.0, "GPU": 2.0}], 5, True, (5, {"num_gpus": 0.3333, "num_cpus": 1.0})),
+        # GPU workers size their CPUs from the GPU nodes, not from the CPU-only head
+        (MIXED, None, True, (2, {"num_gpus": 1.0, "num_cpus": 8.0})),
+        (MIXED, 3, True, (3, {"num_gpus": 0.5, "num_cpus": 4.0})),
+        # the GPU node with fewest CPUs per GPU sets the CPUs
+        (
+            [{"CPU": 4.0, "GPU": 2.0}, {"CPU": 32.0, "GPU": 1.0}],
+            None,
+            True,
+            (3, {"num_gpus": 1.0, "num_cpus": 2.0}),
+        ),
+        # CPU workers: what fits on the nodes one by one, not the cluster's total / n
+        (MIXED, 2, False, (2, {"num_cpus": 8.0})),  # 16 each: only the head takes one
+        (MIXED, 5, False, (5, {"num_cpus": 5.0})),  # 6 each (32 / 5): only 4 fit
+        ([{"CPU": 3.0}, {"CPU": 3.0}], 4, False, (4, {"num_cpus": 1.0})),
+        ([{"CPU": 1.0}, {"CPU": 2.0}], 4, False, (4, {"num_cpus": 0.5})),
+        (MIXED, None, False, (32, {"num_cpus": 1.0})),
+        (MIXED, None, True, (2, {"num_gpus": 1.0, "num_cpus": 8.0})),
+    ],
+)
+def test_every_worker_of_the_pool_fits_on_one_node(monkeypatch, nodes, workers, gpu, want):
+    from sdprep.ray_executor import RayExecutor
+
+    _fake_cluster(monkeypatch, nodes)
+    n, asks = RayExecutor("auto", workers=workers).pool(gpu)
+    assert (n, asks) == want
+    assert _placed(nodes, n, asks) == n
+    if gpu:
+        assert _placed([r for r in nodes if "GPU" in r], n, asks) == n  # and they go on GPU nodes
+
+
+def test_a_worker_no_node_can_take_is_a_cluster_error_not_a_hang(ray_executor, monkeypatch):
+    """The 2-CPU test cluster and workers that ask for 4 CPUs each: Ray would keep them pending."""
+    from sdprep.errors import ClusterError
+
+    monkeypatch.setattr(ray_executor, "pool", lambda gpu: (1, {"num_cpus": 4.0}))
+    monkeypatch.setenv("SDPREP_RAY_START_TIMEOUT", "3")
+    with pytest.raises(ClusterError) as got:
+        list(ray_executor.map(abs, range(-4, 0)))
+    assert str(got.value).splitlines()[0] == (
+        "1 of 1 Ray workers did not start within 3 s (each asks for 4 CPU)"
+    )
+    assert "ray status" in got.value.hint
+    assert ray_executor.actors == []  # killed, not left waiting on the cluster
+    monkeypatch.undo()
+    assert [o for _, o in ray_executor.map(abs, range(-4, 0))] == [4, 3, 2, 1]  # the cluster is free
+
+
+class _Drops:
+    """A batch function with a bug: it loses the last item of every batch."""
+
+    def __call__(self, n: int) -> int:
+        return n
+
+    def batch(self, items: list[int]) -> list[int]:
+        return items[:-1]
+
+
+def test_a_batch_function_that_loses_items_is_an_error_naming_it(ray_executor):
+    from sdprep.errors import BatchError
+    from sdprep.executors import run_batch
+
+    with pytest.raises(BatchError, match=r"_Drops\.batch gave 2 results for a batch of 3 items"):
+        run_batch(_Drops(), [1, 2, 3])
+    with pytest.raises(BatchError, match=r"_Drops\.batch gave 3 results for a batch of 4 items"):
+        list(ray_executor.map(_Drops(), range(8), batch_size=4))
+
+
+def test_results_of_a_batch_are_counted_on_the_driver_too(monkeypatch):
+    """The driver checks what comes back as well: a zip would drop items silently."""
+    import ray
+
+    from sdprep.errors import BatchError
+    from sdprep.ray_executor import RayExecutor
+
+    ex = RayExecutor.__new__(RayExecutor)
+    ex._fn_name = "prep.tag.Tagger.batch"
+    monkeypatch.setattr(ray, "get", lambda ref: ["a"])
+    with pytest.raises(BatchError, match=r"^prep\.tag\.Tagger\.batch gave 1 results for a batch of 2 items"):
+        list(ex._take((["x", "y"], None, 0), [1]))
