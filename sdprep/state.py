@@ -5,7 +5,8 @@ sdprep writes, sweeps and deletes in there (the journal, the lock, scrape's stag
 symlink planted at `.sdprep/journal` or `.sdprep/scrape/incoming` would turn those changes into
 changes outside the dataset. Every path into the state folder therefore goes through this module:
 each component is checked with lstat (a symlink, or a file where a folder belongs, is a StateError
-naming it), folders are created one level at a time, and files are opened with O_NOFOLLOW.
+naming it), folders are created one level at a time, and files are opened with O_NOFOLLOW (and
+O_NONBLOCK, so a planted FIFO is refused instead of hanging the command).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sdprep.errors import StateError
 STATE_DIR = ".sdprep"
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
 def state_dir(root: Path | str) -> Path:
@@ -95,21 +97,36 @@ def check_inside(path: Path | str, base: Path | str) -> Path:
 
 
 def open_fd(path: Path | str, flags: int, mode: int = 0o644) -> int:
-    """os.open without following a symlink at `path` (its folders must be checked already)."""
+    """os.open of a regular file, never following a symlink at `path` (its folders must be checked).
+
+    A FIFO or device planted in `.sdprep/` (a downloaded dataset's `meta.json` or thumbnail) would
+    block an open or read forever: the file is opened with O_NONBLOCK, anything but a regular file
+    is refused, then the descriptor is made blocking again for ordinary reads and writes.
+    """
     try:
-        return os.open(path, flags | NOFOLLOW | CLOEXEC, mode)
+        fd = os.open(path, flags | NOFOLLOW | CLOEXEC | NONBLOCK, mode)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise refuse(path) from None
+        if exc.errno == errno.ENXIO:  # a FIFO opened for writing with no reader
+            raise refuse(path, "not a regular file") from None
         raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise refuse(path, "not a regular file")
+        if NONBLOCK:
+            import fcntl
+
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def read_bytes(path: Path | str) -> bytes:
-    """The content of a state file (FileNotFoundError when missing; a symlink is refused)."""
-    fd = open_fd(path, os.O_RDONLY)
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise refuse(path, "not a regular file")
+    """The content of a state file (FileNotFoundError when missing; a symlink, FIFO, ... is refused)."""
+    with os.fdopen(open_fd(path, os.O_RDONLY), "rb") as f:
         return f.read()
 
 

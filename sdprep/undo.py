@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import filecmp
 import os
+import stat
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -108,6 +109,8 @@ def _same(path: Path, sigs: set[str], old: Path | None) -> bool:
         st = os.lstat(path)
         if any(s.endswith(f":{st.st_size}:{st.st_mtime_ns}") for s in sigs if s.startswith("ino:")):
             return True
+    if not _plain(path) or (old is not None and os.path.lexists(old) and not _plain(old)):
+        return False  # a FIFO or device (read: a hang) is never what sdprep wrote
     try:
         if file_sig(path) in sigs:
             return True
@@ -118,6 +121,15 @@ def _same(path: Path, sigs: set[str], old: Path | None) -> bool:
     if os.path.islink(path) or os.path.islink(old):
         return os.path.islink(path) and os.path.islink(old) and os.readlink(path) == os.readlink(old)
     return filecmp.cmp(path, old, shallow=False)
+
+
+def _plain(path: Path) -> bool:
+    """Whether `path` is a regular file or a symlink (what sdprep writes), so reading it cannot hang."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISREG(mode) or stat.S_ISLNK(mode)
 
 
 def find_conflicts(base: Path, folder: Path, entries: list[Entry]) -> list[Path]:

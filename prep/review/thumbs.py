@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from sdprep import state
+from sdprep.errors import StateError
 from sdprep.fileops import atomic_write_bytes
 from sdprep.images import load_image
 
@@ -44,6 +45,10 @@ def thumbnail(root: Path, rel: str, path: Path, size: int = THUMB_SIZE) -> bytes
         return state.read_bytes(cached)
     except FileNotFoundError:
         pass
+    except StateError:
+        if os.path.islink(cached):
+            raise  # a planted link: refused, as everywhere in .sdprep/
+        state.remove(cached)  # a FIFO or device where a cached thumbnail goes: a cache, so made anew
     data = render_thumbnail(path, size, root)
     state.check_inside(cached, folder)
     atomic_write_bytes(cached, data, sync=False)
