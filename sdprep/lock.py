@@ -9,14 +9,20 @@ sees the other.
 
 While the lock is held no other sdprep command writes in the tree, so the temporary files of
 sdprep's atomic writes (`.sdprep-tmp-<pid>-...`) whose process is gone are leftovers of a killed
-run: `dataset_lock` removes them.
+run: `dataset_lock` removes them. sdprep before 2026-12 named them `.<file>.<8 random>.tmp` (mkstemp
+with the target's name): those are removed only when the target is a kind of file sdprep writes (a
+caption, an image, its JSON/TOML) and the temp file is over an hour old, so another tool's
+in-progress temp file or a user's `.notes.abcd1234.tmp` is never touched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,9 +32,12 @@ from sdprep.errors import JournalError
 LOCK_FILE = "lock"
 TEMP_PREFIX = ".sdprep-tmp-"
 _TEMP = re.compile(r"^\.sdprep-tmp-(\d+)-")
-_LEGACY_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # mkstemp names of sdprep before 2026-12
+# mkstemp names of sdprep before 2026-12: `.<target name>.<8 random>.tmp`, for the files it wrote
+_LEGACY_TEMP = re.compile(r"^\..+\.(txt|caption|json|toml|png|jpe?g|webp|bmp|gif)\.[a-z0-9_]{8}\.tmp$", re.I)
+LEGACY_AGE = 3600.0  # seconds: a legacy-named temp file younger than this may be another tool's, at work
 SKIP_DIRS = {state.STATE_DIR, ".git", "__pycache__"}
 _held: dict[str, tuple[int, int]] = {}  # real state dir -> (lock file descriptor, depth) in this process
+_held_guard = threading.RLock()  # _held is shared by the process's threads (re-entered while probing)
 
 
 def temp_prefix() -> str:
@@ -48,12 +57,33 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def is_dead_temp(name: str) -> bool:
-    """Whether `name` is a temporary file of an sdprep process that no longer runs."""
+def is_dead_temp(name: str, mtime: float | None = None) -> bool:
+    """Whether `name` is a temporary file of an sdprep process that no longer runs.
+
+    A legacy name (no pid in it) counts only with its `mtime` given and over LEGACY_AGE old.
+    """
     m = _TEMP.match(name)
     if m:
         return not _alive(int(m[1]))
-    return bool(_LEGACY_TEMP.match(name))
+    return mtime is not None and time.time() - mtime > LEGACY_AGE and bool(_LEGACY_TEMP.match(name))
+
+
+def _dead_temps(dirpath: str, filenames: list[str]) -> list[str]:
+    """The temporary files of dead sdprep runs among `filenames` in `dirpath`."""
+    found = []
+    for name in filenames:
+        if not name.startswith("."):
+            continue
+        path = os.path.join(dirpath, name)
+        mtime = None
+        if not _TEMP.match(name) and _LEGACY_TEMP.match(name):
+            try:
+                mtime = os.lstat(path).st_mtime
+            except OSError:
+                continue
+        if is_dead_temp(name, mtime):
+            found.append(path)
+    return found
 
 
 @contextlib.contextmanager
@@ -65,21 +95,31 @@ def dataset_lock(root: Path | str, command: str) -> Iterator[None]:
     """
     root = Path(root).absolute()
     key = os.path.realpath(state.state_dir(root))
+    if importlib.util.find_spec("fcntl") is None:  # not POSIX (Windows): no advisory locks, work unlocked
+        yield
+        return
+    with _held_guard:  # a second thread of this process waits here, then re-enters
+        _acquire(root, key, command)
+    try:
+        yield
+    finally:
+        with _held_guard:
+            fd, depth = _held[key]
+            if depth <= 1:
+                del _held[key]
+                os.close(fd)  # releases the lock
+            else:
+                _held[key] = (fd, depth - 1)
+
+
+def _acquire(root: Path, key: str, command: str) -> None:
+    """Take the lock of `root` (or count one more use of it when this process holds it)."""
+    import fcntl
+
     if key in _held:
         fd, depth = _held[key]
         _held[key] = (fd, depth + 1)
-        try:
-            yield
-        finally:
-            fd, depth = _held[key]
-            _held[key] = (fd, depth - 1)
         return
-    try:
-        import fcntl
-    except ImportError:  # not POSIX (Windows): no advisory locks, work unlocked
-        yield
-        return
-
     root.mkdir(parents=True, exist_ok=True)  # bucket's output folder may not exist yet
     path = state.file(root, LOCK_FILE, create_parent=True)
     fd = state.open_fd(path, os.O_RDWR | os.O_CREAT)
@@ -107,15 +147,6 @@ def dataset_lock(root: Path | str, command: str) -> Iterator[None]:
         del _held[key]
         os.close(fd)
         raise
-    try:
-        yield
-    finally:
-        fd, depth = _held[key]
-        if depth <= 1:
-            del _held[key]
-            os.close(fd)  # releases the lock
-        else:
-            _held[key] = (fd, depth - 1)
 
 
 def _holder(fd: int) -> str:
@@ -145,10 +176,11 @@ def _probe(folder: Path) -> str | None:
     import fcntl
 
     lock = folder / state.STATE_DIR / LOCK_FILE
-    if os.path.realpath(lock.parent) in _held:
-        return None  # this process: a re-entrant use, not a conflict
-    try:
-        fd = os.open(lock, os.O_RDONLY | state.NOFOLLOW | state.CLOEXEC)
+    with _held_guard:
+        if os.path.realpath(lock.parent) in _held:
+            return None  # this process: a re-entrant use, not a conflict
+    try:  # O_NONBLOCK: a FIFO planted as the lock file must not hang the probe
+        fd = os.open(lock, os.O_RDONLY | state.NOFOLLOW | state.CLOEXEC | state.NONBLOCK)
     except OSError:  # no lock there (or a link: not sdprep's)
         return None
     try:
@@ -171,12 +203,12 @@ def _check_tree(root: Path) -> list[str]:
             raise _busy(root, above, holder)
     temps = []
     for dirpath, _, filenames in os.walk(state.state_dir(root)):  # the state's own scratch files too
-        temps += [os.path.join(dirpath, f) for f in filenames if f.startswith(".") and is_dead_temp(f)]
+        temps += _dead_temps(dirpath, filenames)
     for dirpath, dirnames, filenames in os.walk(root):
         if dirpath != str(root) and state.STATE_DIR in dirnames:
             holder = _probe(Path(dirpath))
             if holder:
                 raise _busy(root, Path(dirpath), holder)
         dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]
-        temps += [os.path.join(dirpath, f) for f in filenames if f.startswith(".") and is_dead_temp(f)]
+        temps += _dead_temps(dirpath, filenames)
     return temps

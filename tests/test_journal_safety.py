@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import corpus
@@ -354,17 +355,26 @@ def test_temporary_files_of_dead_runs_are_removed_by_the_next_command(tmp_path):
     (data / ".sdprep" / "scrape").mkdir(parents=True)
     dead = [
         data / f".sdprep-tmp-{dead_pid()}-abcd1234.tmp",
-        data / "sub" / ".0.txt.k3j_x9ab.tmp",  # an older sdprep's name
+        data / "sub" / ".0.txt.k3j_x9ab.tmp",  # an older sdprep's name (mkstemp), hours old
+        data / "sub" / ".a.PNG.abcd1234.tmp",
         data / ".sdprep" / "scrape" / f".sdprep-tmp-{dead_pid()}-abcd1234.tmp",  # in sdprep's own state
     ]
     live = data / f".sdprep-tmp-{os.getpid()}-abcd1234.tmp"  # a running process's: left alone
-    mine = data / ".notes.tmp"  # not sdprep's
-    for p in [*dead, live, mine]:
+    kept = [
+        data / ".notes.tmp",  # not sdprep's
+        data / ".notes.abcd1234.tmp",  # a user's file with a temp-like name, old
+        data / "sub" / ".model.bin.ab12cd34.tmp",  # another tool's, not a kind of file sdprep writes
+        data / "sub" / ".1.txt.ab12cd34.tmp",  # legacy-like but fresh: maybe another tool at work now
+    ]
+    hours_ago = time.time() - 3 * 3600
+    for p in [*dead, live, *kept]:
         p.write_text("partial")
+        if p.name != ".1.txt.ab12cd34.tmp":
+            os.utime(p, (hours_ago, hours_ago))
     with fileops.Journal(data).begin("demo", []) as op:
         op.write_text(data / "0.txt", "x\n")
-    assert not any(p.exists() for p in dead)
-    assert live.exists() and mine.exists()
+    assert [p.name for p in dead if p.exists()] == []
+    assert live.exists() and all(p.exists() for p in kept)
 
 
 def test_undo_removes_the_folders_an_operation_made(tmp_path):
