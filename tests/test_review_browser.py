@@ -242,3 +242,40 @@ def test_thumbnails_are_cached_in_sdprep_state(dataset, page):
         assert len(cached) == 12
         with Image.open(io.BytesIO(cached[0].read_bytes())) as im:
             assert max(im.size) <= 256
+
+
+def test_a_late_detail_answer_does_not_replace_the_newer_image(dataset, page):
+    """Two quick ArrowRight presses answered out of order: the view keeps the newer image's info."""
+    from urllib.parse import quote
+
+    with Server(dataset) as server:
+        page.goto(server.url)
+        page.wait_for_selector(".cell img")
+        page.locator("#grid").focus()
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#detail:not([hidden])")
+        first, second = page.evaluate("[entryAt(1).path, entryAt(2).path]")
+        held = []
+
+        def hold_first(route) -> None:
+            if f"path={quote(first)}" in route.request.url:
+                held.append(route)
+            else:
+                route.continue_()
+
+        page.route("**/api/item?*", hold_first)
+        page.keyboard.press("ArrowRight")
+        for _ in range(300):  # (Playwright runs the route handler only while the test calls it)
+            if held:
+                break
+            page.wait_for_timeout(50)
+        assert held, "the first request was never made"
+        page.keyboard.press("ArrowRight")
+        page.wait_for_function("n => document.getElementById('d-name').textContent === n", arg=second)
+        with page.expect_response(lambda r: f"path={quote(first)}" in r.url):
+            held[0].continue_()
+        page.evaluate("() => call('/api/status')")  # a later round trip: the late answer is handled
+        assert page.locator("#d-name").inner_text() == second
+        assert page.evaluate("[state.detail.index, state.focus, state.detail.info.path]") == [2, 2, second]
+        expected = page.evaluate("p => call('/api/item', { params: { path: p } })", second)["caption"]
+        assert page.locator("#d-caption").input_value() == expected

@@ -85,9 +85,10 @@ async function loadPage(p) {
     state.pages.set(p, data.items);
     render();
   } catch (err) {
-    fail(err);
+    if (gen === state.generation) fail(err);
   } finally {
-    state.loading.delete(p);
+    // after a reload, p may be loading again for the new generation: that request is not ours
+    if (gen === state.generation) state.loading.delete(p);
   }
 }
 

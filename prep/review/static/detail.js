@@ -7,19 +7,27 @@
 const paint = $("paint");
 const pctx = paint.getContext("2d", { willReadFrequently: true });
 const mask = { dirty: false, exists: false, started: false, drawing: false, last: null };
+// Which detail view is current: each open and close takes a new number, and an answer for an
+// older one (two quick ArrowRight presses answered out of order) is dropped.
+let detailSeq = 0;
+let maskSeq = 0;
 
 async function openDetail(i) {
   if (mask.dirty && !confirm("Discard the unsaved mask?")) return;
   setFocus(i);
-  const entry = entryAt(state.focus);
+  const index = state.focus;
+  const entry = entryAt(index);
   if (!entry) return;
+  const seq = ++detailSeq;
   let info;
   try {
     info = await call("/api/item", { params: { path: entry.path } });
   } catch (err) {
-    return fail(err);
+    if (seq === detailSeq) fail(err);
+    return;
   }
-  state.detail = { index: state.focus, info };
+  if (seq !== detailSeq) return; // another image was opened meanwhile (or the view closed)
+  state.detail = { index, info };
   $("detail").hidden = false;
   $("d-name").textContent = info.path;
   $("d-caption").value = info.caption;
@@ -83,6 +91,8 @@ function showFacts(info) {
 function closeDetail() {
   if (mask.dirty && !confirm("Discard the unsaved mask?")) return false;
   mask.dirty = false;
+  detailSeq++;
+  maskSeq++;
   $("detail").hidden = true;
   state.detail = null;
   $("full").removeAttribute("src");
@@ -109,6 +119,7 @@ wireCaption($("d-caption"), () => state.detail && state.detail.info, (saved) => 
 // The mask is edited as a red layer over the image: opaque red where the mask is black (the loss
 // ignores it), clear where it is white. Saving turns the layer back into a greyscale mask.
 async function setupMask(info) {
+  const seq = ++maskSeq;
   const [w, h] = info.size || [$("full").naturalWidth, $("full").naturalHeight];
   paint.width = w;
   paint.height = h;
@@ -120,6 +131,7 @@ async function setupMask(info) {
     const m = new Image();
     m.src = url("/mask", { path: info.path, v: info.mv });
     await m.decode().catch(() => null);
+    if (seq !== maskSeq) return; // another image's mask is being shown now
     const tmp = document.createElement("canvas");
     tmp.width = w;
     tmp.height = h;
