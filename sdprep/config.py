@@ -39,14 +39,19 @@ def load_toml(path: Path | str) -> dict[str, Any]:
         raise ConfigError(f"{path}: no such file", "check the path") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read ({exc})") from exc
+    return parse_toml(text, f"{path}: ")
+
+
+def parse_toml(text: str, where: str = "") -> dict[str, Any]:
+    """TOML text already read (a file's, prefixed `where` in errors, or a page's) -> its tables."""
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(
-            f"{path}: invalid TOML: {exc}", "check quotes, commas and brackets on that line"
+            f"{where}invalid TOML: {exc}", "check quotes, commas and brackets on that line"
         ) from exc
     except RecursionError:
-        raise ConfigError(f"{path}: invalid TOML: arrays or tables nested too deeply") from None
+        raise ConfigError(f"{where}invalid TOML: arrays or tables nested too deeply") from None
 
 
 def parse_value(text: str) -> Any:

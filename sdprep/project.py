@@ -32,7 +32,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdprep import state
 from sdprep.config import from_dict, load_toml
@@ -42,6 +42,9 @@ from sdprep.fileops import atomic_write_text
 from sdprep.hub import is_path_like
 from sdprep.progress import NullReporter, Reporter
 from sdprep.stage import StageResult
+
+if TYPE_CHECKING:
+    from sdprep.prep.rules import CleanRules
 
 STAGES = ("scrape", "convert", "rename", "dedup", "upscale", "mask", "tag", "clean", "bucket", "report")
 FOLDER_KEYS = ("dataset", "source", "demo_models")
@@ -70,10 +73,14 @@ class SharedRules:
                 rules, undesired=(*self.remove, *rules.undesired), replace={**self.replace, **rules.replace}
             )
         else:
-            rules = dataclasses.replace(
-                rules, remove=(*self.remove, *rules.remove), replace={**self.replace, **rules.replace}
-            )
+            rules = self.before_clean(rules)
         return dataclasses.replace(opts, rules=rules)
+
+    def before_clean(self, rules: CleanRules) -> CleanRules:
+        """`clean`'s rules with these put before them (a replacement of the stage's own wins)."""
+        return dataclasses.replace(
+            rules, remove=(*self.remove, *rules.remove), replace={**self.replace, **rules.replace}
+        )
 
 
 @dataclass(frozen=True)

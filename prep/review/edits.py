@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdprep.config import from_dict
+from sdprep.config import from_dict, parse_toml
 from sdprep.dataset import (
     EXCLUDED_DIR,
     MASK_DIR,
@@ -147,22 +147,14 @@ def clean_rules_from_text(text: str) -> CleanRules:
 
 
 def _clean_rules(text: str) -> CleanRules:
-    import tomllib
-
     from sdprep.prep.rules import CleanRules
     from sdprep.project import SharedRules
 
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"invalid TOML: {exc}", "check quotes, commas and brackets on that line") from None
+    doc = parse_toml(text)
     if "stages" in doc or "project" in doc:
         table = doc.get("stages", {}).get("clean", {}).get("rules", {})
         rules = from_dict(CleanRules, table, where="stages.clean.rules")
-        shared = from_dict(SharedRules, doc.get("rules", {}), where="rules")
-        return replace(
-            rules, remove=(*shared.remove, *rules.remove), replace={**shared.replace, **rules.replace}
-        )
+        return from_dict(SharedRules, doc.get("rules", {}), where="rules").before_clean(rules)
     return from_dict(CleanRules, doc)
 
 

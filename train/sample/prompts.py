@@ -192,9 +192,9 @@ def load_prompts(path: Path | str, *, defaults: SamplePrompt | None = None) -> l
         raise ConfigError(f"{path}: cannot read the prompt file ({exc})") from exc
     suffix = path.suffix.lower()
     if suffix == ".toml":
-        from sdprep.config import load_toml
+        from sdprep.config import parse_toml
 
-        data = load_toml(path).get("prompt")
+        data = parse_toml(text, f"{path}: ").get("prompt")
         if not isinstance(data, dict) or not isinstance(data.get("subset"), list):
             raise ConfigError(f"{path}: expected a [prompt] table with [[prompt.subset]] entries")
         common = {k: v for k, v in data.items() if k != "subset"}
